@@ -1,0 +1,1 @@
+"""Container runtimes: pure argv wrappers for Shifter, Apptainer, Charliecloud, podman-hpc."""

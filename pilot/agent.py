@@ -1,0 +1,247 @@
+"""The node agent: one per node, a DEALER that asks the server for work that fits.
+
+It says hello with its resources, keeps a small prefetch of leased tasks so its cores never wait
+for a round trip, reports progress in batches (also its heartbeat), keeps every update until the
+server acknowledges it, and resends after a reconnect. It exits after an idle timeout, and on
+SIGTERM stops its tasks and hands them back so they are retried elsewhere.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+from pathlib import Path
+
+import zmq
+
+from pilotfish import protocol as P
+from pilotfish import settings
+from pilotfish.errors import ProtocolError
+
+from .executor import Executor, Task
+from .resources import Resources
+
+log = logging.getLogger("pilotfish.agent")
+
+
+class Agent:
+    def __init__(self, server: str, resources: Resources, work_root: Path,
+                 site: str | None = None, pilot: str | None = None,
+                 prefetch: int | None = None, idle_timeout: float = 300.0,
+                 heartbeat: float = settings.HEARTBEAT_SECONDS, fake_exec: bool = False,
+                 max_tasks: int | None = None) -> None:
+        self.id = uuid.uuid4().hex
+        self.server = server
+        self.res = resources
+        self.site, self.pilot = site, pilot
+        #: Extra cores' worth of tasks to hold beyond the free cores, so a finished task's
+        #: successor is already here.
+        self.prefetch = len(resources.cores) if prefetch is None else prefetch
+        self.idle_timeout = idle_timeout
+        self.heartbeat = heartbeat
+        self.max_tasks = max_tasks
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.ROUTING_ID, self.id.encode())
+        self.sock.setsockopt(zmq.LINGER, 2000)
+        self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        self.sock.connect(server)
+        self.poller = zmq.Poller()
+        self.poller.register(self.sock, zmq.POLLIN)
+        self.fd_tasks: dict[int, Task] = {}
+        self.ex = Executor(resources.cores, resources.gpus, work_root, self._watch, self._unwatch,
+                           fake=fake_exec)
+        self.useq = 0
+        self.unacked: list[tuple[int, list[dict]]] = []   # (useq, updates) not yet acknowledged
+        self.ack = 0                 # last task batch seq seen
+        self.welcomed = False
+        self.last_sent = 0.0
+        self.last_heard = time.time()
+        self.last_demand: tuple | None = None
+        self.idle_since = time.time()
+        self.stopping = False
+        self.received = 0
+        self.finished = 0
+
+    def _watch(self, fd: int, task: Task) -> None:
+        self.fd_tasks[fd] = task
+        self.poller.register(fd, zmq.POLLIN)
+
+    def _unwatch(self, fd: int) -> None:
+        self.fd_tasks.pop(fd, None)
+        self.poller.unregister(fd)
+
+    # -- messages ---------------------------------------------------------------------------
+    def _send(self, frame: bytes) -> None:
+        self.sock.send(frame)
+        self.last_sent = time.time()
+
+    def hello(self) -> None:
+        held = self.ex.held() + [{"job": u["job"], "attempt": u["attempt"]}
+                                 for _, ups in self.unacked for u in ups
+                                 if u["job"] not in self.ex.active]
+        self._send(P.encode(P.HELLO, agent=self.id, host=socket.gethostname(), pid=os.getpid(),
+                            site=self.site, pilot=self.pilot, cores=self.res.cores,
+                            gpus=self.res.gpus, memory=self.res.memory,
+                            time_left=self.res.time_left(), running=held, ack=self.ack))
+        self.last_demand = None
+
+    def demand(self) -> dict:
+        ex = self.ex
+        want = 0 if self.stopping or self._quota_reached() else \
+            len(ex.free_cores) + self.prefetch - ex.queued_cores()
+        return {"cores": max(0, want),
+                "gpus": max(0, len(ex.free_gpus) + len(ex.all_gpus) - ex.queued_gpus()),
+                "max_cores": len(ex.all_cores), "max_gpus": len(ex.all_gpus),
+                "time_left": self.res.time_left()}
+
+    def _quota_reached(self) -> bool:
+        return self.max_tasks is not None and self.received >= self.max_tasks
+
+    def send_update(self, now: float, force: bool = False) -> None:
+        updates = self.ex.take_updates(now)
+        d = self.demand()
+        key = (d["cores"], d["gpus"])
+        if not updates and not force and key == self.last_demand \
+                and now - self.last_sent < self.heartbeat:
+            return
+        self.useq += 1
+        if updates:
+            self.unacked.append((self.useq, updates))
+            self.finished += sum(1 for u in updates if u["end"] is not None)
+        self.last_demand = key
+        self._send(P.encode(P.UPDATE, agent=self.id, useq=self.useq, updates=updates, demand=d,
+                            ack=self.ack))
+
+    def resend_unacked(self) -> None:
+        """After a new hello: send again what the server may not have seen."""
+        items = [u for _, ups in self.unacked for u in ups]
+        self.unacked = []
+        if items:
+            self.useq += 1
+            self.unacked.append((self.useq, items))
+        self._send(P.encode(P.UPDATE, agent=self.id, useq=self.useq, updates=items,
+                            demand=self.demand(), ack=self.ack))
+
+    def on_message(self, frame: bytes, now: float) -> None:
+        self.last_heard = now
+        try:
+            kind, m = P.decode(frame, (P.WELCOME, P.TASKS, P.CANCEL, P.ERROR))
+            if kind == P.TASKS:
+                P.check_items(P.TASK, m["tasks"], "tasks")
+                P.check_items(P.JOB_ATTEMPT, m["refused"], "refused")
+            elif kind in (P.CANCEL, P.WELCOME):
+                P.check_items(P.JOB_ATTEMPT, m["jobs" if kind == P.CANCEL else "revoke"], kind)
+        except ProtocolError as exc:
+            log.error("bad message from the server: %s", exc)
+            return
+        if kind == P.TASKS:
+            self.unacked = [(s, u) for s, u in self.unacked if s > m["uack"]]
+            if m["tasks"]:
+                self.ack = max(self.ack, m["seq"])
+                for spec in m["tasks"]:
+                    self.ex.add(spec)
+                self.received += len(m["tasks"])
+            for r in m["refused"]:
+                log.warning("server refused an update for job %d attempt %d (lease gone)",
+                            r["job"], r["attempt"])
+                self.ex.cancel(r["job"], r["attempt"])
+        elif kind == P.CANCEL:
+            for item in m["jobs"]:
+                if self.ex.cancel(item["job"], item["attempt"]):
+                    log.info("job %d cancelled by the server", item["job"])
+        elif kind == P.WELCOME:
+            self.welcomed = True
+            self.heartbeat = min(self.heartbeat, float(m["heartbeat"]))
+            for item in m["revoke"]:
+                self.ex.cancel(item["job"], item["attempt"])
+            log.info("server %s welcomed agent %s", self.server, self.id)
+            self.resend_unacked()
+        elif kind == P.ERROR:
+            log.warning("server says: %s", m["error"])
+            if "say hello" in m["error"]:
+                self.welcomed = False
+                self.hello()
+
+    # -- main loop --------------------------------------------------------------------------
+    def _on_signal(self, signum, _frame) -> None:
+        self.stopping = True
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        log.info("agent %s: %d cores %s, %d GPUs, time left %s, server %s", self.id,
+                 len(self.res.cores), self.res.cores, len(self.res.gpus),
+                 self.res.time_left(), self.server)
+        self.hello()
+        sock, ex, poll = self.sock, self.ex, self.poller.poll
+        while not self.stopping:
+            now = time.time()
+            wake = [self.last_sent + self.heartbeat]
+            nd = ex.next_deadline()
+            if nd is not None:
+                wake.append(nd)
+            timeout = max(0, min(wake) - now)
+            events = poll(timeout * 1000)
+            now = time.time()
+            for what, _ in events:
+                if what is sock:
+                    while True:
+                        try:
+                            frame = sock.recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self.on_message(frame, now)
+                else:
+                    t = self.fd_tasks.get(what)
+                    if t is not None:
+                        ex.on_exit(t, now)
+            ex.check_timeouts(now)
+            ex.start_ready(now)
+            if self.welcomed:
+                self.send_update(now)
+            elif now - self.last_sent > self.heartbeat:
+                self.hello()
+            if not ex.idle():
+                self.idle_since = now
+            elif self._quota_reached() and not ex.reportable and not self.unacked:
+                log.info("agent %s ran its %d tasks: leaving", self.id, self.received)
+                break
+            elif self.idle_timeout and now - self.idle_since > self.idle_timeout:
+                log.info("agent %s idle for %.0f s: leaving", self.id, now - self.idle_since)
+                break
+            if self.res.end_time is not None and now >= self.res.end_time:
+                log.info("agent %s: allocation time is up: leaving", self.id)
+                break
+        return self.leave()
+
+    def leave(self) -> int:
+        """Stop tasks, hand back what we hold, and say goodbye (waiting briefly for the ack)."""
+        now = time.time()
+        released = self.ex.stop_all()
+        updates = [u for _, ups in self.unacked for u in ups] + self.ex.take_updates(now, True)
+        self.useq += 1
+        self._send(P.encode(P.BYE, agent=self.id, useq=self.useq, updates=updates,
+                            released=released))
+        deadline = time.time() + 5
+        acked = False
+        while time.time() < deadline and self.sock.poll(int((deadline - time.time()) * 1000)):
+            try:
+                kind, m = P.decode(self.sock.recv(), (P.WELCOME, P.TASKS, P.CANCEL, P.ERROR))
+            except Exception:
+                continue
+            if kind == P.TASKS and m["uack"] >= self.useq:
+                acked = True
+                break
+        if not acked:
+            log.warning("server did not acknowledge our goodbye; its lease timeout will "
+                        "requeue %d held tasks", len(released))
+        log.info("agent %s: %d tasks received, %d finished, handed back %d", self.id,
+                 self.received, self.finished, len(released))
+        self.sock.close(linger=1000)
+        self.ctx.term()
+        return 0

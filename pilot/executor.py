@@ -1,0 +1,372 @@
+"""Runs leased tasks on this node: stage-in, preprocess, run, postprocess, stage-out.
+
+Each task gets its own cores (and GPUs); its processes are pinned to them by inheriting the
+spawning thread's affinity mask, which keeps process creation on the fast vfork path (no
+``preexec_fn``). Process exits arrive as readable pidfds in the agent's poll loop, so a finished
+task is noticed at once, without polling. Nothing runs through a shell.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from pilotfish.errors import ValidationError
+from pilotfish.validate import check_relpath
+
+log = logging.getLogger("pilotfish.agent")
+
+STAGED_IN, PREPROCESSED, RUNNING = "STAGED_IN", "PREPROCESSED", "RUNNING"
+EXECUTION_FINISHED, POSTPROCESSED = "EXECUTION_FINISHED", "POSTPROCESSED"
+STAGED_OUT, JOB_FINISHED = "STAGED_OUT", "JOB_FINISHED"
+#: Everything a task passes through when every step succeeds at once (fake-exec mode).
+SUCCESS_PATH = [STAGED_IN, PREPROCESSED, RUNNING, EXECUTION_FINISHED, POSTPROCESSED,
+                STAGED_OUT, JOB_FINISHED]
+#: Seconds a task's progress may wait so that it can be reported together with its end.
+REPORT_DELAY = 0.2
+KILL_GRACE = 3.0
+
+
+@dataclass(eq=False)
+class Task:
+    spec: dict
+    job: int
+    attempt: int
+    ncores: int
+    ngpus: int
+    cores: list[int] = field(default_factory=list)
+    gpus: list[str] = field(default_factory=list)
+    workdir: Path | None = None
+    step: str = "queued"
+    proc: subprocess.Popen | None = None
+    pidfd: int | None = None
+    deadline: float | None = None
+    kill_at: float | None = None
+    timed_out: bool = False
+    cancelled: bool = False
+    pending: list[str] = field(default_factory=list)
+    pending_since: float = 0.0
+    start: float | None = None
+    end: float | None = None
+    exit: int | None = None
+    msg: str | None = None
+    done: bool = False
+
+
+class Executor:
+    def __init__(self, cores: list[int], gpus: list[str], work_root: Path,
+                 watch: Callable[[int, Task], None], unwatch: Callable[[int], None],
+                 fake: bool = False) -> None:
+        self.all_cores = list(cores)
+        self.free_cores = list(cores)
+        self.all_gpus = list(gpus)
+        self.free_gpus = list(gpus)
+        self.work_root = work_root
+        self.watch, self.unwatch = watch, unwatch
+        self.fake = fake
+        self.queue: deque[Task] = deque()
+        self.active: dict[int, Task] = {}          # job -> task being worked on
+        self.reportable: list[Task] = []            # tasks with states to report
+        self.base_env = dict(os.environ)
+        self.busy_seconds = 0.0
+        self._made_dirs: set[Path] = set()
+
+    # -- bookkeeping ------------------------------------------------------------------------
+    def add(self, spec: dict) -> None:
+        self.queue.append(Task(spec, spec["job"], spec["attempt"], spec["cores"], spec["gpus"]))
+
+    def queued_cores(self) -> int:
+        return sum(t.ncores for t in self.queue)
+
+    def queued_gpus(self) -> int:
+        return sum(t.ngpus for t in self.queue)
+
+    def idle(self) -> bool:
+        return not self.queue and not self.active
+
+    def held(self) -> list[dict]:
+        return ([{"job": t.job, "attempt": t.attempt} for t in self.queue]
+                + [{"job": t.job, "attempt": t.attempt} for t in self.active.values()])
+
+    def next_deadline(self) -> float | None:
+        times = [t.kill_at or t.deadline for t in self.active.values()
+                 if (t.kill_at or t.deadline) is not None]
+        times += [t.pending_since + REPORT_DELAY for t in self.reportable if not t.done]
+        return min(times) if times else None
+
+    # -- starting ---------------------------------------------------------------------------
+    def start_ready(self, now: float) -> None:
+        """Start queued tasks in order while their cores and GPUs are free (first fit)."""
+        if not self.queue:
+            return
+        skipped = deque()
+        while self.queue and self.free_cores:
+            t = self.queue.popleft()
+            if t.ncores > len(self.free_cores) or t.ngpus > len(self.free_gpus):
+                skipped.append(t)
+                continue
+            t.cores = self.free_cores[:t.ncores]
+            del self.free_cores[:t.ncores]
+            t.gpus = self.free_gpus[:t.ngpus]
+            del self.free_gpus[:t.ngpus]
+            self.active[t.job] = t
+            self._begin(t, now)
+        skipped.extend(self.queue)
+        self.queue = skipped
+
+    def _report(self, t: Task, now: float, *states: str) -> None:
+        if not t.pending:
+            t.pending_since = now
+            self.reportable.append(t)
+        t.pending.extend(states)
+
+    def _begin(self, t: Task, now: float) -> None:
+        if self.fake:
+            t.start = t.end = now
+            t.exit = 0
+            self._report(t, now, *SUCCESS_PATH)
+            self._finish(t, now)
+            return
+        spec = t.spec
+        try:
+            check_relpath(spec["workdir"], "workdir")
+            t.workdir = self.work_root / spec["workdir"]
+            parent = t.workdir.parent
+            if parent not in self._made_dirs:
+                parent.mkdir(parents=True, exist_ok=True)
+                self._made_dirs.add(parent)
+            t.workdir.mkdir(exist_ok=True)
+            if spec.get("input_url"):
+                _copy_in(spec["input_url"], t.workdir)
+        except (OSError, ValidationError) as exc:
+            return self._fail(t, now, "STAGE_IN_FAILED", f"stage-in failed: {exc}")
+        self._report(t, now, STAGED_IN)
+        if spec.get("pre"):
+            self._spawn(t, now, "pre", spec["pre"], "preprocess", "PREPROCESS_FAILED")
+        else:
+            self._report(t, now, PREPROCESSED)
+            self._run(t, now)
+
+    def _run(self, t: Task, now: float) -> None:
+        if self._spawn(t, now, "run", t.spec["argv"], "job", "RUN_FAILED"):
+            t.start = now
+            self._report(t, now, RUNNING)
+            timeout = t.spec.get("timeout")
+            t.deadline = now + timeout if timeout else None
+
+    def _post(self, t: Task, now: float) -> None:
+        if t.spec.get("post"):
+            self._spawn(t, now, "post", t.spec["post"], "postprocess", "POSTPROCESS_FAILED")
+        else:
+            self._report(t, now, POSTPROCESSED)
+            self._stage_out(t, now)
+
+    def _stage_out(self, t: Task, now: float) -> None:
+        url = t.spec.get("output_url")
+        if url:
+            try:
+                _copy_out(t.workdir, url)
+            except OSError as exc:
+                return self._fail(t, now, "STAGE_OUT_FAILED", f"stage-out failed: {exc}")
+        self._report(t, now, STAGED_OUT, JOB_FINISHED)
+        self._finish(t, now)
+
+    def _env(self, t: Task) -> dict:
+        env = dict(self.base_env)
+        env.update(t.spec.get("env") or {})
+        env.update(PILOTFISH_JOB_ID=str(t.job), PILOTFISH_ATTEMPT=str(t.attempt),
+                   PILOTFISH_JOB_NAME=t.spec["name"], PILOTFISH_WORKDIR=str(t.workdir),
+                   PILOTFISH_CORES=",".join(map(str, t.cores)), OMP_NUM_THREADS=str(t.ncores))
+        if self.all_gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(t.gpus)
+        return env
+
+    def _spawn(self, t: Task, now: float, step: str, argv: list[str], stem: str,
+               failure: str) -> bool:
+        """Start one process of the task, pinned to its cores; False if it could not start."""
+        t.step = step
+        out = err = -1
+        try:
+            out = os.open(t.workdir / f"{stem}.out", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            err = os.open(t.workdir / f"{stem}.err", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            # The child inherits this thread's mask: pin, spawn, unpin.
+            os.sched_setaffinity(0, t.cores)
+            try:
+                t.proc = subprocess.Popen(argv, cwd=t.workdir, env=self._env(t),
+                                          stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                          start_new_session=True)
+            finally:
+                os.sched_setaffinity(0, self.all_cores)
+        except OSError as exc:
+            self._fail(t, now, failure, f"cannot start {argv[0]}: {exc.strerror or exc}")
+            return False
+        finally:
+            for fd in (out, err):
+                if fd >= 0:
+                    os.close(fd)
+        t.pidfd = os.pidfd_open(t.proc.pid)
+        self.watch(t.pidfd, t)
+        return True
+
+    # -- ending -----------------------------------------------------------------------------
+    def on_exit(self, t: Task, now: float) -> None:
+        """A task's process ended (its pidfd became readable)."""
+        self.unwatch(t.pidfd)
+        os.close(t.pidfd)
+        t.pidfd = None
+        _, status = os.waitpid(t.proc.pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        t.proc.returncode = code
+        t.proc = None
+        if t.cancelled:
+            self._release(t, now)
+            return
+        step = t.step
+        if step == "run":
+            self.busy_seconds += (now - t.start) * t.ncores
+            t.exit = code
+            t.deadline = t.kill_at = None
+            if t.timed_out:
+                return self._fail(t, now, "RUN_TIMEOUT",
+                                  f"killed after the wall time of {t.spec['timeout']:.0f} s")
+            if code != 0:
+                return self._fail(t, now, "RUN_FAILED", _why(code, t.workdir / "job.err"))
+            self._report(t, now, EXECUTION_FINISHED)
+            self._post(t, now)
+        elif step == "pre":
+            if code != 0:
+                return self._fail(t, now, "PREPROCESS_FAILED",
+                                  _why(code, t.workdir / "preprocess.err"))
+            self._report(t, now, PREPROCESSED)
+            self._run(t, now)
+        elif step == "post":
+            if code != 0:
+                return self._fail(t, now, "POSTPROCESS_FAILED",
+                                  _why(code, t.workdir / "postprocess.err"))
+            self._report(t, now, POSTPROCESSED)
+            self._stage_out(t, now)
+
+    def _fail(self, t: Task, now: float, state: str, msg: str) -> None:
+        log.info("job %d attempt %d: %s: %s", t.job, t.attempt, state, msg)
+        t.msg = msg
+        self._report(t, now, state)
+        self._finish(t, now)
+
+    def _finish(self, t: Task, now: float) -> None:
+        t.end = now
+        t.done = True
+        self._release(t, now)
+
+    def _release(self, t: Task, now: float) -> None:
+        self.active.pop(t.job, None)
+        self.free_cores.extend(t.cores)
+        self.free_gpus.extend(t.gpus)
+        t.cores, t.gpus = [], []
+
+    def check_timeouts(self, now: float) -> None:
+        for t in list(self.active.values()):
+            if t.proc is None:
+                continue
+            if t.kill_at is not None and now >= t.kill_at:
+                _killpg(t.proc.pid, signal.SIGKILL)
+                t.kill_at = None
+            elif t.deadline is not None and now >= t.deadline and not t.timed_out:
+                log.info("job %d: wall time over, stopping it", t.job)
+                t.timed_out = True
+                _killpg(t.proc.pid, signal.SIGTERM)
+                t.kill_at = now + KILL_GRACE
+
+    def take_updates(self, now: float, everything: bool = False) -> list[dict]:
+        """Update items that are due: ended tasks at once, progress after REPORT_DELAY."""
+        out, keep = [], []
+        for t in self.reportable:
+            if t.done or everything or now - t.pending_since >= REPORT_DELAY:
+                out.append({"job": t.job, "attempt": t.attempt, "states": t.pending,
+                            "exit": t.exit, "start": t.start, "end": t.end, "msg": t.msg})
+                t.pending = []
+            else:
+                keep.append(t)
+        self.reportable = keep
+        return out
+
+    def cancel(self, job: int, attempt: int) -> bool:
+        """Forget a task the server took back; kill its processes if they run."""
+        for t in list(self.queue):
+            if t.job == job and t.attempt == attempt:
+                self.queue.remove(t)
+                return True
+        t = self.active.get(job)
+        if t is None or t.attempt != attempt:
+            return False
+        t.cancelled = True
+        t.pending = []
+        if t in self.reportable:
+            self.reportable.remove(t)
+        if t.proc is not None:
+            _killpg(t.proc.pid, signal.SIGKILL)
+        else:
+            self._release(t, time.time())
+        return True
+
+    def stop_all(self, grace: float = KILL_GRACE) -> list[dict]:
+        """Stop every task (SIGTERM, then SIGKILL after ``grace``); return what was held."""
+        held = self.held()
+        self.queue.clear()
+        procs = [t for t in self.active.values() if t.proc is not None]
+        for t in procs:
+            t.cancelled = True
+            _killpg(t.proc.pid, signal.SIGTERM)
+        deadline = time.time() + grace
+        for t in procs:
+            try:
+                t.proc.wait(max(0.0, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                _killpg(t.proc.pid, signal.SIGKILL)
+                t.proc.wait()
+            if t.pidfd is not None:
+                self.unwatch(t.pidfd)
+                os.close(t.pidfd)
+        self.active.clear()
+        self.reportable = [t for t in self.reportable if t.done]
+        return held
+
+
+def _killpg(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _why(code: int, err_file: Path) -> str:
+    why = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+    try:
+        with open(err_file, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 400))
+            tail = f.read().decode(errors="replace").strip().splitlines()
+        if tail:
+            why += f"; stderr: {tail[-1][:200]}"
+    except OSError:
+        pass
+    return why
+
+
+def _copy_in(url: str, workdir: Path) -> None:
+    src = Path(url[len("file://"):] if url.startswith("file://") else url)
+    if src.is_dir():
+        shutil.copytree(src, workdir / src.name, dirs_exist_ok=True)
+    else:
+        shutil.copy2(src, workdir / src.name)
+
+
+def _copy_out(workdir: Path, url: str) -> None:
+    dst = Path(url[len("file://"):] if url.startswith("file://") else url)
+    shutil.copytree(workdir, dst, dirs_exist_ok=True)

@@ -1,0 +1,85 @@
+"""What a node agent has to offer: cores from its affinity mask, GPUs, memory and time left."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+
+import psutil
+
+
+@dataclass
+class Resources:
+    cores: list[int]
+    gpus: list[str]
+    memory: int
+    end_time: float | None  # epoch seconds when the allocation ends, None: no limit
+
+    def time_left(self, now: float | None = None) -> float | None:
+        if self.end_time is None:
+            return None
+        return max(0.0, self.end_time - (now or time.time()))
+
+
+def detect_cores() -> list[int]:
+    """The cores this process may run on: its affinity mask, not the node's core count."""
+    return sorted(os.sched_getaffinity(0))
+
+
+def detect_gpus() -> list[str]:
+    """GPU ids from CUDA_VISIBLE_DEVICES when set (an empty value means none), else nvidia-smi."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g for g in env.split(",") if g.strip() and g.strip() != "-1"]
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True,
+                                 timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            return []
+        return [m.group(1) for m in re.finditer(r"^GPU (\d+):", out, re.M)]
+    return []
+
+
+def parse_slurm_time(text: str) -> float | None:
+    """Seconds in a Slurm time string: ``[days-]hours:minutes:seconds``, ``MM:SS``, ``UNLIMITED``."""
+    text = text.strip()
+    if not text or text.upper() in ("UNLIMITED", "NOT_SET", "INVALID"):
+        return None
+    days = 0
+    if "-" in text:
+        d, text = text.split("-", 1)
+        days = int(d)
+    parts = [int(p) for p in text.split(":")]
+    while len(parts) < 3:
+        parts.insert(0, 0)
+    h, m, s = parts
+    return days * 86400 + h * 3600 + m * 60 + s
+
+
+def detect_end_time(walltime_minutes: float | None) -> float | None:
+    """When this agent must be done: ``--walltime``, ``$PILOTFISH_END_TIME``, or Slurm's job."""
+    now = time.time()
+    if walltime_minutes:
+        return now + walltime_minutes * 60
+    if os.environ.get("PILOTFISH_END_TIME"):
+        return float(os.environ["PILOTFISH_END_TIME"])
+    job = os.environ.get("SLURM_JOB_ID")
+    if job and shutil.which("squeue"):
+        try:
+            out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%L"], capture_output=True,
+                                 text=True, timeout=10).stdout
+            left = parse_slurm_time(out)
+            return None if left is None else now + left
+        except (OSError, subprocess.SubprocessError, ValueError):
+            return None
+    return None
+
+
+def detect(walltime_minutes: float | None = None, cores: list[int] | None = None) -> Resources:
+    return Resources(cores=cores or detect_cores(), gpus=detect_gpus(),
+                     memory=psutil.virtual_memory().total,
+                     end_time=detect_end_time(walltime_minutes))

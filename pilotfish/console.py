@@ -1,0 +1,66 @@
+"""Output for people and for scripts: rich tables, JSON, one-line errors, logging setup."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Collection, Iterable, Iterator, Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+out = Console(highlight=False, soft_wrap=False)
+err = Console(stderr=True, highlight=False)
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def table(rows: Iterable[dict], columns: Sequence[tuple[str, str]], title: str | None = None) -> None:
+    """A table of ``rows`` showing ``columns`` as (key, header) pairs."""
+    t = Table(title=title, box=None, header_style="bold", pad_edge=False)
+    for _, header in columns:
+        t.add_column(header, overflow="fold")
+    for r in rows:
+        t.add_row(*(fmt(r.get(k)) for k, _ in columns))
+    out.print(t)
+
+
+def fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if v > 1e9:  # an epoch time
+            return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v))
+        return f"{v:g}"
+    if isinstance(v, (list, tuple)):
+        return ",".join(map(str, v)) or "-"
+    return str(v)
+
+
+def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@contextmanager
+def progress_bar(enabled: bool = True, final: Collection[str] = ()) -> Iterator[Callable]:
+    """A progress bar over job counts by state; yields ``update(counts)``."""
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn)
+    with Progress(TextColumn("[bold]jobs"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
+                  console=err, disable=not enabled) as bar:
+        task = bar.add_task("jobs", total=None, detail="")
+
+        def update(counts: dict[str, int]) -> None:
+            total = sum(counts.values())
+            done = sum(v for k, v in counts.items() if k in final)
+            detail = " ".join(f"{k.lower()}={v}" for k, v in sorted(counts.items()))
+            bar.update(task, total=total, completed=done, detail=detail)
+
+        yield update

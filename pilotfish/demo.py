@@ -1,0 +1,106 @@
+"""``pilotfish demo``: the whole system on this machine, in a throw-away home, in seconds.
+
+Starts a server on SQLite, registers an app, submits jobs, starts node agents on this machine's
+cores, shows progress, prints a summary, and leaves nothing running. Part of the top floor: it
+drives the server and the agents only as a user would, through the client and the CLI.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+from pilotfish import console
+
+CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+DEMO_APP = {
+    "name": "sleep",
+    "description": "sleeps for a while (the demo's stand-in for real work)",
+    "executable": shutil.which("sleep") or "/bin/sleep",
+    "args": ["{seconds}"],
+    "parameters": {"seconds": {"type": "float", "min": 0, "max": 3600, "default": 0.01}},
+}
+
+
+def split_cores(cores: list[int], parts: int) -> list[list[int]]:
+    parts = max(1, min(parts, len(cores)))
+    return [cores[i::parts] for i in range(parts)]
+
+
+@click.command("demo", context_settings=CTX)
+@click.option("--jobs", "njobs", type=int, default=1000, show_default=True)
+@click.option("--seconds", type=float, default=0.01, show_default=True,
+              help="How long each demo task sleeps.")
+@click.option("--agents", "nagents", type=int, default=1, show_default=True,
+              help="Node agents to start here; they share this machine's cores.")
+@click.option("--keep", is_flag=True, help="Keep the temporary home (database, logs, workdirs).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def demo_cmd(njobs, seconds, nagents, keep, as_json) -> None:
+    """Run NJOBS small jobs through a local server and agents, then clean up."""
+    from pilotfish.server import daemon
+    from pilotfish.server.client import FINAL_STATES, Client
+    t0 = time.time()
+    home = Path(tempfile.mkdtemp(prefix="pilotfish-demo-"))
+    procs: list[subprocess.Popen] = []
+    say = console.err.print if as_json else console.out.print
+    try:
+        say(f"[bold]pilotfish demo[/bold]: home {home}")
+        info = daemon.start_background(home, f"sqlite:///{home / 'pilotfish.db'}",
+                                       "tcp://127.0.0.1:*", 2.0)
+        say(f"server up at {info['address']} after {time.time() - t0:.2f} s")
+        cores = sorted(os.sched_getaffinity(0))
+        for i, part in enumerate(split_cores(cores, nagents)):
+            log = open(home / f"agent-{i}.log", "wb")
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "pilotfish", "--home", str(home), "pilot", "agent",
+                 "--server", info["address"], "--cores", ",".join(map(str, part)),
+                 "--idle-timeout", "0"], stdout=log, stderr=log, stdin=subprocess.DEVNULL))
+            log.close()
+        c = Client(info["address"], home)
+        c.add_app(DEMO_APP)
+        jobs = [{"name": f"demo-{i}", "application": "sleep", "group_identifier": "demo",
+                 "parameters": {"seconds": seconds}} for i in range(njobs)]
+        c.add_jobs(jobs)
+        say(f"{njobs} jobs submitted; {len(procs)} agent(s) on cores {cores}")
+        with console.progress_bar(not as_json, FINAL_STATES) as progress:
+            counts = c.wait(poll=0.1, progress=progress)
+        s = c.summary()
+        makespan = (s["last_ended"] or t0) - (s["first_started"] or t0)
+        summary = {
+            "jobs": njobs, "states": counts,
+            "seconds_total": round(time.time() - t0, 3),
+            "seconds_to_first_task_done": round((s["first_ended"] or t0) - t0, 3),
+            "makespan_seconds": round(makespan, 3),
+            "jobs_per_second": round(njobs / makespan, 1) if makespan > 0 else None,
+            "cores": len(cores),
+            "core_utilization": round(s["core_seconds"] / (len(cores) * makespan), 3)
+            if makespan > 0 else None,
+        }
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        daemon.stop(home)
+        if not keep:
+            shutil.rmtree(home, ignore_errors=True)
+    if as_json:
+        console.print_json(summary)
+        return
+    say(f"[bold]done[/bold]: {', '.join(f'{k}={v}' for k, v in sorted(counts.items()))}")
+    say(f"  {summary['jobs_per_second']} jobs/s over a {summary['makespan_seconds']} s makespan;"
+        f" first task done {summary['seconds_to_first_task_done']} s after start")
+    say(f"  core utilization {summary['core_utilization']:.0%} of {len(cores)} cores "
+        f"(each task sleeps {seconds} s; the rest is process start-up and scheduling)")
+    say("  nothing left running" + (f"; home kept at {home}" if keep else ""))

@@ -1,0 +1,147 @@
+"""The pilotfish wire protocol: one versioned format for agents, clients and site agents.
+
+Every message is a single ZeroMQ frame holding a msgpack map ``{"v": VERSION, "k": KIND, ...}``.
+:func:`decode` checks the version, the kind and every field's type before any handler sees the
+message, so a handler can trust its input; anything else raises :class:`ProtocolError` with a
+one-line reason that the server sends back in an ``error`` message.
+
+Conversation, agent side (DEALER, routing id = agent id)::
+
+    agent  -> hello   {who am I, my resources, tasks I am still running}
+    server -> welcome {heartbeat period, tasks of mine that are no longer mine}
+    agent  -> update  {useq, state updates, my demand, last task batch seen}     (also the heartbeat)
+    server -> tasks   {seq, tasks, refused updates, uack}   (answers every update; also pushed
+                                                             whenever new work fits the demand)
+    server -> cancel  {jobs to stop}                                             (job killed by a user)
+    agent  -> bye     {useq, updates, leases handed back}
+
+An agent keeps its updates until a ``tasks`` message acknowledges their ``useq``, and resends
+them after a reconnect; the server applies an update for (job, attempt, state) at most once.
+
+Client side: ``request {rid, op, args}`` -> ``reply {rid, ok, result, error, code}``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from .errors import ProtocolError
+
+VERSION = 1
+#: The server's ZMQ_MAXMSGSIZE: a peer that sends more is disconnected by libzmq itself.
+MAX_MESSAGE_BYTES = 64 * 2**20
+
+# -- message kinds -------------------------------------------------------------------------
+HELLO = "hello"
+UPDATE = "update"
+BYE = "bye"
+REQUEST = "request"
+WELCOME = "welcome"
+TASKS = "tasks"
+CANCEL = "cancel"
+REPLY = "reply"
+ERROR = "error"
+
+_NONE = type(None)
+_NUM = (int, float)
+_ANY = object
+
+# A schema maps field -> accepted types; a field whose types include NoneType may be omitted.
+SCHEMAS: dict[str, dict[str, tuple]] = {
+    HELLO: {"agent": (str,), "host": (str,), "pid": (int,), "site": (str, _NONE),
+            "pilot": (str, _NONE), "cores": (list,), "gpus": (list,), "memory": (int,),
+            "time_left": (*_NUM, _NONE), "running": (list,), "ack": (int,)},
+    UPDATE: {"agent": (str,), "useq": (int,), "updates": (list,), "demand": (dict,),
+             "ack": (int,)},
+    BYE: {"agent": (str,), "useq": (int,), "updates": (list,), "released": (list,)},
+    REQUEST: {"rid": (int,), "op": (str,), "args": (dict,)},
+    WELCOME: {"agent": (str,), "heartbeat": _NUM, "revoke": (list,)},
+    TASKS: {"seq": (int,), "tasks": (list,), "refused": (list,), "uack": (int,)},
+    CANCEL: {"jobs": (list,)},
+    REPLY: {"rid": (int,), "ok": (bool,), "result": (_ANY,), "error": (str, _NONE),
+            "code": (str, _NONE)},
+    ERROR: {"error": (str,), "rid": (int, _NONE)},
+}
+
+#: The agent's wish list: room for more work, in cores and GPUs, with the largest task shape it
+#: can ever run and the seconds it has left (None: no limit).
+DEMAND = {"cores": (int,), "gpus": (int,), "max_cores": (int,), "max_gpus": (int,),
+          "time_left": (*_NUM, _NONE)}
+
+#: One job's progress as an agent saw it: the states it passed through, in order, for one attempt.
+TASK_UPDATE = {"job": (int,), "attempt": (int,), "states": (list,), "exit": (int, _NONE),
+               "start": (*_NUM, _NONE), "end": (*_NUM, _NONE), "msg": (str, _NONE)}
+
+#: One unit of work handed to an agent. ``argv`` is executed directly, never by a shell.
+TASK = {"job": (int,), "attempt": (int,), "name": (str,), "argv": (list,), "env": (dict,),
+        "workdir": (str,), "cores": (int,), "gpus": (int,), "timeout": (*_NUM, _NONE),
+        "pre": (list, _NONE), "post": (list, _NONE), "input_url": (str, _NONE),
+        "output_url": (str, _NONE)}
+
+#: A job and attempt pair, as in ``running``, ``released``, ``revoke`` and ``cancel``.
+JOB_ATTEMPT = {"job": (int,), "attempt": (int,)}
+
+
+def check_fields(schema: dict[str, tuple], data: Any, where: str) -> dict:
+    """Check a map against a schema; return it unchanged or raise ProtocolError."""
+    if not isinstance(data, dict):
+        raise ProtocolError(f"{where}: expected a map, got {type(data).__name__}")
+    for key in data:
+        if key not in schema:
+            raise ProtocolError(f"{where}: unknown field {key!r}")
+    for key, types in schema.items():
+        if key not in data:
+            if _NONE in types or _ANY in types:
+                continue
+            raise ProtocolError(f"{where}: missing field {key!r}")
+        value = data[key]
+        if _ANY in types:
+            continue
+        # bool is an int in Python; a protocol int must not be a bool and vice versa
+        if isinstance(value, bool) and bool not in types:
+            raise ProtocolError(f"{where}: field {key!r} must be {_names(types)}, got bool")
+        if not isinstance(value, types):
+            raise ProtocolError(f"{where}: field {key!r} must be {_names(types)}, "
+                                f"got {type(value).__name__}")
+    return data
+
+
+def check_items(schema: dict[str, tuple], items: list, where: str) -> list[dict]:
+    """Check every map of a list field against a schema."""
+    for i, item in enumerate(items):
+        check_fields(schema, item, f"{where}[{i}]")
+    return items
+
+
+def _names(types: tuple) -> str:
+    return " or ".join("null" if t is _NONE else t.__name__ for t in types)
+
+
+def encode(kind: str, **fields: Any) -> bytes:
+    """One frame for a message of ``kind``. Senders are trusted code; no validation here."""
+    fields["v"] = VERSION
+    fields["k"] = kind
+    return msgpack.packb(fields, use_bin_type=True)
+
+
+def decode(frame: bytes, expect: tuple[str, ...] | None = None) -> tuple[str, dict]:
+    """Parse and validate one frame; return ``(kind, fields)`` without the envelope."""
+    if len(frame) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message of {len(frame)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    try:
+        data = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises a zoo of types for bad bytes
+        raise ProtocolError(f"undecodable message ({type(exc).__name__}: {exc})") from None
+    if not isinstance(data, dict):
+        raise ProtocolError("message is not a map")
+    version = data.pop("v", None)
+    if version != VERSION:
+        raise ProtocolError(f"protocol version {version!r} not supported (this server speaks "
+                            f"{VERSION})")
+    kind = data.pop("k", None)
+    if kind not in SCHEMAS:
+        raise ProtocolError(f"unknown message kind {kind!r}")
+    if expect is not None and kind not in expect:
+        raise ProtocolError(f"unexpected message kind {kind!r}")
+    return kind, check_fields(SCHEMAS[kind], data, kind)

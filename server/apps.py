@@ -1,0 +1,291 @@
+"""Apps are the whitelist: an executable, an argument template and typed, declared parameters.
+
+A job names an app and gives values for its parameters; each value is checked against its
+declaration and substituted into the template, one template item giving exactly one argv item.
+Nothing is ever split or interpreted by a shell, so a value can never become a second argument,
+a redirection or a command.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from pilotfish.errors import ValidationError
+from pilotfish.validate import check_name, check_relpath
+
+PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+#: A string parameter without its own pattern accepts only these: no whitespace, quotes,
+#: ``$``, backticks, ``;|&<>()*?[]{}~!#`` or ``/`` — so nothing that means anything to a shell.
+SAFE_STRING = r"[A-Za-z0-9_.,:=+@%-]*"
+PARAM_TYPES = ("int", "float", "str", "choice", "path")
+RESOURCE_KEYS = ("num_nodes", "processes_per_node", "cpus_per_process", "gpus_per_process",
+                 "wall_time_minutes")
+DEFAULT_RESOURCES = {"num_nodes": 1, "processes_per_node": 1, "cpus_per_process": 1,
+                     "gpus_per_process": 0, "wall_time_minutes": None}
+APP_KEYS = {"name", "description", "executable", "args", "parameters", "preprocess",
+            "postprocess", "environment", "resources"}
+_PARAM_KEYS = {"type", "default", "min", "max", "pattern", "choices", "help"}
+
+
+@dataclass
+class Param:
+    name: str
+    type: str
+    default: Any = None
+    required: bool = True
+    min: float | None = None
+    max: float | None = None
+    pattern: re.Pattern | None = None
+    choices: tuple[str, ...] = ()
+    help: str = ""
+
+    def check(self, value: Any, app: str) -> Any:
+        """The normalized value, or ValidationError naming the app and the parameter."""
+        where = f"app {app!r} parameter {self.name!r}"
+        t = self.type
+        if t in ("int", "float"):
+            if isinstance(value, bool):
+                raise ValidationError(f"{where} must be {t}, got a boolean")
+            if isinstance(value, str):
+                try:
+                    value = int(value) if t == "int" else float(value)
+                except ValueError:
+                    raise ValidationError(f"{where} must be {t}, got {value!r}") from None
+            elif t == "int" and isinstance(value, float) and value.is_integer():
+                value = int(value)
+            if t == "int" and not isinstance(value, int):
+                raise ValidationError(f"{where} must be int, got {value!r}")
+            if t == "float":
+                if not isinstance(value, (int, float)) or not math.isfinite(value):
+                    raise ValidationError(f"{where} must be a finite float, got {value!r}")
+                value = float(value)
+            if self.min is not None and value < self.min:
+                raise ValidationError(f"{where} must be >= {self.min}, got {value}")
+            if self.max is not None and value > self.max:
+                raise ValidationError(f"{where} must be <= {self.max}, got {value}")
+            return value
+        if not isinstance(value, str):
+            raise ValidationError(f"{where} must be a string, got {type(value).__name__}")
+        if "\x00" in value or len(value) > 4096:
+            raise ValidationError(f"{where} must not contain NUL and be at most 4096 characters")
+        if t == "choice":
+            if value not in self.choices:
+                raise ValidationError(f"{where} must be one of {', '.join(self.choices)}; "
+                                      f"got {value!r}")
+        elif t == "path":
+            check_relpath(value, where)
+        elif not self.pattern.fullmatch(value):
+            raise ValidationError(f"{where} value {value!r} does not match the pattern "
+                                  f"{self.pattern.pattern!r}")
+        return value
+
+    def spec(self) -> dict:
+        d: dict[str, Any] = {"type": self.type}
+        if not self.required:
+            d["default"] = self.default
+        for k in ("min", "max"):
+            if getattr(self, k) is not None:
+                d[k] = getattr(self, k)
+        if self.type == "str":
+            d["pattern"] = self.pattern.pattern
+        if self.choices:
+            d["choices"] = list(self.choices)
+        if self.help:
+            d["help"] = self.help
+        return d
+
+
+@dataclass
+class App:
+    id: int
+    name: str
+    executable: str
+    args: list[str]
+    params: dict[str, Param]
+    description: str = ""
+    preprocess: list[str] | None = None
+    postprocess: list[str] | None = None
+    environment: dict[str, str] = field(default_factory=dict)
+    resources: dict[str, Any] = field(default_factory=dict)
+    _template: list = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        # Pre-split each template item once: rendering is on the dispatch hot path.
+        self._template = []
+        for item in self.args:
+            parts = PLACEHOLDER.split(item)
+            self._template.append(item if len(parts) == 1 else parts)
+
+    def check_params(self, given: dict | None) -> dict:
+        """Validated parameters with defaults filled in; unknown or missing ones are errors."""
+        given = given or {}
+        if not isinstance(given, dict):
+            raise ValidationError(f"parameters for app {self.name!r} must be a map")
+        unknown = set(given) - set(self.params)
+        if unknown:
+            raise ValidationError(f"app {self.name!r} has no parameter "
+                                  f"{', '.join(sorted(map(repr, unknown)))}; it declares "
+                                  f"{', '.join(self.params) or 'none'}")
+        out = {}
+        for name, p in self.params.items():
+            if name in given:
+                out[name] = p.check(given[name], self.name)
+            elif p.required:
+                raise ValidationError(f"app {self.name!r} needs parameter {name!r}")
+            else:
+                out[name] = p.default
+        return out
+
+    def argv(self, params: dict) -> list[str]:
+        """The argv for already-checked parameters: executable first, one item per template item."""
+        out = [self.executable]
+        for item in self._template:
+            if isinstance(item, str):
+                out.append(item)
+            else:
+                # parts alternate literal, parameter name, literal, ...
+                out.append("".join(part if i % 2 == 0 else _text(params[part])
+                                   for i, part in enumerate(item)))
+        return out
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "name": self.name, "description": self.description,
+                "executable": self.executable, "args": list(self.args),
+                "parameters": {n: p.spec() for n, p in self.params.items()},
+                "preprocess": self.preprocess, "postprocess": self.postprocess,
+                "environment": dict(self.environment), "resources": dict(self.resources)}
+
+
+def _text(value: Any) -> str:
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _check_argv(value: Any, what: str) -> list[str] | None:
+    if value is None:
+        return None
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(a, str) and "\x00" not in a for a in value)):
+        raise ValidationError(f"{what} must be a non-empty list of strings (an argv)")
+    if not value[0].startswith("/"):
+        raise ValidationError(f"{what} must start with an absolute executable path, "
+                              f"got {value[0]!r}")
+    return list(value)
+
+
+def _param(name: str, spec: Any, app: str) -> Param:
+    where = f"app {app!r} parameter {name!r}"
+    if not isinstance(spec, dict):
+        raise ValidationError(f"{where}: declaration must be a map with at least 'type'")
+    unknown = set(spec) - _PARAM_KEYS
+    if unknown:
+        raise ValidationError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; "
+                              f"expected {', '.join(sorted(_PARAM_KEYS))}")
+    t = spec.get("type")
+    if t not in PARAM_TYPES:
+        raise ValidationError(f"{where}: type must be one of {', '.join(PARAM_TYPES)}, got {t!r}")
+    p = Param(name=name, type=t, help=str(spec.get("help", "")))
+    for k in ("min", "max"):
+        if spec.get(k) is not None:
+            if t not in ("int", "float") or isinstance(spec[k], bool) \
+                    or not isinstance(spec[k], (int, float)):
+                raise ValidationError(f"{where}: {k} is for int and float parameters, "
+                                      "and must be a number")
+            setattr(p, k, spec[k])
+    if t == "str":
+        try:
+            p.pattern = re.compile(spec.get("pattern") or SAFE_STRING)
+        except re.error as exc:
+            raise ValidationError(f"{where}: bad pattern: {exc}") from None
+    elif "pattern" in spec:
+        raise ValidationError(f"{where}: pattern is for str parameters")
+    if t == "choice":
+        ch = spec.get("choices")
+        if not isinstance(ch, list) or not ch or not all(isinstance(c, str) for c in ch):
+            raise ValidationError(f"{where}: choices must be a non-empty list of strings")
+        p.choices = tuple(ch)
+    if "default" in spec:
+        p.required = False
+        p.default = None if spec["default"] is None else p.check(spec["default"], app)
+    return p
+
+
+def app_from_spec(spec: Any, app_id: int = 0) -> App:
+    """Validate an app definition (as given to ``app add``) and build the App."""
+    if not isinstance(spec, dict):
+        raise ValidationError("an app definition must be a map")
+    unknown = set(spec) - APP_KEYS
+    if unknown:
+        raise ValidationError(f"unknown app key(s) {', '.join(sorted(unknown))}; expected "
+                              f"{', '.join(sorted(APP_KEYS))}")
+    name = check_name(spec.get("name"), "app name")
+    exe = spec.get("executable")
+    if not isinstance(exe, str) or not exe.startswith("/") or "\x00" in exe:
+        raise ValidationError(f"app {name!r}: executable must be an absolute path, got {exe!r}")
+    args = spec.get("args") or []
+    if not isinstance(args, list) or not all(isinstance(a, str) and "\x00" not in a
+                                             for a in args):
+        raise ValidationError(f"app {name!r}: args must be a list of strings")
+    pspecs = spec.get("parameters") or {}
+    if not isinstance(pspecs, dict):
+        raise ValidationError(f"app {name!r}: parameters must be a map of name -> declaration")
+    params = {}
+    for pname, pspec in pspecs.items():
+        if not isinstance(pname, str) or not PLACEHOLDER.fullmatch("{%s}" % pname):
+            raise ValidationError(f"app {name!r}: parameter name {pname!r} must be an identifier")
+        params[pname] = _param(pname, pspec, name)
+    for item in args:
+        for used in PLACEHOLDER.findall(item):
+            if used not in params:
+                raise ValidationError(f"app {name!r}: args use {{{used}}} but no parameter "
+                                      f"{used!r} is declared")
+    env = spec.get("environment") or {}
+    if not isinstance(env, dict) or not all(
+            isinstance(k, str) and ENV_KEY.fullmatch(k) and isinstance(v, str) and "\x00" not in v
+            for k, v in env.items()):
+        raise ValidationError(f"app {name!r}: environment must map variable names to strings")
+    res = dict(DEFAULT_RESOURCES)
+    given = spec.get("resources") or {}
+    if not isinstance(given, dict):
+        raise ValidationError(f"app {name!r}: resources must be a map")
+    for k, v in given.items():
+        if k not in RESOURCE_KEYS:
+            raise ValidationError(f"app {name!r}: unknown resource {k!r}; expected "
+                                  f"{', '.join(RESOURCE_KEYS)}")
+        res[k] = v
+    check_resources(res, f"app {name!r}")
+    desc = spec.get("description") or ""
+    if not isinstance(desc, str):
+        raise ValidationError(f"app {name!r}: description must be a string")
+    return App(id=app_id, name=name, executable=exe, args=list(args), params=params,
+               description=desc,
+               preprocess=_check_argv(spec.get("preprocess"), f"app {name!r} preprocess"),
+               postprocess=_check_argv(spec.get("postprocess"), f"app {name!r} postprocess"),
+               environment=dict(env), resources=res)
+
+
+def check_resources(res: dict, where: str) -> dict:
+    """Check the resource fields of a job or an app's defaults in place."""
+    for k in ("num_nodes", "processes_per_node", "cpus_per_process"):
+        v = res.get(k)
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 1_000_000:
+            raise ValidationError(f"{where}: {k} must be a positive integer, got {v!r}")
+    v = res.get("gpus_per_process")
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 64:
+        raise ValidationError(f"{where}: gpus_per_process must be an integer 0..64, got {v!r}")
+    v = res.get("wall_time_minutes")
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                          or not 0 < v <= 525_600):
+        raise ValidationError(f"{where}: wall_time_minutes must be a positive number, got {v!r}")
+    return res
+
+
+def app_from_row(row) -> App:
+    """Rebuild an App from its database row (already validated when it was added)."""
+    spec = {"name": row.name, "description": row.description, "executable": row.executable,
+            "args": row.args, "parameters": row.parameters, "preprocess": row.preprocess,
+            "postprocess": row.postprocess, "environment": row.environment,
+            "resources": row.resources}
+    return app_from_spec(spec, row.id)

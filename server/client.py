@@ -1,0 +1,159 @@
+"""``pilotfish.Client``: the Python API to a running server; the CLI is built on it.
+
+Example::
+
+    from pilotfish import Client
+    c = Client()                      # finds the server of $PILOTFISH_HOME
+    c.add_app({"name": "hello", "executable": "/bin/echo", "args": ["hi", "{who}"],
+               "parameters": {"who": {"type": "str"}}})
+    ids = c.add_jobs([{"name": "j1", "application": "hello", "parameters": {"who": "you"}}])
+    c.wait({"ids": ids})
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import zmq
+
+from pilotfish import protocol as P
+from pilotfish import settings
+from pilotfish.errors import ERRORS_BY_CODE, PilotfishError, ProtocolError, ServerUnavailable
+
+FINAL_STATES = ("JOB_FINISHED", "FAILED", "USER_KILLED")
+
+
+class Client:
+    def __init__(self, address: str | None = None, home: str | Path | None = None,
+                 timeout: float = 60.0) -> None:
+        self.home = settings.home(home)
+        self.address = settings.server_address(self.home, address)
+        if not self.address:
+            raise ServerUnavailable(f"no server is running for {self.home} "
+                                    "(start one with `pilotfish server start`)")
+        self.timeout = timeout
+        self._rids = itertools.count(1)
+        self._ctx = zmq.Context.instance()
+        self._sock: zmq.Socket | None = None
+
+    def _socket(self) -> zmq.Socket:
+        if self._sock is None:
+            s = self._ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(self.address)
+            self._sock = s
+        return self._sock
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def call(self, op: str, timeout: float | None = None, **args: Any) -> Any:
+        """Send one request and wait for its reply; server errors are raised as ours."""
+        sock = self._socket()
+        rid = next(self._rids)
+        sock.send(P.encode(P.REQUEST, rid=rid, op=op, args=args))
+        deadline = time.monotonic() + (timeout or self.timeout)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sock.poll(int(left * 1000)):
+                self.close()  # a late reply must not be taken for the next request's
+                raise ServerUnavailable(f"no answer from the server at {self.address} within "
+                                        f"{timeout or self.timeout:.0f} s (is it running? "
+                                        "`pilotfish server status`)")
+            kind, m = P.decode(sock.recv(), (P.REPLY, P.ERROR))
+            if m.get("rid") not in (rid, None):
+                continue  # a stale reply to an earlier, timed-out request
+            if kind == P.ERROR:
+                raise ProtocolError(f"server refused the request: {m['error']}")
+            if m["ok"]:
+                return m["result"]
+            raise ERRORS_BY_CODE.get(m["code"] or "error", PilotfishError)(m["error"])
+
+    # -- server -----------------------------------------------------------------------------
+    def ping(self, timeout: float | None = None) -> dict:
+        return self.call("ping", timeout=timeout)
+
+    def status(self) -> dict:
+        return self.call("status")
+
+    def agents(self, all: bool = False) -> list[dict]:
+        return self.call("agent_ls", all=all)
+
+    def shutdown(self) -> dict:
+        return self.call("shutdown")
+
+    # -- apps -------------------------------------------------------------------------------
+    def add_app(self, spec: dict) -> dict:
+        return self.call("app_add", spec=spec)
+
+    def apps(self) -> list[dict]:
+        return self.call("app_ls")
+
+    def app(self, name: str) -> dict:
+        return self.call("app_show", name=name)
+
+    def alter_app(self, name: str, **changes: Any) -> dict:
+        return self.call("app_alter", name=name, changes=changes)
+
+    def remove_app(self, name: str) -> dict:
+        return self.call("app_rm", name=name)
+
+    # -- jobs -------------------------------------------------------------------------------
+    def add_jobs(self, jobs: list[dict]) -> list[int]:
+        """Add jobs atomically (all or none); returns their ids in order."""
+        return self.call("job_add", jobs=jobs, timeout=max(self.timeout, len(jobs) / 1000))["ids"]
+
+    def add_job(self, **job: Any) -> int:
+        return self.add_jobs([job])[0]
+
+    def jobs(self, filter: dict | None = None, limit: int = 100, offset: int = 0,
+             newest: bool = False) -> list[dict]:
+        return self.call("job_ls", filter=filter or {}, limit=limit, offset=offset,
+                         newest=newest)
+
+    def job(self, job_id: int) -> dict:
+        return self.call("job_show", id=job_id)
+
+    def summary(self, filter: dict | None = None) -> dict:
+        """Job count, first creation/start/end, last end and busy core-seconds."""
+        return self.call("job_summary", filter=filter or {})
+
+    def counts(self, filter: dict | None = None) -> dict[str, int]:
+        return self.call("job_counts", filter=filter or {})
+
+    def alter_jobs(self, filter: dict, **changes: Any) -> dict:
+        return self.call("job_alter", filter=filter, changes=changes)
+
+    def kill_jobs(self, filter: dict) -> dict:
+        return self.call("job_kill", filter=filter)
+
+    def retry_jobs(self, filter: dict) -> dict:
+        return self.call("job_retry", filter=filter)
+
+    def remove_jobs(self, filter: dict) -> dict:
+        return self.call("job_rm", filter=filter)
+
+    def wait(self, filter: dict | None = None, timeout: float | None = None,
+             poll: float = 0.2,
+             progress: Callable[[dict[str, int]], None] | None = None) -> dict[str, int]:
+        """Block until every matching job is final; returns the final counts by state."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            counts = self.counts(filter)
+            if progress:
+                progress(counts)
+            if all(s in FINAL_STATES for s in counts):
+                return counts
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"jobs not final after {timeout} s: {counts}")
+            time.sleep(poll)

@@ -1,0 +1,473 @@
+"""The job server's state and rules, without the socket: queue, leases, agents, dispatch.
+
+The ZMQ loop (:mod:`.service`) feeds messages in and sends :attr:`JobServer.outbox` out after
+:meth:`JobServer.commit`, so nothing an agent or client is told is ever ahead of the database.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import case, func, select
+from sqlalchemy.engine import Engine
+
+from pilotfish import protocol as P
+from pilotfish.errors import IllegalTransition, NotFound
+
+from . import states
+from .apps import App, app_from_row
+from .db import agents as agents_t
+from .db import apps as apps_t
+from .db import job_parents, jobs, max_job_id
+from .queue import ReadyQueue, Shape
+from .states import State
+from .store import Batch, chunks
+
+log = logging.getLogger("pilotfish.server")
+S = State
+#: At most this many tasks in one message to an agent.
+MAX_TASKS_PER_MESSAGE = 1000
+
+_DISPATCH_COLS = (jobs.c.id, jobs.c.name, jobs.c.app_id, jobs.c.parameters, jobs.c.workdir,
+                  jobs.c.wall_time_minutes, jobs.c.attempts, jobs.c.retries, jobs.c.max_retries,
+                  jobs.c.state, jobs.c.input_url, jobs.c.output_url, jobs.c.priority)
+_SHAPE_COLS = (jobs.c.id, jobs.c.priority, jobs.c.site, jobs.c.num_nodes,
+               jobs.c.processes_per_node, jobs.c.cpus_per_process, jobs.c.gpus_per_process,
+               jobs.c.wall_time_minutes)
+
+
+def shape_of(row: Any) -> Shape:
+    """A job's queue shape from a row or dict with the resource columns."""
+    get = row.__getitem__ if isinstance(row, dict) else row._mapping.__getitem__
+    ppn = get("processes_per_node")
+    wall = get("wall_time_minutes")
+    return Shape(get("site"), get("num_nodes"), ppn * get("cpus_per_process"),
+                 ppn * get("gpus_per_process"), None if wall is None else wall * 60.0)
+
+
+@dataclass(slots=True)
+class Lease:
+    """A job handed to an agent for one attempt; the agent's heartbeats keep it alive."""
+    job: int
+    agent: str
+    attempt: int
+    state: State
+    retries: int
+    max_retries: int
+    priority: int
+    shape: Shape
+
+
+@dataclass
+class AgentRec:
+    id: str
+    host: str
+    pid: int
+    site: str | None
+    pilot: str | None
+    cores: int
+    gpus: int
+    memory: int
+    started: float
+    last_seen: float
+    state: str = "ALIVE"
+    identity: bytes | None = None
+    demand: dict | None = None
+    demand_time: float = 0.0
+    seq: int = 0
+    uack: int = 0
+    inflight: deque = field(default_factory=deque)   # (seq, cores, gpus) sent, not yet seen
+    leases: set = field(default_factory=set)
+    tasks_done: int = 0
+    db_touched: float = 0.0
+
+    def budget(self) -> tuple[int, int]:
+        cores = self.demand["cores"] - sum(c for _, c, _ in self.inflight)
+        gpus = self.demand["gpus"] - sum(g for _, _, g in self.inflight)
+        return cores, gpus
+
+    def to_dict(self, now: float) -> dict:
+        return {"id": self.id, "host": self.host, "pid": self.pid, "site": self.site,
+                "pilot": self.pilot, "cores": self.cores, "gpus": self.gpus,
+                "memory": self.memory, "started": self.started, "last_seen": self.last_seen,
+                "idle_seconds": None, "state": self.state, "leases": len(self.leases),
+                "tasks_done": self.tasks_done, "silent_seconds": round(now - self.last_seen, 1)}
+
+
+class JobServer:
+    def __init__(self, engine: Engine, heartbeat: float, lease_timeout: float) -> None:
+        self.engine = engine
+        self.conn = engine.connect()
+        self.heartbeat = heartbeat
+        self.lease_timeout = lease_timeout
+        self.batch = Batch()
+        self.queue = ReadyQueue()
+        self.apps: dict[int, App] = {}
+        self.app_names: dict[str, App] = {}
+        self.leases: dict[int, Lease] = {}
+        self.agents: dict[str, AgentRec] = {}
+        self.hungry: set[str] = set()
+        self.outbox: list[tuple[bytes, bytes]] = []
+        self.finished: list[int] = []     # jobs that reached JOB_FINISHED this turn
+        self.failed: list[int] = []       # jobs whose failure fails their children
+        self.next_id = 1
+        self.stopping = False
+        self.started = time.time()
+        self.stats = {"dispatched": 0, "updates": 0, "refused": 0, "bad_messages": 0}
+
+    # -- start and turn boundaries ----------------------------------------------------------
+    def load(self) -> None:
+        """Rebuild the in-memory indexes from the database."""
+        c = self.conn
+        for row in c.execute(select(apps_t)):
+            app = app_from_row(row)
+            self.apps[app.id] = app
+            self.app_names[app.name] = app
+        self.next_id = max_job_id(c) + 1
+        now = time.time()
+        for row in c.execute(select(agents_t).where(agents_t.c.state == "ALIVE")):
+            # Known agents get one lease period to reconnect and report what they still run.
+            self.agents[row.id] = AgentRec(
+                id=row.id, host=row.host, pid=row.pid, site=row.site, pilot=row.pilot,
+                cores=row.cores, gpus=row.gpus, memory=row.memory, started=row.started,
+                last_seen=now, tasks_done=row.tasks_done)
+        queued = [s.value for s in states.QUEUED]
+        for row in c.execute(select(*_SHAPE_COLS, jobs.c.state, jobs.c.agent, jobs.c.attempts,
+                                    jobs.c.retries, jobs.c.max_retries)
+                             .where(jobs.c.agent.is_not(None) | jobs.c.state.in_(queued))):
+            shape = shape_of(row)
+            agent = self.agents.get(row.agent) if row.agent else None
+            if agent is not None:
+                self.leases[row.id] = Lease(row.id, agent.id, row.attempts, S(row.state),
+                                            row.retries, row.max_retries, row.priority, shape)
+                agent.leases.add(row.id)
+            elif row.agent is not None and row.state not in queued:
+                # held by an agent that is gone for good: handled like a lost lease
+                lease = Lease(row.id, row.agent, row.attempts, S(row.state), row.retries,
+                              row.max_retries, row.priority, shape)
+                self.leases[row.id] = lease
+                self.drop_lease(lease, now, f"agent {row.agent} was gone at server start")
+            else:
+                if row.agent is not None:
+                    self.batch.update_job(row.id, agent=None)
+                self.queue.push(row.id, row.priority, shape)
+        self.commit()
+        log.info("loaded %d apps, %d queued jobs, %d leases, %d agents; next job id %d",
+                 len(self.apps), len(self.queue), len(self.leases), len(self.agents), self.next_id)
+
+    def sync(self) -> None:
+        """Write what is batched so far, inside the open transaction (reads then see it)."""
+        if self.batch:
+            self.batch.execute(self.conn)
+
+    def commit(self) -> None:
+        self.resolve_children(time.time())
+        self.sync()
+        self.conn.commit()
+
+    def send(self, identity: bytes, frame: bytes) -> None:
+        self.outbox.append((identity, frame))
+
+    # -- agents -----------------------------------------------------------------------------
+    def on_hello(self, identity: bytes, m: dict, now: float) -> None:
+        running = P.check_items(P.JOB_ATTEMPT, m["running"], "running")
+        aid = m["agent"]
+        a = self.agents.get(aid)
+        cores, gpus = len(m["cores"]), len(m["gpus"])
+        if a is None:
+            a = AgentRec(id=aid, host=m["host"], pid=m["pid"], site=m.get("site"),
+                         pilot=m.get("pilot"), cores=cores, gpus=gpus, memory=m["memory"],
+                         started=now, last_seen=now)
+            self.agents[aid] = a
+            self.batch.agent_inserts.append(
+                {"id": aid, "host": a.host, "pid": a.pid, "site": a.site, "pilot": a.pilot,
+                 "cores": cores, "gpus": gpus, "memory": a.memory, "started": now,
+                 "last_seen": now, "state": "ALIVE", "tasks_done": 0})
+            log.info("agent %s joined from %s (pid %d, %d cores, %d GPUs, site %s)",
+                     aid, a.host, a.pid, cores, gpus, a.site)
+        else:
+            a.state = "ALIVE"
+            a.last_seen = now
+            self.batch.update_agent(aid, state="ALIVE", last_seen=now)
+            log.info("agent %s said hello again (%d tasks held)", aid, len(m["running"]))
+        a.identity = identity
+        a.demand = None
+        a.inflight.clear()
+        a.seq = m["ack"]
+        held = set()
+        revoke = []
+        for item in running:
+            lease = self.leases.get(item["job"])
+            if lease is not None and lease.agent == aid and lease.attempt == item["attempt"]:
+                held.add(lease.job)
+            else:
+                revoke.append(item)
+        for job in list(a.leases - held):
+            self.drop_lease(self.leases[job], now, f"agent {aid} no longer holds it")
+        self.send(identity, P.encode(P.WELCOME, agent=aid, heartbeat=self.heartbeat,
+                                     revoke=revoke))
+
+    def agent_for(self, identity: bytes, aid: str) -> AgentRec | None:
+        a = self.agents.get(aid)
+        if a is None or a.identity != identity or a.state != "ALIVE":
+            return None
+        return a
+
+    def on_update(self, a: AgentRec, m: dict, now: float) -> None:
+        items = P.check_items(P.TASK_UPDATE, m["updates"], "updates")
+        demand = P.check_fields(P.DEMAND, m["demand"], "demand")
+        a.last_seen = now
+        refused = self.apply_updates(a, items, now)
+        a.uack = m["useq"]
+        a.demand = demand
+        a.demand_time = now
+        ack = m["ack"]
+        while a.inflight and a.inflight[0][0] <= ack:
+            a.inflight.popleft()
+        if demand["cores"] > 0:
+            self.hungry.add(a.id)
+        if now - a.db_touched > self.heartbeat:
+            a.db_touched = now
+            self.batch.update_agent(a.id, last_seen=now, tasks_done=a.tasks_done)
+        # every update is answered, so the agent can forget what the server has seen
+        self.send(a.identity, P.encode(P.TASKS, seq=a.seq, tasks=[], refused=refused,
+                                       uack=a.uack))
+
+    def on_bye(self, a: AgentRec, m: dict, now: float) -> None:
+        items = P.check_items(P.TASK_UPDATE, m["updates"], "updates")
+        released = P.check_items(P.JOB_ATTEMPT, m["released"], "released")
+        refused = self.apply_updates(a, items, now)
+        a.uack = m["useq"]
+        for item in released:
+            lease = self.leases.get(item["job"])
+            if lease is not None and lease.agent == a.id and lease.attempt == item["attempt"]:
+                self.drop_lease(lease, now, f"agent {a.id} stopped", counts=False)
+        for job in list(a.leases):
+            self.drop_lease(self.leases[job], now, f"agent {a.id} left without it")
+        a.state = "EXITED"
+        a.demand = None
+        self.hungry.discard(a.id)
+        self.batch.update_agent(a.id, state="EXITED", last_seen=now, tasks_done=a.tasks_done)
+        log.info("agent %s left after %d tasks", a.id, a.tasks_done)
+        self.send(a.identity, P.encode(P.TASKS, seq=a.seq, tasks=[], refused=refused,
+                                       uack=a.uack))
+
+    def apply_updates(self, a: AgentRec, items: list[dict], now: float) -> list[dict]:
+        """Apply an agent's task updates; return those refused (stale lease, illegal change)."""
+        refused = []
+        leases = self.leases
+        self.stats["updates"] += len(items)
+        for it in items:
+            job = it["job"]
+            lease = leases.get(job)
+            if lease is None or lease.agent != a.id or lease.attempt != it["attempt"]:
+                refused.append({"job": job, "attempt": it["attempt"]})
+                continue
+            try:
+                path = [S(s) for s in it["states"]]
+            except ValueError:
+                refused.append({"job": job, "attempt": it["attempt"]})
+                continue
+            if lease.state in path:  # a resend: skip what was applied already
+                path = path[path.index(lease.state) + 1:]
+            if not path:
+                continue
+            last = path[-1]
+            cols: dict[str, Any] = {}
+            if it.get("start") is not None:
+                cols["started"] = it["start"]
+            done = True
+            if last is S.JOB_FINISHED:
+                cols.update(ended=it.get("end") or now, exit_code=it.get("exit"), agent=None)
+            elif last in states.FAILURES:
+                nxt = states.after_failure(lease.retries, lease.max_retries)
+                path.append(nxt)
+                cols.update(ended=it.get("end") or now, exit_code=it.get("exit"), agent=None,
+                            retries=lease.retries + (nxt is S.RESTART_READY))
+            else:
+                done = False
+            try:
+                self.batch.transition(job, lease.state, path, now, it.get("msg"), **cols)
+            except IllegalTransition as exc:
+                log.warning("agent %s: job %d: %s", a.id, job, exc)
+                refused.append({"job": job, "attempt": it["attempt"]})
+                continue
+            if not done:
+                lease.state = last
+                continue
+            self._end_lease(lease)
+            if last is S.JOB_FINISHED:
+                a.tasks_done += 1
+                self.finished.append(job)
+            elif path[-1] is S.RESTART_READY:
+                self.queue.push(job, lease.priority, lease.shape)
+            else:
+                self.failed.append(job)
+        self.stats["refused"] += len(refused)
+        return refused
+
+    def _end_lease(self, lease: Lease) -> None:
+        del self.leases[lease.job]
+        a = self.agents.get(lease.agent)
+        if a is not None:
+            a.leases.discard(lease.job)
+
+    def drop_lease(self, lease: Lease, now: float, why: str, counts: bool = True) -> None:
+        """Take a job back from its agent: to the queue, or FAILED when out of retries.
+
+        ``counts``: the loss counts as a failed attempt (an agent that died may have been
+        killed by the job); an agent that hands work back on SIGTERM does not count.
+        """
+        self._end_lease(lease)
+        if lease.state in states.QUEUED:  # never started: back to the queue untouched
+            self.batch.update_job(lease.job, agent=None)
+            self.queue.push(lease.job, lease.priority, lease.shape)
+            return
+        nxt = states.after_failure(lease.retries, lease.max_retries) if counts \
+            else S.RESTART_READY
+        self.batch.transition(lease.job, lease.state, [nxt], now, why, agent=None,
+                              retries=lease.retries + (counts and nxt is S.RESTART_READY))
+        if nxt is S.RESTART_READY:
+            self.queue.push(lease.job, lease.priority, lease.shape)
+        else:
+            self.failed.append(lease.job)
+
+    def expire(self, now: float) -> None:
+        """Agents silent for a lease period lose their leases."""
+        limit = now - self.lease_timeout
+        for a in self.agents.values():
+            if a.state == "ALIVE" and a.last_seen < limit:
+                log.warning("agent %s on %s silent for %.1f s: lost; requeueing %d jobs",
+                            a.id, a.host, now - a.last_seen, len(a.leases))
+                a.state = "LOST"
+                a.demand = None
+                self.hungry.discard(a.id)
+                for job in list(a.leases):
+                    self.drop_lease(self.leases[job], now, f"agent {a.id} lost (silent "
+                                    f"{now - a.last_seen:.1f} s)")
+                self.batch.update_agent(a.id, state="LOST")
+
+    # -- dispatch ---------------------------------------------------------------------------
+    def dispatch(self, now: float) -> int:
+        """Hand queued jobs to hungry agents as leases; returns the number of tasks sent."""
+        if not self.hungry or not self.queue:
+            return 0
+        picks = []
+        for aid in list(self.hungry):
+            a = self.agents[aid]
+            if a.demand is None:
+                self.hungry.discard(aid)
+                continue
+            cores, gpus = a.budget()
+            if cores <= 0:
+                self.hungry.discard(aid)
+                continue
+            d = a.demand
+            left = d["time_left"]
+            if left is not None:
+                left -= now - a.demand_time
+            got = self.queue.pick(a.site, d["max_cores"], d["max_gpus"], left, cores, gpus,
+                                  MAX_TASKS_PER_MESSAGE)
+            if got:
+                picks.append((a, got))
+        if not picks:
+            return 0
+        self.sync()
+        rows = {}
+        ids = [job for _, got in picks for job, _ in got]
+        for part in chunks(ids, 900):
+            for r in self.conn.execute(select(*_DISPATCH_COLS).where(jobs.c.id.in_(part))):
+                rows[r.id] = r
+        sent = 0
+        for a, got in picks:
+            tasks = []
+            used_c = used_g = 0
+            for job, shape in got:
+                r = rows.get(job)
+                if r is None:
+                    continue
+                app = self.apps[r.app_id]
+                attempt = r.attempts + 1
+                wall = r.wall_time_minutes
+                tasks.append({"job": job, "attempt": attempt, "name": r.name,
+                              "argv": app.argv(r.parameters), "env": app.environment,
+                              "workdir": r.workdir, "cores": shape.cores, "gpus": shape.gpus,
+                              "timeout": None if wall is None else wall * 60.0,
+                              "pre": app.preprocess, "post": app.postprocess,
+                              "input_url": r.input_url, "output_url": r.output_url})
+                self.leases[job] = Lease(job, a.id, attempt, S(r.state), r.retries,
+                                         r.max_retries, r.priority, shape)
+                a.leases.add(job)
+                self.batch.update_job(job, attempts=attempt, agent=a.id)
+                used_c += shape.cores
+                used_g += shape.gpus
+            if tasks:
+                a.seq += 1
+                a.inflight.append((a.seq, used_c, used_g))
+                self.send(a.identity, P.encode(P.TASKS, seq=a.seq, tasks=tasks, refused=[],
+                                               uack=a.uack))
+                sent += len(tasks)
+        self.stats["dispatched"] += sent
+        return sent
+
+    def cancel_on_agent(self, lease: Lease) -> None:
+        a = self.agents.get(lease.agent)
+        if a is not None and a.identity is not None and a.state == "ALIVE":
+            self.send(a.identity, P.encode(P.CANCEL, jobs=[{"job": lease.job,
+                                                            "attempt": lease.attempt}]))
+
+    # -- job lifecycle beyond agents ------------------------------------------------------
+    def enqueue(self, job_id: int, row: Any) -> None:
+        self.queue.push(job_id, row["priority"] if isinstance(row, dict) else row.priority,
+                        shape_of(row))
+
+    def resolve_children(self, now: float) -> None:
+        """Ready the children whose parents all finished; fail those of failed parents."""
+        while self.finished or self.failed:
+            self.sync()
+            done, failed = self.finished, self.failed
+            self.finished, self.failed = [], []
+            c = self.conn
+            for part in chunks(failed, 900):
+                q = (select(jobs.c.id, jobs.c.state, job_parents.c.parent_id)
+                     .join(job_parents, job_parents.c.job_id == jobs.c.id)
+                     .where(job_parents.c.parent_id.in_(part),
+                            jobs.c.state.in_([S.AWAITING_PARENTS.value, S.CREATED.value])))
+                seen = set()
+                for r in c.execute(q):
+                    if r.id in seen:
+                        continue
+                    seen.add(r.id)
+                    self.batch.transition(r.id, S(r.state), [S.FAILED], now,
+                                          f"parent job {r.parent_id} failed")
+                    self.failed.append(r.id)
+            for part in chunks(done, 900):
+                kids = select(job_parents.c.job_id).where(job_parents.c.parent_id.in_(part))
+                parent = jobs.alias("parent")
+                q = (select(*_SHAPE_COLS,
+                            func.count().label("n"),
+                            func.sum(case((parent.c.state == S.JOB_FINISHED.value, 1),
+                                          else_=0)).label("ok"))
+                     .join(job_parents, job_parents.c.job_id == jobs.c.id)
+                     .join(parent, parent.c.id == job_parents.c.parent_id)
+                     .where(jobs.c.id.in_(kids), jobs.c.state == S.AWAITING_PARENTS.value)
+                     .group_by(*_SHAPE_COLS))
+                for r in c.execute(q):
+                    if r.n == r.ok:
+                        self.batch.transition(r.id, S.AWAITING_PARENTS, [S.READY], now,
+                                              "all parents finished")
+                        self.enqueue(r.id, r)
+
+    def app(self, name: str) -> App:
+        app = self.app_names.get(name)
+        if app is None:
+            raise NotFound(f"no app named {name!r}; registered: "
+                           f"{', '.join(sorted(self.app_names)) or 'none'} (see `pilotfish app ls`)")
+        return app
+
+    def counts(self) -> dict[str, int]:
+        rows = self.conn.execute(select(jobs.c.state, func.count()).group_by(jobs.c.state))
+        return {r[0]: r[1] for r in rows}

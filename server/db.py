@@ -1,0 +1,162 @@
+"""The job database: tables and engine. SQLite in WAL mode by default, PostgreSQL by URL.
+
+The server is the only writer; it keeps in-memory indexes rebuilt from these tables at start.
+Written with SQLAlchemy Core (no ORM): the hot paths are bulk ``executemany`` statements.
+"""
+from __future__ import annotations
+
+from sqlalchemy import (JSON, BigInteger, Column, Float, Index, Integer, MetaData, String, Table,
+                        Text, create_engine, event, func, select, text)
+from sqlalchemy.engine import Engine
+
+from pilotfish.errors import PilotfishError
+
+SCHEMA_VERSION = 1
+metadata = MetaData()
+
+# SQLite's INTEGER PRIMARY KEY is the rowid; BigInteger keeps PostgreSQL ids 64-bit.
+_ID = BigInteger().with_variant(Integer(), "sqlite")
+
+apps = Table(
+    "apps", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(128), nullable=False, unique=True),
+    Column("description", Text, nullable=False, default=""),
+    Column("executable", Text, nullable=False),
+    Column("args", JSON, nullable=False),          # argument template: one argv item each
+    Column("parameters", JSON, nullable=False),    # name -> declared type and limits
+    Column("preprocess", JSON),                    # argv or null
+    Column("postprocess", JSON),
+    Column("environment", JSON, nullable=False),
+    Column("resources", JSON, nullable=False),     # default job resources
+    Column("created", Float, nullable=False),
+)
+
+jobs = Table(
+    "jobs", metadata,
+    Column("id", _ID, primary_key=True, autoincrement=False),  # the server assigns ids
+    Column("name", String(128), nullable=False),
+    Column("description", Text, nullable=False, default=""),
+    Column("app_id", Integer, nullable=False),
+    Column("site", String(128)),
+    Column("queue", String(128)),
+    Column("project", String(128)),
+    Column("wall_time_minutes", Float),
+    Column("num_nodes", Integer, nullable=False),
+    Column("processes_per_node", Integer, nullable=False),
+    Column("cpus_per_process", Integer, nullable=False),
+    Column("gpus_per_process", Integer, nullable=False),
+    Column("parameters", JSON, nullable=False),
+    Column("input_url", Text),
+    Column("output_url", Text),
+    Column("group_identifier", String(128)),
+    Column("tags", Text, nullable=False, default=""),  # ",a,b," so a tag filter is one LIKE
+    Column("priority", Integer, nullable=False, default=0),
+    Column("max_retries", Integer, nullable=False),
+    Column("retries", Integer, nullable=False, default=0),   # failed attempts retried so far
+    Column("attempts", Integer, nullable=False, default=0),  # times handed to an agent
+    Column("state", String(24), nullable=False),
+    Column("state_time", Float, nullable=False),
+    Column("created", Float, nullable=False),
+    Column("started", Float),
+    Column("ended", Float),
+    Column("exit_code", Integer),
+    Column("message", Text),                      # the last event's message
+    Column("workdir", Text, nullable=False),       # relative to the agent's work root
+    Column("agent", String(64)),                   # lease holder, null when not leased
+    Index("ix_jobs_state_id", "state", "id"),
+    Index("ix_jobs_group", "group_identifier"),
+    Index("ix_jobs_app", "app_id"),
+)
+
+job_parents = Table(
+    "job_parents", metadata,
+    Column("job_id", _ID, primary_key=True),
+    Column("parent_id", _ID, primary_key=True),
+    Index("ix_job_parents_parent", "parent_id"),
+)
+
+job_events = Table(
+    "job_events", metadata,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column("job_id", _ID, nullable=False),
+    Column("from_state", String(24)),
+    Column("to_state", String(24), nullable=False),
+    Column("via", Text),                           # states passed straight through, comma-joined
+    Column("time", Float, nullable=False),
+    Column("message", Text),
+    Index("ix_job_events_job", "job_id"),
+)
+
+agents = Table(
+    "agents", metadata,
+    Column("id", String(64), primary_key=True),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("site", String(128)),
+    Column("pilot", String(128)),
+    Column("cores", Integer, nullable=False),
+    Column("gpus", Integer, nullable=False),
+    Column("memory", BigInteger, nullable=False),
+    Column("started", Float, nullable=False),
+    Column("last_seen", Float, nullable=False),
+    Column("state", String(16), nullable=False),   # ALIVE, LOST, EXITED
+    Column("tasks_done", Integer, nullable=False, default=0),
+)
+
+meta = Table(
+    "pilotfish_meta", metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    # WAL: readers never block the writer. NORMAL: durable across a process crash (our failure
+    # model); only an OS crash can lose the last transactions.
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.execute("PRAGMA cache_size=-65536")
+    cur.close()
+
+
+def make_engine(url: str) -> Engine:
+    """An engine with the tables created; a clear error if the database cannot be reached."""
+    kwargs: dict = {}
+    if url.startswith("sqlite"):
+        kwargs["connect_args"] = {"check_same_thread": False}
+    try:
+        engine = create_engine(url, **kwargs)
+    except Exception as exc:
+        raise PilotfishError(f"bad database URL {url!r}: {exc}") from None
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    try:
+        metadata.create_all(engine)
+        with engine.begin() as conn:
+            row = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).first()
+            if row is None:
+                conn.execute(meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
+            elif int(row[0]) != SCHEMA_VERSION:
+                raise PilotfishError(f"database schema version {row[0]} is not {SCHEMA_VERSION}; "
+                                     "this pilotfish cannot use it")
+    except PilotfishError:
+        raise
+    except Exception as exc:
+        raise PilotfishError(f"cannot open database {engine.url!r}: "
+                             f"{str(exc).splitlines()[0]}") from None
+    return engine
+
+
+def max_job_id(conn) -> int:
+    return conn.execute(select(func.coalesce(func.max(jobs.c.id), 0))).scalar_one()
+
+
+def integrity_ok(engine: Engine) -> bool:
+    """SQLite's own integrity check (PostgreSQL: a trivial query)."""
+    with engine.connect() as conn:
+        if engine.dialect.name == "sqlite":
+            return conn.execute(text("PRAGMA integrity_check")).scalar_one() == "ok"
+        return conn.execute(text("select 1")).scalar_one() == 1

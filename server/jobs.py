@@ -1,0 +1,125 @@
+"""Job messages: the keys a user may send, their checks, and the row a valid job becomes.
+
+Keys are the seed's job message (Balsam/Argo) plus pilotfish's own; ``config_file`` is the seed's
+name for the app's parameters and is accepted as an alias of ``parameters``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from pilotfish.errors import ValidationError
+from pilotfish.validate import check_name
+
+from .apps import App, RESOURCE_KEYS, check_resources
+
+JOB_KEYS = frozenset({
+    "name", "description", "site", "queue", "project", "wall_time_minutes", "num_nodes",
+    "processes_per_node", "application", "config_file", "parameters", "input_url", "output_url",
+    "group_identifier", "tags", "priority", "max_retries", "cpus_per_process",
+    "gpus_per_process", "parents"})
+#: Fields ``job alter`` may change on a job that no agent holds.
+ALTERABLE = frozenset({"description", "site", "queue", "project", "wall_time_minutes",
+                       "num_nodes", "processes_per_node", "cpus_per_process", "gpus_per_process",
+                       "parameters", "input_url", "output_url", "group_identifier", "tags",
+                       "priority", "max_retries"})
+DEFAULT_MAX_RETRIES = 3
+URL_SCHEMES = ("file://",)
+
+
+def check_url(value: Any, what: str) -> str | None:
+    """``file:///abs/path`` or ``/abs/path``; other schemes need a stager we do not have yet."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or "\x00" in value or "\n" in value:
+        raise ValidationError(f"{what} must be a URL string")
+    path = value[len("file://"):] if value.startswith("file://") else value
+    if "://" in value and not value.startswith(URL_SCHEMES):
+        raise ValidationError(f"{what} {value!r}: unsupported scheme; supported: file:// "
+                              "and absolute paths")
+    if not path.startswith("/") or "/../" in path + "/":
+        raise ValidationError(f"{what} {value!r} must be an absolute path without '..'")
+    return path
+
+
+def _opt_name(value: Any, what: str) -> str | None:
+    return None if value is None else check_name(value, what)
+
+
+def _int(value: Any, what: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValidationError(f"{what} must be an integer {lo}..{hi}, got {value!r}")
+    return value
+
+
+def check_tags(value: Any) -> str:
+    """Tags as stored: ``",a,b,"`` so that one LIKE finds a tag."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        value = [t for t in value.split(",") if t]
+    if not isinstance(value, list):
+        raise ValidationError("tags must be a list of names")
+    tags = [check_name(t, "tag") for t in value]
+    return "," + ",".join(tags) + "," if tags else ""
+
+
+def tags_list(stored: str) -> list[str]:
+    return [t for t in stored.split(",") if t]
+
+
+def build_job(msg: Any, app_by_name: Callable[[str], App]) -> dict:
+    """Check one job message and return the column values (without id, state and times).
+
+    Raises ValidationError naming the offending key; an unknown key is an error, not ignored.
+    """
+    if not isinstance(msg, dict):
+        raise ValidationError("a job must be a map of job keys")
+    unknown = msg.keys() - JOB_KEYS
+    if unknown:
+        raise ValidationError(f"unknown job key(s) {', '.join(sorted(map(str, unknown)))}")
+    name = check_name(msg.get("name"), "job name")
+    app_name = msg.get("application")
+    if not isinstance(app_name, str):
+        raise ValidationError(f"job {name!r}: 'application' must name a registered app")
+    app = app_by_name(app_name)
+    if "config_file" in msg and "parameters" in msg:
+        raise ValidationError(f"job {name!r}: give 'parameters' or its alias 'config_file', "
+                              "not both")
+    params = app.check_params(msg.get("parameters", msg.get("config_file")))
+    row = {"name": name, "app_id": app.id, "parameters": params}
+    for k in RESOURCE_KEYS:
+        row[k] = msg[k] if msg.get(k) is not None else app.resources[k]
+    check_resources(row, f"job {name!r}")
+    desc = msg.get("description") or ""
+    if not isinstance(desc, str) or len(desc) > 10_000:
+        raise ValidationError(f"job {name!r}: description must be a string")
+    row["description"] = desc
+    row["site"] = _opt_name(msg.get("site"), "site")
+    row["queue"] = _opt_name(msg.get("queue"), "queue")
+    row["project"] = _opt_name(msg.get("project"), "project")
+    row["group_identifier"] = _opt_name(msg.get("group_identifier"), "group_identifier")
+    row["tags"] = check_tags(msg.get("tags"))
+    row["priority"] = _int(msg.get("priority", 0), "priority", -1_000_000, 1_000_000)
+    row["max_retries"] = _int(msg.get("max_retries", DEFAULT_MAX_RETRIES), "max_retries", 0, 1000)
+    row["input_url"] = check_url(msg.get("input_url"), "input_url")
+    row["output_url"] = check_url(msg.get("output_url"), "output_url")
+    parents = msg.get("parents") or []
+    if not isinstance(parents, list) or not all(
+            isinstance(p, int) and not isinstance(p, bool) and p > 0 for p in parents):
+        raise ValidationError(f"job {name!r}: parents must be a list of job ids")
+    row["parents"] = sorted(set(parents))
+    return row
+
+
+def workdir_for(job_id: int, name: str, group: str | None) -> str:
+    """A job's workdir relative to an agent's work root; every part is a checked name."""
+    return f"{group or 'default'}/{name}.{job_id}"
+
+
+def cores_of(job: dict) -> int:
+    """Cores a single-node job occupies: processes x depth."""
+    return job["processes_per_node"] * job["cpus_per_process"]
+
+
+def gpus_of(job: dict) -> int:
+    return job["processes_per_node"] * job["gpus_per_process"]

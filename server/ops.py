@@ -1,0 +1,454 @@
+"""What clients may ask the server: one function per ``request`` op, all run in the server loop.
+
+Each op validates everything before it changes anything, so a refused request changes nothing.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable
+
+from sqlalchemy import delete, func, or_, select
+
+from pilotfish import __version__
+from pilotfish.errors import IllegalTransition, NotFound, PilotfishError, ValidationError
+from pilotfish.validate import check_name
+
+from . import states
+from .apps import App, app_from_spec, check_resources
+from .core import JobServer, shape_of
+from .db import apps as apps_t
+from .db import job_events, job_parents, jobs
+from .jobs import ALTERABLE, build_job, check_tags, check_url, tags_list, workdir_for
+from .states import State
+from .store import chunks
+
+S = State
+MAX_JOBS_PER_REQUEST = 100_000
+OPS: dict[str, Callable[[JobServer, dict, float], Any]] = {}
+_FILTER_KEYS = {"ids", "state", "app", "site", "group", "tag", "name"}
+
+
+def op(fn):
+    OPS[fn.__name__] = fn
+    return fn
+
+
+def _arg(args: dict, key: str, types, default=None, required=False):
+    if key not in args or args[key] is None:
+        if required:
+            raise ValidationError(f"missing argument {key!r}")
+        return default
+    v = args[key]
+    if not isinstance(v, types) or (isinstance(v, bool) and bool not in
+                                    (types if isinstance(types, tuple) else (types,))):
+        raise ValidationError(f"argument {key!r} has the wrong type")
+    return v
+
+
+# -- server ----------------------------------------------------------------------------------
+@op
+def ping(srv: JobServer, args: dict, now: float) -> dict:
+    return {"version": __version__, "time": now}
+
+
+@op
+def status(srv: JobServer, args: dict, now: float) -> dict:
+    alive = [a for a in srv.agents.values() if a.state == "ALIVE"]
+    return {"version": __version__, "pid": os.getpid(), "db": srv.engine.url.render_as_string(
+        hide_password=True), "uptime": round(now - srv.started, 1), "counts": srv.counts(),
+        "queued": len(srv.queue), "leases": len(srv.leases), "agents_alive": len(alive),
+        "cores_alive": sum(a.cores for a in alive), "stats": dict(srv.stats)}
+
+
+@op
+def agent_ls(srv: JobServer, args: dict, now: float) -> list:
+    return [a.to_dict(now) for a in srv.agents.values()
+            if args.get("all") or a.state == "ALIVE"]
+
+
+# -- apps ------------------------------------------------------------------------------------
+@op
+def app_add(srv: JobServer, args: dict, now: float) -> dict:
+    app = app_from_spec(_arg(args, "spec", dict, required=True))
+    if app.name in srv.app_names:
+        raise ValidationError(f"an app named {app.name!r} exists; use `app alter` to change it")
+    d = app.to_dict()
+    d.pop("id")
+    srv.sync()
+    app.id = srv.conn.execute(apps_t.insert().values(created=now, **d)).inserted_primary_key[0]
+    app.__post_init__()
+    srv.apps[app.id] = app
+    srv.app_names[app.name] = app
+    return app.to_dict()
+
+
+@op
+def app_ls(srv: JobServer, args: dict, now: float) -> list:
+    return [a.to_dict() for a in sorted(srv.apps.values(), key=lambda a: a.name)]
+
+
+@op
+def app_show(srv: JobServer, args: dict, now: float) -> dict:
+    app = srv.app(_arg(args, "name", str, required=True))
+    srv.sync()
+    d = app.to_dict()
+    d["jobs"] = {r[0]: r[1] for r in srv.conn.execute(
+        select(jobs.c.state, func.count()).where(jobs.c.app_id == app.id)
+        .group_by(jobs.c.state))}
+    return d
+
+
+def _unfinished_jobs(srv: JobServer, app: App) -> int:
+    srv.sync()
+    return srv.conn.execute(select(func.count()).where(
+        jobs.c.app_id == app.id, jobs.c.state.not_in([s.value for s in states.FINAL]))
+    ).scalar_one()
+
+
+@op
+def app_alter(srv: JobServer, args: dict, now: float) -> dict:
+    app = srv.app(_arg(args, "name", str, required=True))
+    changes = _arg(args, "changes", dict, required=True)
+    spec = app.to_dict()
+    spec.pop("id")
+    spec.update(changes)
+    new = app_from_spec(spec, app.id)
+    if (new.args != app.args or new.to_dict()["parameters"] != app.to_dict()["parameters"]) \
+            and (n := _unfinished_jobs(srv, app)):
+        raise ValidationError(f"app {app.name!r} has {n} unfinished jobs; its args and "
+                              "parameters can change only when none is left")
+    if new.name != app.name and new.name in srv.app_names:
+        raise ValidationError(f"an app named {new.name!r} exists")
+    d = new.to_dict()
+    d.pop("id")
+    srv.sync()
+    srv.conn.execute(apps_t.update().where(apps_t.c.id == app.id).values(**d))
+    del srv.app_names[app.name]
+    srv.apps[app.id] = new
+    srv.app_names[new.name] = new
+    return new.to_dict()
+
+
+@op
+def app_rm(srv: JobServer, args: dict, now: float) -> dict:
+    app = srv.app(_arg(args, "name", str, required=True))
+    srv.sync()
+    n = srv.conn.execute(select(func.count()).where(jobs.c.app_id == app.id)).scalar_one()
+    if n:
+        raise ValidationError(f"app {app.name!r} still has {n} jobs; remove them first "
+                              f"(`pilotfish job rm-all --app {app.name}`)")
+    srv.conn.execute(delete(apps_t).where(apps_t.c.id == app.id))
+    del srv.apps[app.id]
+    del srv.app_names[app.name]
+    return {"removed": app.name}
+
+
+# -- jobs: add -------------------------------------------------------------------------------
+@op
+def job_add(srv: JobServer, args: dict, now: float) -> dict:
+    msgs = _arg(args, "jobs", list, required=True)
+    if len(msgs) > MAX_JOBS_PER_REQUEST:
+        raise ValidationError(f"at most {MAX_JOBS_PER_REQUEST} jobs per request")
+    rows = []
+    for i, m in enumerate(msgs):
+        try:
+            rows.append(build_job(m, srv.app))
+        except PilotfishError as exc:
+            where = f"job #{i + 1}: " if len(msgs) > 1 else ""
+            raise type(exc)(f"{where}{exc}") from None
+    parent_ids = {p for r in rows for p in r["parents"]}
+    parent_state: dict[int, str] = {}
+    if parent_ids:
+        srv.sync()
+        for part in chunks(sorted(parent_ids), 900):
+            for r in srv.conn.execute(select(jobs.c.id, jobs.c.state).where(jobs.c.id.in_(part))):
+                parent_state[r.id] = r.state
+        missing = parent_ids - parent_state.keys()
+        if missing:
+            raise NotFound(f"parent job(s) {', '.join(map(str, sorted(missing)))} do not exist")
+    ids = []
+    b = srv.batch
+    created, ready, waiting = S.CREATED, S.READY, S.AWAITING_PARENTS
+    for row in rows:
+        job_id = srv.next_id
+        srv.next_id += 1
+        ids.append(job_id)
+        parents = row.pop("parents")
+        path = [created, ready]
+        msg = None
+        if parents:
+            ps = [parent_state[p] for p in parents]
+            bad = [p for p, s in zip(parents, ps) if s in (S.FAILED.value, S.USER_KILLED.value)]
+            if bad:
+                path, msg = [created, S.FAILED], f"parent job {bad[0]} failed"
+            elif any(s != S.JOB_FINISHED.value for s in ps):
+                path = [created, waiting]
+            for p in parents:
+                b.parent_inserts.append({"job_id": job_id, "parent_id": p})
+        row.update(id=job_id, state=path[-1].value, state_time=now, created=now, retries=0,
+                   attempts=0, workdir=workdir_for(job_id, row["name"], row["group_identifier"]),
+                   started=None, ended=None, exit_code=None, message=msg, agent=None)
+        b.job_inserts.append(row)
+        b.events.append({"job_id": job_id, "from_state": None, "to_state": path[-1].value,
+                         "via": path[0].value, "time": now, "message": msg})
+        if path[-1] is ready:
+            srv.enqueue(job_id, row)
+    return {"ids": ids}
+
+
+# -- jobs: read ------------------------------------------------------------------------------
+def where_of(f: dict | None, srv: JobServer) -> list:
+    """SQL conditions for a job filter; unknown keys and bad values are errors."""
+    f = f or {}
+    if not isinstance(f, dict):
+        raise ValidationError("filter must be a map")
+    unknown = set(f) - _FILTER_KEYS
+    if unknown:
+        raise ValidationError(f"unknown filter key(s) {', '.join(sorted(unknown))}")
+    conds = []
+    if f.get("ids") is not None:
+        ids = f["ids"]
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                for i in ids):
+            raise ValidationError("ids must be a list of job ids")
+        conds.append(jobs.c.id.in_(ids))
+    if f.get("state"):
+        st = f["state"] if isinstance(f["state"], list) else [f["state"]]
+        conds.append(jobs.c.state.in_([states.parse(s).value for s in st]))
+    if f.get("app"):
+        conds.append(jobs.c.app_id == srv.app(f["app"]).id)
+    if f.get("site"):
+        conds.append(jobs.c.site == f["site"])
+    if f.get("group"):
+        conds.append(jobs.c.group_identifier == f["group"])
+    if f.get("tag"):
+        conds.append(jobs.c.tags.contains("," + check_tags([f["tag"]]).strip(",") + ","))
+    if f.get("name"):
+        conds.append(jobs.c.name == f["name"])
+    return conds
+
+
+def _job_dict(srv: JobServer, r) -> dict:
+    d = dict(r._mapping)
+    app = srv.apps.get(d.pop("app_id"))
+    d["application"] = app.name if app else None
+    d["tags"] = tags_list(d["tags"])
+    d["group"] = d.pop("group_identifier")
+    return d
+
+
+@op
+def job_ls(srv: JobServer, args: dict, now: float) -> list:
+    limit = _arg(args, "limit", int, 100)
+    offset = _arg(args, "offset", int, 0)
+    newest = _arg(args, "newest", bool, False)
+    srv.sync()
+    q = select(jobs.c.id, jobs.c.name, jobs.c.app_id, jobs.c.state, jobs.c.attempts,
+               jobs.c.site, jobs.c.group_identifier, jobs.c.tags, jobs.c.priority,
+               jobs.c.state_time, jobs.c.exit_code, jobs.c.agent, jobs.c.message)
+    for c in where_of(args.get("filter"), srv):
+        q = q.where(c)
+    q = q.order_by(jobs.c.id.desc() if newest else jobs.c.id).offset(offset)
+    if limit > 0:
+        q = q.limit(limit)
+    return [_job_dict(srv, r) for r in srv.conn.execute(q)]
+
+
+@op
+def job_counts(srv: JobServer, args: dict, now: float) -> dict:
+    srv.sync()
+    q = select(jobs.c.state, func.count())
+    for c in where_of(args.get("filter"), srv):
+        q = q.where(c)
+    return {r[0]: r[1] for r in srv.conn.execute(q.group_by(jobs.c.state))}
+
+
+@op
+def job_summary(srv: JobServer, args: dict, now: float) -> dict:
+    """Counts and times of matching jobs: for throughput and utilization figures."""
+    srv.sync()
+    cores = jobs.c.processes_per_node * jobs.c.cpus_per_process * jobs.c.num_nodes
+    q = select(func.count(), func.min(jobs.c.created), func.min(jobs.c.started),
+               func.min(jobs.c.ended), func.max(jobs.c.ended),
+               func.sum((jobs.c.ended - jobs.c.started) * cores))
+    for c in where_of(args.get("filter"), srv):
+        q = q.where(c)
+    n, created, started, first_end, last_end, busy = srv.conn.execute(q).one()
+    return {"jobs": n, "first_created": created, "first_started": started,
+            "first_ended": first_end, "last_ended": last_end, "core_seconds": busy or 0.0}
+
+
+@op
+def job_show(srv: JobServer, args: dict, now: float) -> dict:
+    job_id = _arg(args, "id", int, required=True)
+    srv.sync()
+    r = srv.conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
+    if r is None:
+        raise NotFound(f"no job {job_id}")
+    d = _job_dict(srv, r)
+    app = srv.apps.get(r.app_id)
+    d["argv"] = app.argv(r.parameters) if app else None
+    d["parents"] = [x[0] for x in srv.conn.execute(
+        select(job_parents.c.parent_id).where(job_parents.c.job_id == job_id))]
+    d["children"] = [x[0] for x in srv.conn.execute(
+        select(job_parents.c.job_id).where(job_parents.c.parent_id == job_id))]
+    d["events"] = [dict(e._mapping) for e in srv.conn.execute(
+        select(job_events.c.from_state, job_events.c.to_state, job_events.c.via,
+               job_events.c.time, job_events.c.message)
+        .where(job_events.c.job_id == job_id).order_by(job_events.c.id))]
+    return d
+
+
+def _select_jobs(srv: JobServer, args: dict, *cols):
+    f = args.get("filter")
+    if not f:
+        raise ValidationError("select jobs with ids or a filter (an empty filter would "
+                              "match every job)")
+    srv.sync()
+    q = select(*(cols or (jobs,)))
+    for c in where_of(f, srv):
+        q = q.where(c)
+    return list(srv.conn.execute(q.order_by(jobs.c.id)))
+
+
+# -- jobs: change ----------------------------------------------------------------------------
+def _set_state(srv: JobServer, r, to: State, now: float, why: str) -> None:
+    """A user-asked state change on one job, with the queue and leases kept in step."""
+    frm = State(r.state)
+    lease = srv.leases.get(r.id)
+    if lease is not None:
+        frm = lease.state
+        if to is not S.USER_KILLED:
+            raise IllegalTransition(f"job {r.id} is held by agent {lease.agent}; only a kill "
+                                    "can change its state now")
+    states.check_path(frm, [to])
+    cols: dict[str, Any] = {}
+    if to is S.RESTART_READY and frm in states.FINAL:
+        cols["retries"] = 0
+    if lease is not None:
+        srv.cancel_on_agent(lease)
+        srv._end_lease(lease)
+        cols["agent"] = None
+    srv.batch.transition(r.id, frm, [to], now, why, **cols)
+    if frm in states.QUEUED:
+        srv.queue.remove(r.id)
+    if to in states.QUEUED:
+        srv.enqueue(r.id, r)
+    if to in (S.FAILED, S.USER_KILLED):
+        srv.failed.append(r.id)
+
+
+def _change_states(srv: JobServer, args: dict, now: float, to: State, why: str,
+                   skip: frozenset) -> dict:
+    rows = _select_jobs(srv, args)
+    todo = [r for r in rows if r.state not in skip]
+    for r in todo:  # check all before changing any
+        frm = srv.leases[r.id].state if r.id in srv.leases else State(r.state)
+        if to is not S.USER_KILLED or r.id not in srv.leases:
+            states.check_path(frm, [to])
+    for r in todo:
+        _set_state(srv, r, to, now, why)
+    return {"changed": [r.id for r in todo], "matched": len(rows)}
+
+
+@op
+def job_kill(srv: JobServer, args: dict, now: float) -> dict:
+    return _change_states(srv, args, now, S.USER_KILLED, "killed by user",
+                          frozenset(s.value for s in states.FINAL))
+
+
+@op
+def job_retry(srv: JobServer, args: dict, now: float) -> dict:
+    return _change_states(srv, args, now, S.RESTART_READY, "retried by user",
+                          frozenset(s.value for s in states.ALL - {S.FAILED, S.USER_KILLED}))
+
+
+@op
+def job_alter(srv: JobServer, args: dict, now: float) -> dict:
+    changes = dict(_arg(args, "changes", dict, required=True))
+    new_state = changes.pop("state", None)
+    unknown = set(changes) - ALTERABLE
+    if unknown:
+        raise ValidationError(f"cannot alter {', '.join(sorted(unknown))}; alterable: state, "
+                              f"{', '.join(sorted(ALTERABLE))}")
+    rows = _select_jobs(srv, args)
+    if not rows:
+        return {"changed": [], "matched": 0}
+    if new_state is not None:
+        to = states.parse(new_state)
+        if changes:
+            raise ValidationError("change the state alone, not with other fields")
+        return _change_states(srv, args, now, to, "state set by user", frozenset())
+    updates = []
+    for r in rows:  # validate every job first: a refused alter changes nothing
+        if r.id in srv.leases:
+            raise ValidationError(f"job {r.id} is held by agent {srv.leases[r.id].agent}; "
+                                  "kill it or wait before altering it")
+        d = dict(r._mapping)
+        new = dict(changes)
+        if "parameters" in new:
+            new["parameters"] = srv.apps[r.app_id].check_params(new["parameters"])
+        if "tags" in new:
+            new["tags"] = check_tags(new["tags"])
+        for k in ("input_url", "output_url"):
+            if k in new:
+                new[k] = check_url(new[k], k)
+        for k in ("priority", "max_retries"):
+            if k in new and (isinstance(new[k], bool) or not isinstance(new[k], int)):
+                raise ValidationError(f"{k} must be an integer")
+        for k in ("site", "queue", "project", "group_identifier"):
+            if new.get(k) is not None:
+                check_name(new[k], k)
+        d.update(new)
+        check_resources(d, f"job {r.id}")
+        updates.append((r, new, d))
+    for r, new, d in updates:
+        if new:
+            srv.batch.update_job(r.id, **new)
+        if r.id in srv.queue:
+            srv.queue.remove(r.id)
+            srv.queue.push(r.id, d["priority"], shape_of(d))
+    return {"changed": [r.id for r, _, _ in updates], "matched": len(rows)}
+
+
+def _delete_jobs(srv: JobServer, ids: list[int]) -> None:
+    for part in chunks(ids, 900):
+        srv.conn.execute(delete(job_events).where(job_events.c.job_id.in_(part)))
+        srv.conn.execute(delete(job_parents).where(or_(job_parents.c.job_id.in_(part),
+                                                       job_parents.c.parent_id.in_(part))))
+        srv.conn.execute(delete(jobs).where(jobs.c.id.in_(part)))
+
+
+@op
+def job_rm(srv: JobServer, args: dict, now: float) -> dict:
+    rows = _select_jobs(srv, args, jobs.c.id, jobs.c.state)
+    ids = [r.id for r in rows]
+    for job in ids:
+        lease = srv.leases.get(job)
+        if lease is not None:
+            srv.cancel_on_agent(lease)
+            srv._end_lease(lease)
+        srv.queue.remove(job)
+    srv.sync()
+    # children left waiting on a removed parent could never run: fail them, visibly
+    gone = set(ids)
+    for part in chunks(ids, 900):
+        for r in srv.conn.execute(
+                select(jobs.c.id, job_parents.c.parent_id)
+                .join(job_parents, job_parents.c.job_id == jobs.c.id)
+                .where(job_parents.c.parent_id.in_(part),
+                       jobs.c.state == S.AWAITING_PARENTS.value)):
+            if r.id not in gone:
+                gone.add(r.id)
+                srv.batch.transition(r.id, S.AWAITING_PARENTS, [S.FAILED], now,
+                                     f"parent job {r.parent_id} was removed")
+                srv.failed.append(r.id)
+    _delete_jobs(srv, ids)
+    return {"removed": len(ids)}
+
+
+@op
+def shutdown(srv: JobServer, args: dict, now: float) -> dict:
+    srv.stopping = True
+    return {"stopping": True, "time": time.time()}

@@ -1,0 +1,92 @@
+"""The server's in-memory ready queue: one priority heap per (site, resource shape).
+
+Rebuilt from the database at start; the database stays the source of truth. Removal is lazy: a
+heap entry whose job is no longer a member is skipped when it reaches the top.
+"""
+from __future__ import annotations
+
+import heapq
+from typing import NamedTuple
+
+
+class Shape(NamedTuple):
+    site: str | None
+    nodes: int
+    cores: int
+    gpus: int
+    wall_seconds: float | None
+
+
+class ReadyQueue:
+    def __init__(self) -> None:
+        self._heaps: dict[Shape, list[tuple[int, int]]] = {}
+        self._member: dict[int, Shape] = {}
+
+    def __len__(self) -> int:
+        return len(self._member)
+
+    def __contains__(self, job_id: int) -> bool:
+        return job_id in self._member
+
+    def push(self, job_id: int, priority: int, shape: Shape) -> None:
+        self._member[job_id] = shape
+        heap = self._heaps.get(shape)
+        if heap is None:
+            heap = self._heaps[shape] = []
+        heapq.heappush(heap, (-priority, job_id))
+
+    def remove(self, job_id: int) -> bool:
+        return self._member.pop(job_id, None) is not None
+
+    def shapes(self) -> dict[Shape, int]:
+        """Queued job counts per shape (for status and, later, the provisioner)."""
+        counts: dict[Shape, int] = {}
+        for shape in self._member.values():
+            counts[shape] = counts.get(shape, 0) + 1
+        return counts
+
+    def _head(self, shape: Shape) -> tuple[int, int] | None:
+        heap = self._heaps[shape]
+        member = self._member
+        while heap:
+            top = heap[0]
+            if member.get(top[1]) == shape:
+                return top
+            heapq.heappop(heap)
+        del self._heaps[shape]
+        return None
+
+    def pick(self, site: str | None, max_cores: int, max_gpus: int, time_left: float | None,
+             cores: int, gpus: int, limit: int) -> list[tuple[int, Shape]]:
+        """Pop the best jobs an agent can run within a budget of ``cores``/``gpus``.
+
+        A job fits when its shape fits the agent (single node, site, the agent's largest
+        task, the agent's time left) and its cores/GPUs fit what is left of the budget.
+        """
+        fits = [s for s in self._heaps
+                if s.nodes == 1 and (s.site is None or s.site == site)
+                and s.cores <= max_cores and s.gpus <= max_gpus
+                and (time_left is None or s.wall_seconds is None or s.wall_seconds <= time_left)]
+        out: list[tuple[int, Shape]] = []
+        member = self._member
+        while fits and len(out) < limit:
+            best = None
+            best_shape = None
+            for s in list(fits):
+                if s.cores > cores or s.gpus > gpus:
+                    fits.remove(s)
+                    continue
+                head = self._head(s)
+                if head is None:
+                    fits.remove(s)
+                    continue
+                if best is None or head < best:
+                    best, best_shape = head, s
+            if best is None:
+                break
+            heapq.heappop(self._heaps[best_shape])
+            del member[best[1]]
+            out.append((best[1], best_shape))
+            cores -= best_shape.cores
+            gpus -= best_shape.gpus
+        return out

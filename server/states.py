@@ -1,0 +1,110 @@
+"""The job state machine: the one place that says which state changes are legal.
+
+Every transition the server writes goes through :func:`check_path`; a step with nothing to do is
+passed straight through and recorded in the same event row (``via``).
+"""
+from __future__ import annotations
+
+from enum import Enum
+
+from pilotfish.errors import IllegalTransition
+
+
+class State(str, Enum):
+    CREATED = "CREATED"  #: just inserted; decides at once between waiting and ready
+    AWAITING_PARENTS = "AWAITING_PARENTS"  #: some parent has not reached JOB_FINISHED yet
+    READY = "READY"  #: in the server's queue, waiting for an agent with room for it
+    STAGED_IN = "STAGED_IN"  #: an agent has its inputs in the job's workdir
+    PREPROCESSED = "PREPROCESSED"  #: the app's preprocess step succeeded (or there was none)
+    RUNNING = "RUNNING"  #: the app's executable is running on an agent
+    EXECUTION_FINISHED = "EXECUTION_FINISHED"  #: the executable exited 0
+    POSTPROCESSED = "POSTPROCESSED"  #: the app's postprocess step succeeded (or there was none)
+    STAGED_OUT = "STAGED_OUT"  #: outputs copied to output_url (or there was none)
+    JOB_FINISHED = "JOB_FINISHED"  #: done; final
+    STAGE_IN_FAILED = "STAGE_IN_FAILED"  #: copying the input failed
+    PREPROCESS_FAILED = "PREPROCESS_FAILED"  #: the preprocess step exited non-zero
+    RUN_FAILED = "RUN_FAILED"  #: the executable exited non-zero or could not start
+    RUN_TIMEOUT = "RUN_TIMEOUT"  #: the executable outlived wall_time_minutes and was killed
+    POSTPROCESS_FAILED = "POSTPROCESS_FAILED"  #: the postprocess step exited non-zero
+    STAGE_OUT_FAILED = "STAGE_OUT_FAILED"  #: copying the output failed
+    RESTART_READY = "RESTART_READY"  #: back in the queue for another attempt
+    FAILED = "FAILED"  #: out of retries, or a parent failed; final until retried by a user
+    USER_KILLED = "USER_KILLED"  #: killed by a user; final until retried by a user
+
+    def __str__(self) -> str:
+        return self.value
+
+
+S = State
+ALL = frozenset(S)
+#: Waiting in the server's queue for an agent.
+QUEUED = frozenset({S.READY, S.RESTART_READY})
+#: The states a job passes through while an agent holds its lease.
+ON_AGENT = frozenset({S.STAGED_IN, S.PREPROCESSED, S.RUNNING, S.EXECUTION_FINISHED,
+                      S.POSTPROCESSED, S.STAGED_OUT})
+FAILURES = frozenset({S.STAGE_IN_FAILED, S.PREPROCESS_FAILED, S.RUN_FAILED, S.RUN_TIMEOUT,
+                      S.POSTPROCESS_FAILED, S.STAGE_OUT_FAILED})
+#: Nothing more happens to a job in these states unless a user retries it.
+FINAL = frozenset({S.JOB_FINISHED, S.FAILED, S.USER_KILLED})
+
+#: The path a successful attempt takes on an agent, in order.
+PIPELINE = (S.STAGED_IN, S.PREPROCESSED, S.RUNNING, S.EXECUTION_FINISHED, S.POSTPROCESSED,
+            S.STAGED_OUT, S.JOB_FINISHED)
+#: Which failure each pipeline step can end in.
+FAILURE_OF = {S.STAGED_IN: S.STAGE_IN_FAILED, S.PREPROCESSED: S.PREPROCESS_FAILED,
+              S.RUNNING: S.RUN_FAILED, S.POSTPROCESSED: S.POSTPROCESS_FAILED,
+              S.STAGED_OUT: S.STAGE_OUT_FAILED}
+
+_T: dict[State, set[State]] = {
+    S.CREATED: {S.AWAITING_PARENTS, S.READY, S.FAILED},
+    S.AWAITING_PARENTS: {S.READY, S.FAILED},
+    S.READY: {S.STAGED_IN, S.STAGE_IN_FAILED},
+    S.RESTART_READY: {S.STAGED_IN, S.STAGE_IN_FAILED},
+    S.STAGED_IN: {S.PREPROCESSED, S.PREPROCESS_FAILED},
+    S.PREPROCESSED: {S.RUNNING, S.RUN_FAILED},
+    S.RUNNING: {S.EXECUTION_FINISHED, S.RUN_FAILED, S.RUN_TIMEOUT},
+    S.EXECUTION_FINISHED: {S.POSTPROCESSED, S.POSTPROCESS_FAILED},
+    S.POSTPROCESSED: {S.STAGED_OUT, S.STAGE_OUT_FAILED},
+    S.STAGED_OUT: {S.JOB_FINISHED},
+    S.JOB_FINISHED: set(),
+    S.FAILED: {S.RESTART_READY},
+    S.USER_KILLED: {S.RESTART_READY},
+}
+for _f in FAILURES:
+    _T[_f] = {S.RESTART_READY, S.FAILED}
+# An agent lost or stopped while it held the job: back to the queue, or FAILED when the job
+# has used up its retries (a job that keeps killing its agents must not loop forever).
+for _s in ON_AGENT:
+    _T[_s] |= {S.RESTART_READY, S.FAILED}
+# A user may kill any job that is not final.
+for _s in ALL - FINAL:
+    _T[_s].add(S.USER_KILLED)
+TRANSITIONS: dict[State, frozenset[State]] = {s: frozenset(t) for s, t in _T.items()}
+del _T, _f, _s
+
+
+def parse(name: str) -> State:
+    """A state from its name, or a clear error listing the names."""
+    try:
+        return State(name.upper())
+    except (ValueError, AttributeError):
+        raise IllegalTransition(f"unknown state {name!r}; states are: "
+                                f"{', '.join(s.value for s in State)}") from None
+
+
+def is_legal(frm: State, to: State) -> bool:
+    return to in TRANSITIONS[frm]
+
+
+def check_path(frm: State, path: list[State] | tuple[State, ...]) -> None:
+    """Raise IllegalTransition unless every hop of ``frm -> path[0] -> path[1] ...`` is legal."""
+    cur = frm
+    for nxt in path:
+        if nxt not in TRANSITIONS[cur]:
+            raise IllegalTransition(f"illegal state change {cur.value} -> {nxt.value}")
+        cur = nxt
+
+
+def after_failure(retries: int, max_retries: int) -> State:
+    """Where a failed attempt goes: another try while retries are left, else FAILED."""
+    return S.RESTART_READY if retries < max_retries else S.FAILED

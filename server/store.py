@@ -1,0 +1,102 @@
+"""Batched writes: everything one server loop turn changes goes to the database in one transaction.
+
+:meth:`Batch.transition` is the one function through which a job changes state: it checks the
+change against the state machine and writes the ``job_events`` row beside the job's new state.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from sqlalchemy import bindparam
+from sqlalchemy.engine import Connection
+
+from . import states
+from .db import agents, job_events, job_parents, jobs
+from .states import State
+
+
+class Batch:
+    """Rows waiting to be written, flushed in an order that keeps foreign facts consistent:
+    new jobs, their parents, agent rows, job updates in the order they were made, events."""
+
+    def __init__(self) -> None:
+        self.job_inserts: list[dict] = []
+        self.parent_inserts: list[dict] = []
+        self.events: list[dict] = []
+        self.agent_inserts: list[dict] = []
+        # ordered (columns, params) runs; consecutive updates with the same columns share a run
+        self._updates: list[tuple[tuple[str, ...], list[dict]]] = []
+        self._agent_updates: list[tuple[tuple[str, ...], list[dict]]] = []
+        self._stmts: dict[tuple, Any] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.job_inserts or self.parent_inserts or self.events or self._updates
+                    or self.agent_inserts or self._agent_updates)
+
+    # -- recording --------------------------------------------------------------------------
+    def transition(self, job_id: int, frm: State | None, path: list[State], now: float,
+                   message: str | None = None, **cols: Any) -> State:
+        """Move a job from ``frm`` along ``path`` (last item = new state); check, update, log."""
+        if frm is not None:
+            states.check_path(frm, path)
+        to = path[-1]
+        self.events.append({"job_id": job_id, "from_state": frm.value if frm else None,
+                            "to_state": to.value,
+                            "via": ",".join(p.value for p in path[:-1]) or None,
+                            "time": now, "message": message})
+        cols["state"] = to.value
+        cols["state_time"] = now
+        cols["message"] = message
+        self.update_job(job_id, **cols)
+        return to
+
+    def update_job(self, job_id: int, **cols: Any) -> None:
+        _append_run(self._updates, job_id, cols)
+
+    def update_agent(self, agent_id: str, **cols: Any) -> None:
+        _append_run(self._agent_updates, agent_id, cols)
+
+    # -- writing ----------------------------------------------------------------------------
+    def execute(self, conn: Connection) -> None:
+        """Write everything recorded so far on ``conn`` (inside the caller's transaction)."""
+        if self.job_inserts:
+            conn.execute(jobs.insert(), self.job_inserts)
+            self.job_inserts = []
+        if self.parent_inserts:
+            conn.execute(job_parents.insert(), self.parent_inserts)
+            self.parent_inserts = []
+        if self.agent_inserts:
+            conn.execute(agents.insert(), self.agent_inserts)
+            self.agent_inserts = []
+        for cols, params in self._agent_updates:
+            conn.execute(self._stmt(agents, cols), params)
+        self._agent_updates = []
+        for cols, params in self._updates:
+            conn.execute(self._stmt(jobs, cols), params)
+        self._updates = []
+        if self.events:
+            conn.execute(job_events.insert(), self.events)
+            self.events = []
+
+    def _stmt(self, table, cols: tuple[str, ...]):
+        key = (table.name, cols)
+        stmt = self._stmts.get(key)
+        if stmt is None:
+            stmt = (table.update().where(table.c.id == bindparam("_id"))
+                    .values({c: bindparam(c) for c in cols}))
+            self._stmts[key] = stmt
+        return stmt
+
+
+def _append_run(runs: list, key_id: Any, cols: dict) -> None:
+    key = tuple(cols)
+    cols["_id"] = key_id
+    if runs and runs[-1][0] == key:
+        runs[-1][1].append(cols)
+    else:
+        runs.append((key, [cols]))
+
+
+def chunks(seq: list, size: int) -> Iterable[list]:
+    for i in range(0, len(seq), size):
+        yield seq[i:i + size]

@@ -1,0 +1,1 @@
+"""Site profiles: bundled YAML machine descriptions and their schema."""
