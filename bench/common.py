@@ -1,0 +1,521 @@
+"""Shared helpers for the pilotfish benchmarks: servers, agents, databases, timing, output.
+
+Every benchmark builds its world from scratch in a temporary home (a fresh server, a fresh
+SQLite file or PostgreSQL database, fresh agents) and tears it all down afterwards, also on
+Ctrl-C or SIGTERM. Results go to standard output as one JSON object per line; progress and
+diagnostics go to standard error.
+
+Clocks: intervals are measured with ``time.perf_counter()`` in the benchmark process. Task
+start/end times reported by agents (``Client.summary()``) are ``time.time()`` on the agents;
+all processes run on this one machine, so they share the clock.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run from a checkout without the package installed
+    sys.path.insert(0, str(REPO))
+
+from pilotfish.server import daemon  # noqa: E402
+from pilotfish.server.client import FINAL_STATES, Client  # noqa: E402
+
+#: Where scratch PostgreSQL databases are created (trust auth, a database we may connect to).
+PG_ADMIN_URL = os.environ.get("PILOTFISH_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+_BENCH = "bench"
+
+
+# -- output ----------------------------------------------------------------------------------
+def set_bench(name: str) -> None:
+    global _BENCH
+    _BENCH = name
+
+
+def log(msg: str) -> None:
+    """Progress for people, on standard error (standard output is for JSON lines only)."""
+    print(f"[{_BENCH} {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def emit(figure: str, value: Any, **fields: Any) -> dict:
+    """Print one result line: ``{"bench": ..., "figure": ..., "value": ..., ...}``."""
+    d = {"bench": _BENCH, "figure": figure, "value": _round(value)}
+    d.update({k: _round(v) for k, v in fields.items()})
+    print(json.dumps(d), flush=True)
+    return d
+
+
+def _round(v: Any) -> Any:
+    if isinstance(v, float):
+        return round(v, 4 if abs(v) < 10 else 1)
+    if isinstance(v, list):
+        return [_round(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _round(x) for k, x in v.items()}
+    return v
+
+
+def median(xs: Sequence[float]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+# -- command line ----------------------------------------------------------------------------
+def parser(description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, epilog=epilog,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeat", type=int, default=3,
+                   help="Runs per configuration; the median is reported with every value "
+                        "(default: %(default)s).")
+    p.add_argument("--tmp", help="Directory for the temporary homes (default: the system's "
+                                 "temporary directory).")
+    p.add_argument("--keep", action="store_true",
+                   help="Keep the temporary homes (logs, databases) for inspection.")
+    p.add_argument("--py-spy", dest="py_spy", metavar="DIR",
+                   help="Record py-spy flame graphs of the server and agents during the timed "
+                        "phase into DIR (changes the timings a little).")
+    p.add_argument("--py-spy-format", dest="py_spy_format", default="flamegraph",
+                   choices=("flamegraph", "raw", "speedscope"),
+                   help="py-spy output format (raw: collapsed stacks, for scripts).")
+    p.add_argument("--heartbeat", type=float, default=2.0,
+                   help="Server heartbeat in seconds (default: %(default)s).")
+    return p
+
+
+def int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def str_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def prefetch_list(text: str) -> list[int | None]:
+    """``default,8,256`` -> [None, 8, 256] (None: the agent's default, its core count)."""
+    out: list[int | None] = []
+    for x in str_list(text):
+        out.append(None if x in ("default", "none", "-") else int(x))
+    return out
+
+
+def cores_arg(text: str | None) -> list[int]:
+    """``--cores``: a count (``2``) or a list of ids (``0,1``, ``0-3``); default: our affinity
+    mask (all the cores we may use)."""
+    mine = sorted(os.sched_getaffinity(0))
+    if not text:
+        return mine
+    if text.isdigit():  # a count; a single core id is written "3-3" or "3,"
+        if not 1 <= int(text) <= len(mine):
+            raise ValueError(f"--cores {text}: we may use {len(mine)} cores")
+        return mine[:int(text)]
+    out: list[int] = []
+    for part in filter(None, text.split(",")):
+        lo, _, hi = part.partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM and SIGHUP end the benchmark through its ``finally`` clauses, like Ctrl-C."""
+    def _exit(signum, _frame):
+        raise SystemExit(128 + signum)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _exit)
+
+
+def pilotfish_cmd() -> list[str]:
+    """The installed ``pilotfish`` console script (what users run), else ``python -m``."""
+    exe = Path(sys.executable).parent / "pilotfish"
+    if exe.exists():
+        return [str(exe)]
+    return [sys.executable, "-m", "pilotfish"]
+
+
+# -- databases -------------------------------------------------------------------------------
+class ScratchDB:
+    """A database for one server: an SQLite file in the home or a fresh PostgreSQL database."""
+
+    def __init__(self, kind: str, home: Path) -> None:
+        if kind not in ("sqlite", "postgres"):
+            raise ValueError(f"unknown database kind {kind!r}")
+        self.kind = kind
+        self.name: str | None = None
+        if kind == "sqlite":
+            self.url = f"sqlite:///{home / 'pilotfish.db'}"
+            return
+        import psycopg
+        self.name = f"pilotfish_bench_{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(f'CREATE DATABASE "{self.name}"')
+        base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+        self.url = f"{base}/{self.name}"
+
+    def drop(self) -> None:
+        if self.name is None:
+            return
+        import psycopg
+        try:
+            with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+        except Exception as exc:  # report, never hide a leftover
+            log(f"WARNING: could not drop PostgreSQL database {self.name}: {exc}")
+        self.name = None
+
+
+# -- a server with its agents ----------------------------------------------------------------
+class Env:
+    """One server in a temporary home with its database and agents; a context manager.
+
+    ``with Env("sqlite") as env: env.client.add_app(...); env.start_agents(...)`` -- on exit
+    the agents get SIGTERM (then SIGKILL), the server is stopped, a PostgreSQL database is
+    dropped and the home is removed (unless ``keep``).
+    """
+
+    def __init__(self, db: str = "sqlite", heartbeat: float = 2.0, tmp: str | None = None,
+                 keep: bool = False, label: str = "run") -> None:
+        self.db_kind = db
+        self.heartbeat = heartbeat
+        self.tmp = tmp
+        self.keep = keep
+        self.label = label
+        self.home: Path | None = None
+        self.db: ScratchDB | None = None
+        self.info: dict = {}
+        self.client: Client | None = None
+        self.agents: list[subprocess.Popen] = []
+        self._agent_logs: list[Path] = []
+
+    def __enter__(self) -> "Env":
+        try:
+            self.home = Path(tempfile.mkdtemp(prefix=f"pilotfish-bench-{self.label}-",
+                                              dir=self.tmp)).resolve()
+            self.db = ScratchDB(self.db_kind, self.home)
+            self.info = daemon.start_background(self.home, self.db.url, "tcp://127.0.0.1:*",
+                                                self.heartbeat)
+            self.client = Client(self.info["address"], self.home, timeout=600)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def address(self) -> str:
+        return self.info["address"]
+
+    @property
+    def server_pid(self) -> int:
+        return self.info["pid"]
+
+    # -- agents -------------------------------------------------------------------------
+    def start_agent(self, cores: Iterable[int] | None = None, prefetch: int | None = None,
+                    fake: bool = False, extra: Sequence[str] = ()) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "pilotfish", "--home", str(self.home), "pilot", "agent",
+               "--server", self.address, "--idle-timeout", "0"]
+        if cores is not None:
+            cmd += ["--cores", ",".join(map(str, cores))]
+        if prefetch is not None:
+            cmd += ["--prefetch", str(prefetch)]
+        if fake:
+            cmd.append("--fake-exec")
+        cmd += list(extra)
+        path = self.home / f"agent-{len(self.agents)}.log"
+        with open(path, "ab") as out:
+            p = subprocess.Popen(cmd, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
+                                 cwd=self.home)
+        self.agents.append(p)
+        self._agent_logs.append(path)
+        return p
+
+    def start_agents(self, layout: list[list[int]], prefetch: int | None = None,
+                     fake: bool = False) -> list[subprocess.Popen]:
+        """One agent per core list in ``layout``."""
+        return [self.start_agent(cores, prefetch, fake) for cores in layout]
+
+    def wait_agents(self, n: int, timeout: float = 60.0) -> None:
+        """Until ``n`` agents are connected and have told the server their demand."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for p, path in zip(self.agents, self._agent_logs):
+                if p.poll() is not None:
+                    raise RuntimeError(f"agent exited with code {p.returncode}:\n"
+                                       f"{_tail(path)}")
+            alive = [a for a in self.client.agents() if a["state"] == "ALIVE"]
+            if len(alive) >= n:
+                # the hello is answered by a welcome, and the agent then sends its demand;
+                # give that one round trip
+                time.sleep(0.05)
+                return
+            time.sleep(0.02)
+        raise RuntimeError(f"only {len(self.client.agents())} of {n} agents connected within "
+                           f"{timeout:.0f} s")
+
+    def check_agents(self) -> None:
+        """Raise if an agent process has exited (it would never finish its work)."""
+        for p, path in zip(self.agents, self._agent_logs):
+            if p.poll() is not None:
+                raise RuntimeError(f"agent {p.pid} exited with code {p.returncode}:\n"
+                                   f"{_tail(path)}")
+
+    def stop_agents(self, wait: float = 20.0) -> None:
+        for p in self.agents:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + wait
+        for p in self.agents:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log(f"agent {p.pid} did not stop on SIGTERM: killing it")
+                p.kill()
+                p.wait()
+        self.agents = []
+
+    def agent_logs(self) -> str:
+        return "\n".join(f"--- {p}\n{_tail(p)}" for p in self._agent_logs)
+
+    def server_log(self) -> str:
+        return _tail(self.home / "server.log") if self.home else ""
+
+    # -- teardown ----------------------------------------------------------------------
+    def close(self) -> None:
+        try:
+            self.stop_agents()
+        finally:
+            if self.client is not None:
+                self.client.close()
+                self.client = None
+            if self.home is not None:
+                try:
+                    daemon.stop(self.home, wait=30)
+                except Exception as exc:
+                    log(f"WARNING: stopping the server failed: {exc}")
+                    pid = self.info.get("pid")
+                    if pid and daemon.alive(pid):
+                        os.kill(pid, signal.SIGKILL)
+            if self.db is not None:
+                self.db.drop()
+            if self.home is not None and not self.keep:
+                shutil.rmtree(self.home, ignore_errors=True)
+            elif self.home is not None:
+                log(f"kept {self.home}")
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def agent_layout(mode: str, cores: list[int]) -> list[list[int]]:
+    """Cores per agent: ``1`` (one agent, all cores), ``per-core``, or ``K`` agents."""
+    if mode in ("per-core", "percore"):
+        return [[c] for c in cores]
+    k = int(mode)
+    if k < 1 or k > len(cores):
+        raise ValueError(f"--agents {mode}: need 1..{len(cores)} agents for {len(cores)} cores")
+    return [cores[i::k] for i in range(k)]
+
+
+# -- waiting ---------------------------------------------------------------------------------
+def wait_final(client: Client, n: int, timeout: float = 3600.0, min_poll: float = 0.01,
+               max_poll: float = 0.25, filter: dict | None = None,
+               on_progress: Callable[[int], None] | None = None,
+               check: Callable[[], None] | None = None) -> tuple[float, dict]:
+    """Poll ``Client.counts`` until ``n`` jobs are final; return (perf_counter time, counts).
+
+    The poll interval adapts to the observed rate so that most polls come near the end: a
+    count is a request the single-threaded server answers between turns, so polling too often
+    would slow what we measure, and too rarely would blur the end time. The returned time is
+    when the poll that saw all jobs final was *sent*... answered, so the error is at most one
+    poll interval (<= ``min_poll`` near the end when the rate estimate is good).
+    """
+    t0 = time.perf_counter()
+    deadline = t0 + timeout
+    last_report = t0
+    while True:
+        counts = client.counts(filter)
+        now = time.perf_counter()
+        done = sum(v for k, v in counts.items() if k in FINAL_STATES)
+        if done >= n:
+            return now, counts
+        if now > deadline:
+            raise TimeoutError(f"only {done} of {n} jobs final after {timeout:.0f} s: {counts}")
+        if check is not None:
+            check()
+        if on_progress and now - last_report > 5:
+            last_report = now
+            on_progress(done)
+        elapsed = now - t0
+        if done > 0 and elapsed > 0:
+            eta = (n - done) * elapsed / done
+            pause = min(max_poll, max(min_poll, eta / 3))
+        else:
+            pause = min_poll * 5
+        time.sleep(pause)
+
+
+def counts_line(counts: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+
+
+# -- baselines -------------------------------------------------------------------------------
+def run_xargs(argv: Sequence[str], items: Sequence[str], procs: int,
+              cwd: str | None = None) -> float:
+    """Seconds for ``xargs -P procs -n 1 argv...`` over ``items`` (one process per item)."""
+    data = ("\n".join(items) + "\n").encode()
+    t0 = time.perf_counter()
+    r = subprocess.run(["xargs", "-P", str(procs), "-n", "1", *argv], input=data,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=cwd)
+    dt = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise RuntimeError(f"xargs failed ({r.returncode}): {r.stderr.decode()[-500:]}")
+    return dt
+
+
+def timed_cli(args: Sequence[str], env: dict | None = None) -> tuple[float, str]:
+    """Run a command to completion; return (wall seconds, stdout). Raises on failure."""
+    t0 = time.perf_counter()
+    r = subprocess.run(list(args), capture_output=True, text=True, env=env,
+                       stdin=subprocess.DEVNULL)
+    dt = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({r.returncode}):\n{r.stdout[-2000:]}\n"
+                           f"{r.stderr[-2000:]}")
+    return dt, r.stdout
+
+
+# -- profiling -------------------------------------------------------------------------------
+class PySpy:
+    """``py-spy record`` of some processes for the duration of a ``with`` block (or nothing)."""
+
+    def __init__(self, outdir: str | None, label: str, pids: dict[str, int],
+                 rate: int = 100, fmt: str | None = None) -> None:
+        self.procs: list[subprocess.Popen] = []
+        if not outdir:
+            return
+        exe = Path(sys.executable).parent / "py-spy"
+        exe = str(exe) if exe.exists() else shutil.which("py-spy")
+        if not exe:
+            log("WARNING: py-spy not found (pip install py-spy); not profiling")
+            return
+        fmt = fmt or os.environ.get("PILOTFISH_BENCH_PYSPY_FORMAT", "flamegraph")
+        ext = {"flamegraph": "svg", "raw": "txt", "speedscope": "json"}[fmt]
+        Path(outdir).mkdir(parents=True, exist_ok=True)
+        for role, pid in pids.items():
+            out = Path(outdir) / f"{label}-{role}.{ext}"
+            self.procs.append(subprocess.Popen(
+                [exe, "record", "-o", str(out), "-f", fmt, "--pid", str(pid), "-r", str(rate),
+                 "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        time.sleep(0.5)  # attaching takes a moment
+
+    def __enter__(self) -> "PySpy":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p in self.procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def profile(a, label: str, pids: dict[str, int]) -> PySpy:
+    """The ``--py-spy`` recorder for parsed benchmark arguments ``a`` (a no-op without it)."""
+    return PySpy(a.py_spy, label, pids, fmt=a.py_spy_format)
+
+
+class CpuMeter:
+    """CPU seconds (user + system) that the server and the agents use during a ``with`` block:
+    tells which process is the bottleneck (a single-threaded server near 1.0 s per second of
+    wall time is saturated)."""
+
+    def __init__(self, env: Env) -> None:
+        import psutil
+        self.procs = {}
+        for role, pid in env_pids(env).items():
+            try:
+                self.procs[role] = psutil.Process(pid)
+            except psutil.Error:
+                pass
+        self.start: dict[str, float] = {}
+        self.used: dict[str, float] = {}
+        self.wall = 0.0
+
+    def _cpu(self, p) -> float | None:
+        try:
+            t = p.cpu_times()
+            return t.user + t.system
+        except Exception:
+            return None
+
+    def __enter__(self) -> "CpuMeter":
+        self.start = {r: self._cpu(p) for r, p in self.procs.items()}
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall = time.perf_counter() - self.t0
+        for r, p in self.procs.items():
+            end = self._cpu(p)
+            if end is not None and self.start.get(r) is not None:
+                self.used[r] = end - self.start[r]
+
+    def summary(self) -> dict:
+        """{"server": cpu s, "agents": cpu s, "server_busy": fraction of wall time, ...}."""
+        mine = [v for k, v in self.used.items() if k.startswith("agent")]
+        agents = sum(mine) if mine else None  # None: no agent was running at the start
+        server = self.used.get("server")
+        return {"server_cpu_s": server, "agents_cpu_s": agents,
+                "server_busy": server / self.wall if server is not None and self.wall else None,
+                "agents_busy": agents / self.wall if agents is not None and self.wall else None}
+
+
+def env_pids(env: Env) -> dict[str, int]:
+    pids = {"server": env.server_pid}
+    for i, p in enumerate(env.agents):
+        pids[f"agent{i}"] = p.pid
+    return pids
+
+
+def machine() -> dict:
+    """Context for the result lines: the code measured, the cores we may use, the load."""
+    return {"git": git_version(), "cores_available": len(os.sched_getaffinity(0)),
+            "loadavg_1m": round(os.getloadavg()[0], 2)}
+
+
+def git_version() -> str | None:
+    """``<short commit>`` of the checkout, with ``+dirty`` when the code has local changes
+    (benchmarks measure the working tree, which may be ahead of the commit)."""
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--",
+                                "pilotfish", "server", "pilot", "launcher", "container"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+dirty" if dirty else "")) or None
