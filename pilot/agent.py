@@ -8,6 +8,7 @@ SIGTERM stops its tasks and hands them back so they are retried elsewhere.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import socket
@@ -25,6 +26,11 @@ from .executor import Executor, Task
 from .resources import Resources
 
 log = logging.getLogger("pilotfish.agent")
+#: Seconds of work per core the automatic prefetch aims to hold, and its cap in tasks per core.
+PREFETCH_HORIZON = 0.02
+PREFETCH_MAX = 16
+#: Minimum seconds between updates while the agent has queued work (batches updates under load).
+REPORT_INTERVAL = 0.005
 
 
 class Agent:
@@ -38,8 +44,8 @@ class Agent:
         self.res = resources
         self.site, self.pilot = site, pilot
         #: Extra cores' worth of tasks to hold beyond the free cores, so a finished task's
-        #: successor is already here.
-        self.prefetch = len(resources.cores) if prefetch is None else prefetch
+        #: successor is already here; None: sized from the tasks' observed run times.
+        self.prefetch = prefetch
         self.idle_timeout = idle_timeout
         self.heartbeat = heartbeat
         self.max_tasks = max_tasks
@@ -58,6 +64,7 @@ class Agent:
         self.useq = 0
         self.unacked: list[tuple[int, list[dict]]] = []   # (useq, updates) not yet acknowledged
         self.ack = 0                 # last task batch seq seen
+        self.acked = 0               # last update useq the server acknowledged
         self.welcomed = False
         self.last_sent = 0.0
         self.last_heard = time.time()
@@ -90,10 +97,25 @@ class Agent:
                             time_left=self.res.time_left(), running=held, ack=self.ack))
         self.last_demand = None
 
+    def prefetch_cores(self) -> int:
+        """How many cores' worth of tasks to keep queued here beyond the free cores.
+
+        Enough to cover ``PREFETCH_HORIZON`` seconds of work per core (round trips and report
+        batching), at least one task per core and at most ``PREFETCH_MAX`` per core: short
+        tasks get a deep queue, long ones a shallow one so the tail of a run stays balanced.
+        """
+        if self.prefetch is not None:
+            return self.prefetch
+        n = len(self.ex.all_cores)
+        avg = self.ex.avg_run
+        if avg is None:
+            return n
+        return math.ceil(n * min(PREFETCH_MAX, max(1.0, PREFETCH_HORIZON / max(avg, 1e-4))))
+
     def demand(self) -> dict:
         ex = self.ex
         want = 0 if self.stopping or self._quota_reached() else \
-            len(ex.free_cores) + self.prefetch - ex.queued_cores()
+            len(ex.free_cores) + self.prefetch_cores() - ex.queued_cores()
         return {"cores": max(0, want),
                 "gpus": max(0, len(ex.free_gpus) + len(ex.all_gpus) - ex.queued_gpus()),
                 "max_cores": len(ex.all_cores), "max_gpus": len(ex.all_gpus),
@@ -103,11 +125,21 @@ class Agent:
         return self.max_tasks is not None and self.received >= self.max_tasks
 
     def send_update(self, now: float, force: bool = False) -> None:
-        updates = self.ex.take_updates(now)
+        """Report progress and demand. At most one update is in flight: what ends meanwhile
+        waits for the server's answer and goes in the next one, so under load updates batch
+        themselves at the rate the server keeps up with."""
+        beat = now - self.last_sent >= self.heartbeat
+        if self.useq > self.acked and not beat and not force:
+            return
+        starving = not self.ex.queue and self.ex.free_cores
+        if not beat and not force and not starving and now - self.last_sent < REPORT_INTERVAL:
+            return  # batch a little: the prefetch keeps the cores busy meanwhile
         d = self.demand()
         key = (d["cores"], d["gpus"])
-        if not updates and not force and key == self.last_demand \
-                and now - self.last_sent < self.heartbeat:
+        if not self.ex.reportable and not force and not beat and key == self.last_demand:
+            return
+        updates = self.ex.take_updates(now)
+        if not updates and not force and not beat and key == self.last_demand:
             return
         self.useq += 1
         if updates:
@@ -140,6 +172,7 @@ class Agent:
             log.error("bad message from the server: %s", exc)
             return
         if kind == P.TASKS:
+            self.acked = max(self.acked, m["uack"])
             self.unacked = [(s, u) for s, u in self.unacked if s > m["uack"]]
             if m["tasks"]:
                 self.ack = max(self.ack, m["seq"])
@@ -165,6 +198,7 @@ class Agent:
             log.warning("server says: %s", m["error"])
             if "say hello" in m["error"]:
                 self.welcomed = False
+                self.acked = self.useq  # that server will never answer what we sent it
                 self.hello()
 
     # -- main loop --------------------------------------------------------------------------
@@ -182,6 +216,8 @@ class Agent:
         while not self.stopping:
             now = time.time()
             wake = [self.last_sent + self.heartbeat]
+            if ex.reportable:
+                wake.append(self.last_sent + REPORT_INTERVAL)
             nd = ex.next_deadline()
             if nd is not None:
                 wake.append(nd)

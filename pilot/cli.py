@@ -37,7 +37,7 @@ def _cores(text: str | None) -> list[int] | None:
 @click.option("--site", help="Site name: take only jobs for this site or for any site.")
 @click.option("--pilot", "pilot_id", help="Pilot (batch job) this agent belongs to.")
 @click.option("--prefetch", type=int, help="Cores' worth of tasks to hold beyond the free "
-              "cores (default: the number of cores).")
+              "cores (default: automatic, from the tasks' run times; 0 for none).")
 @click.option("--idle-timeout", type=float, default=300.0, show_default=True,
               help="Leave after this many seconds without work (0: never).")
 @click.option("--max-tasks", type=int, help="Leave after running this many tasks.")

@@ -1,17 +1,20 @@
 """Runs leased tasks on this node: stage-in, preprocess, run, postprocess, stage-out.
 
-Each task gets its own cores (and GPUs); its processes are pinned to them by inheriting the
-spawning thread's affinity mask, which keeps process creation on the fast vfork path (no
-``preexec_fn``). Process exits arrive as readable pidfds in the agent's poll loop, so a finished
-task is noticed at once, without polling. Nothing runs through a shell.
+Each task gets its own cores (and GPUs). Processes start with ``posix_spawn`` (glibc's vfork
+path, about twice as fast as ``subprocess.Popen`` here): the child inherits the spawning
+thread's affinity mask (that is the pinning) and the process's working directory (the agent
+chdirs into the task's workdir first; the agent itself only uses absolute paths), and opens its
+own stdout/stderr files. Process exits arrive as readable pidfds in the agent's poll loop, so a
+finished task is noticed at once, without polling. Nothing runs through a shell.
 """
 from __future__ import annotations
 
 import logging
 import os
+import select
 import shutil
 import signal
-import subprocess
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -43,9 +46,9 @@ class Task:
     ngpus: int
     cores: list[int] = field(default_factory=list)
     gpus: list[str] = field(default_factory=list)
-    workdir: Path | None = None
+    workdir: str | None = None  # absolute
     step: str = "queued"
-    proc: subprocess.Popen | None = None
+    pid: int | None = None
     pidfd: int | None = None
     deadline: float | None = None
     kill_at: float | None = None
@@ -75,7 +78,10 @@ class Executor:
         self.active: dict[int, Task] = {}          # job -> task being worked on
         self.reportable: list[Task] = []            # tasks with states to report
         self.base_env = dict(os.environ)
+        # We chdir into task workdirs to spawn: never import from the current directory.
+        sys.path[:] = [p for p in sys.path if p not in ("", ".")]
         self.busy_seconds = 0.0
+        self.avg_run: float | None = None    # moving average of run-step seconds
         self._made_dirs: set[Path] = set()
 
     # -- bookkeeping ------------------------------------------------------------------------
@@ -137,12 +143,15 @@ class Executor:
         spec = t.spec
         try:
             check_relpath(spec["workdir"], "workdir")
-            t.workdir = self.work_root / spec["workdir"]
-            parent = t.workdir.parent
+            t.workdir = f"{self.work_root}/{spec['workdir']}"
+            parent = t.workdir.rpartition("/")[0]
             if parent not in self._made_dirs:
-                parent.mkdir(parents=True, exist_ok=True)
+                os.makedirs(parent, exist_ok=True)
                 self._made_dirs.add(parent)
-            t.workdir.mkdir(exist_ok=True)
+            try:
+                os.mkdir(t.workdir)
+            except FileExistsError:
+                pass  # a retry reuses its workdir
             if spec.get("input_url"):
                 _copy_in(spec["input_url"], t.workdir)
         except (OSError, ValidationError) as exc:
@@ -192,26 +201,21 @@ class Executor:
                failure: str) -> bool:
         """Start one process of the task, pinned to its cores; False if it could not start."""
         t.step = step
-        out = err = -1
+        actions = [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                   (os.POSIX_SPAWN_OPEN, 1, f"{stem}.out", _WRITE, 0o644),
+                   (os.POSIX_SPAWN_OPEN, 2, f"{stem}.err", _WRITE, 0o644)]
         try:
-            out = os.open(t.workdir / f"{stem}.out", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            err = os.open(t.workdir / f"{stem}.err", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            # The child inherits this thread's mask: pin, spawn, unpin.
-            os.sched_setaffinity(0, t.cores)
+            os.chdir(t.workdir)
+            os.sched_setaffinity(0, t.cores)  # the child inherits this thread's mask
             try:
-                t.proc = subprocess.Popen(argv, cwd=t.workdir, env=self._env(t),
-                                          stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                          start_new_session=True)
+                t.pid = os.posix_spawn(argv[0], argv, self._env(t), file_actions=actions,
+                                       setsid=True)
             finally:
                 os.sched_setaffinity(0, self.all_cores)
         except OSError as exc:
             self._fail(t, now, failure, f"cannot start {argv[0]}: {exc.strerror or exc}")
             return False
-        finally:
-            for fd in (out, err):
-                if fd >= 0:
-                    os.close(fd)
-        t.pidfd = os.pidfd_open(t.proc.pid)
+        t.pidfd = os.pidfd_open(t.pid)
         self.watch(t.pidfd, t)
         return True
 
@@ -221,35 +225,36 @@ class Executor:
         self.unwatch(t.pidfd)
         os.close(t.pidfd)
         t.pidfd = None
-        _, status = os.waitpid(t.proc.pid, 0)
+        _, status = os.waitpid(t.pid, 0)
         code = os.waitstatus_to_exitcode(status)
-        t.proc.returncode = code
-        t.proc = None
+        t.pid = None
         if t.cancelled:
             self._release(t, now)
             return
         step = t.step
         if step == "run":
-            self.busy_seconds += (now - t.start) * t.ncores
+            took = now - t.start
+            self.busy_seconds += took * t.ncores
+            self.avg_run = took if self.avg_run is None else 0.8 * self.avg_run + 0.2 * took
             t.exit = code
             t.deadline = t.kill_at = None
             if t.timed_out:
                 return self._fail(t, now, "RUN_TIMEOUT",
                                   f"killed after the wall time of {t.spec['timeout']:.0f} s")
             if code != 0:
-                return self._fail(t, now, "RUN_FAILED", _why(code, t.workdir / "job.err"))
+                return self._fail(t, now, "RUN_FAILED", _why(code, f"{t.workdir}/job.err"))
             self._report(t, now, EXECUTION_FINISHED)
             self._post(t, now)
         elif step == "pre":
             if code != 0:
                 return self._fail(t, now, "PREPROCESS_FAILED",
-                                  _why(code, t.workdir / "preprocess.err"))
+                                  _why(code, f"{t.workdir}/preprocess.err"))
             self._report(t, now, PREPROCESSED)
             self._run(t, now)
         elif step == "post":
             if code != 0:
                 return self._fail(t, now, "POSTPROCESS_FAILED",
-                                  _why(code, t.workdir / "postprocess.err"))
+                                  _why(code, f"{t.workdir}/postprocess.err"))
             self._report(t, now, POSTPROCESSED)
             self._stage_out(t, now)
 
@@ -272,15 +277,15 @@ class Executor:
 
     def check_timeouts(self, now: float) -> None:
         for t in list(self.active.values()):
-            if t.proc is None:
+            if t.pid is None:
                 continue
             if t.kill_at is not None and now >= t.kill_at:
-                _killpg(t.proc.pid, signal.SIGKILL)
+                _killpg(t.pid, signal.SIGKILL)
                 t.kill_at = None
             elif t.deadline is not None and now >= t.deadline and not t.timed_out:
                 log.info("job %d: wall time over, stopping it", t.job)
                 t.timed_out = True
-                _killpg(t.proc.pid, signal.SIGTERM)
+                _killpg(t.pid, signal.SIGTERM)
                 t.kill_at = now + KILL_GRACE
 
     def take_updates(self, now: float, everything: bool = False) -> list[dict]:
@@ -309,8 +314,8 @@ class Executor:
         t.pending = []
         if t in self.reportable:
             self.reportable.remove(t)
-        if t.proc is not None:
-            _killpg(t.proc.pid, signal.SIGKILL)
+        if t.pid is not None:
+            _killpg(t.pid, signal.SIGKILL)
         else:
             self._release(t, time.time())
         return True
@@ -319,23 +324,28 @@ class Executor:
         """Stop every task (SIGTERM, then SIGKILL after ``grace``); return what was held."""
         held = self.held()
         self.queue.clear()
-        procs = [t for t in self.active.values() if t.proc is not None]
+        procs = [t for t in self.active.values() if t.pid is not None]
         for t in procs:
             t.cancelled = True
-            _killpg(t.proc.pid, signal.SIGTERM)
+            _killpg(t.pid, signal.SIGTERM)
         deadline = time.time() + grace
         for t in procs:
-            try:
-                t.proc.wait(max(0.0, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                _killpg(t.proc.pid, signal.SIGKILL)
-                t.proc.wait()
-            if t.pidfd is not None:
-                self.unwatch(t.pidfd)
-                os.close(t.pidfd)
+            if not _wait_pidfd(t.pidfd, deadline - time.time()):
+                _killpg(t.pid, signal.SIGKILL)
+            os.waitpid(t.pid, 0)
+            self.unwatch(t.pidfd)
+            os.close(t.pidfd)
         self.active.clear()
         self.reportable = [t for t in self.reportable if t.done]
         return held
+
+
+_WRITE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+
+
+def _wait_pidfd(fd: int, timeout: float) -> bool:
+    """True once the process behind a pidfd has exited, False after ``timeout`` seconds."""
+    return bool(select.select([fd], [], [], max(0.0, timeout))[0])
 
 
 def _killpg(pid: int, sig: int) -> None:
@@ -345,7 +355,7 @@ def _killpg(pid: int, sig: int) -> None:
         pass
 
 
-def _why(code: int, err_file: Path) -> str:
+def _why(code: int, err_file: str) -> str:
     why = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
     try:
         with open(err_file, "rb") as f:
@@ -359,14 +369,14 @@ def _why(code: int, err_file: Path) -> str:
     return why
 
 
-def _copy_in(url: str, workdir: Path) -> None:
+def _copy_in(url: str, workdir: str) -> None:
     src = Path(url[len("file://"):] if url.startswith("file://") else url)
     if src.is_dir():
-        shutil.copytree(src, workdir / src.name, dirs_exist_ok=True)
+        shutil.copytree(src, Path(workdir, src.name), dirs_exist_ok=True)
     else:
-        shutil.copy2(src, workdir / src.name)
+        shutil.copy2(src, Path(workdir, src.name))
 
 
-def _copy_out(workdir: Path, url: str) -> None:
+def _copy_out(workdir: str, url: str) -> None:
     dst = Path(url[len("file://"):] if url.startswith("file://") else url)
     shutil.copytree(workdir, dst, dirs_exist_ok=True)

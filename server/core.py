@@ -11,7 +11,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import case, func, select
+from sqlalchemy import bindparam, case, func, select
 from sqlalchemy.engine import Engine
 
 from pilotfish import protocol as P
@@ -34,6 +34,8 @@ MAX_TASKS_PER_MESSAGE = 1000
 _DISPATCH_COLS = (jobs.c.id, jobs.c.name, jobs.c.app_id, jobs.c.parameters, jobs.c.workdir,
                   jobs.c.wall_time_minutes, jobs.c.attempts, jobs.c.retries, jobs.c.max_retries,
                   jobs.c.state, jobs.c.input_url, jobs.c.output_url, jobs.c.priority)
+_DISPATCH_SELECT = select(*_DISPATCH_COLS).where(
+    jobs.c.id.in_(bindparam("ids", expanding=True)))
 _SHAPE_COLS = (jobs.c.id, jobs.c.priority, jobs.c.site, jobs.c.num_nodes,
                jobs.c.processes_per_node, jobs.c.cpus_per_process, jobs.c.gpus_per_process,
                jobs.c.wall_time_minutes)
@@ -83,6 +85,7 @@ class AgentRec:
     leases: set = field(default_factory=set)
     tasks_done: int = 0
     db_touched: float = 0.0
+    refused: list = field(default_factory=list)      # refused updates not yet told
 
     def budget(self) -> tuple[int, int]:
         cores = self.demand["cores"] - sum(c for _, c, _ in self.inflight)
@@ -110,6 +113,8 @@ class JobServer:
         self.leases: dict[int, Lease] = {}
         self.agents: dict[str, AgentRec] = {}
         self.hungry: set[str] = set()
+        self.ack_due: set[str] = set()   # agents whose update this turn is not yet answered
+        self.waited_on: set[int] = set()  # jobs that some AWAITING_PARENTS job waits for
         self.outbox: list[tuple[bytes, bytes]] = []
         self.finished: list[int] = []     # jobs that reached JOB_FINISHED this turn
         self.failed: list[int] = []       # jobs whose failure fails their children
@@ -134,6 +139,10 @@ class JobServer:
                 id=row.id, host=row.host, pid=row.pid, site=row.site, pilot=row.pilot,
                 cores=row.cores, gpus=row.gpus, memory=row.memory, started=row.started,
                 last_seen=now, tasks_done=row.tasks_done)
+        waiting = (select(job_parents.c.parent_id).distinct()
+                   .join(jobs, jobs.c.id == job_parents.c.job_id)
+                   .where(jobs.c.state.in_([S.AWAITING_PARENTS.value, S.CREATED.value])))
+        self.waited_on = {r[0] for r in c.execute(waiting)}
         queued = [s.value for s in states.QUEUED]
         for row in c.execute(select(*_SHAPE_COLS, jobs.c.state, jobs.c.agent, jobs.c.attempts,
                                     jobs.c.retries, jobs.c.max_retries)
@@ -165,6 +174,7 @@ class JobServer:
 
     def commit(self) -> None:
         self.resolve_children(time.time())
+        self.flush_acks()
         self.sync()
         self.conn.commit()
 
@@ -232,9 +242,10 @@ class JobServer:
         if now - a.db_touched > self.heartbeat:
             a.db_touched = now
             self.batch.update_agent(a.id, last_seen=now, tasks_done=a.tasks_done)
-        # every update is answered, so the agent can forget what the server has seen
-        self.send(a.identity, P.encode(P.TASKS, seq=a.seq, tasks=[], refused=refused,
-                                       uack=a.uack))
+        # Every update is answered (so the agent can forget what we have seen), by the next
+        # task batch when there is one this turn, else by a bare acknowledgement.
+        a.refused.extend(refused)
+        self.ack_due.add(a.id)
 
     def on_bye(self, a: AgentRec, m: dict, now: float) -> None:
         items = P.check_items(P.TASK_UPDATE, m["updates"], "updates")
@@ -252,8 +263,8 @@ class JobServer:
         self.hungry.discard(a.id)
         self.batch.update_agent(a.id, state="EXITED", last_seen=now, tasks_done=a.tasks_done)
         log.info("agent %s left after %d tasks", a.id, a.tasks_done)
-        self.send(a.identity, P.encode(P.TASKS, seq=a.seq, tasks=[], refused=refused,
-                                       uack=a.uack))
+        a.refused.extend(refused)
+        self.ack_due.add(a.id)
 
     def apply_updates(self, a: AgentRec, items: list[dict], now: float) -> list[dict]:
         """Apply an agent's task updates; return those refused (stale lease, illegal change)."""
@@ -379,7 +390,7 @@ class JobServer:
         rows = {}
         ids = [job for _, got in picks for job, _ in got]
         for part in chunks(ids, 900):
-            for r in self.conn.execute(select(*_DISPATCH_COLS).where(jobs.c.id.in_(part))):
+            for r in self.conn.execute(_DISPATCH_SELECT, {"ids": part}):
                 rows[r.id] = r
         sent = 0
         for a, got in picks:
@@ -407,11 +418,22 @@ class JobServer:
             if tasks:
                 a.seq += 1
                 a.inflight.append((a.seq, used_c, used_g))
-                self.send(a.identity, P.encode(P.TASKS, seq=a.seq, tasks=tasks, refused=[],
-                                               uack=a.uack))
+                self.send(a.identity, P.encode(P.TASKS, seq=a.seq, tasks=tasks,
+                                               refused=a.refused, uack=a.uack))
+                a.refused = []
+                self.ack_due.discard(a.id)
                 sent += len(tasks)
         self.stats["dispatched"] += sent
         return sent
+
+    def flush_acks(self) -> None:
+        """Answer the updates that no task batch answered this turn."""
+        for aid in self.ack_due:
+            a = self.agents[aid]
+            self.send(a.identity, P.encode(P.TASKS, seq=a.seq, tasks=[], refused=a.refused,
+                                           uack=a.uack))
+            a.refused = []
+        self.ack_due.clear()
 
     def cancel_on_agent(self, lease: Lease) -> None:
         a = self.agents.get(lease.agent)
@@ -427,9 +449,15 @@ class JobServer:
     def resolve_children(self, now: float) -> None:
         """Ready the children whose parents all finished; fail those of failed parents."""
         while self.finished or self.failed:
-            self.sync()
-            done, failed = self.finished, self.failed
+            waited = self.waited_on
+            done = [j for j in self.finished if j in waited]
+            failed = [j for j in self.failed if j in waited]
             self.finished, self.failed = [], []
+            waited.difference_update(done)
+            waited.difference_update(failed)
+            if not done and not failed:
+                break
+            self.sync()
             c = self.conn
             for part in chunks(failed, 900):
                 q = (select(jobs.c.id, jobs.c.state, job_parents.c.parent_id)

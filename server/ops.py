@@ -184,6 +184,7 @@ def job_add(srv: JobServer, args: dict, now: float) -> dict:
                 path, msg = [created, S.FAILED], f"parent job {bad[0]} failed"
             elif any(s != S.JOB_FINISHED.value for s in ps):
                 path = [created, waiting]
+                srv.waited_on.update(parents)
             for p in parents:
                 b.parent_inserts.append({"job_id": job_id, "parent_id": p})
         row.update(id=job_id, state=path[-1].value, state_time=now, created=now, retries=0,

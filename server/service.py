@@ -125,6 +125,7 @@ class Service:
             self.handle(frames, now)
         if n == 0 and not self.srv.hungry:
             return
+        self.srv.resolve_children(now)  # children readied now can be dispatched now
         self.srv.dispatch(now)
         self.finish_turn(sock)
 

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from sqlalchemy import bindparam
+from sqlalchemy import JSON, bindparam
 from sqlalchemy.engine import Connection
 
 from . import states
 from .db import agents, job_events, job_parents, jobs
 from .states import State
+
+
+_EVENT_COLS = ("job_id", "from_state", "to_state", "via", "time", "message")
 
 
 class Batch:
@@ -72,11 +75,44 @@ class Batch:
             conn.execute(self._stmt(agents, cols), params)
         self._agent_updates = []
         for cols, params in self._updates:
-            conn.execute(self._stmt(jobs, cols), params)
+            self._run(conn, jobs, cols, params)
         self._updates = []
         if self.events:
-            conn.execute(job_events.insert(), self.events)
+            self._run(conn, job_events, _EVENT_COLS, self.events)
             self.events = []
+
+    def _run(self, conn: Connection, table, cols: tuple[str, ...], params: list[dict]) -> None:
+        """An update (cols + ``_id``) or, for job_events, an insert: executemany on the driver.
+
+        These two statements carry nearly every write of a busy server; compiling them once and
+        handing plain tuples to the driver saves SQLAlchemy's per-execution work (measured: ~0.1 ms
+        per statement, several statements per loop turn). JSON columns keep the full path.
+        """
+        key = (table.name, cols, "raw")
+        raw = self._stmts.get(key)
+        if raw is None:
+            if any(isinstance(table.c[c].type, JSON) for c in cols):
+                raw = False
+            else:
+                stmt = (table.insert().values({c: bindparam(c) for c in cols})
+                        if table is job_events else self._stmt(table, cols))
+                compiled = stmt.compile(dialect=conn.dialect)
+                order = compiled.positiontup
+                raw = (compiled.string, tuple(order) if order else None)
+            self._stmts[key] = raw
+        if raw is False:
+            conn.execute(self._stmt(table, cols), params)
+            return
+        sql, order = raw
+        if order is not None:
+            params = [tuple(p[k] for k in order) for p in params]
+        if not conn.in_transaction():
+            conn.begin()  # so that conn.commit() commits what the driver cursor writes
+        cur = conn.connection.dbapi_connection.cursor()
+        try:
+            cur.executemany(sql, params)
+        finally:
+            cur.close()
 
     def _stmt(self, table, cols: tuple[str, ...]):
         key = (table.name, cols)
