@@ -11,8 +11,9 @@ from typing import Any, Callable, Collection, Iterable, Iterator, Sequence
 from rich.console import Console
 from rich.table import Table
 
-out = Console(highlight=False, soft_wrap=False)
-err = Console(stderr=True, highlight=False)
+# soft_wrap: never break a line ourselves (an error stays one line in a log or a pipe)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def print_json(data: Any) -> None:

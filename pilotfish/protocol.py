@@ -83,8 +83,17 @@ TASK = {"job": (int,), "attempt": (int,), "name": (str,), "argv": (list,), "env"
 JOB_ATTEMPT = {"job": (int,), "attempt": (int,)}
 
 
+#: Integer fields that may be 64-bit; every other integer must fit 32 bits (a database INTEGER).
+INT64_FIELDS = frozenset({"job", "memory", "seq", "useq", "ack", "uack", "rid"})
+_INT32 = 2**31
+_INT64 = 2**63
+
+
 def check_fields(schema: dict[str, tuple], data: Any, where: str) -> dict:
-    """Check a map against a schema; return it unchanged or raise ProtocolError."""
+    """Check a map against a schema; return it unchanged or raise ProtocolError.
+
+    Integers are range-checked too, so no value off the wire can overflow a database column.
+    """
     if not isinstance(data, dict):
         raise ProtocolError(f"{where}: expected a map, got {type(data).__name__}")
     for key in data:
@@ -104,6 +113,10 @@ def check_fields(schema: dict[str, tuple], data: Any, where: str) -> dict:
         if not isinstance(value, types):
             raise ProtocolError(f"{where}: field {key!r} must be {_names(types)}, "
                                 f"got {type(value).__name__}")
+        if type(value) is int:
+            limit = _INT64 if key in INT64_FIELDS else _INT32
+            if not -limit <= value < limit:
+                raise ProtocolError(f"{where}: field {key!r} is out of range")
     return data
 
 
@@ -140,7 +153,7 @@ def decode(frame: bytes, expect: tuple[str, ...] | None = None) -> tuple[str, di
         raise ProtocolError(f"protocol version {version!r} not supported (this server speaks "
                             f"{VERSION})")
     kind = data.pop("k", None)
-    if kind not in SCHEMAS:
+    if not isinstance(kind, str) or kind not in SCHEMAS:
         raise ProtocolError(f"unknown message kind {kind!r}")
     if expect is not None and kind not in expect:
         raise ProtocolError(f"unexpected message kind {kind!r}")

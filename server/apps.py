@@ -257,8 +257,9 @@ def app_from_spec(spec: Any, app_id: int = 0) -> App:
         res[k] = v
     check_resources(res, f"app {name!r}")
     desc = spec.get("description") or ""
-    if not isinstance(desc, str):
-        raise ValidationError(f"app {name!r}: description must be a string")
+    if not isinstance(desc, str) or "\x00" in desc or len(desc) > 10_000:
+        raise ValidationError(f"app {name!r}: description must be a string without NUL, "
+                              "at most 10,000 characters")
     return App(id=app_id, name=name, executable=exe, args=list(args), params=params,
                description=desc,
                preprocess=_check_argv(spec.get("preprocess"), f"app {name!r} preprocess"),

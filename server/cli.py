@@ -227,6 +227,8 @@ def app_show(ctx, name, as_json) -> None:
 def app_alter(ctx, name, sets, spec_file, as_json) -> None:
     """Change an app's definition (args and parameters only while it has no unfinished jobs)."""
     changes = load_structured(spec_file) if spec_file else {}
+    if not isinstance(changes, dict):
+        raise ValidationError(f"{spec_file} must be a map of app keys to change")
     changes.update(parse_kv(sets, "--set", typed=True))
     if not changes:
         raise click.UsageError("nothing to change: give --set KEY=VALUE or -f FILE")

@@ -102,7 +102,7 @@ class Client:
     def app(self, name: str) -> dict:
         return self.call("app_show", name=name)
 
-    def alter_app(self, name: str, **changes: Any) -> dict:
+    def alter_app(self, name: str, /, **changes: Any) -> dict:
         return self.call("app_alter", name=name, changes=changes)
 
     def remove_app(self, name: str) -> dict:
@@ -131,7 +131,7 @@ class Client:
     def counts(self, filter: dict | None = None) -> dict[str, int]:
         return self.call("job_counts", filter=filter or {})
 
-    def alter_jobs(self, filter: dict, **changes: Any) -> dict:
+    def alter_jobs(self, filter: dict, /, **changes: Any) -> dict:
         return self.call("job_alter", filter=filter, changes=changes)
 
     def kill_jobs(self, filter: dict) -> dict:

@@ -91,8 +91,9 @@ def build_job(msg: Any, app_by_name: Callable[[str], App]) -> dict:
         row[k] = msg[k] if msg.get(k) is not None else app.resources[k]
     check_resources(row, f"job {name!r}")
     desc = msg.get("description") or ""
-    if not isinstance(desc, str) or len(desc) > 10_000:
-        raise ValidationError(f"job {name!r}: description must be a string")
+    if not isinstance(desc, str) or len(desc) > 10_000 or "\x00" in desc:
+        raise ValidationError(f"job {name!r}: description must be a string without NUL, "
+                              "at most 10,000 characters")
     row["description"] = desc
     row["site"] = _opt_name(msg.get("site"), "site")
     row["queue"] = _opt_name(msg.get("queue"), "queue")
@@ -105,7 +106,7 @@ def build_job(msg: Any, app_by_name: Callable[[str], App]) -> dict:
     row["output_url"] = check_url(msg.get("output_url"), "output_url")
     parents = msg.get("parents") or []
     if not isinstance(parents, list) or not all(
-            isinstance(p, int) and not isinstance(p, bool) and p > 0 for p in parents):
+            type(p) is int and 0 < p < 2**63 for p in parents):
         raise ValidationError(f"job {name!r}: parents must be a list of job ids")
     row["parents"] = sorted(set(parents))
     return row

@@ -25,6 +25,8 @@ from .store import chunks
 
 S = State
 MAX_JOBS_PER_REQUEST = 100_000
+#: The states a user may ask for; the rest are reached only by running jobs.
+USER_STATES = (S.USER_KILLED, S.RESTART_READY)
 OPS: dict[str, Callable[[JobServer, dict, float], Any]] = {}
 _FILTER_KEYS = {"ids", "state", "app", "site", "group", "tag", "name"}
 
@@ -34,7 +36,11 @@ def op(fn):
     return fn
 
 
+MAX_ID = 2**63 - 1
+
+
 def _arg(args: dict, key: str, types, default=None, required=False):
+    """One request argument of the given type; ints must be in 0..MAX_ID."""
     if key not in args or args[key] is None:
         if required:
             raise ValidationError(f"missing argument {key!r}")
@@ -43,7 +49,16 @@ def _arg(args: dict, key: str, types, default=None, required=False):
     if not isinstance(v, types) or (isinstance(v, bool) and bool not in
                                     (types if isinstance(types, tuple) else (types,))):
         raise ValidationError(f"argument {key!r} has the wrong type")
+    if type(v) is int and not 0 <= v <= MAX_ID:
+        raise ValidationError(f"argument {key!r} is out of range")
     return v
+
+
+def _ids(value: Any, what: str) -> list[int]:
+    if not isinstance(value, list) or not all(
+            type(i) is int and 0 < i <= MAX_ID for i in value):
+        raise ValidationError(f"{what} must be a list of job ids")
+    return value
 
 
 # -- server ----------------------------------------------------------------------------------
@@ -208,14 +223,15 @@ def where_of(f: dict | None, srv: JobServer) -> list:
     if unknown:
         raise ValidationError(f"unknown filter key(s) {', '.join(sorted(unknown))}")
     conds = []
+    for k in ("app", "site", "group", "tag", "name"):
+        if f.get(k) is not None and not isinstance(f[k], str):
+            raise ValidationError(f"filter {k!r} must be a string")
     if f.get("ids") is not None:
-        ids = f["ids"]
-        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool)
-                                                for i in ids):
-            raise ValidationError("ids must be a list of job ids")
-        conds.append(jobs.c.id.in_(ids))
+        conds.append(jobs.c.id.in_(_ids(f["ids"], "ids")))
     if f.get("state"):
         st = f["state"] if isinstance(f["state"], list) else [f["state"]]
+        if not all(isinstance(s, str) for s in st):
+            raise ValidationError("filter 'state' must be state names")
         conds.append(jobs.c.state.in_([states.parse(s).value for s in st]))
     if f.get("app"):
         conds.append(jobs.c.app_id == srv.app(f["app"]).id)
@@ -346,6 +362,9 @@ def _change_states(srv: JobServer, args: dict, now: float, to: State, why: str,
     todo = [r for r in rows if r.state not in skip]
     for r in todo:  # check all before changing any
         frm = srv.leases[r.id].state if r.id in srv.leases else State(r.state)
+        if to not in USER_STATES:
+            raise IllegalTransition(f"illegal state change {frm.value} -> {to.value}: a user "
+                                    "may only kill (USER_KILLED) or retry (RESTART_READY) a job")
         if to is not S.USER_KILLED or r.id not in srv.leases:
             states.check_path(frm, [to])
     for r in todo:
@@ -369,6 +388,8 @@ def job_retry(srv: JobServer, args: dict, now: float) -> dict:
 def job_alter(srv: JobServer, args: dict, now: float) -> dict:
     changes = dict(_arg(args, "changes", dict, required=True))
     new_state = changes.pop("state", None)
+    if new_state is not None and not isinstance(new_state, str):
+        raise ValidationError("state must be a state name")
     unknown = set(changes) - ALTERABLE
     if unknown:
         raise ValidationError(f"cannot alter {', '.join(sorted(unknown))}; alterable: state, "

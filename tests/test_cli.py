@@ -172,9 +172,6 @@ def test_app_add_ls_show_alter_rm(server, tmp_path):
     assert "no app named 'hello'" in error_text(run_cli(home, "app", "show", "hello"))
 
 
-@pytest.mark.xfail(reason="BUG: server/cli.py app_alter calls Client.alter_app(name, **changes) "
-                   "and Client.alter_app(self, name, **changes) takes the new 'name' as its "
-                   "positional one: TypeError traceback (no way to rename an app)", strict=True)
 def test_app_alter_rename(server):
     """`app alter OLD --set name=NEW` renames an app (the server's app_alter supports it)."""
     home = server.home
@@ -451,24 +448,7 @@ ERRORS = {  # case -> what the (one) error line says
     "app-alter-empty-file": r"nothing to change|must be a map",
     "app-alter-list-file": r"must be a map",
 }
-_TRACEBACK_BUGS = {
-    "app-alter-empty-file": "BUG: server/cli.py app_alter does changes.update(...) on whatever "
-                            "-f held; an empty file (None) gives an AttributeError traceback",
-    "app-alter-list-file": "BUG: server/cli.py app_alter: a -f file holding a list gives an "
-                           "AttributeError traceback instead of a one-line error",
-}
-_WRAP_BUG = ("BUG: pilotfish/cli.py main prints errors with rich's console.err, which wraps at "
-             "80 columns when stderr is not a terminal: a long error spans several lines")
-_LONG = {"no-server", "no-server-app-add", "param-metachar", "name-dotdot", "unknown-state",
-         "missing-file", "app-bad-param-type"}
-
-
-def _cases(bugs: dict[str, str]):
-    return [pytest.param(k, marks=pytest.mark.xfail(reason=bugs[k], strict=True))
-            if k in bugs else k for k in ERRORS]
-
-
-@pytest.mark.parametrize("case", _cases(_TRACEBACK_BUGS))
+@pytest.mark.parametrize("case", list(ERRORS))
 def test_error_is_clean(error_runs, case):
     """A failing command exits 1 with `pilotfish: error: <reason>`, no traceback, empty stdout."""
     r = error_runs[case]
@@ -476,7 +456,7 @@ def test_error_is_clean(error_runs, case):
     assert re.search(ERRORS[case], error_text(r))
 
 
-@pytest.mark.parametrize("case", _cases({**_TRACEBACK_BUGS, **{k: _WRAP_BUG for k in _LONG}}))
+@pytest.mark.parametrize("case", list(ERRORS))
 def test_error_fits_on_one_line(error_runs, case):
     """The error is exactly one line on stderr, however long the message."""
     r = error_runs[case]
