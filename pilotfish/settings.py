@@ -35,6 +35,11 @@ def pid_path(home_dir: Path) -> Path:
     return home_dir / "server.pid"
 
 
+def last_port_path(home_dir: Path) -> Path:
+    """The port this home's server last listened on; reused after a restart."""
+    return home_dir / "server.port"
+
+
 def log_path(home_dir: Path) -> Path:
     return home_dir / "server.log"
 

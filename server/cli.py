@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ from pilotfish import console, settings
 from pilotfish.errors import PilotfishError, ValidationError
 
 from . import daemon
-from .client import FINAL_STATES, Client
+from .client import Client
 
 CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 JOB_COLUMNS = [("id", "ID"), ("name", "NAME"), ("application", "APP"), ("state", "STATE"),

@@ -46,20 +46,32 @@ class Service:
         self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.sock.setsockopt(zmq.SNDHWM, 100_000)
         self.sock.setsockopt(zmq.RCVHWM, 100_000)
-        try:
-            if bind.endswith(":*") or bind.endswith(":0"):
-                base = bind.rsplit(":", 1)[0]
-                self.sock.bind_to_random_port(base)
-            else:
-                self.sock.bind(bind)
-        except zmq.ZMQError as exc:
-            raise PilotfishError(f"cannot bind {bind}: {exc}") from None
+        self._bind(bind)
         endpoint = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         host = endpoint.split("://", 1)[1].rsplit(":", 1)[0]
         if host in ("0.0.0.0", "[::]", "*"):
             endpoint = endpoint.replace(host, socket.getfqdn(), 1)
         self.address = endpoint
         self.stopping = False
+
+    def _bind(self, bind: str) -> None:
+        """Bind; a '*' port reuses this home's last port when it is free, so agents that were
+        connected before a restart find the server again, else any free port."""
+        try:
+            if not (bind.endswith(":*") or bind.endswith(":0")):
+                self.sock.bind(bind)
+                return
+            base = bind.rsplit(":", 1)[0]
+            try:
+                last = int(settings.last_port_path(self.home).read_text())
+                self.sock.bind(f"{base}:{last}")
+                return
+            except (OSError, ValueError, zmq.ZMQError):
+                pass
+            port = self.sock.bind_to_random_port(base)
+            settings.last_port_path(self.home).write_text(f"{port}\n")
+        except zmq.ZMQError as exc:
+            raise PilotfishError(f"cannot bind {bind}: {exc}") from None
 
     def _write_info(self) -> None:
         info = {"address": self.address, "pid": os.getpid(), "started": time.time(),

@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from conftest import ServerHandle, wait_for
 
 PROBE = r"""
@@ -285,3 +284,25 @@ def test_demo_runs_and_leaves_nothing_running(tmp_path):
     assert list(tmp_path.iterdir()) == []  # the temporary home is gone
     left = subprocess.run(["pgrep", "-f", f"pilotfish --home {tmp_path}"], capture_output=True)
     assert left.returncode == 1, left.stdout
+
+
+def test_restarted_server_readopts_running_tasks(server: ServerHandle, tmp_path):
+    """kill -9 of the server mid-run: agents reconnect, report their tasks, and the restarted
+    server adopts them; nothing is requeued or run twice."""
+    c = server.client()
+    c.add_app({"name": "sleep", "executable": "/bin/sleep", "args": ["{s}"],
+               "parameters": {"s": {"type": "float"}}})
+    ids = c.add_jobs([{"name": f"s{i}", "application": "sleep", "parameters": {"s": 4}}
+                      for i in range(2)])
+    server.agent(work_root=tmp_path / "work")
+    wait_for(lambda: c.counts({"ids": ids}).get("RUNNING") == 2, 30, what="RUNNING")
+    address = server.address
+    server.kill9()
+    server.start()
+    assert server.address == address  # same port: the agent finds it again
+    c = server.client()
+    assert wait_for(lambda: finished(c, ids), 30) == {"JOB_FINISHED": 2}
+    for j in ids:
+        d = c.job(j)
+        assert d["attempts"] == 1 and d["retries"] == 0
+        assert [e["to_state"] for e in d["events"]] == ["READY", "RUNNING", "JOB_FINISHED"]
