@@ -1,0 +1,58 @@
+"""The rooms of DESIGN.md keep their arrows: who may import whom, read from the installed code."""
+import ast
+from pathlib import Path
+
+import pilotfish
+
+PKG = Path(pilotfish.__file__).resolve().parent
+ROOMS = {"server": "pilotfish.server", "pilot": "pilotfish.pilot",
+         "launcher": "pilotfish.launcher", "container": "pilotfish.container"}
+CORE = ["protocol.py", "settings.py", "errors.py", "validate.py", "console.py"]
+
+
+def room_dir(room: str) -> Path:
+    mod = __import__(ROOMS[room], fromlist=["_"])
+    return Path(mod.__file__).resolve().parent
+
+
+def imports(path: Path) -> set[str]:
+    """Absolute module names a file imports (relative imports resolved inside pilotfish)."""
+    tree = ast.parse(path.read_text())
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                out.add("." * node.level + (node.module or ""))
+            else:
+                out.add(node.module)
+    return out
+
+
+def test_server_and_pilot_never_import_each_other():
+    """server and pilot meet only through the protocol."""
+    for room, other in (("server", "pilotfish.pilot"), ("pilot", "pilotfish.server")):
+        for f in room_dir(room).glob("*.py"):
+            bad = [m for m in imports(f) if m.startswith(other) or m.startswith("..")]
+            assert not bad, f"{room}/{f.name} imports {bad}"
+
+
+def test_core_imports_no_room():
+    """The core modules (protocol, settings, errors, validate, console) import no room."""
+    for name in CORE:
+        mods = imports(PKG / name)
+        bad = [m for m in mods if any(m.startswith(r) for r in ROOMS.values())]
+        assert not bad, f"pilotfish/{name} imports {bad}"
+
+
+def test_mpi4py_is_not_imported_by_the_package():
+    """The package installs and runs without an MPI library: nothing imports mpi4py at the top."""
+    files = list(PKG.glob("*.py")) + [f for r in ROOMS for f in room_dir(r).glob("*.py")]
+    assert len(files) > 10
+    for f in files:
+        top = [n for n in ast.parse(f.read_text()).body
+               if isinstance(n, (ast.Import, ast.ImportFrom))]
+        names = {a.name for n in top for a in n.names} | {
+            n.module for n in top if isinstance(n, ast.ImportFrom) and n.module}
+        assert "mpi4py" not in names, f.name
