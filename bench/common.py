@@ -12,6 +12,7 @@ all processes run on this one machine, so they share the clock.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import shutil
@@ -36,6 +37,16 @@ from pilotfish.server.client import FINAL_STATES, Client  # noqa: E402
 PG_ADMIN_URL = os.environ.get("PILOTFISH_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
 _BENCH = "bench"
+#: Temporary homes to remove when the benchmark ends (see ``Env.close``).
+_DEFERRED_RM: list[Path] = []
+
+
+def _remove_deferred() -> None:
+    while _DEFERRED_RM:
+        shutil.rmtree(_DEFERRED_RM.pop(), ignore_errors=True)
+
+
+atexit.register(_remove_deferred)
 
 
 # -- output ----------------------------------------------------------------------------------
@@ -83,8 +94,9 @@ def parser(description: str, epilog: str | None = None) -> argparse.ArgumentPars
     p.add_argument("--repeat", type=int, default=3,
                    help="Runs per configuration; the median is reported with every value "
                         "(default: %(default)s).")
-    p.add_argument("--tmp", help="Directory for the temporary homes (default: the system's "
-                                 "temporary directory).")
+    p.add_argument("--tmp", help="Directory for the temporary homes, which hold the SQLite "
+                                 "file and the task workdirs (default: the system's temporary "
+                                 "directory; /dev/shm takes the disk out of the picture).")
     p.add_argument("--keep", action="store_true",
                    help="Keep the temporary homes (logs, databases) for inspection.")
     p.add_argument("--py-spy", dest="py_spy", metavar="DIR",
@@ -107,7 +119,7 @@ def str_list(text: str) -> list[str]:
 
 
 def prefetch_list(text: str) -> list[int | None]:
-    """``default,8,256`` -> [None, 8, 256] (None: the agent's default, its core count)."""
+    """``default,8,256`` -> [None, 8, 256] (None: no --prefetch flag, the agent chooses)."""
     out: list[int | None] = []
     for x in str_list(text):
         out.append(None if x in ("default", "none", "-") else int(x))
@@ -314,7 +326,11 @@ class Env:
             if self.db is not None:
                 self.db.drop()
             if self.home is not None and not self.keep:
-                shutil.rmtree(self.home, ignore_errors=True)
+                # Removed when the benchmark ends, not now: on ext4, creating files and
+                # directories right after tens of thousands were deleted is several times
+                # slower (inode allocation skips recently deleted inodes; kernel
+                # ``recently_deleted``), which would tax the next run of a W2 sweep.
+                _DEFERRED_RM.append(self.home)
             elif self.home is not None:
                 log(f"kept {self.home}")
 
@@ -501,10 +517,20 @@ def env_pids(env: Env) -> dict[str, int]:
     return pids
 
 
-def machine() -> dict:
-    """Context for the result lines: the code measured, the cores we may use, the load."""
+def machine(tmp: str | None = None) -> dict:
+    """Context for the result lines: the code measured, the cores we may use, the load, and the
+    file system of the temporary homes (which hold the SQLite file and the task workdirs)."""
     return {"git": git_version(), "cores_available": len(os.sched_getaffinity(0)),
-            "loadavg_1m": round(os.getloadavg()[0], 2)}
+            "loadavg_1m": round(os.getloadavg()[0], 2),
+            "tmp_fs": fs_type(tmp or tempfile.gettempdir())}
+
+
+def fs_type(path: str) -> str | None:
+    try:
+        return subprocess.run(["stat", "-f", "-c", "%T", path], capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def git_version() -> str | None:

@@ -59,8 +59,8 @@ def main() -> int:
     p.add_argument("--agents", default="1,2",
                    help="Comma list of fake-agent counts to try (default: %(default)s).")
     p.add_argument("--prefetch", default="default,256",
-                   help="Comma list of agent --prefetch values; 'default' = the agent's "
-                        "default, its core count (default: %(default)s).")
+                   help="Comma list of agent --prefetch values to try; 'default' = no "
+                        "--prefetch flag, the agent's own choice (default: %(default)s).")
     p.add_argument("--agent-cores", help="--cores for each fake agent (its free cores add to "
                                          "its demand): a count or list (default: all ours).")
     a = p.parse_args()
@@ -69,7 +69,7 @@ def main() -> int:
     dbs = ["sqlite", "postgres"] if a.db == "both" else [a.db]
     configs = [(db, k, pf) for db in dbs for k in C.int_list(a.agents)
                for pf in C.prefetch_list(a.prefetch)]
-    ctx = C.machine()
+    ctx = C.machine(a.tmp)
     res: dict[int, list[dict]] = {i: [] for i in range(len(configs))}
     for r in range(a.repeat):
         for i, (db, k, pf) in enumerate(configs):

@@ -184,7 +184,7 @@ def main() -> int:
     C.install_signal_handlers()
     if a.n > CHUNK:
         p.error(f"--n at most {CHUNK} (one request)")
-    ctx = C.machine()
+    ctx = C.machine(a.tmp)
     if not a.skip_add:
         client_t, cli_t, reported = [], [], []
         for r in range(a.repeat):

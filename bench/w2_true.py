@@ -75,8 +75,8 @@ def main() -> int:
                    help="Comma list of agent layouts to try: 1 (one agent with all cores), "
                         "per-core (one agent per core), or K agents (default: %(default)s).")
     p.add_argument("--prefetch", default="default",
-                   help="Comma list of agent --prefetch values to try; 'default' = the "
-                        "agent's default (its core count) (default: %(default)s).")
+                   help="Comma list of agent --prefetch values to try; 'default' = no "
+                        "--prefetch flag, the agent's own choice (default: %(default)s).")
     p.add_argument("--start", choices=("agents-first", "jobs-first"), default="agents-first",
                    help="What is already there when the clock starts (default: %(default)s).")
     p.add_argument("--db", choices=("sqlite", "postgres"), default="sqlite")
@@ -87,7 +87,7 @@ def main() -> int:
     cores = C.cores_arg(a.cores)
     configs = [(mode, C.agent_layout(mode, cores), pf)
                for mode in C.str_list(a.agents) for pf in C.prefetch_list(a.prefetch)]
-    ctx = C.machine()
+    ctx = C.machine(a.tmp)
     base: list[float] = []
     res: dict[int, list[dict]] = {i: [] for i in range(len(configs))}
     for r in range(a.repeat):

@@ -62,8 +62,8 @@ def main() -> int:
                    help="Comma list of agent layouts: 1, per-core, or K agents "
                         "(default: %(default)s).")
     p.add_argument("--prefetch", default="default",
-                   help="Comma list of agent --prefetch values; 'default' = the agent's "
-                        "default (default: %(default)s).")
+                   help="Comma list of agent --prefetch values to try; 'default' = no "
+                        "--prefetch flag, the agent's own choice (default: %(default)s).")
     p.add_argument("--db", choices=("sqlite", "postgres"), default="sqlite")
     p.add_argument("--no-baseline", action="store_true", help="Skip xargs.")
     a = p.parse_args()
@@ -73,7 +73,7 @@ def main() -> int:
     ideal = a.n * a.duration / len(cores)
     configs = [(mode, C.agent_layout(mode, cores), pf)
                for mode in C.str_list(a.agents) for pf in C.prefetch_list(a.prefetch)]
-    ctx = C.machine()
+    ctx = C.machine(a.tmp)
     base: list[float] = []
     res: dict[int, list[dict]] = {i: [] for i in range(len(configs))}
     for r in range(a.repeat):
