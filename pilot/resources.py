@@ -45,7 +45,7 @@ def detect_gpus() -> list[str]:
 
 
 def parse_slurm_time(text: str) -> float | None:
-    """Seconds in a Slurm time string: ``[days-]hours:minutes:seconds``, ``MM:SS``, ``UNLIMITED``."""
+    """Seconds in a Slurm time: ``[days-]hours:minutes:seconds``, ``MM:SS``, ``UNLIMITED``."""
     text = text.strip()
     if not text or text.upper() in ("UNLIMITED", "NOT_SET", "INVALID"):
         return None

@@ -20,7 +20,8 @@ def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
-def table(rows: Iterable[dict], columns: Sequence[tuple[str, str]], title: str | None = None) -> None:
+def table(rows: Iterable[dict], columns: Sequence[tuple[str, str]],
+          title: str | None = None) -> None:
     """A table of ``rows`` showing ``columns`` as (key, header) pairs."""
     t = Table(title=title, box=None, header_style="bold", pad_edge=False)
     for _, header in columns:

@@ -9,10 +9,10 @@ Conversation, agent side (DEALER, routing id = agent id)::
 
     agent  -> hello   {who am I, my resources, tasks I am still running}
     server -> welcome {heartbeat period, tasks of mine that are no longer mine}
-    agent  -> update  {useq, state updates, my demand, last task batch seen}     (also the heartbeat)
+    agent  -> update  {useq, state updates, my demand, last task batch seen}  (also the heartbeat)
     server -> tasks   {seq, tasks, refused updates, uack}   (answers every update; also pushed
                                                              whenever new work fits the demand)
-    server -> cancel  {jobs to stop}                                             (job killed by a user)
+    server -> cancel  {jobs to stop}                                          (killed by a user)
     agent  -> bye     {useq, updates, leases handed back}
 
 An agent keeps its updates until a ``tasks`` message acknowledges their ``useq``, and resends

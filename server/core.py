@@ -493,7 +493,8 @@ class JobServer:
         app = self.app_names.get(name)
         if app is None:
             raise NotFound(f"no app named {name!r}; registered: "
-                           f"{', '.join(sorted(self.app_names)) or 'none'} (see `pilotfish app ls`)")
+                           f"{', '.join(sorted(self.app_names)) or 'none'} "
+                           "(see `pilotfish app ls`)")
         return app
 
     def counts(self) -> dict[str, int]:

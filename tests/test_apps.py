@@ -25,7 +25,7 @@ def app():
 
 
 def test_argv_golden(app):
-    """Parameters render into exactly the argv the template describes, one item per template item."""
+    """Parameters render into exactly the argv the template describes, item for item."""
     params = app.check_params({"steps": "12", "label": "a-b.c"})
     assert app.argv(params) == ["/opt/sim/bin/sim", "--steps", "12", "--dt=0.5", "fast", "--in",
                                 "input.dat", "--label", "a-b.c"]
@@ -114,7 +114,8 @@ def test_job_takes_app_resources_and_seed_keys(app):
 
 
 @pytest.mark.parametrize("msg, words", [
-    ({"name": "j", "application": "sim", "parameters": {"steps": 1}, "colour": 1}, "unknown job key"),
+    ({"name": "j", "application": "sim", "parameters": {"steps": 1}, "colour": 1},
+     "unknown job key"),
     ({"name": "j", "application": "nope"}, "no app named"),
     ({"name": "../j", "application": "sim"}, "not a valid name"),
     ({"name": "j/k", "application": "sim"}, "not a valid name"),

@@ -13,7 +13,8 @@ from conftest import ServerHandle, wait_for
 PROBE = r"""
 import os, sys
 status = open("/proc/self/status").read()
-allowed = [l.split(":", 1)[1].strip() for l in status.splitlines() if l.startswith("Cpus_allowed_list")][0]
+allowed = [line.split(":", 1)[1].strip() for line in status.splitlines()
+           if line.startswith("Cpus_allowed_list")][0]
 with open("probe.txt", "w") as f:
     f.write(allowed + "\n")
     for k in ("PILOTFISH_CORES", "OMP_NUM_THREADS", "PILOTFISH_JOB_ID", "PILOTFISH_ATTEMPT"):
