@@ -132,6 +132,9 @@ class JobServer:
             self.apps[app.id] = app
             self.app_names[app.name] = app
         self.next_id = max_job_id(c) + 1
+        self.batch.counts.update(
+            {r[0]: r[1] for r in c.execute(select(jobs.c.state, func.count())
+                                          .group_by(jobs.c.state))})
         now = time.time()
         for row in c.execute(select(agents_t).where(agents_t.c.state == "ALIVE")):
             # Known agents get one lease period to reconnect and report what they still run.
@@ -498,5 +501,5 @@ class JobServer:
         return app
 
     def counts(self) -> dict[str, int]:
-        rows = self.conn.execute(select(jobs.c.state, func.count()).group_by(jobs.c.state))
-        return {r[0]: r[1] for r in rows}
+        """Jobs per state, from memory (kept by the batch on every change)."""
+        return {k: v for k, v in self.batch.counts.items() if v}

@@ -202,12 +202,10 @@ def job_add(srv: JobServer, args: dict, now: float) -> dict:
                 srv.waited_on.update(parents)
             for p in parents:
                 b.parent_inserts.append({"job_id": job_id, "parent_id": p})
-        row.update(id=job_id, state=path[-1].value, state_time=now, created=now, retries=0,
-                   attempts=0, workdir=workdir_for(job_id, row["name"], row["group_identifier"]),
+        row.update(id=job_id, state_time=now, created=now, retries=0, attempts=0,
+                   workdir=workdir_for(job_id, row["name"], row["group_identifier"]),
                    started=None, ended=None, exit_code=None, message=msg, agent=None)
-        b.job_inserts.append(row)
-        b.events.append({"job_id": job_id, "from_state": None, "to_state": path[-1].value,
-                         "via": path[0].value, "time": now, "message": msg})
+        b.insert_job(row, path, msg)
         if path[-1] is ready:
             srv.enqueue(job_id, row)
     return {"ids": ids}
@@ -274,6 +272,8 @@ def job_ls(srv: JobServer, args: dict, now: float) -> list:
 
 @op
 def job_counts(srv: JobServer, args: dict, now: float) -> dict:
+    if not args.get("filter"):
+        return srv.counts()  # kept in memory: no scan of a million rows per `job wait` poll
     srv.sync()
     q = select(jobs.c.state, func.count())
     for c in where_of(args.get("filter"), srv):
@@ -467,6 +467,8 @@ def job_rm(srv: JobServer, args: dict, now: float) -> dict:
                                      f"parent job {r.parent_id} was removed")
                 srv.failed.append(r.id)
     _delete_jobs(srv, ids)
+    for r in rows:
+        srv.batch.counts[r.state] -= 1
     return {"removed": len(ids)}
 
 

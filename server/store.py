@@ -22,7 +22,10 @@ class Batch:
     """Rows waiting to be written, flushed in an order that keeps foreign facts consistent:
     new jobs, their parents, agent rows, job updates in the order they were made, events."""
 
-    def __init__(self) -> None:
+    def __init__(self, counts: dict[str, int] | None = None) -> None:
+        #: Jobs per state, kept in step with every insert and transition (the caller adjusts
+        #: it for deletes), so status and unfiltered counts never scan the jobs table.
+        self.counts: dict[str, int] = counts if counts is not None else {}
         self.job_inserts: list[dict] = []
         self.parent_inserts: list[dict] = []
         self.events: list[dict] = []
@@ -43,6 +46,10 @@ class Batch:
         if frm is not None:
             states.check_path(frm, path)
         to = path[-1]
+        counts = self.counts
+        if frm is not None:
+            counts[frm.value] -= 1
+        counts[to.value] = counts.get(to.value, 0) + 1
         self.events.append({"job_id": job_id, "from_state": frm.value if frm else None,
                             "to_state": to.value,
                             "via": ",".join(p.value for p in path[:-1]) or None,
@@ -52,6 +59,16 @@ class Batch:
         cols["message"] = message
         self.update_job(job_id, **cols)
         return to
+
+    def insert_job(self, row: dict, path: list[State], message: str | None) -> None:
+        """A new job (``row`` complete but for its state) entering at the end of ``path``."""
+        to = path[-1].value
+        row["state"] = to
+        self.job_inserts.append(row)
+        self.counts[to] = self.counts.get(to, 0) + 1
+        self.events.append({"job_id": row["id"], "from_state": None, "to_state": to,
+                            "via": ",".join(p.value for p in path[:-1]) or None,
+                            "time": row["state_time"], "message": message})
 
     def update_job(self, job_id: int, **cols: Any) -> None:
         _append_run(self._updates, job_id, cols)

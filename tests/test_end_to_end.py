@@ -307,3 +307,28 @@ def test_restarted_server_readopts_running_tasks(server: ServerHandle, tmp_path)
         d = c.job(j)
         assert d["attempts"] == 1 and d["retries"] == 0
         assert [e["to_state"] for e in d["events"]] == ["READY", "RUNNING", "JOB_FINISHED"]
+
+
+def test_counts_kept_in_memory_match_the_database(server: ServerHandle, tmp_path):
+    """The server's per-state counts (status, unfiltered counts) equal a fresh count from SQL
+    after adds, runs, failures, kills, retries and removals, and after a restart."""
+    c = server.client()
+    c.add_app({"name": "ok", "executable": "/bin/true"})
+    c.add_app({"name": "bad", "executable": "/bin/false"})
+    ok = c.add_jobs([{"name": f"o{i}", "application": "ok"} for i in range(30)])
+    bad = c.add_jobs([{"name": f"b{i}", "application": "bad", "max_retries": 1}
+                      for i in range(5)])
+    child = c.add_job(name="child", application="ok", parents=[bad[0]])
+    server.agent(work_root=tmp_path / "work")
+    wait_for(lambda: finished(c, ok + bad + [child]), 30)
+    c.retry_jobs({"ids": bad[:2]})
+    c.remove_jobs({"ids": ok[:7] + [bad[4]]})
+    wait_for(lambda: finished(c, bad[:2]), 30)
+    by_filter = c.counts({"state": [s for s in ("JOB_FINISHED", "FAILED", "READY",
+                                                 "RESTART_READY", "RUNNING")]})
+    assert c.counts() == by_filter == c.status()["counts"]
+    assert by_filter == {"JOB_FINISHED": 23, "FAILED": 5}
+    server.stop_agents()
+    server.stop()
+    server.start()
+    assert server.client().counts() == by_filter
