@@ -70,7 +70,7 @@ def emit(figure: str, value: Any, **fields: Any) -> dict:
 
 def _round(v: Any) -> Any:
     if isinstance(v, float):
-        return round(v, 4 if abs(v) < 10 else 1)
+        return float(f"{v:.5g}") if abs(v) < 1000 else round(v, 1)
     if isinstance(v, list):
         return [_round(x) for x in v]
     if isinstance(v, dict):
