@@ -1,6 +1,7 @@
 """``pilotfish pilot ...``: what runs inside an allocation."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -20,10 +21,13 @@ def _cores(text: str | None) -> list[int] | None:
     if not text:
         return None
     cores: list[int] = []
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        cores.extend(range(int(lo), int(hi or lo) + 1))
-    return cores
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            cores.extend(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise PilotfishError(f"--cores {text!r}: expected a list like 0-3,8") from None
+    return sorted(set(cores))
 
 
 @pilot_group.command("agent", context_settings=CTX)
@@ -57,7 +61,12 @@ def agent_cmd(ctx, server, cores, walltime, work_root, site, pilot_id, prefetch,
     if not address:
         raise PilotfishError("no server address: give --server or start a server for "
                              f"{home}")
-    res = detect(walltime, _cores(cores))
+    allowed = set(os.sched_getaffinity(0))
+    wanted = _cores(cores)
+    if wanted and not set(wanted) <= allowed:
+        raise PilotfishError(f"--cores {cores}: cores {sorted(set(wanted) - allowed)} are not in "
+                             f"this process's affinity mask {sorted(allowed)}")
+    res = detect(walltime, wanted)
     root = Path(work_root) if work_root else settings.work_root(home)
     agent = Agent(address, res, root.resolve(), site=site, pilot=pilot_id, prefetch=prefetch,
                   idle_timeout=idle_timeout, fake_exec=fake_exec, max_tasks=max_tasks)

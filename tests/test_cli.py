@@ -522,3 +522,11 @@ def test_server_start_status_stop_round_trip(tmp_path):
         assert r.returncode == 1 and r.stdout.startswith("not running")
     finally:
         daemon.stop(home, wait=10)
+
+
+@pytest.mark.parametrize("cores, words", [("0,999", "not in this process's affinity mask"),
+                                          ("x", "expected a list like 0-3,8")])
+def test_agent_refuses_cores_it_cannot_use(tmp_path, cores, words):
+    """`pilot agent --cores` naming cores outside the affinity mask fails at start, one line."""
+    r = run_cli(tmp_path, "pilot", "agent", "--server", "tcp://127.0.0.1:9", "--cores", cores)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and words in r.stderr, r.stderr
