@@ -477,9 +477,27 @@ class CpuMeter:
                 self.procs[role] = psutil.Process(pid)
             except psutil.Error:
                 pass
+        #: with PostgreSQL, also every ``postgres`` process on this machine (the server's
+        #: backend does part of the work; other users' backends are counted too)
+        self.pg = env.db_kind == "postgres"
+        self.pg_start: dict[int, float] = {}
+        self.pg_used: float | None = None
         self.start: dict[str, float] = {}
         self.used: dict[str, float] = {}
         self.wall = 0.0
+        self.sys_start = None
+        self.sys_idle: float | None = None
+        self.sys_iowait: float | None = None
+
+    def _postgres(self) -> dict[int, float]:
+        import psutil
+        out = {}
+        for p in psutil.process_iter(["name"]):
+            if (p.info.get("name") or "").startswith("postgres"):
+                cpu = self._cpu(p)
+                if cpu is not None:
+                    out[p.pid] = cpu
+        return out
 
     def _cpu(self, p) -> float | None:
         try:
@@ -489,25 +507,45 @@ class CpuMeter:
             return None
 
     def __enter__(self) -> "CpuMeter":
+        import psutil
         self.start = {r: self._cpu(p) for r, p in self.procs.items()}
+        if self.pg:
+            self.pg_start = self._postgres()
+        self.sys_start = psutil.cpu_times()
         self.t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc) -> None:
+        import psutil
         self.wall = time.perf_counter() - self.t0
+        a, b = self.sys_start, psutil.cpu_times()
+        self.sys_idle = (b.idle - a.idle) / self.wall if self.wall else None
+        self.sys_iowait = (getattr(b, "iowait", 0) - getattr(a, "iowait", 0)) / self.wall \
+            if self.wall else None
         for r, p in self.procs.items():
             end = self._cpu(p)
             if end is not None and self.start.get(r) is not None:
                 self.used[r] = end - self.start[r]
+        if self.pg:
+            self.pg_used = sum(v - self.pg_start.get(pid, 0.0)
+                               for pid, v in self._postgres().items())
 
     def summary(self) -> dict:
-        """{"server": cpu s, "agents": cpu s, "server_busy": fraction of wall time, ...}."""
+        """CPU seconds and busy fractions (CPU seconds per wall second) of the server, of all
+        agents and, with PostgreSQL, of all postgres processes (``postgres_busy``); and the
+        machine's idle and I/O-wait time in cores (``machine_idle_cores``: 0 = saturated)."""
         mine = [v for k, v in self.used.items() if k.startswith("agent")]
         agents = sum(mine) if mine else None  # None: no agent was running at the start
         server = self.used.get("server")
-        return {"server_cpu_s": server, "agents_cpu_s": agents,
-                "server_busy": server / self.wall if server is not None and self.wall else None,
-                "agents_busy": agents / self.wall if agents is not None and self.wall else None}
+        out = {"server_cpu_s": server, "agents_cpu_s": agents,
+               "server_busy": server / self.wall if server is not None and self.wall else None,
+               "agents_busy": agents / self.wall if agents is not None and self.wall else None}
+        if self.pg_used is not None and self.wall:
+            out["postgres_busy"] = self.pg_used / self.wall
+        # the whole machine: cores' worth of idle and of I/O wait during the interval
+        out["machine_idle_cores"] = self.sys_idle
+        out["machine_iowait_cores"] = self.sys_iowait
+        return out
 
 
 def env_pids(env: Env) -> dict[str, int]:
@@ -520,9 +558,28 @@ def env_pids(env: Env) -> dict[str, int]:
 def machine(tmp: str | None = None) -> dict:
     """Context for the result lines: the code measured, the cores we may use, the load, and the
     file system of the temporary homes (which hold the SQLite file and the task workdirs)."""
+    tmp = tmp or tempfile.gettempdir()
     return {"git": git_version(), "cores_available": len(os.sched_getaffinity(0)),
-            "loadavg_1m": round(os.getloadavg()[0], 2),
-            "tmp_fs": fs_type(tmp or tempfile.gettempdir())}
+            "loadavg_1m": round(os.getloadavg()[0], 2), "tmp_fs": fs_type(tmp),
+            "tmp_create_us": create_probe(tmp)}
+
+
+def create_probe(tmp: str, n: int = 300) -> float | None:
+    """Microseconds to create one directory with one file in it under ``tmp`` -- what every
+    task's workdir costs the agent. Tens of microseconds is normal; hundreds mean a file system
+    slowed by many recent deletions (ext4 inode allocation), which shows in W2."""
+    try:
+        base = tempfile.mkdtemp(prefix="pilotfish-bench-probe-", dir=tmp)
+    except OSError:
+        return None
+    try:
+        t0 = time.perf_counter()
+        for i in range(n):
+            os.mkdir(f"{base}/{i}")
+            os.close(os.open(f"{base}/{i}/job.out", os.O_CREAT | os.O_WRONLY, 0o644))
+        return round((time.perf_counter() - t0) / n * 1e6, 1)
+    finally:
+        _DEFERRED_RM.append(Path(base))
 
 
 def fs_type(path: str) -> str | None:

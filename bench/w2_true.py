@@ -126,6 +126,9 @@ def main() -> int:
                agent_span_tasks_per_second=C.median([x["agent_span_tps"] for x in runs]),
                server_busy=C.median([x["server_busy"] for x in runs]),
                agents_busy=C.median([x["agents_busy"] for x in runs]),
+               postgres_busy=C.median([x.get("postgres_busy") for x in runs]),
+               machine_idle_cores=C.median([x["machine_idle_cores"] for x in runs]),
+               machine_iowait_cores=C.median([x["machine_iowait_cores"] for x in runs]),
                finished=[x["finished"] for x in runs], **ctx)
     return 0
 
