@@ -216,8 +216,9 @@ class Agent:
         while not self.stopping:
             now = time.time()
             wake = [self.last_sent + self.heartbeat]
-            if ex.reportable:
-                wake.append(self.last_sent + REPORT_INTERVAL)
+            due = ex.next_report()
+            if due is not None and self.useq <= self.acked:  # else: wait for the ack
+                wake.append(max(due, self.last_sent + REPORT_INTERVAL))
             nd = ex.next_deadline()
             if nd is not None:
                 wake.append(nd)

@@ -9,6 +9,7 @@ finished task is noticed at once, without polling. Nothing runs through a shell.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import select
@@ -102,10 +103,17 @@ class Executor:
                 + [{"job": t.job, "attempt": t.attempt} for t in self.active.values()])
 
     def next_deadline(self) -> float | None:
+        """When a running step's wall time ends or its kill grace runs out."""
         times = [t.kill_at or t.deadline for t in self.active.values()
                  if (t.kill_at or t.deadline) is not None]
-        times += [t.pending_since + REPORT_DELAY for t in self.reportable if not t.done]
         return min(times) if times else None
+
+    def next_report(self) -> float | None:
+        """When progress becomes due for reporting: at once for an ended task, else after
+        REPORT_DELAY (see :meth:`take_updates`)."""
+        if not self.reportable:
+            return None
+        return min(0.0 if t.done else t.pending_since + REPORT_DELAY for t in self.reportable)
 
     # -- starting ---------------------------------------------------------------------------
     def start_ready(self, now: float) -> None:
@@ -118,8 +126,15 @@ class Executor:
             if t.ncores > len(self.free_cores) or t.ngpus > len(self.free_gpus):
                 skipped.append(t)
                 continue
-            t.cores = self.free_cores[:t.ncores]
-            del self.free_cores[:t.ncores]
+            free = self.free_cores
+            here = _getcpu()
+            if here in free and free[0] != here:
+                # Start it on the core we run on: pinning ourselves to it then costs no
+                # migration (measured ~50 us per spawn otherwise).
+                free.remove(here)
+                free.insert(0, here)
+            t.cores = free[:t.ncores]
+            del free[:t.ncores]
             t.gpus = self.free_gpus[:t.ngpus]
             del self.free_gpus[:t.ngpus]
             self.active[t.job] = t
@@ -341,6 +356,11 @@ class Executor:
 
 
 _WRITE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+try:
+    _getcpu = ctypes.CDLL(None, use_errno=True).sched_getcpu  # the CPU we run on (vDSO: cheap)
+except (OSError, AttributeError):  # not glibc
+    def _getcpu() -> int:
+        return -1
 
 
 def _wait_pidfd(fd: int, timeout: float) -> bool:
