@@ -144,11 +144,28 @@ def cores_arg(text: str | None) -> list[int]:
 
 
 def install_signal_handlers() -> None:
-    """SIGTERM and SIGHUP end the benchmark through its ``finally`` clauses, like Ctrl-C."""
+    """SIGTERM, SIGHUP and Ctrl-C end the benchmark through its ``finally`` clauses; further
+    signals are ignored while it cleans up (stops agents and server, drops databases), so an
+    impatient second Ctrl-C cannot leave processes or databases behind."""
     def _exit(signum, _frame):
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+        log(f"signal {signum}: cleaning up (further signals are ignored)")
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
         raise SystemExit(128 + signum)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, _exit)
+
+
+def run(main: Callable[[], int]) -> None:
+    """``sys.exit(main())`` with a one-line message instead of a traceback on Ctrl-C."""
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        log("interrupted")
+        code = 130
+    sys.exit(code)
 
 
 def pilotfish_cmd() -> list[str]:
@@ -488,6 +505,7 @@ class CpuMeter:
         self.sys_start = None
         self.sys_idle: float | None = None
         self.sys_iowait: float | None = None
+        self.sys_steal: float | None = None
 
     def _postgres(self) -> dict[int, float]:
         import psutil
@@ -522,6 +540,8 @@ class CpuMeter:
         self.sys_idle = (b.idle - a.idle) / self.wall if self.wall else None
         self.sys_iowait = (getattr(b, "iowait", 0) - getattr(a, "iowait", 0)) / self.wall \
             if self.wall else None
+        self.sys_steal = (getattr(b, "steal", 0) - getattr(a, "steal", 0)) / self.wall \
+            if self.wall else None
         for r, p in self.procs.items():
             end = self._cpu(p)
             if end is not None and self.start.get(r) is not None:
@@ -545,6 +565,7 @@ class CpuMeter:
         # the whole machine: cores' worth of idle and of I/O wait during the interval
         out["machine_idle_cores"] = self.sys_idle
         out["machine_iowait_cores"] = self.sys_iowait
+        out["machine_steal_cores"] = self.sys_steal  # taken by the hypervisor (noisy VM)
         return out
 
 

@@ -102,9 +102,10 @@ def main() -> int:
                postgres_busy=C.median([x.get("postgres_busy") for x in runs]),
                machine_idle_cores=C.median([x["machine_idle_cores"] for x in runs]),
                machine_iowait_cores=C.median([x["machine_iowait_cores"] for x in runs]),
+               machine_steal_cores=C.median([x["machine_steal_cores"] for x in runs]),
                finished=[x["finished"] for x in runs], **ctx)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    C.run(main)
