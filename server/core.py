@@ -28,6 +28,7 @@ from .store import Batch, chunks
 
 log = logging.getLogger("pilotfish.server")
 S = State
+BY_NAME = {s.value: s for s in State}  # faster than State(name) on the update path
 #: At most this many tasks in one message to an agent.
 MAX_TASKS_PER_MESSAGE = 1000
 
@@ -281,8 +282,8 @@ class JobServer:
                 refused.append({"job": job, "attempt": it["attempt"]})
                 continue
             try:
-                path = [S(s) for s in it["states"]]
-            except ValueError:
+                path = [BY_NAME[s] for s in it["states"]]
+            except (KeyError, TypeError):
                 refused.append({"job": job, "attempt": it["attempt"]})
                 continue
             if lease.state in path:  # a resend: skip what was applied already
