@@ -67,7 +67,6 @@ class Agent:
         self.acked = 0               # last update useq the server acknowledged
         self.welcomed = False
         self.last_sent = 0.0
-        self.last_heard = time.time()
         self.last_demand: tuple | None = None
         self.idle_since = time.time()
         self.stopping = False
@@ -160,7 +159,6 @@ class Agent:
                             demand=self.demand(), ack=self.ack))
 
     def on_message(self, frame: bytes, now: float) -> None:
-        self.last_heard = now
         try:
             kind, m = P.decode(frame, (P.WELCOME, P.TASKS, P.CANCEL, P.ERROR))
             if kind == P.TASKS:

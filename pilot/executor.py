@@ -83,9 +83,8 @@ class Executor:
         self.base_env = dict(os.environ)
         # We chdir into task workdirs to spawn: never import from the current directory.
         sys.path[:] = [p for p in sys.path if p not in ("", ".")]
-        self.busy_seconds = 0.0
         self.avg_run: float | None = None    # moving average of run-step seconds
-        self._made_dirs: set[Path] = set()
+        self._made_dirs: set[str] = set()
 
     # -- bookkeeping ------------------------------------------------------------------------
     def add(self, spec: dict) -> None:
@@ -247,7 +246,6 @@ class Executor:
         step = t.step
         if step == "run":
             took = now - t.start
-            self.busy_seconds += took * t.ncores
             self.avg_run = took if self.avg_run is None else 0.8 * self.avg_run + 0.2 * took
             t.exit = code
             t.deadline = t.kill_at = None

@@ -97,7 +97,7 @@ class AgentRec:
         return {"id": self.id, "host": self.host, "pid": self.pid, "site": self.site,
                 "pilot": self.pilot, "cores": self.cores, "gpus": self.gpus,
                 "memory": self.memory, "started": self.started, "last_seen": self.last_seen,
-                "idle_seconds": None, "state": self.state, "leases": len(self.leases),
+                "state": self.state, "leases": len(self.leases),
                 "tasks_done": self.tasks_done, "silent_seconds": round(now - self.last_seen, 1)}
 
 
