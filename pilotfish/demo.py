@@ -80,7 +80,11 @@ def demo_cmd(njobs, seconds, nagents, keep, as_json) -> None:
             "makespan_seconds": round(makespan, 3),
             "jobs_per_second": round(njobs / makespan, 1) if makespan > 0 else None,
             "cores": len(cores),
+            # share of core time inside a task process (spawn to exit, as the agent saw it)
             "core_utilization": round(s["core_seconds"] / (len(cores) * makespan), 3)
+            if makespan > 0 else None,
+            # share of core time spent in the tasks' own work (their sleep)
+            "efficiency": round(njobs * seconds / (len(cores) * makespan), 3)
             if makespan > 0 else None,
         }
     finally:
@@ -101,6 +105,7 @@ def demo_cmd(njobs, seconds, nagents, keep, as_json) -> None:
     say(f"[bold]done[/bold]: {', '.join(f'{k}={v}' for k, v in sorted(counts.items()))}")
     say(f"  {summary['jobs_per_second']} jobs/s over a {summary['makespan_seconds']} s makespan;"
         f" first task done {summary['seconds_to_first_task_done']} s after start")
-    say(f"  core utilization {summary['core_utilization']:.0%} of {len(cores)} cores "
-        f"(each task sleeps {seconds} s; the rest is process start-up and scheduling)")
+    say(f"  cores busy with tasks {summary['core_utilization']:.0%}; efficiency "
+        f"{summary['efficiency']:.0%} (ideal makespan {njobs} x {seconds} s / {len(cores)} "
+        f"cores, over the real one; the rest is process start-up and scheduling)")
     say("  nothing left running" + (f"; home kept at {home}" if keep else ""))

@@ -282,6 +282,7 @@ def test_demo_runs_and_leaves_nothing_running(tmp_path):
     summary = json.loads(r.stdout)
     assert summary["states"] == {"JOB_FINISHED": 60}
     assert summary["seconds_to_first_task_done"] > 0 and summary["jobs_per_second"] > 0
+    assert 0 < summary["efficiency"] <= 1.0 and 0 < summary["core_utilization"] <= 1.05
     assert list(tmp_path.iterdir()) == []  # the temporary home is gone
     left = subprocess.run(["pgrep", "-f", f"pilotfish --home {tmp_path}"], capture_output=True)
     assert left.returncode == 1, left.stdout
