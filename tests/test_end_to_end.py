@@ -333,3 +333,32 @@ def test_counts_kept_in_memory_match_the_database(server: ServerHandle, tmp_path
     server.stop()
     server.start()
     assert server.client().counts() == by_filter
+
+
+def test_gpus_are_handed_out_one_set_per_task(server: ServerHandle, tmp_path):
+    """An agent with GPUs (CUDA_VISIBLE_DEVICES) gives each GPU task its own devices and keeps
+    CPU-only tasks off them; a job needing more GPUs than any agent has stays queued."""
+    script = tmp_path / "gpu.py"
+    script.write_text("import os, time\n"
+                      "open('gpu.txt', 'w').write(os.environ['CUDA_VISIBLE_DEVICES'])\n"
+                      "time.sleep(0.5)\n")
+    c = server.client()
+    c.add_app({"name": "gpu", "executable": sys.executable, "args": [str(script)]})
+    one = c.add_jobs([{"name": f"g{i}", "application": "gpu", "gpus_per_process": 1}
+                      for i in range(2)])
+    cpu = c.add_job(name="cpu", application="gpu")
+    huge = c.add_job(name="huge", application="gpu", gpus_per_process=3)
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="5,7")
+    log = open(tmp_path / "agent.log", "wb")
+    p = subprocess.Popen([sys.executable, "-m", "pilotfish", "--home", str(server.home), "pilot",
+                          "agent", "--server", server.address, "--idle-timeout", "0",
+                          "--work-root", str(tmp_path / "work")], env=env, stdout=log,
+                         stderr=log)
+    server.agents.append(p)
+    assert wait_for(lambda: finished(c, one + [cpu]), 30) == {"JOB_FINISHED": 3}
+    seen = [(tmp_path / "work" / c.job(j)["workdir"] / "gpu.txt").read_text() for j in one]
+    assert sorted(seen) == ["5", "7"]
+    assert (tmp_path / "work" / c.job(cpu)["workdir"] / "gpu.txt").read_text() == ""
+    assert c.job(huge)["state"] == "READY"
+    [agent] = c.agents()
+    assert agent["gpus"] == 2

@@ -50,3 +50,23 @@ def test_lazy_removal():
     got = q.pick(None, 4, 0, None, cores=4, gpus=0, limit=10)
     assert [j for j, _ in got] == [2]
     assert len(q) == 0 and not q.remove(2)
+
+
+def test_slurm_time_left_parsing():
+    """Agents read their time left from Slurm's %L: [days-]h:m:s, m:s, UNLIMITED."""
+    from pilotfish.pilot.resources import parse_slurm_time
+    assert parse_slurm_time("1-02:03:04\n") == 93784
+    assert parse_slurm_time("02:03:04") == 7384
+    assert parse_slurm_time("03:04") == 184
+    assert parse_slurm_time("UNLIMITED") is None and parse_slurm_time("") is None
+
+
+def test_gpu_detection_from_cuda_visible_devices(monkeypatch):
+    """CUDA_VISIBLE_DEVICES decides the GPUs when set; empty or -1 means none."""
+    from pilotfish.pilot.resources import detect_gpus
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,2")
+    assert detect_gpus() == ["0", "2"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert detect_gpus() == []
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    assert detect_gpus() == []
