@@ -164,7 +164,9 @@ def app_rm(srv: JobServer, args: dict, now: float) -> dict:
 def job_add(srv: JobServer, args: dict, now: float) -> dict:
     msgs = _arg(args, "jobs", list, required=True)
     if len(msgs) > MAX_JOBS_PER_REQUEST:
-        raise ValidationError(f"at most {MAX_JOBS_PER_REQUEST} jobs per request")
+        raise ValidationError(f"{len(msgs)} jobs in one request; at most "
+                              f"{MAX_JOBS_PER_REQUEST:,} are added at once (all or none): split "
+                              "them into several files or calls")
     rows = []
     for i, m in enumerate(msgs):
         try:

@@ -530,3 +530,16 @@ def test_agent_refuses_cores_it_cannot_use(tmp_path, cores, words):
     """`pilot agent --cores` naming cores outside the affinity mask fails at start, one line."""
     r = run_cli(tmp_path, "pilot", "agent", "--server", "tcp://127.0.0.1:9", "--cores", cores)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and words in r.stderr, r.stderr
+
+
+def test_job_file_over_the_atomic_limit_is_refused_whole(server: ServerHandle, tmp_path):
+    """A job file above the per-request limit adds nothing and says how to split it."""
+    from pilotfish.server.ops import MAX_JOBS_PER_REQUEST
+    c = server.client()
+    c.add_app({"name": "ok", "executable": "/bin/true"})
+    path = tmp_path / "many.json"
+    path.write_text(json.dumps([{"name": f"j{i}", "application": "ok"}
+                                for i in range(MAX_JOBS_PER_REQUEST + 1)]))
+    r = run_cli(server.home, "job", "add", "-f", str(path), timeout=120)
+    assert r.returncode == 1 and "split them" in r.stderr and r.stderr.count("\n") == 1
+    assert c.counts() == {}
