@@ -83,6 +83,21 @@ def median(xs: Sequence[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
 
+#: Per-run measurements that every throughput benchmark reports as medians.
+RUN_MEDIANS = ("server_busy", "agents_busy", "postgres_busy", "machine_idle_cores",
+               "machine_iowait_cores", "machine_steal_cores")
+
+
+def run_fields(runs: Sequence[dict]) -> dict:
+    """The fields shared by throughput figures: per-run seconds, submit figures, CPU medians."""
+    out = {"seconds": [x["seconds"] for x in runs],
+           "incl_submit_tasks_per_second": median([x["tps_incl_submit"] for x in runs]),
+           "submit_seconds": [x["submit_seconds"] for x in runs],
+           "finished": [x["finished"] for x in runs]}
+    out.update({k: median([x.get(k) for x in runs]) for k in RUN_MEDIANS})
+    return out
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else a / b
 

@@ -120,17 +120,8 @@ def main() -> int:
                interval=interval, start=a.start, n=a.n, repeat=a.repeat, db=a.db,
                cores=len(cores), agents=mode, n_agents=len(layout),
                prefetch=pf if pf is not None else "default",
-               seconds=[x["seconds"] for x in runs],
-               incl_submit_tasks_per_second=C.median([x["tps_incl_submit"] for x in runs]),
-               submit_seconds=[x["submit_seconds"] for x in runs],
                agent_span_tasks_per_second=C.median([x["agent_span_tps"] for x in runs]),
-               server_busy=C.median([x["server_busy"] for x in runs]),
-               agents_busy=C.median([x["agents_busy"] for x in runs]),
-               postgres_busy=C.median([x.get("postgres_busy") for x in runs]),
-               machine_idle_cores=C.median([x["machine_idle_cores"] for x in runs]),
-               machine_iowait_cores=C.median([x["machine_iowait_cores"] for x in runs]),
-               machine_steal_cores=C.median([x["machine_steal_cores"] for x in runs]),
-               finished=[x["finished"] for x in runs], **ctx)
+               **C.run_fields(runs), **ctx)
     return 0
 
 
