@@ -25,5 +25,15 @@ def refuse(req: LaunchRequest, launcher: str, *, hosts: bool = False, bind_list:
         raise ValidationError(f"{launcher} takes no --mpi plugin; leave mpi unset")
 
 
+def refuse_mpmd_separator(req: LaunchRequest, launcher: str) -> None:
+    # srun (heterogeneous steps), aprun, Hydra, PALS and Open MPI all read a lone ":" anywhere on
+    # their command line, even after the program, as the start of another MPMD section with its
+    # own options: an argv item ":" would let job arguments add launcher options. jsrun is
+    # treated the same way to be safe.
+    if ":" in req.argv:
+        raise ValidationError(f"{launcher} would read the argv item ':' as an MPMD separator; "
+                              "pass it joined to a neighbour or through a wrapper")
+
+
 def csv(items: object) -> str:
     return ",".join(str(i) for i in items)  # type: ignore[attr-defined]

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 from pilotfish.errors import ValidationError
 
-from ._common import csv, refuse, refuse_gpus
+from ._common import csv, refuse, refuse_gpus, refuse_mpmd_separator
 from .request import LaunchRequest
 
 
 def build(req: LaunchRequest) -> list[str]:
     req.validate()
+    refuse_mpmd_separator(req, "aprun")
     refuse_gpus(req, "aprun")
     refuse(req, "aprun", mpi=True)
     cmd = ["aprun", "-n", str(req.ranks), "-N", str(req.ranks_per_node),

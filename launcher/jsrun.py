@@ -15,12 +15,13 @@ Choices:
 """
 from __future__ import annotations
 
-from ._common import refuse
+from ._common import refuse, refuse_mpmd_separator
 from .request import LaunchRequest
 
 
 def build(req: LaunchRequest) -> list[str]:
     req.validate()
+    refuse_mpmd_separator(req, "jsrun")
     refuse(req, "jsrun", hosts=True, bind_list=True, mpi=True)
     bind = "none" if req.cpu_bind == "none" else f"packed:{req.cpus_per_rank}"
     cmd = ["jsrun", "--nrs", str(req.ranks), "--tasks_per_rs", "1",

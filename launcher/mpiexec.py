@@ -12,12 +12,13 @@ Choices:
 """
 from __future__ import annotations
 
-from ._common import csv, refuse, refuse_gpus
+from ._common import csv, refuse, refuse_gpus, refuse_mpmd_separator
 from .request import LaunchRequest
 
 
 def build(req: LaunchRequest) -> list[str]:
     req.validate()
+    refuse_mpmd_separator(req, "Hydra mpiexec")
     refuse_gpus(req, "Hydra mpiexec")
     refuse(req, "Hydra mpiexec", mpi=True)
     if req.cpu_bind == "none":

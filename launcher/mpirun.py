@@ -13,12 +13,13 @@ Choices:
 """
 from __future__ import annotations
 
-from ._common import refuse, refuse_gpus
+from ._common import refuse, refuse_gpus, refuse_mpmd_separator
 from .request import LaunchRequest
 
 
 def build(req: LaunchRequest) -> list[str]:
     req.validate()
+    refuse_mpmd_separator(req, "mpirun")
     refuse_gpus(req, "mpirun")
     refuse(req, "mpirun", bind_list=True, mpi=True)
     cmd = ["mpirun", "-np", str(req.ranks),

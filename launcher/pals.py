@@ -14,7 +14,7 @@ Choices:
 """
 from __future__ import annotations
 
-from ._common import csv, refuse, refuse_gpus
+from ._common import csv, refuse, refuse_gpus, refuse_mpmd_separator
 from .request import LaunchRequest
 
 _BIND = {"none": "none", "cores": "core", "depth": "depth"}
@@ -22,6 +22,7 @@ _BIND = {"none": "none", "cores": "core", "depth": "depth"}
 
 def build(req: LaunchRequest) -> list[str]:
     req.validate()
+    refuse_mpmd_separator(req, "PALS mpiexec")
     refuse_gpus(req, "PALS mpiexec")
     refuse(req, "PALS mpiexec", mpi=True)
     if req.cpu_bind == "list":

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 from pilotfish.errors import ValidationError
 
-from ._common import csv
+from ._common import csv, refuse_mpmd_separator
 from .request import LaunchRequest
 
 
 def build(req: LaunchRequest) -> list[str]:
     req.validate()
+    refuse_mpmd_separator(req, "srun")
     cmd = ["srun", "-N", str(req.nodes), "-n", str(req.ranks),
            f"--ntasks-per-node={req.ranks_per_node}",
            "-c", str(req.cpus_per_rank * req.threads_per_core),

@@ -121,7 +121,7 @@ def test_registry_is_complete_and_unknown_launcher_lists_known_ones():
 # ---------------------------------------------------------------- properties
 
 TRICKY = ["a b", ";", "$(x)", "`id`", "'", '"', "--export=ALL", "-x", "&&", "|", "*", "",
-          "é", "a,b", "=", "-genvall", "\t", "${HOME}"]
+          "é", "a,b", "=", "-genvall", "\t", "${HOME}", "a:b", "::", "-n"]
 
 
 def random_request(rng: random.Random, launcher: str) -> LaunchRequest:
@@ -251,6 +251,22 @@ def test_requests_a_launcher_cannot_express_are_refused(launcher, change):
                          **change})
     with pytest.raises(ValidationError):
         build(launcher, r)
+
+
+@pytest.mark.parametrize("launcher", sorted(set(LAUNCHERS) - {"local"}))
+def test_lone_colon_in_argv_is_refused_where_it_separates_mpmd_sections(launcher):
+    # `srun/aprun/mpiexec/mpirun ... app : -n 999 other` starts a second program: a job argument
+    # ":" must never become launcher syntax.
+    r = req(nodes=1, ranks_per_node=1, cpus_per_rank=1, argv=("app", ":", "-n", "999", "evil"))
+    with pytest.raises(ValidationError, match="MPMD"):
+        build(launcher, r)
+    joined = req(nodes=1, ranks_per_node=1, cpus_per_rank=1, argv=("app", "a:b", "::"))
+    assert build(launcher, joined)[-3:] == ["app", "a:b", "::"]
+
+
+def test_local_passes_a_lone_colon_through():
+    r = req(nodes=1, ranks_per_node=1, cpus_per_rank=1, argv=("app", ":", "x"))
+    assert build("local", r) == ["app", ":", "x"]
 
 
 def test_builders_are_pure():
