@@ -6,7 +6,7 @@ Written with SQLAlchemy Core (no ORM): the hot paths are bulk ``executemany`` st
 from __future__ import annotations
 
 from sqlalchemy import (JSON, BigInteger, Column, Float, Index, Integer, MetaData, String, Table,
-                        Text, create_engine, event, func, select, text)
+                        Text, create_engine, event, func, select)
 from sqlalchemy.engine import Engine
 
 from pilotfish.errors import PilotfishError
@@ -152,11 +152,3 @@ def make_engine(url: str) -> Engine:
 
 def max_job_id(conn) -> int:
     return conn.execute(select(func.coalesce(func.max(jobs.c.id), 0))).scalar_one()
-
-
-def integrity_ok(engine: Engine) -> bool:
-    """SQLite's own integrity check (PostgreSQL: a trivial query)."""
-    with engine.connect() as conn:
-        if engine.dialect.name == "sqlite":
-            return conn.execute(text("PRAGMA integrity_check")).scalar_one() == "ok"
-        return conn.execute(text("select 1")).scalar_one() == 1

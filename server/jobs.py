@@ -115,12 +115,3 @@ def build_job(msg: Any, app_by_name: Callable[[str], App]) -> dict:
 def workdir_for(job_id: int, name: str, group: str | None) -> str:
     """A job's workdir relative to an agent's work root; every part is a checked name."""
     return f"{group or 'default'}/{name}.{job_id}"
-
-
-def cores_of(job: dict) -> int:
-    """Cores a single-node job occupies: processes x depth."""
-    return job["processes_per_node"] * job["cpus_per_process"]
-
-
-def gpus_of(job: dict) -> int:
-    return job["processes_per_node"] * job["gpus_per_process"]
