@@ -125,6 +125,25 @@ def parser(description: str, epilog: str | None = None) -> argparse.ArgumentPars
     return p
 
 
+def add_sweep_args(p: argparse.ArgumentParser) -> None:
+    """The options of the benchmarks that sweep agent layouts and prefetch settings."""
+    p.add_argument("--cores", help="Cores to use: a count or a list like 0,1 (default: all in "
+                                   "our affinity mask). xargs gets -P <that many>.")
+    p.add_argument("--agents", default="1",
+                   help="Comma list of agent layouts to try: 1 (one agent with all cores), "
+                        "per-core (one agent per core), or K agents (default: %(default)s).")
+    p.add_argument("--prefetch", default="default",
+                   help="Comma list of agent --prefetch values to try; 'default' = no "
+                        "--prefetch flag, the agent's own choice (default: %(default)s).")
+
+
+def sweep(a: argparse.Namespace) -> tuple[list[int], list[tuple[str, list[list[int]], Any]]]:
+    """The cores and the (layout name, agent core sets, prefetch) configurations to run."""
+    cores = cores_arg(a.cores)
+    return cores, [(mode, agent_layout(mode, cores), pf)
+                   for mode in str_list(a.agents) for pf in prefetch_list(a.prefetch)]
+
+
 def int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 

@@ -69,14 +69,7 @@ def run_pilotfish(a, layout: list[list[int]], prefetch: int | None, label: str) 
 def main() -> int:
     p = C.parser(__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--n", type=int, default=10_000, help="Tasks (default: %(default)s).")
-    p.add_argument("--cores", help="Cores to use: a count or a list like 0,1 (default: all in "
-                                   "our affinity mask). xargs gets -P <that many>.")
-    p.add_argument("--agents", default="1",
-                   help="Comma list of agent layouts to try: 1 (one agent with all cores), "
-                        "per-core (one agent per core), or K agents (default: %(default)s).")
-    p.add_argument("--prefetch", default="default",
-                   help="Comma list of agent --prefetch values to try; 'default' = no "
-                        "--prefetch flag, the agent's own choice (default: %(default)s).")
+    C.add_sweep_args(p)
     p.add_argument("--start", choices=("agents-first", "jobs-first"), default="agents-first",
                    help="What is already there when the clock starts (default: %(default)s).")
     p.add_argument("--db", choices=("sqlite", "postgres"), default="sqlite")
@@ -84,9 +77,7 @@ def main() -> int:
     a = p.parse_args()
     C.set_bench("w2")
     C.install_signal_handlers()
-    cores = C.cores_arg(a.cores)
-    configs = [(mode, C.agent_layout(mode, cores), pf)
-               for mode in C.str_list(a.agents) for pf in C.prefetch_list(a.prefetch)]
+    cores, configs = C.sweep(a)
     ctx = C.machine(a.tmp)
     base: list[float] = []
     res: dict[int, list[dict]] = {i: [] for i in range(len(configs))}
@@ -101,7 +92,8 @@ def main() -> int:
             res[i].append(out)
             C.log(f"repeat {r + 1}/{a.repeat}: pilotfish agents={mode} prefetch={pf}: "
                   f"{out['tps']:,.0f} tasks/s ({out['seconds']:.2f} s; incl. submit "
-                  f"{out['tps_incl_submit']:,.0f}/s; agent span {out['agent_span_tps'] or 0:,.0f}/s)")
+                  f"{out['tps_incl_submit']:,.0f}/s; "
+                  f"agent span {out['agent_span_tps'] or 0:,.0f}/s)")
     bmed = C.median(base)
     interval = ("add_jobs returned (agents already connected and idle) -> all N JOB_FINISHED "
                 "seen in the DB via Client.counts" if a.start == "agents-first" else

@@ -56,23 +56,14 @@ def main() -> int:
     p.add_argument("--n", type=int, default=200, help="Tasks (default: %(default)s).")
     p.add_argument("--duration", type=float, default=0.1,
                    help="Seconds each task sleeps (default: %(default)s).")
-    p.add_argument("--cores", help="Cores to use: a count or a list like 0,1 (default: all in "
-                                   "our affinity mask). xargs gets -P <that many>.")
-    p.add_argument("--agents", default="1",
-                   help="Comma list of agent layouts: 1, per-core, or K agents "
-                        "(default: %(default)s).")
-    p.add_argument("--prefetch", default="default",
-                   help="Comma list of agent --prefetch values to try; 'default' = no "
-                        "--prefetch flag, the agent's own choice (default: %(default)s).")
+    C.add_sweep_args(p)
     p.add_argument("--db", choices=("sqlite", "postgres"), default="sqlite")
     p.add_argument("--no-baseline", action="store_true", help="Skip xargs.")
     a = p.parse_args()
     C.set_bench("w3")
     C.install_signal_handlers()
-    cores = C.cores_arg(a.cores)
+    cores, configs = C.sweep(a)
     ideal = a.n * a.duration / len(cores)
-    configs = [(mode, C.agent_layout(mode, cores), pf)
-               for mode in C.str_list(a.agents) for pf in C.prefetch_list(a.prefetch)]
     ctx = C.machine(a.tmp)
     base: list[float] = []
     res: dict[int, list[dict]] = {i: [] for i in range(len(configs))}
