@@ -31,7 +31,7 @@ if str(REPO) not in sys.path:  # run from a checkout without the package install
     sys.path.insert(0, str(REPO))
 
 from pilotfish.server import daemon  # noqa: E402
-from pilotfish.server.client import FINAL_STATES, Client  # noqa: E402
+from pilotfish.client import FINAL_STATES, Client  # noqa: E402
 
 #: Where scratch PostgreSQL databases are created (trust auth, a database we may connect to).
 PG_ADMIN_URL = os.environ.get("PILOTFISH_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
@@ -657,3 +657,146 @@ def git_version() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return (head + ("+dirty" if dirty else "")) or None
+
+
+# -- Slurm (pilot_rampup, launch_overhead, allocation) ---------------------------------------
+#: Lines ``PFBENCH <name> <epoch seconds> [...]`` that our batch scripts print (``date +%s.%N``).
+MARK = "PFBENCH"
+
+
+def slurm_nodes() -> list[str]:
+    """Names of the Slurm nodes that are up (idle/mix/alloc), or [] without a Slurm."""
+    if not shutil.which("sinfo") or not shutil.which("sbatch"):
+        return []
+    try:
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True,
+                             text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return sorted({n for n, t in (line.split() for line in out.splitlines() if line.strip())
+                   if t.rstrip("*") in ("idle", "mix", "alloc", "comp")})
+
+
+def require_slurm(nodes: int) -> list[str]:
+    """The Slurm nodes that are up, or exit 2 with a one-line message (a skip, not a failure)."""
+    up = slurm_nodes()
+    if len(up) < nodes:
+        why = ("no Slurm here (sbatch/sinfo not found)" if not shutil.which("sbatch")
+               else f"{len(up)} Slurm nodes up, {nodes} needed")
+        print(f"[{_BENCH}] skipped: {why}; scripts/slurm_up starts one with 4 fake nodes",
+              file=sys.stderr, flush=True)
+        sys.exit(2)
+    return up
+
+
+def wait_nodes_idle(nodes: Sequence[str], timeout: float = 60.0) -> None:
+    """Until every node is idle again (a finished job's nodes stay 'completing' briefly), so
+    the next job's submit -> start does not include the last one's clean-up."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = subprocess.run(["sinfo", "-h", "-N", "-n", ",".join(nodes), "-o", "%N %t"],
+                             capture_output=True, text=True, timeout=20).stdout.split()
+        if out and all(s.rstrip("*") == "idle" for s in out[1::2]):
+            return
+        time.sleep(0.05)
+    log(f"WARNING: nodes not idle after {timeout:.0f} s")
+
+
+def batch_script(body: str, *, nodes: int, out: Path, name: str = "pilotfish-bench",
+                 minutes: int = 10) -> str:
+    """A batch script on ``nodes`` whole nodes whose first line marks its start (``PFBENCH
+    start <epoch>``); ``body`` follows, and its last line marks its end with body's status."""
+    return f"""#!/bin/bash
+#SBATCH -N {nodes}
+#SBATCH --exclusive
+#SBATCH -t {minutes}
+#SBATCH -J {name}
+#SBATCH -o {out}
+echo "{MARK} start $(date +%s.%N)"
+{body}
+rc=$?
+echo "{MARK} end $(date +%s.%N) $rc"
+exit $rc
+"""
+
+
+def pilot_body(home: Path, address: str, agent_args: str, head_args: str = "") -> str:
+    """The pilot head as a batch script runs it (not exec'd, so the script can mark its end)."""
+    return (f"{sys.executable} -m pilotfish --home {home} pilot run --server {address} "
+            f"--mpi pmi2 {head_args} -- {agent_args}")
+
+
+def read_marks(path: Path) -> dict[str, list[float]]:
+    """``PFBENCH name t [x ...]`` lines of a batch job's output: name -> [t, x, ...] (the
+    first line of each name)."""
+    out: dict[str, list[float]] = {}
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return out
+    for line in text.splitlines():
+        f = line.split()
+        if len(f) >= 3 and f[0] == MARK and f[1] not in out:
+            out[f[1]] = [float(x) for x in f[2:]]
+    return out
+
+
+class SlurmJobs:
+    """Batch jobs submitted by a benchmark; a context manager: the ones still queued or running
+    when the block ends are cancelled and waited for, also on Ctrl-C."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        #: job id -> other users' jobs in squeue when it was submitted (they may delay it)
+        self.others: dict[str, int] = {}
+
+    def __enter__(self) -> "SlurmJobs":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for jid in self.ids:
+            if self.state(jid) is not None:
+                log(f"cancelling Slurm job {jid}")
+                subprocess.run(["scancel", jid], capture_output=True, timeout=20)
+        for jid in self.ids:
+            try:
+                self.wait_gone(jid, timeout=60)
+            except TimeoutError as e:
+                log(f"WARNING: {e}")
+
+    def submit(self, script: str) -> tuple[str, float, float]:
+        """sbatch the script; (job id, time.time() just before sbatch, seconds sbatch took)."""
+        queued = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True,
+                                timeout=20).stdout.split()
+        others = len([j for j in queued if j not in self.ids])
+        t0 = time.time()
+        r = subprocess.run(["sbatch", "--parsable"], input=script, capture_output=True,
+                           text=True, timeout=60)
+        dt = time.time() - t0
+        if r.returncode != 0:
+            raise RuntimeError(f"sbatch failed ({r.returncode}): {r.stderr.strip()}")
+        jid = r.stdout.strip().split(";")[0]
+        self.ids.append(jid)
+        self.others[jid] = others
+        if others:
+            log(f"note: {others} other Slurm job(s) queued or running when job {jid} was "
+                "submitted")
+        return jid, t0, dt
+
+    @staticmethod
+    def state(jid: str) -> str | None:
+        """The job's state from squeue, or None once it has left the queue."""
+        out = subprocess.run(["squeue", "-h", "-j", jid, "-o", "%T"], capture_output=True,
+                             text=True, timeout=20).stdout.strip()
+        return out or None
+
+    def wait_gone(self, jid: str, timeout: float = 120.0, poll: float = 0.05) -> float:
+        """Until the job has left squeue; the time.time() of the first poll that saw it gone."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.state(jid) is None:
+                return time.time()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Slurm job {jid} still {self.state(jid)} after "
+                                   f"{timeout:.0f} s")
+            time.sleep(poll)

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common as C  # noqa: E402
 from pilotfish.server import daemon  # noqa: E402
-from pilotfish.server.client import Client  # noqa: E402
+from pilotfish.client import Client  # noqa: E402
 
 TARGET_ADD = 20_000     # jobs/s
 TARGET_LS = 0.5         # seconds

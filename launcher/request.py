@@ -11,10 +11,10 @@ import re
 from dataclasses import dataclass
 
 from pilotfish.errors import ValidationError
+from pilotfish.validate import check_command, check_env_pairs
 
 BIND_MODES = ("none", "cores", "depth", "list")
 
-_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Host names end up inside comma-joined launcher options: no separators, no option look-alikes.
 _HOST_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}")
 _MPI_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
@@ -38,6 +38,9 @@ class LaunchRequest:
     env: tuple[tuple[str, str], ...] = ()
     #: PMI flavour for srun ``--mpi=`` (e.g. "pmi2", "pmix"); ignored by launchers without one.
     mpi: str | None = None
+    #: The launch runs inside an allocation whose CPUs another step already holds (a pilot's
+    #: node agents): srun needs ``--overlap`` or it waits for them forever.
+    overlap: bool = False
 
     @property
     def ranks(self) -> int:
@@ -62,6 +65,8 @@ class LaunchRequest:
         self._validate_argv()
         self._validate_hosts()
         self._validate_env()
+        if not isinstance(self.overlap, bool):
+            raise ValidationError("overlap must be True or False")
         if self.mpi is not None and (not isinstance(self.mpi, str)
                                      or not _MPI_RE.fullmatch(self.mpi)):
             raise ValidationError(f"mpi {self.mpi!r} is not a plugin name like 'pmi2' or 'pmix'")
@@ -85,14 +90,7 @@ class LaunchRequest:
             raise ValidationError("cpu_list names a CPU twice; two ranks would share it")
 
     def _validate_argv(self) -> None:
-        if not isinstance(self.argv, tuple) or not self.argv:
-            raise ValidationError("argv must be a non-empty tuple of strings (the command)")
-        if any(not isinstance(a, str) for a in self.argv):
-            raise ValidationError("every argv item must be a string")
-        if not self.argv[0]:
-            raise ValidationError("argv[0] (the program) may not be empty")
-        if any("\0" in a for a in self.argv):
-            raise ValidationError("argv items may not contain a NUL byte")
+        check_command(self.argv)
 
     def _validate_hosts(self) -> None:
         if not isinstance(self.hosts, tuple):
@@ -108,22 +106,7 @@ class LaunchRequest:
             raise ValidationError("hosts names a node twice")
 
     def _validate_env(self) -> None:
-        if not isinstance(self.env, tuple):
-            raise ValidationError("env must be a tuple of (name, value) pairs")
-        seen: set[str] = set()
-        for pair in self.env:
-            if not (isinstance(pair, tuple) and len(pair) == 2
-                    and all(isinstance(x, str) for x in pair)):
-                raise ValidationError(f"env item {pair!r} is not a (name, value) pair of strings")
-            name, value = pair
-            if not _ENV_NAME_RE.fullmatch(name):
-                raise ValidationError(f"env name {name!r} is not an identifier")
-            if name in seen:
-                raise ValidationError(f"env name {name!r} is given twice")
-            seen.add(name)
-            # Values are embedded in launcher options, which are line- and NUL-free.
-            if "\0" in value or "\n" in value or "\r" in value:
-                raise ValidationError(f"env value of {name} may not contain NUL or a line break")
+        check_env_pairs(self.env)
 
 
 def _is_int(value: object) -> bool:

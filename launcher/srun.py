@@ -11,8 +11,9 @@ Choices:
 - ``--export=`` is ALWAYS given: ``--export=NONE`` when ``env`` is empty, else
   ``--export=A=1,B=2`` (without ``ALL``, srun exports only the listed variables plus Slurm's own
   ``SLURM_*``). The list is comma-separated with no escape, so values with commas are refused.
-- ``--exact``/``--overlap`` are not emitted: they are about sharing an allocation between steps,
-  which the pilot head decides, not the request shape.
+- ``--overlap`` only when the request says ``overlap``: a pilot's node agents hold every CPU of
+  the allocation as one step, and a job step started beside them must share those CPUs (Slurm
+  20.11+ otherwise queues the step until the agents end). ``--exact`` is never emitted.
 - ``cpu_bind="depth"`` becomes ``cores``: with ``-c`` Slurm binds each task to its own
   ``-c`` CPUs, which is what depth binding means elsewhere.
 """
@@ -37,6 +38,8 @@ def build(req: LaunchRequest) -> list[str]:
         cmd += ["-w", csv(req.hosts)]
     if req.mpi is not None:
         cmd.append(f"--mpi={req.mpi}")
+    if req.overlap:
+        cmd.append("--overlap")
     cmd.append(f"--export={_export(req)}")
     return cmd + list(req.argv)
 

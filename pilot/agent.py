@@ -18,11 +18,13 @@ from pathlib import Path
 
 import zmq
 
+from pilotfish import keys
 from pilotfish import protocol as P
 from pilotfish import settings
 from pilotfish.errors import ProtocolError
 
 from .executor import Executor, Task
+from .launch import TaskLauncher
 from .resources import Resources
 
 log = logging.getLogger("pilotfish.agent")
@@ -38,8 +40,15 @@ class Agent:
                  site: str | None = None, pilot: str | None = None,
                  prefetch: int | None = None, idle_timeout: float = 300.0,
                  heartbeat: float = settings.HEARTBEAT_SECONDS, fake_exec: bool = False,
-                 max_tasks: int | None = None) -> None:
+                 max_tasks: int | None = None, node: str | None = None,
+                 node_cores: int | None = None, launcher: TaskLauncher | None = None,
+                 container=None, curve: keys.Curve | None = None) -> None:
         self.id = uuid.uuid4().hex
+        #: The node as the pilot's launcher names it (srun -w), its CPU count (for the
+        #: affinity self-check on the server's side) and how multi-rank tasks start here.
+        self.node = node or socket.gethostname()
+        self.node_cores = node_cores
+        self.launcher = launcher
         self.server = server
         self.res = resources
         self.site, self.pilot = site, pilot
@@ -55,12 +64,15 @@ class Agent:
         self.sock.setsockopt(zmq.LINGER, 2000)
         self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
         self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        keys.apply_client(self.sock, curve)  # CurveZMQ to a tcp:// server (None: plain ipc)
+        if curve is not None:  # a refused key is the agent's to tell: its server says no more
+            keys.watch_handshakes(self.sock, log, f"agent {self.id}")
         self.sock.connect(server)
         self.poller = zmq.Poller()
         self.poller.register(self.sock, zmq.POLLIN)
         self.fd_tasks: dict[int, Task] = {}
         self.ex = Executor(resources.cores, resources.gpus, work_root, self._watch, self._unwatch,
-                           fake=fake_exec)
+                           fake=fake_exec, launch=launcher, contain=container)
         self.useq = 0
         self.unacked: list[tuple[int, list[dict]]] = []   # (useq, updates) not yet acknowledged
         self.ack = 0                 # last task batch seq seen
@@ -87,13 +99,23 @@ class Agent:
         self.last_sent = time.time()
 
     def hello(self) -> None:
-        held = self.ex.held() + [{"job": u["job"], "attempt": u["attempt"]}
-                                 for _, ups in self.unacked for u in ups
-                                 if u["job"] not in self.ex.active]
+        # Every job the server must not take back: queued and running tasks, and ended ones
+        # whose final update it has not acknowledged -- sent (unacked) or not even sent yet
+        # (reportable: at most one update is in flight, so a task that ends meanwhile waits).
+        held = self.ex.held()
+        seen = {h["job"] for h in held}
+        for job, attempt in ([(u["job"], u["attempt"]) for _, ups in self.unacked for u in ups]
+                             + [(t.job, t.attempt) for t in self.ex.reportable]):
+            if job not in seen:
+                seen.add(job)
+                held.append({"job": job, "attempt": attempt})
         self._send(P.encode(P.HELLO, agent=self.id, host=socket.gethostname(), pid=os.getpid(),
                             site=self.site, pilot=self.pilot, cores=self.res.cores,
                             gpus=self.res.gpus, memory=self.res.memory,
-                            time_left=self.res.time_left(), running=held, ack=self.ack))
+                            time_left=self.res.time_left(), running=held, ack=self.ack,
+                            node=self.node, node_cores=self.node_cores,
+                            launcher=self.launcher.launcher if self.launcher else None,
+                            mpi=self.launcher.mpi if self.launcher else None))
         self.last_demand = None
 
     def prefetch_cores(self) -> int:
@@ -202,6 +224,7 @@ class Agent:
     # -- main loop --------------------------------------------------------------------------
     def _on_signal(self, signum, _frame) -> None:
         self.stopping = True
+        self.ex.stopping = True
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)

@@ -9,6 +9,16 @@ the mask, migrated the agent to a busy core on every spawn: 50 us idle, up to 1.
 CPU-bound task, and 15% of W2's throughput; spawning from threads pinned per core serialised on
 the process-wide working directory and was no faster.) Process exits arrive as readable pidfds
 in the agent's poll loop, so a finished task is noticed at once. Nothing runs through a shell.
+
+Tasks start in their own session (``setsid``), so they outlive an agent that dies without
+stopping them (kill -9, the OOM killer, a crash) -- and the server requeues such an agent's
+jobs once its lease expires, which would run the same job twice at once. ``posix_spawn`` cannot
+set ``PR_SET_PDEATHSIG`` in the child, so each agent has a **guard**: a tiny process that holds
+the read end of a pipe; the agent writes ``+pid`` when a task starts and ``-pid`` just before it
+reaps it. When the agent dies the pipe closes, and the guard sends SIGTERM, then (after up to
+1 s) SIGKILL, to the process group of every task still listed, well within the lease timeout.
+The guard starts with the executor (not in fake-exec mode), works from ``/``, ignores SIGINT,
+SIGTERM and SIGHUP (the agent stops its tasks itself on those) and leaves at end of file.
 """
 from __future__ import annotations
 
@@ -38,6 +48,40 @@ SUCCESS_PATH = [STAGED_IN, PREPROCESSED, RUNNING, EXECUTION_FINISHED, POSTPROCES
 #: Seconds a task's progress may wait so that it can be reported together with its end.
 REPORT_DELAY = 0.2
 KILL_GRACE = 3.0
+#: Seconds a task killed by SIGTERM/SIGKILL from outside waits for the agent's own stop signal
+#: before it counts as failed (scancel and walltime kills signal every process of the job).
+SIGNAL_GRACE = 0.5
+#: The guard (see the module doc): reads "+pid"/"-pid" lines on stdin; at end of file stops the
+#: process groups still listed. Run with ``python -S -I -c``.
+_GUARD = r"""
+import os, signal, time
+os.chdir("/")  # not the workdir of the task being spawned
+for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(s, signal.SIG_IGN)
+live, buf = set(), b""
+while True:
+    try:
+        data = os.read(0, 65536)
+    except InterruptedError:
+        continue
+    if not data:
+        break
+    *lines, buf = (buf + data).split(b"\n")
+    for line in filter(None, lines):
+        (live.add if line[:1] == b"+" else live.discard)(int(line[1:]))
+def signal_all(sig):
+    for g in list(live):
+        try:
+            os.killpg(g, sig)
+        except OSError:
+            live.discard(g)
+signal_all(signal.SIGTERM)
+deadline = time.monotonic() + 1.0
+while live and time.monotonic() < deadline:
+    time.sleep(0.05)
+    signal_all(0)
+signal_all(signal.SIGKILL)
+"""
 
 
 @dataclass(eq=False)
@@ -69,7 +113,9 @@ class Task:
 class Executor:
     def __init__(self, cores: list[int], gpus: list[str], work_root: Path,
                  watch: Callable[[int, Task], None], unwatch: Callable[[int], None],
-                 fake: bool = False) -> None:
+                 fake: bool = False,
+                 launch: Callable[[Task, list[str]], list[str]] | None = None,
+                 contain: Callable[[Task, list[str]], list[str]] | None = None) -> None:
         self.all_cores = list(cores)
         self.free_cores = list(cores)
         self.all_gpus = list(gpus)
@@ -77,6 +123,16 @@ class Executor:
         self.work_root = work_root
         self.watch, self.unwatch = watch, unwatch
         self.fake = fake
+        #: Builds the launcher argv of a task with several ranks (spec["launch"]); may raise
+        #: ValidationError, which fails the task with that message.
+        self.launch = launch
+        #: Wraps a task's argv with its container runtime (spec["container"]); inside the
+        #: launcher, so binding applies to the containerized processes.
+        self.contain = contain
+        #: Set when the agent is told to stop: a batch system that ends the allocation (scancel,
+        #: the walltime) signals every process of the job, tasks included, at the same moment
+        #: as the agent; a task killed so is handed back, not failed.
+        self.stopping = False
         self.queue: deque[Task] = deque()
         self.active: dict[int, Task] = {}          # job -> task being worked on
         self.reportable: list[Task] = []            # tasks with states to report
@@ -84,6 +140,9 @@ class Executor:
         # We chdir into task workdirs to spawn: never import from the current directory.
         sys.path[:] = [p for p in sys.path if p not in ("", ".")]
         self.avg_run: float | None = None    # moving average of run-step seconds
+        self._guard_fd: int | None = None    # write end of the guard's pipe (see module doc)
+        if not fake:
+            self._start_guard()
         self._made_dirs: set[str] = set()
 
     # -- bookkeeping ------------------------------------------------------------------------
@@ -174,7 +233,23 @@ class Executor:
             self._run(t, now)
 
     def _run(self, t: Task, now: float) -> None:
-        if self._spawn(t, now, "run", t.spec["argv"], "job", "RUN_FAILED"):
+        argv = t.spec["argv"]
+        if t.spec.get("container"):
+            if self.contain is None:
+                return self._fail(t, now, "RUN_FAILED", "this agent runs no containers")
+            try:
+                argv = self.contain(t, argv)
+            except ValidationError as exc:
+                return self._fail(t, now, "RUN_FAILED", f"cannot run in the container: {exc}")
+        if t.spec.get("launch"):
+            if self.launch is None:
+                return self._fail(t, now, "RUN_FAILED", "this agent has no launcher for "
+                                  "multi-rank jobs")
+            try:
+                argv = self.launch(t, argv)
+            except ValidationError as exc:
+                return self._fail(t, now, "RUN_FAILED", f"cannot launch: {exc}")
+        if self._spawn(t, now, "run", argv, "job", "RUN_FAILED"):
             t.start = now
             self._report(t, now, RUNNING)
             timeout = t.spec.get("timeout")
@@ -221,15 +296,48 @@ class Executor:
         except OSError as exc:
             self._fail(t, now, failure, f"cannot start {argv[0]}: {exc.strerror or exc}")
             return False
+        except (TypeError, ValueError, IndexError) as exc:
+            # a malformed task (argv or env items not strings, a NUL byte, no argv): it fails,
+            # the agent and its other tasks go on
+            self._fail(t, now, failure, f"cannot start {str(argv)[:200]}: {exc}")
+            return False
         try:
             os.sched_setaffinity(t.pid, t.cores)
         except ProcessLookupError:
             pass  # it has exited already: nothing left to pin
         except OSError as exc:
             log.warning("job %d: could not pin pid %d to %s: %s", t.job, t.pid, t.cores, exc)
+        self._guard(b"+%d\n" % t.pid)
         t.pidfd = os.pidfd_open(t.pid)
         self.watch(t.pidfd, t)
         return True
+
+    def _start_guard(self) -> None:
+        """Start the guard (see the module doc) with the read end of a new pipe as its stdin."""
+        r, w = os.pipe()  # both ends close-on-exec: tasks never inherit them
+        try:
+            os.posix_spawn(sys.executable, [sys.executable, "-S", "-I", "-c", _GUARD],
+                           self.base_env, file_actions=[(os.POSIX_SPAWN_DUP2, r, 0)])
+        except OSError as exc:
+            log.error("cannot start the task guard (%s): tasks of this agent would outlive "
+                      "it if it were killed", exc)
+            os.close(w)
+            return
+        finally:
+            os.close(r)
+        self._guard_fd = w
+
+    def _guard(self, line: bytes) -> None:
+        """Tell the guard that a task started (+pid) or is about to be reaped (-pid)."""
+        if self._guard_fd is None:
+            return
+        try:
+            os.write(self._guard_fd, line)
+        except OSError as exc:
+            log.error("the task guard is gone (%s): tasks of this agent would outlive it if "
+                      "it were killed", exc)
+            os.close(self._guard_fd)
+            self._guard_fd = None
 
     # -- ending -----------------------------------------------------------------------------
     def on_exit(self, t: Task, now: float) -> None:
@@ -237,11 +345,23 @@ class Executor:
         self.unwatch(t.pidfd)
         os.close(t.pidfd)
         t.pidfd = None
+        self._guard(b"-%d\n" % t.pid)
         _, status = os.waitpid(t.pid, 0)
         code = os.waitstatus_to_exitcode(status)
         t.pid = None
         if t.cancelled:
             self._release(t, now)
+            return
+        if self.stopping and code in _STOP_SIGNALS:
+            log.info("job %d attempt %d: killed by signal %d as the agent stops: handing it "
+                     "back", t.job, t.attempt, -code)
+            t.step = "stopped"  # stays held: leave() hands it back
+            return
+        if code in _STOP_SIGNALS and t.step == "run" and not t.timed_out:
+            # Killed from outside. A batch system ending the job signals the agent at the same
+            # moment, maybe a little later: wait briefly before calling it a failure.
+            t.step, t.exit, t.kill_at = "signalled", code, None
+            t.deadline = now + SIGNAL_GRACE
             return
         step = t.step
         if step == "run":
@@ -288,6 +408,11 @@ class Executor:
 
     def check_timeouts(self, now: float) -> None:
         for t in list(self.active.values()):
+            if t.step == "signalled":
+                if now >= t.deadline:  # the agent was not told to stop: a real failure
+                    t.deadline = None
+                    self._fail(t, now, "RUN_FAILED", _why(t.exit, f"{t.workdir}/job.err"))
+                continue
             if t.pid is None:
                 continue
             if t.kill_at is not None and now >= t.kill_at:
@@ -343,6 +468,7 @@ class Executor:
         for t in procs:
             if not _wait_pidfd(t.pidfd, deadline - time.time()):
                 _killpg(t.pid, signal.SIGKILL)
+            self._guard(b"-%d\n" % t.pid)
             os.waitpid(t.pid, 0)
             self.unwatch(t.pidfd)
             os.close(t.pidfd)
@@ -352,6 +478,8 @@ class Executor:
 
 
 _WRITE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+_STOP_SIGNALS = frozenset(-s for s in (signal.SIGTERM, signal.SIGKILL, signal.SIGINT,
+                                       signal.SIGHUP))
 
 
 def _wait_pidfd(fd: int, timeout: float) -> bool:

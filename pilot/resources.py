@@ -29,6 +29,50 @@ def detect_cores() -> list[int]:
     return sorted(os.sched_getaffinity(0))
 
 
+def parse_cpu_list(text: str) -> list[int]:
+    """CPU ids from the kernel's list format (``0-3,8,10-11``)."""
+    cpus: list[int] = []
+    for part in text.strip().split(","):
+        if part:
+            lo, _, hi = part.partition("-")
+            cpus.extend(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def node_cpus() -> list[int]:
+    """Every CPU online on this node, whatever this process's affinity mask says."""
+    try:
+        with open("/sys/devices/system/cpu/online") as f:
+            return parse_cpu_list(f.read())
+    except (OSError, ValueError):
+        return list(range(os.cpu_count() or 1))
+
+
+def affinity_warning(mask: list[int], node: list[int]) -> str | None:
+    """The BOSS-LDG check: a mask smaller than the node means the launcher pinned this agent
+    (``aprun`` without ``-d``, ``srun`` without ``-c``), and every task would share its cores."""
+    missing = sorted(set(node) - set(mask))
+    if not missing:
+        return None
+    return (f"this agent may use only {len(mask)} of the node's {len(node)} CPUs "
+            f"(affinity mask {_ranges(mask)}; node {_ranges(node)}): the launcher that started "
+            "it bound it to part of the node, so every task would share those CPUs. Start "
+            "node agents with full-node depth and binding off, e.g. `srun --ntasks-per-node=1 "
+            "-c <cpus> --cpu-bind=none` or `aprun -N 1 -d <cpus> -cc none`")
+
+
+def _ranges(cpus: list[int]) -> str:
+    out, cpus = [], sorted(cpus)
+    i = 0
+    while i < len(cpus):
+        j = i
+        while j + 1 < len(cpus) and cpus[j + 1] == cpus[j] + 1:
+            j += 1
+        out.append(str(cpus[i]) if i == j else f"{cpus[i]}-{cpus[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
 def detect_gpus() -> list[str]:
     """GPU ids from CUDA_VISIBLE_DEVICES when set (an empty value means none), else nvidia-smi."""
     env = os.environ.get("CUDA_VISIBLE_DEVICES")

@@ -18,6 +18,6 @@ del _root
 
 def __getattr__(name: str):
     if name == "Client":
-        from pilotfish.server.client import Client
+        from pilotfish.client import Client
         return Client
     raise AttributeError(f"module 'pilotfish' has no attribute {name!r}")

@@ -16,24 +16,46 @@ CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 @click.option("--home", envvar="PILOTFISH_HOME", help="pilotfish home (default ~/.pilotfish).")
 @click.option("--server", "server", help="Server address, e.g. tcp://host:port (default: "
               "$PILOTFISH_SERVER or the home's server.json).")
+@click.option("--server-key", metavar="FILE", help="The server's public key file (its "
+              "keys/server.key) for a server of another home (default: $PILOTFISH_SERVER_KEY, "
+              "the home's server.json or keys/server.key).")
+@click.option("--client-key", metavar="FILE", help="An authorized client key pair "
+              "(NAME.key_secret) (default: $PILOTFISH_CLIENT_KEY or the home's "
+              "keys/client.key_secret).")
 @click.pass_context
-def cli(ctx, home, server) -> None:
+def cli(ctx, home, server, server_key, client_key) -> None:
     """pilotfish: many small tasks on machines built for huge jobs.
 
     A server keeps the jobs; node agents inside batch allocations pull work and run it.
     """
+    import os
     ctx.ensure_object(dict)
     ctx.obj["home"] = home
     ctx.obj["server"] = server
+    # every client this command makes (and every process it starts) reads the keys from there
+    for value, var in ((server_key, "PILOTFISH_SERVER_KEY"), (client_key, "PILOTFISH_CLIENT_KEY")):
+        if value:
+            os.environ[var] = value if not os.path.exists(value) else os.path.abspath(value)
 
 
 def _register() -> None:
     from pilotfish.demo import demo_cmd
+    from pilotfish.keys import keys_group
     from pilotfish.pilot.cli import pilot_group
     from pilotfish.server.cli import app_group, server_group
     from pilotfish.server.job_cli import job_group
-    for group in (server_group, app_group, job_group, pilot_group, demo_cmd):
+    from pilotfish.server.pilot_cli import pilot_ls
+    from pilotfish.pilot.site_cli import cancel_cmd, site_agent_cmd, site_status_cmd, submit_cmd
+    from pilotfish.site_configs.cli import site_group
+    from pilotfish.container.cli import container_group
+    for cmd in (pilot_ls, submit_cmd, cancel_cmd):
+        pilot_group.add_command(cmd)
+    for cmd in (site_agent_cmd, site_status_cmd):
+        site_group.add_command(cmd)
+    for group in (server_group, app_group, job_group, pilot_group, site_group, keys_group,
+                  demo_cmd):
         cli.add_command(group)
+    cli.add_command(container_group)
 
 
 _register()

@@ -12,7 +12,8 @@ from rich.console import Console
 from rich.table import Table
 
 # soft_wrap: never break a line ourselves (an error stays one line in a log or a pipe)
-out = Console(highlight=False, soft_wrap=True)
+# A pipe or file gets whole table rows (grep-able), not rows folded at rich's 80-column default.
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 4096)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 

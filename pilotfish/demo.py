@@ -45,7 +45,7 @@ def split_cores(cores: list[int], parts: int) -> list[list[int]]:
 def demo_cmd(njobs, seconds, nagents, keep, as_json) -> None:
     """Run NJOBS small jobs through a local server and agents, then clean up."""
     from pilotfish.server import daemon
-    from pilotfish.server.client import FINAL_STATES, Client
+    from pilotfish.client import FINAL_STATES, Client
     t0 = time.time()
     home = Path(tempfile.mkdtemp(prefix="pilotfish-demo-"))
     procs: list[subprocess.Popen] = []

@@ -51,7 +51,11 @@ _ANY = object
 SCHEMAS: dict[str, dict[str, tuple]] = {
     HELLO: {"agent": (str,), "host": (str,), "pid": (int,), "site": (str, _NONE),
             "pilot": (str, _NONE), "cores": (list,), "gpus": (list,), "memory": (int,),
-            "time_left": (*_NUM, _NONE), "running": (list,), "ack": (int,)},
+            "time_left": (*_NUM, _NONE), "running": (list,), "ack": (int,),
+            # optional: the node as the launcher names it, its cores (affinity self-check),
+            # and how this pilot launches multi-rank jobs
+            "node": (str, _NONE), "node_cores": (int, _NONE), "launcher": (str, _NONE),
+            "mpi": (str, _NONE)},
     UPDATE: {"agent": (str,), "useq": (int,), "updates": (list,), "demand": (dict,),
              "ack": (int,)},
     BYE: {"agent": (str,), "useq": (int,), "updates": (list,), "released": (list,)},
@@ -77,7 +81,15 @@ TASK_UPDATE = {"job": (int,), "attempt": (int,), "states": (list,), "exit": (int
 TASK = {"job": (int,), "attempt": (int,), "name": (str,), "argv": (list,), "env": (dict,),
         "workdir": (str,), "cores": (int,), "gpus": (int,), "timeout": (*_NUM, _NONE),
         "pre": (list, _NONE), "post": (list, _NONE), "input_url": (str, _NONE),
-        "output_url": (str, _NONE)}
+        "output_url": (str, _NONE), "launch": (dict, _NONE), "container": (dict, _NONE)}
+
+#: A task's ``launch``: present when the task is several ranks (an MPI job); the agent starts it
+#: with its pilot's launcher on ``hosts`` (node names, this node first), ``cores`` per node.
+LAUNCH = {"nodes": (int,), "ranks_per_node": (int,), "cpus_per_rank": (int,),
+          "gpus_per_rank": (int,), "hosts": (list,)}
+
+#: A task's ``container``: the image to run it in, and the runtime (None: the agent's own).
+CONTAINER = {"runtime": (str, _NONE), "image": (str,)}
 
 #: A job and attempt pair, as in ``running``, ``released``, ``revoke`` and ``cancel``.
 JOB_ATTEMPT = {"job": (int,), "attempt": (int,)}
@@ -86,6 +98,8 @@ JOB_ATTEMPT = {"job": (int,), "attempt": (int,)}
 #: Integer fields that may be 64-bit; every other integer must fit 32 bits (a database INTEGER).
 INT64_FIELDS = frozenset({"job", "memory", "seq", "useq", "ack", "uack", "rid"})
 _INT32 = 2**31
+#: Free text that may hold anything a task printed (NUL included); the server stores it cleaned.
+FREE_TEXT_FIELDS = frozenset({"msg", "error"})
 _INT64 = 2**63
 
 
@@ -117,6 +131,10 @@ def check_fields(schema: dict[str, tuple], data: Any, where: str) -> dict:
             limit = _INT64 if key in INT64_FIELDS else _INT32
             if not -limit <= value < limit:
                 raise ProtocolError(f"{where}: field {key!r} is out of range")
+        # PostgreSQL refuses NUL in text: one in an agent's host name made the server's next
+        # write fail (and a failed write outside a handler ended the server)
+        elif type(value) is str and "\x00" in value and key not in FREE_TEXT_FIELDS:
+            raise ProtocolError(f"{where}: field {key!r} must not contain a NUL byte")
     return data
 
 

@@ -5,7 +5,9 @@ One place for each path: the server, the agents and the CLI all ask here.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import stat
 from pathlib import Path
 
 #: Seconds between agent heartbeats; the server expires an agent's leases after
@@ -17,8 +19,46 @@ LEASE_HEARTBEATS = 3.0
 def home(path: str | os.PathLike | None = None) -> Path:
     """``$PILOTFISH_HOME`` (default ``~/.pilotfish``), created owner-only on first use."""
     p = Path(path or os.environ.get("PILOTFISH_HOME") or Path.home() / ".pilotfish").expanduser()
-    p.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not p.is_dir():
+        p.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_private(p)
     return p.resolve()
+
+
+def make_private(path: Path) -> bool:
+    """Take group and other permissions off ``path`` (a file: 0600, a directory: 0700) when we
+    own it; True when that changed anything. The home holds the database and the secret keys."""
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    if st.st_uid != os.geteuid() or not stat.S_IMODE(st.st_mode) & 0o077:
+        return False
+    os.chmod(path, stat.S_IMODE(st.st_mode) & 0o700)
+    logging.getLogger("pilotfish").info("made %s owner-only (was %04o)", path,
+                                        stat.S_IMODE(st.st_mode))
+    return True
+
+
+def private_sqlite(db_url: str) -> Path | None:
+    """Create the SQLite file of ``db_url`` owner-only (0600), or make an existing one (and its
+    -wal/-shm files) so; SQLite gives the files it adds the database file's mode. Returns the
+    file, or None for another database."""
+    if not db_url.startswith("sqlite:///"):
+        return None
+    name = db_url[len("sqlite:///"):].split("?", 1)[0]
+    if not name or name == ":memory:":
+        return None
+    path = Path(name)
+    if not path.exists():
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        except OSError:
+            return None  # the database layer reports a bad path in its own words
+    for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm"), Path(f"{path}-journal")):
+        if p.exists():
+            make_private(p)
+    return path
 
 
 def default_db_url(home_dir: Path) -> str:

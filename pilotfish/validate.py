@@ -37,3 +37,39 @@ def check_relpath(value: object, what: str) -> str:
             raise ValidationError(f"{what} {value!r} has a character outside letters, digits "
                                   "and '_.+-'")
     return value
+
+
+ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def check_command(argv: object) -> None:
+    """A command for a launcher or runtime: a non-empty tuple of strings without NUL."""
+    if not isinstance(argv, tuple) or not argv:
+        raise ValidationError("argv must be a non-empty tuple of strings (the command)")
+    if any(not isinstance(a, str) for a in argv):
+        raise ValidationError("every argv item must be a string")
+    if not argv[0]:
+        raise ValidationError("argv[0] (the program) may not be empty")
+    if any("\0" in a for a in argv):
+        raise ValidationError("argv items may not contain a NUL byte")
+
+
+def check_env_pairs(env: object) -> None:
+    """(name, value) pairs a launcher or runtime passes on: identifiers, each once, values
+    without NUL or line breaks (they end up inside options)."""
+    if not isinstance(env, tuple):
+        raise ValidationError("env must be a tuple of (name, value) pairs")
+    seen: set[str] = set()
+    for pair in env:
+        if not (isinstance(pair, tuple) and len(pair) == 2
+                and all(isinstance(x, str) for x in pair)):
+            raise ValidationError(f"env item {pair!r} is not a (name, value) pair of strings")
+        name, value = pair
+        if not ENV_NAME_RE.fullmatch(name):
+            raise ValidationError(f"env name {name!r} is not an identifier (letters, digits "
+                                  "and '_', not starting with a digit)")
+        if name in seen:
+            raise ValidationError(f"env name {name!r} is given twice")
+        seen.add(name)
+        if "\0" in value or "\n" in value or "\r" in value:
+            raise ValidationError(f"env value of {name} may not contain NUL or a line break")

@@ -15,18 +15,22 @@ from typing import Any
 from pilotfish.errors import ValidationError
 from pilotfish.validate import check_name, check_relpath
 
+from .containers import check_app_container
+
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 #: A string parameter without its own pattern accepts only these: no whitespace, quotes,
 #: ``$``, backticks, ``;|&<>()*?[]{}~!#`` or ``/`` — so nothing that means anything to a shell.
-SAFE_STRING = r"[A-Za-z0-9_.,:=+@%-]*"
+#: Nor a leading ``-``: as an argv item of its own it would be read as an option of the
+#: app's executable (``-rf``, ``--output=/elsewhere``).
+SAFE_STRING = r"(?!-)[A-Za-z0-9_.,:=+@%-]*"
 PARAM_TYPES = ("int", "float", "str", "choice", "path")
 RESOURCE_KEYS = ("num_nodes", "processes_per_node", "cpus_per_process", "gpus_per_process",
                  "wall_time_minutes")
 DEFAULT_RESOURCES = {"num_nodes": 1, "processes_per_node": 1, "cpus_per_process": 1,
                      "gpus_per_process": 0, "wall_time_minutes": None}
 APP_KEYS = {"name", "description", "executable", "args", "parameters", "preprocess",
-            "postprocess", "environment", "resources"}
+            "postprocess", "environment", "resources", "container"}
 _PARAM_KEYS = {"type", "default", "min", "max", "pattern", "choices", "help"}
 
 
@@ -77,6 +81,9 @@ class Param:
                                       f"got {value!r}")
         elif t == "path":
             check_relpath(value, where)
+            if value.startswith("-"):
+                raise ValidationError(f"{where}: path {value!r} starts with '-', which the "
+                                      "program would read as an option; write ./" + value)
         elif not self.pattern.fullmatch(value):
             raise ValidationError(f"{where} value {value!r} does not match the pattern "
                                   f"{self.pattern.pattern!r}")
@@ -110,6 +117,8 @@ class App:
     postprocess: list[str] | None = None
     environment: dict[str, str] = field(default_factory=dict)
     resources: dict[str, Any] = field(default_factory=dict)
+    #: {image, runtime, images} (see .containers), or None: tasks run on the host
+    container: dict | None = None
     _template: list = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -156,7 +165,8 @@ class App:
                 "executable": self.executable, "args": list(self.args),
                 "parameters": {n: p.spec() for n, p in self.params.items()},
                 "preprocess": self.preprocess, "postprocess": self.postprocess,
-                "environment": dict(self.environment), "resources": dict(self.resources)}
+                "environment": dict(self.environment), "resources": dict(self.resources),
+                "container": self.container}
 
 
 def _text(value: Any) -> str:
@@ -264,7 +274,8 @@ def app_from_spec(spec: Any, app_id: int = 0) -> App:
                description=desc,
                preprocess=_check_argv(spec.get("preprocess"), f"app {name!r} preprocess"),
                postprocess=_check_argv(spec.get("postprocess"), f"app {name!r} postprocess"),
-               environment=dict(env), resources=res)
+               environment=dict(env), resources=res,
+               container=check_app_container(spec.get("container"), f"app {name!r}"))
 
 
 def check_resources(res: dict, where: str) -> dict:
@@ -288,5 +299,5 @@ def app_from_row(row) -> App:
     spec = {"name": row.name, "description": row.description, "executable": row.executable,
             "args": row.args, "parameters": row.parameters, "preprocess": row.preprocess,
             "postprocess": row.postprocess, "environment": row.environment,
-            "resources": row.resources}
+            "resources": row.resources, "container": row.container}
     return app_from_spec(spec, row.id)

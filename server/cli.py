@@ -13,7 +13,7 @@ from pilotfish import console, settings
 from pilotfish.errors import PilotfishError, ValidationError
 
 from . import daemon
-from .client import Client
+from pilotfish.client import Client
 
 CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 JOB_COLUMNS = [("id", "ID"), ("name", "NAME"), ("application", "APP"), ("state", "STATE"),
@@ -82,22 +82,38 @@ def server_group() -> None:
 @click.option("--heartbeat", type=float, default=settings.HEARTBEAT_SECONDS, show_default=True,
               help="Seconds between agent heartbeats; leases expire after "
                    f"{settings.LEASE_HEARTBEATS:g} missed ones.")
+@click.option("--insecure", is_flag=True, help="No CurveZMQ: plain text, no authentication. "
+              "Only on a loopback bind (tcp://127.0.0.1:PORT) or ipc://; refused otherwise.")
 @click.option("-v", "--verbose", count=True, help="More log output.")
 @click.pass_context
-def server_start(ctx, foreground, db_url, bind, heartbeat, verbose) -> None:
-    """Start the job server (a daemon with a pid file and a log file, or -f)."""
+def server_start(ctx, foreground, db_url, bind, heartbeat, insecure, verbose) -> None:
+    """Start the job server (a daemon with a pid file and a log file, or -f).
+
+    tcp:// is CurveZMQ-encrypted and admits only clients whose public key is in
+    HOME/keys/authorized/; the first start makes the keys (see `pilotfish keys -h`).
+    """
+    from pilotfish import keys
     home = home_of(ctx)
     db_url = db_url or settings.default_db_url(home)
+    if insecure and not keys.is_loopback_bind(bind):
+        raise PilotfishError(f"--insecure is refused for {bind}: plain text is only served on "
+                             "loopback (tcp://127.0.0.1:PORT) or ipc://")
     if foreground:
         console.setup_logging(verbose)
         if daemon.running_pid(home):
             raise PilotfishError(f"a server is already running for {home} "
                                  f"(pid {daemon.running_pid(home)})")
-        daemon.run_foreground(home, db_url, bind, heartbeat)
+        daemon.run_foreground(home, db_url, bind, heartbeat, insecure=insecure)
         return
-    info = daemon.start_background(home, db_url, bind, heartbeat)
+    info = daemon.start_background(home, db_url, bind, heartbeat, insecure=insecure)
     console.out.print(f"server started: pid {info['pid']}, {info['address']}, db {info['db']}\n"
                       f"log: {settings.log_path(home)}")
+    if info.get("curve"):
+        console.out.print(f"CurveZMQ: server public key {info['public_key']}; authorized "
+                          f"client keys in {keys.authorized_dir(home)}", markup=False)
+    elif not info.get("secure"):
+        console.err.print(f"warning: INSECURE server (--insecure): plain text, no "
+                          f"authentication on {info['address']}", markup=False)
 
 
 @server_group.command("stop", context_settings=CTX)

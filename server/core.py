@@ -22,6 +22,7 @@ from .apps import App, app_from_row
 from .db import agents as agents_t
 from .db import apps as apps_t
 from .db import job_parents, jobs, max_job_id
+from .gangs import Gangs
 from .queue import ReadyQueue, Shape
 from .states import State
 from .store import Batch, chunks
@@ -34,12 +35,19 @@ MAX_TASKS_PER_MESSAGE = 1000
 
 _DISPATCH_COLS = (jobs.c.id, jobs.c.name, jobs.c.app_id, jobs.c.parameters, jobs.c.workdir,
                   jobs.c.wall_time_minutes, jobs.c.attempts, jobs.c.retries, jobs.c.max_retries,
-                  jobs.c.state, jobs.c.input_url, jobs.c.output_url, jobs.c.priority)
+                  jobs.c.state, jobs.c.input_url, jobs.c.output_url, jobs.c.priority,
+                  jobs.c.image)
 _DISPATCH_SELECT = select(*_DISPATCH_COLS).where(
     jobs.c.id.in_(bindparam("ids", expanding=True)))
 _SHAPE_COLS = (jobs.c.id, jobs.c.priority, jobs.c.site, jobs.c.num_nodes,
                jobs.c.processes_per_node, jobs.c.cpus_per_process, jobs.c.gpus_per_process,
                jobs.c.wall_time_minutes)
+
+
+def _text(msg: str | None) -> str | None:
+    """An agent's message as stored: a task's stderr may hold NUL bytes, which PostgreSQL
+    refuses in text (the failed write took the whole turn down, again at every resend)."""
+    return msg.replace("\x00", "\\0") if msg and "\x00" in msg else msg
 
 
 def shape_of(row: Any) -> Shape:
@@ -48,7 +56,7 @@ def shape_of(row: Any) -> Shape:
     ppn = get("processes_per_node")
     wall = get("wall_time_minutes")
     return Shape(get("site"), get("num_nodes"), ppn * get("cpus_per_process"),
-                 ppn * get("gpus_per_process"), None if wall is None else wall * 60.0)
+                 ppn * get("gpus_per_process"), None if wall is None else wall * 60.0, ppn)
 
 
 @dataclass(slots=True)
@@ -76,6 +84,10 @@ class AgentRec:
     memory: int
     started: float
     last_seen: float
+    node: str | None = None
+    node_cores: int | None = None
+    launcher: str | None = None
+    mpi: str | None = None
     state: str = "ALIVE"
     identity: bytes | None = None
     demand: dict | None = None
@@ -98,7 +110,9 @@ class AgentRec:
                 "pilot": self.pilot, "cores": self.cores, "gpus": self.gpus,
                 "memory": self.memory, "started": self.started, "last_seen": self.last_seen,
                 "state": self.state, "leases": len(self.leases),
-                "tasks_done": self.tasks_done, "silent_seconds": round(now - self.last_seen, 1)}
+                "tasks_done": self.tasks_done, "silent_seconds": round(now - self.last_seen, 1),
+                "node": self.node, "node_cores": self.node_cores, "launcher": self.launcher,
+                "affinity_ok": self.node_cores is None or self.cores >= self.node_cores}
 
 
 class JobServer:
@@ -109,6 +123,7 @@ class JobServer:
         self.lease_timeout = lease_timeout
         self.batch = Batch()
         self.queue = ReadyQueue()
+        self.gangs = Gangs(self)
         self.apps: dict[int, App] = {}
         self.app_names: dict[str, App] = {}
         self.leases: dict[int, Lease] = {}
@@ -142,7 +157,8 @@ class JobServer:
             self.agents[row.id] = AgentRec(
                 id=row.id, host=row.host, pid=row.pid, site=row.site, pilot=row.pilot,
                 cores=row.cores, gpus=row.gpus, memory=row.memory, started=row.started,
-                last_seen=now, tasks_done=row.tasks_done)
+                last_seen=now, tasks_done=row.tasks_done, node=row.node,
+                node_cores=row.node_cores, launcher=row.launcher)
         waiting = (select(job_parents.c.parent_id).distinct()
                    .join(jobs, jobs.c.id == job_parents.c.job_id)
                    .where(jobs.c.state.in_([S.AWAITING_PARENTS.value, S.CREATED.value])))
@@ -194,14 +210,22 @@ class JobServer:
         if a is None:
             a = AgentRec(id=aid, host=m["host"], pid=m["pid"], site=m.get("site"),
                          pilot=m.get("pilot"), cores=cores, gpus=gpus, memory=m["memory"],
-                         started=now, last_seen=now)
+                         started=now, last_seen=now, node=m.get("node"),
+                         node_cores=m.get("node_cores"), launcher=m.get("launcher"),
+                         mpi=m.get("mpi"))
             self.agents[aid] = a
             self.batch.agent_inserts.append(
                 {"id": aid, "host": a.host, "pid": a.pid, "site": a.site, "pilot": a.pilot,
                  "cores": cores, "gpus": gpus, "memory": a.memory, "started": now,
-                 "last_seen": now, "state": "ALIVE", "tasks_done": 0})
-            log.info("agent %s joined from %s (pid %d, %d cores, %d GPUs, site %s)",
-                     aid, a.host, a.pid, cores, gpus, a.site)
+                 "last_seen": now, "state": "ALIVE", "tasks_done": 0, "node": a.node,
+                 "node_cores": a.node_cores, "launcher": a.launcher})
+            log.info("agent %s joined from %s (node %s, pid %d, %d cores, %d GPUs, site %s, "
+                     "pilot %s, launcher %s)", aid, a.host, a.node, a.pid, cores, gpus, a.site,
+                     a.pilot, a.launcher)
+            if a.node_cores is not None and cores < a.node_cores:
+                log.warning("AFFINITY: agent %s on %s may use only %d of the node's %d CPUs: "
+                            "its launcher pinned it; its tasks share those CPUs", aid, a.node,
+                            cores, a.node_cores)
         else:
             a.state = "ALIVE"
             a.last_seen = now
@@ -305,7 +329,7 @@ class JobServer:
             else:
                 done = False
             try:
-                self.batch.transition(job, lease.state, path, now, it.get("msg"), **cols)
+                self.batch.transition(job, lease.state, path, now, _text(it.get("msg")), **cols)
             except IllegalTransition as exc:
                 log.warning("agent %s: job %d: %s", a.id, job, exc)
                 refused.append({"job": job, "attempt": it["attempt"]})
@@ -326,6 +350,8 @@ class JobServer:
 
     def _end_lease(self, lease: Lease) -> None:
         del self.leases[lease.job]
+        if lease.job in self.gangs.by_job:
+            self.gangs.release(lease.job)
         a = self.agents.get(lease.agent)
         if a is not None:
             a.leases.discard(lease.job)
@@ -368,14 +394,18 @@ class JobServer:
     # -- dispatch ---------------------------------------------------------------------------
     def dispatch(self, now: float) -> int:
         """Hand queued jobs to hungry agents as leases; returns the number of tasks sent."""
+        sent = self.dispatch_gangs(now)
         if not self.hungry or not self.queue:
-            return 0
+            return sent
         picks = []
+        held = self.gangs.by_agent
         for aid in list(self.hungry):
             a = self.agents[aid]
             if a.demand is None:
                 self.hungry.discard(aid)
                 continue
+            if aid in held:
+                continue  # draining for a multi-node job
             cores, gpus = a.budget()
             if cores <= 0:
                 self.hungry.discard(aid)
@@ -385,50 +415,88 @@ class JobServer:
             if left is not None:
                 left -= now - a.demand_time
             got = self.queue.pick(a.site, d["max_cores"], d["max_gpus"], left, cores, gpus,
-                                  MAX_TASKS_PER_MESSAGE)
+                                  MAX_TASKS_PER_MESSAGE,
+                                  ranks_ok=a.launcher not in (None, "local"))
             if got:
                 picks.append((a, got))
         if not picks:
+            return sent
+        rows = self._dispatch_rows([job for _, got in picks for job, _ in got])
+        for a, got in picks:
+            tasks = [self._lease_task(rows[job], shape, a)
+                     for job, shape in got if job in rows]
+            self._send_tasks(a, tasks)
+            sent += len(tasks)
+        self.stats["dispatched"] += sent
+        return sent
+
+    def dispatch_gangs(self, now: float) -> int:
+        """Launch the multi-node jobs whose reserved nodes have drained."""
+        ready = self.gangs.schedule(now) if (self.gangs.by_job or self.queue) else []
+        if not ready:
             return 0
+        rows = self._dispatch_rows([r.job for r in ready])
+        sent = 0
+        for r in ready:
+            row = rows.get(r.job)
+            self.queue.remove(r.job)
+            if row is None:
+                self.gangs.release(r.job)
+                continue
+            leader = self.agents[r.agents[0]]
+            r.hosts = [self.agents[aid].node or self.agents[aid].host for aid in r.agents]
+            self._send_tasks(leader, [self._lease_task(row, r.shape, leader, r.hosts)])
+            self.gangs.launched(r)
+            log.info("job %d: launching on %d nodes of pilot %s (%s)", r.job, len(r.agents),
+                     r.pilot, ",".join(r.hosts))
+            sent += 1
+        self.stats["dispatched"] += sent
+        return sent
+
+    def _dispatch_rows(self, ids: list[int]) -> dict[int, Any]:
         self.sync()
         rows = {}
-        ids = [job for _, got in picks for job, _ in got]
         for part in chunks(ids, 900):
             for r in self.conn.execute(_DISPATCH_SELECT, {"ids": part}):
                 rows[r.id] = r
-        sent = 0
-        for a, got in picks:
-            tasks = []
-            used_c = used_g = 0
-            for job, shape in got:
-                r = rows.get(job)
-                if r is None:
-                    continue
-                app = self.apps[r.app_id]
-                attempt = r.attempts + 1
-                wall = r.wall_time_minutes
-                tasks.append({"job": job, "attempt": attempt, "name": r.name,
-                              "argv": app.argv(r.parameters), "env": app.environment,
-                              "workdir": r.workdir, "cores": shape.cores, "gpus": shape.gpus,
-                              "timeout": None if wall is None else wall * 60.0,
-                              "pre": app.preprocess, "post": app.postprocess,
-                              "input_url": r.input_url, "output_url": r.output_url})
-                self.leases[job] = Lease(job, a.id, attempt, S(r.state), r.retries,
-                                         r.max_retries, r.priority, shape)
-                a.leases.add(job)
-                self.batch.update_job(job, attempts=attempt, agent=a.id)
-                used_c += shape.cores
-                used_g += shape.gpus
-            if tasks:
-                a.seq += 1
-                a.inflight.append((a.seq, used_c, used_g))
-                self.send(a.identity, P.encode(P.TASKS, seq=a.seq, tasks=tasks,
-                                               refused=a.refused, uack=a.uack))
-                a.refused = []
-                self.ack_due.discard(a.id)
-                sent += len(tasks)
-        self.stats["dispatched"] += sent
-        return sent
+        return rows
+
+    def _lease_task(self, r: Any, shape: Shape, a: AgentRec,
+                    hosts: list[str] | None = None) -> dict:
+        """Lease job row ``r`` to agent ``a``; the task message for it."""
+        app = self.apps[r.app_id]
+        attempt = r.attempts + 1
+        wall = r.wall_time_minutes
+        task = {"job": r.id, "attempt": attempt, "name": r.name,
+                "argv": app.argv(r.parameters), "env": app.environment,
+                "workdir": r.workdir, "cores": shape.cores, "gpus": shape.gpus,
+                "timeout": None if wall is None else wall * 60.0,
+                "pre": app.preprocess, "post": app.postprocess,
+                "input_url": r.input_url, "output_url": r.output_url}
+        if app.container is not None:
+            task["container"] = {"runtime": app.container["runtime"],
+                                 "image": r.image or app.container["image"]}
+        if shape.ranks > 1 or shape.nodes > 1:
+            task["launch"] = {"nodes": shape.nodes, "ranks_per_node": shape.ranks,
+                              "cpus_per_rank": shape.cores // shape.ranks,
+                              "gpus_per_rank": shape.gpus // shape.ranks,
+                              "hosts": hosts or []}
+        self.leases[r.id] = Lease(r.id, a.id, attempt, S(r.state), r.retries,
+                                  r.max_retries, r.priority, shape)
+        a.leases.add(r.id)
+        self.batch.update_job(r.id, attempts=attempt, agent=a.id)
+        return task
+
+    def _send_tasks(self, a: AgentRec, tasks: list[dict]) -> None:
+        if not tasks:
+            return
+        a.seq += 1
+        a.inflight.append((a.seq, sum(t["cores"] for t in tasks),
+                           sum(t["gpus"] for t in tasks)))
+        self.send(a.identity, P.encode(P.TASKS, seq=a.seq, tasks=tasks, refused=a.refused,
+                                       uack=a.uack))
+        a.refused = []
+        self.ack_due.discard(a.id)
 
     def flush_acks(self) -> None:
         """Answer the updates that no task batch answered this turn."""

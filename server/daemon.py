@@ -9,10 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-from pilotfish import settings
+from pilotfish import keys, settings
 from pilotfish.errors import PilotfishError, ServerUnavailable
 
-from .client import Client
+from pilotfish.client import Client
 
 
 def running_pid(home: Path) -> int | None:
@@ -44,23 +44,36 @@ def alive(pid: int) -> bool:
     return True
 
 
-def run_foreground(home: Path, db_url: str, bind: str, heartbeat: float) -> None:
+def run_foreground(home: Path, db_url: str, bind: str, heartbeat: float,
+                   insecure: bool = False) -> None:
     from .service import Service  # pulls in the database layer only when serving
-    Service(db_url, bind, home, heartbeat=heartbeat).run()
+    os.umask(0o077)  # everything the server writes (database, logs, ipc socket) is owner-only
+    Service(db_url, bind, home, heartbeat=heartbeat, insecure=insecure).run()
+
+
+def open_log(home: Path):
+    """The server's log file for appending, owner-only."""
+    path = settings.log_path(home)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    settings.make_private(path)
+    return os.fdopen(fd, "ab")
 
 
 def start_background(home: Path, db_url: str, bind: str, heartbeat: float,
-                     wait: float = 30.0) -> dict:
-    """Start a detached server; return its server.json once it answers a ping."""
+                     wait: float = 30.0, insecure: bool = False) -> dict:
+    """Start a detached server; return its server.json once it answers a ping.
+
+    A tcp:// server uses CurveZMQ unless ``insecure`` (loopback binds only); it makes the
+    home's keys when they are missing, so clients of the same home find them."""
     if running_pid(home):
         raise PilotfishError(f"a server is already running for {home} (pid {running_pid(home)});"
                              " `pilotfish server stop` first")
     for p in (settings.server_info_path(home), settings.pid_path(home)):
         p.unlink(missing_ok=True)
-    log = open(settings.log_path(home), "ab")
+    log = open_log(home)
     cmd = [sys.executable, "-m", "pilotfish", "--home", str(home), "server", "start",
            "--foreground", "--db", db_url,
-           "--bind", bind, "--heartbeat", str(heartbeat)]
+           "--bind", bind, "--heartbeat", str(heartbeat)] + (["--insecure"] if insecure else [])
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                             start_new_session=True, close_fds=True)
     log.close()
@@ -75,6 +88,9 @@ def start_background(home: Path, db_url: str, bind: str, heartbeat: float,
             try:
                 with Client(info["address"], home, timeout=2) as c:
                     c.ping()
+                return info
+            except keys.Refused as exc:  # it is up; this home's own client key is not admitted
+                logging.getLogger("pilotfish").warning("%s", exc)
                 return info
             except ServerUnavailable:
                 pass

@@ -11,7 +11,16 @@ from sqlalchemy.engine import Engine
 
 from pilotfish.errors import PilotfishError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 4
+#: Columns that bring a database from a version to the next: (table, column, SQL type).
+#: ADD COLUMN works on SQLite and PostgreSQL alike; a table that create_all has just made
+#: (it did not exist) has its new columns already, so only missing ones are added.
+MIGRATIONS: dict[int, list[tuple[str, str, str]]] = {
+    1: [("agents", "node", "VARCHAR(255)"), ("agents", "node_cores", "INTEGER"),
+        ("agents", "launcher", "VARCHAR(32)")],
+    2: [],  # pilots and sites tables: new tables are made by create_all
+    3: [("apps", "container", "JSON"), ("jobs", "image", "VARCHAR(512)")],
+}
 metadata = MetaData()
 
 # SQLite's INTEGER PRIMARY KEY is the rowid; BigInteger keeps PostgreSQL ids 64-bit.
@@ -29,6 +38,7 @@ apps = Table(
     Column("postprocess", JSON),
     Column("environment", JSON, nullable=False),
     Column("resources", JSON, nullable=False),     # default job resources
+    Column("container", JSON),                     # {image, runtime, images} or null
     Column("created", Float, nullable=False),
 )
 
@@ -64,6 +74,7 @@ jobs = Table(
     Column("message", Text),                      # the last event's message
     Column("workdir", Text, nullable=False),       # relative to the agent's work root
     Column("agent", String(64)),                   # lease holder, null when not leased
+    Column("image", String(512)),                  # the job's own container image, if any
     Index("ix_jobs_state_id", "state", "id"),
     Index("ix_jobs_group", "group_identifier"),
     Index("ix_jobs_app", "app_id"),
@@ -102,6 +113,36 @@ agents = Table(
     Column("last_seen", Float, nullable=False),
     Column("state", String(16), nullable=False),   # ALIVE, LOST, EXITED
     Column("tasks_done", Integer, nullable=False, default=0),
+    Column("node", String(255)),                   # the name the pilot's launcher uses
+    Column("node_cores", Integer),                 # CPUs on the node (affinity self-check)
+    Column("launcher", String(32)),
+)
+
+pilots = Table(
+    "pilots", metadata,
+    Column("id", String(128), primary_key=True),   # the pilot id its agents report
+    Column("site", String(128)),
+    Column("scheduler", String(32)),
+    Column("batch_id", String(128)),
+    Column("nodes", Integer, nullable=False),
+    Column("walltime_minutes", Float),
+    Column("queue", String(128)),
+    Column("project", String(128)),
+    Column("state", String(16), nullable=False),   # pilotfish.pilotstate.PilotState
+    Column("reason", Text),
+    Column("workdir", Text),                       # script, stdout/stderr, batch id (login node)
+    Column("submitted", Float, nullable=False),
+    Column("state_time", Float, nullable=False),
+)
+
+sites = Table(
+    "sites", metadata,
+    Column("name", String(128), primary_key=True),
+    Column("host", String(255)),                   # where its site agent runs
+    Column("pid", Integer),
+    Column("paused", Integer, nullable=False, default=0),
+    Column("error", Text),
+    Column("updated", Float, nullable=False),
 )
 
 meta = Table(
@@ -139,15 +180,29 @@ def make_engine(url: str) -> Engine:
             row = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).first()
             if row is None:
                 conn.execute(meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
-            elif int(row[0]) != SCHEMA_VERSION:
-                raise PilotfishError(f"database schema version {row[0]} is not {SCHEMA_VERSION}; "
-                                     "this pilotfish cannot use it")
+            else:
+                _migrate(conn, int(row[0]))
     except PilotfishError:
         raise
     except Exception as exc:
         raise PilotfishError(f"cannot open database {engine.url!r}: "
                              f"{str(exc).splitlines()[0]}") from None
     return engine
+
+
+def _migrate(conn, version: int) -> None:
+    if version > SCHEMA_VERSION or not all(v in MIGRATIONS for v in range(version,
+                                                                          SCHEMA_VERSION)):
+        raise PilotfishError(f"database schema version {version} is not {SCHEMA_VERSION}; "
+                             "this pilotfish cannot use it")
+    from sqlalchemy import inspect
+    insp = inspect(conn)
+    for v in range(version, SCHEMA_VERSION):
+        for table, column, sqltype in MIGRATIONS[v]:
+            if column not in {c["name"] for c in insp.get_columns(table)}:
+                conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {sqltype}")
+    conn.execute(meta.update().where(meta.c.key == "schema_version")
+                 .values(value=str(SCHEMA_VERSION)))
 
 
 def max_job_id(conn) -> int:

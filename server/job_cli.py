@@ -11,7 +11,7 @@ from pilotfish import console
 from pilotfish.errors import ValidationError
 
 from .cli import CTX, JOB_COLUMNS, client_of, json_option, load_structured, parse_kv
-from .client import FINAL_STATES
+from pilotfish.client import FINAL_STATES
 
 
 @click.group("job", context_settings=CTX)
@@ -123,6 +123,8 @@ def job_show(ctx, job_id, as_json) -> None:
     if as_json:
         return console.print_json(d)
     events = d.pop("events")
+    if d.get("waiting") is None:
+        d.pop("waiting", None)
     console.out.print(yaml.safe_dump(d, sort_keys=False).rstrip())
     console.out.print("history:")
     for e in events:

@@ -11,12 +11,13 @@ from pilotfish.errors import ValidationError
 from pilotfish.validate import check_name
 
 from .apps import App, RESOURCE_KEYS, check_resources
+from .containers import check_job_image
 
 JOB_KEYS = frozenset({
     "name", "description", "site", "queue", "project", "wall_time_minutes", "num_nodes",
     "processes_per_node", "application", "config_file", "parameters", "input_url", "output_url",
     "group_identifier", "tags", "priority", "max_retries", "cpus_per_process",
-    "gpus_per_process", "parents"})
+    "gpus_per_process", "parents", "image"})
 #: Fields ``job alter`` may change on a job that no agent holds.
 ALTERABLE = frozenset({"description", "site", "queue", "project", "wall_time_minutes",
                        "num_nodes", "processes_per_node", "cpus_per_process", "gpus_per_process",
@@ -109,6 +110,7 @@ def build_job(msg: Any, app_by_name: Callable[[str], App]) -> dict:
             type(p) is int and 0 < p < 2**63 for p in parents):
         raise ValidationError(f"job {name!r}: parents must be a list of job ids")
     row["parents"] = sorted(set(parents))
+    row["image"] = check_job_image(app.container, msg.get("image"), app.name, name)
     return row
 
 

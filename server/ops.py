@@ -51,6 +51,8 @@ def _arg(args: dict, key: str, types, default=None, required=False):
         raise ValidationError(f"argument {key!r} has the wrong type")
     if type(v) is int and not 0 <= v <= MAX_ID:
         raise ValidationError(f"argument {key!r} is out of range")
+    if type(v) is str and "\x00" in v:  # PostgreSQL refuses NUL in text
+        raise ValidationError(f"argument {key!r} must not contain a NUL byte")
     return v
 
 
@@ -226,6 +228,8 @@ def where_of(f: dict | None, srv: JobServer) -> list:
     for k in ("app", "site", "group", "tag", "name"):
         if f.get(k) is not None and not isinstance(f[k], str):
             raise ValidationError(f"filter {k!r} must be a string")
+        if f.get(k) is not None and "\x00" in f[k]:  # PostgreSQL refuses NUL in text
+            raise ValidationError(f"filter {k!r} must not contain a NUL byte")
     if f.get("ids") is not None:
         conds.append(jobs.c.id.in_(_ids(f["ids"], "ids")))
     if f.get("state"):
@@ -306,6 +310,7 @@ def job_show(srv: JobServer, args: dict, now: float) -> dict:
     if r is None:
         raise NotFound(f"no job {job_id}")
     d = _job_dict(srv, r)
+    d["waiting"] = srv.gangs.waiting_reason(job_id, now)
     app = srv.apps.get(r.app_id)
     d["argv"] = app.argv(r.parameters) if app else None
     d["parents"] = [x[0] for x in srv.conn.execute(
@@ -363,11 +368,16 @@ def _change_states(srv: JobServer, args: dict, now: float, to: State, why: str,
     rows = _select_jobs(srv, args)
     todo = [r for r in rows if r.state not in skip]
     for r in todo:  # check all before changing any
-        frm = srv.leases[r.id].state if r.id in srv.leases else State(r.state)
+        lease = srv.leases.get(r.id)
+        frm = lease.state if lease is not None else State(r.state)
         if to not in USER_STATES:
             raise IllegalTransition(f"illegal state change {frm.value} -> {to.value}: a user "
                                     "may only kill (USER_KILLED) or retry (RESTART_READY) a job")
-        if to is not S.USER_KILLED or r.id not in srv.leases:
+        if lease is not None and to is not S.USER_KILLED:
+            # (_set_state refuses it too, but only after the jobs before it were changed)
+            raise IllegalTransition(f"job {r.id} is held by agent {lease.agent}; only a kill "
+                                    "can change its state now")
+        if to is not S.USER_KILLED or lease is None:
             states.check_path(frm, [to])
     for r in todo:
         _set_state(srv, r, to, now, why)
@@ -424,6 +434,12 @@ def job_alter(srv: JobServer, args: dict, now: float) -> dict:
         for k in ("site", "queue", "project", "group_identifier"):
             if new.get(k) is not None:
                 check_name(new[k], k)
+        if "description" in new:  # as job_add checks it: else the write failed at commit
+            desc = new["description"] or ""
+            if not isinstance(desc, str) or len(desc) > 10_000 or "\x00" in desc:
+                raise ValidationError(f"job {r.id}: description must be a string without NUL, "
+                                      "at most 10,000 characters")
+            new["description"] = desc
         d.update(new)
         check_resources(d, f"job {r.id}")
         updates.append((r, new, d))

@@ -15,6 +15,8 @@ class Shape(NamedTuple):
     cores: int
     gpus: int
     wall_seconds: float | None
+    #: MPI ranks per node; more than one needs a launcher (srun, aprun, mpiexec, ...).
+    ranks: int = 1
 
 
 class ReadyQueue:
@@ -38,6 +40,28 @@ class ReadyQueue:
     def remove(self, job_id: int) -> bool:
         return self._member.pop(job_id, None) is not None
 
+    def shape_of(self, job_id: int) -> Shape | None:
+        return self._member.get(job_id)
+
+    def multi_node_shapes(self) -> list[Shape]:
+        """Shapes of queued multi-node jobs (they are scheduled by reserving whole nodes)."""
+        return [s for s in list(self._heaps) if s.nodes > 1 and self._head(s) is not None]
+
+    def best(self, shape: Shape, skip: set[int]) -> tuple[int, int] | None:
+        """The best queued (-priority, job) of ``shape`` not in ``skip``, without popping it."""
+        heap = self._heaps.get(shape)
+        if not heap:
+            return None
+        member = self._member
+        k = len(skip) + 1
+        while True:  # stale entries (removed jobs) may fill the first k: look deeper then
+            for top in heapq.nsmallest(k, heap):
+                if member.get(top[1]) == shape and top[1] not in skip:
+                    return top
+            if k >= len(heap):
+                return None
+            k *= 4
+
     def shapes(self) -> dict[Shape, int]:
         """Queued job counts per shape (for status and, later, the provisioner)."""
         counts: dict[Shape, int] = {}
@@ -57,14 +81,17 @@ class ReadyQueue:
         return None
 
     def pick(self, site: str | None, max_cores: int, max_gpus: int, time_left: float | None,
-             cores: int, gpus: int, limit: int) -> list[tuple[int, Shape]]:
+             cores: int, gpus: int, limit: int, ranks_ok: bool = False
+             ) -> list[tuple[int, Shape]]:
         """Pop the best jobs an agent can run within a budget of ``cores``/``gpus``.
 
         A job fits when its shape fits the agent (single node, site, the agent's largest
-        task, the agent's time left) and its cores/GPUs fit what is left of the budget.
+        task, the agent's time left, several ranks only where the agent has a launcher) and
+        its cores/GPUs fit what is left of the budget.
         """
         fits = [s for s in self._heaps
-                if s.nodes == 1 and (s.site is None or s.site == site)
+                if s.nodes == 1 and (s.ranks == 1 or ranks_ok)
+                and (s.site is None or s.site == site)
                 and s.cores <= max_cores and s.gpus <= max_gpus
                 and (time_left is None or s.wall_seconds is None or s.wall_seconds <= time_left)]
         out: list[tuple[int, Shape]] = []

@@ -11,35 +11,200 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 
 import zmq
+from zmq.utils import z85
 
+from pilotfish import keys
 from pilotfish import protocol as P
 from pilotfish import settings
 from pilotfish.errors import PilotfishError, ProtocolError
 
 from .core import JobServer
 from .db import make_engine
+from . import pilot_ops  # noqa: F401  (registers the pilot and site ops)
 from .ops import OPS
 
 log = logging.getLogger("pilotfish.server")
 MAX_MESSAGES_PER_TURN = 2000
 
 
+#: Seconds between two log lines about refused connections of one kind (a refused agent
+#: reconnects every few seconds; the first refusal is always logged).
+REFUSAL_LOG_EVERY = 60.0
+
+
+class _Throttle:
+    """Say a thing once, then at most once per ``every`` seconds, with how often it recurred."""
+
+    def __init__(self, every: float = REFUSAL_LOG_EVERY, size: int = 10_000) -> None:
+        self.every, self.size = every, size
+        self.seen: dict = {}  # key -> [last logged, recurrences since]
+
+    def __call__(self, key) -> int | None:
+        """None: stay quiet; else the number of recurrences not logged since the last line."""
+        now = time.monotonic()
+        entry = self.seen.get(key)
+        if entry is None:
+            if len(self.seen) >= self.size:
+                self.seen.clear()
+            self.seen[key] = [now, 0]
+            return 0
+        if now - entry[0] < self.every:
+            entry[1] += 1
+            return None
+        quiet, entry[0], entry[1] = entry[1], now, 0
+        return quiet
+
+
+class ZapHandler:
+    """The ZAP handler (RFC 27) of the server's context, in a thread of its own.
+
+    It admits a CURVE client only when its public key is in the authorized-keys directory
+    (re-read when that changes: a revoked key is refused from its next connection on) and logs
+    every refusal, throttled: ZAP denials with the client's key and address, and, through a
+    monitor of the ROUTER, handshakes that fail before ZAP (a client without keys). The ROUTER
+    sets ZAP_ENFORCE_DOMAIN, so should this handler be gone, handshakes fail instead of passing.
+    """
+
+    ENDPOINT = "inproc://zeromq.zap.01"
+
+    def __init__(self, ctx: zmq.Context, authorized: keys.AuthorizedKeys) -> None:
+        self.authorized = authorized
+        self.zap = ctx.socket(zmq.REP)
+        self.zap.setsockopt(zmq.LINGER, 0)
+        self.zap.bind(self.ENDPOINT)
+        self.ctx = ctx
+        self.mon: zmq.Socket | None = None
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="pilotfish-zap", daemon=True)
+        self.throttle = _Throttle()
+        self.denied = 0
+
+    def start(self, router: zmq.Socket) -> None:
+        endpoint = f"inproc://pilotfish.monitor.{id(self)}"
+        router.monitor(endpoint, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                       | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+        self.mon = self.ctx.socket(zmq.PAIR)
+        self.mon.setsockopt(zmq.LINGER, 0)
+        self.mon.connect(endpoint)
+        self.thread.start()
+
+    def stop(self) -> None:
+        """After the ROUTER is closed: end the thread and close its sockets."""
+        self.stop_event.set()
+        if self.thread.is_alive():
+            self.thread.join(5)
+        if not self.thread.is_alive():
+            for s in (self.zap, self.mon):
+                if s is not None:
+                    s.close(linger=0)
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.zap, zmq.POLLIN)
+        if self.mon is not None:
+            poller.register(self.mon, zmq.POLLIN)
+        while not self.stop_event.is_set():
+            try:
+                ready = dict(poller.poll(200))
+                if self.zap in ready:
+                    self.handle(self.zap.recv_multipart())
+                if self.mon is not None and self.mon in ready:
+                    self.on_monitor(self.mon.recv_multipart())
+            except zmq.ContextTerminated:
+                return
+            except Exception:  # never leave a handshake unanswered for a bug of ours
+                log.exception("ZAP handler error")
+
+    def handle(self, msg: list[bytes]) -> None:
+        if len(msg) < 6:  # not a ZAP request: answer so the REP socket stays usable
+            self.zap.send_multipart([b"1.0", b"", b"500", b"malformed ZAP request", b"", b""])
+            return
+        version, rid, _domain, address, _identity, mechanism = msg[:6]
+        creds = msg[6:]
+        name = None
+        reason = "not an authorized key"
+        key = b""
+        try:
+            if mechanism != b"CURVE" or len(creds) != 1 or len(creds[0]) != 32:
+                reason = f"mechanism {mechanism.decode(errors='replace')} (only CURVE is served)"
+            else:
+                key = z85.encode(creds[0])
+                name = self.authorized.lookup(key)
+        except Exception:
+            log.exception("ZAP: checking a key failed; refusing it")
+            name, reason = None, "internal error while checking the key"
+        if name is not None:
+            log.debug("ZAP: admitted key %r (%s) from %s", name, key.decode(),
+                      address.decode(errors="replace"))
+            self.zap.send_multipart([version, rid, b"200", b"OK", name.encode(), b""])
+            return
+        self.denied += 1
+        peer = address.decode(errors="replace")
+        quiet = self.throttle(("zap", key, peer))
+        if quiet is not None:
+            log.warning("ZAP: denied CURVE key %s from %s: %s (keys/authorized/ in %s)%s",
+                        key.decode() or "-", peer, reason, self.authorized.directory.parent,
+                        f"; {quiet} more refusals since" if quiet else "")
+        self.zap.send_multipart([version, rid, b"400", reason.encode()[:200], b"", b""])
+
+    def on_monitor(self, frames: list[bytes]) -> None:
+        from zmq.utils.monitor import parse_monitor_message
+        ev = parse_monitor_message(frames)
+        if ev["event"] not in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+                               zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+            return
+        self.denied += 1
+        quiet = self.throttle(("handshake", ev["event"], ev["value"]))
+        if quiet is None:
+            return
+        if ev["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+            level, hint = logging.WARNING, keys.handshake_hint(ev["event"], ev["value"])
+        else:  # the peer hung up first (a plain-text client that saw our CURVE greeting)
+            level, hint = logging.INFO, ("the peer closed the connection during the handshake "
+                                         "(a client without CurveZMQ keys? a port scan?)")
+        log.log(level, "ZAP: denied a connection on %s before authentication: %s%s",
+                ev["endpoint"].decode(errors="replace"), hint,
+                f"; {quiet} more refusals since" if quiet else "")
+
+
 class Service:
     def __init__(self, db_url: str, bind: str, home: Path,
                  heartbeat: float = settings.HEARTBEAT_SECONDS,
-                 lease_timeout: float | None = None) -> None:
+                 lease_timeout: float | None = None, insecure: bool = False) -> None:
         self.home = home
         self.db_url = db_url
         self.heartbeat = heartbeat
         self.lease_timeout = lease_timeout or heartbeat * settings.LEASE_HEARTBEATS
+        # CURVE on every endpoint that can leave the machine; plain text only when asked for
+        # and only on loopback; ipc:// is guarded by the socket file's permissions instead
+        self.curve = keys.uses_curve(bind) and not insecure
+        if insecure and not keys.is_loopback_bind(bind):
+            raise PilotfishError(f"--insecure is refused for {bind}: plain text is only served "
+                                 "on loopback (tcp://127.0.0.1:PORT) or ipc://")
+        settings.make_private(home)
+        settings.private_sqlite(db_url)
+        self.public_key: bytes | None = None
+        if self.curve:
+            keys.ensure_home_keys(home)
+            self.public_key, secret = keys.server_keys(home)
         self.engine = make_engine(db_url)
         self.srv = JobServer(self.engine, heartbeat, self.lease_timeout)
         self.ctx = zmq.Context()
+        self.zap: ZapHandler | None = None
         self.sock = self.ctx.socket(zmq.ROUTER)
+        if self.curve:
+            # the handler is bound before the ROUTER is, so no connection ever skips it
+            self.zap = ZapHandler(self.ctx, keys.AuthorizedKeys(keys.authorized_dir(home)))
+            self.sock.setsockopt(zmq.CURVE_SERVER, 1)
+            self.sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+            self.sock.setsockopt(zmq.ZAP_DOMAIN, b"pilotfish")
+            self.sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+            self.zap.start(self.sock)
         self.sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
         self.sock.setsockopt(zmq.LINGER, 1000)
         # an agent that reconnects with its routing id takes over its old connection
@@ -48,11 +213,19 @@ class Service:
         self.sock.setsockopt(zmq.RCVHWM, 100_000)
         self._bind(bind)
         endpoint = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        if endpoint.startswith("ipc://"):
+            settings.make_private(Path(endpoint[len("ipc://"):]))
         host = endpoint.split("://", 1)[1].rsplit(":", 1)[0]
         if host in ("0.0.0.0", "[::]", "*"):
             endpoint = endpoint.replace(host, socket.getfqdn(), 1)
         self.address = endpoint
         self.stopping = False
+        if self.curve:
+            log.info("CurveZMQ on: clients need this server's public key %s and a key in %s",
+                     self.public_key.decode(), keys.authorized_dir(home))
+        elif insecure:
+            log.warning("INSECURE: serving plain text without authentication on %s (asked for "
+                        "with --insecure); any local user can connect", self.address)
 
     def _bind(self, bind: str) -> None:
         """Bind; a '*' port reuses this home's last port when it is free, so agents that were
@@ -75,7 +248,14 @@ class Service:
 
     def _write_info(self) -> None:
         info = {"address": self.address, "pid": os.getpid(), "started": time.time(),
-                "db": self.engine.url.render_as_string(hide_password=True)}
+                "db": self.engine.url.render_as_string(hide_password=True),
+                # whether clients must use CurveZMQ, and the key they need (never the secret)
+                "curve": self.curve,
+                "public_key": self.public_key.decode() if self.public_key else None,
+                "secure": self.curve or self.address.startswith(keys.LOCAL_TRANSPORTS),
+                "security": ("curve" if self.curve else "ipc (owner-only socket file)"
+                             if self.address.startswith(keys.LOCAL_TRANSPORTS)
+                             else "insecure (plain text on loopback, --insecure)")}
         path = settings.server_info_path(self.home)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(info))
@@ -119,6 +299,8 @@ class Service:
         finally:
             self._remove_info()
             sock.close(linger=1000)
+            if self.zap is not None:
+                self.zap.stop()
             self.ctx.term()
             self.srv.conn.close()
             self.engine.dispose()
@@ -137,8 +319,13 @@ class Service:
             self.handle(frames, now)
         if n == 0 and not self.srv.hungry:
             return
-        self.srv.resolve_children(now)  # children readied now can be dispatched now
-        self.srv.dispatch(now)
+        try:
+            self.srv.resolve_children(now)  # children readied now can be dispatched now
+            self.srv.dispatch(now)
+        except Exception:  # a write of this turn that fails here: never die of it either
+            log.exception("internal error dispatching")
+            self.reload()
+            return
         self.finish_turn(sock)
 
     def finish_turn(self, sock: zmq.Socket) -> None:

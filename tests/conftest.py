@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from pilotfish import keys
 from pilotfish.server import daemon
-from pilotfish.server.client import Client
+from pilotfish.client import Client
 
 PG_ADMIN_URL = os.environ.get("PILOTFISH_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -44,6 +45,16 @@ def run_cli(home: Path, *args: str, input: str | None = None, timeout: float = 6
     return r
 
 
+#: The home of each test server by address: raw sockets of tests find its CurveZMQ keys there.
+SERVER_HOMES: dict[str, Path] = {}
+
+
+def curve_socket(sock, address: str):
+    """Give a raw test socket (before it connects) the CurveZMQ client keys of the test server
+    at ``address`` (the ones its home's Client and agents use)."""
+    return keys.apply_client(sock, keys.client_curve(SERVER_HOMES[address], address))
+
+
 class ServerHandle:
     def __init__(self, home: Path, db_url: str, heartbeat: float = 1.0) -> None:
         self.home = home
@@ -55,6 +66,7 @@ class ServerHandle:
     def start(self) -> "ServerHandle":
         self.info = daemon.start_background(self.home, self.db_url, "tcp://127.0.0.1:*",
                                             self.heartbeat)
+        SERVER_HOMES[self.info["address"]] = self.home
         return self
 
     @property
@@ -155,3 +167,45 @@ def wait_for(pred, timeout: float = 30, interval: float = 0.05, what: str = "con
             return v
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+# -- Slurm (started by scripts/slurm_up: 4 fake nodes node[1-4] on this machine) ----------------
+def slurm_nodes() -> list[str]:
+    """Names of the Slurm nodes that are up (idle/mix/alloc), or [] without a Slurm."""
+    import shutil
+    if not shutil.which("sinfo") or not shutil.which("sbatch"):
+        return []
+    try:
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True,
+                             text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return sorted({n for n, t in (line.split() for line in out.splitlines() if line.strip())
+                   if t.rstrip("*") in ("idle", "mix", "alloc", "comp")})
+
+
+@pytest.fixture(scope="session")
+def slurm() -> list[str]:
+    """A real Slurm with at least 4 nodes up (scripts/slurm_up starts one)."""
+    nodes = slurm_nodes()
+    require(len(nodes) >= 4, "Slurm with 4 nodes up (run scripts/slurm_up as root)")
+    return nodes
+
+
+def sbatch(script: str, *args: str) -> str:
+    """Submit a batch script; its Slurm job id."""
+    r = subprocess.run(["sbatch", "--parsable", *args], input=script, capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip().split(";")[0]
+
+
+def slurm_job_state(job_id: str) -> str | None:
+    """The job's state from squeue, or None once it has left the queue."""
+    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True,
+                         text=True, timeout=20).stdout.strip()
+    return out or None
+
+
+def scancel(job_id: str) -> None:
+    subprocess.run(["scancel", job_id], capture_output=True, timeout=20)

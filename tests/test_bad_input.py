@@ -19,12 +19,11 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from conftest import ServerHandle, run_cli, wait_for
+from conftest import ServerHandle, curve_socket, run_cli, wait_for
 from pilotfish import protocol as P
 from pilotfish.errors import (IllegalTransition, NotFound, PilotfishError, ProtocolError,
                               ValidationError)
-
-SAFE_DEFAULT = "[A-Za-z0-9_.,:=+@%-]*"
+from pilotfish.server.apps import SAFE_STRING as SAFE_DEFAULT
 
 APPS = [
     {"name": "echo", "executable": "/bin/echo", "args": ["{msg}"],
@@ -60,6 +59,7 @@ def dealer(address: str, identity: bytes | None = None) -> zmq.Socket:
     s.setsockopt(zmq.LINGER, 0)
     if identity is not None:
         s.setsockopt(zmq.ROUTING_ID, identity)
+    curve_socket(s, address)
     s.connect(address)
     return s
 

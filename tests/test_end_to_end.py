@@ -362,3 +362,15 @@ def test_gpus_are_handed_out_one_set_per_task(server: ServerHandle, tmp_path):
     assert c.job(huge)["state"] == "READY"
     [agent] = c.agents()
     assert agent["gpus"] == 2
+
+
+def test_a_task_killed_from_outside_fails_after_a_short_grace(server: ServerHandle, tmp_path):
+    """A task SIGTERMed by someone else (not the agent stopping) is a failure, reported after
+    the grace in which a batch system's stop signal would have reached the agent too."""
+    c = server.client()
+    c.add_app({"name": "selfkill", "executable": "/bin/sh", "args": ["-c", "kill -TERM $$"]})
+    job = c.add_job(name="k", application="selfkill", max_retries=0)
+    server.agent(work_root=tmp_path / "work")
+    wait_for(lambda: c.job(job)["state"] == "FAILED", 30, what="the job to fail")
+    d = c.job(job)
+    assert "signal 15" in d["message"] and d["exit_code"] == -15, d

@@ -312,3 +312,15 @@ def test_local_launcher_really_runs_argv_unchanged(tmp_path):
     out = subprocess.run(build("local", plain), capture_output=True, text=True, timeout=30,
                          check=True)
     assert out.stdout.strip() == "['a;b']"
+
+
+def test_srun_overlap_inside_a_pilot_allocation():
+    """Slurm 20.11+: a step beside the agents' step must say --overlap or wait for them."""
+    req = LaunchRequest(nodes=2, ranks_per_node=2, cpus_per_rank=1, argv=("a",), overlap=True)
+    assert build("srun", req)[:9] == ["srun", "-N", "2", "-n", "4", "--ntasks-per-node=2",
+                                      "-c", "1", "--cpu-bind=cores"]
+    assert "--overlap" in build("srun", req)
+    assert "--overlap" not in build("srun", LaunchRequest(nodes=1, ranks_per_node=1,
+                                                          cpus_per_rank=1, argv=("a",)))
+    for name in ("aprun", "mpiexec", "pals", "mpirun", "jsrun"):
+        assert "--overlap" not in build(name, req)

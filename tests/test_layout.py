@@ -7,7 +7,13 @@ import pilotfish
 PKG = Path(pilotfish.__file__).resolve().parent
 ROOMS = {"server": "pilotfish.server", "pilot": "pilotfish.pilot",
          "launcher": "pilotfish.launcher", "container": "pilotfish.container"}
-CORE = ["protocol.py", "settings.py", "errors.py", "validate.py", "console.py"]
+CORE = ["protocol.py", "settings.py", "errors.py", "validate.py", "console.py", "client.py",
+        "pilotstate.py"]
+
+
+def in_package(module: str, package: str) -> bool:
+    """``pilotfish.pilot.agent`` is in ``pilotfish.pilot``; ``pilotfish.pilotstate`` is not."""
+    return module == package or module.startswith(package + ".")
 
 
 def room_dir(room: str) -> Path:
@@ -34,15 +40,16 @@ def test_server_and_pilot_never_import_each_other():
     """server and pilot meet only through the protocol."""
     for room, other in (("server", "pilotfish.pilot"), ("pilot", "pilotfish.server")):
         for f in room_dir(room).glob("*.py"):
-            bad = [m for m in imports(f) if m.startswith(other) or m.startswith("..")]
+            bad = [m for m in imports(f) if in_package(m, other) or m.startswith("..")]
             assert not bad, f"{room}/{f.name} imports {bad}"
 
 
 def test_core_imports_no_room():
-    """The core modules (protocol, settings, errors, validate, console) import no room."""
+    """The core modules (protocol, settings, errors, validate, console, client, pilot states)
+    import no room."""
     for name in CORE:
         mods = imports(PKG / name)
-        bad = [m for m in mods if any(m.startswith(r) for r in ROOMS.values())]
+        bad = [m for m in mods if any(in_package(m, r) for r in ROOMS.values())]
         assert not bad, f"pilotfish/{name} imports {bad}"
 
 
@@ -56,3 +63,16 @@ def test_mpi4py_is_not_imported_by_the_package():
         names = {a.name for n in top for a in n.names} | {
             n.module for n in top if isinstance(n, ast.ImportFrom) and n.module}
         assert "mpi4py" not in names, f.name
+
+
+def test_the_command_line_starts_without_heavy_imports():
+    """Every `pilotfish ...` (a node agent's start included, 4 at once on a node at ramp-up)
+    imports the umbrella CLI: the database, schema, template and MPI libraries must wait until
+    a command needs them."""
+    import subprocess
+    import sys
+    code = ("import pilotfish.cli, sys; print(sorted({m.split('.')[0] for m in sys.modules}"
+            " & {'pydantic', 'sqlalchemy', 'jinja2', 'mpi4py'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "[]", out

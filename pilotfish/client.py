@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import zmq
 
+from pilotfish import keys
 from pilotfish import protocol as P
 from pilotfish import settings
 from pilotfish.errors import ERRORS_BY_CODE, PilotfishError, ProtocolError, ServerUnavailable
@@ -26,28 +27,68 @@ FINAL_STATES = ("JOB_FINISHED", "FAILED", "USER_KILLED")
 
 
 class Client:
+    """``server_key``: the server's public key (a key file or the key itself) and
+    ``client_key``: an authorized client pair (a .key_secret file), for a tcp:// server; by
+    default from $PILOTFISH_SERVER_KEY / $PILOTFISH_CLIENT_KEY or the home (see
+    :mod:`pilotfish.keys`)."""
+
     def __init__(self, address: str | None = None, home: str | Path | None = None,
-                 timeout: float = 60.0) -> None:
+                 timeout: float = 60.0, server_key: str | Path | None = None,
+                 client_key: str | Path | None = None) -> None:
         self.home = settings.home(home)
         self.address = settings.server_address(self.home, address)
         if not self.address:
             raise ServerUnavailable(f"no server is running for {self.home} "
                                     "(start one with `pilotfish server start`)")
+        self.curve = keys.client_curve(self.home, self.address, server_key, client_key)
         self.timeout = timeout
         self._rids = itertools.count(1)
         self._ctx = zmq.Context.instance()
         self._sock: zmq.Socket | None = None
+        self._mon: zmq.Socket | None = None
+        self._poller: zmq.Poller | None = None
 
     def _socket(self) -> zmq.Socket:
         if self._sock is None:
             s = self._ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 0)
+            keys.apply_client(s, self.curve)
+            self._poller = zmq.Poller()
+            self._poller.register(s, zmq.POLLIN)
+            if self.curve is not None:  # a refused key fails the call at once, not at timeout
+                self._mon = s.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                                                 | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+                self._poller.register(self._mon, zmq.POLLIN)
             s.connect(self.address)
             self._sock = s
         return self._sock
 
+    def _wait(self, sock: zmq.Socket, seconds: float) -> bool:
+        """Wait for a reply; raise at once when the server refuses our handshake."""
+        deadline = time.monotonic() + seconds
+        while True:
+            ready = dict(self._poller.poll(max(0, int((deadline - time.monotonic()) * 1000))))
+            if sock in ready:
+                return True
+            if self._mon is not None and self._mon in ready:
+                from zmq.utils.monitor import recv_monitor_message
+                ev = recv_monitor_message(self._mon)
+                if ev["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH or \
+                        ev["value"] == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+                    self.close()
+                    raise keys.Refused(
+                        f"the server at {self.address} refused this client: "
+                        f"{keys.handshake_hint(ev['event'], ev['value'])}")
+                continue
+            if time.monotonic() >= deadline:
+                return False
+
     def close(self) -> None:
         if self._sock is not None:
+            if self._mon is not None:
+                self._sock.disable_monitor()
+                self._mon.close(linger=0)
+                self._mon = None
             self._sock.close(linger=0)
             self._sock = None
 
@@ -65,7 +106,7 @@ class Client:
         deadline = time.monotonic() + (timeout or self.timeout)
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not sock.poll(int(left * 1000)):
+            if left <= 0 or not self._wait(sock, left):
                 self.close()  # a late reply must not be taken for the next request's
                 raise ServerUnavailable(f"no answer from the server at {self.address} within "
                                         f"{timeout or self.timeout:.0f} s (is it running? "
@@ -88,6 +129,26 @@ class Client:
 
     def agents(self, all: bool = False) -> list[dict]:
         return self.call("agent_ls", all=all)
+
+    # -- pilots and sites --------------------------------------------------------------------
+    def pilots(self, all: bool = False, site: str | None = None) -> list[dict]:
+        """Pilots with their agents (recorded ones, and heads started by hand)."""
+        return self.call("pilot_ls", all=all, site=site)
+
+    def add_pilot(self, **pilot: Any) -> dict:
+        return self.call("pilot_add", **pilot)
+
+    def update_pilot(self, pilot_id: str, /, **changes: Any) -> dict:
+        return self.call("pilot_update", id=pilot_id, **changes)
+
+    def site_backlog(self, site: str) -> dict:
+        return self.call("site_backlog", site=site)
+
+    def site_report(self, site: str, **report: Any) -> dict:
+        return self.call("site_report", site=site, **report)
+
+    def sites(self) -> list[dict]:
+        return self.call("site_status")
 
     def shutdown(self) -> dict:
         return self.call("shutdown")

@@ -1,0 +1,166 @@
+#!/usr/bin/env python3
+"""Allocation efficiency of a pilot on a real Slurm: of the core-seconds a 4-node pilot holds
+(from its batch script's start to its end), how many did tasks use?
+
+Each repeat: a fresh server gets N jobs of ``sleep D`` (default 400 x 0.2 s; sleep uses no CPU,
+so the 8 CPUs that 4 fake nodes x 2 CPUs have only on paper can all be "busy" at once) and,
+with ``--mpi-jobs K``, K 2-node jobs of 2 ranks per node (``sleep D`` through the pilot's srun).
+Then one pilot (``sbatch -N 4 --exclusive``, agents with ``--idle-timeout T``, default 2 s)
+is submitted and runs them all; it ends by itself when its agents have been idle for T.
+
+Clocks: the batch script prints ``date +%s.%N`` as its first line (allocation start) and again
+after the pilot head has exited (allocation end); the benchmark also records when the job left
+``squeue`` (polled every 50 ms; ``squeue_end_seconds``). Task times are the agents' own
+(``Client.summary()``: busy core-seconds = sum over jobs of (ended - started) x cores).
+
+Figures (8 allocated CPUs = 4 nodes x 2):
+
+* ``allocation_efficiency``: busy core-seconds / (8 x (allocation end - start)). Baseline: the
+  ideal makespan, total work / 8 CPUs (N x D / 8 for sleeps); ``ratio`` = ideal makespan /
+  allocation wall time (1.0: the allocation lasted exactly as long as the work needs on 8
+  CPUs, no ramp-up, no tail, no drain). Busy core-seconds are a little above the nominal work
+  (each task's time includes its fork and exec).
+* ``efficiency_excl_idle_timeout``: the same with T taken off the allocation's wall time.
+* ``makespan_efficiency``: busy core-seconds / (8 x (first task start -> last task end));
+  ``ratio`` = ideal makespan / measured makespan.
+* ``rampup_seconds``: allocation start -> first task started (also -> all agents registered).
+* ``drain_seconds``: last task end -> allocation end (dominated by T; ``drain_minus_idle``).
+
+Fake nodes: 4 slurmd processes on one 2-core machine. The tasks sleep, so 8 can run at once,
+but everything else (agents, server, srun, slurmctld) shares 2 physical cores.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common as C  # noqa: E402
+
+NODES = 4
+
+
+def run_once(a, nodes: list[str], r: int) -> dict:
+    with C.Env("sqlite", a.heartbeat, a.tmp, a.keep, label="alloc") as env, \
+            C.SlurmJobs() as jobs:
+        c = env.client
+        c.add_app({"name": "sleep", "executable": "/bin/sleep", "args": [repr(a.duration)]})
+        specs = [{"name": f"s{i}", "application": "sleep"} for i in range(a.n)]
+        specs += [{"name": f"m{i}", "application": "sleep", "num_nodes": 2,
+                   "processes_per_node": 2} for i in range(a.mpi_jobs)]
+        c.add_jobs(specs)
+        out = env.home / "pilot-%j.out"
+        body = C.pilot_body(env.home, env.address, f"--idle-timeout {a.idle_timeout}")
+        jid, t_sub, _ = jobs.submit(C.batch_script(body, nodes=NODES, out=out,
+                                                   name="pf-bench-alloc"))
+        t_gone = jobs.wait_gone(jid, timeout=a.timeout)
+        path = Path(str(out).replace("%j", jid))
+        m = C.read_marks(path)
+        counts = c.counts()
+        s = c.summary()
+        agents = [x for x in c.agents(all=True) if x["pilot"] == f"slurm-{jid}"]
+        C.wait_nodes_idle(nodes)
+        others = jobs.others.get(jid, 0)
+    if "start" not in m or "end" not in m:
+        raise RuntimeError(f"pilot {jid}: no start/end marks:\n{C._tail(path)}")
+    if m["end"][1] != 0:
+        C.log(f"WARNING: pilot {jid} exited with {m['end'][1]:.0f}:\n{C._tail(path)}")
+    ok = counts.get("JOB_FINISHED", 0)
+    if ok != len(specs):
+        C.log(f"WARNING: {ok} of {len(specs)} jobs finished: {C.counts_line(counts)}")
+    t0, t1 = m["start"][0], m["end"][0]
+    return {"start": t0, "end": t1, "wall": t1 - t0, "squeue_wall": t_gone - t0,
+            "submit_to_start": t0 - t_sub, "busy": s["core_seconds"],
+            "first_started": s["first_started"], "last_ended": s["last_ended"],
+            "agents_registered": max(x["started"] for x in agents) - t0 if agents else None,
+            "agents": len(agents), "finished": ok, "job": jid, "other_slurm_jobs": others}
+
+
+def main() -> int:
+    p = C.parser(__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--n", type=int, default=400,
+                   help="Single-core tasks (default: %(default)s).")
+    p.add_argument("--duration", type=float, default=0.2,
+                   help="Seconds each task sleeps (default: %(default)s).")
+    p.add_argument("--mpi-jobs", type=int, default=0,
+                   help="Also K 2-node jobs of 2 ranks per node, each sleeping --duration "
+                        "(started with srun by the agents; default: %(default)s).")
+    p.add_argument("--idle-timeout", type=float, default=2.0,
+                   help="Agents' --idle-timeout (default: %(default)s s).")
+    p.add_argument("--cpus", type=int, default=2,
+                   help="CPUs per node, for the allocated core-seconds (default: "
+                        "%(default)s, the fake nodes').")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="Seconds to wait for a pilot to end (default: %(default)s).")
+    a = p.parse_args()
+    C.set_bench("allocation")
+    nodes = C.require_slurm(NODES)[:NODES]
+    C.install_signal_handlers()
+    if a.py_spy:
+        C.log("note: --py-spy is not supported by the Slurm benchmarks (the agents run under "
+              "srun); ignored")
+    ctx = C.machine(a.tmp)
+    cpus = NODES * a.cpus
+    work = a.n * a.duration + a.mpi_jobs * a.duration * 2 * 2
+    ideal = work / cpus
+    runs: list[dict] = []
+    C.wait_nodes_idle(nodes)
+    for r in range(a.repeat):
+        x = run_once(a, nodes, r)
+        x["span"] = x["last_ended"] - x["first_started"]
+        x["eff"] = x["busy"] / (cpus * x["wall"])
+        x["eff_excl"] = x["busy"] / (cpus * (x["wall"] - a.idle_timeout))
+        x["eff_span"] = x["busy"] / (cpus * x["span"])
+        x["rampup"] = x["first_started"] - x["start"]
+        x["drain"] = x["end"] - x["last_ended"]
+        runs.append(x)
+        C.log(f"repeat {r + 1}/{a.repeat}: pilot {x['job']}: allocation {x['wall']:.2f} s "
+              f"(ideal makespan {ideal:.2f} s), efficiency {x['eff']:.3f}, excl. idle timeout "
+              f"{x['eff_excl']:.3f}, makespan {x['span']:.2f} s ({x['eff_span']:.3f}), "
+              f"ramp-up {x['rampup']:.2f} s, drain {x['drain']:.2f} s")
+
+    def col(k: str) -> list:
+        return [x[k] for x in runs]
+
+    common = dict(n=a.n, duration=a.duration, mpi_jobs=a.mpi_jobs, idle_timeout=a.idle_timeout,
+                  allocated_cpus=cpus, nodes=NODES, work_core_seconds=work,
+                  ideal_seconds=ideal, repeat=a.repeat, finished=col("finished"),
+                  other_slurm_jobs=col("other_slurm_jobs"),
+                  slurm_nodes="fake: slurmd processes on this one machine", **ctx)
+    base = dict(baseline=f"ideal makespan: total work / {cpus} CPUs", baseline_value=ideal)
+    v = col("eff")
+    C.emit("allocation_efficiency", C.median(v), values=v,
+           interval="batch script start (date +%s.%N, its first line) -> its last line, "
+                    "printed after the pilot head exited",
+           end_source="batch script's last line (date +%s.%N after the head exited)",
+           allocation_seconds=col("wall"), squeue_end_seconds=col("squeue_wall"),
+           busy_core_seconds=col("busy"),
+           ratio=C.median([ideal / w for w in col("wall")]),
+           submit_to_start_seconds=col("submit_to_start"), **base, **common)
+    v = col("eff_excl")
+    C.emit("efficiency_excl_idle_timeout", C.median(v), values=v,
+           interval="as allocation_efficiency, with the agents' idle timeout taken off the "
+                    "allocation's wall time", **base, **common)
+    v = col("eff_span")
+    med = C.median(col("span"))
+    C.emit("makespan_efficiency", C.median(v), values=v,
+           interval="first task start -> last task end (agents' timestamps, Client.summary)",
+           makespan_seconds=col("span"), ratio=C.ratio(ideal, med), **base, **common)
+    v = col("rampup")
+    C.emit("rampup_seconds", C.median(v), unit="s", values=v,
+           interval="batch script start -> first task started (agent's timestamp)",
+           agents_registered_seconds=col("agents_registered"), **common)
+    v = col("drain")
+    C.emit("drain_seconds", C.median(v), unit="s", values=v,
+           interval="last task end (agent's timestamp) -> batch script's last line (after "
+                    "the pilot head exited)",
+           drain_minus_idle=C.median([d - a.idle_timeout for d in v]),
+           squeue_drain_seconds=[x["squeue_wall"] + x["start"] - x["last_ended"]
+                                 for x in runs], **common)
+    return 0
+
+
+if __name__ == "__main__":
+    C.run(main)

@@ -1,0 +1,3 @@
+import sys
+
+print("pf-demo", *sys.argv[1:])
