@@ -3,12 +3,15 @@
 Each task gets its own cores (and GPUs). Processes start with ``posix_spawn`` (glibc's vfork
 path, about twice as fast as ``subprocess.Popen`` here) in the task's workdir (the agent chdirs
 there first; it only uses absolute paths itself) and open their own stdout/stderr files. The
-child is pinned to its cores the moment ``posix_spawn`` returns, which is right after its exec,
-before its dynamic loader has run. (Pinning the agent's own thread first, so the child inherits
-the mask, migrated the agent to a busy core on every spawn: 50 us idle, up to 1.7 ms behind a
-CPU-bound task, and 15% of W2's throughput; spawning from threads pinned per core serialised on
-the process-wide working directory and was no faster.) Process exits arrive as readable pidfds
-in the agent's poll loop, so a finished task is noticed at once. Nothing runs through a shell.
+child is born pinned: the agent pins its own thread to the task's cores just before
+``posix_spawn`` and restores its mask right after, so the child inherits the mask before its
+first instruction. (Pinning the child after ``posix_spawn`` returned was a race: the vfork
+child keeps the CPU after its exec, the agent waits behind it, and under load a task read, or
+an OpenMP runtime bound its threads to, the agent's whole mask -- seen once in CI. ``taskset``
+as an exec shim is race-free too but costs each task another exec, 0.65 ms here; pinning the
+agent's thread costs it a migration to the task's core, which is idle at that moment.) Process
+exits arrive as readable pidfds in the agent's poll loop, so a finished task is noticed at
+once. Nothing runs through a shell.
 
 Tasks start in their own session (``setsid``), so they outlive an agent that dies without
 stopping them (kill -9, the OOM killer, a crash) -- and the server requeues such an agent's
@@ -117,6 +120,8 @@ class Executor:
                  launch: Callable[[Task, list[str]], list[str]] | None = None,
                  contain: Callable[[Task, list[str]], list[str]] | None = None) -> None:
         self.all_cores = list(cores)
+        #: This thread's mask, restored after each spawn (tasks get subsets of it).
+        self._own_mask = os.sched_getaffinity(0)
         self.free_cores = list(cores)
         self.all_gpus = list(gpus)
         self.free_gpus = list(gpus)
@@ -289,6 +294,7 @@ class Executor:
         actions = [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
                    (os.POSIX_SPAWN_OPEN, 1, f"{stem}.out", _WRITE, 0o644),
                    (os.POSIX_SPAWN_OPEN, 2, f"{stem}.err", _WRITE, 0o644)]
+        pinned = self._pin_self(t)
         try:
             os.chdir(t.workdir)
             t.pid = os.posix_spawn(argv[0], argv, self._env(t), file_actions=actions,
@@ -301,15 +307,25 @@ class Executor:
             # the agent and its other tasks go on
             self._fail(t, now, failure, f"cannot start {str(argv)[:200]}: {exc}")
             return False
-        try:
-            os.sched_setaffinity(t.pid, t.cores)
-        except ProcessLookupError:
-            pass  # it has exited already: nothing left to pin
-        except OSError as exc:
-            log.warning("job %d: could not pin pid %d to %s: %s", t.job, t.pid, t.cores, exc)
+        finally:
+            if pinned:
+                os.sched_setaffinity(0, self._own_mask)
         self._guard(b"+%d\n" % t.pid)
         t.pidfd = os.pidfd_open(t.pid)
         self.watch(t.pidfd, t)
+        return True
+
+    def _pin_self(self, t: Task) -> bool:
+        """Pin this thread to the task's cores so that the process it spawns inherits them;
+        True if the caller must restore ``_own_mask`` afterwards."""
+        if set(t.cores) == self._own_mask:
+            return False
+        try:
+            os.sched_setaffinity(0, t.cores)  # 0: the calling thread only, not the ZeroMQ threads
+        except OSError as exc:
+            log.warning("job %d: could not pin to cores %s: %s; it runs on %s", t.job, t.cores,
+                        exc, sorted(self._own_mask))
+            return False
         return True
 
     def _start_guard(self) -> None:

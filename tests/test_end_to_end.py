@@ -82,6 +82,21 @@ def test_tasks_are_pinned_to_exactly_their_cores(server: ServerHandle, tmp_path)
         assert env["PILOTFISH_JOB_ID"] == str(job_id) and env["PILOTFISH_ATTEMPT"] == "1"
 
 
+def test_tasks_are_born_pinned(server: ServerHandle, tmp_path):
+    """A task that reads its mask within a millisecond of its exec (grep of /proc/self/status)
+    already sees exactly its core: the agent pins the child before it runs, not after.
+    (Pinning after ``posix_spawn`` returned let 12 of these 200 see the whole mask.)"""
+    c = server.client()
+    c.add_app({"name": "mask", "executable": "/bin/grep",
+               "args": ["Cpus_allowed_list", "/proc/self/status"]})
+    jobs = c.add_jobs([{"name": f"m{i}", "application": "mask"} for i in range(200)])
+    server.agent(work_root=tmp_path / "work")
+    assert wait_for(lambda: finished(c, jobs), 60) == {"JOB_FINISHED": 200}
+    masks = [(tmp_path / "work" / c.job(j)["workdir"] / "job.out").read_text().split(":")[1]
+             for j in jobs]
+    assert [j for j, m in zip(jobs, masks) if len(parse_cpu_list(m.strip())) != 1] == []
+
+
 def test_failures_are_retried_then_failed(server: ServerHandle, tmp_path):
     """A failing task is retried max_retries times, then FAILED, every attempt in the history."""
     c = server.client()
