@@ -15,8 +15,8 @@ directory and removes them, tasks of killed agents included):
   the server requeues the dead agent's jobs; bound: lease timeout + 2 heartbeats).
 * ``sigstop``: SIGSTOP an agent past its lease, SIGCONT it after another agent finished its
   job: late_update_refused (its stale finish is refused, the job finished once); and the same
-  with a task longer than the lease: paused_agent_overlap (a known limitation: true = the
-  paused agent's task still ran when the job was re-run elsewhere).
+  with a task longer than the lease: paused_agent_overlap (must be false: the paused agent's
+  guard fences its task before the job is re-run elsewhere).
 * ``restart``: kill -9 the server ``--restarts`` times while a client submits jobs in a loop
   and long tasks run: server_restarts_survived, acked_jobs_missing (must be 0),
   tasks_readopted (running across a restart, kept attempt 1).
@@ -111,8 +111,8 @@ def run_sigstop(a, out: dict, ctx: dict) -> None:
            refused=r["refused_delta"], stopped_seconds=r["stopped_seconds"],
            attempt_log=r["attempt_log"], heartbeat=a.heartbeat, **ctx)
     C.emit("paused_agent_overlap", long["attempt1_alive_when_attempt2_ran"],
-           note="KNOWN LIMITATION when true: a SIGSTOPped (not dead) agent's task longer than "
-                "the lease runs on while the server re-runs the job elsewhere",
+           note="must be false: a SIGSTOPped (not dead) agent's task longer than the lease is "
+                "stopped by the agent's guard before the server re-runs the job elsewhere",
            task_seconds=long["task_seconds"], lease_timeout=long["lease_timeout"], **ctx)
     out.update(late_update_refused=ok,
                paused_agent_overlap=long["attempt1_alive_when_attempt2_ran"])

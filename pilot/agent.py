@@ -210,6 +210,8 @@ class Agent:
         elif kind == P.WELCOME:
             self.welcomed = True
             self.heartbeat = min(self.heartbeat, float(m["heartbeat"]))
+            lease = m.get("lease") or float(m["heartbeat"]) * settings.LEASE_HEARTBEATS
+            self.ex.set_fence(*settings.fence_timing(self.heartbeat, float(lease)))
             for item in m["revoke"]:
                 self.ex.cancel(item["job"], item["attempt"])
             log.info("server %s welcomed agent %s", self.server, self.id)
@@ -234,6 +236,7 @@ class Agent:
                  self.res.time_left(), self.server)
         self.hello()
         sock, ex, poll = self.sock, self.ex, self.poller.poll
+        turned = time.time()
         while not self.stopping:
             now = time.time()
             wake = [self.last_sent + self.heartbeat]
@@ -246,6 +249,13 @@ class Agent:
             timeout = max(0, min(wake) - now)
             events = poll(timeout * 1000)
             now = time.time()
+            if ex.fence and now - turned > ex.fence:
+                log.warning("agent %s was silent for %.1f s (stopped or stuck): its guard has "
+                            "stopped its tasks, whose jobs the server gives to other agents",
+                            self.id, now - turned)
+                ex.fenced = (now, now - turned)
+            turned = now
+            ex.tick(now)
             for what, _ in events:
                 if what is sock:
                     while True:

@@ -22,6 +22,12 @@ reaps it. When the agent dies the pipe closes, and the guard sends SIGTERM, then
 1 s) SIGKILL, to the process group of every task still listed, well within the lease timeout.
 The guard starts with the executor (not in fake-exec mode), works from ``/``, ignores SIGINT,
 SIGTERM and SIGHUP (the agent stops its tasks itself on those) and leaves at end of file.
+
+The guard also **fences** an agent that is alive but silent -- stopped (SIGSTOP, a debugger),
+swapped out, stuck -- whose leases the server will expire and whose jobs it will hand to other
+agents while the tasks still run: once the server has told the agent its heartbeat and lease,
+the agent ticks the guard while its loop turns, and after ``settings.fence_timing`` seconds
+without a tick the guard stops the tasks it holds, a heartbeat before the lease runs out.
 """
 from __future__ import annotations
 
@@ -54,15 +60,34 @@ KILL_GRACE = 3.0
 #: Seconds a task killed by SIGTERM/SIGKILL from outside waits for the agent's own stop signal
 #: before it counts as failed (scancel and walltime kills signal every process of the job).
 SIGNAL_GRACE = 0.5
-#: The guard (see the module doc): reads "+pid"/"-pid" lines on stdin; at end of file stops the
-#: process groups still listed. Run with ``python -S -I -c``.
+#: The guard (see the module doc): reads lines on stdin: "+pid" / "-pid" (a task started / is
+#: being reaped), "F<silence> <grace>" (fencing on; "F0 0" off), "." (a tick). At end of file, or
+#: after <silence> seconds with no line while tasks are listed, it stops their process groups.
+#: Run with ``python -S -I -c``.
 _GUARD = r"""
-import os, signal, time
+import os, select, signal, time
 os.chdir("/")  # not the workdir of the task being spawned
 for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
     signal.signal(s, signal.SIG_IGN)
-live, buf = set(), b""
+live, buf, silence, grace = set(), b"", 0.0, 1.0
+def signal_all(sig):
+    for g in list(live):
+        try:
+            os.killpg(g, sig)
+        except OSError:
+            live.discard(g)
+def stop_all(grace):
+    signal_all(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while live and time.monotonic() < deadline:
+        time.sleep(min(0.05, grace))
+        signal_all(0)
+    signal_all(signal.SIGKILL)
+    live.clear()
 while True:
+    if not select.select([0], [], [], silence if silence and live else None)[0]:
+        stop_all(grace)  # the agent said nothing for too long: its jobs go to others soon
+        continue
     try:
         data = os.read(0, 65536)
     except InterruptedError:
@@ -71,19 +96,13 @@ while True:
         break
     *lines, buf = (buf + data).split(b"\n")
     for line in filter(None, lines):
-        (live.add if line[:1] == b"+" else live.discard)(int(line[1:]))
-def signal_all(sig):
-    for g in list(live):
-        try:
-            os.killpg(g, sig)
-        except OSError:
-            live.discard(g)
-signal_all(signal.SIGTERM)
-deadline = time.monotonic() + 1.0
-while live and time.monotonic() < deadline:
-    time.sleep(0.05)
-    signal_all(0)
-signal_all(signal.SIGKILL)
+        if line[:1] == b"+":
+            live.add(int(line[1:]))
+        elif line[:1] == b"-":
+            live.discard(int(line[1:]))
+        elif line[:1] == b"F":
+            silence, grace = map(float, line[1:].split())
+stop_all(1.0)
 """
 
 
@@ -146,6 +165,9 @@ class Executor:
         sys.path[:] = [p for p in sys.path if p not in ("", ".")]
         self.avg_run: float | None = None    # moving average of run-step seconds
         self._guard_fd: int | None = None    # write end of the guard's pipe (see module doc)
+        self.fence: float = 0.0              # the guard's silence limit; 0: no fencing
+        self._ticked = 0.0
+        self.fenced: tuple[float, float] | None = None  # (when we woke up, how long we slept)
         if not fake:
             self._start_guard()
         self._made_dirs: set[str] = set()
@@ -343,6 +365,17 @@ class Executor:
             os.close(r)
         self._guard_fd = w
 
+    def set_fence(self, silence: float, grace: float) -> None:
+        """Have the guard stop our tasks after ``silence`` seconds without a word from us."""
+        self.fence = silence
+        self._guard(b"F%.3f %.3f\n" % (silence, grace))
+
+    def tick(self, now: float) -> None:
+        """Tell the guard we are alive (often enough that it never fences a live agent)."""
+        if self.fence and now - self._ticked >= self.fence / 8:
+            self._ticked = now
+            self._guard(b".\n")
+
     def _guard(self, line: bytes) -> None:
         """Tell the guard that a task started (+pid) or is about to be reaped (-pid)."""
         if self._guard_fd is None:
@@ -373,6 +406,11 @@ class Executor:
                      "back", t.job, t.attempt, -code)
             t.step = "stopped"  # stays held: leave() hands it back
             return
+        if (code in _STOP_SIGNALS and self.fenced and t.start is not None
+                and t.start < self.fenced[0] and t.step in ("pre", "run", "post")):
+            return self._fail(t, now, "RUN_FAILED", f"stopped by the agent's guard: the agent "
+                              f"was silent for {self.fenced[1]:.1f} s (stopped or stuck), and "
+                              f"the server was about to give the job to another agent")
         if code in _STOP_SIGNALS and t.step == "run" and not t.timed_out:
             # Killed from outside. A batch system ending the job signals the agent at the same
             # moment, maybe a little later: wait briefly before calling it a failure.
@@ -476,6 +514,8 @@ class Executor:
         """Stop every task (SIGTERM, then SIGKILL after ``grace``); return what was held."""
         held = self.held()
         self.queue.clear()
+        if self.fence:
+            self.set_fence(0, 0)  # we are stopping them ourselves, with our own grace
         procs = [t for t in self.active.values() if t.pid is not None]
         for t in procs:
             t.cancelled = True

@@ -60,7 +60,10 @@ SCHEMAS: dict[str, dict[str, tuple]] = {
              "ack": (int,)},
     BYE: {"agent": (str,), "useq": (int,), "updates": (list,), "released": (list,)},
     REQUEST: {"rid": (int,), "op": (str,), "args": (dict,)},
-    WELCOME: {"agent": (str,), "heartbeat": _NUM, "revoke": (list,)},
+    WELCOME: {"agent": (str,), "heartbeat": _NUM, "revoke": (list,),
+              # optional: seconds of silence after which the server requeues the agent's jobs
+              # (the agent's guard fences its tasks before that)
+              "lease": (*_NUM, _NONE)},
     TASKS: {"seq": (int,), "tasks": (list,), "refused": (list,), "uack": (int,)},
     CANCEL: {"jobs": (list,)},
     REPLY: {"rid": (int,), "ok": (bool,), "result": (_ANY,), "error": (str, _NONE),

@@ -16,6 +16,14 @@ HEARTBEAT_SECONDS = 2.0
 LEASE_HEARTBEATS = 3.0
 
 
+def fence_timing(heartbeat: float, lease: float) -> tuple[float, float]:
+    """(silence, grace) for an agent's guard: after ``silence`` seconds without a word from its
+    agent (paused, hung) it SIGTERMs the agent's tasks, and SIGKILLs them ``grace`` later -- a
+    heartbeat before the server's ``lease`` runs out and it hands those jobs to another agent."""
+    grace = heartbeat / 4
+    return max(heartbeat, lease - heartbeat - grace), grace
+
+
 def home(path: str | os.PathLike | None = None) -> Path:
     """``$PILOTFISH_HOME`` (default ``~/.pilotfish``), created owner-only on first use."""
     p = Path(path or os.environ.get("PILOTFISH_HOME") or Path.home() / ".pilotfish").expanduser()

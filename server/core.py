@@ -246,7 +246,7 @@ class JobServer:
         for job in list(a.leases - held):
             self.drop_lease(self.leases[job], now, f"agent {aid} no longer holds it")
         self.send(identity, P.encode(P.WELCOME, agent=aid, heartbeat=self.heartbeat,
-                                     revoke=revoke))
+                                     revoke=revoke, lease=self.lease_timeout))
 
     def agent_for(self, identity: bytes, aid: str) -> AgentRec | None:
         a = self.agents.get(aid)

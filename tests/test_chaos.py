@@ -95,7 +95,7 @@ def _children(pid):
 def test_sigstopped_agent_late_update_is_refused(world):
     """SIGSTOP an agent past its lease, let another agent finish the job, SIGCONT it: its late
     finish is refused, the job finished once (one JOB_FINISHED event, attempts 2)."""
-    r = CL.sigstop_agent(world, task_seconds=1.0)
+    r = CL.sigstop_agent(world, task_seconds=0.5)  # ends before the guard would fence it
     print(r)
     assert r["finished_while_stopped"] and r["stopped_seconds"] > world.lease_timeout
     assert r["state"] == "JOB_FINISHED" and r["attempts"] == 2
@@ -106,14 +106,17 @@ def test_sigstopped_agent_late_update_is_refused(world):
     assert r["agent_a_alive_again"]
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN LIMITATION: a paused (not dead) agent's task keeps "
-                   "running; the server requeues the job after the lease timeout and it runs "
-                   "twice at once until the agent wakes up and is told to cancel it. Agents do "
-                   "not fence themselves (there is nothing to kill a stopped agent's tasks).")
-def test_sigstopped_agent_with_a_task_longer_than_the_lease(world):
-    r = CL.sigstop_agent(world, task_seconds=world.lease_timeout + 3, until_overlap=True)
+def test_sigstopped_agent_is_fenced_before_its_job_runs_elsewhere(world):
+    """SIGSTOP an agent whose task outlasts the lease: its guard stops the task before the
+    server gives the job to agent B (fencing), so the two attempts never overlap; the job
+    finishes once, on B; A, continued, is told its lease is gone and lives on."""
+    r = CL.sigstop_agent(world, task_seconds=world.lease_timeout + 3)
     print(r)
-    assert not r["attempt1_alive_when_attempt2_ran"]
+    assert not r["attempt1_alive_when_attempt2_ran"] and r["overlaps"] == 0
+    assert r["state"] == "JOB_FINISHED" and r["attempts"] == 2 and r["finish_events"] == 1
+    [(a1, how1, start1, end1), (a2, how2, start2, _)] = r["attempt_log"]
+    assert (a1, how1, a2, how2) == (1, "term", 2, "end") and end1 < start2, r["attempt_log"]
+    assert r["agent_a_alive_again"]
 
 
 def test_server_kill9_loses_no_acknowledged_job_and_readopts_tasks(world):
