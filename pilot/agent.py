@@ -240,6 +240,8 @@ class Agent:
         while not self.stopping:
             now = time.time()
             wake = [self.last_sent + self.heartbeat]
+            if ex.fence:  # tick the guard well within its silence limit
+                wake.append(now + ex.fence / 4)
             due = ex.next_report()
             if due is not None and self.useq <= self.acked:  # else: wait for the ack
                 wake.append(max(due, self.last_sent + REPORT_INTERVAL))

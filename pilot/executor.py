@@ -58,8 +58,9 @@ SUCCESS_PATH = [STAGED_IN, PREPROCESSED, RUNNING, EXECUTION_FINISHED, POSTPROCES
 REPORT_DELAY = 0.2
 KILL_GRACE = 3.0
 #: Seconds a task killed by SIGTERM/SIGKILL from outside waits for the agent's own stop signal
-#: before it counts as failed (scancel and walltime kills signal every process of the job).
-SIGNAL_GRACE = 0.5
+#: before it counts as failed (scancel and walltime kills signal every process of the job, one
+#: by one: on a loaded node the agent's turn came more than 0.5 s after its tasks').
+SIGNAL_GRACE = 2.0
 #: The guard (see the module doc): reads lines on stdin: "+pid" / "-pid" (a task started / is
 #: being reaped), "F<silence> <grace>" (fencing on; "F0 0" off), "." (a tick). At end of file, or
 #: after <silence> seconds with no line while tasks are listed, it stops their process groups.
@@ -406,8 +407,8 @@ class Executor:
                      "back", t.job, t.attempt, -code)
             t.step = "stopped"  # stays held: leave() hands it back
             return
-        if (code in _STOP_SIGNALS and self.fenced and t.start is not None
-                and t.start < self.fenced[0] and t.step in ("pre", "run", "post")):
+        if (code in _STOP_SIGNALS and self.fenced and now - self.fenced[0] < self.fence
+                and t.start is not None and t.start < self.fenced[0]):
             return self._fail(t, now, "RUN_FAILED", f"stopped by the agent's guard: the agent "
                               f"was silent for {self.fenced[1]:.1f} s (stopped or stuck), and "
                               f"the server was about to give the job to another agent")

@@ -21,7 +21,7 @@ def fence_timing(heartbeat: float, lease: float) -> tuple[float, float]:
     agent (paused, hung) it SIGTERMs the agent's tasks, and SIGKILLs them ``grace`` later -- a
     heartbeat before the server's ``lease`` runs out and it hands those jobs to another agent."""
     grace = heartbeat / 4
-    return max(heartbeat, lease - heartbeat - grace), grace
+    return max(heartbeat, lease - heartbeat / 2 - grace), grace
 
 
 def home(path: str | os.PathLike | None = None) -> Path:

@@ -87,6 +87,33 @@ def test_tasks_of_a_killed_agent_are_stopped_by_its_guard(world):
                 what="the guard to leave")
 
 
+def test_guard_fences_the_tasks_of_a_silent_agent_only(tmp_path):
+    """The guard leaves a task alone while its agent ticks, and SIGTERMs it once the agent has
+    said nothing for the silence limit (a real Executor, guard and task; no server)."""
+    import os
+    import select
+    import signal
+    import time
+    from pilotfish.pilot.executor import Executor
+    ex = Executor([sorted(os.sched_getaffinity(0))[0]], [], tmp_path / "work",
+                  watch=lambda fd, t: None, unwatch=lambda fd: None)
+    ex.set_fence(1.5, 0.2)
+    ex.add({"job": 1, "attempt": 1, "name": "t", "argv": ["/bin/sleep", "60"], "env": {},
+            "workdir": "t.1", "cores": 1, "gpus": 0})
+    ex.start_ready(time.time())
+    [t] = ex.active.values()
+    end = time.time() + 4.5  # three silence limits, ticking
+    while time.time() < end:
+        ex.tick(time.time())
+        assert not select.select([t.pidfd], [], [], 0.05)[0], "fenced while the agent ticked"
+    silent = time.time()
+    assert select.select([t.pidfd], [], [], 10)[0], "not fenced after the agent fell silent"
+    took = time.time() - silent
+    ex.on_exit(t, time.time())
+    assert t.exit == -signal.SIGTERM and 1.0 < took < 5, (t.exit, took)
+    ex.stop_all()
+
+
 def _children(pid):
     import psutil
     return psutil.Process(pid).children()

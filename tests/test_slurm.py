@@ -121,7 +121,9 @@ def test_scancel_hands_running_tasks_back_without_using_retries(slurm, server, p
     wait_for(lambda: slurm_job_state(jid) is None, 60, 0.2, "the pilot to end")
     wait_for(lambda: counts(c, ids).get("RESTART_READY") == 4, 30, 0.2, "the hand-back")
     jobs = [c.job(j) for j in ids]
-    assert all(j["retries"] == 0 and j["agent"] is None for j in jobs), jobs
+    assert all(j["retries"] == 0 and j["agent"] is None for j in jobs), [
+        (j["id"], j["retries"], j["agent"], [(e["to_state"], e["message"]) for e in j["events"]])
+        for j in jobs]
     agents = [a for a in c.agents(all=True) if a["pilot"] == f"slurm-{jid}"]
     assert len(agents) == 2 and all(a["state"] == "EXITED" for a in agents), agents
 
