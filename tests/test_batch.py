@@ -322,6 +322,32 @@ def test_lsf_parsing_of_transcribed_bjobs_and_bslots():
         Window(2, None), Window(4, pytest.approx(150.2)), Window(1, pytest.approx(12 + 5 / 60))]
 
 
+def test_slurm_windows_end_where_a_pending_job_is_planned():
+    """Recorded on the test cluster: a 2-node job runs for 30 min and a 4-node job waits for
+    it; nodes 3-4 are idle (sinfo says 'plnd': planned) until the waiting job's expected start
+    (squeue --start), 29 min 54 s after the recording; a held job has no start (N/A)."""
+    from datetime import datetime
+    now = datetime.fromisoformat("2026-11-24T06:39:26").timestamp()
+    assert slurm.parse_windows((DATA / "slurm_sinfo_idle_planned.txt").read_text(),
+                               (DATA / "slurm_squeue_start.txt").read_text(), now) == [
+        Window(2, 29)]
+
+
+def test_slurm_windows_per_partition_longest_first():
+    """One window per distinct end, counting every node free at least that long; a partition's
+    time limit caps it; a node whose planned job starts within the minute, a drained node and
+    unreadable lines give nothing."""
+    from datetime import datetime
+    now = datetime.fromisoformat("2026-11-24T06:00:00").timestamp()
+    sinfo = "\n".join(["n1|long|infinite|idle", "n2|long|infinite|idle", "n3|long|infinite|plnd",
+                       "n4|long|infinite|idle", "n5|long|infinite|drain", "n1|short|30:00|idle",
+                       "n6|short|30:00|idle", "n7|short|30:00|idle", "garbage", "n8|x|soon|idle"])
+    planned = "\n".join(["2026-11-24T07:00:00|n[3-4]", "2026-11-24T06:10:00|n4",
+                         "2026-11-24T06:00:30|n7", "not-a-time|n1", "N/A|(null)"])
+    assert slurm.parse_windows(sinfo, planned, now) == [
+        Window(2, None), Window(3, 60), Window(4, 10), Window(2, 30)]
+
+
 def test_moab_showbf_windows():
     assert torque.parse_showbf((DATA / "moab_showbf.txt").read_text()) == [
         Window(16, None), Window(24, 150)]
@@ -569,6 +595,28 @@ def test_slurm_windows_are_the_idle_nodes(slurm):
         n = len({line.split()[0] for line in idle if line.split()[1:] == ["idle"]})
         return get("slurm").windows() == ([Window(n, None)] if n else [])
     wait_for(consistent, 20, 0.5, "sinfo and windows() to agree")
+
+
+@pytest.mark.slow
+def test_slurm_windows_for_real_end_at_the_planned_start(slurm, slurm_ids):
+    """A 2-node job of 30 min holds two nodes and a 4-node job waits for it: the other idle
+    nodes make one window that ends when the waiting job is expected to start, not an endless
+    one (the backfill scheduler, every 5 s here, plans the waiting job on all 4 nodes)."""
+    def submit(nodes: int, minutes: int) -> str:
+        jid = subprocess.run(["sbatch", "--parsable", "-N", str(nodes), "--exclusive", "-t",
+                              str(minutes), "-o", "/dev/null", "--wrap", "sleep 600"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+        slurm_ids.append(jid.strip().split(";")[0])
+        return slurm_ids[-1]
+    wait_for(lambda: len(get("slurm").windows()) == 1 and
+             get("slurm").windows()[0].nodes == 4, 60, 0.5, "all 4 nodes idle")
+    submit(2, 30)
+    wait_for(lambda: slurm_job_state(slurm_ids[0]) == "RUNNING", 30, 0.2, "the 2-node job")
+    submit(4, 30)
+    got = wait_for(lambda: [w for w in get("slurm").windows() if w.minutes is not None], 30,
+                   0.5, "the waiting job's planned start")
+    assert [w.nodes for w in got] == [2] and 27 <= got[0].minutes <= 30, got
+    assert all(w.minutes is not None for w in get("slurm").windows())
 
 
 @pytest.mark.slow

@@ -1,13 +1,22 @@
-"""Slurm: ``sbatch --parsable``, ``squeue``/``sacct``, ``scancel``, windows from ``sinfo``.
+"""Slurm: ``sbatch --parsable``, ``squeue``/``sacct``, ``scancel``, windows from ``sinfo`` and
+``squeue --start``.
 
 Status takes one ``squeue -t all`` call for all ids (slurmctld remembers ended jobs for
 MinJobAge seconds), then ``sacct`` for the rest; where accounting storage is disabled (as on the
 test cluster), ``sacct -c`` reads the jobcomp/filetxt log instead. ``scontrol show job`` would
 only repeat what ``squeue -t all`` already said, so it is not asked.
+
+Backfill windows: an idle node is free until its partition's time limit, or until the earliest
+pending job the backfill scheduler has planned on it (``squeue --start``: expected start and
+SCHEDNODES), whichever comes first. ``sbatch --test-only`` was tried for this and is too
+pessimistic: with a 4-node job pending behind a 2-node one for 30 min, it said a 2-node job of
+20 min would start in 30 min, while the backfill scheduler started it at once.
 """
 from __future__ import annotations
 
 import logging
+import math
+from datetime import datetime
 from typing import Sequence
 
 from pilotfish.errors import ValidationError
@@ -100,6 +109,52 @@ def parse_sacct(out: str, ids: Sequence[str]) -> tuple[dict[str, PilotStatus], l
     return got, garbage
 
 
+
+def parse_windows(sinfo: str, planned: str, now: float) -> list[Window]:
+    """Windows from ``sinfo -h -N -t idle -o '%N|%R|%l|%t'`` and ``squeue --start -h -t PD -o
+    '%S|%Y'`` at time ``now``: per partition, one window per distinct end, holding every idle
+    node free at least that long (whole minutes; None: no end), longest first."""
+    ends: dict[str, float] = {}
+    for line in planned.splitlines():
+        fields = [f.strip() for f in line.split("|")]
+        if len(fields) != 2 or fields[0] in ("N/A", "Unknown", "") or fields[1] in (
+                *_NO_NODES, "N/A"):
+            continue
+        try:
+            start = datetime.fromisoformat(fields[0]).timestamp()  # Slurm prints local time
+            hosts = expand_hostlist(fields[1])
+        except (ValueError, ValidationError):
+            log.warning("squeue --start: unreadable line %r", line)
+            continue
+        for host in hosts:
+            ends[host] = min(ends.get(host, math.inf), start)
+    parts: dict[str, dict[str, float | None]] = {}
+    for line in sinfo.splitlines():
+        fields = [f.strip() for f in line.split("|")]
+        if len(fields) != 4 or fields[3] not in ("idle", "plnd"):  # plnd: planned for a
+            continue                                               # pending job, idle till then
+        node, part, limit = fields[:3]
+        try:
+            minutes = parse_clock(limit)
+        except ValueError:
+            log.warning("sinfo: unreadable time limit %r of partition %s", limit, part)
+            continue
+        if node in ends:
+            left = float(math.floor((ends[node] - now) / 60))
+            minutes = left if minutes is None else min(minutes, left)
+        if minutes is None or minutes >= 1:
+            parts.setdefault(part, {})[node] = minutes
+    def length(m: float | None) -> float:
+        return math.inf if m is None else m
+
+    windows = []
+    for part in sorted(parts):
+        free = list(parts[part].values())
+        for end in sorted(set(free), key=length, reverse=True):
+            windows.append(Window(sum(1 for m in free if length(m) >= length(end)), end))
+    return windows
+
+
 class SlurmBatch(BatchSystem):
     name = "slurm"
 
@@ -170,19 +225,8 @@ class SlurmBatch(BatchSystem):
                 raise
 
     def windows(self) -> list[Window]:
-        """Idle nodes per partition, each for its partition's time limit (None: infinite).
-        Partitions may share nodes, so windows of different partitions can overlap."""
-        r = run_command(["sinfo", "-h", "-N", "-t", "idle", "-o", "%N|%R|%l|%t"])
-        parts: dict[str, tuple[set[str], float | None]] = {}
-        for line in r.stdout.splitlines():
-            fields = line.strip().split("|")
-            if len(fields) != 4 or fields[3].strip() != "idle":
-                continue
-            node, part, limit = (f.strip() for f in fields[:3])
-            try:
-                minutes = parse_clock(limit)
-            except ValueError:
-                log.warning("sinfo: unreadable time limit %r of partition %s", limit, part)
-                continue
-            parts.setdefault(part, (set(), minutes))[0].add(node)
-        return [Window(len(nodes), minutes) for _, (nodes, minutes) in sorted(parts.items())]
+        """Free nodes x minutes per partition (see the module doc). Partitions may share nodes,
+        so windows of different partitions can overlap."""
+        idle = run_command(["sinfo", "-h", "-N", "-t", "idle", "-o", "%N|%R|%l|%t"]).stdout
+        planned = run_command(["squeue", "--start", "-h", "-t", "PD", "-o", "%S|%Y"]).stdout
+        return parse_windows(idle, planned, datetime.now().timestamp())
