@@ -32,6 +32,8 @@ MAX_FAILURES = 3
 
 
 def cpus_per_node(site: Site) -> int:
+    if site.node is None and site.scheduler == "local":
+        return len(os.sched_getaffinity(0))  # the node is this machine
     if site.node is None:
         raise PilotfishError(f"site {site.name}: the profile has no node shape (node.cores); "
                              "pilots cannot be sized")

@@ -84,9 +84,16 @@ def server_group() -> None:
                    f"{settings.LEASE_HEARTBEATS:g} missed ones.")
 @click.option("--insecure", is_flag=True, help="No CurveZMQ: plain text, no authentication. "
               "Only on a loopback bind (tcp://127.0.0.1:PORT) or ipc://; refused otherwise.")
+@click.option("--site", "sites", multiple=True, metavar="SITE",
+              help="Also run the site agent that keeps pilots queued for this site profile, "
+                   "beside the server and stopped with it (repeatable; see `pilotfish site "
+                   "agent -h`). Its log: HOME/logs/site-agent-SITE.log.")
+@click.option("--site-poll", type=click.FloatRange(0.1), default=10.0, show_default=True,
+              help="Seconds between the site agents' rounds.")
 @click.option("-v", "--verbose", count=True, help="More log output.")
 @click.pass_context
-def server_start(ctx, foreground, db_url, bind, heartbeat, insecure, verbose) -> None:
+def server_start(ctx, foreground, db_url, bind, heartbeat, insecure, sites, site_poll,
+                 verbose) -> None:
     """Start the job server (a daemon with a pid file and a log file, or -f).
 
     tcp:// is CurveZMQ-encrypted and admits only clients whose public key is in
@@ -94,6 +101,10 @@ def server_start(ctx, foreground, db_url, bind, heartbeat, insecure, verbose) ->
     """
     from pilotfish import keys
     home = home_of(ctx)
+    if sites:
+        from pilotfish.site_configs.loader import load_site
+        for site in sites:
+            load_site(site, home)  # a bad name or profile stops here, before anything starts
     db_url = db_url or settings.default_db_url(home)
     if insecure and not keys.is_loopback_bind(bind):
         raise PilotfishError(f"--insecure is refused for {bind}: plain text is only served on "
@@ -103,11 +114,15 @@ def server_start(ctx, foreground, db_url, bind, heartbeat, insecure, verbose) ->
         if daemon.running_pid(home):
             raise PilotfishError(f"a server is already running for {home} "
                                  f"(pid {daemon.running_pid(home)})")
-        daemon.run_foreground(home, db_url, bind, heartbeat, insecure=insecure)
+        daemon.run_foreground(home, db_url, bind, heartbeat, insecure=insecure, sites=sites,
+                              site_poll=site_poll)
         return
-    info = daemon.start_background(home, db_url, bind, heartbeat, insecure=insecure)
+    info = daemon.start_background(home, db_url, bind, heartbeat, insecure=insecure,
+                                   sites=sites, site_poll=site_poll)
     console.out.print(f"server started: pid {info['pid']}, {info['address']}, db {info['db']}\n"
                       f"log: {settings.log_path(home)}")
+    for site in sites:
+        console.out.print(f"site agent for {site}: log {home / 'logs' / f'site-agent-{site}.log'}")
     if info.get("curve"):
         console.out.print(f"CurveZMQ: server public key {info['public_key']}; authorized "
                           f"client keys in {keys.authorized_dir(home)}", markup=False)

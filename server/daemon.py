@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 from pilotfish import keys, settings
 from pilotfish.errors import PilotfishError, ServerUnavailable
@@ -45,10 +46,12 @@ def alive(pid: int) -> bool:
 
 
 def run_foreground(home: Path, db_url: str, bind: str, heartbeat: float,
-                   insecure: bool = False) -> None:
+                   insecure: bool = False, sites: Sequence[str] = (),
+                   site_poll: float = 10.0) -> None:
     from .service import Service  # pulls in the database layer only when serving
     os.umask(0o077)  # everything the server writes (database, logs, ipc socket) is owner-only
-    Service(db_url, bind, home, heartbeat=heartbeat, insecure=insecure).run()
+    Service(db_url, bind, home, heartbeat=heartbeat, insecure=insecure, sites=list(sites),
+            site_poll=site_poll).run()
 
 
 def open_log(home: Path):
@@ -60,7 +63,8 @@ def open_log(home: Path):
 
 
 def start_background(home: Path, db_url: str, bind: str, heartbeat: float,
-                     wait: float = 30.0, insecure: bool = False) -> dict:
+                     wait: float = 30.0, insecure: bool = False, sites: Sequence[str] = (),
+                     site_poll: float = 10.0) -> dict:
     """Start a detached server; return its server.json once it answers a ping.
 
     A tcp:// server uses CurveZMQ unless ``insecure`` (loopback binds only); it makes the
@@ -74,6 +78,10 @@ def start_background(home: Path, db_url: str, bind: str, heartbeat: float,
     cmd = [sys.executable, "-m", "pilotfish", "--home", str(home), "server", "start",
            "--foreground", "--db", db_url,
            "--bind", bind, "--heartbeat", str(heartbeat)] + (["--insecure"] if insecure else [])
+    for site in sites:
+        cmd += ["--site", site]
+    if sites:
+        cmd += ["--site-poll", f"{site_poll:g}"]
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                             start_new_session=True, close_fds=True)
     log.close()

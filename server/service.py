@@ -25,6 +25,7 @@ from pilotfish.errors import PilotfishError, ProtocolError
 
 from .core import JobServer
 from .db import make_engine
+from .site_agents import SiteAgents
 from . import pilot_ops  # noqa: F401  (registers the pilot and site ops)
 from .ops import OPS
 
@@ -175,8 +176,10 @@ class ZapHandler:
 class Service:
     def __init__(self, db_url: str, bind: str, home: Path,
                  heartbeat: float = settings.HEARTBEAT_SECONDS,
-                 lease_timeout: float | None = None, insecure: bool = False) -> None:
+                 lease_timeout: float | None = None, insecure: bool = False,
+                 sites: list[str] | None = None, site_poll: float = 10.0) -> None:
         self.home = home
+        self.site_agents = SiteAgents(home, sites or [], site_poll)
         self.db_url = db_url
         self.heartbeat = heartbeat
         self.lease_timeout = lease_timeout or heartbeat * settings.LEASE_HEARTBEATS
@@ -283,6 +286,7 @@ class Service:
             signal.signal(sig, self._on_signal)
         log.info("serving on %s with %s", self.address,
                  self.engine.url.render_as_string(hide_password=True))
+        self.site_agents.start(self.address)
         sock = self.sock
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
@@ -296,7 +300,9 @@ class Service:
                     next_expire = now + min(0.5, self.heartbeat / 2)
                     self.srv.expire(now)
                     self.finish_turn(sock)
+                    self.site_agents.check()
         finally:
+            self.site_agents.stop()
             self._remove_info()
             sock.close(linger=1000)
             if self.zap is not None:

@@ -136,3 +136,40 @@ def test_pilot_submit_refuses_bad_requests_and_submits_nothing(server, args, mes
 def test_pilot_cancel_of_unknown_or_hand_started_pilots(server):
     r = run_cli(server.home, "pilot", "cancel", "nope")
     assert r.returncode == 1 and "no pilot 'nope'" in r.stderr
+
+
+def test_server_start_with_a_site_runs_its_site_agent_and_stops_it(tmp_path):
+    """`server start --site S` starts S's site agent beside the server: a backlog turns into a
+    local pilot whose agent runs the jobs; `server stop` stops the site agent too. An unknown
+    site is refused before anything starts. (The local scheduler: no Slurm needed.)"""
+    import psutil
+    from pilotfish.client import Client
+    home = tmp_path / "home"
+    home.mkdir()
+    profile(home, "quick", "name: quick\nextends: local\npilot:\n  idle_timeout: 2\n")
+    r = run_cli(home, "server", "start", "--site", "nosuch")
+    assert r.returncode == 1 and "no site profile named 'nosuch'" in r.stderr
+    assert r.stderr.count("\n") == 1 and not (home / "server.json").exists()
+    r = run_cli(home, "server", "start", "--site", "quick", "--site-poll", "0.5")
+    assert r.returncode == 0, r.stderr
+    assert "site agent for quick: log" in r.stdout
+    try:
+        c = Client(home=home)
+        [agent] = wait_for(lambda: [p for p in psutil.process_iter(["cmdline"]) if
+                                    " site agent " in " ".join(p.info["cmdline"] or []) and
+                                    str(home) in p.info["cmdline"]], 20, 0.2, "the site agent")
+        c.add_app({"name": "echo", "executable": "/bin/echo", "args": ["{word}"],
+                   "parameters": {"word": {"type": "str"}}})
+        ids = c.add_jobs([{"name": f"e{i}", "application": "echo",
+                           "parameters": {"word": f"w{i}"}} for i in range(3)])
+        wait_for(lambda: c.counts({"ids": ids}) == {"JOB_FINISHED": 3}, 60, 0.2,
+                 "the jobs to run on a pilot the site agent submitted")
+        assert {p["site"] for p in c.pilots()} == {"quick"}
+        c.close()
+    finally:
+        r = run_cli(home, "server", "stop")
+    assert r.returncode == 0, r.stderr
+    psutil.wait_procs([agent], timeout=15)
+    assert not agent.is_running()
+    log = (home / "logs" / "site-agent-quick.log").read_text()
+    assert "submitted" in log, log
