@@ -95,13 +95,7 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=600.0,
                    help="Seconds to wait for a pilot to end (default: %(default)s).")
     a = p.parse_args()
-    C.set_bench("allocation")
-    nodes = C.require_slurm(NODES)[:NODES]
-    C.install_signal_handlers()
-    if a.py_spy:
-        C.log("note: --py-spy is not supported by the Slurm benchmarks (the agents run under "
-              "srun); ignored")
-    ctx = C.machine(a.tmp)
+    nodes, ctx = C.start_slurm_bench("allocation", a, NODES)
     cpus = NODES * a.cpus
     work = a.n * a.duration + a.mpi_jobs * a.duration * 2 * 2
     ideal = work / cpus

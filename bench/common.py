@@ -677,6 +677,19 @@ def slurm_nodes() -> list[str]:
                    if t.rstrip("*") in ("idle", "mix", "alloc", "comp")})
 
 
+def start_slurm_bench(name: str, a, n_nodes: int) -> tuple[list[str], dict]:
+    """What every Slurm benchmark does first: name itself, take ``n_nodes`` nodes (exit 2
+    when Slurm has fewer), install the cleanup signal handlers; the nodes and the machine
+    context."""
+    set_bench(name)
+    nodes = require_slurm(n_nodes)[:n_nodes]
+    install_signal_handlers()
+    if a.py_spy:
+        log("note: --py-spy is not supported by the Slurm benchmarks (the agents run under "
+            "srun); ignored")
+    return nodes, machine(a.tmp)
+
+
 def require_slurm(nodes: int) -> list[str]:
     """The Slurm nodes that are up, or exit 2 with a one-line message (a skip, not a failure)."""
     up = slurm_nodes()

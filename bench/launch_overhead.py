@@ -132,13 +132,7 @@ def main() -> int:
                    help="Agents' --idle-timeout: the pilot leaves this long after its tasks "
                         "(default: %(default)s s).")
     a = p.parse_args()
-    C.set_bench("launch_overhead")
-    nodes = C.require_slurm(NODES)[:NODES]
-    C.install_signal_handlers()
-    if a.py_spy:
-        C.log("note: --py-spy is not supported by the Slurm benchmarks (the agents run under "
-              "srun); ignored")
-    ctx = C.machine(a.tmp)
+    nodes, ctx = C.start_slurm_bench("launch_overhead", a, NODES)
     cores = len(C.cores_arg(None))
     res: dict[str, list[dict]] = {"pilot": [], "srun_per_task": [], "xargs": []}
     tmp = Path(tempfile.mkdtemp(prefix="pilotfish-bench-launch-", dir=a.tmp))

@@ -158,13 +158,7 @@ def main() -> int:
                         "submit_to_start_seconds below).")
     p.add_argument("--no-baseline", action="store_true", help="Skip the srun baseline jobs.")
     a = p.parse_args()
-    C.set_bench("pilot_rampup")
-    nodes = C.require_slurm(NODES)[:NODES]
-    C.install_signal_handlers()
-    if a.py_spy:
-        C.log("note: --py-spy is not supported by the Slurm benchmarks (the agents run under "
-              "srun); ignored")
-    ctx = C.machine(a.tmp)
+    nodes, ctx = C.start_slurm_bench("pilot_rampup", a, NODES)
     base: list[dict] = []
     runs: list[dict] = []
     with C.Env("sqlite", a.heartbeat, a.tmp, a.keep, label="rampup") as env, \

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Callable
 
 from pilotfish.errors import PilotfishError, ValidationError
-from pilotfish.validate import check_relpath
+from pilotfish.validate import ENV_NAME_RE, check_relpath
 
 from .request import RUNTIMES, check_path
 
@@ -52,7 +52,6 @@ TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}")
 BASE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}")
 PACKAGE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+_:=~-]{0,254}")
 PIP_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\[\],<>=!~;:@/+ -]{0,254}")
-ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 LABEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 #: Characters Dockerfile ENV/LABEL and a %environment "export K=..." would re-interpret.
 _VALUE_BAD = set('"\\$`\n\r\0')

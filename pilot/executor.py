@@ -407,8 +407,8 @@ class Executor:
                      "back", t.job, t.attempt, -code)
             t.step = "stopped"  # stays held: leave() hands it back
             return
-        if (code in _STOP_SIGNALS and self.fenced and now - self.fenced[0] < self.fence
-                and t.start is not None and t.start < self.fenced[0]):
+        if (code in _STOP_SIGNALS and t.step == "run" and self.fenced
+                and now - self.fenced[0] < self.fence and t.start < self.fenced[0]):
             return self._fail(t, now, "RUN_FAILED", f"stopped by the agent's guard: the agent "
                               f"was silent for {self.fenced[1]:.1f} s (stopped or stuck), and "
                               f"the server was about to give the job to another agent")

@@ -13,12 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pilotfish.errors import ValidationError
-from pilotfish.validate import check_name, check_relpath
+from pilotfish.validate import ENV_NAME_RE, check_name, check_relpath
 
 from .containers import check_app_container
 
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
-ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 #: A string parameter without its own pattern accepts only these: no whitespace, quotes,
 #: ``$``, backticks, ``;|&<>()*?[]{}~!#`` or ``/`` — so nothing that means anything to a shell.
 #: Nor a leading ``-``: as an argv item of its own it would be read as an option of the
@@ -253,7 +252,7 @@ def app_from_spec(spec: Any, app_id: int = 0) -> App:
                                       f"{used!r} is declared")
     env = spec.get("environment") or {}
     if not isinstance(env, dict) or not all(
-            isinstance(k, str) and ENV_KEY.fullmatch(k) and isinstance(v, str) and "\x00" not in v
+            isinstance(k, str) and ENV_NAME_RE.fullmatch(k) and isinstance(v, str) and "\x00" not in v
             for k, v in env.items()):
         raise ValidationError(f"app {name!r}: environment must map variable names to strings")
     res = dict(DEFAULT_RESOURCES)

@@ -12,7 +12,7 @@ import yaml
 from pilotfish import console, settings
 from pilotfish.errors import PilotfishError, ValidationError
 
-from . import daemon
+from . import daemon, site_agents
 from pilotfish.client import Client
 
 CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -122,7 +122,7 @@ def server_start(ctx, foreground, db_url, bind, heartbeat, insecure, sites, site
     console.out.print(f"server started: pid {info['pid']}, {info['address']}, db {info['db']}\n"
                       f"log: {settings.log_path(home)}")
     for site in sites:
-        console.out.print(f"site agent for {site}: log {home / 'logs' / f'site-agent-{site}.log'}")
+        console.out.print(f"site agent for {site}: log {site_agents.log_path(home, site)}")
     if info.get("curve"):
         console.out.print(f"CurveZMQ: server public key {info['public_key']}; authorized "
                           f"client keys in {keys.authorized_dir(home)}", markup=False)

@@ -8,8 +8,6 @@ spin), and stopped with the server. Its output goes to ``HOME/logs/site-agent-<s
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -67,7 +65,7 @@ class SiteAgents:
     def stop(self) -> None:
         live = [p for p in self.procs.values() if p.poll() is None]
         for p in live:
-            os.kill(p.pid, signal.SIGTERM)
+            p.terminate()
         deadline = time.monotonic() + STOP_GRACE
         for p in live:
             try:

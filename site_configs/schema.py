@@ -20,6 +20,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainSerial
                       model_validator)
 
 from pilotfish.errors import ValidationError
+from pilotfish.validate import ENV_NAME_RE
 
 #: Batch systems a pilot can be submitted to (``pbs`` is PBS Pro / OpenPBS).
 SCHEDULERS = ("slurm", "pbs", "torque", "cobalt", "htcondor", "lsf", "local")
@@ -35,7 +36,6 @@ WALLTIME_FORMS = "HH:MM:SS, HH:MM, D-HH:MM:SS or whole minutes such as 90"
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _ADDRESS_RE = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})")
 _WORD_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-_ENV_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # an absolute path or SRC:DST, each part made of path characters or $VARS, never '..'
 _BIND_RE = re.compile(r"(?!.*\.\.)(/|\$)[A-Za-z0-9_./${}-]*(:/[A-Za-z0-9_./-]*)?")
 
@@ -191,7 +191,7 @@ class Batch(_Model):
     modules: list[str] = Field(default_factory=list)
     #: Trusted shell lines run before the head (never from a job).
     setup: list[str] = Field(default_factory=list)
-    env: dict[Annotated[str, _pattern(_ENV_RE, "an environment variable name")],
+    env: dict[Annotated[str, _pattern(ENV_NAME_RE, "an environment variable name")],
               Annotated[str, BeforeValidator(_env_value)]] = Field(default_factory=dict)
 
 

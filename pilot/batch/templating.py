@@ -16,6 +16,7 @@ import shlex
 from pathlib import Path
 
 from pilotfish.errors import ValidationError
+from pilotfish.validate import ENV_NAME_RE
 
 from .base import PilotSpec, PilotState, PilotStatus
 
@@ -32,7 +33,6 @@ PROJECT_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@+-]{0,127}")
 #: descriptions, none of which can quote: no spaces, no '%' (Slurm/LSF patterns), no ':' (PBS
 #: host:path), no '$' (HTCondor macros), no quotes.
 WORKDIR_RE = re.compile(r"/[A-Za-z0-9_./+,@-]*")
-ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 #: Batch ids that adapters pass back to the scheduler's commands (never starting with '-').
 NUMERIC_ID_RE = re.compile(r"[0-9]{1,18}")
 #: PBS/Torque ids: 1234, 1234.server.domain, 1234[].server (array).
