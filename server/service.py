@@ -299,7 +299,8 @@ class Service:
                 if now >= next_expire:
                     next_expire = now + min(0.5, self.heartbeat / 2)
                     self.srv.expire(now)
-                    self.finish_turn(sock)
+                    if not self.finish_turn(sock):
+                        self.reload()
                     self.site_agents.check()
         finally:
             self.site_agents.stop()
@@ -314,34 +315,37 @@ class Service:
 
     def turn(self, sock: zmq.Socket) -> None:
         now = time.time()
-        n = 0
         recv = sock.recv_multipart
-        while n < MAX_MESSAGES_PER_TURN:
+        # kept until the turn is committed: after an internal error the turn is handled again
+        # without the message that caused it (see _recover)
+        batch: list[list[bytes]] = []
+        while len(batch) < MAX_MESSAGES_PER_TURN:
             try:
                 frames = recv(zmq.NOBLOCK)
             except zmq.Again:
                 break
-            n += 1
-            self.handle(frames, now)
-        if n == 0 and not self.srv.hungry:
+            batch.append(frames)
+            if not self.handle(frames, now):
+                return self._recover(sock, batch, now)
+        if not batch and not self.srv.hungry:
             return
         try:
             self.srv.resolve_children(now)  # children readied now can be dispatched now
             self.srv.dispatch(now)
         except Exception:  # a write of this turn that fails here: never die of it either
             log.exception("internal error dispatching")
-            self.reload()
-            return
-        self.finish_turn(sock)
+            return self._recover(sock, batch, now, dispatch_failed=True)
+        if not self.finish_turn(sock):
+            self._recover(sock, batch, now)
 
-    def finish_turn(self, sock: zmq.Socket) -> None:
+    def finish_turn(self, sock: zmq.Socket) -> bool:
+        """Commit the turn, then send its replies; False (nothing sent) if the commit failed."""
         srv = self.srv
         try:
             srv.commit()
         except Exception:
             log.exception("database write failed")
-            self.reload()
-            return
+            return False
         if srv.stopping:
             self.stopping = True
         send = sock.send_multipart
@@ -351,10 +355,51 @@ class Service:
             except zmq.ZMQError:  # peer gone or over its high-water mark: it will re-ask
                 pass
         srv.outbox.clear()
+        return True
+
+    def _recover(self, sock: zmq.Socket, batch: list[list[bytes]], now: float,
+                 dispatch_failed: bool = False) -> None:
+        """One bad message must fail alone. Something in this turn failed (a handler, the
+        dispatch or the commit) and nothing of it was committed or sent: drop the turn, rebuild
+        from the database, and handle its messages again one by one, each in a transaction of
+        its own, so the culprit is answered with an error and every other message is handled
+        as if it had been alone -- no acknowledged or in-flight work of others is lost."""
+        self.reload()
+        for frames in batch:
+            if not self.handle(frames, now):
+                self.reload()  # its half-done changes are gone; the others' are committed
+                self._internal_error(frames, "handling it failed")
+            elif not self.finish_turn(sock):
+                self.reload()
+                self._internal_error(frames, "storing its result failed")
+                self.finish_turn(sock)
+        if dispatch_failed:
+            return  # a bug in dispatching: the next turn tries again with fresh state
+        try:
+            self.srv.resolve_children(now)
+            self.srv.dispatch(now)
+        except Exception:
+            log.exception("internal error dispatching")
+            self.reload()
+            return
+        if not self.finish_turn(sock):
+            self.reload()
+
+    def _internal_error(self, frames: list[bytes], why: str) -> None:
+        """Answer the one message that caused an internal error (its reply was dropped)."""
+        rid = None
+        try:
+            kind, m = P.decode(frames[1], (P.REQUEST,))
+            rid = m["rid"]
+        except Exception:
+            pass
+        log.error("refused a message from %s alone: %s", frames[0].hex()[:16], why)
+        self.srv.send(frames[0], P.encode(P.ERROR, error=f"internal server error: {why}; "
+                                          "nothing of this request was stored", rid=rid))
 
     def reload(self) -> None:
         """Crash-only recovery: the database is the truth. Drop this turn's uncommitted work and
-        replies (agents resend unacknowledged updates, clients time out) and rebuild."""
+        replies and rebuild (see _recover for what becomes of the turn's messages)."""
         log.error("rolling back this turn and reloading state from the database")
         try:
             self.srv.conn.rollback()
@@ -364,7 +409,9 @@ class Service:
         self.srv = JobServer(self.engine, self.heartbeat, self.lease_timeout)
         self.srv.load()
 
-    def handle(self, frames: list[bytes], now: float) -> None:
+    def handle(self, frames: list[bytes], now: float) -> bool:
+        """Handle one message; False after an internal error (a bug of ours), whose partial
+        changes the caller must drop (see _recover)."""
         srv = self.srv
         identity = frames[0]
         rid = None
@@ -390,11 +437,10 @@ class Service:
             srv.stats["bad_messages"] += 1
             log.warning("bad message from %s: %s", identity.hex()[:16], exc)
             srv.send(identity, P.encode(P.ERROR, error=str(exc), rid=rid))
-        except Exception as exc:  # a bug of ours: never die of one message
+        except Exception:  # a bug of ours: never die of one message, nor fail others with it
             log.exception("internal error handling a message from %s", identity.hex()[:16])
-            self.reload()
-            self.srv.send(identity, P.encode(P.ERROR, error=f"internal server error: {exc}",
-                                             rid=rid))
+            return False
+        return True
 
     def request(self, identity: bytes, m: dict, now: float) -> None:
         srv = self.srv
