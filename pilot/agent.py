@@ -72,7 +72,9 @@ class Agent:
         self.poller.register(self.sock, zmq.POLLIN)
         self.fd_tasks: dict[int, Task] = {}
         self.ex = Executor(resources.cores, resources.gpus, work_root, self._watch, self._unwatch,
-                           fake=fake_exec, launch=launcher, contain=container)
+                           fake=fake_exec, launch=launcher, contain=container,
+                           gpu_env=resources.gpu_kind.task_env if resources.gpu_kind.vendor
+                           else None)
         self.useq = 0
         self.unacked: list[tuple[int, list[dict]]] = []   # (useq, updates) not yet acknowledged
         self.ack = 0                 # last task batch seq seen

@@ -126,15 +126,16 @@ def agent_cmd(ctx, server, server_key, client_key, cores, walltime, work_root, s
         raise PilotfishError(f"--strict-affinity: {warning}")
     if warning:
         logging.getLogger("pilotfish.agent").warning("AFFINITY: %s", warning)
+    res = detect(walltime, wanted)
     task_container = TaskContainer(container_runtime,
-                                   tuple(parse_bind(_expand(b, "--bind")) for b in binds))
+                                   tuple(parse_bind(_expand(b, "--bind")) for b in binds),
+                                   gpus=res.gpu_kind)
     root = Path(_expand(work_root, "--work-root")) if work_root else settings.work_root(home)
     from pilotfish import keys
     curve = keys.client_curve(home, address, server_key, client_key)  # None: a plain ipc://
     node_name = node_name or os.environ.get("SLURMD_NODENAME") or socket.gethostname()
     task_launcher = TaskLauncher(launcher or default_launcher(), node_name, mpi=mpi,
                                  overlap=bool(os.environ.get("SLURM_STEP_ID")))
-    res = detect(walltime, wanted)
     agent = Agent(address, res, root.resolve(), site=site, pilot=pilot_id, prefetch=prefetch,
                   idle_timeout=idle_timeout, fake_exec=fake_exec, max_tasks=max_tasks,
                   node=node_name, node_cores=len(node), launcher=task_launcher,

@@ -13,8 +13,10 @@ import shutil
 from typing import Mapping
 
 from pilotfish import protocol as P
-from pilotfish.container import ContainerRequest, RUNTIMES, program, wrap
+from pilotfish.container import GPU_KINDS, ContainerRequest, RUNTIMES, program, wrap
 from pilotfish.errors import PilotfishError, ProtocolError, ValidationError
+
+from .gpus import NONE, Gpus
 
 
 def parse_bind(text: str) -> tuple[str, str]:
@@ -27,12 +29,13 @@ class TaskContainer:
     """Callable given to the executor: (task, argv) -> the argv that runs it in its image."""
 
     def __init__(self, runtime: str | None = None, binds: tuple[tuple[str, str], ...] = (),
-                 environ: Mapping[str, str] | None = None) -> None:
+                 environ: Mapping[str, str] | None = None, gpus: Gpus = NONE) -> None:
         if runtime is not None and runtime not in RUNTIMES:
             raise PilotfishError(f"unknown container runtime {runtime!r}; known: "
                                  f"{', '.join(RUNTIMES)}")
         self.runtime = runtime
         self.binds = binds
+        self.gpus = gpus  # the node's GPU vendor: which runtime option and variables apply
         self.path = (environ or os.environ).get("PATH")
         self._programs: dict[str, str] = {}
 
@@ -65,10 +68,14 @@ class TaskContainer:
         env.update(PILOTFISH_JOB_ID=str(spec["job"]), PILOTFISH_ATTEMPT=str(spec["attempt"]),
                    PILOTFISH_JOB_NAME=spec["name"], PILOTFISH_WORKDIR=workdir,
                    OMP_NUM_THREADS=str(cores))
+        vendor = self.gpus.vendor or "nvidia"
         if gpus:  # runtimes that clean the environment must still see the task's GPUs
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
-        # Charliecloud has no GPU switch: drivers are injected into the image (ch-fromhost)
-        gpu_kind = "nvidia" if gpus and runtime != "charliecloud" else None
+            kind = self.gpus if self.gpus.vendor else Gpus("nvidia", (), "CUDA_VISIBLE_DEVICES")
+            env.update((k, v) for k, v in kind.task_env(gpus).items() if v is not None)
+        # Charliecloud has no GPU switch: drivers are injected into the image (ch-fromhost);
+        # Intel GPUs need none either (their /dev/dri nodes are seen like other devices)
+        gpu_kind = vendor if gpus and runtime != "charliecloud" and vendor in GPU_KINDS \
+            else None
         req = ContainerRequest(runtime=runtime, image=image, argv=tuple(argv),
                                binds=((workdir, workdir), *self.binds), env=tuple(env.items()),
                                gpus=gpu_kind, workdir=workdir, mpi=bool(spec.get("launch")))

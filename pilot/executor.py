@@ -138,7 +138,8 @@ class Executor:
                  watch: Callable[[int, Task], None], unwatch: Callable[[int], None],
                  fake: bool = False,
                  launch: Callable[[Task, list[str]], list[str]] | None = None,
-                 contain: Callable[[Task, list[str]], list[str]] | None = None) -> None:
+                 contain: Callable[[Task, list[str]], list[str]] | None = None,
+                 gpu_env: Callable[[list[str]], dict] | None = None) -> None:
         self.all_cores = list(cores)
         #: This thread's mask, restored after each spawn (tasks get subsets of it).
         self._own_mask = os.sched_getaffinity(0)
@@ -154,6 +155,9 @@ class Executor:
         #: Wraps a task's argv with its container runtime (spec["container"]); inside the
         #: launcher, so binding applies to the containerized processes.
         self.contain = contain
+        #: A task's GPU variables from its GPU ids (pilot/gpus.py: CUDA_VISIBLE_DEVICES,
+        #: ROCR_VISIBLE_DEVICES, ZE_AFFINITY_MASK by vendor); None: NVIDIA's.
+        self.gpu_env = gpu_env or (lambda ids: {"CUDA_VISIBLE_DEVICES": ",".join(ids)})
         #: Set when the agent is told to stop: a batch system that ends the allocation (scancel,
         #: the walltime) signals every process of the job, tasks included, at the same moment
         #: as the agent; a task killed so is handed back, not failed.
@@ -307,7 +311,11 @@ class Executor:
                    PILOTFISH_JOB_NAME=t.spec["name"], PILOTFISH_WORKDIR=str(t.workdir),
                    PILOTFISH_CORES=",".join(map(str, t.cores)), OMP_NUM_THREADS=str(t.ncores))
         if self.all_gpus:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(t.gpus)
+            for k, v in self.gpu_env(t.gpus).items():
+                if v is None:
+                    env.pop(k, None)
+                else:
+                    env[k] = v
         return env
 
     def _spawn(self, t: Task, now: float, step: str, argv: list[str], stem: str,

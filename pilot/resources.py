@@ -6,9 +6,11 @@ import re
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import psutil
+
+from . import gpus as gpu_probe
 
 
 @dataclass
@@ -17,6 +19,8 @@ class Resources:
     gpus: list[str]
     memory: int
     end_time: float | None  # epoch seconds when the allocation ends, None: no limit
+    #: the GPUs' vendor and the variable that hands a task its share (pilot/gpus.py)
+    gpu_kind: gpu_probe.Gpus = field(default=gpu_probe.NONE)
 
     def time_left(self, now: float | None = None) -> float | None:
         if self.end_time is None:
@@ -73,21 +77,6 @@ def _ranges(cpus: list[int]) -> str:
     return ",".join(out)
 
 
-def detect_gpus() -> list[str]:
-    """GPU ids from CUDA_VISIBLE_DEVICES when set (an empty value means none), else nvidia-smi."""
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if env is not None:
-        return [g for g in env.split(",") if g.strip() and g.strip() != "-1"]
-    if shutil.which("nvidia-smi"):
-        try:
-            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True,
-                                 timeout=10).stdout
-        except (OSError, subprocess.SubprocessError):
-            return []
-        return [m.group(1) for m in re.finditer(r"^GPU (\d+):", out, re.M)]
-    return []
-
-
 def parse_slurm_time(text: str) -> float | None:
     """Seconds in a Slurm time: ``[days-]hours:minutes:seconds``, ``MM:SS``, ``UNLIMITED``."""
     text = text.strip()
@@ -124,6 +113,7 @@ def detect_end_time(walltime_minutes: float | None) -> float | None:
 
 
 def detect(walltime_minutes: float | None = None, cores: list[int] | None = None) -> Resources:
-    return Resources(cores=cores or detect_cores(), gpus=detect_gpus(),
+    found = gpu_probe.detect()
+    return Resources(cores=cores or detect_cores(), gpus=list(found.ids),
                      memory=psutil.virtual_memory().total,
-                     end_time=detect_end_time(walltime_minutes))
+                     end_time=detect_end_time(walltime_minutes), gpu_kind=found)

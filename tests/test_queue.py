@@ -61,12 +61,11 @@ def test_slurm_time_left_parsing():
     assert parse_slurm_time("UNLIMITED") is None and parse_slurm_time("") is None
 
 
-def test_gpu_detection_from_cuda_visible_devices(monkeypatch):
-    """CUDA_VISIBLE_DEVICES decides the GPUs when set; empty or -1 means none."""
-    from pilotfish.pilot.resources import detect_gpus
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,2")
-    assert detect_gpus() == ["0", "2"]
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    assert detect_gpus() == []
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
-    assert detect_gpus() == []
+def test_gpu_detection_from_cuda_visible_devices(tmp_path):
+    """CUDA_VISIBLE_DEVICES decides the GPUs when set; empty or -1 means none (more vendors:
+    tests/test_gpus.py)."""
+    from pilotfish.pilot.gpus import detect
+    no_tools = lambda argv: ""  # noqa: E731
+    assert detect({"CUDA_VISIBLE_DEVICES": "0,2"}, tmp_path, no_tools).ids == ("0", "2")
+    assert detect({"CUDA_VISIBLE_DEVICES": ""}, tmp_path, no_tools).ids == ()
+    assert detect({"CUDA_VISIBLE_DEVICES": "-1"}, tmp_path, no_tools).ids == ()
