@@ -25,6 +25,7 @@ from pilotfish.site_configs.schema import Site
 
 from .batch import get as get_batch
 from .batch.base import BatchError, BatchSystem, PilotSpec, Submitted
+from .batch_poll import poll, unsettled
 from .provision import Plan, Policy, decide
 
 log = logging.getLogger("pilotfish.site")
@@ -139,28 +140,16 @@ class SiteAgent:
 
     # -- one round --------------------------------------------------------------------------
     def refresh(self) -> list[dict]:
-        """Ask the scheduler about our recorded pilots; tell the server what changed."""
-        mine = [p for p in self.client.pilots(all=False, site=self.site.name)
+        """Ask the scheduler about our recorded pilots; tell the server what changed. Returns
+        the pilots that have not ended (by their agents' or the scheduler's word)."""
+        mine = [p for p in self.client.pilots(all=True, site=self.site.name)
                 if p["batch_id"] and p["scheduler"] == self.batch.name]
-        live = [p for p in mine if not PilotState(p["state"]).final]
-        if not live:
+        if not unsettled(mine):
             return []
-        try:
-            statuses = self.batch.status([p["batch_id"] for p in live])
-        except BatchError as exc:
-            log.warning("site %s: cannot poll the scheduler: %s", self.site.name, exc)
-            return live
-        for p in live:
-            st = statuses.get(p["batch_id"])
-            if st is None or st.state.value == p["state"]:
-                continue
-            log.info("site %s: pilot %s (batch %s): %s -> %s%s", self.site.name, p["id"],
-                     p["batch_id"], p["state"], st.state.value,
-                     f" ({st.reason})" if st.reason else "")
-            self.client.update_pilot(p["id"], state=st.state.value,
-                                     reason=st.reason or st.state.meaning)
-            p["state"] = st.state.value
-        return [p for p in live if not PilotState(p["state"]).final]
+        if poll(self.client, mine, lambda _name: self.batch, warn=True):
+            mine = [p for p in self.client.pilots(all=True, site=self.site.name)
+                    if p["batch_id"] and p["scheduler"] == self.batch.name]
+        return [p for p in mine if not PilotState(p["state"]).final]
 
     def round(self, now: float | None = None) -> Plan:
         now = now or time.time()

@@ -98,12 +98,20 @@ def submit_cmd(ctx, site, nodes, walltime, queue, project, image, runtime, dry_r
 @click.argument("pilot_ids", nargs=-1, required=True)
 @click.pass_context
 def cancel_cmd(ctx, pilot_ids) -> None:
-    """Cancel pilots (queued or running) through their scheduler; their agents hand tasks back."""
+    """Cancel pilots (queued or running) through their scheduler; their agents hand tasks back.
+
+    A pilot that has already ended is left as it is (its state and counts stay what they
+    were), and nothing is cancelled when any named pilot cannot be.
+    """
     from pilotfish.pilotstate import PilotState
 
     from .batch import get as get_batch
+    from .batch_poll import poll
     client = _client(ctx)
     known = {p["id"]: p for p in client.pilots(all=True)}
+    named = [known[pid] for pid in pilot_ids if pid in known]
+    if poll(client, named):  # the scheduler's word first: it may have ended meanwhile
+        known = {p["id"]: p for p in client.pilots(all=True)}
     todo = []
     for pid in pilot_ids:  # check all first: a refused request cancels nothing
         p = known.get(pid)
@@ -113,7 +121,9 @@ def cancel_cmd(ctx, pilot_ids) -> None:
             raise ValidationError(f"pilot {pid} was not submitted by pilotfish (no batch id); "
                                   "cancel its batch job with the scheduler")
         if PilotState(p["state"]).final:
-            raise ValidationError(f"pilot {pid} is {p['state']} already")
+            raise ValidationError(f"pilot {pid} has ended already ({p['state']}: "
+                                  f"{p['reason'] or PilotState(p['state']).meaning}); "
+                                  "nothing was cancelled")
         todo.append(p)
     for p in todo:
         get_batch(p["scheduler"]).cancel(p["batch_id"])

@@ -44,7 +44,7 @@ def _register() -> None:
     from pilotfish.pilot.cli import pilot_group
     from pilotfish.server.cli import app_group, server_group
     from pilotfish.server.job_cli import job_group
-    from pilotfish.server.pilot_cli import pilot_ls
+    from pilotfish.pilot.ls_cli import pilot_ls
     from pilotfish.pilot.site_cli import cancel_cmd, site_agent_cmd, site_status_cmd, submit_cmd
     from pilotfish.site_configs.cli import site_group
     from pilotfish.container.cli import container_group

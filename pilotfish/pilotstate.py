@@ -32,3 +32,28 @@ MEANINGS = {
     PilotState.TIMEOUT: "killed by the scheduler at the end of its walltime",
     PilotState.MISSING: "the scheduler no longer knows it, or its answer could not be parsed",
 }
+
+
+def derive(recorded: str | None, reason: str | None, agents: int, alive: int, lost: int,
+           nodes: int) -> tuple[str, str | None]:
+    """What a pilot is now, from the batch system's last word (``recorded``, with its
+    ``reason``) and what the server knows at once: its agents (how many said hello, how many are
+    alive, how many were lost). The batch system's word wins once it says how the job ended;
+    until then agents that said hello mean RUNNING, and agents that are all gone mean it ended
+    (FINISHED when they left, FAILED when one was lost) -- the batch view, polled later, then
+    tells how (TIMEOUT, CANCELLED, ...)."""
+    st = PilotState(recorded) if recorded else None
+    if st is not None and st.final and not (st is PilotState.MISSING and agents and not alive):
+        return st.value, reason
+    if alive:
+        if st is PilotState.RUNNING and reason and "agents" in reason:
+            return st.value, reason
+        return PilotState.RUNNING.value, f"{alive} of {max(nodes, agents)} agents said hello"
+    if agents:
+        gone = "; the scheduler no longer lists it" if st is PilotState.MISSING else ""
+        if lost:
+            return PilotState.FAILED.value, (f"{lost} of its {agents} agents were lost (no "
+                                             f"heartbeat){gone}")
+        return PilotState.FINISHED.value, (f"its {agents} agents left (idle timeout, end of "
+                                           f"walltime or stop){gone}")
+    return (st or PilotState.QUEUED).value, reason

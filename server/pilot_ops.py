@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 
 from pilotfish.errors import NotFound, ValidationError
-from pilotfish.pilotstate import PilotState
+from pilotfish.pilotstate import PilotState, derive
 from pilotfish.validate import check_name
 
 from .core import JobServer
+from .db import agents as agents_t
 from .db import pilots as pilots_t
 from .db import sites as sites_t
 from .ops import _arg, op
@@ -82,7 +83,14 @@ def pilot_update(srv: JobServer, args: dict, now: float) -> dict:
 
 @op
 def pilot_ls(srv: JobServer, args: dict, now: float) -> list:
-    """Pilots (recorded ones, and those only known from their agents) with their agents."""
+    """Pilots (recorded ones, and those only known from their agents) with their agents.
+
+    ``state`` is what the pilot is now (:func:`pilotfish.pilotstate.derive`: agents that said
+    hello make it RUNNING at once, agents all gone end it); ``batch_state`` is the batch
+    system's last word as recorded by the site agent, ``pilot submit`` or ``pilot ls``.
+    Agents come from memory while alive and from the database once gone (also those that left
+    before a server restart), so a pilot's DONE count stays what it was.
+    """
     show_all = _arg(args, "all", bool, False)
     site = _arg(args, "site", str)
     srv.sync()
@@ -91,10 +99,16 @@ def pilot_ls(srv: JobServer, args: dict, now: float) -> list:
         q = q.where(pilots_t.c.site == site)
     out: dict[str, dict] = {}
     for r in srv.conn.execute(q):
-        out[r.id] = {**dict(r._mapping), "agents": 0, "agents_alive": 0, "tasks": 0,
-                     "tasks_done": 0, "pinned": 0, "last_seen": None}
-    for a in srv.agents.values():
-        if a.pilot is None or (site is not None and a.site != site and a.pilot not in out):
+        out[r.id] = {**dict(r._mapping), "agents": 0, "agents_alive": 0, "agents_lost": 0,
+                     "tasks": 0, "tasks_done": 0, "pinned": 0, "last_seen": None}
+    agents = {a.id: a for a in srv.agents.values() if a.pilot is not None}
+    gone = select(agents_t).where(agents_t.c.pilot.is_not(None), agents_t.c.state != "ALIVE")
+    if site is not None:
+        gone = gone.where(or_(agents_t.c.site == site, agents_t.c.pilot.in_(list(out))))
+    for row in srv.conn.execute(gone):
+        agents.setdefault(row.id, row)
+    for a in agents.values():
+        if site is not None and a.site != site and a.pilot not in out:
             continue
         p = out.get(a.pilot)
         if p is None:  # a head started by hand (sbatch of one's own script)
@@ -102,23 +116,27 @@ def pilot_ls(srv: JobServer, args: dict, now: float) -> list:
                                 "batch_id": None, "nodes": 0, "walltime_minutes": None,
                                 "queue": None, "project": None, "state": None, "reason": None,
                                 "workdir": None, "submitted": a.started, "state_time": None,
-                                "agents": 0, "agents_alive": 0, "tasks": 0, "tasks_done": 0,
-                                "pinned": 0, "last_seen": None}
+                                "agents": 0, "agents_alive": 0, "agents_lost": 0, "tasks": 0,
+                                "tasks_done": 0, "pinned": 0, "last_seen": None}
         p["agents"] += 1
         p["tasks_done"] += a.tasks_done
         if a.state == "ALIVE":
             p["agents_alive"] += 1
             p["tasks"] += len(a.leases)
             p["last_seen"] = max(p["last_seen"] or 0, a.last_seen)
+        elif a.state == "LOST":
+            p["agents_lost"] += 1
         if a.node_cores is not None and a.cores < a.node_cores:
             p["pinned"] += 1
     for p in out.values():
-        if p["state"] is None:  # known only from agents
-            p["state"] = "RUNNING" if p["agents_alive"] else "FINISHED"
+        p["batch_state"] = p["state"]
+        if p["scheduler"] is None and not p["nodes"]:  # known only from agents
             p["nodes"] = p["agents"]
+        p["state"], p["reason"] = derive(p["state"], p["reason"], p["agents"],
+                                         p["agents_alive"], p["agents_lost"], p["nodes"])
     pilots = sorted(out.values(), key=lambda p: p["submitted"] or 0)
     if not show_all:
-        pilots = [p for p in pilots if not PilotState(p["state"]).final or p["agents_alive"]]
+        pilots = [p for p in pilots if not PilotState(p["state"]).final]
     return pilots
 
 

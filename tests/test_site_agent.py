@@ -53,7 +53,13 @@ def test_site_agent_provisions_pilots_for_a_backlog_within_policy(slurm, server)
     wait_for(lambda: all(p["state"] == "FINISHED" for p in c.pilots(all=True, site="testslurm")),
              90, 0.5, "every pilot FINISHED")
     pilots = c.pilots(all=True, site="testslurm")
-    assert all(slurm_job_state(p["batch_id"]) is None for p in pilots)
+    # FINISHED as soon as the agents left; the batch jobs end a moment later
+    wait_for(lambda: all(slurm_job_state(p["batch_id"]) is None for p in pilots), 30, 0.2,
+             "the batch jobs to end")
+    wait_for(lambda: all(p["batch_state"] in ("FINISHED", "MISSING")
+                         for p in c.pilots(all=True, site="testslurm")), 30, 0.5,
+             "the site agent to record how they ended")
+    pilots = c.pilots(all=True, site="testslurm")
     for p in pilots:  # the script, its output and the batch id are kept for debugging
         wd = server.home / "pilots" / p["id"]
         assert (wd / "batch_id").read_text().strip() == p["batch_id"]
@@ -115,7 +121,50 @@ def test_pilot_submit_ls_cancel_by_hand(slurm, server):
     p = next(p for p in c.pilots(all=True) if p["id"] == pid)
     assert p["state"] == "CANCELLED" and p["reason"] == "cancelled by user"
     r = run_cli(server.home, "pilot", "cancel", pid)
-    assert r.returncode == 1 and "CANCELLED already" in r.stderr
+    assert r.returncode == 1 and "has ended already (CANCELLED" in r.stderr
+
+
+def test_a_hand_submitted_pilot_shows_what_it_is(slurm, server):
+    """No site agent: `pilot ls` says RUNNING as soon as the agents said hello, hides the pilot
+    once its agents left and its batch job ended (`-a` shows it FINISHED with how, and its DONE
+    count); `pilot cancel` then refuses and changes nothing; a server restart keeps the count."""
+    import json
+    profile(server.home, "quick", "extends: localslurm\npilot: {idle_timeout: 2}\n")
+    c = server.client()
+    c.add_app({"name": "nap", "executable": "/bin/sleep", "args": ["0.1"]})
+    ids = c.add_jobs([{"name": f"j{i}", "application": "nap"} for i in range(40)])
+    r = run_cli(server.home, "pilot", "submit", "--site", "quick", "--nodes", "2",
+                "--walltime", "5", "--json")
+    assert r.returncode == 0, r.stderr
+    pid, batch_id = json.loads(r.stdout)["pilot"], json.loads(r.stdout)["batch_id"]
+
+    def row() -> dict | None:
+        out = run_cli(server.home, "pilot", "ls", "-a", "--json")
+        assert out.returncode == 0, out.stderr
+        return next((p for p in json.loads(out.stdout) if p["id"] == pid), None)
+
+    seen = wait_for(lambda: (p := row()) and p["agents_alive"] == 2 and p, 60, 0.2,
+                    "both agents said hello")
+    assert seen["state"] == "RUNNING", seen
+    r = run_cli(server.home, "pilot", "ls")
+    assert pid in r.stdout and "RUNNING" in r.stdout and "2/2" in r.stdout, r.stdout
+    wait_for(lambda: c.counts({"ids": ids}).get("JOB_FINISHED") == 40, 60, 0.2, "jobs done")
+    wait_for(lambda: slurm_job_state(batch_id) is None, 60, 0.2, "the batch job to end")
+    ended = wait_for(lambda: (p := row()) and p["agents_alive"] == 0 and p, 30, 0.2,
+                     "agents gone")
+    assert ended["state"] == "FINISHED" and ended["tasks_done"] == 40, ended
+    assert ended["batch_state"] in ("FINISHED", "MISSING"), ended  # sacct, if it keeps jobs
+    assert "agents left" in ended["reason"] or ended["batch_state"] == "FINISHED", ended
+    r = run_cli(server.home, "pilot", "ls")
+    assert pid not in r.stdout, r.stdout
+    r = run_cli(server.home, "pilot", "cancel", pid)
+    assert r.returncode == 1 and "has ended already (FINISHED" in r.stderr, r.stderr
+    assert "cancelled" not in r.stdout
+    after = row()
+    assert after["state"] == "FINISHED" and after["tasks_done"] == 40, after
+    server.stop()
+    server.start()
+    assert row()["tasks_done"] == 40
 
 
 @pytest.mark.parametrize("args, message", [

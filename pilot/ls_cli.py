@@ -1,7 +1,7 @@
 """``pilotfish pilot ls``: the pilots and node agents the server knows, from the login node.
 
-It lives in the server room (it is a client of the server); the umbrella CLI adds it to the
-``pilot`` group, whose other commands run inside allocations.
+A client of the server. Pilots that no site agent polls (submitted by hand) are polled here,
+through their scheduler, so their batch state is the scheduler's whenever someone looks.
 """
 from __future__ import annotations
 
@@ -9,7 +9,14 @@ import click
 
 from pilotfish import console
 
-from .cli import CTX, client_of, json_option
+from .site_cli import CTX, _client as client_of
+
+#: Seconds after which a site agent that has not reported no longer counts as polling its site.
+SITE_AGENT_FRESH = 60.0
+
+
+def json_option(f):
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(f)
 
 AGENT_COLUMNS = [("pilot", "PILOT"), ("node", "NODE"), ("id", "AGENT"), ("state", "STATE"),
                  ("cpus", "CPUS"), ("gpus", "GPUS"), ("launcher", "LAUNCHER"),
@@ -31,6 +38,17 @@ PILOT_COLUMNS = [("id", "PILOT"), ("site", "SITE"), ("batch_id", "BATCH ID"),
                  ("affinity", "AFFINITY"), ("reason", "REASON")]
 
 
+def poll_unwatched(client) -> None:
+    """Ask the scheduler about pilots whose site has no live site agent polling it."""
+    from .batch_poll import poll, unsettled
+    todo = unsettled(client.pilots(all=True))
+    if not todo:
+        return
+    watched = {s["name"] for s in client.sites()
+               if not s["paused"] and s["silent_seconds"] < SITE_AGENT_FRESH}
+    poll(client, [p for p in todo if p["site"] not in watched])
+
+
 @click.command("ls", context_settings=CTX)
 @click.option("-a", "--all", "show_all", is_flag=True, help="Also pilots that ended and agents "
               "that left or were lost.")
@@ -41,7 +59,11 @@ PILOT_COLUMNS = [("id", "PILOT"), ("site", "SITE"), ("batch_id", "BATCH ID"),
 @json_option
 @click.pass_context
 def pilot_ls(ctx, show_all, site, pilot, by_agent, as_json) -> None:
-    """Pilots: batch state, agents registered, tasks running, silence, affinity warnings.
+    """Pilots: state, agents registered, tasks running and done, silence, affinity warnings.
+
+    STATE follows the agents at once (RUNNING when they said hello; FINISHED or FAILED when
+    all are gone) and the scheduler's word on how the batch job ended, asked here for pilots
+    no site agent polls.
 
     AFFINITY says PINNED when an agent's affinity mask is smaller than its node (the launcher
     that started it bound it to part of the node, e.g. aprun without -d): its tasks then share
@@ -49,6 +71,7 @@ def pilot_ls(ctx, show_all, site, pilot, by_agent, as_json) -> None:
     """
     import time
     client = client_of(ctx)
+    poll_unwatched(client)
     if by_agent:
         return _agents(client, show_all, pilot, as_json)
     pilots = client.pilots(all=show_all, site=site)
