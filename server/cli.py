@@ -218,6 +218,23 @@ def app_add(ctx, name, spec_file, executable, args, params, pre, post, env, desc
         console.print_json(app)
     else:
         console.out.print(f"app {app['name']} registered (id {app['id']})")
+    warn_missing_programs(app)
+
+
+def warn_missing_programs(app: dict) -> None:
+    """Say so when an app's programs are not on this machine: they may exist only on the
+    compute nodes (or in the app's image), so this warns and never refuses."""
+    import os
+    if app.get("container"):
+        return  # the executable is a path inside the image
+    programs = [app["executable"], *(app.get("preprocess") or [])[:1],
+                *(app.get("postprocess") or [])[:1]]
+    for prog in programs:
+        if not (os.path.isfile(prog) and os.access(prog, os.X_OK)):
+            why = "does not exist" if not os.path.exists(prog) else "is not an executable file"
+            console.err.print(f"warning: {prog} {why} on this machine; jobs of app "
+                              f"{app['name']} will fail where it is missing (fine if it exists "
+                              "only on the compute nodes)", markup=False)
 
 
 @app_group.command("ls", context_settings=CTX)
@@ -263,6 +280,8 @@ def app_alter(ctx, name, sets, spec_file, as_json) -> None:
     if not changes:
         raise click.UsageError("nothing to change: give --set KEY=VALUE or -f FILE")
     app = client_of(ctx).alter_app(name, **changes)
+    if {"executable", "preprocess", "postprocess", "container"} & set(changes):
+        warn_missing_programs(app)
     if as_json:
         return console.print_json(app)
     console.out.print(f"app {app['name']} updated")

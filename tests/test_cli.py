@@ -543,3 +543,18 @@ def test_job_file_over_the_atomic_limit_is_refused_whole(server: ServerHandle, t
     r = run_cli(server.home, "job", "add", "-f", str(path), timeout=120)
     assert r.returncode == 1 and "split them" in r.stderr and r.stderr.count("\n") == 1
     assert c.counts() == {}
+
+
+def test_app_add_warns_when_its_program_is_not_here(server):
+    """An executable missing on this machine may exist only on the compute nodes: a warning on
+    stderr, the app registered all the same; a present one gets no warning."""
+    r = run_cli(server.home, "app", "add", "far", "--exec", "/opt/nowhere/sim")
+    assert r.returncode == 0 and "registered" in r.stdout, r.stderr
+    assert "warning: /opt/nowhere/sim does not exist on this machine" in r.stderr
+    assert "compute nodes" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = run_cli(server.home, "app", "add", "near", "--exec", "/bin/true")
+    assert r.returncode == 0 and r.stderr == ""
+    r = run_cli(server.home, "app", "add", "dir", "--exec", "/tmp")
+    assert "is not an executable file" in r.stderr
+    r = run_cli(server.home, "app", "alter", "near", "--set", "executable=/opt/gone")
+    assert r.returncode == 0 and "/opt/gone does not exist" in r.stderr
