@@ -23,6 +23,18 @@ PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 #: Nor a leading ``-``: as an argv item of its own it would be read as an option of the
 #: app's executable (``-rf``, ``--output=/elsewhere``).
 SAFE_STRING = r"(?!-)[A-Za-z0-9_.,:=+@%-]*"
+SAFE_STRING_WORDS = ("a str parameter without a pattern of its own takes letters, digits and "
+                     "_ . , : = + @ % -, and no leading '-'; declare a pattern to allow more")
+
+
+def _unsafe(value: str) -> str:
+    """What a value breaks of SAFE_STRING, in words."""
+    if value.startswith("-"):
+        return "it starts with '-', which the program would read as an option"
+    bad = sorted({c for c in value if not re.fullmatch(r"[A-Za-z0-9_.,:=+@%-]", c)})
+    shown = " ".join("space" if c == " " else "newline" if c == "\n" else "tab" if c == "\t"
+                     else repr(c) if not c.isprintable() else c for c in bad[:8])
+    return f"{shown} {'is' if len(bad) == 1 else 'are'} not allowed"
 PARAM_TYPES = ("int", "float", "str", "choice", "path")
 RESOURCE_KEYS = ("num_nodes", "processes_per_node", "cpus_per_process", "gpus_per_process",
                  "wall_time_minutes")
@@ -84,6 +96,9 @@ class Param:
                 raise ValidationError(f"{where}: path {value!r} starts with '-', which the "
                                       "program would read as an option; write ./" + value)
         elif not self.pattern.fullmatch(value):
+            if self.pattern.pattern == SAFE_STRING:  # ours: say what it means, not the regex
+                raise ValidationError(f"{where} value {value!r} is refused: {_unsafe(value)} "
+                                      f"({SAFE_STRING_WORDS})")
             raise ValidationError(f"{where} value {value!r} does not match the pattern "
                                   f"{self.pattern.pattern!r}")
         return value
@@ -213,7 +228,9 @@ def _param(name: str, spec: Any, app: str) -> Param:
     if t == "choice":
         ch = spec.get("choices")
         if not isinstance(ch, list) or not ch or not all(isinstance(c, str) for c in ch):
-            raise ValidationError(f"{where}: choices must be a non-empty list of strings")
+            raise ValidationError(f"{where}: a choice parameter needs its choices, a non-empty "
+                                  "list of strings: `--param NAME:choice:a,b,c[=DEFAULT]` on "
+                                  "the command line, `choices: [a, b, c]` in a file")
         p.choices = tuple(ch)
     if "default" in spec:
         p.required = False

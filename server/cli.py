@@ -173,12 +173,19 @@ def app_group() -> None:
 
 
 def _param_flags(params: tuple[str, ...]) -> dict:
-    """``NAME:TYPE[=DEFAULT]`` flags; richer declarations (min, max, pattern, choices) go in -f."""
+    """``NAME:TYPE[=DEFAULT]`` flags, and ``NAME:choice:a,b,c[=DEFAULT]``; richer declarations
+    (min, max, pattern) go in -f."""
     out = {}
     for p in params:
         decl, _, default = p.partition("=")
         name, _, ptype = decl.partition(":")
+        ptype, _, choices = ptype.partition(":")
         spec: dict[str, Any] = {"type": ptype or "str"}
+        if choices:
+            if ptype != "choice":
+                raise click.BadParameter(f"{p!r}: only a choice parameter lists values after "
+                                         "its type (NAME:choice:a,b,c)", param_hint="--param")
+            spec["choices"] = [c for c in choices.split(",") if c]
         if "=" in p:
             spec["default"] = default
         out[name] = spec
@@ -192,7 +199,8 @@ def _param_flags(params: tuple[str, ...]) -> dict:
 @click.option("--arg", "args", multiple=True, help="One argv item; may hold {param} "
               "placeholders. Repeat in order.")
 @click.option("--param", "params", multiple=True, metavar="NAME:TYPE[=DEFAULT]",
-              help="Declare a parameter (int, float, str, choice, path). Repeatable.")
+              help="Declare a parameter (int, float, str, path; choice as "
+              "NAME:choice:a,b,c[=DEFAULT]). Repeatable.")
 @click.option("--pre", "pre", help="Preprocess executable (absolute path).")
 @click.option("--post", "post", help="Postprocess executable (absolute path).")
 @click.option("--env", "env", multiple=True, metavar="K=V", help="Environment for its jobs.")

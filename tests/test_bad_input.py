@@ -24,6 +24,7 @@ from pilotfish import protocol as P
 from pilotfish.errors import (IllegalTransition, NotFound, PilotfishError, ProtocolError,
                               ValidationError)
 from pilotfish.server.apps import SAFE_STRING as SAFE_DEFAULT
+from pilotfish.server.apps import SAFE_STRING_WORDS as SAFE_WORDS
 
 APPS = [
     {"name": "echo", "executable": "/bin/echo", "args": ["{msg}"],
@@ -513,7 +514,8 @@ BAD_APPS = [
     pytest.param(_app(parameters={"m": {"type": "str", "pattern": "("}}), r"bad pattern",
                  id="param-bad-regex"),
     pytest.param(_app(parameters={"m": {"type": "str", "default": "a;b"}}),
-                 r"does not match the pattern", id="param-unsafe-default"),
+                 r"value 'a;b' is refused: ; is not allowed \(a str parameter without a "
+                 r"pattern of its own takes", id="param-unsafe-default"),
     pytest.param(_app(args=["{m-x}"], parameters={"m-x": {"type": "str"}}),
                  r"must be an identifier", id="param-name-not-identifier"),
     pytest.param(_app(name="../evil"), r"app name '\.\./evil' is not a valid name",
@@ -620,7 +622,7 @@ BAD_JOBS = [
     pytest.param(_job(config_file={"msg": "a"}, parameters={"msg": "a"}), ValidationError,
                  r"not both", id="params-and-alias"),
     pytest.param(_job(config_file={"msg": "a;b"}, parameters=...), ValidationError,
-                 r"does not match the pattern", id="alias-metachar"),
+                 r"value 'a;b' is refused: ; is not allowed", id="alias-metachar"),
     pytest.param(_job(tags="a,../b"), ValidationError, r"tag '\.\./b' is not a valid name",
                  id="tags-as-str-dotdot"),
     pytest.param(_job(tags=[["a"]]), ValidationError, r"is not a valid name",
@@ -659,8 +661,8 @@ BAD_JOBS = [
                  id="description-as-list"),
 ]
 BAD_JOBS += [pytest.param(_job(params={"msg": v}), ValidationError,
-                          r"'msg' value .* does not match the pattern " + re.escape(
-                              repr(SAFE_DEFAULT)), id=f"metachar-{v!r}") for v in METACHARS]
+                          r"'msg' value .* is refused: .* not allowed \(" + re.escape(
+                              SAFE_WORDS) + r"\)$", id=f"metachar-{v!r}") for v in METACHARS]
 BAD_JOBS += [pytest.param(_job("typed", {"p": v}), ValidationError, r"parameter 'p'",
                           id=f"path-param-{v!r}") for v in BAD_PATHS]
 BAD_JOBS += [pytest.param(_job(name=v), ValidationError, r"job name .* is not a valid name",
@@ -685,7 +687,7 @@ def test_bad_job_is_refused(live, job, exc, pattern):
 
 
 @pytest.mark.parametrize("bad, pattern", [
-    pytest.param(_job(params={"msg": "$(reboot)"}), r"does not match the pattern",
+    pytest.param(_job(params={"msg": "$(reboot)"}), r"\$ \( \) are not allowed",
                  id="metachar"),
     pytest.param(_job(app="nope"), r"no app named 'nope'", id="unknown-app"),
     pytest.param(_job(extra=1), r"unknown job key\(s\) extra", id="unknown-key"),
@@ -742,7 +744,7 @@ def test_state_change_with_other_fields_is_refused(live, ready_job):
             c.alter_jobs({"ids": [ready_job]}, state="USER_KILLED", priority=3)
         with pytest.raises(ValidationError, match=r"cannot alter application, workdir"):
             c.alter_jobs({"ids": [ready_job]}, application="typed", workdir="/etc")
-        with pytest.raises(ValidationError, match=r"does not match the pattern"):
+        with pytest.raises(ValidationError, match=r"value '\$\(id\)' is refused"):
             c.alter_jobs({"ids": [ready_job]}, parameters={"msg": "$(id)"})
         with pytest.raises(ValidationError, match=r"group_identifier '\.\./g' is not a valid"):
             c.alter_jobs({"ids": [ready_job]}, group_identifier="../g")

@@ -235,7 +235,7 @@ def test_job_add_file_all_or_nothing(server, tmp_path):
                                {"name": "bad", "application": "echo",
                                 "parameters": {"msg": "$(reboot)"}}]))
     assert error_text(run_cli(home, "job", "add", "-f", str(bad))).startswith(
-        "job #2: app 'echo' parameter 'msg' value '$(reboot)' does not match")
+        "job #2: app 'echo' parameter 'msg' value '$(reboot)' is refused: $ ( ) are not")
     assert error_text(run_cli(home, "job", "add", "-f", "-", input="[{]")).startswith(
         "-: neither JSON nor YAML")
     with server.client() as c:
@@ -438,7 +438,8 @@ ERRORS = {  # case -> what the (one) error line says
     "unknown-app": r"no app named 'nope'; registered: echo",
     "param-not-kv": r"--param 'oops' must look like key=value",
     "param-undeclared": r"app 'echo' has no parameter 'loud'",
-    "param-metachar": r"parameter 'msg' value 'a;b' does not match the pattern",
+    "param-metachar": r"parameter 'msg' value 'a;b' is refused: ; is not allowed \(a str "
+                      r"parameter without a pattern of its own takes letters, digits",
     "name-dotdot": r"job name '\.\./x' is not a valid name",
     "unknown-state": r"unknown state 'DONE'; states are: CREATED, ",
     "no-such-job": r"no job 12345",
@@ -558,3 +559,29 @@ def test_app_add_warns_when_its_program_is_not_here(server):
     assert "is not an executable file" in r.stderr
     r = run_cli(server.home, "app", "alter", "near", "--set", "executable=/opt/gone")
     assert r.returncode == 0 and "/opt/gone does not exist" in r.stderr
+
+
+def test_choice_parameters_on_the_command_line(server):
+    """`--param mode:choice` alone says how to give the choices; `mode:choice:a,b=a` works."""
+    r = run_cli(server.home, "app", "add", "c1", "--exec", "/bin/echo", "--param", "mode:choice")
+    assert r.returncode == 1 and "--param NAME:choice:a,b,c[=DEFAULT]" in r.stderr, r.stderr
+    r = run_cli(server.home, "app", "add", "c2", "--exec", "/bin/echo", "--arg", "{mode}",
+                "--param", "mode:choice:fast,exact=fast", "--json", check=True)
+    assert json.loads(r.stdout)["parameters"]["mode"] == {"type": "choice", "default": "fast",
+                                                          "choices": ["fast", "exact"]}
+    r = run_cli(server.home, "job", "add", "--name", "j", "--app", "c2", "--param", "mode=slow")
+    assert r.returncode == 1 and "must be one of fast, exact" in r.stderr
+    r = run_cli(server.home, "app", "add", "c3", "--exec", "/bin/echo", "--param", "n:int:1,2")
+    assert r.returncode != 0 and "only a choice parameter" in r.stderr
+
+
+def test_refused_str_values_are_explained_in_words(server):
+    run_cli(server.home, "app", "add", "e", "--exec", "/bin/echo", "--arg", "{msg}",
+            "--param", "msg:str", check=True)
+    for value, words in [("a b", "space is not allowed"), ("x;y|z", "; | are not allowed"),
+                         ("-rf", "starts with '-', which the program would read as an option"),
+                         ("a/b", "/ is not allowed")]:
+        r = run_cli(server.home, "job", "add", "--name", "j", "--app", "e", "--param",
+                    f"msg={value}")
+        assert r.returncode == 1 and words in r.stderr, r.stderr
+        assert "(?!" not in r.stderr and "declare a pattern to allow more" in r.stderr
