@@ -53,6 +53,7 @@ def _register() -> None:
     from pilotfish.pilot.site_cli import cancel_cmd, site_agent_cmd, site_status_cmd, submit_cmd
     from pilotfish.site_configs.cli import site_group
     from pilotfish.container.cli import container_group
+    from pilotfish.server.gc_cli import gc_cmd
     for cmd in (pilot_ls, submit_cmd, cancel_cmd):
         pilot_group.add_command(cmd)
     for cmd in (site_agent_cmd, site_status_cmd):
@@ -61,6 +62,7 @@ def _register() -> None:
                   demo_cmd):
         cli.add_command(group)
     cli.add_command(container_group)
+    cli.add_command(gc_cmd)
 
 
 _register()

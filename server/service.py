@@ -27,6 +27,7 @@ from .core import JobServer
 from .db import make_engine
 from .site_agents import SiteAgents
 from . import pilot_ops  # noqa: F401  (registers the pilot and site ops)
+from . import gc_ops  # noqa: F401  (registers the gc op)
 from .ops import OPS
 
 log = logging.getLogger("pilotfish.server")
