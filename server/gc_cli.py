@@ -17,6 +17,8 @@ from .cli import CTX, client_of, home_of, json_option
 from .gc_files import MAX_TAIL_LINES, Tally, clean_pilot, clean_workdir, parse_duration
 
 CHUNK = 500
+#: Workdirs removed per re-check that their jobs are still final (the race with `job retry`).
+CONFIRM = 50
 
 
 @click.command("gc", context_settings=CTX)
@@ -57,9 +59,15 @@ def gc_cmd(ctx, age, dry_run, keep_tails, keep_events, work_root, as_json) -> No
                             prune=not (dry_run or keep_events))
             if after == 0:
                 pilots = r.get("pilots", [])
-            for job, workdir, _state in r["jobs"]:
-                clean_workdir(root, workdir, tally, dry_run=dry_run, keep_tails=keep_tails,
-                              job=job)
+            for i in range(0, len(r["jobs"]), CONFIRM):
+                part = r["jobs"][i:i + CONFIRM]
+                still = set(client.call("gc", before=cutoff, ids=[j[0] for j in part])["final"])
+                for job, workdir, _state in part:
+                    if job in still:  # else retried since: not final any more, left alone
+                        clean_workdir(root, workdir, tally, dry_run=dry_run,
+                                      keep_tails=keep_tails, job=job)
+                    else:
+                        tally.skipped += 1
             tally.jobs += len(r["jobs"])
             tally.events += 0 if keep_events else r["events"]
             if r["next"] is None:
@@ -88,6 +96,9 @@ def _print(r: dict, age: str, keep_tails: int | None) -> None:
            if r["missing"] else ""), markup=False)
     out(f"  event rows: {r['events']} {would}pruned (each job keeps its last event)",
         markup=False)
+    if r["skipped"]:
+        out(f"  left alone: {r['skipped']} jobs retried while gc ran (not final any more)",
+            markup=False)
     out(f"  pilot folders: {r['pilots']} {would}removed", markup=False)
     out(f"  {'would free' if r['dry_run'] else 'freed'}: {r['files']} files, "
         f"{_size(r['bytes'])}", markup=False)

@@ -139,6 +139,7 @@ class Tally:
     bytes: int = 0
     events: int = 0          # event rows pruned
     pilots: int = 0          # pilot folders removed
+    skipped: int = 0         # jobs retried (not final any more) between selection and removal
     refused: list[str] = field(default_factory=list)
 
     def add(self, files: int, size: int) -> None:

@@ -38,11 +38,25 @@ def gc(srv: JobServer, args: dict, now: float) -> dict:
     default 500), prune (bool, default false). Returns {"jobs": [[id, workdir, state], ...],
     "next": the id to pass as ``after`` for the next chunk or None, "events": rows pruned
     (or, without prune, that would be), "pilots": [[id, state], ...] on the first chunk}.
+
+    With ``ids`` (at most 2000 job ids) it only answers {"final": [...]}: those of the ids that
+    are still final and older than ``before``. The CLI asks just before it removes workdirs, so
+    a job retried since its chunk was selected keeps its workdir.
     """
     before = _arg(args, "before", (int, float), required=True)
     if not math.isfinite(before):
         raise ValidationError("argument 'before' must be a time (epoch seconds)")
     before = min(before, now)  # nothing changes state in the future
+    if "ids" in args:
+        ids = args["ids"]
+        if not isinstance(ids, list) or len(ids) > MAX_CHUNK or not all(
+                type(i) is int and 0 < i <= 2**63 - 1 for i in ids):
+            raise ValidationError(f"argument 'ids' must be a list of at most {MAX_CHUNK} job "
+                                  "ids")
+        srv.sync()
+        return {"final": [r.id for r in srv.conn.execute(
+            select(jobs.c.id).where(jobs.c.id.in_(ids), jobs.c.state.in_(_FINAL),
+                                    jobs.c.state_time < before).order_by(jobs.c.id))]}
     after = _arg(args, "after", int, 0)
     limit = _arg(args, "limit", int, DEFAULT_CHUNK)
     if not 1 <= limit <= MAX_CHUNK:

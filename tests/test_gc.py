@@ -264,7 +264,27 @@ def test_event_pruning_on_postgresql(home, pg_url):
         server.stop()
 
 
+def test_recheck_leaves_retried_jobs_alone(server: ServerHandle):
+    """A job retried after its chunk was selected is no longer final: the re-check the CLI
+    makes right before removing workdirs leaves it out."""
+    c = server.client()
+    c.add_app(ECHO)
+    ids = c.add_jobs([{"name": f"r{i}", "application": "echo", "site": "nowhere",
+                       "parameters": {"x": "r"}} for i in range(3)])
+    c.kill_jobs({"ids": ids})
+    chunk = c.call("gc", before=1e18)
+    assert [j[0] for j in chunk["jobs"]] == ids
+    c.retry_jobs({"ids": [ids[1]]})
+    assert c.call("gc", before=1e18, ids=ids) == {"final": [ids[0], ids[2]]}
+    assert c.call("gc", before=0, ids=ids) == {"final": []}  # none older than that
+    assert c.job(ids[1])["state"] not in FINAL
+
+
 @pytest.mark.parametrize("args, words", [
+    ({"before": 1.0, "ids": "1,2"}, "'ids' must be a list"),
+    ({"before": 1.0, "ids": [0]}, "'ids' must be a list"),
+    ({"before": 1.0, "ids": [True]}, "'ids' must be a list"),
+    ({"before": 1.0, "ids": list(range(1, 2002))}, "at most 2000"),
     ({}, "missing argument 'before'"),
     ({"before": "yesterday"}, "wrong type"),
     ({"before": 1.0, "limit": 0}, "'limit' must be 1..2000"),
