@@ -52,6 +52,8 @@ TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}")
 BASE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}")
 PACKAGE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+_:=~-]{0,254}")
 PIP_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\[\],<>=!~;:@/+ -]{0,254}")
+#: host[:port] then optional path components, lower case as registries want them.
+REGISTRY_RE = re.compile(r"[a-z0-9][a-z0-9.-]*(:[0-9]{1,5})?(/[a-z0-9][a-z0-9._-]*){0,8}")
 LABEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 #: Characters Dockerfile ENV/LABEL and a %environment "export K=..." would re-interpret.
 _VALUE_BAD = set('"\\$`\n\r\0')
@@ -301,10 +303,12 @@ class BuildPlan:
     runtime: str
     builder: str                          # the program that builds
     found: bool                           # the builder is on PATH
-    files: tuple[tuple[str, str], ...]    # (path, text) to write before building
+    files: tuple[tuple[str, str], ...]    # (path, text) to write before building: the
+                                          # Dockerfile, then the Apptainer definition file
     steps: tuple[Step, ...]               # run in order
     publish: tuple[str, ...]              # next steps for people (registry, site login node)
     artifact: str                         # the image tag or file the build makes
+    uses: str = ""                        # the file of ``files`` the builder reads
 
 
 #: Builders per target runtime, first found wins; None: any builder.
@@ -320,13 +324,13 @@ BUILDERS: dict[str | None, tuple[str, ...]] = {
 
 
 def plan(spec: ImageSpec, runtime: str | None = None, tag: str | None = None,
-         out: str | Path | None = None, *,
+         out: str | Path | None = None, *, registry: str | None = None,
          which: Callable[[str], str | None] = shutil.which) -> BuildPlan:
     """What to write and run to build ``spec`` for ``runtime`` (pure but for ``which``).
 
     Raises BuildError when no builder for ``runtime`` is on PATH; :func:`plan_dry` never does.
     """
-    p = plan_dry(spec, runtime, tag, out, which=which)
+    p = plan_dry(spec, runtime, tag, out, registry=registry, which=which)
     if not p.found:
         raise BuildError(f"no image builder for runtime {runtime or 'any'}: none of "
                          f"{', '.join(BUILDERS[runtime])} is on PATH")
@@ -334,13 +338,26 @@ def plan(spec: ImageSpec, runtime: str | None = None, tag: str | None = None,
 
 
 def plan_dry(spec: ImageSpec, runtime: str | None = None, tag: str | None = None,
-             out: str | Path | None = None, *,
+             out: str | Path | None = None, *, registry: str | None = None,
              which: Callable[[str], str | None] = shutil.which) -> BuildPlan:
-    """Like :func:`plan`, but names the first candidate builder when none is on PATH."""
+    """Like :func:`plan`, but names the first candidate builder when none is on PATH.
+
+    Both files are always rendered (the Dockerfile and the Apptainer definition file: a site
+    with the other runtime needs the other file); the builder reads one of them (``uses``).
+    ``registry`` (host[:port][/path]) is put in front of the tag, so the image can be pushed;
+    without it, a tag with no ``/`` gets the push steps with a REGISTRY placeholder.
+    """
     if runtime is not None and runtime not in RUNTIMES:
         raise ValidationError(f"unknown container runtime {runtime!r}; known: "
                               f"{', '.join(RUNTIMES)}")
+    if registry is not None:
+        registry = registry.rstrip("/")
+        if not REGISTRY_RE.fullmatch(registry) or "//" in registry:
+            raise ValidationError(f"registry {registry!r} is not a registry like "
+                                  "registry.example.org/group or localhost:5000")
     tag = tag or f"{spec.name}:latest"
+    if registry:
+        tag = f"{registry}/{tag}"
     if not TAG_RE.fullmatch(tag) or tag.startswith("-"):
         raise ValidationError(f"tag {tag!r} is not an image tag like name:1.0 or "
                               "registry.example.org/group/name:1.0")
@@ -351,43 +368,50 @@ def plan_dry(spec: ImageSpec, runtime: str | None = None, tag: str | None = None
     context = str(spec.context)
     dockerfile = str(outdir / f"{spec.name}.Dockerfile")
     definition = str(outdir / f"{spec.name}.def")
-    files: list[tuple[str, str]] = []
+    files = [(dockerfile, render_dockerfile(spec)), (definition, render_definition(spec))]
     steps: list[Step] = []
     publish: list[str] = []
+    uses = dockerfile
 
     if builder in ("apptainer", "singularity"):
         sif = str(outdir / f"{spec.name}.sif")
-        files.append((definition, render_definition(spec)))
+        uses = definition
         steps.append(Step((builder, "build", "--force", sif, definition), cwd=context))
         artifact = sif
         publish.append(f"copy {sif} to the site and run tasks with "
                        f"`{runtime or builder} exec {sif} ...`")
     elif builder == "ch-image":
         sqfs = str(outdir / f"{spec.name}.sqfs")
-        files.append((dockerfile, render_dockerfile(spec)))
         steps.append(Step(("ch-image", "build", "-t", tag, "-f", dockerfile, context)))
         steps.append(Step(("ch-convert", "-i", "ch-image", "-o", "squash", tag, sqfs)))
         artifact = sqfs
         publish.append(f"copy {sqfs} to the site and run tasks with `ch-run {sqfs} -- ...`")
     else:  # docker, podman, podman-hpc: an OCI image in the local store
-        files.append((dockerfile, render_dockerfile(spec)))
         steps.append(Step((builder, "build", "-t", tag, "-f", dockerfile, context)))
         artifact = tag
         if builder == "podman-hpc":
             steps.append(Step(("podman-hpc", "migrate", tag)))
             publish.append(f"run tasks on compute nodes with `podman-hpc run --rm {tag} ...`")
-        elif runtime == "shifter":
-            publish.append(f"{builder} push {tag}   # to a registry the site can reach")
-            publish.append(f"shifterimg pull docker:{tag}   # on the site's login node")
-        elif runtime == "podman-hpc":
-            publish.append(f"{builder} push {tag}   # to a registry the site can reach")
-            publish.append(f"podman-hpc pull {tag} && podman-hpc migrate {tag}   "
-                           "# on the site's login node")
         else:
-            publish.append(f"{builder} push {tag}   # to share it through a registry")
+            # A tag without '/' would be pushed to docker.io/library/, which nobody may write
+            # to: name the registry, or tell the user to fill it in.
+            remote = tag if "/" in tag else f"REGISTRY/{tag}"
+            if remote != tag:
+                publish.append("# REGISTRY: a registry the site can reach, e.g. "
+                               "registry.example.org/group (or build with --registry)")
+                publish.append(f"{builder} tag {tag} {remote}")
+            if runtime == "shifter":
+                publish.append(f"{builder} push {remote}   # to a registry the site can reach")
+                publish.append(f"shifterimg pull docker:{remote}   # on the site's login node")
+            elif runtime == "podman-hpc":
+                publish.append(f"{builder} push {remote}   # to a registry the site can reach")
+                publish.append(f"podman-hpc pull {remote} && podman-hpc migrate {remote}   "
+                               "# on the site's login node")
+            else:
+                publish.append(f"{builder} push {remote}   # to share it through a registry")
     return BuildPlan(runtime=runtime or _runtime_of(builder), builder=builder,
                      found=bool(found), files=tuple(files), steps=tuple(steps),
-                     publish=tuple(publish), artifact=artifact)
+                     publish=tuple(publish), artifact=artifact, uses=uses)
 
 
 def _runtime_of(builder: str) -> str:

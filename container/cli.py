@@ -29,18 +29,27 @@ def container_group() -> None:
               "shifterimg pull), podman-hpc (podman-hpc build + migrate), apptainer/singularity "
               "(.sif), charliecloud (ch-image, then a SquashFS file). Default: the first "
               "builder found among docker, podman, apptainer, singularity, ch-image.")
-@click.option("--tag", help="Image tag (default: NAME:latest, NAME from the spec).")
+@click.option("--tag", help="Image tag (default: NAME:latest, NAME from the spec's name:, "
+              "else the spec file's name).")
+@click.option("--registry", metavar="HOST[/PATH]",
+              help="Registry the site can pull from, e.g. registry.example.org/group: the "
+              "image is tagged REGISTRY/TAG and the push steps name it (without it they say "
+              "REGISTRY for you to fill in).")
 @click.option("--dry-run", is_flag=True,
-              help="Print the generated files and the commands; write and run nothing.")
+              help="Print the Dockerfile, the Apptainer definition file and the commands; "
+              "write and run nothing.")
 @click.option("--out", type=click.Path(file_okay=False),
               help="Where the Dockerfile/definition file and .sif/.sqfs images go "
               "(default: the spec file's directory).")
-def build_cmd(spec, runtime, tag, dry_run, out) -> None:
-    """Build an image from SPEC (YAML: base, packages, pip, env, files, entrypoint, labels).
+def build_cmd(spec, runtime, tag, registry, dry_run, out) -> None:
+    """Build an image from SPEC (YAML keys: name, base, package_manager, packages, pip, env,
+    files, entrypoint, labels; only base is required).
 
-    Example spec:
+    Writes NAME.Dockerfile and NAME.def (Apptainer definition file) and builds with the
+    builder found (it reads one of them). Example spec (myapp.yaml):
 
     \b
+        name: myapp                  # default: the spec file's name
         base: ubuntu:22.04
         packages: [python3, python3-pip]
         pip: ["numpy>=1.26,<2"]
@@ -54,24 +63,29 @@ def build_cmd(spec, runtime, tag, dry_run, out) -> None:
     from .build import execute, load_spec, plan, plan_dry
     image = load_spec(spec)
     if dry_run:
-        p = plan_dry(image, runtime, tag, out)
-        for path, text in p.files:
-            click.echo(f"# ---- {path}")
+        p = plan_dry(image, runtime, tag, out, registry=registry)
+        for (path, text), title in zip(p.files, _TITLES):
+            used = f"; {p.builder} reads this one" if path == p.uses else ""
+            click.echo(f"# ==== {title}: {path}{used}")
             click.echo(text, nl=False)
-        missing = "" if p.found else "   (not found on PATH)"
-        click.echo(f"# ---- build with {p.builder}{missing}")
+        missing = "" if p.found else f"; {p.builder} is not on PATH here"
+        click.echo(f"# ==== build with {p.builder} (not run: --dry-run{missing})")
         for step in p.steps:
             click.echo(step.shell())
         _publish(p)
         return
-    p = plan(image, runtime, tag, out)
+    p = plan(image, runtime, tag, out, registry=registry)
     execute(p, echo=click.echo)
     click.echo(f"built {p.artifact}")
     _publish(p)
 
 
+_TITLES = ("Dockerfile (docker, podman, podman-hpc, ch-image)",
+           "Apptainer definition file (apptainer, singularity)")
+
+
 def _publish(p) -> None:
     if p.publish:
-        click.echo("# ---- next steps")
+        click.echo("# ==== next steps (printed, never run)")
         for line in p.publish:
             click.echo(line)

@@ -13,7 +13,8 @@ CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 @click.group(context_settings=CTX)
 @click.version_option(__version__, "-V", "--version")
-@click.option("--home", envvar="PILOTFISH_HOME", help="pilotfish home (default ~/.pilotfish).")
+@click.option("--home", envvar="PILOTFISH_HOME", metavar="DIR",
+              help="The pilotfish home (default: $PILOTFISH_HOME, else ~/.pilotfish).")
 @click.option("--server", "server", help="Server address, e.g. tcp://host:port (default: "
               "$PILOTFISH_SERVER or the home's server.json).")
 @click.option("--server-key", metavar="FILE", help="The server's public key file (its "
@@ -27,6 +28,10 @@ def cli(ctx, home, server, server_key, client_key) -> None:
     """pilotfish: many small tasks on machines built for huge jobs.
 
     A server keeps the jobs; node agents inside batch allocations pull work and run it.
+
+    Everything lives in the home: $PILOTFISH_HOME, default ~/.pilotfish (or --home DIR): the
+    SQLite database, server.json (the running server's address), server.log, keys/, sites/,
+    pilots/ and, by default, the job workdirs (work/).
     """
     import os
     ctx.ensure_object(dict)
@@ -48,6 +53,7 @@ def _register() -> None:
     from pilotfish.pilot.site_cli import cancel_cmd, site_agent_cmd, site_status_cmd, submit_cmd
     from pilotfish.site_configs.cli import site_group
     from pilotfish.container.cli import container_group
+    from pilotfish.server.gc_cli import gc_cmd
     for cmd in (pilot_ls, submit_cmd, cancel_cmd):
         pilot_group.add_command(cmd)
     for cmd in (site_agent_cmd, site_status_cmd):
@@ -56,6 +62,7 @@ def _register() -> None:
                   demo_cmd):
         cli.add_command(group)
     cli.add_command(container_group)
+    cli.add_command(gc_cmd)
 
 
 _register()

@@ -34,6 +34,23 @@ def split_cores(cores: list[int], parts: int) -> list[list[int]]:
     return [cores[i::parts] for i in range(parts)]
 
 
+def explain(summary: dict, njobs: int, seconds: float) -> list[str]:
+    """The summary's two shares in words: how busy the cores were, and how much of their time
+    was the tasks' own work (the two differ by what it costs to start and end a process)."""
+    util, eff = summary["core_utilization"], summary["efficiency"]
+    if util is None or eff is None:
+        return []
+    cores, makespan = summary["cores"], summary["makespan_seconds"]
+    lines = [f"  cores: a task was running on them {util:.0%} of the time"
+             + ("" if util >= 0.995 else f" (idle {1 - util:.0%}: waiting for the next task)")]
+    lines.append(f"  work: {eff:.0%} of the cores' time was the tasks' own work "
+                 f"({njobs} x {seconds:g} s = {njobs * seconds:.1f} s of sleep on {cores} cores "
+                 f"in {makespan:.2f} s); the rest, {summary['overhead_ms_per_task']:.1f} ms "
+                 "per task, went to starting and ending each task's process"
+                 + ("" if util >= 0.995 else " and to idle cores"))
+    return lines
+
+
 @click.command("demo", context_settings=CTX)
 @click.option("--jobs", "njobs", type=int, default=1000, show_default=True)
 @click.option("--seconds", type=float, default=0.01, show_default=True,
@@ -86,6 +103,10 @@ def demo_cmd(njobs, seconds, nagents, keep, as_json) -> None:
             # share of core time spent in the tasks' own work (their sleep)
             "efficiency": round(njobs * seconds / (len(cores) * makespan), 3)
             if makespan > 0 else None,
+            # core time per task that was not the task's work: its process start and exit,
+            # and the cores' idle time between tasks
+            "overhead_ms_per_task": round(1000 * (len(cores) * makespan - njobs * seconds)
+                                          / njobs, 2) if makespan > 0 and njobs else None,
         }
     finally:
         for p in procs:
@@ -105,7 +126,6 @@ def demo_cmd(njobs, seconds, nagents, keep, as_json) -> None:
     say(f"[bold]done[/bold]: {', '.join(f'{k}={v}' for k, v in sorted(counts.items()))}")
     say(f"  {summary['jobs_per_second']} jobs/s over a {summary['makespan_seconds']} s makespan;"
         f" first task done {summary['seconds_to_first_task_done']} s after start")
-    say(f"  cores busy with tasks {summary['core_utilization']:.0%}; efficiency "
-        f"{summary['efficiency']:.0%} (ideal makespan {njobs} x {seconds} s / {len(cores)} "
-        f"cores, over the real one; the rest is process start-up and scheduling)")
+    for line in explain(summary, njobs, seconds):
+        say(line)
     say("  nothing left running" + (f"; home kept at {home}" if keep else ""))

@@ -27,6 +27,7 @@ from .core import JobServer
 from .db import make_engine
 from .site_agents import SiteAgents
 from . import pilot_ops  # noqa: F401  (registers the pilot and site ops)
+from . import gc_ops  # noqa: F401  (registers the gc op)
 from .ops import OPS
 
 log = logging.getLogger("pilotfish.server")
@@ -111,7 +112,7 @@ class ZapHandler:
             poller.register(self.mon, zmq.POLLIN)
         while not self.stop_event.is_set():
             try:
-                ready = dict(poller.poll(200))
+                ready = dict(poller.poll(50))  # stop() joins within 50 ms
                 if self.zap in ready:
                     self.handle(self.zap.recv_multipart())
                 if self.mon is not None and self.mon in ready:

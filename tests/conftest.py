@@ -19,7 +19,8 @@ from pilotfish import keys
 from pilotfish.server import daemon
 from pilotfish.client import Client
 
-PG_ADMIN_URL = os.environ.get("PILOTFISH_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+# the external systems' checks live in externals.py, which scripts/test also runs for its report
+from externals import PG_ADMIN_URL, pg_available, slurm_nodes  # noqa: E402,F401
 
 
 def require(ok: bool, what: str) -> None:
@@ -115,15 +116,6 @@ class ServerHandle:
                 p.wait()
 
 
-def pg_available() -> bool:
-    try:
-        import psycopg
-        with psycopg.connect(PG_ADMIN_URL, connect_timeout=3):
-            return True
-    except Exception:
-        return False
-
-
 @pytest.fixture
 def pg_url():
     """A fresh PostgreSQL database for one test, dropped afterwards."""
@@ -170,20 +162,6 @@ def wait_for(pred, timeout: float = 30, interval: float = 0.05, what: str = "con
 
 
 # -- Slurm (started by scripts/slurm_up: 4 fake nodes node[1-4] on this machine) ----------------
-def slurm_nodes() -> list[str]:
-    """Names of the Slurm nodes that are up (idle/mix/alloc), or [] without a Slurm."""
-    import shutil
-    if not shutil.which("sinfo") or not shutil.which("sbatch"):
-        return []
-    try:
-        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True,
-                             text=True, timeout=20).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return sorted({n for n, t in (line.split() for line in out.splitlines() if line.strip())
-                   if t.rstrip("*") in ("idle", "mix", "alloc", "comp")})
-
-
 @pytest.fixture(scope="session")
 def slurm() -> list[str]:
     """A real Slurm with at least 4 nodes up (scripts/slurm_up starts one)."""

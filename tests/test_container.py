@@ -502,7 +502,10 @@ def test_build_plans_per_runtime(tmp_path):
 
     p = plan(s, "apptainer", out=out, which=which_of("apptainer", "docker"))
     assert p.builder == "apptainer" and p.artifact == f"{out}/pf-demo.sif"
-    assert [f for f, _ in p.files] == [f"{out}/pf-demo.def"]
+    # both files, always (a site with the other runtime needs the other one); apptainer reads
+    # the definition file
+    assert [f for f, _ in p.files] == [f"{out}/pf-demo.Dockerfile", f"{out}/pf-demo.def"]
+    assert p.uses == f"{out}/pf-demo.def"
     assert p.steps[0].argv == ("apptainer", "build", "--force", f"{out}/pf-demo.sif",
                                f"{out}/pf-demo.def")
     assert p.steps[0].cwd == ctx  # %files sources are relative to the spec's directory
@@ -518,6 +521,23 @@ def test_build_plans_per_runtime(tmp_path):
     assert p.publish == ("podman push registry.example.org/g/pf-demo:1   # to a registry the "
                          "site can reach", "shifterimg pull docker:registry.example.org/g/"
                          "pf-demo:1   # on the site's login node")
+
+    # a tag without a registry is never pushed to docker.io/library/: a placeholder to fill
+    p = plan(s, "shifter", which=which_of("docker"))
+    assert p.publish == (
+        "# REGISTRY: a registry the site can reach, e.g. registry.example.org/group (or build "
+        "with --registry)",
+        "docker tag pf-demo:latest REGISTRY/pf-demo:latest",
+        "docker push REGISTRY/pf-demo:latest   # to a registry the site can reach",
+        "shifterimg pull docker:REGISTRY/pf-demo:latest   # on the site's login node")
+    p = plan(s, "shifter", registry="localhost:5000/lab/", which=which_of("docker"))
+    assert p.steps[0].argv[:3] == ("docker", "build", "-t") and p.artifact == \
+        "localhost:5000/lab/pf-demo:latest"
+    assert p.publish[0] == "docker push localhost:5000/lab/pf-demo:latest   # to a registry the " \
+        "site can reach" and "REGISTRY" not in " ".join(p.publish)
+    p = plan(s, None, tag="pf:2", registry="reg.example.org", which=which_of("podman"))
+    assert p.artifact == "reg.example.org/pf:2" and p.publish == (
+        "podman push reg.example.org/pf:2   # to share it through a registry",)
 
     p = plan(s, "podman-hpc", which=which_of("podman-hpc", "docker"))
     assert [st.argv[:2] for st in p.steps] == [("podman-hpc", "build"),
@@ -540,6 +560,16 @@ def test_no_builder_is_a_one_line_error():
         plan_dry(s, "docker", which=which_of())
 
 
+@pytest.mark.parametrize("registry", ["", "/", "-x", "--tag=x", "a b", "reg;rm -rf", "reg$(id)",
+                                      "Reg.Example.org", "reg//x", "reg/../x", "reg:port",
+                                      "reg:123456", "reg/x\n", "r" * 300])
+def test_bad_registry_is_refused(registry):
+    s = load_spec(DATA / "app" / "spec.yaml")
+    with pytest.raises(ValidationError, match="registry|tag") as err:
+        plan_dry(s, "shifter", registry=registry, which=which_of())
+    assert "\n" not in str(err.value).replace(registry, "")
+
+
 def pf(*args: str, env: dict | None = None, cwd: Path | None = None):
     return subprocess.run([sys.executable, "-m", "pilotfish", *args], capture_output=True,
                           text=True, timeout=60, env=env, cwd=cwd)
@@ -552,10 +582,28 @@ def test_cli_build_dry_run():
     assert (DATA / "app.def.golden").read_text() in r.stdout
     assert "build --force" in r.stdout and "pf-demo.sif" in r.stdout
 
+    # the README promises both files: both are printed, each under its own heading
+    heads = [line for line in r.stdout.splitlines() if line.startswith("# ==== ")]
+    assert [h.split(":")[0] for h in heads] == [
+        "# ==== Dockerfile (docker, podman, podman-hpc, ch-image)",
+        "# ==== Apptainer definition file (apptainer, singularity)",
+        "# ==== build with apptainer (not run", "# ==== next steps (printed, never run)"], heads
+    assert heads[1].endswith("pf-demo.def; apptainer reads this one")
+    assert (DATA / "app.Dockerfile.golden").read_text() in r.stdout
+
     r = pf("container", "build", spec, "--dry-run", "--runtime", "shifter", "--tag", "u/pf:1")
     assert r.returncode == 0, r.stderr
     assert (DATA / "app.Dockerfile.golden").read_text() in r.stdout
+    assert (DATA / "app.def.golden").read_text() in r.stdout
     assert "shifterimg pull docker:u/pf:1" in r.stdout
+
+    r = pf("container", "build", spec, "--dry-run", "--runtime", "shifter")
+    assert "docker push REGISTRY/pf-demo:latest" in r.stdout.replace("podman", "docker")
+    r = pf("container", "build", spec, "--dry-run", "--runtime", "shifter", "--registry",
+           "registry.example.org/lab")
+    assert "shifterimg pull docker:registry.example.org/lab/pf-demo:latest" in r.stdout
+    r = pf("container", "build", spec, "--dry-run", "--registry", "-x;y")
+    assert r.returncode == 1 and r.stderr.startswith("pilotfish: error: registry '-x;y' is not")
     assert not (DATA / "app" / "pf-demo.Dockerfile").exists()  # a dry run writes nothing
 
     r = pf("container", "-h")
@@ -597,6 +645,8 @@ def test_cli_build_runs_the_builder(tmp_path):
            "--out", str(out), env=env)
     assert r.returncode == 0, r.stderr
     assert (out / "pf-demo.def").read_text() == (DATA / "app.def.golden").read_text()
+    assert (out / "pf-demo.Dockerfile").read_text() == \
+        (DATA / "app.Dockerfile.golden").read_text()  # written too, for other sites
     assert (out / "pf-demo.sif").exists()
     assert log.read_text() == (f"{(DATA / 'app').resolve()} build --force {out}/pf-demo.sif "
                                f"{out}/pf-demo.def\n")

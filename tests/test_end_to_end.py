@@ -298,9 +298,24 @@ def test_demo_runs_and_leaves_nothing_running(tmp_path):
     assert summary["states"] == {"JOB_FINISHED": 60}
     assert summary["seconds_to_first_task_done"] > 0 and summary["jobs_per_second"] > 0
     assert 0 < summary["efficiency"] <= 1.0 and 0 < summary["core_utilization"] <= 1.05
+    assert summary["overhead_ms_per_task"] > 0
     assert list(tmp_path.iterdir()) == []  # the temporary home is gone
     left = subprocess.run(["pgrep", "-f", f"pilotfish --home {tmp_path}"], capture_output=True)
     assert left.returncode == 1, left.stdout
+
+
+def test_demo_explains_busy_cores_and_work_in_words():
+    """'cores busy 100%; efficiency 78%' read as a contradiction: say what each share is."""
+    from pilotfish.demo import explain
+    s = {"core_utilization": 1.0, "efficiency": 0.78, "cores": 2, "makespan_seconds": 6.41,
+         "overhead_ms_per_task": 2.82}
+    assert explain(s, 1000, 0.01) == [
+        "  cores: a task was running on them 100% of the time",
+        "  work: 78% of the cores' time was the tasks' own work (1000 x 0.01 s = 10.0 s of "
+        "sleep on 2 cores in 6.41 s); the rest, 2.8 ms per task, went to starting and ending "
+        "each task's process"]
+    lines = explain({**s, "core_utilization": 0.9}, 1000, 0.01)
+    assert "(idle 10%: waiting for the next task)" in lines[0] and "idle cores" in lines[1]
 
 
 def test_restarted_server_readopts_running_tasks(server: ServerHandle, tmp_path):
