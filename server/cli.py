@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -10,11 +11,13 @@ import click
 import yaml
 
 from pilotfish import console, settings
-from pilotfish.errors import PilotfishError, ValidationError
+from pilotfish.errors import PilotfishError, ServerUnavailable, ValidationError
 
 from . import daemon, site_agents
 from pilotfish.client import Client
 
+#: Seconds `server status` waits for a live server's answer before it says so.
+STATUS_WAIT = 10.0
 CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 JOB_COLUMNS = [("id", "ID"), ("name", "NAME"), ("application", "APP"), ("state", "STATE"),
                ("attempts", "TRIES"), ("group", "GROUP"), ("tags", "TAGS"),
@@ -145,13 +148,29 @@ def server_stop(ctx) -> None:
 def server_status(ctx, as_json) -> None:
     """Is the server up; jobs by state; agents. Exit code 1 when it is not running."""
     home = home_of(ctx)
+    # a server named by --server or $PILOTFISH_SERVER may be elsewhere: only asking tells
+    explicit = (ctx.obj.get("server") if ctx.obj else None) or os.environ.get("PILOTFISH_SERVER")
+    pid = None if explicit else daemon.running_pid(home)
     try:
-        st = client_of(ctx).status()
+        # this home's server on this machine: /proc says at once whether its process lives
+        # (a kill -9 leaves server.json behind; waiting for an answer took the whole timeout)
+        if not explicit and pid is None:
+            info = settings.read_server_info(home)
+            raise PilotfishError(f"no server is running for {home}" + (
+                f" (pid {info.get('pid')} of server.json is gone or is not a pilotfish "
+                "server)" if info else ""))
+        with Client(address=explicit, home=home, timeout=STATUS_WAIT) as c:
+            st = c.status()
     except PilotfishError as exc:
-        if as_json:
-            console.print_json({"running": False, "error": str(exc)})
+        if isinstance(exc, ServerUnavailable) and pid is not None:
+            msg = (f"not answering: server pid {pid} is alive but did not answer within "
+                   f"{STATUS_WAIT:g} s (busy or stuck? see {settings.log_path(home)})")
         else:
-            console.out.print(f"not running: {exc}")
+            msg = f"not running: {exc}"
+        if as_json:
+            console.print_json({"running": False, "pid": pid, "error": msg})
+        else:
+            console.out.print(msg)
         ctx.exit(1)
     st["running"] = True
     st["address"] = settings.server_address(home, ctx.obj.get("server"))

@@ -250,7 +250,8 @@ class Service:
             raise PilotfishError(f"cannot bind {bind}: {exc}") from None
 
     def _write_info(self) -> None:
-        info = {"address": self.address, "pid": os.getpid(), "started": time.time(),
+        info = {"address": self.address, "pid": os.getpid(), "host": socket.gethostname(),
+                "started": time.time(),
                 "db": self.engine.url.render_as_string(hide_password=True),
                 # whether clients must use CurveZMQ, and the key they need (never the secret)
                 "curve": self.curve,
