@@ -43,7 +43,10 @@ def task_base_env(environ: Mapping[str, str]) -> dict[str, str]:
             if k in TASK_ENV or k.startswith(TASK_ENV_PREFIXES)}
 
 
-#: Names an app's environment may not set, by exact name, with why.
+#: Names an app's environment may not set, by exact name, with why. The loader group follows
+#: glibc's own list of variables it ignores in setuid programs (unsecvars.h); the shell and
+#: runtime groups are the variables that make bash, sh, Python, Perl, Ruby, Node and Java run
+#: code or options nobody wrote in the app's argv.
 REFUSED_ENV = {
     # the dynamic loader runs code or reads files named here before main() of every program
     # (LD_LIBRARY_PATH stays allowed: it names where the app's libraries live)
@@ -52,7 +55,8 @@ REFUSED_ENV = {
     "LOCPATH": "makes the C library read locale files from anywhere",
     "HOSTALIASES": "redirects every host name lookup",
     "RESOLV_HOST_CONF": "redirects every host name lookup",
-    "MALLOC_CHECK_": "changes the C library allocator of every program",
+    "MALLOC_TRACE": "makes the C library of every program write a file wherever it names",
+    "NLSPATH": "makes the C library read message catalogs from anywhere",
     # shells read and run these at start: any script or system() call of the app would run them
     "BASH_ENV": "a file every non-interactive bash runs first",
     "ENV": "a file every sh runs first",
@@ -61,7 +65,6 @@ REFUSED_ENV = {
     "PS4": "runs commands in a traced bash",
     "PROMPT_COMMAND": "runs commands in bash",
     "IFS": "changes how every shell script splits words",
-    "CDPATH": "changes where every shell script's cd goes",
     # language runtimes run code named here before the program (PYTHONPATH stays allowed:
     # it names where the app's code lives)
     "PYTHONSTARTUP": "runs a file in Python",

@@ -32,6 +32,41 @@ def client_of(ctx: click.Context) -> Client:
     return Client(address=ctx.obj.get("server"), home=home_of(ctx))
 
 
+class _Numeral(click.ParamType):
+    """An int or float option that takes plain numerals only: click's own types use Python's
+    int()/float(), which take ``1_0``, `` 5``, ``nan`` and ``inf``."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.name = "integer" if kind == "int" else "number"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return value
+        from pilotfish.validate import check_float, check_int, echo, parse_numeral
+        try:
+            v = parse_numeral(str(value), self.kind, "value")
+            return check_int(v, "value") if self.kind == "int" else check_float(v, "value")
+        except ValidationError:
+            self.fail(f"{echo(str(value))} is not a valid {self.name} (plain digits"
+                      + (", 64 bits" if self.kind == "int" else ", finite") + ")", param, ctx)
+
+
+PLAIN_INT = _Numeral("int")
+PLAIN_FLOAT = _Numeral("float")
+
+
+def _json_value(text: str) -> Any:
+    """A --set value as JSON when it is JSON (5, true, [1], {"a": 1}), else the text; numbers
+    only as plain numerals (json takes NaN and Infinity, which no field accepts)."""
+    def refuse(name):
+        raise ValueError(name)
+    try:
+        return json.loads(text, parse_constant=refuse)
+    except (ValueError, RecursionError):
+        return text
+
+
 def json_option(f):
     return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(f)
 
@@ -44,10 +79,7 @@ def parse_kv(items: tuple[str, ...], what: str, typed: bool = False) -> dict[str
             raise ValidationError(f"{what} {item!r} must look like key=value")
         k, v = item.split("=", 1)
         if typed:
-            try:
-                v = json.loads(v)
-            except ValueError:
-                pass
+            v = _json_value(v)
         out[k] = v
     return out
 
@@ -82,7 +114,7 @@ def server_group() -> None:
 @click.option("--bind", default="tcp://127.0.0.1:*", show_default=True,
               help="ZeroMQ endpoint; '*' as port picks a free one. Use tcp://0.0.0.0:PORT for "
                    "compute nodes on other hosts.")
-@click.option("--heartbeat", type=float, default=settings.HEARTBEAT_SECONDS, show_default=True,
+@click.option("--heartbeat", type=PLAIN_FLOAT, default=settings.HEARTBEAT_SECONDS, show_default=True,
               help="Seconds between agent heartbeats; leases expire after "
                    f"{settings.LEASE_HEARTBEATS:g} missed ones.")
 @click.option("--insecure", is_flag=True, help="No CurveZMQ: plain text, no authentication. "
@@ -214,7 +246,13 @@ def _param_flags(params: tuple[str, ...]) -> dict:
               help="Declare a parameter (int, float, str, choice, path). Repeatable.")
 @click.option("--pre", "pre", help="Preprocess executable (absolute path).")
 @click.option("--post", "post", help="Postprocess executable (absolute path).")
-@click.option("--env", "env", multiple=True, metavar="K=V", help="Environment for its jobs.")
+@click.option("--env", "env", multiple=True, metavar="K=V",
+              help="Environment for its jobs. Names that make the loader, a shell or a "
+                   "language runtime run other code are refused: LD_* but LD_LIBRARY_PATH, "
+                   "GCONV_PATH, GLIBC_TUNABLES, LOCPATH, BASH_ENV, ENV, BASH_FUNC_*, SHELLOPTS, "
+                   "BASHOPTS, PS4, PROMPT_COMMAND, IFS, PYTHONSTARTUP, PYTHONINSPECT, PERL5OPT, "
+                   "PERL5DB, RUBYOPT, NODE_OPTIONS, JAVA_TOOL_OPTIONS, _JAVA_OPTIONS, "
+                   "JDK_JAVA_OPTIONS, ... and the PILOTFISH_* names tasks get.")
 @click.option("--description", default="")
 @json_option
 @click.pass_context
@@ -274,7 +312,9 @@ def app_show(ctx, name, as_json) -> None:
 @json_option
 @click.pass_context
 def app_alter(ctx, name, sets, spec_file, as_json) -> None:
-    """Change an app's definition (args and parameters only while it has no unfinished jobs)."""
+    """Change an app's definition. What decides what its jobs run (executable, args,
+    parameters, preprocess, postprocess, environment, container) changes only while it has no
+    unfinished jobs."""
     changes = load_structured(spec_file) if spec_file else {}
     if not isinstance(changes, dict):
         raise ValidationError(f"{spec_file} must be a map of app keys to change")

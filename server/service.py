@@ -22,6 +22,7 @@ from pilotfish import keys
 from pilotfish import protocol as P
 from pilotfish import settings
 from pilotfish.errors import PilotfishError, ProtocolError
+from pilotfish.validate import cap  # every error text we send or log is capped (it may quote input)
 
 from .core import JobServer
 from .db import make_engine
@@ -389,12 +390,12 @@ class Service:
                     srv.on_bye(a, m, now)
         except ProtocolError as exc:
             srv.stats["bad_messages"] += 1
-            log.warning("bad message from %s: %s", identity.hex()[:16], exc)
-            srv.send(identity, P.encode(P.ERROR, error=str(exc), rid=rid))
+            log.warning("bad message from %s: %s", identity.hex()[:16], cap(str(exc)))
+            srv.send(identity, P.encode(P.ERROR, error=cap(str(exc)), rid=rid))
         except Exception as exc:  # a bug of ours: never die of one message
             log.exception("internal error handling a message from %s", identity.hex()[:16])
             self.reload()
-            self.srv.send(identity, P.encode(P.ERROR, error=f"internal server error: {exc}",
+            self.srv.send(identity, P.encode(P.ERROR, error=cap(f"internal server error: {exc}"),
                                              rid=rid))
 
     def request(self, identity: bytes, m: dict, now: float) -> None:
@@ -406,7 +407,7 @@ class Service:
             result = fn(srv, m["args"], now)
         except PilotfishError as exc:
             srv.send(identity, P.encode(P.REPLY, rid=m["rid"], ok=False, result=None,
-                                        error=str(exc), code=exc.code))
+                                        error=cap(str(exc)), code=exc.code))
             return
         srv.send(identity, P.encode(P.REPLY, rid=m["rid"], ok=True, result=result, error=None,
                                     code=None))
