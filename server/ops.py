@@ -8,7 +8,7 @@ import os
 import time
 from typing import Any, Callable
 
-from sqlalchemy import Float, cast, delete, func, or_, select
+from sqlalchemy import delete, func, or_, select
 
 from pilotfish import __version__
 from pilotfish.errors import IllegalTransition, NotFound, PilotfishError, ValidationError
@@ -304,8 +304,7 @@ def job_counts(srv: JobServer, args: dict, now: float) -> dict:
 def job_summary(srv: JobServer, args: dict, now: float) -> dict:
     """Counts and times of matching jobs: for throughput and utilization figures."""
     srv.sync()
-    # as a float: three 32-bit INTEGERs multiplied overflow PostgreSQL's INTEGER
-    cores = cast(jobs.c.processes_per_node, Float) * jobs.c.cpus_per_process * jobs.c.num_nodes
+    cores = jobs.c.processes_per_node * jobs.c.cpus_per_process * jobs.c.num_nodes
     q = select(func.count(), func.min(jobs.c.created), func.min(jobs.c.started),
                func.min(jobs.c.ended), func.max(jobs.c.ended),
                func.sum((jobs.c.ended - jobs.c.started) * cores))

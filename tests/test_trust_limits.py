@@ -560,3 +560,31 @@ def test_task_inherits_a_declared_environment(server, tmp_path):
     assert seen["PATH"] == "/usr/bin:/bin" and seen["PILOTFISH_JOB_ID"] == str(jid)
     assert seen["HOME"] == os.environ["HOME"]
     server.stop_agents()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_largest_accepted_values_are_stored_and_summed(request, tmp_path, backend):
+    """Every integer at the edge of what is accepted is written, read and summed on both
+    databases (PostgreSQL INTEGER is 32-bit: the resource product used to overflow it)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    url = request.getfixturevalue("pg_url") if backend == "postgresql" \
+        else f"sqlite:///{home / 'pilotfish.db'}"
+    s = ServerHandle(home, url).start()
+    try:
+        with s.client() as c:
+            c.add_app(APPS[0])
+            edge = dict(priority=1_000_000, max_retries=1000, num_nodes=1_000_000,
+                        processes_per_node=1_000_000, cpus_per_process=1_000_000,
+                        gpus_per_process=64, wall_time_minutes=525_600)
+            jid = c.add_job(**job(parameters={"n": INT64_MAX, "x": -1.5e308}, **edge))
+            low = c.add_job(**job(name="low", parameters={"n": -2**63}, priority=-1_000_000,
+                                  parents=[jid]))
+            c.alter_jobs({"ids": [low]}, priority=-1_000_000, max_retries=0)
+            d = c.job(jid)
+            assert {k: d[k] for k in edge} == edge and d["parameters"]["n"] == INT64_MAX
+            assert c.summary({"ids": [jid, low]})["jobs"] == 2
+            assert c.job(low)["parents"] == [jid]
+            assert c.ping()
+    finally:
+        s.stop()
