@@ -308,7 +308,8 @@ def check_resources(res: dict, where: str) -> dict:
     for k in ("num_nodes", "processes_per_node", "cpus_per_process"):
         v = res.get(k)
         if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 1_000_000:
-            raise ValidationError(f"{where}: {k} must be a positive integer (1..1000000), got {echo(v)}")
+            raise ValidationError(f"{where}: {k} must be a positive integer (1..1000000), "
+                                  f"got {echo(v)}")
     v = res.get("gpus_per_process")
     if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 64:
         raise ValidationError(f"{where}: gpus_per_process must be an integer 0..64, "

@@ -114,7 +114,8 @@ def server_group() -> None:
 @click.option("--bind", default="tcp://127.0.0.1:*", show_default=True,
               help="ZeroMQ endpoint; '*' as port picks a free one. Use tcp://0.0.0.0:PORT for "
                    "compute nodes on other hosts.")
-@click.option("--heartbeat", type=PLAIN_FLOAT, default=settings.HEARTBEAT_SECONDS, show_default=True,
+@click.option("--heartbeat", type=PLAIN_FLOAT, default=settings.HEARTBEAT_SECONDS,
+              show_default=True,
               help="Seconds between agent heartbeats; leases expire after "
                    f"{settings.LEASE_HEARTBEATS:g} missed ones.")
 @click.option("--insecure", is_flag=True, help="No CurveZMQ: plain text, no authentication. "

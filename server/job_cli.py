@@ -56,7 +56,8 @@ def make_filter(ids=(), states=(), app=None, site=None, group=None, tag=None, na
 @click.option("--site")
 @click.option("--queue")
 @click.option("--project")
-@click.option("--wall-time", "wall_time_minutes", type=PLAIN_FLOAT, help="Minutes; also the timeout.")
+@click.option("--wall-time", "wall_time_minutes", type=PLAIN_FLOAT,
+              help="Minutes; also the timeout.")
 @click.option("--nodes", "num_nodes", type=PLAIN_INT)
 @click.option("--ppn", "processes_per_node", type=PLAIN_INT, help="Processes per node.")
 @click.option("--depth", "cpus_per_process", type=PLAIN_INT, help="Cores per process.")
