@@ -229,7 +229,12 @@ def _param(name: str, spec: Any, app: str, stored: bool = False) -> Param:
         p.choices = tuple(ch)
     if "default" in spec:
         p.required = False
-        p.default = None if spec["default"] is None else p.check(spec["default"], app)
+        try:
+            p.default = None if spec["default"] is None else p.check(spec["default"], app)
+        except ValidationError:
+            if not stored:
+                raise
+            p.default = spec["default"]  # as an older version stored it (shown wire-safe)
     return p
 
 
@@ -260,7 +265,7 @@ def app_from_spec(spec: Any, app_id: int = 0, stored: bool = False) -> App:
         raise ValidationError(f"app {name!r}: parameters must be a map of name -> declaration")
     params = {}
     for pname, pspec in pspecs.items():
-        if not isinstance(pname, str) or len(pname) > 128 \
+        if not isinstance(pname, str) or (len(pname) > 128 and not stored) \
                 or not PLACEHOLDER.fullmatch("{%s}" % pname):
             raise ValidationError(f"app {name!r}: parameter name {echo(pname)} must be an "
                                   "identifier")

@@ -210,7 +210,8 @@ def test_legacy_app_loads_answers_and_asks_for_a_fix(tmp_path):
     with db:
         db.execute("UPDATE apps SET parameters = ?, environment = ?, args = '[]' "
                    "WHERE name = 'old'",
-                   (json.dumps({"n": {"type": "int", "max": 10**30, "default": 0}}),
+                   (json.dumps({"n": {"type": "int", "max": 10**30, "default": 0},
+                                "big": {"type": "int", "default": 10**30}}),
                     json.dumps({"KEEP_ME": "1", "LD_PRELOAD": "/nonexistent/evil.so"})))
     db.close()
     s = ServerHandle(home, url).start()
@@ -226,10 +227,12 @@ def test_legacy_app_loads_answers_and_asks_for_a_fix(tmp_path):
             assert c.wait({"ids": [jid]}, timeout=60) == {"JOB_FINISHED": 1}
             out = (tmp_path / "work" / c.job(jid)["workdir"] / "job.out").read_text()
             assert "KEEP_ME=1" in out and "LD_PRELOAD" not in out
+            assert c.job(jid)["parameters"] == {"n": 0, "big": str(10**30)}
             # `app alter` asks for what is refused now to be fixed, one thing at a time
             with pytest.raises(ValidationError, match="max must be an integer"):
                 c.alter_app("old", description="x")
-            fixed = {"n": {"type": "int", "max": 10, "default": 0}}
+            fixed = {"n": {"type": "int", "max": 10, "default": 0},
+                     "big": {"type": "int", "default": 1}}
             with pytest.raises(ValidationError, match="environment may not set LD_PRELOAD"):
                 c.alter_app("old", parameters=fixed)
             c.alter_app("old", parameters=fixed, environment={"KEEP_ME": "2"})
