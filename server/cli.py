@@ -11,6 +11,7 @@ import click
 import yaml
 
 from pilotfish import console, settings
+from pilotfish.clitypes import PLAIN_FLOAT, PLAIN_INT  # noqa: F401  (job_cli imports them here)
 from pilotfish.errors import PilotfishError, ServerUnavailable, ValidationError
 
 from . import daemon, site_agents
@@ -32,28 +33,6 @@ def client_of(ctx: click.Context) -> Client:
     return Client(address=ctx.obj.get("server"), home=home_of(ctx))
 
 
-class _Numeral(click.ParamType):
-    """An int or float option that takes plain numerals only: click's own types use Python's
-    int()/float(), which take ``1_0``, `` 5``, ``nan`` and ``inf``."""
-
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
-        self.name = "integer" if kind == "int" else "number"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return value
-        from pilotfish.validate import check_float, check_int, echo, parse_numeral
-        try:
-            v = parse_numeral(str(value), self.kind, "value")
-            return check_int(v, "value") if self.kind == "int" else check_float(v, "value")
-        except ValidationError:
-            self.fail(f"{echo(str(value))} is not a valid {self.name} (plain digits"
-                      + (", 64 bits" if self.kind == "int" else ", finite") + ")", param, ctx)
-
-
-PLAIN_INT = _Numeral("int")
-PLAIN_FLOAT = _Numeral("float")
 
 
 def _json_value(text: str) -> Any:

@@ -516,6 +516,16 @@ def test_cli_numeric_flags_are_plain(live, flag, value):
     assert r.returncode == 2 and "is not a valid" in r.stderr and "plain digits" in r.stderr
 
 
+@pytest.mark.parametrize("args", [("pilot", "agent", "--walltime", "nan"),
+                                  ("pilot", "agent", "--max-tasks", "1_0"),
+                                  ("pilot", "run", "--walltime", "inf", "--dry-run"),
+                                  ("demo", "--jobs", "1_0"), ("server", "start", "--heartbeat",
+                                                             "nan")])
+def test_cli_numeric_flags_elsewhere_are_plain(tmp_path, args):
+    r = run_cli(tmp_path / "home", *args)
+    assert r.returncode == 2 and "is not a valid" in r.stderr and "plain digits" in r.stderr
+
+
 def test_cli_set_values_are_plain(live):
     with live.client() as c:
         jid = c.add_job(**job(name="setme", priority=3))
