@@ -30,7 +30,21 @@ def home_of(ctx: click.Context) -> Path:
 
 
 def client_of(ctx: click.Context) -> Client:
-    return Client(address=ctx.obj.get("server"), home=home_of(ctx))
+    home = home_of(ctx)
+    explicit = ctx.obj.get("server") or os.environ.get("PILOTFISH_SERVER")
+    if not explicit:
+        dead_server(home)
+    return Client(address=explicit, home=home)
+
+
+def dead_server(home: Path) -> None:
+    """Raise at once when server.json names a server that /proc says is gone (kill -9, a
+    zombie, a reused pid): a request would otherwise wait the client's whole timeout."""
+    info = settings.read_server_info(home)
+    if info and daemon.running_pid(home) is None:
+        raise ServerUnavailable(f"no server is running for {home} (pid {info.get('pid')} of "
+                                "server.json is gone or is not a pilotfish server); start one "
+                                "with `pilotfish server start`")
 
 
 
@@ -167,10 +181,8 @@ def server_status(ctx, as_json) -> None:
         # this home's server on this machine: /proc says at once whether its process lives
         # (a kill -9 leaves server.json behind; waiting for an answer took the whole timeout)
         if not explicit and pid is None:
-            info = settings.read_server_info(home)
-            raise PilotfishError(f"no server is running for {home}" + (
-                f" (pid {info.get('pid')} of server.json is gone or is not a pilotfish "
-                "server)" if info else ""))
+            dead_server(home)
+            raise PilotfishError(f"no server is running for {home}")
         with Client(address=explicit, home=home, timeout=STATUS_WAIT) as c:
             st = c.status()
     except PilotfishError as exc:

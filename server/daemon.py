@@ -21,8 +21,9 @@ def running_pid(home: Path) -> int | None:
     """The pid of this home's server if it runs on this machine, else None.
 
     Answers at once from /proc, without asking the server: a pid that is gone, a zombie, or a
-    pid reused by another program (not a pilotfish server of this home) is not running.
-    Stale server.json and server.pid files are ignored."""
+    pid reused by another process (one that began after the server wrote server.json, or,
+    with only server.pid to go by, one that is not ``pilotfish ... server start``) is not
+    running. Stale server.json and server.pid files are ignored."""
     info = settings.read_server_info(home) or {}
     pid = info.get("pid")
     if info.get("host") not in (None, socket.gethostname()) and isinstance(pid, int):
@@ -32,9 +33,29 @@ def running_pid(home: Path) -> int | None:
             pid = int(settings.pid_path(home).read_text().strip())
         except (OSError, ValueError):
             return None
-    if pid <= 0:
+    if pid <= 0 or not alive(pid):
         return None
-    return pid if alive(pid) and is_server(pid, home) else None
+    started = info.get("started") if info.get("pid") == pid else None
+    born = _start_time(pid) if isinstance(started, (int, float)) else None
+    if born is not None:
+        # a process that began before the server wrote server.json with its pid IS that
+        # server (a pid is not reused while its process lives); one that began later has
+        # the pid of a dead server. Slack: /proc's boot time has whole seconds.
+        return pid if born <= started + 2.0 else None
+    return pid if is_server(pid, home) else None
+
+
+def _start_time(pid: int) -> float | None:
+    """When the process began (seconds since the epoch) from /proc, or None if unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        ticks = int(stat[stat.rfind(b")") + 2:].split()[19])  # field 22: starttime
+        with open("/proc/stat", "rb") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 def _proc_state(pid: int) -> str | None:

@@ -344,6 +344,10 @@ def test_status_after_kill9_is_quick_and_right(tmp_path):
     r, dt = timed_cli(home, "server", "status")
     assert r.returncode == 1 and r.stdout.startswith("not running: no server is running"), r
     assert f"pid {s.pid}" in r.stdout and dt < base + 1.0, (dt, base)
+    for cmd in (("job", "ls"), ("app", "ls"), ("job", "wait")):  # every client command
+        r, dt = timed_cli(home, *cmd)
+        assert r.returncode == 1 and dt < base + 1.0, (cmd, dt, r.stderr)
+        assert one_line(r.stderr).endswith("start one with `pilotfish server start`")
     r, dt = timed_cli(home, "server", "stop")
     assert r.returncode == 0 and r.stdout == "no server running\n" and dt < base + 1.0
     r, dt = timed_cli(home, "server", "start")
@@ -391,16 +395,20 @@ def test_zombie_server_is_not_running(tmp_path):
         parent.wait()
 
 
-def test_reused_pid_is_not_the_server(tmp_path):
+@pytest.mark.parametrize("started", [None, "before"])
+def test_reused_pid_is_not_the_server(tmp_path, started):
     """server.json naming a live process that is not a pilotfish server (its pid was reused):
-    not running, start works, and stop never signals that process."""
+    not running, start works, and stop never signals that process. With the server's start
+    time in server.json, the process's own start time tells; without, its command line."""
     home = tmp_path / "home"
     home.mkdir(mode=0o700)
     other = subprocess.Popen(["sleep", "300"])
     try:
-        (home / "server.json").write_text(json.dumps(
-            {"address": "tcp://127.0.0.1:9", "pid": other.pid, "curve": False,
-             "secure": False}))
+        info = {"address": "tcp://127.0.0.1:9", "pid": other.pid, "curve": False,
+                "secure": False}
+        if started:
+            info["started"] = time.time() - 60  # the "server" wrote it a minute ago
+        (home / "server.json").write_text(json.dumps(info))
         (home / "server.pid").write_text(f"{other.pid}\n")
         base = python_start_seconds()
         r, dt = timed_cli(home, "server", "status")
