@@ -21,26 +21,34 @@ from typing import Mapping
 PASS_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TZ", "TMPDIR",
             "LD_LIBRARY_PATH", "PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")
 
-#: Agent -> task, by exact name: the session (who, where, language, time zone, terminal) and
-#: where programs and libraries are (module systems set these).
-TASK_ENV = frozenset(PASS_ENV) | {"TERM", "MODULEPATH", "LOADEDMODULES", "MODULESHOME"}
+#: Agent -> task, by exact name: the session (who, where, language, time zone, terminal),
+#: where programs and libraries are (module systems set these), and what the agent's pilot
+#: tells its tasks (when the allocation ends; the relay rank of the agent).
+TASK_ENV = frozenset(PASS_ENV) | {"TERM", "MODULEPATH", "LOADEDMODULES", "MODULESHOME",
+                                  "PILOTFISH_END_TIME", "PILOTFISH_RELAY_RANK",
+                                  "PILOTFISH_RELAY_SIZE"}
 #: Agent -> task, by prefix: locale, and what the batch system, the MPI library and the
-#: accelerator runtimes tell a process about its allocation (an MPI task's own srun or
-#: mpiexec reads them; CUDA_VISIBLE_DEVICES is set per task after this).
+#: accelerator runtimes tell a process about its allocation and how to behave (a task's own
+#: srun or mpiexec reads them; CUDA_VISIBLE_DEVICES is set per task after this).
 TASK_ENV_PREFIXES = (
     "LC_",
     "SLURM_", "SBATCH_", "SRUN_", "PBS_", "COBALT_", "LSB_", "LSF_", "_CONDOR_", "FLUX_",
-    "PMI_", "PMIX_", "OMPI_", "MPICH_", "I_MPI_", "MV2_", "HYDRA_", "PALS_", "CRAY_", "ALPS_",
-    "UCX_", "FI_", "NCCL_",
+    "MPICH_", "I_MPI_", "MV2_", "CRAY_", "ALPS_", "UCX_", "FI_", "NCCL_",
     "CUDA_", "ROCR_", "HIP_", "HSA_", "ZE_", "ONEAPI_",
     "OMP_", "KMP_", "GOMP_",
 )
+#: The MPI launcher's per-rank variables (who am I, where is my PMI server) of an agent that was
+#: started as a rank: they reach neither the agent under the relay nor any task, which would
+#: otherwise take itself for a rank of the agent's own launch (an MPI task hangs in MPI_Init).
+LAUNCHER_ENV = ("PMI_", "PMIX_", "HYDI_", "HYDRA_", "MPI_LOCALRANKID", "MPI_LOCALNRANKS",
+                "OMPI_", "PALS_")
 
 
 def task_base_env(environ: Mapping[str, str]) -> dict[str, str]:
     """The part of ``environ`` a task inherits (computed once per agent, not per task)."""
     return {k: v for k, v in environ.items()
-            if k in TASK_ENV or k.startswith(TASK_ENV_PREFIXES)}
+            if (k in TASK_ENV or k.startswith(TASK_ENV_PREFIXES))
+            and not k.startswith(LAUNCHER_ENV)}
 
 
 #: Names an app's environment may not set, by exact name, with why. The loader group follows

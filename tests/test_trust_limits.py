@@ -546,12 +546,17 @@ def test_cli_set_values_are_plain(live):
 
 def test_task_base_env_is_declared():
     env = {"PATH": "/bin", "HOME": "/h", "LC_CTYPE": "C", "TERM": "xterm", "SLURM_JOB_ID": "1",
-           "OMPI_X": "1", "CUDA_HOME": "/c", "OMP_PLACES": "cores", "PILOTFISH_CLIENT_KEY": "/k",
-           "PILOTFISH_SERVER_KEY": "/s", "AWS_SECRET_ACCESS_KEY": "s", "LD_PRELOAD": "/x.so",
-           "SSH_AUTH_SOCK": "/tmp/agent"}
+           "MPICH_GPU_SUPPORT_ENABLED": "1", "CUDA_HOME": "/c", "OMP_PLACES": "cores",
+           "PILOTFISH_RELAY_RANK": "2", "PILOTFISH_CLIENT_KEY": "/k",
+           "PILOTFISH_SERVER_KEY": "/s", "PILOTFISH_HOME": "/p", "AWS_SECRET_ACCESS_KEY": "s",
+           "LD_PRELOAD": "/x.so", "SSH_AUTH_SOCK": "/tmp/agent",
+           # the launcher's per-rank identity of an agent started as a rank
+           "PMI_RANK": "0", "PMI_FD": "5", "PMIX_RANK": "0", "OMPI_COMM_WORLD_RANK": "0",
+           "HYDRA_CONTROL_FD": "7", "PALS_RANKID": "0", "MPI_LOCALRANKID": "0"}
     got = task_base_env(env)
-    assert set(got) == {"PATH", "HOME", "LC_CTYPE", "TERM", "SLURM_JOB_ID", "OMPI_X",
-                        "CUDA_HOME", "OMP_PLACES"}
+    assert set(got) == {"PATH", "HOME", "LC_CTYPE", "TERM", "SLURM_JOB_ID",
+                        "MPICH_GPU_SUPPORT_ENABLED", "CUDA_HOME", "OMP_PLACES",
+                        "PILOTFISH_RELAY_RANK"}
 
 
 def test_task_inherits_a_declared_environment(server, tmp_path):
@@ -561,7 +566,7 @@ def test_task_inherits_a_declared_environment(server, tmp_path):
     env = dict(os.environ, PILOTFISH_SERVER_KEY=str(keys / "server.key"),
                PILOTFISH_CLIENT_KEY=str(keys / "client.key_secret"),
                MY_SECRET_TOKEN="hunter2", SLURM_FAKE_VAR="slurm", OMP_PROC_BIND="close",
-               LC_FAKE="lc", LD_PRELOAD="")
+               LC_FAKE="lc", LD_PRELOAD="", PMI_RANK="7")
     with server.client() as c:
         c.add_app({"name": "env", "executable": "/usr/bin/env",
                    "environment": {"APP_VAR": "app", "PATH": "/usr/bin:/bin"}})
@@ -576,6 +581,7 @@ def test_task_inherits_a_declared_environment(server, tmp_path):
     seen = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
     assert "MY_SECRET_TOKEN" not in seen and "PILOTFISH_SERVER_KEY" not in seen
     assert "PILOTFISH_CLIENT_KEY" not in seen and "LD_PRELOAD" not in seen
+    assert "PMI_RANK" not in seen
     assert seen["SLURM_FAKE_VAR"] == "slurm" and seen["OMP_PROC_BIND"] == "close"
     assert seen["LC_FAKE"] == "lc" and seen["APP_VAR"] == "app"
     assert seen["PATH"] == "/usr/bin:/bin" and seen["PILOTFISH_JOB_ID"] == str(jid)
