@@ -24,15 +24,16 @@ PASS_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TZ", "TMPDIR",
 #: Agent -> task, by exact name: the session (who, where, language, time zone, terminal),
 #: where programs and libraries are (module systems set these), and what the agent's pilot
 #: tells its tasks (when the allocation ends; the relay rank of the agent).
-TASK_ENV = frozenset(PASS_ENV) | {"TERM", "MODULEPATH", "LOADEDMODULES", "MODULESHOME",
-                                  "PILOTFISH_END_TIME", "PILOTFISH_RELAY_RANK",
+TASK_ENV = frozenset(PASS_ENV) | {"TERM", "HOSTNAME", "MODULEPATH", "LOADEDMODULES",
+                                  "MODULESHOME", "PILOTFISH_END_TIME", "PILOTFISH_RELAY_RANK",
                                   "PILOTFISH_RELAY_SIZE"}
 #: Agent -> task, by prefix: locale, and what the batch system, the MPI library and the
 #: accelerator runtimes tell a process about its allocation and how to behave (a task's own
 #: srun or mpiexec reads them; CUDA_VISIBLE_DEVICES is set per task after this).
 TASK_ENV_PREFIXES = (
     "LC_",
-    "SLURM_", "SBATCH_", "SRUN_", "PBS_", "COBALT_", "LSB_", "LSF_", "_CONDOR_", "FLUX_",
+    "SLURM_", "SLURMD_", "SBATCH_", "SRUN_", "PBS_", "COBALT_", "LSB_", "LSF_", "_CONDOR_",
+    "FLUX_",
     "MPICH_", "I_MPI_", "MV2_", "CRAY_", "ALPS_", "UCX_", "FI_", "NCCL_",
     "CUDA_", "ROCR_", "HIP_", "HSA_", "ZE_", "ONEAPI_",
     "OMP_", "KMP_", "GOMP_",
