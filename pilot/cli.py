@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from pilotfish import console, settings
+from pilotfish.clitypes import PLAIN_FLOAT, PLAIN_INT
 from pilotfish.errors import PilotfishError
 from pilotfish.launcher import LAUNCHERS
 
@@ -77,17 +78,17 @@ def key_options(f):
               "server.json).")
 @key_options
 @click.option("--cores", help="Cores to use, e.g. 0-3,8 (default: this process's affinity).")
-@click.option("--walltime", type=float, help="Minutes this agent may run (default: the batch "
+@click.option("--walltime", type=PLAIN_FLOAT, help="Minutes this agent may run (default: the batch "
               "job's end, else unlimited). Jobs that would not finish in time are not taken.")
 @click.option("--work-root", type=click.Path(file_okay=False), help="Root of job workdirs "
               "(default: HOME/work).")
 @click.option("--site", help="Site name: take only jobs for this site or for any site.")
 @click.option("--pilot", "pilot_id", help="Pilot (batch job) this agent belongs to.")
-@click.option("--prefetch", type=int, help="Cores' worth of tasks to hold beyond the free "
+@click.option("--prefetch", type=PLAIN_INT, help="Cores' worth of tasks to hold beyond the free "
               "cores (default: automatic, from the tasks' run times; 0 for none).")
-@click.option("--idle-timeout", type=float, default=300.0, show_default=True,
+@click.option("--idle-timeout", type=PLAIN_FLOAT, default=300.0, show_default=True,
               help="Leave after this many seconds without work (0: never).")
-@click.option("--max-tasks", type=int, help="Leave after running this many tasks.")
+@click.option("--max-tasks", type=PLAIN_INT, help="Leave after running this many tasks.")
 @launcher_options
 @click.option("--node-name", help="This node's name as the launcher knows it (default: "
               "$SLURMD_NODENAME, else the host name).")
@@ -153,7 +154,7 @@ def agent_cmd(ctx, server, server_key, client_key, cores, walltime, work_root, s
               "COBALT_NODEFILE/COBALT_PARTNAME, LSB_DJOB_HOSTFILE; else this host).")
 @click.option("--cpus-per-node", type=click.IntRange(1), help="CPUs each agent gets "
               "(default: this node's CPUs, all of them).")
-@click.option("--walltime", type=float, help="Minutes the pilot may run (default: the batch "
+@click.option("--walltime", type=PLAIN_FLOAT, help="Minutes the pilot may run (default: the batch "
               "job's end); agents leave a margin before it.")
 @click.option("--relay", type=click.Choice(["mpi"]), help="mpi: compute nodes cannot reach "
               "the server; agents are MPI ranks and rank 0 relays for all.")

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from pilotfish.envpolicy import refused_env_name, task_base_env
 from pilotfish.errors import ValidationError
 from pilotfish.validate import check_relpath
 
@@ -165,7 +166,9 @@ class Executor:
         self.queue: deque[Task] = deque()
         self.active: dict[int, Task] = {}          # job -> task being worked on
         self.reportable: list[Task] = []            # tasks with states to report
-        self.base_env = dict(os.environ)
+        # a declared set of the agent's variables, computed once (not per task): never its key
+        # paths or anything else not declared (see pilotfish.envpolicy)
+        self.base_env = task_base_env(os.environ)
         # We chdir into task workdirs to spawn: never import from the current directory.
         sys.path[:] = [p for p in sys.path if p not in ("", ".")]
         self.avg_run: float | None = None    # moving average of run-step seconds
@@ -306,7 +309,9 @@ class Executor:
 
     def _env(self, t: Task) -> dict:
         env = dict(self.base_env)
-        env.update(t.spec.get("env") or {})
+        app_env = t.spec.get("env")
+        if app_env:  # names refused at `app add` are dropped here too (apps of older versions)
+            env.update({k: v for k, v in app_env.items() if refused_env_name(k) is None})
         env.update(PILOTFISH_JOB_ID=str(t.job), PILOTFISH_ATTEMPT=str(t.attempt),
                    PILOTFISH_JOB_NAME=t.spec["name"], PILOTFISH_WORKDIR=str(t.workdir),
                    PILOTFISH_CORES=",".join(map(str, t.cores)), OMP_NUM_THREADS=str(t.ncores))

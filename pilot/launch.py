@@ -12,16 +12,15 @@ import shutil
 from typing import Mapping
 
 from pilotfish import protocol as P
+#: PASS_ENV: the only variables of the agent's own environment that reach the ranks (launchers
+#: are told exactly what to pass; the whole environment never is).
+from pilotfish.envpolicy import PASS_ENV, refused_env_name
 from pilotfish.errors import PilotfishError, ProtocolError, ValidationError
 from pilotfish.launcher import LAUNCHERS, LaunchRequest, build
 
 #: The program each launcher runs (PALS is Cray's mpiexec); ``local`` runs none.
 PROGRAMS = {"srun": "srun", "aprun": "aprun", "mpiexec": "mpiexec", "pals": "mpiexec",
             "mpirun": "mpirun", "jsrun": "jsrun", "local": None}
-#: The only variables of the agent's own environment that reach the ranks (launchers are told
-#: exactly what to pass; the whole environment never is).
-PASS_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TZ", "TMPDIR",
-            "LD_LIBRARY_PATH", "PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")
 
 
 def hosts_for(launcher: str, hosts: list[str] | tuple[str, ...]) -> tuple[str, ...]:
@@ -73,7 +72,9 @@ class TaskLauncher:
         hosts = hosts_for(self.launcher, tuple(lm["hosts"]) or (self.node,))
         single = nodes == 1
         env = dict(self.base_env)
-        env.update(spec.get("env") or {})
+        # names refused at `app add` (pilotfish.envpolicy) are dropped here too
+        env.update({k: v for k, v in (spec.get("env") or {}).items()
+                    if refused_env_name(k) is None})
         env.update(PILOTFISH_JOB_ID=str(spec["job"]), PILOTFISH_ATTEMPT=str(spec["attempt"]),
                    PILOTFISH_JOB_NAME=spec["name"], OMP_NUM_THREADS=str(lm["cpus_per_rank"]))
         return LaunchRequest(

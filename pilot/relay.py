@@ -37,6 +37,7 @@ import msgpack
 import zmq
 
 from pilotfish import keys
+from pilotfish.envpolicy import LAUNCHER_ENV
 
 log = logging.getLogger("pilotfish.relay")
 
@@ -60,10 +61,9 @@ LINGER_MS = 5000
 DRAIN_QUIET = 0.1
 #: Exit code of a rank whose agent could not be started at all.
 NO_AGENT = 127
-#: Variables of the MPI launcher that must not reach the agent and its tasks: an MPI program run
-#: as a task would otherwise take itself for a rank of the relay's own MPI job.
-LAUNCHER_ENV = ("PMI_", "PMIX_", "HYDI_", "HYDRA_", "MPI_LOCALRANKID", "MPI_LOCALNRANKS",
-                "OMPI_", "PALS_")
+#: LAUNCHER_ENV (pilotfish.envpolicy): variables of the MPI launcher that must not reach the
+#: agent and its tasks: an MPI program run as a task would otherwise take itself for a rank of
+#: the relay's own MPI job.
 
 
 def agent_command(endpoint: str, agent_args: list[str], home: str | None) -> list[str]:

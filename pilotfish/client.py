@@ -21,9 +21,51 @@ import zmq
 from pilotfish import keys
 from pilotfish import protocol as P
 from pilotfish import settings
-from pilotfish.errors import ERRORS_BY_CODE, PilotfishError, ProtocolError, ServerUnavailable
+from pilotfish.errors import (ERRORS_BY_CODE, PilotfishError, ProtocolError, ServerUnavailable,
+                              ValidationError)
+from pilotfish.validate import INT64, echo
 
 FINAL_STATES = ("JOB_FINISHED", "FAILED", "USER_KILLED")
+
+
+def _encode_request(rid: int, op: str, args: dict) -> bytes:
+    """The request frame, or a one-line ValidationError naming the value msgpack cannot carry
+    (an integer past 64 bits, a set, a datetime...) instead of msgpack's own exception."""
+    try:
+        return P.encode(P.REQUEST, rid=rid, op=op, args=args)
+    except (OverflowError, TypeError, ValueError) as exc:
+        where, bad = _unsendable(args, "")
+        if isinstance(bad, int) and not isinstance(bad, bool):
+            raise ValidationError(f"{where or 'a value'} = {echo(bad)} is past 64 bits: "
+                                  f"pilotfish integers are {INT64[0]}..{INT64[1]}") from None
+        if where:
+            raise ValidationError(f"{where}: a {type(bad).__name__} cannot be sent to the server "
+                                  "(use numbers, strings, booleans, None, lists and maps)") \
+                from None
+        raise ValidationError(f"this request cannot be sent: {exc}") from None
+
+
+def _unsendable(value: Any, path: str) -> tuple[str, Any]:
+    """(where, value) of the first value in ``value`` that msgpack cannot encode."""
+    if isinstance(value, bool) or value is None or isinstance(value, (str, bytes, float)):
+        return "", None
+    if isinstance(value, int):
+        return (path, value) if not INT64[0] <= value <= 2**64 - 1 else ("", None)
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                return f"{path}[{echo(k)}]" if path else f"key {echo(k)}", k
+            found = _unsendable(v, f"{path}.{k}" if path else k)
+            if found[0]:
+                return found
+        return "", None
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            found = _unsendable(v, f"{path}[{i}]")
+            if found[0]:
+                return found
+        return "", None
+    return path or "a value", value
 
 
 class Client:
@@ -100,9 +142,10 @@ class Client:
 
     def call(self, op: str, timeout: float | None = None, **args: Any) -> Any:
         """Send one request and wait for its reply; server errors are raised as ours."""
-        sock = self._socket()
         rid = next(self._rids)
-        sock.send(P.encode(P.REQUEST, rid=rid, op=op, args=args))
+        frame = _encode_request(rid, op, args)
+        sock = self._socket()
+        sock.send(frame)
         deadline = time.monotonic() + (timeout or self.timeout)
         while True:
             left = deadline - time.monotonic()

@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 
 from pilotfish import console
+from pilotfish.clitypes import PLAIN_FLOAT, PLAIN_INT
 
 CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 DEMO_APP = {
@@ -52,10 +53,10 @@ def explain(summary: dict, njobs: int, seconds: float) -> list[str]:
 
 
 @click.command("demo", context_settings=CTX)
-@click.option("--jobs", "njobs", type=int, default=1000, show_default=True)
-@click.option("--seconds", type=float, default=0.01, show_default=True,
+@click.option("--jobs", "njobs", type=PLAIN_INT, default=1000, show_default=True)
+@click.option("--seconds", type=PLAIN_FLOAT, default=0.01, show_default=True,
               help="How long each demo task sleeps.")
-@click.option("--agents", "nagents", type=int, default=1, show_default=True,
+@click.option("--agents", "nagents", type=PLAIN_INT, default=1, show_default=True,
               help="Node agents to start here; they share this machine's cores.")
 @click.option("--keep", is_flag=True, help="Keep the temporary home (database, logs, workdirs).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")

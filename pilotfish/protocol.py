@@ -22,6 +22,7 @@ Client side: ``request {rid, op, args}`` -> ``reply {rid, ok, result, error, cod
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import msgpack
@@ -134,6 +135,9 @@ def check_fields(schema: dict[str, tuple], data: Any, where: str) -> dict:
             limit = _INT64 if key in INT64_FIELDS else _INT32
             if not -limit <= value < limit:
                 raise ProtocolError(f"{where}: field {key!r} is out of range")
+        # nan and inf: JSON has no such numbers, comparisons with them are always false
+        elif type(value) is float and not math.isfinite(value):
+            raise ProtocolError(f"{where}: field {key!r} must be a finite number")
         # PostgreSQL refuses NUL in text: one in an agent's host name made the server's next
         # write fail (and a failed write outside a handler ended the server)
         elif type(value) is str and "\x00" in value and key not in FREE_TEXT_FIELDS:

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pilotfish.errors import ValidationError
-from pilotfish.validate import ENV_NAME_RE, check_name, check_relpath
+from pilotfish.envpolicy import refused_env_name
+from pilotfish.validate import (ENV_NAME_RE, cap, check_float, check_name, check_relpath,
+                                INT64, echo, echo_keys, parse_numeral)
 
 from .containers import check_app_container
 
@@ -64,18 +66,22 @@ class Param:
         if t in ("int", "float"):
             if isinstance(value, bool):
                 raise ValidationError(f"{where} must be {t}, got a boolean")
-            if isinstance(value, str):
-                try:
-                    value = int(value) if t == "int" else float(value)
-                except ValueError:
-                    raise ValidationError(f"{where} must be {t}, got {value!r}") from None
+            if isinstance(value, str):  # from the CLI or a file: plain numerals only
+                value = parse_numeral(value, t, where)
             elif t == "int" and isinstance(value, float) and value.is_integer():
                 value = int(value)
-            if t == "int" and not isinstance(value, int):
-                raise ValidationError(f"{where} must be int, got {value!r}")
-            if t == "float":
-                if not isinstance(value, (int, float)) or not math.isfinite(value):
-                    raise ValidationError(f"{where} must be a finite float, got {value!r}")
+            if t == "int":
+                # 64 bits even without a declared min/max: msgpack, JSON readers and the
+                # database hold no more (a bigger one made every later `job show` fail)
+                if not isinstance(value, int):
+                    raise ValidationError(f"{where} must be int, got {echo(value)}")
+                if not INT64[0] <= value <= INT64[1]:
+                    raise ValidationError(f"{where} must be int in {INT64[0]}..{INT64[1]} "
+                                          f"(64 bits), got {echo(value)}")
+            else:
+                if not isinstance(value, (int, float)) or isinstance(value, int) and not \
+                        INT64[0] <= value <= INT64[1] or not math.isfinite(value):
+                    raise ValidationError(f"{where} must be a finite float, got {echo(value)}")
                 value = float(value)
             if self.min is not None and value < self.min:
                 raise ValidationError(f"{where} must be >= {self.min}, got {value}")
@@ -88,19 +94,19 @@ class Param:
             raise ValidationError(f"{where} must not contain NUL and be at most 4096 characters")
         if t == "choice":
             if value not in self.choices:
-                raise ValidationError(f"{where} must be one of {', '.join(self.choices)}; "
-                                      f"got {value!r}")
+                raise ValidationError(f"{where} must be one of "
+                                      f"{cap(', '.join(self.choices), 200)}; got {echo(value)}")
         elif t == "path":
             check_relpath(value, where)
             if value.startswith("-"):
-                raise ValidationError(f"{where}: path {value!r} starts with '-', which the "
-                                      "program would read as an option; write ./" + value)
+                raise ValidationError(f"{where}: path {echo(value)} starts with '-', which the "
+                                      "program would read as an option; write ./ before it")
         elif not self.pattern.fullmatch(value):
             if self.pattern.pattern == SAFE_STRING:  # ours: say what it means, not the regex
-                raise ValidationError(f"{where} value {value!r} is refused: {_unsafe(value)} "
-                                      f"({SAFE_STRING_WORDS})")
-            raise ValidationError(f"{where} value {value!r} does not match the pattern "
-                                  f"{self.pattern.pattern!r}")
+                raise ValidationError(f"{where} value {echo(value)} is refused: "
+                                      f"{_unsafe(value)} ({SAFE_STRING_WORDS})")
+            raise ValidationError(f"{where} value {echo(value)} does not match the pattern "
+                                  f"{echo(self.pattern.pattern)}")
         return value
 
     def spec(self) -> dict:
@@ -150,7 +156,7 @@ class App:
         unknown = set(given) - set(self.params)
         if unknown:
             raise ValidationError(f"app {self.name!r} has no parameter "
-                                  f"{', '.join(sorted(map(repr, unknown)))}; it declares "
+                                  f"{echo_keys(unknown, quote=True)}; it declares "
                                   f"{', '.join(self.params) or 'none'}")
         out = {}
         for name, p in self.params.items():
@@ -195,21 +201,22 @@ def _check_argv(value: Any, what: str) -> list[str] | None:
         raise ValidationError(f"{what} must be a non-empty list of strings (an argv)")
     if not value[0].startswith("/"):
         raise ValidationError(f"{what} must start with an absolute executable path, "
-                              f"got {value[0]!r}")
+                              f"got {echo(value[0])}")
     return list(value)
 
 
-def _param(name: str, spec: Any, app: str) -> Param:
+def _param(name: str, spec: Any, app: str, stored: bool = False) -> Param:
     where = f"app {app!r} parameter {name!r}"
     if not isinstance(spec, dict):
         raise ValidationError(f"{where}: declaration must be a map with at least 'type'")
     unknown = set(spec) - _PARAM_KEYS
     if unknown:
-        raise ValidationError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; "
+        raise ValidationError(f"{where}: unknown key(s) {echo_keys(unknown)}; "
                               f"expected {', '.join(sorted(_PARAM_KEYS))}")
     t = spec.get("type")
     if t not in PARAM_TYPES:
-        raise ValidationError(f"{where}: type must be one of {', '.join(PARAM_TYPES)}, got {t!r}")
+        raise ValidationError(f"{where}: type must be one of {', '.join(PARAM_TYPES)}, "
+                              f"got {echo(t)}")
     p = Param(name=name, type=t, help=str(spec.get("help", "")))
     for k in ("min", "max"):
         if spec.get(k) is not None:
@@ -217,7 +224,12 @@ def _param(name: str, spec: Any, app: str) -> Param:
                     or not isinstance(spec[k], (int, float)):
                 raise ValidationError(f"{where}: {k} is for int and float parameters, "
                                       "and must be a number")
+            if not stored:  # (an app stored by an older version keeps its bounds: values are
+                # held to 64 bits and finite by check() whatever the bounds say)
+                check_float(spec[k], f"{where}: {k}")
             setattr(p, k, spec[k])
+    if not stored and p.min is not None and p.max is not None and p.min > p.max:
+        raise ValidationError(f"{where}: min {p.min} is above max {p.max}")
     if t == "str":
         try:
             p.pattern = re.compile(spec.get("pattern") or SAFE_STRING)
@@ -234,22 +246,33 @@ def _param(name: str, spec: Any, app: str) -> Param:
         p.choices = tuple(ch)
     if "default" in spec:
         p.required = False
-        p.default = None if spec["default"] is None else p.check(spec["default"], app)
+        try:
+            p.default = None if spec["default"] is None else p.check(spec["default"], app)
+        except ValidationError:
+            if not stored:
+                raise
+            p.default = spec["default"]  # as an older version stored it (shown wire-safe)
     return p
 
 
-def app_from_spec(spec: Any, app_id: int = 0) -> App:
-    """Validate an app definition (as given to ``app add``) and build the App."""
+def app_from_spec(spec: Any, app_id: int = 0, stored: bool = False) -> App:
+    """Validate an app definition (as given to ``app add``) and build the App.
+
+    ``stored``: the definition comes from the database, where an older version may have put
+    what is refused now (a dangerous environment name, bounds past 64 bits); it loads, so the
+    server starts, and `app alter` then asks for it to be fixed."""
     if not isinstance(spec, dict):
         raise ValidationError("an app definition must be a map")
     unknown = set(spec) - APP_KEYS
     if unknown:
-        raise ValidationError(f"unknown app key(s) {', '.join(sorted(unknown))}; expected "
+        raise ValidationError(f"unknown app key(s) {echo_keys(unknown)}; "
+                              "expected "
                               f"{', '.join(sorted(APP_KEYS))}")
     name = check_name(spec.get("name"), "app name")
     exe = spec.get("executable")
     if not isinstance(exe, str) or not exe.startswith("/") or "\x00" in exe:
-        raise ValidationError(f"app {name!r}: executable must be an absolute path, got {exe!r}")
+        raise ValidationError(f"app {name!r}: executable must be an absolute path, "
+                              f"got {echo(exe)}")
     args = spec.get("args") or []
     if not isinstance(args, list) or not all(isinstance(a, str) and "\x00" not in a
                                              for a in args):
@@ -259,12 +282,15 @@ def app_from_spec(spec: Any, app_id: int = 0) -> App:
         raise ValidationError(f"app {name!r}: parameters must be a map of name -> declaration")
     params = {}
     for pname, pspec in pspecs.items():
-        if not isinstance(pname, str) or not PLACEHOLDER.fullmatch("{%s}" % pname):
-            raise ValidationError(f"app {name!r}: parameter name {pname!r} must be an identifier")
-        params[pname] = _param(pname, pspec, name)
+        if not isinstance(pname, str) or (len(pname) > 128 and not stored) \
+                or not PLACEHOLDER.fullmatch("{%s}" % pname):
+            raise ValidationError(f"app {name!r}: parameter name {echo(pname)} must be an "
+                                  "identifier")
+        params[pname] = _param(pname, pspec, name, stored)
     for item in args:
         for used in PLACEHOLDER.findall(item):
             if used not in params:
+                used = cap(used, 80)
                 raise ValidationError(f"app {name!r}: args use {{{used}}} but no parameter "
                                       f"{used!r} is declared")
     env = spec.get("environment") or {}
@@ -272,13 +298,18 @@ def app_from_spec(spec: Any, app_id: int = 0) -> App:
             isinstance(k, str) and ENV_NAME_RE.fullmatch(k) and isinstance(v, str) and "\x00" not in v
             for k, v in env.items()):
         raise ValidationError(f"app {name!r}: environment must map variable names to strings")
+    for k in env if not stored else ():
+        why = refused_env_name(k)
+        if why is not None:
+            raise ValidationError(f"app {name!r}: environment may not set {k}: {why} "
+                                  "(see `pilotfish app add -h`)")
     res = dict(DEFAULT_RESOURCES)
     given = spec.get("resources") or {}
     if not isinstance(given, dict):
         raise ValidationError(f"app {name!r}: resources must be a map")
     for k, v in given.items():
         if k not in RESOURCE_KEYS:
-            raise ValidationError(f"app {name!r}: unknown resource {k!r}; expected "
+            raise ValidationError(f"app {name!r}: unknown resource {echo(k)}; expected "
                                   f"{', '.join(RESOURCE_KEYS)}")
         res[k] = v
     check_resources(res, f"app {name!r}")
@@ -299,14 +330,17 @@ def check_resources(res: dict, where: str) -> dict:
     for k in ("num_nodes", "processes_per_node", "cpus_per_process"):
         v = res.get(k)
         if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 1_000_000:
-            raise ValidationError(f"{where}: {k} must be a positive integer, got {v!r}")
+            raise ValidationError(f"{where}: {k} must be a positive integer (1..1000000), "
+                                  f"got {echo(v)}")
     v = res.get("gpus_per_process")
     if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 64:
-        raise ValidationError(f"{where}: gpus_per_process must be an integer 0..64, got {v!r}")
+        raise ValidationError(f"{where}: gpus_per_process must be an integer 0..64, "
+                              f"got {echo(v)}")
     v = res.get("wall_time_minutes")
     if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
                           or not 0 < v <= 525_600):
-        raise ValidationError(f"{where}: wall_time_minutes must be a positive number, got {v!r}")
+        raise ValidationError(f"{where}: wall_time_minutes must be a number above 0 and at "
+                              f"most 525600 (a year), got {echo(v)}")
     return res
 
 
@@ -316,4 +350,4 @@ def app_from_row(row) -> App:
             "args": row.args, "parameters": row.parameters, "preprocess": row.preprocess,
             "postprocess": row.postprocess, "environment": row.environment,
             "resources": row.resources, "container": row.container}
-    return app_from_spec(spec, row.id)
+    return app_from_spec(spec, row.id, stored=True)

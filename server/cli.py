@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -10,11 +11,14 @@ import click
 import yaml
 
 from pilotfish import console, settings
-from pilotfish.errors import PilotfishError, ValidationError
+from pilotfish.clitypes import PLAIN_FLOAT, PLAIN_INT  # noqa: F401  (job_cli imports them here)
+from pilotfish.errors import PilotfishError, ServerUnavailable, ValidationError
 
 from . import daemon, site_agents
 from pilotfish.client import Client
 
+#: Seconds `server status` waits for a live server's answer before it says so.
+STATUS_WAIT = 10.0
 CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 JOB_COLUMNS = [("id", "ID"), ("name", "NAME"), ("application", "APP"), ("state", "STATE"),
                ("attempts", "TRIES"), ("group", "GROUP"), ("tags", "TAGS"),
@@ -26,7 +30,34 @@ def home_of(ctx: click.Context) -> Path:
 
 
 def client_of(ctx: click.Context) -> Client:
-    return Client(address=ctx.obj.get("server"), home=home_of(ctx))
+    home = home_of(ctx)
+    explicit = ctx.obj.get("server") or os.environ.get("PILOTFISH_SERVER")
+    if not explicit:
+        dead_server(home)
+    return Client(address=explicit, home=home)
+
+
+def dead_server(home: Path) -> None:
+    """Raise at once when server.json names a server that /proc says is gone (kill -9, a
+    zombie, a reused pid): a request would otherwise wait the client's whole timeout."""
+    info = settings.read_server_info(home)
+    if info and daemon.running_pid(home) is None:
+        raise ServerUnavailable(f"no server is running for {home} (pid {info.get('pid')} of "
+                                "server.json is gone or is not a pilotfish server); start one "
+                                "with `pilotfish server start`")
+
+
+
+
+def _json_value(text: str) -> Any:
+    """A --set value as JSON when it is JSON (5, true, [1], {"a": 1}), else the text; numbers
+    only as plain numerals (json takes NaN and Infinity, which no field accepts)."""
+    def refuse(name):
+        raise ValueError(name)
+    try:
+        return json.loads(text, parse_constant=refuse)
+    except (ValueError, RecursionError):
+        return text
 
 
 def json_option(f):
@@ -41,10 +72,7 @@ def parse_kv(items: tuple[str, ...], what: str, typed: bool = False) -> dict[str
             raise ValidationError(f"{what} {item!r} must look like key=value")
         k, v = item.split("=", 1)
         if typed:
-            try:
-                v = json.loads(v)
-            except ValueError:
-                pass
+            v = _json_value(v)
         out[k] = v
     return out
 
@@ -79,7 +107,8 @@ def server_group() -> None:
 @click.option("--bind", default="tcp://127.0.0.1:*", show_default=True,
               help="ZeroMQ endpoint; '*' as port picks a free one. Use tcp://0.0.0.0:PORT for "
                    "compute nodes on other hosts.")
-@click.option("--heartbeat", type=float, default=settings.HEARTBEAT_SECONDS, show_default=True,
+@click.option("--heartbeat", type=PLAIN_FLOAT, default=settings.HEARTBEAT_SECONDS,
+              show_default=True,
               help="Seconds between agent heartbeats; leases expire after "
                    f"{settings.LEASE_HEARTBEATS:g} missed ones.")
 @click.option("--insecure", is_flag=True, help="No CurveZMQ: plain text, no authentication. "
@@ -145,13 +174,27 @@ def server_stop(ctx) -> None:
 def server_status(ctx, as_json) -> None:
     """Is the server up; jobs by state; agents. Exit code 1 when it is not running."""
     home = home_of(ctx)
+    # a server named by --server or $PILOTFISH_SERVER may be elsewhere: only asking tells
+    explicit = (ctx.obj.get("server") if ctx.obj else None) or os.environ.get("PILOTFISH_SERVER")
+    pid = None if explicit else daemon.running_pid(home)
     try:
-        st = client_of(ctx).status()
+        # this home's server on this machine: /proc says at once whether its process lives
+        # (a kill -9 leaves server.json behind; waiting for an answer took the whole timeout)
+        if not explicit and pid is None:
+            dead_server(home)
+            raise PilotfishError(f"no server is running for {home}")
+        with Client(address=explicit, home=home, timeout=STATUS_WAIT) as c:
+            st = c.status()
     except PilotfishError as exc:
-        if as_json:
-            console.print_json({"running": False, "error": str(exc)})
+        if isinstance(exc, ServerUnavailable) and pid is not None:
+            msg = (f"not answering: server pid {pid} is alive but did not answer within "
+                   f"{STATUS_WAIT:g} s (busy or stuck? see {settings.log_path(home)})")
         else:
-            console.out.print(f"not running: {exc}")
+            msg = f"not running: {exc}"
+        if as_json:
+            console.print_json({"running": False, "pid": pid, "error": msg})
+        else:
+            console.out.print(msg)
         ctx.exit(1)
     st["running"] = True
     st["address"] = settings.server_address(home, ctx.obj.get("server"))
@@ -203,7 +246,13 @@ def _param_flags(params: tuple[str, ...]) -> dict:
               "NAME:choice:a,b,c[=DEFAULT]). Repeatable.")
 @click.option("--pre", "pre", help="Preprocess executable (absolute path).")
 @click.option("--post", "post", help="Postprocess executable (absolute path).")
-@click.option("--env", "env", multiple=True, metavar="K=V", help="Environment for its jobs.")
+@click.option("--env", "env", multiple=True, metavar="K=V",
+              help="Environment for its jobs. Names that make the loader, a shell or a "
+                   "language runtime run other code are refused: LD_* but LD_LIBRARY_PATH, "
+                   "GCONV_PATH, GLIBC_TUNABLES, LOCPATH, BASH_ENV, ENV, BASH_FUNC_*, SHELLOPTS, "
+                   "BASHOPTS, PS4, PROMPT_COMMAND, IFS, PYTHONSTARTUP, PYTHONINSPECT, PERL5OPT, "
+                   "PERL5DB, RUBYOPT, NODE_OPTIONS, JAVA_TOOL_OPTIONS, _JAVA_OPTIONS, "
+                   "JDK_JAVA_OPTIONS, ... and the PILOTFISH_* names tasks get.")
 @click.option("--description", default="")
 @json_option
 @click.pass_context
@@ -280,7 +329,9 @@ def app_show(ctx, name, as_json) -> None:
 @json_option
 @click.pass_context
 def app_alter(ctx, name, sets, spec_file, as_json) -> None:
-    """Change an app's definition (args and parameters only while it has no unfinished jobs)."""
+    """Change an app's definition. What decides what its jobs run (executable, args,
+    parameters, preprocess, postprocess, environment, container) changes only while it has no
+    unfinished jobs."""
     changes = load_structured(spec_file) if spec_file else {}
     if not isinstance(changes, dict):
         raise ValidationError(f"{spec_file} must be a map of app keys to change")

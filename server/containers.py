@@ -12,6 +12,7 @@ import re
 from typing import Any
 
 from pilotfish.errors import ValidationError
+from pilotfish.validate import echo, echo_keys
 
 #: Image references: registry/repo:tag, docker:repo:tag, or an absolute path (.sif, directory).
 IMAGE_RE = re.compile(r"[A-Za-z0-9/][A-Za-z0-9_./:@+=-]{0,511}")
@@ -25,7 +26,7 @@ def _runtimes() -> tuple[str, ...]:
 
 def check_image(image: Any, where: str) -> str:
     if not isinstance(image, str) or not IMAGE_RE.fullmatch(image) or ".." in image:
-        raise ValidationError(f"{where}: image {image!r} is not an image reference (letters, "
+        raise ValidationError(f"{where}: image {echo(image)} is not an image reference (letters, "
                               "digits and '/_.:@+=-', no '..', at most 512 characters)")
     return image
 
@@ -38,12 +39,12 @@ def check_app_container(spec: Any, where: str) -> dict | None:
         raise ValidationError(f"{where}: container must be a map with image, runtime, images")
     unknown = set(spec) - CONTAINER_KEYS
     if unknown:
-        raise ValidationError(f"{where}: unknown container key(s) {', '.join(sorted(unknown))}; "
+        raise ValidationError(f"{where}: unknown container key(s) {echo_keys(unknown)}; "
                               f"expected {', '.join(sorted(CONTAINER_KEYS))}")
     image = check_image(spec.get("image"), f"{where} container")
     runtime = spec.get("runtime")
     if runtime is not None and runtime not in _runtimes():
-        raise ValidationError(f"{where}: unknown container runtime {runtime!r}; known: "
+        raise ValidationError(f"{where}: unknown container runtime {echo(runtime)}; known: "
                               f"{', '.join(_runtimes())}")
     images = spec.get("images") or []
     if not isinstance(images, list) or not all(isinstance(p, str) and p and "\0" not in p

@@ -15,7 +15,8 @@ from sqlalchemy import bindparam, case, func, select
 from sqlalchemy.engine import Engine
 
 from pilotfish import protocol as P
-from pilotfish.errors import IllegalTransition, NotFound
+from pilotfish.errors import IllegalTransition, NotFound, ProtocolError
+from pilotfish.validate import echo
 
 from . import states
 from .apps import App, app_from_row
@@ -27,6 +28,9 @@ from .queue import ReadyQueue, Shape
 from .states import State
 from .store import Batch, chunks
 
+#: The text fields of an agent's hello and the most characters each may have (as in db.agents).
+HELLO_TEXT_LIMITS = (("agent", 64), ("host", 255), ("site", 128), ("pilot", 128),
+                     ("node", 255), ("launcher", 32), ("mpi", 32))
 log = logging.getLogger("pilotfish.server")
 S = State
 BY_NAME = {s.value: s for s in State}  # faster than State(name) on the update path
@@ -203,6 +207,10 @@ class JobServer:
 
     # -- agents -----------------------------------------------------------------------------
     def on_hello(self, identity: bytes, m: dict, now: float) -> None:
+        for k, n in HELLO_TEXT_LIMITS:  # their columns' sizes; they are logged too
+            if m.get(k) is not None and len(m[k]) > n:
+                raise ProtocolError(f"hello: field {k!r} is longer than {n} characters "
+                                    f"({len(m[k])})")
         running = P.check_items(P.JOB_ATTEMPT, m["running"], "running")
         aid = m["agent"]
         a = self.agents.get(aid)
@@ -564,7 +572,7 @@ class JobServer:
     def app(self, name: str) -> App:
         app = self.app_names.get(name)
         if app is None:
-            raise NotFound(f"no app named {name!r}; registered: "
+            raise NotFound(f"no app named {echo(name)}; registered: "
                            f"{', '.join(sorted(self.app_names)) or 'none'} "
                            "(see `pilotfish app ls`)")
         return app

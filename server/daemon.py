@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,31 +18,103 @@ from pilotfish.client import Client
 
 
 def running_pid(home: Path) -> int | None:
-    """The pid of this home's server if it is alive, else None (stale files are ignored)."""
+    """The pid of this home's server if it runs on this machine, else None.
+
+    Answers at once from /proc, without asking the server: a pid that is gone, a zombie, or a
+    pid reused by another process (one that began after the server wrote server.json, or,
+    with only server.pid to go by, one that is not ``pilotfish ... server start``) is not
+    running. Stale server.json and server.pid files are ignored."""
     info = settings.read_server_info(home) or {}
     pid = info.get("pid")
-    if not pid:
+    if info.get("host") not in (None, socket.gethostname()) and isinstance(pid, int):
+        return pid  # a server on another machine of a shared home: /proc here cannot tell
+    if not isinstance(pid, int) or isinstance(pid, bool):
         try:
             pid = int(settings.pid_path(home).read_text().strip())
         except (OSError, ValueError):
             return None
-    return pid if alive(pid) else None
+    if pid <= 0 or not alive(pid):
+        return None
+    started = info.get("started") if info.get("pid") == pid else None
+    born = _start_time(pid) if isinstance(started, (int, float)) else None
+    if born is not None:
+        # a process that began before the server wrote server.json with its pid IS that
+        # server (a pid is not reused while its process lives); one that began later has
+        # the pid of a dead server. Slack: /proc's boot time has whole seconds.
+        return pid if born <= started + 2.0 else None
+    return pid if is_server(pid, home) else None
+
+
+def _start_time(pid: int) -> float | None:
+    """When the process began (seconds since the epoch) from /proc, or None if unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        ticks = int(stat[stat.rfind(b")") + 2:].split()[19])  # field 22: starttime
+        with open("/proc/stat", "rb") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _proc_state(pid: int) -> str | None:
+    """The state letter of /proc/PID/stat (R, S, D, Z, ...); None if the process is gone,
+    "?" if /proc cannot tell (no /proc here)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except FileNotFoundError:
+        return None if os.path.isdir("/proc/self") else "?"
+    except OSError:
+        return "?"
+    # "pid (comm) S ...": comm may hold spaces and parentheses; the state follows the last ')'
+    tail = stat[stat.rfind(b")") + 2:]
+    return tail[:1].decode("ascii", "replace") or "?"
 
 
 def alive(pid: int) -> bool:
-    """Is the process running? Reaps it if it is our own child that exited (a zombie)."""
+    """Is the process running? A zombie (exited, not reaped by its parent) is not; one that is
+    our own child is reaped here."""
     try:
         done, _ = os.waitpid(pid, os.WNOHANG)
         if done == pid:
             return False
     except ChildProcessError:
         pass
+    state = _proc_state(pid)
+    if state is None or state in ("Z", "X", "x"):
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         pass
+    return True
+
+
+def is_server(pid: int, home: Path) -> bool:
+    """Is ``pid`` a pilotfish server (``pilotfish ... server start``) of ``home``? A pid the
+    kernel gave to another program since, or another home's server, is not. Where /proc
+    cannot tell (not Linux), any live process is taken for it."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except FileNotFoundError:
+        return not os.path.isdir("/proc/self")
+    except OSError:  # another user's process (hidepid, ...): not our server
+        return False
+    if not any(a == "pilotfish" or a.endswith("/pilotfish") for a in argv[:3]):
+        return False
+    if "server" not in argv or "start" not in argv[argv.index("server"):]:
+        return False
+    if "--home" in argv[:-1]:
+        given = argv[argv.index("--home") + 1]
+        try:
+            return Path(given).resolve() == Path(home).resolve()
+        except OSError:
+            return False
     return True
 
 
@@ -120,29 +193,36 @@ def stop(home: Path, wait: float = 30.0) -> int | None:
     pid = running_pid(home)
     if pid is None:
         return None
+    info = settings.read_server_info(home) or {}
+    remote = info.get("host") not in (None, socket.gethostname())
     try:
         with Client(home=home, timeout=5) as c:
             c.shutdown()
     except PilotfishError:
+        if remote:
+            raise PilotfishError(f"the server of {home} runs on {info['host']} (pid {pid}) and "
+                                 "did not answer within 5 s; stop it there") from None
         logging.getLogger("pilotfish").info("server did not answer; sending SIGTERM")
-        os.kill(pid, signal.SIGTERM)
+        _signal(pid, signal.SIGTERM)
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
-        if exited(pid):
+        if (settings.read_server_info(home) or {}).get("pid") != pid if remote \
+                else exited(pid):
             return pid
         time.sleep(0.02)
-    os.kill(pid, signal.SIGKILL)
+    if not remote:
+        _signal(pid, signal.SIGKILL)
     return pid
 
 
 def exited(pid: int) -> bool:
     """Has the server exited? A detached server's parent is init, which may take seconds to
-    reap it; an exited process that is only waiting to be reaped (a zombie) has exited."""
-    if not alive(pid):
-        return True
+    reap it: an exited process waiting to be reaped (a zombie) has exited (see :func:`alive`)."""
+    return not alive(pid)
+
+
+def _signal(pid: int, sig: int) -> None:
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            # state is the field after "(comm)"; comm may hold spaces and parentheses
-            return f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
-    except (OSError, IndexError):
-        return False
+        os.kill(pid, sig)
+    except ProcessLookupError:  # it ended meanwhile
+        pass

@@ -10,7 +10,8 @@ import yaml
 from pilotfish import console
 from pilotfish.errors import ValidationError
 
-from .cli import CTX, JOB_COLUMNS, client_of, json_option, load_structured, parse_kv
+from .cli import (CTX, JOB_COLUMNS, PLAIN_FLOAT, PLAIN_INT, client_of, json_option,
+                  load_structured, parse_kv)
 from pilotfish.client import FINAL_STATES
 
 
@@ -55,18 +56,19 @@ def make_filter(ids=(), states=(), app=None, site=None, group=None, tag=None, na
 @click.option("--site")
 @click.option("--queue")
 @click.option("--project")
-@click.option("--wall-time", "wall_time_minutes", type=float, help="Minutes; also the timeout.")
-@click.option("--nodes", "num_nodes", type=int)
-@click.option("--ppn", "processes_per_node", type=int, help="Processes per node.")
-@click.option("--depth", "cpus_per_process", type=int, help="Cores per process.")
-@click.option("--gpus-per-process", type=int)
+@click.option("--wall-time", "wall_time_minutes", type=PLAIN_FLOAT,
+              help="Minutes; also the timeout.")
+@click.option("--nodes", "num_nodes", type=PLAIN_INT)
+@click.option("--ppn", "processes_per_node", type=PLAIN_INT, help="Processes per node.")
+@click.option("--depth", "cpus_per_process", type=PLAIN_INT, help="Cores per process.")
+@click.option("--gpus-per-process", type=PLAIN_INT)
 @click.option("--input-url")
 @click.option("--output-url")
 @click.option("--group", "group_identifier")
 @click.option("--tag", "tags", multiple=True)
-@click.option("--priority", type=int)
-@click.option("--max-retries", type=int)
-@click.option("--parent", "parents", multiple=True, type=int, help="Job id to wait for.")
+@click.option("--priority", type=PLAIN_INT)
+@click.option("--max-retries", type=PLAIN_INT)
+@click.option("--parent", "parents", multiple=True, type=PLAIN_INT, help="Job id to wait for.")
 @json_option
 @click.pass_context
 def job_add(ctx, job_file, params, as_json, **flags) -> None:
@@ -98,8 +100,8 @@ def job_add(ctx, job_file, params, as_json, **flags) -> None:
 
 @job_group.command("ls", context_settings=CTX)
 @filter_options
-@click.option("--limit", type=int, default=100, show_default=True, help="0 for all.")
-@click.option("--offset", type=int, default=0)
+@click.option("--limit", type=PLAIN_INT, default=100, show_default=True, help="0 for all.")
+@click.option("--offset", type=PLAIN_INT, default=0)
 @click.option("--newest", is_flag=True, help="Newest first.")
 @json_option
 @click.pass_context
@@ -114,7 +116,7 @@ def job_ls(ctx, limit, offset, newest, as_json, **f) -> None:
 
 
 @job_group.command("show", context_settings=CTX)
-@click.argument("job_id", type=int)
+@click.argument("job_id", type=PLAIN_INT)
 @json_option
 @click.pass_context
 def job_show(ctx, job_id, as_json) -> None:
@@ -146,7 +148,7 @@ def _report(result: dict, verb: str) -> None:
 
 
 @job_group.command("alter", context_settings=CTX)
-@click.argument("ids", nargs=-1, type=int)
+@click.argument("ids", nargs=-1, type=PLAIN_INT)
 @filter_options
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", required=True,
               help="Field to change (priority=5, tags='[\"a\"]', state=RESTART_READY, ...).")
@@ -159,7 +161,7 @@ def job_alter(ctx, ids, sets, as_json, **f) -> None:
 
 
 @job_group.command("kill", context_settings=CTX)
-@click.argument("ids", nargs=-1, type=int)
+@click.argument("ids", nargs=-1, type=PLAIN_INT)
 @filter_options
 @json_option
 @click.pass_context
@@ -170,7 +172,7 @@ def job_kill(ctx, ids, as_json, **f) -> None:
 
 
 @job_group.command("retry", context_settings=CTX)
-@click.argument("ids", nargs=-1, type=int)
+@click.argument("ids", nargs=-1, type=PLAIN_INT)
 @filter_options
 @json_option
 @click.pass_context
@@ -181,7 +183,7 @@ def job_retry(ctx, ids, as_json, **f) -> None:
 
 
 @job_group.command("rm", context_settings=CTX)
-@click.argument("ids", nargs=-1, type=int, required=True)
+@click.argument("ids", nargs=-1, type=PLAIN_INT, required=True)
 @json_option
 @click.pass_context
 def job_rm(ctx, ids, as_json) -> None:
@@ -215,9 +217,9 @@ def _all_states() -> list[str]:
 
 
 @job_group.command("wait", context_settings=CTX)
-@click.argument("ids", nargs=-1, type=int)
+@click.argument("ids", nargs=-1, type=PLAIN_INT)
 @filter_options
-@click.option("--timeout", type=float, help="Give up after this many seconds (exit code 2).")
+@click.option("--timeout", type=PLAIN_FLOAT, help="Give up after this many seconds (exit code 2).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @json_option
 @click.pass_context

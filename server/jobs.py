@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from pilotfish.errors import ValidationError
-from pilotfish.validate import check_name
+from pilotfish.validate import INT64, check_int, check_name, echo, echo_keys
 
 from .apps import App, RESOURCE_KEYS, check_resources
 from .containers import check_job_image
@@ -35,10 +35,10 @@ def check_url(value: Any, what: str) -> str | None:
         raise ValidationError(f"{what} must be a URL string")
     path = value[len("file://"):] if value.startswith("file://") else value
     if "://" in value and not value.startswith(URL_SCHEMES):
-        raise ValidationError(f"{what} {value!r}: unsupported scheme; supported: file:// "
+        raise ValidationError(f"{what} {echo(value)}: unsupported scheme; supported: file:// "
                               "and absolute paths")
     if not path.startswith("/") or "/../" in path + "/":
-        raise ValidationError(f"{what} {value!r} must be an absolute path without '..'")
+        raise ValidationError(f"{what} {echo(value)} must be an absolute path without '..'")
     return path
 
 
@@ -46,10 +46,13 @@ def _opt_name(value: Any, what: str) -> str | None:
     return None if value is None else check_name(value, what)
 
 
+#: Ranges of the job message's own integers (their columns are 32-bit INTEGERs; the resource
+#: fields are checked by apps.check_resources). ``job add`` and ``job alter`` use the same.
+INT_RANGES = {"priority": (-1_000_000, 1_000_000), "max_retries": (0, 1000)}
+
+
 def _int(value: Any, what: str, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ValidationError(f"{what} must be an integer {lo}..{hi}, got {value!r}")
-    return value
+    return check_int(value, what, lo, hi)
 
 
 def check_tags(value: Any) -> str:
@@ -77,11 +80,13 @@ def build_job(msg: Any, app_by_name: Callable[[str], App]) -> dict:
         raise ValidationError("a job must be a map of job keys")
     unknown = msg.keys() - JOB_KEYS
     if unknown:
-        raise ValidationError(f"unknown job key(s) {', '.join(sorted(map(str, unknown)))}")
+        raise ValidationError(f"unknown job key(s) {echo_keys(unknown)}; "
+                              f"expected {', '.join(sorted(JOB_KEYS))}")
     name = check_name(msg.get("name"), "job name")
     app_name = msg.get("application")
     if not isinstance(app_name, str):
-        raise ValidationError(f"job {name!r}: 'application' must name a registered app")
+        raise ValidationError(f"job {name!r}: 'application' must name a registered app, "
+                              f"got {echo(app_name)}")
     app = app_by_name(app_name)
     if "config_file" in msg and "parameters" in msg:
         raise ValidationError(f"job {name!r}: give 'parameters' or its alias 'config_file', "
@@ -101,14 +106,18 @@ def build_job(msg: Any, app_by_name: Callable[[str], App]) -> dict:
     row["project"] = _opt_name(msg.get("project"), "project")
     row["group_identifier"] = _opt_name(msg.get("group_identifier"), "group_identifier")
     row["tags"] = check_tags(msg.get("tags"))
-    row["priority"] = _int(msg.get("priority", 0), "priority", -1_000_000, 1_000_000)
-    row["max_retries"] = _int(msg.get("max_retries", DEFAULT_MAX_RETRIES), "max_retries", 0, 1000)
+    row["priority"] = _int(msg.get("priority", 0), "priority", *INT_RANGES["priority"])
+    row["max_retries"] = _int(msg.get("max_retries", DEFAULT_MAX_RETRIES), "max_retries",
+                              *INT_RANGES["max_retries"])
     row["input_url"] = check_url(msg.get("input_url"), "input_url")
     row["output_url"] = check_url(msg.get("output_url"), "output_url")
     parents = msg.get("parents") or []
     if not isinstance(parents, list) or not all(
-            type(p) is int and 0 < p < 2**63 for p in parents):
-        raise ValidationError(f"job {name!r}: parents must be a list of job ids")
+            type(p) is int and 0 < p <= INT64[1] for p in parents):
+        bad = next((p for p in parents if not (type(p) is int and 0 < p <= INT64[1])), None) \
+            if isinstance(parents, list) else parents
+        raise ValidationError(f"job {name!r}: parents must be a list of job ids (integers "
+                              f"1..{INT64[1]}), got {echo(bad)}")
     row["parents"] = sorted(set(parents))
     row["image"] = check_job_image(app.container, msg.get("image"), app.name, name)
     return row

@@ -12,14 +12,15 @@ from sqlalchemy import delete, func, or_, select
 
 from pilotfish import __version__
 from pilotfish.errors import IllegalTransition, NotFound, PilotfishError, ValidationError
-from pilotfish.validate import check_name
+from pilotfish.validate import check_int, check_name, echo, echo_keys, wire_safe
 
 from . import states
 from .apps import App, app_from_spec, check_resources
 from .core import JobServer, shape_of
 from .db import apps as apps_t
 from .db import job_events, job_parents, jobs
-from .jobs import ALTERABLE, build_job, check_tags, check_url, tags_list, workdir_for
+from .jobs import (ALTERABLE, INT_RANGES, build_job, check_tags, check_url, tags_list,
+                   workdir_for)
 from .states import State
 from .store import chunks
 
@@ -43,23 +44,24 @@ def _arg(args: dict, key: str, types, default=None, required=False):
     """One request argument of the given type; ints must be in 0..MAX_ID."""
     if key not in args or args[key] is None:
         if required:
-            raise ValidationError(f"missing argument {key!r}")
+            raise ValidationError(f"missing argument {echo(key)}")
         return default
     v = args[key]
     if not isinstance(v, types) or (isinstance(v, bool) and bool not in
                                     (types if isinstance(types, tuple) else (types,))):
-        raise ValidationError(f"argument {key!r} has the wrong type")
+        raise ValidationError(f"argument {echo(key)} has the wrong type")
     if type(v) is int and not 0 <= v <= MAX_ID:
-        raise ValidationError(f"argument {key!r} is out of range")
+        raise ValidationError(f"argument {echo(key)} must be an integer 0..{MAX_ID}, "
+                              f"got {echo(v)}")
     if type(v) is str and "\x00" in v:  # PostgreSQL refuses NUL in text
-        raise ValidationError(f"argument {key!r} must not contain a NUL byte")
+        raise ValidationError(f"argument {echo(key)} must not contain a NUL byte")
     return v
 
 
 def _ids(value: Any, what: str) -> list[int]:
     if not isinstance(value, list) or not all(
             type(i) is int and 0 < i <= MAX_ID for i in value):
-        raise ValidationError(f"{what} must be a list of job ids")
+        raise ValidationError(f"{what} must be a list of job ids (integers 1..{MAX_ID})")
     return value
 
 
@@ -102,7 +104,7 @@ def app_add(srv: JobServer, args: dict, now: float) -> dict:
 
 @op
 def app_ls(srv: JobServer, args: dict, now: float) -> list:
-    return [a.to_dict() for a in sorted(srv.apps.values(), key=lambda a: a.name)]
+    return wire_safe([a.to_dict() for a in sorted(srv.apps.values(), key=lambda a: a.name)])
 
 
 @op
@@ -113,7 +115,7 @@ def app_show(srv: JobServer, args: dict, now: float) -> dict:
     d["jobs"] = {r[0]: r[1] for r in srv.conn.execute(
         select(jobs.c.state, func.count()).where(jobs.c.app_id == app.id)
         .group_by(jobs.c.state))}
-    return d
+    return wire_safe(d)
 
 
 def _unfinished_jobs(srv: JobServer, app: App) -> int:
@@ -121,6 +123,11 @@ def _unfinished_jobs(srv: JobServer, app: App) -> int:
     return srv.conn.execute(select(func.count()).where(
         jobs.c.app_id == app.id, jobs.c.state.not_in([s.value for s in states.FINAL]))
     ).scalar_one()
+
+
+#: App keys that decide what a job runs; locked while the app has unfinished jobs.
+RUN_KEYS = ("executable", "args", "parameters", "preprocess", "postprocess", "environment",
+            "container")
 
 
 @op
@@ -131,10 +138,14 @@ def app_alter(srv: JobServer, args: dict, now: float) -> dict:
     spec.pop("id")
     spec.update(changes)
     new = app_from_spec(spec, app.id)
-    if (new.args != app.args or new.to_dict()["parameters"] != app.to_dict()["parameters"]) \
-            and (n := _unfinished_jobs(srv, app)):
-        raise ValidationError(f"app {app.name!r} has {n} unfinished jobs; its args and "
-                              "parameters can change only when none is left")
+    old_d, new_d = app.to_dict(), new.to_dict()
+    # what decides what a queued job runs: its argv, its steps, its environment, its image
+    changed = [k for k in RUN_KEYS if new_d[k] != old_d[k]]
+    if changed and (n := _unfinished_jobs(srv, app)):
+        raise ValidationError(f"app {app.name!r} has {n} unfinished jobs; what decides what "
+                              f"they run ({', '.join(RUN_KEYS)}) can change only when none is "
+                              f"left; asked to change: {', '.join(changed)} (wait for them, or "
+                              "add a new app)")
     if new.name != app.name and new.name in srv.app_names:
         raise ValidationError(f"an app named {new.name!r} exists")
     d = new.to_dict()
@@ -223,7 +234,8 @@ def where_of(f: dict | None, srv: JobServer) -> list:
         raise ValidationError("filter must be a map")
     unknown = set(f) - _FILTER_KEYS
     if unknown:
-        raise ValidationError(f"unknown filter key(s) {', '.join(sorted(unknown))}")
+        raise ValidationError(f"unknown filter key(s) {echo_keys(unknown)}; "
+                              f"expected {', '.join(sorted(_FILTER_KEYS))}")
     conds = []
     for k in ("app", "site", "group", "tag", "name"):
         if f.get(k) is not None and not isinstance(f[k], str):
@@ -273,6 +285,7 @@ def job_ls(srv: JobServer, args: dict, now: float) -> list:
     q = q.order_by(jobs.c.id.desc() if newest else jobs.c.id).offset(offset)
     if limit > 0:
         q = q.limit(limit)
+    # (no wire_safe: these columns are SQL integers, which hold 64 bits at most)
     return [_job_dict(srv, r) for r in srv.conn.execute(q)]
 
 
@@ -321,7 +334,7 @@ def job_show(srv: JobServer, args: dict, now: float) -> dict:
         select(job_events.c.from_state, job_events.c.to_state, job_events.c.via,
                job_events.c.time, job_events.c.message)
         .where(job_events.c.job_id == job_id).order_by(job_events.c.id))]
-    return d
+    return wire_safe(d)
 
 
 def _select_jobs(srv: JobServer, args: dict, *cols):
@@ -404,7 +417,8 @@ def job_alter(srv: JobServer, args: dict, now: float) -> dict:
         raise ValidationError("state must be a state name")
     unknown = set(changes) - ALTERABLE
     if unknown:
-        raise ValidationError(f"cannot alter {', '.join(sorted(unknown))}; alterable: state, "
+        raise ValidationError(f"cannot alter {echo_keys(unknown)}; "
+                              "alterable: state, "
                               f"{', '.join(sorted(ALTERABLE))}")
     rows = _select_jobs(srv, args)
     if not rows:
@@ -428,9 +442,9 @@ def job_alter(srv: JobServer, args: dict, now: float) -> dict:
         for k in ("input_url", "output_url"):
             if k in new:
                 new[k] = check_url(new[k], k)
-        for k in ("priority", "max_retries"):
-            if k in new and (isinstance(new[k], bool) or not isinstance(new[k], int)):
-                raise ValidationError(f"{k} must be an integer")
+        for k, (lo, hi) in INT_RANGES.items():  # as job_add checks them
+            if k in new:
+                check_int(new[k], k, lo, hi)
         for k in ("site", "queue", "project", "group_identifier"):
             if new.get(k) is not None:
                 check_name(new[k], k)

@@ -12,7 +12,7 @@ from sqlalchemy import or_, select
 
 from pilotfish.errors import NotFound, ValidationError
 from pilotfish.pilotstate import PilotState, derive
-from pilotfish.validate import check_name
+from pilotfish.validate import check_float, check_name, echo
 
 from .core import JobServer
 from .db import agents as agents_t
@@ -28,7 +28,7 @@ def _state(value: Any) -> str:
     try:
         return PilotState(value).value
     except ValueError:
-        raise ValidationError(f"pilot state {value!r} is not one of "
+        raise ValidationError(f"pilot state {echo(value)} is not one of "
                               f"{', '.join(s.value for s in PilotState)}") from None
 
 
@@ -49,6 +49,8 @@ def pilot_add(srv: JobServer, args: dict, now: float) -> dict:
     if not 1 <= nodes <= 1_000_000:  # an INTEGER column: PostgreSQL refused more than 2**31
         raise ValidationError("nodes must be 1..1,000,000")
     wall = _arg(args, "walltime_minutes", (int, float))
+    if wall is not None and not (check_float(wall, "walltime_minutes") > 0):
+        raise ValidationError(f"walltime_minutes must be above 0, got {wall}")
     row = {"id": pid, "site": site, "nodes": nodes, "walltime_minutes": wall,
            "scheduler": _text(args, "scheduler", 32), "batch_id": _text(args, "batch_id", 128),
            "queue": _text(args, "queue", 128), "project": _text(args, "project", 128),

@@ -22,6 +22,7 @@ from pilotfish import keys
 from pilotfish import protocol as P
 from pilotfish import settings
 from pilotfish.errors import PilotfishError, ProtocolError
+from pilotfish.validate import cap  # every error text we send or log is capped (it may quote input)
 
 from .core import JobServer
 from .db import make_engine
@@ -251,7 +252,8 @@ class Service:
             raise PilotfishError(f"cannot bind {bind}: {exc}") from None
 
     def _write_info(self) -> None:
-        info = {"address": self.address, "pid": os.getpid(), "started": time.time(),
+        info = {"address": self.address, "pid": os.getpid(), "host": socket.gethostname(),
+                "started": time.time(),
                 "db": self.engine.url.render_as_string(hide_password=True),
                 # whether clients must use CurveZMQ, and the key they need (never the secret)
                 "curve": self.curve,
@@ -436,8 +438,8 @@ class Service:
                     srv.on_bye(a, m, now)
         except ProtocolError as exc:
             srv.stats["bad_messages"] += 1
-            log.warning("bad message from %s: %s", identity.hex()[:16], exc)
-            srv.send(identity, P.encode(P.ERROR, error=str(exc), rid=rid))
+            log.warning("bad message from %s: %s", identity.hex()[:16], cap(str(exc)))
+            srv.send(identity, P.encode(P.ERROR, error=cap(str(exc)), rid=rid))
         except Exception:  # a bug of ours: never die of one message, nor fail others with it
             log.exception("internal error handling a message from %s", identity.hex()[:16])
             return False
@@ -452,7 +454,7 @@ class Service:
             result = fn(srv, m["args"], now)
         except PilotfishError as exc:
             srv.send(identity, P.encode(P.REPLY, rid=m["rid"], ok=False, result=None,
-                                        error=str(exc), code=exc.code))
+                                        error=cap(str(exc)), code=exc.code))
             return
         srv.send(identity, P.encode(P.REPLY, rid=m["rid"], ok=True, result=result, error=None,
                                     code=None))

@@ -8,6 +8,7 @@ from __future__ import annotations
 from enum import Enum
 
 from pilotfish.errors import IllegalTransition
+from pilotfish.validate import echo
 
 
 class State(str, Enum):
@@ -88,7 +89,7 @@ def parse(name: str) -> State:
     try:
         return State(name.upper())
     except (ValueError, AttributeError):
-        raise IllegalTransition(f"unknown state {name!r}; states are: "
+        raise IllegalTransition(f"unknown state {echo(name)}; states are: "
                                 f"{', '.join(s.value for s in State)}") from None
 
 

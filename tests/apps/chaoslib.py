@@ -1189,8 +1189,8 @@ def injection_battery(world: World, agent_side: bool = True, timeout: float = 90
         f.chmod(0o755)
     c = f"{canary}/{CANARY_TOKEN}"
     env_literal = f"$(touch {c}-e1) `touch {c}-e2`; touch {c}-e3\n$HOME"
-    app_env = {"PATH": f"{evilbin}:/usr/bin:/bin", "PROBE_LITERAL": env_literal,
-               "LD_PRELOAD": f"$(touch {c}-ld)", "BASH_ENV": f"{evilbin}/sh"}
+    # (LD_PRELOAD and BASH_ENV are refused by name now: see the environment checks below)
+    app_env = {"PATH": f"{evilbin}:/usr/bin:/bin", "PROBE_LITERAL": env_literal}
     cl = world.client()
     cl.add_app({"name": "probe", "executable": PY,
                 "args": ["-S", "-I", str(ENV_PROBE), "{v}", "--in={p}"],
@@ -1241,7 +1241,10 @@ def injection_battery(world: World, agent_side: bool = True, timeout: float = 90
                                              "parameters": {"v": "x"}}]))
         count(err is not None, f"application {app!r}: {err}")
     for k, v in [("BASH_FUNC_x%%", "() { id; }"), ("A=B", "x"), ("", "x"), ("A B", "x"),
-                 ("1X", "x"), ("X", "a\x00b"), ("X\n", "x")]:
+                 ("1X", "x"), ("X", "a\x00b"), ("X\n", "x"),
+                 # loader and shell variables (pilotfish.envpolicy): refused by name
+                 ("LD_PRELOAD", f"$(touch {c}-ld)"), ("BASH_ENV", f"{evilbin}/sh"),
+                 ("LD_AUDIT", "/tmp/evil.so"), ("PILOTFISH_JOB_ID", "1")]:
         err = _refused(lambda: cl.add_app({"name": "envapp", "executable": "/bin/true",
                                            "environment": {k: v}}))
         count(err is not None, f"app environment {k!r}={v!r}: {err}")
@@ -1267,7 +1270,7 @@ def injection_battery(world: World, agent_side: bool = True, timeout: float = 90
         e = probe["env"]
         ok = (job["state"] == "JOB_FINISHED" and probe["argv"] == [v, "--in=in.dat"]
               and e.get("PROBE_LITERAL") == env_literal and e.get("PATH") == app_env["PATH"]
-              and e.get("LD_PRELOAD") == app_env["LD_PRELOAD"]
+              and "LD_PRELOAD" not in e and "BASH_ENV" not in e
               and probe["cwd"] == str(wd)
               and (wd / "preprocess.out").read_text() ==
               f"$(touch {c}-pre1) `touch {c}-pre2`\n")
