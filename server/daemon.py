@@ -47,11 +47,11 @@ def alive(pid: int) -> bool:
 
 def run_foreground(home: Path, db_url: str, bind: str, heartbeat: float,
                    insecure: bool = False, sites: Sequence[str] = (),
-                   site_poll: float = 10.0) -> None:
+                   site_poll: float = 10.0, data_roots: Sequence[str] = ()) -> None:
     from .service import Service  # pulls in the database layer only when serving
     os.umask(0o077)  # everything the server writes (database, logs, ipc socket) is owner-only
     Service(db_url, bind, home, heartbeat=heartbeat, insecure=insecure, sites=list(sites),
-            site_poll=site_poll).run()
+            site_poll=site_poll, data_roots=list(data_roots)).run()
 
 
 def open_log(home: Path):
@@ -64,7 +64,7 @@ def open_log(home: Path):
 
 def start_background(home: Path, db_url: str, bind: str, heartbeat: float,
                      wait: float = 30.0, insecure: bool = False, sites: Sequence[str] = (),
-                     site_poll: float = 10.0) -> dict:
+                     site_poll: float = 10.0, data_roots: Sequence[str] = ()) -> dict:
     """Start a detached server; return its server.json once it answers a ping.
 
     A tcp:// server uses CurveZMQ unless ``insecure`` (loopback binds only); it makes the
@@ -82,6 +82,8 @@ def start_background(home: Path, db_url: str, bind: str, heartbeat: float,
         cmd += ["--site", site]
     if sites:
         cmd += ["--site-poll", f"{site_poll:g}"]
+    for root in data_roots:
+        cmd += ["--data-root", root]
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                             start_new_session=True, close_fds=True)
     log.close()
