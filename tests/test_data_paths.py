@@ -325,3 +325,44 @@ def test_jobs_json_file_with_bad_url_adds_nothing(server: ServerHandle, c, tmp_p
     r = run_cli(home, "job", "add", "-f", str(f))
     assert r.returncode != 0 and "job #2" in r.stderr and "output_url" in r.stderr
     assert c.jobs() == []
+
+
+# -- site profiles and the pilot head ---------------------------------------------------------
+def test_site_profile_data_roots_and_staging_reach_the_agents(home, tmp_path):
+    """A profile's data_roots and staging limits become every agent's flags ($VARS expanded on
+    the node); bad ones are refused with the key named."""
+    from pilotfish.pilot.site_agent import build_spec
+    from pilotfish.site_configs.loader import load_site
+    sites = home / "sites"
+    sites.mkdir()
+    (sites / "mysite.yaml").write_text(
+        "name: mysite\nextends: local\ndata_roots: [/lus/proj, $SCRATCH/pf]\n"
+        "staging: {timeout: 600, max_bytes: 10G}\n")
+    site = load_site("mysite", home)
+    assert site.staging.max_bytes == 10 * 2**30
+    spec = build_spec(site, nodes=1, walltime_minutes=10, home=home, server="tcp://h:1")
+    argv = list(spec.head_argv)
+    assert argv[argv.index("--") + 1:].count("--data-root") == 2
+    assert "$SCRATCH/pf" in argv and "/lus/proj" in argv
+    assert argv[argv.index("--stage-timeout") + 1] == "600"
+    assert argv[argv.index("--stage-max-bytes") + 1] == str(10 * 2**30)
+    for bad, words in (("data_roots: [relative]", "data_roots"),
+                       ("data_roots: [/a/../keys]", "data_roots"),
+                       ("staging: {max_bytes: lots}", "max_bytes"),
+                       ("staging: {timeout: -1}", "timeout")):
+        (sites / "bad.yaml").write_text(f"name: bad\nextends: local\n{bad}\n")
+        with pytest.raises(ValidationError, match=words):
+            load_site("bad", home)
+
+
+def test_pilot_run_passes_data_roots_to_its_agents(home, tmp_path):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "pilotfish", "--home", str(home), "pilot", "run",
+                        "--server", "tcp://127.0.0.1:5", "--data-root", "/lus/x", "--dry-run",
+                        "--json", "--", "--idle-timeout", "5"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    argv = json.loads(r.stdout)["argv"]
+    i = argv.index("--data-root")
+    assert argv[i + 1] == "/lus/x" and "agent" in argv[:i]
