@@ -222,6 +222,7 @@ def run_cmd(ctx, server, server_key, client_key, nodes, cpus_per_node, walltime,
     home, address = _home_and_server(ctx, server)
     server_key, client_key = _head_keys(home, server_key, client_key, list(agent_args))
     agent_args = tuple(x for r in data_roots for x in ("--data-root", r)) + tuple(agent_args)
+    agent_args += tuple(_site_staging_args(home, list(agent_args)))
     p = plan(list(agent_args), environ=dict(os.environ), server=address,
              home=str(home) if ctx.obj and ctx.obj.get("home") else None, nodes=nodes,
              launcher=launcher, mpi=mpi, cpus_per_node=cpus_per_node, walltime=walltime,
@@ -243,6 +244,33 @@ def _site_of(agent_args: list[str]) -> str | None:
         if a.startswith("--site="):
             return a.split("=", 1)[1]
     return None
+
+
+def _site_staging_args(home: Path, agent_args: list[str]) -> list[str]:
+    """The agents' --data-root/--stage-* flags from the site profile named by their --site,
+    for what the head's own arguments leave unset (a hand-written batch script; pilots the
+    site agent submits carry them already)."""
+    name = _site_of(agent_args)
+    if not name:
+        return []
+    from pilotfish.site_configs.loader import load_site
+    try:
+        site = load_site(name, home)
+    except PilotfishError as exc:
+        import logging
+        logging.getLogger("pilotfish.pilot").warning(
+            "site %s: no data roots or staging limits from its profile: %s", name, exc)
+        return []
+    out: list[str] = []
+    if "--data-root" not in agent_args:
+        for root in site.data_roots:
+            out += ["--data-root", root]
+    st = site.staging
+    if st is not None and st.timeout is not None and "--stage-timeout" not in agent_args:
+        out += ["--stage-timeout", f"{st.timeout:g}"]
+    if st is not None and st.max_bytes is not None and "--stage-max-bytes" not in agent_args:
+        out += ["--stage-max-bytes", str(st.max_bytes)]
+    return out
 
 
 def _head_keys(home: Path, server_key: str | None, client_key: str | None,

@@ -366,3 +366,50 @@ def test_pilot_run_passes_data_roots_to_its_agents(home, tmp_path):
     argv = json.loads(r.stdout)["argv"]
     i = argv.index("--data-root")
     assert argv[i + 1] == "/lus/x" and "agent" in argv[:i]
+
+
+def test_server_start_with_a_site_takes_its_data_roots(home, tmp_path):
+    """`server start --site S` allows S's data_roots at the door; an unset $VAR in one stops
+    the start with one line."""
+    from pilotfish.client import Client
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (home / "sites").mkdir()
+    (home / "sites" / "mysite.yaml").write_text(
+        f"name: mysite\nextends: local\ndata_roots: [{shared}]\n")
+    (home / "sites" / "unset.yaml").write_text(
+        "name: unset\nextends: local\ndata_roots: [$PILOTFISH_NO_SUCH_VAR/x]\n")
+    r = run_cli(home, "server", "start", "--site", "unset")
+    assert r.returncode != 0 and "not set" in r.stderr and "data_roots" in r.stderr, r.stderr
+    run_cli(home, "server", "start", "--site", "mysite", check=True)
+    try:
+        with Client(home=home) as c:
+            c.add_app({"name": "t", "executable": "/bin/true"})
+            c.add_job(name="j", application="t", site="elsewhere", input_url=f"{shared}/in")
+            with pytest.raises(ValidationError, match=f"allowed data roots: {shared}"):
+                c.add_job(name="j", application="t", site="elsewhere",
+                          input_url=f"{home}/data/in")
+    finally:
+        run_cli(home, "server", "stop")
+
+
+def test_pilot_run_takes_the_sites_data_roots(home):
+    """A hand-written batch script (`pilot run -- --site S`): the head adds S's roots and
+    limits to the agents' flags unless given."""
+    import subprocess
+    import sys
+    (home / "sites").mkdir()
+    (home / "sites" / "mysite.yaml").write_text(
+        "name: mysite\nextends: local\ndata_roots: [/lus/a, $SCRATCH/b]\n"
+        "staging: {timeout: 60}\n")
+    base = [sys.executable, "-m", "pilotfish", "--home", str(home), "pilot", "run",
+            "--server", "tcp://127.0.0.1:5", "--dry-run", "--json", "--", "--site", "mysite"]
+    r = subprocess.run(base, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    argv = json.loads(r.stdout)["argv"]
+    assert argv.count("--data-root") == 2 and "$SCRATCH/b" in argv
+    assert argv[argv.index("--stage-timeout") + 1] == "60"
+    r = subprocess.run(base + ["--data-root", "/x", "--stage-timeout", "5"],
+                       capture_output=True, text=True, timeout=60)
+    argv = json.loads(r.stdout)["argv"]
+    assert argv.count("--data-root") == 1 and argv.count("--stage-timeout") == 1
