@@ -68,6 +68,9 @@ class Budget:
 
     def __init__(self, cap: int, what: str) -> None:
         self.cap, self.left, self.what = cap, cap, what
+        #: (st_dev, st_ino) of directories a tree may not contain (the home, the work root):
+        #: found by identity, so a bind mount or a second name does not hide them.
+        self.forbidden: dict[tuple[int, int], str] = {}
 
     def take(self, n: int) -> None:
         self.left -= n
@@ -160,6 +163,9 @@ def copy_tree(sfd: int, dfd: int, budget: Budget, where: str, single_link: bool 
         elif stat.S_ISREG(st.st_mode):
             copy_file(sfd, name, dfd, budget, here, single_link)
         elif stat.S_ISDIR(st.st_mode):
+            if (st.st_dev, st.st_ino) in budget.forbidden:
+                raise StageError(f"{here} is {budget.forbidden[st.st_dev, st.st_ino]}: "
+                                 "not staged")
             os.mkdir(name, 0o700, dir_fd=dfd)
             s2 = os.open(name, _DIR, dir_fd=sfd)
             try:
@@ -206,6 +212,11 @@ def stage_in(url: str, workdir: str, roots: DataRoots, cap: int) -> None:
     except OSError as exc:
         raise StageError(f"{what} {shown(url)}: {exc.strerror}") from None
     is_dir = stat.S_ISDIR(st.st_mode)
+    if is_dir:  # read whole: it may not contain the home or the work root
+        try:
+            roots.check_path(real, what, url, tree=True)
+        except ValidationError as exc:
+            raise StageError(str(exc)) from None
     if not is_dir and not stat.S_ISREG(st.st_mode):
         raise StageError(f"{what} {shown(url)} is a {kind(st.st_mode)}; only a regular file "
                          "or a directory is staged in")
@@ -219,6 +230,13 @@ def stage_in(url: str, workdir: str, roots: DataRoots, cap: int) -> None:
             check_opened(parent, roots, what, url)
             remove(wfd, name)  # a retry's copy, or whatever a task left there
             budget = Budget(cap, f"{what} {shown(url)}")
+            for path_, name_ in ((roots.home[0], "the pilotfish home"),
+                                 *((x, "the agent's work root") for x in roots.exclude)):
+                try:
+                    fst = os.stat(path_)
+                    budget.forbidden[fst.st_dev, fst.st_ino] = name_
+                except OSError:
+                    pass
             if not is_dir:
                 try:
                     copy_file(parent, os.path.basename(real), wfd, budget,

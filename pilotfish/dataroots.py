@@ -74,21 +74,27 @@ class DataRoots:
         """The roots for an error message."""
         return ", ".join(dict.fromkeys(self.roots))
 
-    def refusal(self, path: str) -> str | None:
-        """Why ``path`` (absolute, normalized) may not be named, or None when it may."""
+    def refusal(self, path: str, tree: bool = False) -> str | None:
+        """Why ``path`` (absolute, normalized) may not be named, or None when it may.
+        ``tree``: a directory whose whole tree is read (an input), so it may not contain the
+        home or the work root either."""
         if any(within(path, h) for h in self.home) and not any(within(path, d)
                                                                 for d in self.data):
             return (f"is inside the pilotfish home ({self.home[0]}); of the home only "
                     f"{self.data[0]} may be named")
         if any(within(path, x) for x in self.exclude):
             return "is inside the agent's work root (job workdirs)"
+        if tree and any(within(h, path) for h in self.home):
+            return f"contains the pilotfish home ({self.home[0]}), whose keys stay private"
+        if tree and any(within(x, path) for x in self.exclude):
+            return "contains the agent's work root (job workdirs)"
         if not any(within(path, r) for r in self.roots):
             return "is not under a data root"
         return None
 
-    def check_path(self, path: str, what: str, value: Any = None) -> str:
+    def check_path(self, path: str, what: str, value: Any = None, tree: bool = False) -> str:
         """Raise a one-line ValidationError when ``path`` may not be named; return it."""
-        why = self.refusal(path)
+        why = self.refusal(path, tree)
         if why is not None:
             raise ValidationError(f"{what} {shown(value if value is not None else path)} {why}; "
                                   f"allowed data roots: {self.allowed()} (declare more with "
@@ -178,11 +184,12 @@ def url_path(value: Any, what: str) -> str | None:
 
 def check_url(value: Any, what: str, roots: DataRoots) -> str | None:
     """The door check: the path a job's URL names, refused with a one-line error naming the
-    field and the allowed roots unless it is under a data root and out of the home."""
+    field and the allowed roots unless it is under a data root and out of the home (an
+    ``input_url``, which may be a directory read whole, may not contain the home either)."""
     path = url_path(value, what)
     if path is None:
         return None
-    return roots.check_path(path, what, value)
+    return roots.check_path(path, what, value, tree=what == "input_url")
 
 
 __all__ = ["DATA_DIR", "ENV", "DataRoots", "check_url", "ensure_data_dir", "from_env", "make",

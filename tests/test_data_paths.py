@@ -162,6 +162,11 @@ def test_declared_root_containing_the_home_still_excludes_it(home, db_url, tmp_p
                 c.add_job(name="bad", application="t", output_url=bad)
         with pytest.raises(ValidationError, match=f"allowed data roots: {tmp_path}"):
             c.add_job(name="bad", application="t", output_url="/var/tmp/x")
+        # an input directory is read whole: one that contains the home is refused
+        for bad in (str(tmp_path), f"file://{tmp_path}/"):
+            with pytest.raises(ValidationError, match="contains the pilotfish home"):
+                c.add_job(name="bad", application="t", input_url=bad)
+        c.add_job(name="ok", application="t", output_url=str(tmp_path))
     finally:
         s.stop()
 

@@ -194,9 +194,10 @@ def test_devices_fifos_and_sockets_are_refused(wide: ServerHandle, tmp_path):
     t2.mkdir()
     (t2 / "ok.txt").write_text("ok\n")
     (data / "zero-link").symlink_to("/dev/zero")
+    (data / "up").symlink_to(tmp_path)  # a directory that contains the home and the work root
     try:
         urls = ["/dev/zero", "file:///dev/ptmx", "/dev/urandom", str(data / "fifo"),
-                str(data / "sock"), str(data / "zero-link"), str(t)]
+                str(data / "sock"), str(data / "zero-link"), str(t), str(data / "up")]
         jobs = [{"name": f"d{n}", "application": "echo", "input_url": u}
                 for n, u in enumerate(urls)]
         jobs.append({"name": "good", "application": "echo", "input_url": str(t2)})
@@ -204,7 +205,7 @@ def test_devices_fifos_and_sockets_are_refused(wide: ServerHandle, tmp_path):
     finally:
         sock.close()
     kinds = ["character device", "character device", "character device", "FIFO", "socket",
-             "character device", "sub/pipe is a FIFO"]
+             "character device", "sub/pipe is a FIFO", "contains the pilotfish home"]
     for d, k in zip(ds, kinds):
         failed_with(d, "STAGE_IN_FAILED", "stage-in failed", k)
     assert ds[-1]["state"] == "JOB_FINISHED", ds[-1]["message"]
