@@ -27,6 +27,7 @@ there). Imports are light on purpose: this starts once per staged job.
 """
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import sys
@@ -93,8 +94,7 @@ def check_opened(fd: int, roots: DataRoots, what: str, value: str) -> None:
     if real is not None:
         try:
             roots.check_path(real, what, value)
-        except ValidationError as exc:
-            os.close(fd)
+        except ValidationError as exc:  # the caller closes fd (this process ends soon anyway)
             raise StageError(str(exc)) from None
 
 
@@ -103,7 +103,10 @@ def open_workdir(workdir: str) -> int:
     that path (the agent's work root is a realpath: any symlink on the way changes the path)."""
     try:
         fd = os.open(workdir, _DIR)
-    except OSError as exc:
+    except (NotADirectoryError, OSError) as exc:
+        if isinstance(exc, NotADirectoryError) or exc.errno == errno.ELOOP:
+            raise StageError(f"workdir {workdir} is not a real directory under the work root "
+                             "(a symlink?): refused") from None
         raise StageError(f"workdir {workdir}: {exc.strerror}") from None
     real = opened_path(fd)
     if real is not None and real != workdir:

@@ -386,3 +386,34 @@ def test_stager_module_imports_light():
     for heavy in ("click", "zmq", "sqlalchemy", "pydantic", "yaml", "rich", "psutil"):
         assert f"'{heavy}'" not in mods, heavy
     assert stat.S_ISREG(os.stat(sys.executable).st_mode)
+
+
+# -- the stager itself, in-process ------------------------------------------------------------
+def test_stager_checks_what_it_opened_and_its_usage(tmp_path):
+    """The rule runs on the path the kernel opened (a symlink swapped in after realpath is
+    caught there); a workdir reached through a symlink is refused; bad usage exits 2."""
+    from pilotfish.pilot import stage
+    home, work, root = tmp_path / "h", tmp_path / "w", tmp_path / "r"
+    for d in (home, work / "default" / "j.1", root):
+        d.mkdir(parents=True)
+    roots = stage.roots_of(str(home), str(work), [str(root)])
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(stage.StageError, match="not under a data root"):
+            stage.check_opened(fd, roots, "input_url", "/x")
+        os.fstat(fd)  # still open: the caller closes it
+    finally:
+        os.close(fd)
+    (root / "in.txt").write_text("x")
+    (work / "default" / "link").symlink_to(work / "default" / "j.1")
+    with pytest.raises(stage.StageError, match="not a real directory under the work root"):
+        stage.stage_in(str(root / "in.txt"), str(work / "default" / "link"), roots, 100)
+    (work / "grp").symlink_to(work / "default")  # a parent that is a symlink
+    with pytest.raises(stage.StageError, match="not a real directory under the work root"):
+        stage.stage_in(str(root / "in.txt"), str(work / "grp" / "j.1"), roots, 100)
+    assert stage.main(["in", "1"]) == 2
+    assert stage.main(["in", "1", str(work / "default" / "j.1"), str(root / "in.txt"), "100",
+                       str(home), str(work), str(root)]) == 0
+    assert (work / "default" / "j.1" / "in.txt").read_text() == "x"
+    assert stage.main(["in", "1", str(work / "default" / "j.1"), str(root / "in.txt"), "100",
+                       str(home), str(work), "relative"]) == 1  # a bad root: refused
