@@ -72,6 +72,9 @@ class Budget:
         #: (st_dev, st_ino) of directories a tree may not contain (the home, the work root):
         #: found by identity, so a bind mount or a second name does not hide them.
         self.forbidden: dict[tuple[int, int], str] = {}
+        #: (st_dev, st_ino) of the home's private files: a hard link to one (same file, other
+        #: name) is refused wherever it is found.
+        self.private: set[tuple[int, int]] = set()
 
     def take(self, n: int) -> None:
         self.left -= n
@@ -125,6 +128,9 @@ def copy_file(sfd: int, name: str, dfd: int, budget: Budget, where: str,
         if not stat.S_ISREG(st.st_mode):  # swapped since we looked: never read it
             raise StageError(f"{where} is a {kind(st.st_mode)}; only regular files, "
                              "directories and symlinks are staged")
+        if st.st_nlink > 1 and (st.st_dev, st.st_ino) in budget.private:
+            raise StageError(f"{where} is a hard link to a private file of the pilotfish home: "
+                             "not staged")
         if single_link and st.st_nlink > 1:
             raise StageError(f"{where} has {st.st_nlink} hard links; a file linked from "
                              "elsewhere is not staged out")
@@ -198,6 +204,21 @@ def remove(dfd: int, name: str) -> None:
         os.unlink(name, dir_fd=dfd)
 
 
+def private_files(home: str) -> set[tuple[int, int]]:
+    """Identities of the home's files that must never leave it: keys, database, server.json."""
+    out = set()
+    for d in (home, os.path.join(home, "keys"), os.path.join(home, "keys", "authorized")):
+        try:
+            with os.scandir(d) as it:
+                for e in it:
+                    if e.is_file(follow_symlinks=False):
+                        st = e.stat(follow_symlinks=False)
+                        out.add((st.st_dev, st.st_ino))
+        except OSError:
+            pass
+    return out
+
+
 def roots_of(home: str, work_root: str, roots: list[str]) -> DataRoots:
     return make(home, roots, resolve=True, exclude=[work_root])
 
@@ -233,6 +254,7 @@ def stage_in(url: str, workdir: str, roots: DataRoots, cap: int) -> None:
             check_opened(parent, roots, what, url)
             remove(wfd, name)  # a retry's copy, or whatever a task left there
             budget = Budget(cap, f"{what} {shown(url)}")
+            budget.private = private_files(roots.home[0])
             for path_, name_ in ((roots.home[0], "the pilotfish home"),
                                  *((x, "the agent's work root") for x in roots.exclude)):
                 try:
@@ -322,14 +344,16 @@ def stage_out(url: str, workdir: str, job: str, roots: DataRoots, cap: int) -> N
             raise StageError(f"{what} {shown(url)}: {exc.strerror}") from None
         check_opened(ofd, roots, what, url)
         try:
-            _stage_out_into(ofd, wfd, os.path.basename(workdir), job, url, cap)
+            _stage_out_into(ofd, wfd, os.path.basename(workdir), job, url, cap,
+                            private_files(roots.home[0]))
         finally:
             os.close(ofd)
     finally:
         os.close(wfd)
 
 
-def _stage_out_into(ofd: int, wfd: int, name: str, job: str, url: str, cap: int) -> None:
+def _stage_out_into(ofd: int, wfd: int, name: str, job: str, url: str, cap: int,
+                    private: set[tuple[int, int]]) -> None:
     what = f"output_url {shown(url)}"
     if owned(ofd, name, job) is False:
         raise StageError(f"{what}: {name} already exists there and is not this job's output; "
@@ -347,8 +371,9 @@ def _stage_out_into(ofd: int, wfd: int, name: str, job: str, url: str, cap: int)
                         dir_fd=pfd)
             os.write(m, f"{job}\n".encode())
             os.close(m)
-            copy_tree(wfd, pfd, Budget(cap, what), f"workdir {name}", single_link=True,
-                      skip=MARKER)
+            budget = Budget(cap, what)
+            budget.private = private
+            copy_tree(wfd, pfd, budget, f"workdir {name}", single_link=True, skip=MARKER)
             mask = os.umask(0)
             os.umask(mask)
             os.fchmod(pfd, 0o777 & ~mask)

@@ -418,3 +418,20 @@ def test_pilot_run_takes_the_sites_data_roots(home):
                        capture_output=True, text=True, timeout=60)
     argv = json.loads(r.stdout)["argv"]
     assert argv.count("--data-root") == 1 and argv.count("--stage-timeout") == 1
+
+
+def test_hard_link_to_a_home_secret_is_refused(server: ServerHandle, c, tmp_path):
+    """A hard link in a data root to the server's secret key (same file, other name), alone or
+    inside a tree: the stage-in refuses it and copies nothing."""
+    home = server.home
+    data = home / "data"
+    (data / "tree").mkdir(parents=True)
+    os.link(home / "keys" / "server.key_secret", data / "innocent.txt")
+    os.link(home / "keys" / "client.key_secret", data / "tree" / "notes.txt")
+    d = _run_one(server, c, tmp_path, input_url=str(data / "innocent.txt"))
+    assert "STAGE_IN_FAILED" in d["events"][-1]["via"]
+    assert "hard link to a private file of the pilotfish home" in d["message"], d["message"]
+    d = _run_one(server, c, tmp_path, name="t", input_url=str(data / "tree"))
+    assert "hard link to a private file" in d["message"], d["message"]
+    assert not list((tmp_path / "work").rglob("innocent.txt"))
+    assert not list((tmp_path / "work").rglob("notes.txt"))
