@@ -180,9 +180,13 @@ class Executor:
         #: launcher, so binding applies to the containerized processes.
         self.contain = contain
         self.staging = staging
-        #: The stager's command: ``-P``: not even "/" (its working directory) goes on sys.path.
+        #: The stager's command: the pilotfish this agent runs (installed or a source checkout)
+        #: and nothing else first on sys.path; ``-P``: not even "/" (its working directory).
+        import pilotfish
+        code = os.path.dirname(os.path.dirname(os.path.abspath(pilotfish.__file__)))
         self._stager = [sys.executable] + (["-P"] if sys.version_info >= (3, 11) else []) + \
-            ["-m", "pilotfish.pilot.stage"]
+            ["-c", f"import sys; sys.path.insert(0, {code!r}); "
+             "from pilotfish.pilot.stage import main; sys.exit(main())"]
         #: Set when the agent is told to stop: a batch system that ends the allocation (scancel,
         #: the walltime) signals every process of the job, tasks included, at the same moment
         #: as the agent; a task killed so is handed back, not failed.
