@@ -171,6 +171,8 @@ class Executor:
         self.all_gpus = list(gpus)
         self.free_gpus = list(gpus)
         self.work_root = work_root
+        #: Workdirs are built as PREFIX/REL and must equal getcwd() there: no "//" for a "/" root.
+        self._root_prefix = os.path.realpath(work_root).rstrip("/")
         self.watch, self.unwatch = watch, unwatch
         self.fake = fake
         #: Builds the launcher argv of a task with several ranks (spec["launch"]); may raise
@@ -273,7 +275,7 @@ class Executor:
         spec = t.spec
         try:
             check_relpath(spec["workdir"], "workdir")
-            t.workdir = f"{self.work_root}/{spec['workdir']}"
+            t.workdir = f"{self._root_prefix}/{spec['workdir']}"
             parent = t.workdir.rpartition("/")[0]
             if parent not in self._made_dirs:
                 os.makedirs(parent, exist_ok=True)
@@ -343,7 +345,7 @@ class Executor:
         """Start the stager for one stage step, with the staging timeout as its deadline."""
         st = self.staging or Staging((), str(self.work_root.parent), 3600.0, 100 * 2**30)
         argv = self._stager + [mode, str(t.job), t.workdir, url, str(st.max_bytes), st.home,
-                               str(self.work_root), *st.roots]
+                               self._root_prefix or "/", *st.roots]
         failure = "STAGE_IN_FAILED" if mode == "in" else "STAGE_OUT_FAILED"
         if self._spawn(t, now, f"stage_{mode}", argv, "", failure):
             t.deadline = now + st.timeout
