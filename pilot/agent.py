@@ -23,7 +23,7 @@ from pilotfish import protocol as P
 from pilotfish import settings
 from pilotfish.errors import ProtocolError
 
-from .executor import Executor, Task
+from .executor import Executor, Staging, Task
 from .launch import TaskLauncher
 from .resources import Resources
 
@@ -42,7 +42,8 @@ class Agent:
                  heartbeat: float = settings.HEARTBEAT_SECONDS, fake_exec: bool = False,
                  max_tasks: int | None = None, node: str | None = None,
                  node_cores: int | None = None, launcher: TaskLauncher | None = None,
-                 container=None, curve: keys.Curve | None = None) -> None:
+                 container=None, curve: keys.Curve | None = None,
+                 staging: Staging | None = None) -> None:
         self.id = uuid.uuid4().hex
         #: The node as the pilot's launcher names it (srun -w), its CPU count (for the
         #: affinity self-check on the server's side) and how multi-rank tasks start here.
@@ -72,7 +73,7 @@ class Agent:
         self.poller.register(self.sock, zmq.POLLIN)
         self.fd_tasks: dict[int, Task] = {}
         self.ex = Executor(resources.cores, resources.gpus, work_root, self._watch, self._unwatch,
-                           fake=fake_exec, launch=launcher, contain=container,
+                           fake=fake_exec, launch=launcher, contain=container, staging=staging,
                            gpu_env=resources.gpu_kind.task_env if resources.gpu_kind.vendor
                            else None)
         self.useq = 0

@@ -73,6 +73,19 @@ def key_options(f):
     return f
 
 
+def staging_options(f):
+    f = click.option("--stage-max-bytes", metavar="BYTES", help="Bytes one stage-in or "
+                     "stage-out may copy, e.g. 100G (default: $PILOTFISH_STAGE_MAX_BYTES, "
+                     "else 100G).")(f)
+    f = click.option("--stage-timeout", type=float, metavar="SECONDS", help="Seconds one "
+                     "stage-in or stage-out may take (default: $PILOTFISH_STAGE_TIMEOUT, else "
+                     f"{settings.STAGE_TIMEOUT:g}).")(f)
+    f = click.option("--data-root", "data_roots", multiple=True, metavar="DIR",
+                     help="A directory jobs' input_url/output_url may name (repeatable; also "
+                     "$PILOTFISH_DATA_ROOTS; default: HOME/data).")(f)
+    return f
+
+
 @pilot_group.command("agent", context_settings=CTX)
 @click.option("--server", help="Server address (default: $PILOTFISH_SERVER or the home's "
               "server.json).")
@@ -98,6 +111,7 @@ def key_options(f):
               "path into every task's container (the job's workdir always is). Repeatable.")
 @click.option("--strict-affinity", is_flag=True, help="Refuse to run when this process's "
               "affinity mask is smaller than the node (the launcher pinned the agent).")
+@staging_options
 @click.option("--fake-exec", is_flag=True, help="BENCHMARKS ONLY: run nothing; report every "
               "task finished at once (measures the server, protocol and database alone).")
 @click.option("-v", "--verbose", count=True)
@@ -105,8 +119,15 @@ def key_options(f):
 @click.pass_context
 def agent_cmd(ctx, server, server_key, client_key, cores, walltime, work_root, site, pilot_id,
               prefetch, idle_timeout, max_tasks, mpi, launcher, node_name, container_runtime,
-              binds, strict_affinity, fake_exec, verbose, quiet) -> None:
-    """Run one node agent: pull tasks that fit this node and run them pinned to cores."""
+              binds, strict_affinity, data_roots, stage_timeout, stage_max_bytes, fake_exec,
+              verbose, quiet) -> None:
+    """Run one node agent: pull tasks that fit this node and run them pinned to cores.
+
+    A job's input_url and output_url must lie under a data root (--data-root,
+    $PILOTFISH_DATA_ROOTS; default HOME/data), never in the rest of the home or the work root;
+    each stage step runs as a child process, stopped after --stage-timeout seconds and
+    --stage-max-bytes bytes.
+    """
     import logging
     import socket
 
@@ -132,6 +153,7 @@ def agent_cmd(ctx, server, server_key, client_key, cores, walltime, work_root, s
                                    tuple(parse_bind(_expand(b, "--bind")) for b in binds),
                                    gpus=res.gpu_kind)
     root = Path(_expand(work_root, "--work-root")) if work_root else settings.work_root(home)
+    staging = _staging(home, root.resolve(), data_roots, stage_timeout, stage_max_bytes)
     from pilotfish import keys
     curve = keys.client_curve(home, address, server_key, client_key)  # None: a plain ipc://
     node_name = node_name or os.environ.get("SLURMD_NODENAME") or socket.gethostname()
@@ -140,8 +162,25 @@ def agent_cmd(ctx, server, server_key, client_key, cores, walltime, work_root, s
     agent = Agent(address, res, root.resolve(), site=site, pilot=pilot_id, prefetch=prefetch,
                   idle_timeout=idle_timeout, fake_exec=fake_exec, max_tasks=max_tasks,
                   node=node_name, node_cores=len(node), launcher=task_launcher,
-                  container=task_container, curve=curve)
+                  container=task_container, curve=curve, staging=staging)
     ctx.exit(agent.run())
+
+
+def _staging(home: Path, work_root: Path, data_roots: tuple[str, ...],
+             timeout: float | None, max_bytes: str | None):
+    """The agent's staging settings, checked here so a bad root or limit stops it at start."""
+    from pilotfish import dataroots
+    from pilotfish.errors import ValidationError
+    from .executor import Staging
+    roots = [_expand(r, "--data-root") for r in data_roots] + dataroots.from_env()
+    try:
+        made = dataroots.make(home, roots, resolve=True, exclude=[str(work_root)])
+        seconds, size = settings.stage_limits(timeout, max_bytes)
+    except (ValidationError, ValueError) as exc:
+        raise PilotfishError(str(exc)) from None
+    dataroots.ensure_data_dir(made)
+    return Staging(tuple(roots), str(home), seconds, size)
+
 
 
 
@@ -161,6 +200,8 @@ def agent_cmd(ctx, server, server_key, client_key, cores, walltime, work_root, s
 @click.option("--pilot", "pilot_id", help="Pilot id (default: from the batch job id, e.g. "
               "slurm-1234).")
 @launcher_options
+@click.option("--data-root", "data_roots", multiple=True, metavar="DIR", help="Passed to "
+              "every agent: a directory jobs' URLs may name (repeatable).")
 @click.option("--dry-run", is_flag=True, help="Print the plan (nodes, launcher, agent "
               "command) and start nothing.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print JSON.")
@@ -169,7 +210,8 @@ def agent_cmd(ctx, server, server_key, client_key, cores, walltime, work_root, s
 @click.argument("agent_args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 def run_cmd(ctx, server, server_key, client_key, nodes, cpus_per_node, walltime, relay,
-            pilot_id, mpi, launcher, dry_run, as_json, verbose, quiet, agent_args) -> None:
+            pilot_id, mpi, launcher, data_roots, dry_run, as_json, verbose, quiet,
+            agent_args) -> None:
     """The pilot head (what a pilot batch script runs): one node agent per node.
 
     Starts the agents through the site's launcher with full-node depth and binding off (e.g.
@@ -181,6 +223,8 @@ def run_cmd(ctx, server, server_key, client_key, nodes, cpus_per_node, walltime,
     console.setup_logging(verbose, quiet)
     home, address = _home_and_server(ctx, server)
     server_key, client_key = _head_keys(home, server_key, client_key, list(agent_args))
+    agent_args = tuple(x for r in data_roots for x in ("--data-root", r)) + tuple(agent_args)
+    agent_args += tuple(_site_staging_args(home, list(agent_args)))
     p = plan(list(agent_args), environ=dict(os.environ), server=address,
              home=str(home) if ctx.obj and ctx.obj.get("home") else None, nodes=nodes,
              launcher=launcher, mpi=mpi, cpus_per_node=cpus_per_node, walltime=walltime,
@@ -202,6 +246,33 @@ def _site_of(agent_args: list[str]) -> str | None:
         if a.startswith("--site="):
             return a.split("=", 1)[1]
     return None
+
+
+def _site_staging_args(home: Path, agent_args: list[str]) -> list[str]:
+    """The agents' --data-root/--stage-* flags from the site profile named by their --site,
+    for what the head's own arguments leave unset (a hand-written batch script; pilots the
+    site agent submits carry them already)."""
+    name = _site_of(agent_args)
+    if not name:
+        return []
+    from pilotfish.site_configs.loader import load_site
+    try:
+        site = load_site(name, home)
+    except PilotfishError as exc:
+        import logging
+        logging.getLogger("pilotfish.pilot").warning(
+            "site %s: no data roots or staging limits from its profile: %s", name, exc)
+        return []
+    out: list[str] = []
+    if "--data-root" not in agent_args:
+        for root in site.data_roots:
+            out += ["--data-root", root]
+    st = site.staging
+    if st is not None and st.timeout is not None and "--stage-timeout" not in agent_args:
+        out += ["--stage-timeout", f"{st.timeout:g}"]
+    if st is not None and st.max_bytes is not None and "--stage-max-bytes" not in agent_args:
+        out += ["--stage-max-bytes", str(st.max_bytes)]
+    return out
 
 
 def _head_keys(home: Path, server_key: str | None, client_key: str | None,

@@ -28,13 +28,25 @@ swapped out, stuck -- whose leases the server will expire and whose jobs it will
 agents while the tasks still run: once the server has told the agent its heartbeat and lease,
 the agent ticks the guard while its loop turns, and after ``settings.fence_timing`` seconds
 without a tick the guard stops the tasks it holds, a heartbeat before the lease runs out.
+
+**Stage-in and stage-out** run the same way, as steps of the task: one child process each, the
+stager (:mod:`pilotfish.pilot.stage`, with ``/`` as its working directory, the agent's own
+environment and its standard error on a pipe, whose one line becomes the job's message),
+registered with the guard, watched by its pidfd, stopped at its deadline (the staging timeout)
+like a task at its wall time, by ``stop_all`` and by a cancel. A hostile or slow input (a
+device, a FIFO, a huge or growing file, a hung file server) so never holds the agent's loop:
+heartbeats go on. Jobs without URLs pay nothing for it.
+
+**Workdirs** must be real directories below the work root: before each spawn the agent chdirs
+into the workdir and compares ``getcwd()`` with the path it built from the (resolved) work root,
+one syscall; a task that replaced a workdir or its parent with a symlink (to the keys, say)
+fails the step instead of having its files written there.
 """
 from __future__ import annotations
 
 import logging
 import os
 import select
-import shutil
 import signal
 import sys
 import time
@@ -132,6 +144,18 @@ class Task:
     exit: int | None = None
     msg: str | None = None
     done: bool = False
+    created: bool = False                 # we made the workdir (not a retry's)
+    errfd: int | None = None              # the stager's standard error (read end)
+
+
+@dataclass(frozen=True)
+class Staging:
+    """What the stager needs besides the job: the agent's declared data roots (none: the home's
+    data directory), the home, and the limits of one step."""
+    roots: tuple[str, ...]
+    home: str
+    timeout: float
+    max_bytes: int
 
 
 class Executor:
@@ -140,6 +164,7 @@ class Executor:
                  fake: bool = False,
                  launch: Callable[[Task, list[str]], list[str]] | None = None,
                  contain: Callable[[Task, list[str]], list[str]] | None = None,
+                 staging: Staging | None = None,
                  gpu_env: Callable[[list[str]], dict] | None = None) -> None:
         self.all_cores = list(cores)
         #: This thread's mask, restored after each spawn (tasks get subsets of it).
@@ -148,6 +173,8 @@ class Executor:
         self.all_gpus = list(gpus)
         self.free_gpus = list(gpus)
         self.work_root = work_root
+        #: Workdirs are built as PREFIX/REL and must equal getcwd() there: no "//" for a "/" root.
+        self._root_prefix = os.path.realpath(work_root).rstrip("/")
         self.watch, self.unwatch = watch, unwatch
         self.fake = fake
         #: Builds the launcher argv of a task with several ranks (spec["launch"]); may raise
@@ -159,6 +186,14 @@ class Executor:
         #: A task's GPU variables from its GPU ids (pilot/gpus.py: CUDA_VISIBLE_DEVICES,
         #: ROCR_VISIBLE_DEVICES, ZE_AFFINITY_MASK by vendor); None: NVIDIA's.
         self.gpu_env = gpu_env or (lambda ids: {"CUDA_VISIBLE_DEVICES": ",".join(ids)})
+        self.staging = staging
+        #: The stager's command: the pilotfish this agent runs (installed or a source checkout)
+        #: and nothing else first on sys.path; ``-P``: not even "/" (its working directory).
+        import pilotfish
+        code = os.path.dirname(os.path.dirname(os.path.abspath(pilotfish.__file__)))
+        self._stager = [sys.executable] + (["-P"] if sys.version_info >= (3, 11) else []) + \
+            ["-c", f"import sys; sys.path.insert(0, {code!r}); "
+             "from pilotfish.pilot.stage import main; sys.exit(main())"]
         #: Set when the agent is told to stop: a batch system that ends the allocation (scancel,
         #: the walltime) signals every process of the job, tasks included, at the same moment
         #: as the agent; a task killed so is handed back, not failed.
@@ -247,22 +282,30 @@ class Executor:
         spec = t.spec
         try:
             check_relpath(spec["workdir"], "workdir")
-            t.workdir = f"{self.work_root}/{spec['workdir']}"
+            t.workdir = f"{self._root_prefix}/{spec['workdir']}"
             parent = t.workdir.rpartition("/")[0]
             if parent not in self._made_dirs:
                 os.makedirs(parent, exist_ok=True)
                 self._made_dirs.add(parent)
             try:
                 os.mkdir(t.workdir)
+                t.created = True
             except FileExistsError:
-                pass  # a retry reuses its workdir
+                pass  # a retry reuses its workdir (checked before anything runs in it)
             if spec.get("input_url"):
-                _copy_in(spec["input_url"], t.workdir)
+                why = self._enter(t)
+                if why:
+                    return self._fail(t, now, "STAGE_IN_FAILED", f"stage-in failed: {why}")
+                self._stage(t, now, "in", spec["input_url"])
+                return
         except (OSError, ValidationError) as exc:
             return self._fail(t, now, "STAGE_IN_FAILED", f"stage-in failed: {exc}")
+        self._staged_in(t, now)
+
+    def _staged_in(self, t: Task, now: float) -> None:
         self._report(t, now, STAGED_IN)
-        if spec.get("pre"):
-            self._spawn(t, now, "pre", spec["pre"], "preprocess", "PREPROCESS_FAILED")
+        if t.spec.get("pre"):
+            self._spawn(t, now, "pre", t.spec["pre"], "preprocess", "PREPROCESS_FAILED")
         else:
             self._report(t, now, PREPROCESSED)
             self._run(t, now)
@@ -300,12 +343,38 @@ class Executor:
     def _stage_out(self, t: Task, now: float) -> None:
         url = t.spec.get("output_url")
         if url:
-            try:
-                _copy_out(t.workdir, url)
-            except OSError as exc:
-                return self._fail(t, now, "STAGE_OUT_FAILED", f"stage-out failed: {exc}")
+            self._stage(t, now, "out", url)
+            return
         self._report(t, now, STAGED_OUT, JOB_FINISHED)
         self._finish(t, now)
+
+    def _stage(self, t: Task, now: float, mode: str, url: str) -> None:
+        """Start the stager for one stage step, with the staging timeout as its deadline."""
+        st = self.staging or Staging((), str(self.work_root.parent), 3600.0, 100 * 2**30)
+        argv = self._stager + [mode, str(t.job), t.workdir, url, str(st.max_bytes), st.home,
+                               self._root_prefix or "/", *st.roots]
+        failure = "STAGE_IN_FAILED" if mode == "in" else "STAGE_OUT_FAILED"
+        if self._spawn(t, now, f"stage_{mode}", argv, "", failure):
+            t.deadline = now + st.timeout
+
+    def _enter(self, t: Task) -> str | None:
+        """chdir into the task's workdir; why not, when it is not a real directory at the path
+        built from the work root (a symlink on the way: a task could have planted one)."""
+        try:
+            os.chdir(t.workdir)
+            if os.getcwd() == t.workdir:
+                return None
+        except OSError as exc:
+            return f"workdir {t.workdir}: {exc.strerror or exc}"
+        os.chdir("/")
+        if t.created:  # made through the symlink: take back the empty directory we made
+            t.created = False
+            try:
+                os.rmdir(t.workdir)
+            except OSError:
+                pass
+        return (f"workdir {t.workdir} is not a real directory under the work root (a symlink "
+                "on the way?): refused")
 
     def _env(self, t: Task) -> dict:
         env = dict(self.base_env)
@@ -325,16 +394,33 @@ class Executor:
 
     def _spawn(self, t: Task, now: float, step: str, argv: list[str], stem: str,
                failure: str) -> bool:
-        """Start one process of the task, pinned to its cores; False if it could not start."""
+        """Start one process of the task, pinned to its cores; False if it could not start.
+
+        A stage step (``stage_in``/``stage_out``) runs the stager from ``/`` with the agent's
+        environment and its standard error on a pipe; the others run in the workdir."""
         t.step = step
-        actions = [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-                   (os.POSIX_SPAWN_OPEN, 1, f"{stem}.out", _WRITE, 0o644),
-                   (os.POSIX_SPAWN_OPEN, 2, f"{stem}.err", _WRITE, 0o644)]
+        stage = step.startswith("stage_")
+        errw = None
+        if stage:
+            t.errfd, errw = os.pipe()  # both close-on-exec; the child gets errw as its fd 2
+            os.set_blocking(t.errfd, False)
+            actions = [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                       (os.POSIX_SPAWN_OPEN, 1, "/dev/null", os.O_WRONLY, 0),
+                       (os.POSIX_SPAWN_DUP2, errw, 2)]
+        else:
+            why = self._enter(t)
+            if why:
+                self._fail(t, now, failure, why)
+                return False
+            actions = [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                       (os.POSIX_SPAWN_OPEN, 1, f"{stem}.out", _WRITE, 0o644),
+                       (os.POSIX_SPAWN_OPEN, 2, f"{stem}.err", _WRITE, 0o644)]
         pinned = self._pin_self(t)
         try:
-            os.chdir(t.workdir)
-            t.pid = os.posix_spawn(argv[0], argv, self._env(t), file_actions=actions,
-                                   setsid=True)
+            if stage:
+                os.chdir("/")
+            t.pid = os.posix_spawn(argv[0], argv, self.base_env if stage else self._env(t),
+                                   file_actions=actions, setsid=True)
         except OSError as exc:
             self._fail(t, now, failure, f"cannot start {argv[0]}: {exc.strerror or exc}")
             return False
@@ -346,6 +432,10 @@ class Executor:
         finally:
             if pinned:
                 os.sched_setaffinity(0, self._own_mask)
+            if errw is not None:
+                os.close(errw)
+                if t.pid is None:
+                    self._close_err(t)
         self._guard(b"+%d\n" % t.pid)
         t.pidfd = os.pidfd_open(t.pid)
         self.watch(t.pidfd, t)
@@ -412,6 +502,7 @@ class Executor:
         _, status = os.waitpid(t.pid, 0)
         code = os.waitstatus_to_exitcode(status)
         t.pid = None
+        err = self._close_err(t) if t.errfd is not None else ""
         if t.cancelled:
             self._release(t, now)
             return
@@ -432,6 +523,21 @@ class Executor:
             t.deadline = now + SIGNAL_GRACE
             return
         step = t.step
+        if step in ("stage_in", "stage_out"):
+            t.deadline = t.kill_at = None
+            name = "stage-in" if step == "stage_in" else "stage-out"
+            failure = "STAGE_IN_FAILED" if step == "stage_in" else "STAGE_OUT_FAILED"
+            if t.timed_out:
+                t.timed_out = False
+                timeout = self.staging.timeout if self.staging else 3600.0
+                return self._fail(t, now, failure, f"{name} timed out after {timeout:g} s")
+            if code != 0:
+                return self._fail(t, now, failure, err or f"{name} failed: "
+                                  + _why(code, "/nonexistent"))
+            if step == "stage_in":
+                return self._staged_in(t, now)
+            self._report(t, now, STAGED_OUT, JOB_FINISHED)
+            return self._finish(t, now)
         if step == "run":
             took = now - t.start
             self.avg_run = took if self.avg_run is None else 0.8 * self.avg_run + 0.2 * took
@@ -456,6 +562,19 @@ class Executor:
                                   _why(code, f"{t.workdir}/postprocess.err"))
             self._report(t, now, POSTPROCESSED)
             self._stage_out(t, now)
+
+    def _close_err(self, t: Task) -> str:
+        """Close the stager's pipe; the last line it wrote."""
+        if t.errfd is None:
+            return ""
+        try:
+            data = os.read(t.errfd, 65536)
+        except OSError:
+            data = b""
+        os.close(t.errfd)
+        t.errfd = None
+        lines = data.decode(errors="replace").strip().splitlines()
+        return lines[-1][:500] if lines else ""
 
     def _fail(self, t: Task, now: float, state: str, msg: str) -> None:
         log.info("job %d attempt %d: %s: %s", t.job, t.attempt, state, msg)
@@ -487,7 +606,8 @@ class Executor:
                 _killpg(t.pid, signal.SIGKILL)
                 t.kill_at = None
             elif t.deadline is not None and now >= t.deadline and not t.timed_out:
-                log.info("job %d: wall time over, stopping it", t.job)
+                log.info("job %d: %s, stopping it", t.job, "wall time over" if t.step == "run"
+                         else f"{t.step.replace('_', '-')} timed out")
                 t.timed_out = True
                 _killpg(t.pid, signal.SIGTERM)
                 t.kill_at = now + KILL_GRACE
@@ -542,6 +662,7 @@ class Executor:
             os.waitpid(t.pid, 0)
             self.unwatch(t.pidfd)
             os.close(t.pidfd)
+            self._close_err(t)
         self.active.clear()
         self.reportable = [t for t in self.reportable if t.done]
         return held
@@ -577,15 +698,3 @@ def _why(code: int, err_file: str) -> str:
         pass
     return why
 
-
-def _copy_in(url: str, workdir: str) -> None:
-    src = Path(url[len("file://"):] if url.startswith("file://") else url)
-    if src.is_dir():
-        shutil.copytree(src, Path(workdir, src.name), dirs_exist_ok=True)
-    else:
-        shutil.copy2(src, Path(workdir, src.name))
-
-
-def _copy_out(workdir: str, url: str) -> None:
-    dst = Path(url[len("file://"):] if url.startswith("file://") else url)
-    shutil.copytree(workdir, dst, dirs_exist_ok=True)

@@ -67,6 +67,12 @@ def build_spec(site: Site, *, nodes: int, walltime_minutes: float, home: Path, s
     scratch = site.scratch
     if scratch:
         head += ["--work-root", scratch]
+    for root in site.data_roots:  # expanded by each agent on its node, like scratch
+        head += ["--data-root", root]
+    if site.staging is not None and site.staging.timeout is not None:
+        head += ["--stage-timeout", f"{site.staging.timeout:g}"]
+    if site.staging is not None and site.staging.max_bytes is not None:
+        head += ["--stage-max-bytes", str(site.staging.max_bytes)]
     if site.container != "none":  # apps that name an image run in it with the site's runtime
         head += ["--container-runtime", site.container]
         for bind in ([scratch] if scratch else []) + list(site.binds):

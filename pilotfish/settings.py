@@ -16,6 +16,62 @@ HEARTBEAT_SECONDS = 2.0
 LEASE_HEARTBEATS = 3.0
 
 
+#: Stage-in and stage-out (one child process per step, see pilotfish.pilot.stage): a step is
+#: stopped after this many seconds, and after copying this many bytes. An hour moves ~100 GB at
+#: the 30 MB/s a busy shared file system gives one client; both are per job and per step.
+#: Overridden by PILOTFISH_STAGE_TIMEOUT / PILOTFISH_STAGE_MAX_BYTES, the agent's
+#: --stage-timeout / --stage-max-bytes and a site profile's ``staging``.
+STAGE_TIMEOUT = 3600.0
+STAGE_MAX_BYTES = 100 * 2**30
+STAGE_TIMEOUT_ENV = "PILOTFISH_STAGE_TIMEOUT"
+STAGE_MAX_BYTES_ENV = "PILOTFISH_STAGE_MAX_BYTES"
+_SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}
+
+
+def parse_size(value: object, what: str = "size") -> int:
+    """Bytes from ``123``, ``10K``, ``5MiB``, ``100G``, ``1TB`` (binary units); ValueError with
+    what is expected otherwise."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    elif isinstance(value, str):
+        text = value.strip().upper()
+        for suffix in ("IB", "B"):
+            if text.endswith(suffix) and text[:-len(suffix)][-1:].isalpha():
+                text = text[:-len(suffix)]
+                break
+        text = text[:-1] if text.endswith("B") and text[:-1].isdigit() else text
+        unit = text[-1:] if text[-1:].isalpha() else ""
+        digits = text[:-1] if unit else text
+        if unit not in _SIZE_UNITS or not digits.isdigit():
+            raise ValueError(f"{what} {value!r}: expected bytes as a whole number, optionally "
+                             "with K, M, G, T or P (binary units), such as 100G")
+        n = int(digits) * _SIZE_UNITS[unit]
+    else:
+        raise ValueError(f"{what} {value!r}: expected bytes, such as 100G")
+    if n < 1:
+        raise ValueError(f"{what} {value!r}: expected at least 1 byte")
+    return n
+
+
+def stage_limits(timeout: float | None = None, max_bytes: int | str | None = None,
+                 environ: dict | None = None) -> tuple[float, int]:
+    """(seconds, bytes) for stage steps: the arguments, else the environment, else defaults."""
+    env = os.environ if environ is None else environ
+    if timeout is None and env.get(STAGE_TIMEOUT_ENV):
+        try:
+            timeout = float(env[STAGE_TIMEOUT_ENV])
+        except ValueError:
+            raise ValueError(f"{STAGE_TIMEOUT_ENV}={env[STAGE_TIMEOUT_ENV]!r}: expected "
+                             "seconds") from None
+    if max_bytes is None and env.get(STAGE_MAX_BYTES_ENV):
+        max_bytes = env[STAGE_MAX_BYTES_ENV]
+    timeout = STAGE_TIMEOUT if timeout is None else timeout
+    if not timeout > 0 or timeout == float("inf"):
+        raise ValueError(f"stage timeout {timeout!r}: expected a positive number of seconds")
+    size = STAGE_MAX_BYTES if max_bytes is None else parse_size(max_bytes, "stage max bytes")
+    return float(timeout), size
+
+
 def fence_timing(heartbeat: float, lease: float) -> tuple[float, float]:
     """(silence, grace) for an agent's guard: after ``silence`` seconds without a word from its
     agent (paused, hung) it SIGTERMs the agent's tasks, and SIGKILLs them ``grace`` later -- a

@@ -119,10 +119,14 @@ def server_group() -> None:
                    "agent -h`). Its log: HOME/logs/site-agent-SITE.log.")
 @click.option("--site-poll", type=click.FloatRange(0.1), default=10.0, show_default=True,
               help="Seconds between the site agents' rounds.")
+@click.option("--data-root", "data_roots", multiple=True, metavar="DIR",
+              help="A directory jobs' input_url/output_url may name (repeatable; also "
+                   "$PILOTFISH_DATA_ROOTS and the --site profiles' data_roots; default: "
+                   "HOME/data). Nothing else of the home is ever allowed.")
 @click.option("-v", "--verbose", count=True, help="More log output.")
 @click.pass_context
 def server_start(ctx, foreground, db_url, bind, heartbeat, insecure, sites, site_poll,
-                 verbose) -> None:
+                 data_roots, verbose) -> None:
     """Start the job server (a daemon with a pid file and a log file, or -f).
 
     tcp:// is CurveZMQ-encrypted and admits only clients whose public key is in
@@ -130,10 +134,15 @@ def server_start(ctx, foreground, db_url, bind, heartbeat, insecure, sites, site
     """
     from pilotfish import keys
     home = home_of(ctx)
+    roots = list(data_roots)
     if sites:
         from pilotfish.site_configs.loader import load_site
         for site in sites:
-            load_site(site, home)  # a bad name or profile stops here, before anything starts
+            # a bad name or profile stops here, before anything starts
+            roots += load_site(site, home).expanded_data_roots()
+    from pilotfish import dataroots
+    dataroots.make(home, roots + dataroots.from_env())  # a bad root stops here too
+    roots = list(dict.fromkeys(roots))
     db_url = db_url or settings.default_db_url(home)
     if insecure and not keys.is_loopback_bind(bind):
         raise PilotfishError(f"--insecure is refused for {bind}: plain text is only served on "
@@ -144,10 +153,10 @@ def server_start(ctx, foreground, db_url, bind, heartbeat, insecure, sites, site
             raise PilotfishError(f"a server is already running for {home} "
                                  f"(pid {daemon.running_pid(home)})")
         daemon.run_foreground(home, db_url, bind, heartbeat, insecure=insecure, sites=sites,
-                              site_poll=site_poll)
+                              site_poll=site_poll, data_roots=roots)
         return
     info = daemon.start_background(home, db_url, bind, heartbeat, insecure=insecure,
-                                   sites=sites, site_poll=site_poll)
+                                   sites=sites, site_poll=site_poll, data_roots=roots)
     console.out.print(f"server started: pid {info['pid']}, {info['address']}, db {info['db']}\n"
                       f"log: {settings.log_path(home)}")
     for site in sites:

@@ -14,7 +14,9 @@ from typing import Any
 from sqlalchemy import bindparam, case, func, select
 from sqlalchemy.engine import Engine
 
+from pilotfish import dataroots, settings
 from pilotfish import protocol as P
+from pilotfish.dataroots import DataRoots
 from pilotfish.errors import IllegalTransition, NotFound, ProtocolError
 from pilotfish.validate import echo
 
@@ -120,8 +122,12 @@ class AgentRec:
 
 
 class JobServer:
-    def __init__(self, engine: Engine, heartbeat: float, lease_timeout: float) -> None:
+    def __init__(self, engine: Engine, heartbeat: float, lease_timeout: float,
+                 data_roots: DataRoots | None = None) -> None:
         self.engine = engine
+        #: Where jobs' input_url/output_url may point (None: only the home's data directory
+        #: of the current home, for servers built without a Service, as in tests).
+        self.data_roots = data_roots or dataroots.make(settings.home())
         self.conn = engine.connect()
         self.heartbeat = heartbeat
         self.lease_timeout = lease_timeout

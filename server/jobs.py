@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from pilotfish import dataroots
+from pilotfish.dataroots import DataRoots
 from pilotfish.errors import ValidationError
 from pilotfish.validate import INT64, check_int, check_name, echo, echo_keys
 
@@ -24,22 +26,13 @@ ALTERABLE = frozenset({"description", "site", "queue", "project", "wall_time_min
                        "parameters", "input_url", "output_url", "group_identifier", "tags",
                        "priority", "max_retries"})
 DEFAULT_MAX_RETRIES = 3
-URL_SCHEMES = ("file://",)
 
 
-def check_url(value: Any, what: str) -> str | None:
-    """``file:///abs/path`` or ``/abs/path``; other schemes need a stager we do not have yet."""
-    if value is None or value == "":
-        return None
-    if not isinstance(value, str) or "\x00" in value or "\n" in value:
-        raise ValidationError(f"{what} must be a URL string")
-    path = value[len("file://"):] if value.startswith("file://") else value
-    if "://" in value and not value.startswith(URL_SCHEMES):
-        raise ValidationError(f"{what} {echo(value)}: unsupported scheme; supported: file:// "
-                              "and absolute paths")
-    if not path.startswith("/") or "/../" in path + "/":
-        raise ValidationError(f"{what} {echo(value)} must be an absolute path without '..'")
-    return path
+def check_url(value: Any, what: str, roots: DataRoots) -> str | None:
+    """``file:///abs/path``, ``file://localhost/abs/path`` or ``/abs/path`` under one of the
+    server's data roots and out of the home (:mod:`pilotfish.dataroots` has the rule); other
+    schemes need a stager we do not have yet."""
+    return dataroots.check_url(value, what, roots)
 
 
 def _opt_name(value: Any, what: str) -> str | None:
@@ -71,8 +64,10 @@ def tags_list(stored: str) -> list[str]:
     return [t for t in stored.split(",") if t]
 
 
-def build_job(msg: Any, app_by_name: Callable[[str], App]) -> dict:
+def build_job(msg: Any, app_by_name: Callable[[str], App], roots: DataRoots) -> dict:
     """Check one job message and return the column values (without id, state and times).
+
+    ``roots``: the server's data roots, which ``input_url`` and ``output_url`` must lie under.
 
     Raises ValidationError naming the offending key; an unknown key is an error, not ignored.
     """
@@ -109,8 +104,8 @@ def build_job(msg: Any, app_by_name: Callable[[str], App]) -> dict:
     row["priority"] = _int(msg.get("priority", 0), "priority", *INT_RANGES["priority"])
     row["max_retries"] = _int(msg.get("max_retries", DEFAULT_MAX_RETRIES), "max_retries",
                               *INT_RANGES["max_retries"])
-    row["input_url"] = check_url(msg.get("input_url"), "input_url")
-    row["output_url"] = check_url(msg.get("output_url"), "output_url")
+    row["input_url"] = check_url(msg.get("input_url"), "input_url", roots)
+    row["output_url"] = check_url(msg.get("output_url"), "output_url", roots)
     parents = msg.get("parents") or []
     if not isinstance(parents, list) or not all(
             type(p) is int and 0 < p <= INT64[1] for p in parents):

@@ -183,7 +183,7 @@ def job_add(srv: JobServer, args: dict, now: float) -> dict:
     rows = []
     for i, m in enumerate(msgs):
         try:
-            rows.append(build_job(m, srv.app))
+            rows.append(build_job(m, srv.app, srv.data_roots))
         except PilotfishError as exc:
             where = f"job #{i + 1}: " if len(msgs) > 1 else ""
             raise type(exc)(f"{where}{exc}") from None
@@ -441,7 +441,7 @@ def job_alter(srv: JobServer, args: dict, now: float) -> dict:
             new["tags"] = check_tags(new["tags"])
         for k in ("input_url", "output_url"):
             if k in new:
-                new[k] = check_url(new[k], k)
+                new[k] = check_url(new[k], k, srv.data_roots)
         for k, (lo, hi) in INT_RANGES.items():  # as job_add checks them
             if k in new:
                 check_int(new[k], k, lo, hi)

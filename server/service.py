@@ -18,7 +18,7 @@ from pathlib import Path
 import zmq
 from zmq.utils import z85
 
-from pilotfish import keys
+from pilotfish import dataroots, keys
 from pilotfish import protocol as P
 from pilotfish import settings
 from pilotfish.errors import PilotfishError, ProtocolError
@@ -179,8 +179,13 @@ class Service:
     def __init__(self, db_url: str, bind: str, home: Path,
                  heartbeat: float = settings.HEARTBEAT_SECONDS,
                  lease_timeout: float | None = None, insecure: bool = False,
-                 sites: list[str] | None = None, site_poll: float = 10.0) -> None:
+                 sites: list[str] | None = None, site_poll: float = 10.0,
+                 data_roots: list[str] | None = None) -> None:
         self.home = home
+        # the roots jobs' URLs may name: given (--data-root, the sites' data_roots) and
+        # $PILOTFISH_DATA_ROOTS; none: the home's data directory, made owner-only
+        self.data_roots = dataroots.make(home, list(data_roots or []) + dataroots.from_env())
+        dataroots.ensure_data_dir(self.data_roots)
         self.site_agents = SiteAgents(home, sites or [], site_poll)
         self.db_url = db_url
         self.heartbeat = heartbeat
@@ -198,7 +203,7 @@ class Service:
             keys.ensure_home_keys(home)
             self.public_key, secret = keys.server_keys(home)
         self.engine = make_engine(db_url)
-        self.srv = JobServer(self.engine, heartbeat, self.lease_timeout)
+        self.srv = JobServer(self.engine, heartbeat, self.lease_timeout, self.data_roots)
         self.ctx = zmq.Context()
         self.zap: ZapHandler | None = None
         self.sock = self.ctx.socket(zmq.ROUTER)
@@ -287,8 +292,9 @@ class Service:
         self._write_info()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
-        log.info("serving on %s with %s", self.address,
-                 self.engine.url.render_as_string(hide_password=True))
+        log.info("serving on %s with %s; data roots: %s", self.address,
+                 self.engine.url.render_as_string(hide_password=True),
+                 self.data_roots.allowed())
         self.site_agents.start(self.address)
         sock = self.sock
         poller = zmq.Poller()
@@ -409,7 +415,7 @@ class Service:
             self.srv.conn.close()
         except Exception:
             log.exception("rollback failed")
-        self.srv = JobServer(self.engine, self.heartbeat, self.lease_timeout)
+        self.srv = JobServer(self.engine, self.heartbeat, self.lease_timeout, self.data_roots)
         self.srv.load()
 
     def handle(self, frames: list[bytes], now: float) -> bool:

@@ -37,6 +37,7 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _ADDRESS_RE = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})")
 _WORD_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 # an absolute path or SRC:DST, each part made of path characters or $VARS, never '..'
+_ROOT_RE = re.compile(r"(?!.*(^|/)\.\.(/|$))(/|\$)[A-Za-z0-9_./${}+-]*")
 _BIND_RE = re.compile(r"(?!.*\.\.)(/|\$)[A-Za-z0-9_./${}-]*(:/[A-Za-z0-9_./-]*)?")
 
 
@@ -230,6 +231,22 @@ class Keys(_Model):
         return os.path.expanduser(os.path.expandvars(value)) if value else None
 
 
+def _size(v: Any) -> Any:
+    """``100G``-style sizes as bytes (see pilotfish.settings.parse_size)."""
+    from pilotfish.settings import parse_size
+    if isinstance(v, (int, str)) and not isinstance(v, bool):
+        return parse_size(v, "max_bytes")
+    return v
+
+
+class Staging(_Model):
+    """Limits of one stage-in or stage-out step on this site's agents (each a child process)."""
+    #: Seconds a step may take before it is stopped (the job fails with the reason).
+    timeout: Optional[PositiveNumber] = None
+    #: Bytes a step may copy: a whole number or with K, M, G, T (binary units), e.g. 100G.
+    max_bytes: Optional[Annotated[int, BeforeValidator(_size), Field(gt=0)]] = None
+
+
 class Site(_Model):
     """A machine: its scheduler, launcher, node shape, queues, and the pilot policy on it."""
     name: Name
@@ -256,6 +273,12 @@ class Site(_Model):
     keys: Optional[Keys] = None
     #: A path; ``$USER``-style variables are kept as written and expanded where it is used.
     scratch: Optional[str] = None
+    #: Directories jobs' input_url/output_url may name (absolute or starting with a $VAR,
+    #: expanded where used); none: the pilotfish home's data/ directory.
+    data_roots: list[Annotated[str, _pattern(_ROOT_RE, "an absolute path (or $VAR/...) "
+                                                       "without ..")]] = Field(
+        default_factory=list)
+    staging: Optional[Staging] = None
     pilot: Pilot = Field(default_factory=Pilot)
 
     # -- queries --------------------------------------------------------------------------
@@ -382,6 +405,18 @@ class Site(_Model):
                 out.append((("pilot", "min_walltime"), str(exc).split(": ", 1)[1]))
         return out
 
+    def expanded_data_roots(self) -> list[str]:
+        """``data_roots`` with ``$VARS`` expanded here; an unset variable is an error."""
+        import os
+        out = []
+        for root in self.data_roots:
+            value = os.path.expandvars(root)
+            if "$" in value:
+                raise SiteError(f"site {self.name}: data_roots item {root!r}: a variable in it "
+                                "is not set here")
+            out.append(value)
+        return out
+
     def summary(self) -> dict:
         """What ``site ls`` shows of a profile."""
         return {"name": self.name, "scheduler": self.scheduler, "launcher": self.launcher,
@@ -394,7 +429,7 @@ class Site(_Model):
 #: Which model holds the keys at a key path (``*`` is a queue's name): for "did you mean".
 MODELS_AT: dict[tuple, type[BaseModel]] = {
     (): Site, ("node",): Node, ("batch",): Batch, ("pilot",): Pilot, ("queues", "*"): Queue,
-    ("keys",): Keys}
+    ("keys",): Keys, ("staging",): Staging}
 
 
 def model_at(loc: tuple) -> type[BaseModel] | None:
@@ -404,4 +439,4 @@ def model_at(loc: tuple) -> type[BaseModel] | None:
 
 
 __all__ = ["CONTAINERS", "LAUNCHERS", "QUEUE_KINDS", "SCHEDULERS", "Batch", "Keys", "Node",
-           "Pilot", "Queue", "Site", "SiteError", "format_minutes", "parse_walltime"]
+           "Pilot", "Queue", "Site", "SiteError", "Staging", "format_minutes", "parse_walltime"]

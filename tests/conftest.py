@@ -57,16 +57,18 @@ def curve_socket(sock, address: str):
 
 
 class ServerHandle:
-    def __init__(self, home: Path, db_url: str, heartbeat: float = 1.0) -> None:
+    def __init__(self, home: Path, db_url: str, heartbeat: float = 1.0,
+                 data_roots: tuple[str, ...] = ()) -> None:
         self.home = home
         self.db_url = db_url
         self.heartbeat = heartbeat
+        self.data_roots = tuple(data_roots)  # --data-root of the server (default: HOME/data)
         self.info: dict = {}
         self.agents: list[subprocess.Popen] = []
 
     def start(self) -> "ServerHandle":
         self.info = daemon.start_background(self.home, self.db_url, "tcp://127.0.0.1:*",
-                                            self.heartbeat)
+                                            self.heartbeat, data_roots=self.data_roots)
         SERVER_HOMES[self.info["address"]] = self.home
         return self
 

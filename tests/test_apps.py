@@ -3,7 +3,11 @@ import pytest
 
 from pilotfish.errors import NotFound, ValidationError
 from pilotfish.server.apps import app_from_spec
+from pilotfish import dataroots
 from pilotfish.server.jobs import build_job, check_url, workdir_for
+
+#: Jobs built here may name /data and /tmp/out (a server declares its roots with --data-root).
+ROOTS = dataroots.make("/nonexistent-home", ["/data", "/tmp/out"])
 
 SIM = {
     "name": "sim", "executable": "/opt/sim/bin/sim",
@@ -106,7 +110,7 @@ def test_job_takes_app_resources_and_seed_keys(app):
                      "site": "theta", "queue": "debug", "project": "proj", "input_url": None,
                      "output_url": "file:///tmp/out", "tags": ["a", "b"], "priority": 4,
                      "group_identifier": "g1", "description": "d", "parents": [3, 2, 3]},
-                    _lookup(app))
+                    _lookup(app), ROOTS)
     assert row["cpus_per_process"] == 2 and row["processes_per_node"] == 2
     assert row["parameters"]["steps"] == 3 and row["tags"] == ",a,b,"
     assert row["output_url"] == "/tmp/out" and row["parents"] == [2, 3]
@@ -133,16 +137,18 @@ def test_job_takes_app_resources_and_seed_keys(app):
 def test_bad_job_messages(app, msg, words):
     """Each bad job message is refused with an error naming the key."""
     with pytest.raises((ValidationError, NotFound), match=words):
-        build_job(msg, _lookup(app))
+        build_job(msg, _lookup(app), ROOTS)
 
 
 @pytest.mark.parametrize("url, ok", [
     ("file:///data/in.txt", "/data/in.txt"), ("/data/in.txt", "/data/in.txt"), (None, None),
-    ("http://x/y", None), ("relative/path", None), ("/a/../b", None)])
+    ("http://x/y", None), ("relative/path", None), ("/a/../b", None), ("/etc/passwd", None),
+    ("file://localhost/data/x", "/data/x"), ("file://host/data/x", None)])
 def test_urls(url, ok):
-    """file:// and absolute paths are staged; other schemes are refused for now."""
+    """file:// and absolute paths under a data root are staged; other schemes are refused for
+    now (tests/test_data_paths.py has every class of bad path)."""
     if ok is None and url is not None:
         with pytest.raises(ValidationError):
-            check_url(url, "input_url")
+            check_url(url, "input_url", ROOTS)
     else:
-        assert check_url(url, "input_url") == ok
+        assert check_url(url, "input_url", ROOTS) == ok

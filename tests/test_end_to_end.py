@@ -127,10 +127,12 @@ def test_wall_time_gives_run_timeout(server: ServerHandle, tmp_path):
 
 
 def test_preprocess_postprocess_and_staging(server: ServerHandle, tmp_path):
-    """Input is staged in, pre/post steps run in the workdir, outputs are staged out."""
-    data = tmp_path / "in.txt"
+    """Input is staged in, pre/post steps run in the workdir, outputs are staged out (into a
+    folder of the job's own under output_url). Both live in the default data root."""
+    (server.home / "data").mkdir(exist_ok=True)
+    data = server.home / "data" / "in.txt"
     data.write_text("payload\n")
-    out = tmp_path / "results"
+    out = server.home / "data" / "results"
     pre = tmp_path / "pre.sh"
     pre.write_text("#!/bin/sh\ncp in.txt pre.txt\n")
     post = tmp_path / "post.sh"
@@ -145,8 +147,8 @@ def test_preprocess_postprocess_and_staging(server: ServerHandle, tmp_path):
                          "input_url": f"file://{data}", "output_url": str(out)}])
     server.agent(work_root=tmp_path / "work")
     assert wait_for(lambda: finished(c, [job]), 30) == {"JOB_FINISHED": 1}
-    assert (out / "job.out").read_text() == "payload\n"
-    assert (out / "post.txt").read_text().strip() == "1"
+    assert (out / f"staged.{job}" / "job.out").read_text() == "payload\n"
+    assert (out / f"staged.{job}" / "post.txt").read_text().strip() == "1"
 
 
 def test_pre_failure_and_missing_input(server: ServerHandle, tmp_path):
@@ -156,7 +158,7 @@ def test_pre_failure_and_missing_input(server: ServerHandle, tmp_path):
     c.add_app({"name": "t2", "executable": "/bin/true"})
     a = c.add_job(name="a", application="t", max_retries=0)
     b = c.add_job(name="b", application="t2", max_retries=0,
-                  input_url=str(tmp_path / "missing.txt"))
+                  input_url=str(server.home / "data" / "missing.txt"))
     server.agent(work_root=tmp_path / "work")
     assert wait_for(lambda: finished(c, [a, b]), 30) == {"FAILED": 2}
     assert "PREPROCESS_FAILED" in c.job(a)["events"][-1]["via"]
