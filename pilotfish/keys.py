@@ -470,46 +470,54 @@ class AuthorizedKeys:
 class KeyRoles:
     """The server's view of who a CURVE caller is: the name its public key is authorized under
     and that name's role. Checked at every lookup (one stat of authorized/ and one of
-    roles.json), so `keys revoke` and `keys role` apply to a connection's NEXT message, not
-    only to new connections. A roles.json that cannot be read or parsed gives no key any role
-    (every request refused, with the reason) until it is fixed: failing open could grant
+    roles.json, about 2 us), so `keys revoke` and `keys role` apply to a connection's NEXT
+    message, not only to new connections; key files edited in place are re-read at least
+    every ``max_age`` seconds. A roles.json that cannot be read or parsed gives no key any
+    role (every request refused, with the reason) until it is fixed: failing open could grant
     what an admin just meant to take away."""
 
     def __init__(self, home: Path, max_age: float = 5.0) -> None:
-        self.authorized = AuthorizedKeys(authorized_dir(home), max_age)
-        self.path = roles_path(home)
+        self.home = Path(home)
+        self.max_age = max_age
+        self._dir = os.fspath(authorized_dir(home))
+        self._path = os.fspath(roles_path(home))
+        self.keys = AuthorizedKeys(authorized_dir(home), max_age)
         self.roles: dict[str, str] | None = {}
         self.error: str | None = None
-        self._sig: tuple | None = ()
+        self._sig: tuple | None = None
+        self._loaded = 0.0
 
-    def _signature(self) -> tuple | None:
+    @staticmethod
+    def _stat(path: str) -> tuple | None:
         try:
-            st = os.stat(self.path)
+            st = os.stat(path)
         except FileNotFoundError:
             return None
         except OSError as exc:
             return ("error", str(exc))
         return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
 
-    def _reload(self, sig: tuple | None) -> None:
-        self._sig = sig
+    def _reload(self, sig: tuple) -> None:
+        self.keys.reload()
         try:
-            self.roles = read_roles(self.path.parent.parent)
+            self.roles = read_roles(self.home)
             self.error = None
         except KeyProblem as exc:
+            if self.error != str(exc):
+                log.error("roles: %s; every request is refused until it is fixed "
+                          "(`pilotfish keys role NAME ROLE` rewrites it)", exc)
             self.roles, self.error = None, str(exc)
-            log.error("roles: %s; every request is refused until it is fixed "
-                      "(`pilotfish keys role NAME ROLE` rewrites it)", exc)
+        self._sig, self._loaded = sig, time.monotonic()
 
     def lookup(self, public: bytes) -> tuple[str | None, str | None]:
         """(name, role) of a Z85 public key; (None, None) when it is no longer authorized,
         (name, None) when roles.json is broken."""
-        name = self.authorized.lookup(public)
+        sig = (self._stat(self._dir), self._stat(self._path))
+        if sig != self._sig or time.monotonic() - self._loaded > self.max_age:
+            self._reload(sig)
+        name = self.keys._keys.get(public)
         if name is None:
             return None, None
-        sig = self._signature()
-        if sig != self._sig:
-            self._reload(sig)
         if self.roles is None:
             return name, None
         return name, self.roles.get(name) or default_role(name)
