@@ -130,6 +130,7 @@ class JobServer:
         self.app_names: dict[str, App] = {}
         self.leases: dict[int, Lease] = {}
         self.agents: dict[str, AgentRec] = {}
+        self.routes: dict[bytes, str] = {}  # routing id -> the agent that said hello on it
         self.hungry: set[str] = set()
         self.ack_due: set[str] = set()   # agents whose update this turn is not yet answered
         self.waited_on: set[int] = set()  # jobs that some AWAITING_PARENTS job waits for
@@ -223,11 +224,11 @@ class JobServer:
         if bound is not None and bound != key:
             raise Forbidden(f"agent id {aid} belongs to another key; key {key_name!r} may not "
                             "say hello as it")
-        for other in self.agents.values():
-            if other.identity == identity and other.id != aid and other.state == "ALIVE" \
-                    and other.key != key:
-                raise Forbidden(f"agent {other.id} of another key uses this routing id; key "
-                                f"{key_name!r} may not take it over")
+        other = self.agents.get(self.routes.get(identity))
+        if other is not None and other.identity == identity and other.id != aid \
+                and other.state == "ALIVE" and other.key != key:
+            raise Forbidden(f"agent {other.id} of another key uses this routing id; key "
+                            f"{key_name!r} may not take it over")
         if bound is None:
             self.conn.execute(agent_keys.insert().values(agent_id=aid, public_key=key,
                                                          key_name=key_name, bound=now))
@@ -268,6 +269,7 @@ class JobServer:
             self.batch.update_agent(aid, state="ALIVE", last_seen=now)
             log.info("agent %s said hello again (%d tasks held)", aid, len(m["running"]))
         a.identity = identity
+        self.routes[identity] = aid
         a.demand = None
         a.inflight.clear()
         a.seq = m["ack"]

@@ -390,7 +390,8 @@ class Service:
         if name is None:
             return frames, Caller(None, None, key, "its key is no longer authorized")
         if role is None:
-            return frames, Caller(name, None, key, self.key_roles.error)
+            return frames, Caller(name, None, key, self.key_roles.error or
+                                  "its name in keys/authorized/ is not a valid key name")
         return frames, Caller(name, role, key)
 
     def refuse(self, caller: Caller, what: str, exc: Exception) -> None:

@@ -532,3 +532,19 @@ def test_without_curve_every_caller_is_admin(tmp_path):
                 c.call("ping", x=1)
     finally:
         run_cli(home, "server", "stop")
+
+
+def test_a_key_file_with_a_bad_name_gets_no_role(server, tmp_path):
+    """A key copied into authorized/ by hand under a name `keys` would refuse (too long, odd
+    characters) is admitted by ZAP but may do nothing: its name would be stored as an owner."""
+    ext = tmp_path / "ext"
+    run_cli(ext, "keys", "init", "--client", "odd", check=True)
+    for bad in ("x" * 80, "has space"):
+        target = server.home / "keys" / "authorized" / f"{bad}.key"
+        target.write_bytes((ext / "keys" / "odd.key").read_bytes())
+        os.chmod(target, 0o600)
+        with Client(server.address, ext, server_key=server.home / "keys" / "server.key",
+                    client_key=ext / "keys" / "odd.key_secret", timeout=10) as c:
+            with pytest.raises(Forbidden, match="not a valid key name"):
+                c.add_job(name="j", application="echo", parameters={"x": "1"})
+        target.unlink()
