@@ -394,7 +394,8 @@ def authorize(home: Path, path: str | os.PathLike, name: str | None = None,
 
 
 def revoke(home: Path, name: str) -> Path:
-    """Stop admitting the key named ``name`` (new connections are refused at once)."""
+    """Stop admitting the key named ``name``: new connections are refused at once, and open
+    ones get nothing from their next message on (the server checks the key per message)."""
     path = authorized_dir(home) / f"{check_name(name)}{PUBLIC}"
     try:
         path.unlink()
@@ -688,6 +689,10 @@ def keys_group() -> None:
     pair (keys init --client NAME) through a shared file system, and point them at the files
     with --server-key/--client-key, $PILOTFISH_SERVER_KEY/$PILOTFISH_CLIENT_KEY or a site
     profile's keys: {server_public, client}.
+
+    Every key has a role (HOME/keys/roles.json): admin, submitter (the default for new keys),
+    agent (node agents only) or reader; the home's default pair is admin. Without CurveZMQ
+    (ipc://, or --insecure on loopback) there are no keys: every caller is admin.
     """
 
 
@@ -774,8 +779,8 @@ def role_cmd(ctx, name, role) -> None:
 @click.argument("name")
 @click.pass_context
 def revoke_cmd(ctx, name) -> None:
-    """Stop admitting the key NAME. A running server refuses its new connections at once;
-    connections already open stay until they drop (restart the server to cut them)."""
+    """Stop admitting the key NAME. A running server refuses its new connections at once,
+    and what its open connections send from their next message on."""
     from pilotfish import console
     path = revoke(_home(ctx), name)
     console.out.print(f"revoked {name!r} (removed {path})", markup=False)
