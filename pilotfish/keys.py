@@ -12,6 +12,7 @@ Layout, all owner-only (files 0600, directories 0700)::
         client.key  client.key_secret      the home's default client pair, authorized
         NAME.key    NAME.key_secret        more client pairs (``keys init --client NAME``)
         authorized/NAME.key                public keys the server admits (re-read on change)
+        roles.json                         each key's role: admin, submitter, agent, reader
 
 Files are the ZeroMQ certificate format that ``zmq.auth.create_certificates`` writes, so czmq
 and pyzmq tools read them. ``server start`` makes the server pair and the default client pair
