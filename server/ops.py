@@ -30,7 +30,7 @@ MAX_JOBS_PER_REQUEST = 100_000
 #: The states a user may ask for; the rest are reached only by running jobs.
 USER_STATES = (S.USER_KILLED, S.RESTART_READY)
 OPS: dict[str, Callable[[JobServer, dict, float], Any]] = {}
-_FILTER_KEYS = {"ids", "state", "app", "site", "group", "tag", "name"}
+_FILTER_KEYS = {"ids", "state", "app", "site", "group", "tag", "name", "owner"}
 
 
 class Caller(NamedTuple):
@@ -273,7 +273,7 @@ def where_of(f: dict | None, srv: JobServer) -> list:
     if unknown:
         raise ValidationError(f"unknown filter key(s) {', '.join(sorted(unknown))}")
     conds = []
-    for k in ("app", "site", "group", "tag", "name"):
+    for k in ("app", "site", "group", "tag", "name", "owner"):
         if f.get(k) is not None and not isinstance(f[k], str):
             raise ValidationError(f"filter {k!r} must be a string")
         if f.get(k) is not None and "\x00" in f[k]:  # PostgreSQL refuses NUL in text
@@ -295,6 +295,8 @@ def where_of(f: dict | None, srv: JobServer) -> list:
         conds.append(jobs.c.tags.contains("," + check_tags([f["tag"]]).strip(",") + ","))
     if f.get("name"):
         conds.append(jobs.c.name == f["name"])
+    if f.get("owner"):
+        conds.append(jobs.c.owner == f["owner"])
     return conds
 
 

@@ -292,6 +292,8 @@ def test_submitters_change_only_their_own_jobs(server):
         assert a.retry_jobs({"ids": mine[:1]})["changed"] == mine[:1]
         assert a.remove_jobs({"ids": mine[2:]}) == {"removed": 1}
         assert b.kill_jobs({"tag": "t", "name": "b1"})["changed"] == [theirs[1]]
+        assert b.retry_jobs({"tag": "t", "owner": "bob"})["changed"] == [theirs[1]]
+        assert [j["id"] for j in r.jobs({"owner": "bob"})] == theirs
         # the admin changes anything, old ownerless jobs included
         assert adm.kill_jobs({"tag": "t"})["matched"] == 4
         assert adm.remove_jobs({"ids": old + theirs}) == {"removed": 3}
@@ -300,6 +302,10 @@ def test_submitters_change_only_their_own_jobs(server):
     assert r.returncode == 0 and "owner: alice" in r.stdout, r.stdout + r.stderr
     r = cli_as(server, "rita", "job", "ls", "--json")
     assert r.returncode == 0 and {j["owner"] for j in json.loads(r.stdout)} == {"alice"}
+    r = cli_as(server, "alice", "job", "kill", "--owner", "alice", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["matched"] == 2, r.stderr
+    r = cli_as(server, "rita", "job", "ls", "--owner", "bob", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout) == [], r.stdout
     one_line_error(cli_as(server, "rita", "job", "kill", str(mine[0])),
                    "may not job_kill: it needs the role submitter or admin")
     one_line_error(cli_as(server, "bob", "job", "rm", str(mine[0])),
