@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import secrets
 import signal
 import socket
 import time
@@ -61,7 +62,9 @@ class Agent:
         self.max_tasks = max_tasks
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.ROUTING_ID, self.id.encode())
+        # The routing id is not the agent id (which `agent ls` shows): with ROUTER_HANDOVER a
+        # peer that knows an agent's routing id takes its connection over, so it is secret.
+        self.sock.setsockopt(zmq.ROUTING_ID, f"{self.id}.{secrets.token_hex(16)}".encode())
         self.sock.setsockopt(zmq.LINGER, 2000)
         self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
         self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)

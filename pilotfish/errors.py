@@ -31,6 +31,12 @@ class IllegalTransition(PilotfishError):
     code = "illegal_transition"
 
 
+class Forbidden(PilotfishError):
+    """The caller's key (its role, or who owns the job or agent) does not allow this."""
+
+    code = "forbidden"
+
+
 class ServerUnavailable(PilotfishError):
     """No server answered at the address we know."""
 
@@ -38,4 +44,5 @@ class ServerUnavailable(PilotfishError):
 
 
 ERRORS_BY_CODE = {cls.code: cls for cls in (PilotfishError, ValidationError, ProtocolError,
-                                             NotFound, IllegalTransition, ServerUnavailable)}
+                                             NotFound, IllegalTransition, ServerUnavailable,
+                                             Forbidden)}

@@ -12,6 +12,7 @@ Layout, all owner-only (files 0600, directories 0700)::
         client.key  client.key_secret      the home's default client pair, authorized
         NAME.key    NAME.key_secret        more client pairs (``keys init --client NAME``)
         authorized/NAME.key                public keys the server admits (re-read on change)
+        roles.json                         each key's role: admin, submitter, agent, reader
 
 Files are the ZeroMQ certificate format that ``zmq.auth.create_certificates`` writes, so czmq
 and pyzmq tools read them. ``server start`` makes the server pair and the default client pair
@@ -56,6 +57,17 @@ SERVER_KEY_ENV = "PILOTFISH_SERVER_KEY"
 CLIENT_KEY_ENV = "PILOTFISH_CLIENT_KEY"
 #: Transports that never leave the machine: no CURVE there (file permissions guard ipc).
 LOCAL_TRANSPORTS = ("ipc://", "inproc://")
+#: What a key may do (see ROLE_HELP); the home's default client pair is admin.
+ADMIN, SUBMITTER, AGENT, READER = "admin", "submitter", "agent", "reader"
+ROLES = (ADMIN, SUBMITTER, AGENT, READER)
+#: The role of a key made by `keys init --client` or admitted by `keys authorize` without
+#: --role, and of a key with no entry in roles.json: least privilege that still lets a user
+#: submit; node agents need `--role agent`.
+DEFAULT_ROLE = SUBMITTER
+ROLES_FILE = "roles.json"
+ROLE_HELP = ("admin: everything (apps, any job, server shutdown); submitter: add jobs and "
+             "change its own, list and show all, record pilots and sites (site agents, pilot "
+             "submit); agent: node agents only (hello, update, bye); reader: list and show")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _Z85_RE = re.compile(r"[0-9A-Za-z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")
 _KEY_LINE = re.compile(rb'^\s*(public-key|secret-key)\s*=\s*["\']?([^"\'\s]+)["\']?\s*$')
@@ -208,6 +220,98 @@ def _authorize_public(home: Path, name: str, public: bytes) -> Path:
     return path
 
 
+# -- roles -------------------------------------------------------------------------------------
+def roles_path(home: Path) -> Path:
+    return keys_dir(home) / ROLES_FILE
+
+
+def check_role(role: str) -> str:
+    if role not in ROLES:
+        raise KeyProblem(f"role {role!r}: expected one of {', '.join(ROLES)}")
+    return role
+
+
+def default_role(name: str) -> str:
+    """The role of a key roles.json does not name: admin for the home's default pair (homes
+    made before roles existed keep working), else DEFAULT_ROLE."""
+    return ADMIN if name == DEFAULT_CLIENT else DEFAULT_ROLE
+
+
+def parse_roles(data: bytes, where: object = ROLES_FILE) -> dict[str, str]:
+    """``{key name: role}`` from roles.json; raises KeyProblem when it is not that."""
+    import json
+    try:
+        obj = json.loads(data)
+    except ValueError as exc:
+        raise KeyProblem(f"{where}: not JSON ({exc})") from None
+    if not isinstance(obj, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in obj.items()):
+        raise KeyProblem(f"{where}: expected a map of key name to role")
+    bad = sorted(f"{k}={v}" for k, v in obj.items() if v not in ROLES)
+    if bad:
+        raise KeyProblem(f"{where}: unknown role(s) {', '.join(bad)}; roles: {', '.join(ROLES)}")
+    return obj
+
+
+def read_roles(home: Path) -> dict[str, str]:
+    p = roles_path(home)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise KeyProblem(f"{p}: cannot read: {exc.strerror or exc}") from None
+    return parse_roles(data, p)
+
+
+def _write_roles(home: Path, roles: dict[str, str]) -> None:
+    """Write roles.json 0600 from its first byte and atomically (a server reading it never
+    sees half a file; its new inode tells the server to re-read it)."""
+    import json
+    private_dir(keys_dir(home))
+    p = roles_path(home)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(dict(sorted(roles.items())), f, indent=1)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def role_of(home: Path, name: str) -> str:
+    return read_roles(home).get(name) or default_role(name)
+
+
+def set_role(home: Path, name: str, role: str) -> str:
+    """Give the authorized key ``name`` the role ``role``; returns its previous role. A running
+    server applies it to the key's next message."""
+    check_name(name)
+    check_role(role)
+    if not (authorized_dir(home) / f"{name}{PUBLIC}").exists():
+        known = ", ".join(e["name"] for e in authorized(home)) or "none"
+        raise KeyProblem(f"no authorized key named {name!r} (authorized: {known})")
+    roles = read_roles(home)
+    old = roles.get(name) or default_role(name)
+    roles[name] = role
+    _write_roles(home, roles)
+    return old
+
+
+def _forget_role(home: Path, name: str) -> None:
+    try:
+        roles = read_roles(home)
+    except KeyProblem:
+        return  # a broken file is the admin's to fix; `keys role` rewrites it
+    if roles.pop(name, None) is not None:
+        _write_roles(home, roles)
+
+
 # -- the home's keys ----------------------------------------------------------------------------
 def ensure_home_keys(home: Path) -> list[Path]:
     """Make what is missing of the home's server pair, default client pair and authorized-keys
@@ -230,6 +334,9 @@ def ensure_home_keys(home: Path) -> list[Path]:
         made += [pub_path, sec_path]
         if not (authorized_dir(home) / f"{DEFAULT_CLIENT}{PUBLIC}").exists():
             made.append(_authorize_public(home, DEFAULT_CLIENT, read_key_file(pub_path)[0]))
+            roles = read_roles(home)
+            roles[DEFAULT_CLIENT] = ADMIN
+            _write_roles(home, roles)
     if made:
         log.info("made CurveZMQ keys in %s: %s", d, ", ".join(str(p.relative_to(d))
                                                              for p in made))
@@ -241,9 +348,11 @@ def server_keys(home: Path) -> tuple[bytes, bytes]:
     return read_key_file(keys_dir(home) / f"{SERVER}{SECRET}", secret=True)  # type: ignore
 
 
-def new_client(home: Path, name: str) -> tuple[Path, Path, Path]:
-    """A new client pair in the home's keys, authorized: (public, secret, authorized) files."""
+def new_client(home: Path, name: str, role: str = DEFAULT_ROLE) -> tuple[Path, Path, Path]:
+    """A new client pair in the home's keys, authorized with ``role``: (public, secret,
+    authorized) files."""
     check_name(name)
+    check_role(role)
     if name == SERVER:
         raise KeyProblem("'server' is the server's own pair; pick another client name")
     ensure_home_keys(home)
@@ -251,13 +360,18 @@ def new_client(home: Path, name: str) -> tuple[Path, Path, Path]:
     if (authorized_dir(home) / f"{name}{PUBLIC}").exists():
         raise KeyProblem(f"a key named {name!r} is already authorized; revoke it first or pick "
                          "another name")
+    roles = read_roles(home)  # a broken roles.json stops us before any file is made
     pub_path, sec_path = make_pair(d, name)
+    roles[name] = role  # written before the key is admitted: never a moment with no role
+    _write_roles(home, roles)
     return pub_path, sec_path, _authorize_public(home, name, read_key_file(pub_path)[0])
 
 
-def authorize(home: Path, path: str | os.PathLike, name: str | None = None) -> Path:
+def authorize(home: Path, path: str | os.PathLike, name: str | None = None,
+              role: str = DEFAULT_ROLE) -> Path:
     """Admit the public key in ``path`` (a .key or .key_secret file; only the public half is
-    kept) under ``name`` (default: the file's name without .key/.key_secret)."""
+    kept) under ``name`` (default: the file's name without .key/.key_secret) with ``role``."""
+    check_role(role)
     public = read_key_file(path)[0]
     if name is None:
         name = Path(path).name
@@ -268,34 +382,52 @@ def authorize(home: Path, path: str | os.PathLike, name: str | None = None) -> P
     for entry in authorized(home):
         if entry["public_key"] == public.decode():
             raise KeyProblem(f"that key is already authorized as {entry['name']!r}")
+    check_name(name)
+    if (authorized_dir(home) / f"{name}{PUBLIC}").exists():
+        raise KeyProblem(f"a key named {name!r} is already authorized; revoke it first or "
+                         "give another --name")
     settings.make_private(Path(home))
     private_dir(keys_dir(home))
+    roles = read_roles(home)
+    roles[name] = role
+    _write_roles(home, roles)
     return _authorize_public(home, name, public)
 
 
 def revoke(home: Path, name: str) -> Path:
-    """Stop admitting the key named ``name`` (new connections are refused at once)."""
+    """Stop admitting the key named ``name``: new connections are refused at once, and open
+    ones get nothing from their next message on (the server checks the key per message)."""
     path = authorized_dir(home) / f"{check_name(name)}{PUBLIC}"
     try:
         path.unlink()
     except FileNotFoundError:
         known = ", ".join(e["name"] for e in authorized(home)) or "none"
         raise KeyProblem(f"no authorized key named {name!r} (authorized: {known})") from None
+    _forget_role(home, name)  # a later key of that name starts from the default again
     return path
 
 
 def authorized(home: Path) -> list[dict]:
-    """The authorized keys: name, public key, file; unreadable files are listed with an error."""
+    """The authorized keys: name, role, public key, file; unreadable files are listed with an
+    error (and every role as None when roles.json is unreadable: the server then refuses all)."""
     d = authorized_dir(home)
     out = []
     if not d.is_dir():
         return out
+    try:
+        roles: dict[str, str] | None = read_roles(home)
+    except KeyProblem as exc:
+        log.error("%s", exc)
+        roles = None
     for p in sorted(d.glob(f"*{PUBLIC}")):
+        name = p.name[:-len(PUBLIC)]
+        role = None if roles is None else roles.get(name) or default_role(name)
         try:
-            out.append({"name": p.name[:-len(PUBLIC)], "public_key": read_key_file(p)[0].decode(),
-                        "path": str(p), "error": None})
+            out.append({"name": name, "role": role,
+                        "public_key": read_key_file(p)[0].decode(), "path": str(p),
+                        "error": None})
         except KeyProblem as exc:
-            out.append({"name": p.name[:-len(PUBLIC)], "public_key": None, "path": str(p),
+            out.append({"name": name, "role": role, "public_key": None, "path": str(p),
                         "error": str(exc)})
     return out
 
@@ -335,6 +467,65 @@ class AuthorizedKeys:
         if self._signature() != self._sig or time.monotonic() - self._loaded > self.max_age:
             self.reload()
         return self._keys.get(public)
+
+
+class KeyRoles:
+    """The server's view of who a CURVE caller is: the name its public key is authorized under
+    and that name's role. Checked at every lookup (one stat of authorized/ and one of
+    roles.json, about 2 us), so `keys revoke` and `keys role` apply to a connection's NEXT
+    message, not only to new connections; key files edited in place are re-read at least
+    every ``max_age`` seconds. A roles.json that cannot be read or parsed gives no key any
+    role (every request refused, with the reason) until it is fixed: failing open could grant
+    what an admin just meant to take away."""
+
+    def __init__(self, home: Path, max_age: float = 5.0) -> None:
+        self.home = Path(home)
+        self.max_age = max_age
+        self._dir = os.fspath(authorized_dir(home))
+        self._path = os.fspath(roles_path(home))
+        self.keys = AuthorizedKeys(authorized_dir(home), max_age)
+        self.roles: dict[str, str] | None = {}
+        self.error: str | None = None
+        self._sig: tuple | None = None
+        self._loaded = 0.0
+
+    @staticmethod
+    def _stat(path: str) -> tuple | None:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            return ("error", str(exc))
+        return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+
+    def _reload(self, sig: tuple) -> None:
+        self.keys.reload()
+        try:
+            self.roles = read_roles(self.home)
+            self.error = None
+        except KeyProblem as exc:
+            if self.error != str(exc):
+                log.error("roles: %s; every request is refused until it is fixed "
+                          "(`pilotfish keys role NAME ROLE` rewrites it)", exc)
+            self.roles, self.error = None, str(exc)
+        self._sig, self._loaded = sig, time.monotonic()
+
+    def lookup(self, public: bytes) -> tuple[str | None, str | None]:
+        """(name, role) of a Z85 public key; (None, None) when it is no longer authorized,
+        (name, None) when roles.json is broken."""
+        sig = (self._stat(self._dir), self._stat(self._path))
+        if sig != self._sig or time.monotonic() - self._loaded > self.max_age:
+            self._reload(sig)
+        name = self.keys._keys.get(public)
+        if name is None:
+            return None, None
+        if not _NAME_RE.fullmatch(name):  # a file put in authorized/ by hand: the name is
+            # stored as job owner and agent key (64 characters at most)
+            return name[:64], None
+        if self.roles is None:
+            return name, None
+        return name, self.roles.get(name) or default_role(name)
 
 
 # -- what a client uses -------------------------------------------------------------------------
@@ -499,25 +690,34 @@ def keys_group() -> None:
     pair (keys init --client NAME) through a shared file system, and point them at the files
     with --server-key/--client-key, $PILOTFISH_SERVER_KEY/$PILOTFISH_CLIENT_KEY or a site
     profile's keys: {server_public, client}.
+
+    Every key has a role (HOME/keys/roles.json): admin, submitter (the default for new keys),
+    agent (node agents only) or reader; the home's default pair is admin. Without CurveZMQ
+    (ipc://, or --insecure on loopback) there are no keys: every caller is admin.
     """
 
 
 @keys_group.command("init", context_settings=CTX)
 @click.option("--client", "name", help="Also make a client pair NAME.key/NAME.key_secret and "
               "authorize it (one per user, site or machine, so each can be revoked alone).")
+@click.option("--role", default=None, metavar="ROLE",
+              help=f"The new client's role (default: {DEFAULT_ROLE}). {ROLE_HELP}.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @click.pass_context
-def init_cmd(ctx, name, as_json) -> None:
-    """Make the home's missing keys (server pair, default client pair); with --client, a new
-    authorized client pair."""
+def init_cmd(ctx, name, role, as_json) -> None:
+    """Make the home's missing keys (server pair, default client pair, which is admin); with
+    --client, a new authorized client pair with --role (node agents: --role agent)."""
     from pilotfish import console
+    if role and not name:
+        raise KeyProblem("--role needs --client NAME (`keys role NAME ROLE` changes a key's)")
+    role = check_role(role or DEFAULT_ROLE)
     home = _home(ctx)
     made = [str(p) for p in ensure_home_keys(home)]
     new = None
     if name:
-        pub, sec, auth = new_client(home, name)
+        pub, sec, auth = new_client(home, name, role)
         made += [str(pub), str(sec), str(auth)]
-        new = {"name": name, "public": str(pub), "secret": str(sec)}
+        new = {"name": name, "role": role, "public": str(pub), "secret": str(sec)}
     server_pub = read_key_file(keys_dir(home) / f"{SERVER}{PUBLIC}")[0].decode()
     if as_json:
         return console.print_json({"keys": str(keys_dir(home)), "made": made,
@@ -527,7 +727,7 @@ def init_cmd(ctx, name, as_json) -> None:
     console.out.print(f"server public key: {server_pub} ({keys_dir(home) / 'server.key'})",
                       markup=False)
     if new:
-        console.out.print(f"client {name!r}: authorized; give its machine {new['secret']} "
+        console.out.print(f"client {name!r}: authorized as {role}; give its machine {new['secret']} "
                           f"(--client-key) and {keys_dir(home) / 'server.key'} (--server-key)",
                           markup=False)
 
@@ -536,34 +736,52 @@ def init_cmd(ctx, name, as_json) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @click.pass_context
 def ls_cmd(ctx, as_json) -> None:
-    """The authorized client keys (HOME/keys/authorized/)."""
+    """The authorized client keys (HOME/keys/authorized/) and their roles."""
     from pilotfish import console
-    rows = authorized(_home(ctx))
+    home = _home(ctx)
+    rows = authorized(home)
     if as_json:
         return console.print_json(rows)
-    console.table([{**r, "public_key": r["public_key"] or f"! {r['error']}"} for r in rows],
-                  [("name", "NAME"), ("public_key", "PUBLIC KEY"), ("path", "FILE")])
+    console.table([{**r, "public_key": r["public_key"] or f"! {r['error']}",
+                    "role": r["role"] or "! roles.json unreadable"} for r in rows],
+                  [("name", "NAME"), ("role", "ROLE"), ("public_key", "PUBLIC KEY"),
+                   ("path", "FILE")])
 
 
 @keys_group.command("authorize", context_settings=CTX)
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--name", help="Name to authorize it under (default: the file's name without "
               ".key/.key_secret).")
+@click.option("--role", default=DEFAULT_ROLE, show_default=True, metavar="ROLE",
+              help=f"What the key may do. {ROLE_HELP}.")
 @click.pass_context
-def authorize_cmd(ctx, file, name) -> None:
+def authorize_cmd(ctx, file, name, role) -> None:
     """Admit the public key in FILE (a .key file; of a .key_secret only the public half is
-    kept). A running server admits it from the next connection on."""
+    kept) with --role. A running server admits it from the next connection on."""
     from pilotfish import console
-    path = authorize(_home(ctx), file, name)
-    console.out.print(f"authorized {path.name[:-len(PUBLIC)]!r}: {path}", markup=False)
+    path = authorize(_home(ctx), file, name, role)
+    console.out.print(f"authorized {path.name[:-len(PUBLIC)]!r} as {role}: {path}",
+                      markup=False)
+
+
+@keys_group.command("role", context_settings=CTX)
+@click.argument("name")
+@click.argument("role")
+@click.pass_context
+def role_cmd(ctx, name, role) -> None:
+    """Give the authorized key NAME the role ROLE (admin, submitter, agent or reader). A
+    running server applies it from that key's next message on, no restart needed."""
+    from pilotfish import console
+    old = set_role(_home(ctx), name, role)
+    console.out.print(f"{name!r}: {old} -> {role}", markup=False)
 
 
 @keys_group.command("revoke", context_settings=CTX)
 @click.argument("name")
 @click.pass_context
 def revoke_cmd(ctx, name) -> None:
-    """Stop admitting the key NAME. A running server refuses its new connections at once;
-    connections already open stay until they drop (restart the server to cut them)."""
+    """Stop admitting the key NAME. A running server refuses its new connections at once,
+    and what its open connections send from their next message on."""
     from pilotfish import console
     path = revoke(_home(ctx), name)
     console.out.print(f"revoked {name!r} (removed {path})", markup=False)

@@ -17,11 +17,12 @@ from sqlalchemy.engine import Engine
 from pilotfish import dataroots, settings
 from pilotfish import protocol as P
 from pilotfish.dataroots import DataRoots
-from pilotfish.errors import IllegalTransition, NotFound, ProtocolError
+from pilotfish.errors import Forbidden, IllegalTransition, NotFound, ProtocolError
 from pilotfish.validate import echo
 
 from . import states
 from .apps import App, app_from_row
+from .db import agent_keys
 from .db import agents as agents_t
 from .db import apps as apps_t
 from .db import job_parents, jobs, max_job_id
@@ -105,6 +106,7 @@ class AgentRec:
     tasks_done: int = 0
     db_touched: float = 0.0
     refused: list = field(default_factory=list)      # refused updates not yet told
+    key: str | None = None     # the CurveZMQ public key (Z85) this agent id belongs to
 
     def budget(self) -> tuple[int, int]:
         cores = self.demand["cores"] - sum(c for _, c, _ in self.inflight)
@@ -138,6 +140,7 @@ class JobServer:
         self.app_names: dict[str, App] = {}
         self.leases: dict[int, Lease] = {}
         self.agents: dict[str, AgentRec] = {}
+        self.routes: dict[bytes, str] = {}  # routing id -> the agent that said hello on it
         self.hungry: set[str] = set()
         self.ack_due: set[str] = set()   # agents whose update this turn is not yet answered
         self.waited_on: set[int] = set()  # jobs that some AWAITING_PARENTS job waits for
@@ -169,6 +172,10 @@ class JobServer:
                 cores=row.cores, gpus=row.gpus, memory=row.memory, started=row.started,
                 last_seen=now, tasks_done=row.tasks_done, node=row.node,
                 node_cores=row.node_cores, launcher=row.launcher)
+        for part in chunks(sorted(self.agents), 900):
+            for row in c.execute(select(agent_keys.c.agent_id, agent_keys.c.public_key)
+                                 .where(agent_keys.c.agent_id.in_(part))):
+                self.agents[row.agent_id].key = row.public_key
         waiting = (select(job_parents.c.parent_id).distinct()
                    .join(jobs, jobs.c.id == job_parents.c.job_id)
                    .where(jobs.c.state.in_([S.AWAITING_PARENTS.value, S.CREATED.value])))
@@ -212,7 +219,35 @@ class JobServer:
         self.outbox.append((identity, frame))
 
     # -- agents -----------------------------------------------------------------------------
-    def on_hello(self, identity: bytes, m: dict, now: float) -> None:
+    def bind_key(self, identity: bytes, aid: str, a: AgentRec | None, key: str,
+                 key_name: str | None, now: float) -> None:
+        """An agent id belongs to the key of its first hello (kept in agent_keys, so a server
+        restart keeps it): refuse a hello for it from any other key, and a hello whose routing
+        id an ALIVE agent of another key uses (ROUTER_HANDOVER would give that agent's
+        messages to this connection)."""
+        bound = a.key if a is not None else None
+        if bound is None:
+            row = self.conn.execute(select(agent_keys.c.public_key, agent_keys.c.key_name)
+                                    .where(agent_keys.c.agent_id == aid)).first()
+            if row is not None:
+                bound = row.public_key
+        if bound is not None and bound != key:
+            raise Forbidden(f"agent id {aid} belongs to another key; key {key_name!r} may not "
+                            "say hello as it")
+        other = self.agents.get(self.routes.get(identity))
+        if other is not None and other.identity == identity and other.id != aid \
+                and other.state == "ALIVE" and other.key != key:
+            raise Forbidden(f"agent {other.id} of another key uses this routing id; key "
+                            f"{key_name!r} may not take it over")
+        if bound is None:
+            self.conn.execute(agent_keys.insert().values(agent_id=aid, public_key=key,
+                                                         key_name=key_name, bound=now))
+        if a is not None:
+            a.key = key
+
+    def on_hello(self, identity: bytes, m: dict, now: float, key: str | None = None,
+                 key_name: str | None = None) -> None:
+        """``key``: the caller's CurveZMQ public key (None without CURVE: no binding)."""
         for k, n in HELLO_TEXT_LIMITS:  # their columns' sizes; they are logged too
             if m.get(k) is not None and len(m[k]) > n:
                 raise ProtocolError(f"hello: field {k!r} is longer than {n} characters "
@@ -220,13 +255,15 @@ class JobServer:
         running = P.check_items(P.JOB_ATTEMPT, m["running"], "running")
         aid = m["agent"]
         a = self.agents.get(aid)
+        if key is not None:
+            self.bind_key(identity, aid, a, key, key_name, now)
         cores, gpus = len(m["cores"]), len(m["gpus"])
         if a is None:
             a = AgentRec(id=aid, host=m["host"], pid=m["pid"], site=m.get("site"),
                          pilot=m.get("pilot"), cores=cores, gpus=gpus, memory=m["memory"],
                          started=now, last_seen=now, node=m.get("node"),
                          node_cores=m.get("node_cores"), launcher=m.get("launcher"),
-                         mpi=m.get("mpi"))
+                         mpi=m.get("mpi"), key=key)
             self.agents[aid] = a
             self.batch.agent_inserts.append(
                 {"id": aid, "host": a.host, "pid": a.pid, "site": a.site, "pilot": a.pilot,
@@ -246,6 +283,7 @@ class JobServer:
             self.batch.update_agent(aid, state="ALIVE", last_seen=now)
             log.info("agent %s said hello again (%d tasks held)", aid, len(m["running"]))
         a.identity = identity
+        self.routes[identity] = aid
         a.demand = None
         a.inflight.clear()
         a.seq = m["ack"]

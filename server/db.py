@@ -11,7 +11,7 @@ from sqlalchemy.engine import Engine
 
 from pilotfish.errors import PilotfishError
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 #: Columns that bring a database from a version to the next: (table, column, SQL type).
 #: ADD COLUMN works on SQLite and PostgreSQL alike; a table that create_all has just made
 #: (it did not exist) has its new columns already, so only missing ones are added.
@@ -20,6 +20,9 @@ MIGRATIONS: dict[int, list[tuple[str, str, str]]] = {
         ("agents", "launcher", "VARCHAR(32)")],
     2: [],  # pilots and sites tables: new tables are made by create_all
     3: [("apps", "container", "JSON"), ("jobs", "image", "VARCHAR(512)")],
+    # jobs.owner: the key that added the job (older rows: NULL, which only an admin may
+    # change); the agent_keys table (which key an agent id belongs to) is made by create_all
+    4: [("jobs", "owner", "VARCHAR(64)")],
 }
 metadata = MetaData()
 
@@ -75,6 +78,7 @@ jobs = Table(
     Column("workdir", Text, nullable=False),       # relative to the agent's work root
     Column("agent", String(64)),                   # lease holder, null when not leased
     Column("image", String(512)),                  # the job's own container image, if any
+    Column("owner", String(64)),                   # the key name that added it (null: admin's)
     Index("ix_jobs_state_id", "state", "id"),
     Index("ix_jobs_group", "group_identifier"),
     Index("ix_jobs_app", "app_id"),
@@ -116,6 +120,16 @@ agents = Table(
     Column("node", String(255)),                   # the name the pilot's launcher uses
     Column("node_cores", Integer),                 # CPUs on the node (affinity self-check)
     Column("launcher", String(32)),
+)
+
+#: Which CurveZMQ key an agent id belongs to: the key of its first hello. Hellos, updates and
+#: byes for that id from any other key are refused, across server restarts too.
+agent_keys = Table(
+    "agent_keys", metadata,
+    Column("agent_id", String(64), primary_key=True),
+    Column("public_key", String(40), nullable=False),  # Z85
+    Column("key_name", String(64)),                    # its name then, for people
+    Column("bound", Float, nullable=False),
 )
 
 pilots = Table(

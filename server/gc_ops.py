@@ -12,6 +12,7 @@ import math
 from sqlalchemy import delete, func, select
 
 from pilotfish.errors import ValidationError
+from pilotfish.keys import ADMIN
 from pilotfish.pilotstate import PilotState
 
 from .core import JobServer
@@ -28,7 +29,7 @@ _FINAL = sorted(s.value for s in FINAL)
 _ENDED_PILOTS = sorted(s.value for s in PilotState if s.final)
 
 
-@op
+@op(ADMIN, args=("before", "after", "limit", "prune", "ids"))
 def gc(srv: JobServer, args: dict, now: float) -> dict:
     """Final jobs (and, on the first chunk, ended pilots) whose last change is before
     ``before``, after job id ``after``, at most ``limit``; with ``prune``, delete those jobs'

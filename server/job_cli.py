@@ -29,18 +29,22 @@ def filter_options(f):
         click.option("--group", help="group_identifier."),
         click.option("--tag", help="A tag the job carries."),
         click.option("--name", help="Exact job name."),
+        click.option("--owner", help="The key name that added the job (a submitter may "
+                     "change only its own jobs)."),
     ]):
         f = opt(f)
     return f
 
 
-def make_filter(ids=(), states=(), app=None, site=None, group=None, tag=None, name=None) -> dict:
+def make_filter(ids=(), states=(), app=None, site=None, group=None, tag=None, name=None,
+                owner=None) -> dict:
     f: dict[str, Any] = {}
     if ids:
         f["ids"] = list(ids)
     if states:
         f["state"] = list(states)
-    for k, v in (("app", app), ("site", site), ("group", group), ("tag", tag), ("name", name)):
+    for k, v in (("app", app), ("site", site), ("group", group), ("tag", tag), ("name", name),
+                 ("owner", owner)):
         if v:
             f[k] = v
     return f

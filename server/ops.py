@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from sqlalchemy import delete, func, or_, select
 
 from pilotfish import __version__
-from pilotfish.errors import IllegalTransition, NotFound, PilotfishError, ValidationError
+from pilotfish.errors import (Forbidden, IllegalTransition, NotFound, PilotfishError,
+                              ValidationError)
+from pilotfish.keys import ADMIN, AGENT, READER, SUBMITTER
 from pilotfish.validate import check_int, check_name, echo, echo_keys, wire_safe
 
 from . import states
@@ -29,12 +31,57 @@ MAX_JOBS_PER_REQUEST = 100_000
 #: The states a user may ask for; the rest are reached only by running jobs.
 USER_STATES = (S.USER_KILLED, S.RESTART_READY)
 OPS: dict[str, Callable[[JobServer, dict, float], Any]] = {}
-_FILTER_KEYS = {"ids", "state", "app", "site", "group", "tag", "name"}
+_FILTER_KEYS = {"ids", "state", "app", "site", "group", "tag", "name", "owner"}
 
 
-def op(fn):
-    OPS[fn.__name__] = fn
-    return fn
+class Caller(NamedTuple):
+    """Who sent a message: the name and role of its CurveZMQ key (from the ZAP user id, never
+    from the peer-chosen routing id)."""
+    name: str | None     # the key's name; None on a connection without CURVE
+    role: str | None     # None: no role (its key was revoked, or roles.json is broken)
+    key: str | None      # the Z85 public key; None without CURVE
+    why: str | None = None  # why there is no role
+
+
+#: Without CURVE there is no ZAP and no key: the ipc:// socket is owner-only and --insecure
+#: serves loopback only, so whoever gets in is the server's own user: admin.
+LOCAL_ADMIN = Caller(None, ADMIN, None)
+#: The roles each op's declared role admits: reader < submitter < admin; agents only speak
+#: the agent messages (hello, update, bye), never a request.
+ADMITS = {READER: frozenset({READER, SUBMITTER, ADMIN}), SUBMITTER: frozenset({SUBMITTER, ADMIN}),
+          ADMIN: frozenset({ADMIN})}
+AGENT_ROLES = frozenset({AGENT, ADMIN})
+
+
+def op(role: str, args: tuple[str, ...] = (), caller: bool = False):
+    """Register a request op: the least role that may call it (``reader``, ``submitter`` or
+    ``admin``), every argument it reads (others are refused), and whether it needs the
+    caller (ops whose effect depends on who asks get it as a 4th argument)."""
+    def register(fn):
+        fn.role, fn.admits = role, ADMITS[role]
+        fn.args, fn.wants_caller = frozenset(args), caller
+        OPS[fn.__name__] = fn
+        return fn
+    return register
+
+
+def who(caller: Caller) -> str:
+    return f"key {caller.name!r} ({caller.role or 'no role'})"
+
+
+def check_call(name: str, fn, args: dict, caller: Caller) -> None:
+    """Refuse a request its caller's role does not allow, or with arguments the op does not
+    take (a typo must not be silently ignored)."""
+    if caller.role not in fn.admits:
+        if caller.role is None:
+            raise Forbidden(f"{f'key {caller.name!r}' if caller.name else 'this key'} may do "
+                            f"nothing: {caller.why or 'it has no role'}")
+        need = " or ".join(r for r in (READER, SUBMITTER, ADMIN) if r in fn.admits)
+        raise Forbidden(f"{who(caller)} may not {name}: it needs the role {need}")
+    unknown = args.keys() - fn.args
+    if unknown:
+        raise ValidationError(f"{name}: unknown argument(s) {echo_keys(unknown)}; it takes "
+                              f"{', '.join(sorted(fn.args)) or 'none'}")
 
 
 MAX_ID = 2**63 - 1
@@ -66,12 +113,12 @@ def _ids(value: Any, what: str) -> list[int]:
 
 
 # -- server ----------------------------------------------------------------------------------
-@op
+@op(READER)
 def ping(srv: JobServer, args: dict, now: float) -> dict:
     return {"version": __version__, "time": now}
 
 
-@op
+@op(READER)
 def status(srv: JobServer, args: dict, now: float) -> dict:
     alive = [a for a in srv.agents.values() if a.state == "ALIVE"]
     return {"version": __version__, "pid": os.getpid(), "db": srv.engine.url.render_as_string(
@@ -80,14 +127,14 @@ def status(srv: JobServer, args: dict, now: float) -> dict:
         "cores_alive": sum(a.cores for a in alive), "stats": dict(srv.stats)}
 
 
-@op
+@op(READER, args=("all",))
 def agent_ls(srv: JobServer, args: dict, now: float) -> list:
     return [a.to_dict(now) for a in srv.agents.values()
             if args.get("all") or a.state == "ALIVE"]
 
 
 # -- apps ------------------------------------------------------------------------------------
-@op
+@op(ADMIN, args=("spec",))
 def app_add(srv: JobServer, args: dict, now: float) -> dict:
     app = app_from_spec(_arg(args, "spec", dict, required=True))
     if app.name in srv.app_names:
@@ -102,12 +149,12 @@ def app_add(srv: JobServer, args: dict, now: float) -> dict:
     return app.to_dict()
 
 
-@op
+@op(READER)
 def app_ls(srv: JobServer, args: dict, now: float) -> list:
     return wire_safe([a.to_dict() for a in sorted(srv.apps.values(), key=lambda a: a.name)])
 
 
-@op
+@op(READER, args=("name",))
 def app_show(srv: JobServer, args: dict, now: float) -> dict:
     app = srv.app(_arg(args, "name", str, required=True))
     srv.sync()
@@ -130,7 +177,7 @@ RUN_KEYS = ("executable", "args", "parameters", "preprocess", "postprocess", "en
             "container")
 
 
-@op
+@op(ADMIN, args=("name", "changes"))
 def app_alter(srv: JobServer, args: dict, now: float) -> dict:
     app = srv.app(_arg(args, "name", str, required=True))
     changes = _arg(args, "changes", dict, required=True)
@@ -158,7 +205,7 @@ def app_alter(srv: JobServer, args: dict, now: float) -> dict:
     return new.to_dict()
 
 
-@op
+@op(ADMIN, args=("name",))
 def app_rm(srv: JobServer, args: dict, now: float) -> dict:
     app = srv.app(_arg(args, "name", str, required=True))
     srv.sync()
@@ -173,8 +220,8 @@ def app_rm(srv: JobServer, args: dict, now: float) -> dict:
 
 
 # -- jobs: add -------------------------------------------------------------------------------
-@op
-def job_add(srv: JobServer, args: dict, now: float) -> dict:
+@op(SUBMITTER, args=("jobs",), caller=True)
+def job_add(srv: JobServer, args: dict, now: float, caller: Caller = LOCAL_ADMIN) -> dict:
     msgs = _arg(args, "jobs", list, required=True)
     if len(msgs) > MAX_JOBS_PER_REQUEST:
         raise ValidationError(f"{len(msgs)} jobs in one request; at most "
@@ -219,7 +266,8 @@ def job_add(srv: JobServer, args: dict, now: float) -> dict:
                 b.parent_inserts.append({"job_id": job_id, "parent_id": p})
         row.update(id=job_id, state_time=now, created=now, retries=0, attempts=0,
                    workdir=workdir_for(job_id, row["name"], row["group_identifier"]),
-                   started=None, ended=None, exit_code=None, message=msg, agent=None)
+                   started=None, ended=None, exit_code=None, message=msg, agent=None,
+                   owner=caller.name)
         b.insert_job(row, path, msg)
         if path[-1] is ready:
             srv.enqueue(job_id, row)
@@ -237,7 +285,7 @@ def where_of(f: dict | None, srv: JobServer) -> list:
         raise ValidationError(f"unknown filter key(s) {echo_keys(unknown)}; "
                               f"expected {', '.join(sorted(_FILTER_KEYS))}")
     conds = []
-    for k in ("app", "site", "group", "tag", "name"):
+    for k in ("app", "site", "group", "tag", "name", "owner"):
         if f.get(k) is not None and not isinstance(f[k], str):
             raise ValidationError(f"filter {k!r} must be a string")
         if f.get(k) is not None and "\x00" in f[k]:  # PostgreSQL refuses NUL in text
@@ -259,6 +307,8 @@ def where_of(f: dict | None, srv: JobServer) -> list:
         conds.append(jobs.c.tags.contains("," + check_tags([f["tag"]]).strip(",") + ","))
     if f.get("name"):
         conds.append(jobs.c.name == f["name"])
+    if f.get("owner"):
+        conds.append(jobs.c.owner == f["owner"])
     return conds
 
 
@@ -271,7 +321,7 @@ def _job_dict(srv: JobServer, r) -> dict:
     return d
 
 
-@op
+@op(READER, args=("filter", "limit", "offset", "newest"))
 def job_ls(srv: JobServer, args: dict, now: float) -> list:
     limit = _arg(args, "limit", int, 100)
     offset = _arg(args, "offset", int, 0)
@@ -279,7 +329,7 @@ def job_ls(srv: JobServer, args: dict, now: float) -> list:
     srv.sync()
     q = select(jobs.c.id, jobs.c.name, jobs.c.app_id, jobs.c.state, jobs.c.attempts,
                jobs.c.site, jobs.c.group_identifier, jobs.c.tags, jobs.c.priority,
-               jobs.c.state_time, jobs.c.exit_code, jobs.c.agent, jobs.c.message)
+               jobs.c.state_time, jobs.c.exit_code, jobs.c.agent, jobs.c.message, jobs.c.owner)
     for c in where_of(args.get("filter"), srv):
         q = q.where(c)
     q = q.order_by(jobs.c.id.desc() if newest else jobs.c.id).offset(offset)
@@ -289,7 +339,7 @@ def job_ls(srv: JobServer, args: dict, now: float) -> list:
     return [_job_dict(srv, r) for r in srv.conn.execute(q)]
 
 
-@op
+@op(READER, args=("filter",))
 def job_counts(srv: JobServer, args: dict, now: float) -> dict:
     if not args.get("filter"):
         return srv.counts()  # kept in memory: no scan of a million rows per `job wait` poll
@@ -300,7 +350,7 @@ def job_counts(srv: JobServer, args: dict, now: float) -> dict:
     return {r[0]: r[1] for r in srv.conn.execute(q.group_by(jobs.c.state))}
 
 
-@op
+@op(READER, args=("filter",))
 def job_summary(srv: JobServer, args: dict, now: float) -> dict:
     """Counts and times of matching jobs: for throughput and utilization figures."""
     srv.sync()
@@ -315,7 +365,7 @@ def job_summary(srv: JobServer, args: dict, now: float) -> dict:
             "first_ended": first_end, "last_ended": last_end, "core_seconds": busy or 0.0}
 
 
-@op
+@op(READER, args=("id",))
 def job_show(srv: JobServer, args: dict, now: float) -> dict:
     job_id = _arg(args, "id", int, required=True)
     srv.sync()
@@ -337,16 +387,33 @@ def job_show(srv: JobServer, args: dict, now: float) -> dict:
     return wire_safe(d)
 
 
-def _select_jobs(srv: JobServer, args: dict, *cols):
+def _select_jobs(srv: JobServer, args: dict, caller: Caller, *cols):
+    """The jobs a change request's filter matches; all of them the caller's to change, or a
+    Forbidden error (the whole request is refused: nothing changes)."""
     f = args.get("filter")
     if not f:
         raise ValidationError("select jobs with ids or a filter (an empty filter would "
                               "match every job)")
     srv.sync()
-    q = select(*(cols or (jobs,)))
+    q = select(*(cols + (jobs.c.owner,) if cols else (jobs,)))
     for c in where_of(f, srv):
         q = q.where(c)
-    return list(srv.conn.execute(q.order_by(jobs.c.id)))
+    rows = list(srv.conn.execute(q.order_by(jobs.c.id)))
+    check_owner(rows, caller)
+    return rows
+
+
+def check_owner(rows: list, caller: Caller) -> None:
+    """A submitter changes only the jobs its key added; jobs of other keys, and those from
+    before jobs had owners (owner NULL), only an admin may change."""
+    if caller.role == ADMIN:
+        return
+    foreign = [r.id for r in rows if r.owner is None or r.owner != caller.name]
+    if foreign:
+        shown = ", ".join(map(str, foreign[:10])) + (", ..." if len(foreign) > 10 else "")
+        raise Forbidden(f"{who(caller)} may change only the jobs it added: {len(foreign)} of "
+                        f"the {len(rows)} matching jobs are not its own ({shown}); nothing "
+                        "changed")
 
 
 # -- jobs: change ----------------------------------------------------------------------------
@@ -377,8 +444,8 @@ def _set_state(srv: JobServer, r, to: State, now: float, why: str) -> None:
 
 
 def _change_states(srv: JobServer, args: dict, now: float, to: State, why: str,
-                   skip: frozenset) -> dict:
-    rows = _select_jobs(srv, args)
+                   skip: frozenset, caller: Caller) -> dict:
+    rows = _select_jobs(srv, args, caller)
     todo = [r for r in rows if r.state not in skip]
     for r in todo:  # check all before changing any
         lease = srv.leases.get(r.id)
@@ -397,20 +464,21 @@ def _change_states(srv: JobServer, args: dict, now: float, to: State, why: str,
     return {"changed": [r.id for r in todo], "matched": len(rows)}
 
 
-@op
-def job_kill(srv: JobServer, args: dict, now: float) -> dict:
+@op(SUBMITTER, args=("filter",), caller=True)
+def job_kill(srv: JobServer, args: dict, now: float, caller: Caller = LOCAL_ADMIN) -> dict:
     return _change_states(srv, args, now, S.USER_KILLED, "killed by user",
-                          frozenset(s.value for s in states.FINAL))
+                          frozenset(s.value for s in states.FINAL), caller)
 
 
-@op
-def job_retry(srv: JobServer, args: dict, now: float) -> dict:
+@op(SUBMITTER, args=("filter",), caller=True)
+def job_retry(srv: JobServer, args: dict, now: float, caller: Caller = LOCAL_ADMIN) -> dict:
     return _change_states(srv, args, now, S.RESTART_READY, "retried by user",
-                          frozenset(s.value for s in states.ALL - {S.FAILED, S.USER_KILLED}))
+                          frozenset(s.value for s in states.ALL - {S.FAILED, S.USER_KILLED}),
+                          caller)
 
 
-@op
-def job_alter(srv: JobServer, args: dict, now: float) -> dict:
+@op(SUBMITTER, args=("filter", "changes"), caller=True)
+def job_alter(srv: JobServer, args: dict, now: float, caller: Caller = LOCAL_ADMIN) -> dict:
     changes = dict(_arg(args, "changes", dict, required=True))
     new_state = changes.pop("state", None)
     if new_state is not None and not isinstance(new_state, str):
@@ -420,14 +488,14 @@ def job_alter(srv: JobServer, args: dict, now: float) -> dict:
         raise ValidationError(f"cannot alter {echo_keys(unknown)}; "
                               "alterable: state, "
                               f"{', '.join(sorted(ALTERABLE))}")
-    rows = _select_jobs(srv, args)
+    rows = _select_jobs(srv, args, caller)
     if not rows:
         return {"changed": [], "matched": 0}
     if new_state is not None:
         to = states.parse(new_state)
         if changes:
             raise ValidationError("change the state alone, not with other fields")
-        return _change_states(srv, args, now, to, "state set by user", frozenset())
+        return _change_states(srv, args, now, to, "state set by user", frozenset(), caller)
     updates = []
     for r in rows:  # validate every job first: a refused alter changes nothing
         if r.id in srv.leases:
@@ -474,9 +542,9 @@ def _delete_jobs(srv: JobServer, ids: list[int]) -> None:
         srv.conn.execute(delete(jobs).where(jobs.c.id.in_(part)))
 
 
-@op
-def job_rm(srv: JobServer, args: dict, now: float) -> dict:
-    rows = _select_jobs(srv, args, jobs.c.id, jobs.c.state)
+@op(SUBMITTER, args=("filter",), caller=True)
+def job_rm(srv: JobServer, args: dict, now: float, caller: Caller = LOCAL_ADMIN) -> dict:
+    rows = _select_jobs(srv, args, caller, jobs.c.id, jobs.c.state)
     ids = [r.id for r in rows]
     for job in ids:
         lease = srv.leases.get(job)
@@ -504,7 +572,7 @@ def job_rm(srv: JobServer, args: dict, now: float) -> dict:
     return {"removed": len(ids)}
 
 
-@op
+@op(ADMIN)
 def shutdown(srv: JobServer, args: dict, now: float) -> dict:
     srv.stopping = True
     return {"stopping": True, "time": time.time()}

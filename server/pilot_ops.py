@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import or_, select
 
 from pilotfish.errors import NotFound, ValidationError
+from pilotfish.keys import READER, SUBMITTER
 from pilotfish.pilotstate import PilotState, derive
 from pilotfish.validate import check_float, check_name, echo
 
@@ -39,7 +40,8 @@ def _text(args: dict, key: str, limit: int = 4000) -> str | None:
     return v
 
 
-@op
+@op(SUBMITTER, args=("id", "site", "nodes", "walltime_minutes", "scheduler", "batch_id",
+                     "queue", "project", "state", "reason", "workdir"))
 def pilot_add(srv: JobServer, args: dict, now: float) -> dict:
     pid = check_name(_arg(args, "id", str, required=True), "pilot id")
     site = _arg(args, "site", str)
@@ -64,7 +66,7 @@ def pilot_add(srv: JobServer, args: dict, now: float) -> dict:
     return row
 
 
-@op
+@op(SUBMITTER, args=("id", "state", "reason", "batch_id"))
 def pilot_update(srv: JobServer, args: dict, now: float) -> dict:
     pid = _arg(args, "id", str, required=True)
     changes: dict[str, Any] = {}
@@ -83,7 +85,7 @@ def pilot_update(srv: JobServer, args: dict, now: float) -> dict:
     return {**dict(r._mapping), **changes}
 
 
-@op
+@op(READER, args=("all", "site"))
 def pilot_ls(srv: JobServer, args: dict, now: float) -> list:
     """Pilots (recorded ones, and those only known from their agents) with their agents.
 
@@ -142,7 +144,7 @@ def pilot_ls(srv: JobServer, args: dict, now: float) -> list:
     return pilots
 
 
-@op
+@op(SUBMITTER, args=("site",))
 def site_backlog(srv: JobServer, args: dict, now: float) -> dict:
     """What a site agent provisions for: queued jobs this site may run, by shape."""
     site = check_name(_arg(args, "site", str, required=True), "site")
@@ -161,7 +163,7 @@ def site_backlog(srv: JobServer, args: dict, now: float) -> dict:
                               for a in alive)}
 
 
-@op
+@op(SUBMITTER, args=("site", "pid", "host", "paused", "error"))
 def site_report(srv: JobServer, args: dict, now: float) -> dict:
     """A site agent says it is alive, and whether its provisioning is paused and why."""
     name = check_name(_arg(args, "site", str, required=True), "site")
@@ -179,7 +181,7 @@ def site_report(srv: JobServer, args: dict, now: float) -> dict:
     return {"site": name, **row}
 
 
-@op
+@op(READER)
 def site_status(srv: JobServer, args: dict, now: float) -> list:
     srv.sync()
     return [{**dict(r._mapping), "paused": bool(r.paused),

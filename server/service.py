@@ -21,7 +21,7 @@ from zmq.utils import z85
 from pilotfish import dataroots, keys
 from pilotfish import protocol as P
 from pilotfish import settings
-from pilotfish.errors import PilotfishError, ProtocolError
+from pilotfish.errors import Forbidden, PilotfishError, ProtocolError
 from pilotfish.validate import cap  # every error text we send or log is capped (it may quote input)
 
 from .core import JobServer
@@ -29,7 +29,7 @@ from .db import make_engine
 from .site_agents import SiteAgents
 from . import pilot_ops  # noqa: F401  (registers the pilot and site ops)
 from . import gc_ops  # noqa: F401  (registers the gc op)
-from .ops import OPS
+from .ops import AGENT_ROLES, LOCAL_ADMIN, OPS, Caller, check_call, who
 
 log = logging.getLogger("pilotfish.server")
 MAX_MESSAGES_PER_TURN = 2000
@@ -144,7 +144,10 @@ class ZapHandler:
         if name is not None:
             log.debug("ZAP: admitted key %r (%s) from %s", name, key.decode(),
                       address.decode(errors="replace"))
-            self.zap.send_multipart([version, rid, b"200", b"OK", name.encode(), b""])
+            # the user id is the public key, not its name: the server maps it to a name and a
+            # role at every message, so a key revoked (or a name given to another key) while
+            # its connection is open gets nothing from its next message on
+            self.zap.send_multipart([version, rid, b"200", b"OK", key, b""])
             return
         self.denied += 1
         peer = address.decode(errors="replace")
@@ -206,6 +209,9 @@ class Service:
         self.srv = JobServer(self.engine, heartbeat, self.lease_timeout, self.data_roots)
         self.ctx = zmq.Context()
         self.zap: ZapHandler | None = None
+        #: who a CURVE caller is: its key's name and role, re-checked at every message
+        self.key_roles = keys.KeyRoles(home) if self.curve else None
+        self.refusals = _Throttle()
         self.sock = self.ctx.socket(zmq.ROUTER)
         if self.curve:
             # the handler is bound before the ROUTER is, so no connection ever skips it
@@ -324,17 +330,17 @@ class Service:
 
     def turn(self, sock: zmq.Socket) -> None:
         now = time.time()
-        recv = sock.recv_multipart
+        recv = self.recv
         # kept until the turn is committed: after an internal error the turn is handled again
         # without the message that caused it (see _recover)
-        batch: list[list[bytes]] = []
+        batch: list[tuple[list[bytes], Caller]] = []
         while len(batch) < MAX_MESSAGES_PER_TURN:
             try:
-                frames = recv(zmq.NOBLOCK)
+                frames, caller = recv(sock)
             except zmq.Again:
                 break
-            batch.append(frames)
-            if not self.handle(frames, now):
+            batch.append((frames, caller))
+            if not self.handle(frames, now, caller):
                 return self._recover(sock, batch, now)
         if not batch and not self.srv.hungry:
             return
@@ -366,7 +372,7 @@ class Service:
         srv.outbox.clear()
         return True
 
-    def _recover(self, sock: zmq.Socket, batch: list[list[bytes]], now: float,
+    def _recover(self, sock: zmq.Socket, batch: list[tuple[list[bytes], Caller]], now: float,
                  dispatch_failed: bool = False) -> None:
         """One bad message must fail alone. Something in this turn failed (a handler, the
         dispatch or the commit) and nothing of it was committed or sent: drop the turn, rebuild
@@ -374,8 +380,8 @@ class Service:
         its own, so the culprit is answered with an error and every other message is handled
         as if it had been alone -- no acknowledged or in-flight work of others is lost."""
         self.reload()
-        for frames in batch:
-            if not self.handle(frames, now):
+        for frames, caller in batch:
+            if not self.handle(frames, now, caller):
                 self.reload()  # its half-done changes are gone; the others' are committed
                 self._internal_error(frames, "handling it failed")
             elif not self.finish_turn(sock):
@@ -418,7 +424,40 @@ class Service:
         self.srv = JobServer(self.engine, self.heartbeat, self.lease_timeout, self.data_roots)
         self.srv.load()
 
-    def handle(self, frames: list[bytes], now: float) -> bool:
+    def recv(self, sock: zmq.Socket) -> tuple[list[bytes], Caller]:
+        """One message and who sent it. The key comes from the ZAP user id that libzmq
+        attaches to every frame of a CURVE connection (the routing id is the peer's choice
+        and proves nothing); without CURVE there is no key and the caller is admin."""
+        if self.key_roles is None:
+            return sock.recv_multipart(zmq.NOBLOCK), LOCAL_ADMIN
+        frames = [sock.recv(zmq.NOBLOCK)]  # the routing id, which the ROUTER prepends
+        body = None
+        while sock.getsockopt(zmq.RCVMORE):
+            body = sock.recv(copy=False)  # a zmq.Frame: it carries the connection's metadata
+            frames.append(body.bytes)
+        try:
+            key = body.get("User-Id")
+        except (zmq.ZMQError, AttributeError):  # no ZAP user id (cannot happen with
+            # ZAP_ENFORCE_DOMAIN on): no key, no rights
+            return frames, Caller(None, None, None, "its connection has no CurveZMQ key")
+        name, role = self.key_roles.lookup(key.encode())
+        if name is None:
+            return frames, Caller(None, None, key, "its key is no longer authorized")
+        if role is None:
+            return frames, Caller(name, None, key, self.key_roles.error or
+                                  "its name in keys/authorized/ is not a valid key name")
+        return frames, Caller(name, role, key)
+
+    def refuse(self, caller: Caller, what: str, exc: Exception) -> None:
+        """Log a refused message, at most once a minute per key and kind (an agent with the
+        wrong key retries every few seconds)."""
+        quiet = self.refusals(("refused", caller.key, what))
+        if quiet is not None:
+            log.warning("refused %s from key %s (%s): %s%s", what, caller.name or caller.key,
+                        caller.role or "no role", exc,
+                        f"; {quiet} more refusals since" if quiet else "")
+
+    def handle(self, frames: list[bytes], now: float, caller: Caller = LOCAL_ADMIN) -> bool:
         """Handle one message; False after an internal error (a bug of ours), whose partial
         changes the caller must drop (see _recover)."""
         srv = self.srv
@@ -430,14 +469,33 @@ class Service:
             kind, m = P.decode(frames[1], (P.HELLO, P.UPDATE, P.BYE, P.REQUEST))
             if kind == P.REQUEST:
                 rid = m["rid"]
-                self.request(identity, m, now)
+                self.request(identity, m, now, caller)
+                return True
+            if caller.role not in AGENT_ROLES:
+                exc = Forbidden(f"{who(caller)} may not speak as a node agent: give the agent "
+                                "a key with the role agent" if caller.role else
+                                f"{f'key {caller.name!r}' if caller.name else 'this key'} "
+                                f"may do nothing: {caller.why}")
+                self.refuse(caller, kind, exc)
+                srv.send(identity, P.encode(P.ERROR, error=str(exc), rid=None))
             elif kind == P.HELLO:
-                srv.on_hello(identity, m, now)
+                try:
+                    srv.on_hello(identity, m, now, caller.key, caller.name)
+                except Forbidden as exc:
+                    self.refuse(caller, f"hello as agent {m['agent']}", exc)
+                    srv.send(identity, P.encode(P.ERROR, error=str(exc), rid=None))
             else:
                 a = srv.agent_for(identity, m["agent"])
                 if a is None:
                     srv.send(identity, P.encode(P.ERROR, error="unknown agent: say hello",
                                                 rid=None))
+                elif caller.key is not None and a.key != caller.key:
+                    # its routing id was taken over (ROUTER_HANDOVER) by another key: nothing
+                    # of this agent's (its leases, its results) is this caller's to change
+                    exc = Forbidden(f"agent {a.id} belongs to another key; key "
+                                    f"{caller.name!r} may not {kind} for it")
+                    self.refuse(caller, f"{kind} as agent {a.id}", exc)
+                    srv.send(identity, P.encode(P.ERROR, error=str(exc), rid=None))
                 elif kind == P.UPDATE:
                     srv.on_update(a, m, now)
                 else:
@@ -451,13 +509,22 @@ class Service:
             return False
         return True
 
-    def request(self, identity: bytes, m: dict, now: float) -> None:
+    def request(self, identity: bytes, m: dict, now: float,
+                caller: Caller = LOCAL_ADMIN) -> None:
         srv = self.srv
         fn = OPS.get(m["op"])
         try:
             if fn is None:
                 raise ProtocolError(f"unknown op {m['op']!r}")
-            result = fn(srv, m["args"], now)
+            try:
+                check_call(m["op"], fn, m["args"], caller)
+            except Forbidden as exc:
+                self.refuse(caller, m["op"], exc)
+                raise
+            if fn.wants_caller:
+                result = fn(srv, m["args"], now, caller)
+            else:
+                result = fn(srv, m["args"], now)
         except PilotfishError as exc:
             srv.send(identity, P.encode(P.REPLY, rid=m["rid"], ok=False, result=None,
                                         error=cap(str(exc)), code=exc.code))

@@ -57,3 +57,29 @@ def test_version_3_with_old_apps_and_jobs_tables_gains_the_container_columns(tmp
     con = sqlite3.connect(db)
     assert "container" in [r[1] for r in con.execute("PRAGMA table_info(apps)")]
     assert "image" in [r[1] for r in con.execute("PRAGMA table_info(jobs)")]
+
+
+def test_version_4_gains_job_owners_and_agent_keys(tmp_path):
+    """Schema 5: jobs.owner (old rows NULL: only an admin may change them) and agent_keys."""
+    db = tmp_path / "v4.db"
+    make_engine(f"sqlite:///{db}").dispose()
+    con = sqlite3.connect(db)  # make it look like version 4
+    con.execute("ALTER TABLE jobs DROP COLUMN owner")
+    con.execute("DROP TABLE agent_keys")
+    con.execute("INSERT INTO jobs (id, name, description, app_id, num_nodes, "
+                "processes_per_node, cpus_per_process, gpus_per_process, parameters, tags, "
+                "priority, max_retries, retries, attempts, state, state_time, created, "
+                "workdir) VALUES (7, 'old', '', 1, 1, 1, 1, 0, '{}', '', 0, 3, 0, 0, 'READY', "
+                "0, 0, 'w')")
+    con.execute("UPDATE pilotfish_meta SET value='4'")
+    con.commit()
+    con.close()
+    make_engine(f"sqlite:///{db}").dispose()
+    con = sqlite3.connect(db)
+    assert "owner" in [r[1] for r in con.execute("PRAGMA table_info(jobs)")]
+    assert con.execute("SELECT id, name, owner FROM jobs").fetchall() == [(7, "old", None)]
+    assert {r[1] for r in con.execute("PRAGMA table_info(agent_keys)")} == {
+        "agent_id", "public_key", "key_name", "bound"}
+    assert con.execute("SELECT value FROM pilotfish_meta").fetchone()[0] == "5"
+    con.close()
+    make_engine(f"sqlite:///{db}").dispose()  # and opening it again changes nothing
