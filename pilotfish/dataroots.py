@@ -35,9 +35,9 @@ SHOW = 100
 
 
 def shown(value: Any) -> str:
-    """A user's value for an error message: repr, at most ~SHOW characters."""
-    text = value if isinstance(value, str) else repr(value)
-    return repr(text[:SHOW] + "...") if len(text) > SHOW else repr(text)
+    """A user's value for an error message, shortened as every echo is (validate.echo)."""
+    from .validate import echo
+    return echo(value, SHOW)
 
 
 def within(path: str, root: str) -> bool:
