@@ -378,7 +378,7 @@ class Service:
             elif kind == P.HELLO:
                 srv.on_hello(identity, m, now)
             else:
-                a = srv.agent_for(identity, m["agent"])
+                a = srv.agent_for(identity, m["agent"], m.get("epoch"))
                 if a is None:
                     srv.send(identity, P.encode(P.ERROR, error="unknown agent: say hello",
                                                 rid=None))

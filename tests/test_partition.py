@@ -1,0 +1,365 @@
+"""Fencing under a network cut and across server restarts: real server, real agents, real tasks.
+
+Agent A reaches the server only through :class:`BlackholeRelay`, a TCP relay on 127.0.0.1 that
+the test can turn into a black hole (a dead switch: it stops reading, writing and forwarding on
+every connection, closes nothing, sends no RST and no FIN) and heal. The tasks log their own
+start, end or stop, pid and agent (ppid) to a file outside any workdir, so overlaps are judged
+from the tasks' own words. Each test prints its timeline (seconds from the cut or the kill).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from conftest import ServerHandle, pilotfish_cmd, wait_for
+
+PY = sys.executable
+TASK = r"""
+import os, signal, sys, time
+log, seconds = sys.argv[1], float(sys.argv[2])
+fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+job, att = os.environ["PILOTFISH_JOB_ID"], os.environ["PILOTFISH_ATTEMPT"]
+def line(kind):  # one write per line on O_APPEND: lines of concurrent attempts never mix
+    os.write(fd, f"{kind} {job} {att} {time.time():.6f} {os.getpid()} {os.getppid()}\n".encode())
+def stop(signum, _frame):
+    line("term")
+    os._exit(128 + signum)
+signal.signal(signal.SIGTERM, stop)
+line("start")
+time.sleep(seconds)
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+line("end")
+"""
+
+
+class BlackholeRelay:
+    """Forwards TCP connections from 127.0.0.1:``port`` to 127.0.0.1:``target``; ``blackhole()``
+    stops all traffic without closing anything, ``heal()`` resumes it. Threads with bounded
+    waits; ``close()`` stops them and closes every socket."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.05)
+        self.port = self.listener.getsockname()[1]
+        self.cut = threading.Event()
+        self.stop = threading.Event()
+        self.socks: list[socket.socket] = []
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    @property
+    def address(self) -> str:
+        return f"tcp://127.0.0.1:{self.port}"
+
+    def blackhole(self) -> float:
+        self.cut.set()
+        return time.time()
+
+    def heal(self) -> float:
+        self.cut.clear()
+        return time.time()
+
+    def _accept(self) -> None:
+        while not self.stop.is_set():
+            if self.cut.is_set():  # a dead switch lets no new connection through either
+                time.sleep(0.02)
+                continue
+            try:
+                a, _ = self.listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            try:
+                b = socket.create_connection(("127.0.0.1", self.target), timeout=2)
+            except OSError:
+                a.close()
+                continue
+            self.socks += [a, b]
+            t = threading.Thread(target=self._pump, args=(a, b), daemon=True)
+            self.threads.append(t)
+            t.start()
+
+    def _pump(self, a: socket.socket, b: socket.socket) -> None:
+        peer = {a: b, b: a}
+        out = {a: b"", b: b""}          # bytes waiting to be written to that socket
+        eof = {a: False, b: False}      # that socket said FIN
+        for s in (a, b):
+            s.setblocking(False)
+        while not self.stop.is_set() and not (eof[a] and eof[b]):
+            if self.cut.is_set():  # read nothing, write nothing, close nothing
+                time.sleep(0.02)
+                continue
+            rd = [s for s in (a, b) if not eof[s] and len(out[peer[s]]) < 1 << 20]
+            wr = [s for s in (a, b) if out[s]]
+            r, w, _ = select.select(rd, wr, [], 0.05)
+            if self.cut.is_set():
+                continue
+            for s in r:
+                try:
+                    data = s.recv(65536)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError:
+                    data = b""
+                if data:
+                    out[peer[s]] += data
+                else:
+                    eof[s] = True
+            for s in w:
+                try:
+                    n = s.send(out[s])
+                    out[s] = out[s][n:]
+                except (BlockingIOError, InterruptedError):
+                    pass
+                except OSError:
+                    out[s], eof[s] = b"", True
+            for s in (a, b):
+                if eof[peer[s]] and not out[s]:
+                    try:
+                        s.shutdown(socket.SHUT_WR)  # pass the FIN on once all is written
+                    except OSError:
+                        pass
+        for s in (a, b):
+            s.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(5)
+        for s in [self.listener, *self.socks]:
+            s.close()
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def add_task_app(c, log: Path) -> None:
+    script = log.parent / "task.py"
+    script.write_text(TASK)
+    c.add_app({"name": "long", "executable": PY, "args": ["-S", "-I", str(script), str(log),
+                                                         "{d}"],
+               "parameters": {"d": {"type": "float", "min": 0, "max": 600}}})
+
+
+def read_log(log: Path) -> list[tuple]:
+    """[(kind, job, attempt, time, pid, agent pid)] in the order written."""
+    if not log.exists():
+        return []
+    return [(w[0], int(w[1]), int(w[2]), float(w[3]), int(w[4]), int(w[5]))
+            for w in (line.split() for line in log.read_text().splitlines()) if w]
+
+
+def attempts_of(log: Path, job: int) -> dict[int, dict]:
+    """attempt -> {start, end, how, agent}: its start, its end (ran out or stopped), from the
+    task's own lines."""
+    out: dict[int, dict] = {}
+    for kind, j, att, t, _pid, agent in read_log(log):
+        if j != job:
+            continue
+        a = out.setdefault(att, {"agent": agent})
+        if kind == "start":
+            a["start"] = t
+        else:
+            a["end"], a["how"] = t, kind
+    return out
+
+
+def start_agent(home: Path, address: str, cores: str, work: Path, log: Path,
+                server_key: Path | None = None) -> subprocess.Popen:
+    cmd = pilotfish_cmd(home, "pilot", "agent", "--server", address, "--idle-timeout", "0",
+                        "--cores", cores, "--work-root", str(work))
+    out = open(log, "ab")
+    p = subprocess.Popen(cmd, stdout=out, stderr=out, stdin=subprocess.DEVNULL)
+    out.close()
+    return p
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def log_times(path: Path, pattern: str) -> list[float]:
+    """Wall-clock times of the log lines (``%(asctime)s`` format) that match ``pattern``."""
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        if re.search(pattern, line):
+            stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+            out.append(stamp.timestamp())
+    return out
+
+
+def two_cores() -> tuple[str, str]:
+    cores = sorted(os.sched_getaffinity(0))
+    return str(cores[0]), str(cores[-1])
+
+
+def events(c, job: int) -> list[tuple[str, float, str | None]]:
+    return [(e["to_state"], e["time"], e["message"]) for e in c.job(job)["events"]]
+
+
+# -- the tests -------------------------------------------------------------------------------
+def test_cut_agent_stops_its_task_before_the_job_runs_elsewhere(server: ServerHandle, tmp_path):
+    """A black-holed network cut longer than the lease: agent A (behind the relay) stops its
+    task before the server gives the job to agent B; nothing runs twice at once, the job
+    finishes once (attempts 2), and A, once the cut heals, is welcomed again and runs work."""
+    c = server.client()
+    tlog = tmp_path / "tasks.log"
+    add_task_app(c, tlog)
+    lease = server.heartbeat * 3
+    relay = BlackholeRelay(int(server.address.rsplit(":", 1)[1]))
+    ca, cb = two_cores()
+    alog, blog = tmp_path / "agent-a.log", tmp_path / "agent-b.log"
+    a = start_agent(server.home, relay.address, ca, tmp_path / "work-a", alog)
+    procs = [a]
+    try:
+        wait_for(lambda: len(c.agents()) == 1, 30, what="agent A")
+        [aid] = [x["id"] for x in c.agents()]
+        job = c.add_job(name="long", application="long", parameters={"d": 3 * lease},
+                        max_retries=3)
+        wait_for(lambda: attempts_of(tlog, job).get(1, {}).get("start"), 30,
+                 what="attempt 1 started on A")
+        time.sleep(0.3)
+        t_cut = relay.blackhole()
+        b = start_agent(server.home, server.address, cb, tmp_path / "work-b", blog)
+        procs.append(b)
+        wait_for(lambda: 2 in attempts_of(tlog, job), lease + 30, what="attempt 2 started on B")
+        # keep the cut longer than the lease, then heal
+        time.sleep(max(0.0, t_cut + lease + 1.0 - time.time()))
+        t_heal = relay.heal()
+        wait_for(lambda: c.job(job)["state"] == "JOB_FINISHED", 60, what="the job finished")
+        t_finished = time.time()
+        d = c.job(job)
+        atts = attempts_of(tlog, job)
+        evs = events(c, job)
+        # A lives on and is welcomed again: stop B, give it a short job, it runs on A
+        wait_for(lambda: any(x["id"] == aid for x in c.agents()), 30, what="A welcomed again")
+        stop([b])
+        after = c.add_job(name="after", application="long", parameters={"d": 0.1})
+        wait_for(lambda: c.job(after)["state"] == "JOB_FINISHED", 30, what="A running work")
+        [after_att] = attempts_of(tlog, after).values()
+        a_alive = a.poll() is None
+        fence_times = log_times(alog, r"fenced: tasks stopped")
+        renew = [float(m) for m in re.findall(r"no lease renewal for ([0-9.]+) s",
+                                                alog.read_text())]
+        lost = [t for to, t, msg in evs if to == "RESTART_READY"]
+        relet = [t for to, t, _ in evs if to == "RUNNING"]
+        timeline = {"lease": lease, "cut": 0.0,
+                    "last_renewal_before_cut": round(fence_times[0] - renew[0] - t_cut, 3)
+                    if fence_times and renew else None,
+                    "A_fences": round(fence_times[0] - t_cut, 3) if fence_times else None,
+                    "attempt1_stopped": round(atts[1]["end"] - t_cut, 3),
+                    "server_requeues": round(lost[0] - t_cut, 3) if lost else None,
+                    "attempt2_starts_on_B": round(atts[2]["start"] - t_cut, 3),
+                    "heal": round(t_heal - t_cut, 3),
+                    "job_finished": round(t_finished - t_cut, 3)}
+        print("timeline (s from the cut):", timeline)
+        print("events:", [(to, round(t - t_cut, 3), msg) for to, t, msg in evs])
+    finally:
+        stop(procs)
+        relay.close()
+    assert atts[1]["agent"] == a.pid and atts[1]["how"] == "term", atts
+    assert atts[2]["agent"] == b.pid and atts[2]["how"] == "end", atts
+    assert atts[1]["end"] < atts[2]["start"], "attempt 2 began before attempt 1 was stopped"
+    # A stopped it within the fencing bound of its last renewal, which was before the cut
+    assert atts[1]["end"] - t_cut < lease, timeline
+    assert d["state"] == "JOB_FINISHED" and d["attempts"] == 2 and set(atts) == {1, 2}
+    assert [to for to, _, _ in evs].count("JOB_FINISHED") == 1
+    assert [to for to, _, _ in evs] == ["READY", "RUNNING", "RESTART_READY", "RUNNING",
+                                        "JOB_FINISHED"], evs
+    assert t_heal - t_cut > lease
+    assert a_alive and after_att["agent"] == a.pid and after_att["how"] == "end"
+    assert "ignored a bad welcome" not in alog.read_text()
+
+
+def test_short_server_restart_still_readopts_a_running_task(tmp_path, home, db_url):
+    """kill -9 of the server and an at-once restart (shorter than the fencing bound, 2 s
+    heartbeats): the agent keeps its task and the restarted server (a new epoch) adopts it:
+    attempts 1, no requeue, the task ran to its end once."""
+    server = ServerHandle(home, db_url, heartbeat=2.0).start()
+    c = server.client()
+    tlog = tmp_path / "tasks.log"
+    add_task_app(c, tlog)
+    ca, _ = two_cores()
+    alog = tmp_path / "agent.log"
+    a = start_agent(home, server.address, ca, tmp_path / "work", alog)
+    try:
+        wait_for(lambda: len(c.agents()) == 1, 30, what="the agent")
+        job = c.add_job(name="long", application="long", parameters={"d": 8.0})
+        wait_for(lambda: attempts_of(tlog, job).get(1, {}).get("start"), 30, what="started")
+        time.sleep(0.5)
+        server.kill9()
+        t_kill = time.time()
+        server.start()
+        t_up = time.time()
+        c = server.client()
+        wait_for(lambda: c.job(job)["state"] == "JOB_FINISHED", 60, what="the job finished")
+        d = c.job(job)
+        atts = attempts_of(tlog, job)
+        readopted = log_times(alog, r"the server restarted \(epoch")
+        print("restart: down %.2f s; agent re-welcomed %.2f s after the kill; bound %.2f s"
+              % (t_up - t_kill, readopted[0] - t_kill if readopted else -1, 2.0 * 2.25))
+    finally:
+        stop([a])
+        server.stop()
+    assert set(atts) == {1} and atts[1]["how"] == "end", atts
+    assert d["attempts"] == 1 and d["retries"] == 0
+    assert [e["to_state"] for e in d["events"]] == ["READY", "RUNNING", "JOB_FINISHED"]
+    assert readopted and "fenced" not in alog.read_text()
+
+
+def test_long_server_outage_fences_the_task_and_the_job_finishes_once(tmp_path, home, db_url):
+    """kill -9 of the server, down longer than the lease: the agent stops its task at the
+    fencing bound of its last renewal; the restarted server (a new epoch) takes the job back
+    when the agent's hello no longer claims it, runs it again, and it finishes once."""
+    server = ServerHandle(home, db_url, heartbeat=1.0).start()
+    c = server.client()
+    tlog = tmp_path / "tasks.log"
+    add_task_app(c, tlog)
+    ca, _ = two_cores()
+    alog = tmp_path / "agent.log"
+    a = start_agent(home, server.address, ca, tmp_path / "work", alog)
+    lease = 3.0
+    try:
+        wait_for(lambda: len(c.agents()) == 1, 30, what="the agent")
+        job = c.add_job(name="long", application="long", parameters={"d": 2 * lease},
+                        max_retries=3)
+        wait_for(lambda: attempts_of(tlog, job).get(1, {}).get("start"), 30, what="started")
+        time.sleep(0.5)
+        server.kill9()
+        t_kill = time.time()
+        wait_for(lambda: attempts_of(tlog, job)[1].get("end"), lease, what="the task fenced")
+        time.sleep(max(0.0, t_kill + lease + 1.0 - time.time()))
+        server.start()
+        t_up = time.time()
+        c = server.client()
+        wait_for(lambda: c.job(job)["state"] == "JOB_FINISHED", 60, what="the job finished")
+        d = c.job(job)
+        atts = attempts_of(tlog, job)
+        print("outage: task stopped %.2f s after the kill, server up after %.2f s, attempt 2 "
+              "started %.2f s after the kill" % (atts[1]["end"] - t_kill, t_up - t_kill,
+                                                 atts[2]["start"] - t_kill))
+    finally:
+        stop([a])
+        server.stop()
+    assert atts[1]["how"] == "term" and atts[2]["how"] == "end", atts
+    assert atts[1]["end"] - t_kill < 2.25 + 0.25 + 0.1 < t_up - t_kill
+    assert atts[1]["end"] < atts[2]["start"]
+    assert d["state"] == "JOB_FINISHED" and d["attempts"] == 2
+    assert [e["to_state"] for e in d["events"]].count("JOB_FINISHED") == 1
