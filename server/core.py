@@ -99,6 +99,9 @@ class AgentRec:
     tasks_done: int = 0
     db_touched: float = 0.0
     refused: list = field(default_factory=list)      # refused updates not yet told
+    #: time.monotonic() of its last hello or update: leases are counted out on this clock, so a
+    #: step of the wall clock never expires them early (agents fence on their own monotonic one)
+    seen: float = field(default_factory=time.monotonic)
 
     def budget(self) -> tuple[int, int]:
         cores = self.demand["cores"] - sum(c for _, c, _ in self.inflight)
@@ -236,6 +239,7 @@ class JobServer:
         else:
             a.state = "ALIVE"
             a.last_seen = now
+            a.seen = time.monotonic()
             self.batch.update_agent(aid, state="ALIVE", last_seen=now)
             log.info("agent %s said hello again (%d tasks held)", aid, len(m["running"]))
         a.identity = identity
@@ -271,6 +275,7 @@ class JobServer:
         items = P.check_items(P.TASK_UPDATE, m["updates"], "updates")
         demand = P.check_fields(P.DEMAND, m["demand"], "demand")
         a.last_seen = now
+        a.seen = time.monotonic()
         refused = self.apply_updates(a, items, now)
         a.uack = m["useq"]
         a.demand = demand
@@ -391,9 +396,9 @@ class JobServer:
 
     def expire(self, now: float) -> None:
         """Agents silent for a lease period lose their leases."""
-        limit = now - self.lease_timeout
+        limit = time.monotonic() - self.lease_timeout
         for a in self.agents.values():
-            if a.state == "ALIVE" and a.last_seen < limit:
+            if a.state == "ALIVE" and a.seen < limit:
                 log.warning("agent %s on %s silent for %.1f s: lost; requeueing %d jobs",
                             a.id, a.host, now - a.last_seen, len(a.leases))
                 a.state = "LOST"
