@@ -363,3 +363,131 @@ def test_long_server_outage_fences_the_task_and_the_job_finishes_once(tmp_path, 
     assert atts[1]["end"] < atts[2]["start"]
     assert d["state"] == "JOB_FINISHED" and d["attempts"] == 2
     assert [e["to_state"] for e in d["events"]].count("JOB_FINISHED") == 1
+
+
+class StandIn:
+    """A ROUTER on ipc:// standing in for the server (epoch 7, 0.5 s heartbeats, 1.5 s lease):
+    it welcomes hellos (echoing their useq), answers updates while ``answering``, and sends
+    whatever task batches a test wants."""
+
+    def __init__(self, where: Path) -> None:
+        import zmq
+        self.zmq = zmq
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.address = f"ipc://{where}/stand-in"
+        self.sock.bind(self.address)
+        self.identity = b""
+        self.agent = ""
+        self.answering = True
+        self.welcome = True
+        self.hellos: list[dict] = []
+        self.useq = 0
+        self.seq = 0
+        self.answered_at = 0.0
+
+    def pump(self, seconds: float) -> None:
+        from pilotfish import protocol as P
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            if not self.sock.poll(int(left * 1000) + 1):
+                continue
+            self.identity, frame = self.sock.recv_multipart()
+            kind, m = P.decode(frame)
+            if kind == P.HELLO:
+                self.agent = m["agent"]
+                self.hellos.append(m)
+                if self.welcome:
+                    self.send(P.encode(P.WELCOME, agent=m["agent"], heartbeat=0.5, revoke=[],
+                                       lease=1.5, epoch=7, uack=m["useq"]))
+                    self.answered_at = time.monotonic()
+            elif kind == P.UPDATE and self.answering:
+                self.useq = m["useq"]
+                self.send(P.encode(P.TASKS, seq=self.seq, tasks=[], refused=[],
+                                   uack=self.useq, epoch=7))
+                self.answered_at = time.monotonic()
+
+    def send(self, frame: bytes) -> None:
+        self.sock.send_multipart([self.identity, frame])
+
+    def tasks(self, specs: list[dict], epoch: int | None = 7) -> None:
+        from pilotfish import protocol as P
+        self.seq += 1
+        self.send(P.encode(P.TASKS, seq=self.seq, tasks=specs, refused=[], uack=self.useq,
+                           epoch=epoch))
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+
+def test_agent_ignores_stale_task_batches_and_fences_when_renewals_stop(tmp_path):
+    """A real agent and a stand-in server. Task batches of another epoch, and those that come
+    while the agent waits for a welcome after fencing, are never started; bad welcomes (another
+    agent, a zero heartbeat) are ignored; when the server stops answering, the agent stops its
+    task within the fencing bound of the last answer and says hello without claiming it; once
+    welcomed again it runs new work."""
+    from pilotfish import protocol as P
+    tlog = tmp_path / "tasks.log"
+    script = tmp_path / "task.py"
+    script.write_text(TASK)
+    srv = StandIn(tmp_path)
+    alog = tmp_path / "agent.log"
+    a = start_agent(tmp_path / "home", srv.address, two_cores()[0], tmp_path / "work", alog)
+
+    def spec(job: int, seconds: float) -> dict:
+        return {"job": job, "attempt": 1, "name": f"t{job}", "env": {}, "workdir": f"t/{job}",
+                "argv": [PY, "-S", "-I", str(script), str(tlog), str(seconds)], "cores": 1,
+                "gpus": 0}
+
+    def started(job: int) -> bool:
+        return any(k == "start" and j == job for k, j, *_ in read_log(tlog))
+
+    try:
+        deadline = time.monotonic() + 30
+        while not srv.agent and time.monotonic() < deadline:
+            srv.pump(0.1)
+        assert srv.agent, "no hello"
+        srv.pump(0.5)
+        srv.tasks([spec(1, 30)], epoch=6)      # an earlier start of the server: ignored
+        srv.send(P.encode(P.WELCOME, agent="someone-else", heartbeat=0.5, revoke=[], epoch=9))
+        srv.send(P.encode(P.WELCOME, agent=srv.agent, heartbeat=0, revoke=[], epoch=9))
+        srv.tasks([spec(2, 30)])               # epoch 7: runs
+        t0 = time.monotonic()
+        while not started(2) and time.monotonic() - t0 < 10:
+            srv.pump(0.1)
+        assert started(2) and not started(1)
+        srv.pump(1.0)                          # renewed while it runs: not fenced
+        assert attempts_of(tlog, 2)[1].get("end") is None
+        srv.answering = srv.welcome = False    # the server falls silent
+        n_hellos = len(srv.hellos)
+        last = srv.answered_at
+        t0 = time.monotonic()
+        while attempts_of(tlog, 2)[1].get("end") is None and time.monotonic() - t0 < 5:
+            srv.pump(0.05)
+        stopped = time.monotonic() - last
+        srv.pump(0.6)
+        srv.tasks([spec(3, 30)])               # while it waits for a welcome: ignored
+        srv.pump(1.0)
+        again = srv.hellos[n_hellos:]
+        srv.answering = srv.welcome = True
+        srv.pump(1.5)
+        srv.tasks([spec(4, 0.1)])
+        t0 = time.monotonic()
+        while not attempts_of(tlog, 4).get(1, {}).get("end") and time.monotonic() - t0 < 10:
+            srv.pump(0.1)
+        print(f"task stopped {stopped:.3f} s after the last answer (bound 1.125 + grace 0.125)")
+        atts = {j: attempts_of(tlog, j) for j in (1, 2, 3, 4)}
+        alive = a.poll() is None
+    finally:
+        stop([a])
+        srv.close()
+    text = alog.read_text()
+    assert atts[1] == {} and atts[3] == {}, atts
+    assert atts[2][1]["how"] == "term" and 1.0 < stopped < 1.25 + 0.3, (atts, stopped)
+    assert again and all({"job": 2, "attempt": 1} not in h["running"] for h in again)
+    assert atts[4][1]["how"] == "end" and alive
+    assert "ignored a task batch of server epoch 6" in text
+    assert text.count("ignored a bad welcome") == 2
+    assert "ignored 1 tasks sent before this agent fenced" in text
