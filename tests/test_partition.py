@@ -491,3 +491,42 @@ def test_agent_ignores_stale_task_batches_and_fences_when_renewals_stop(tmp_path
     assert "ignored a task batch of server epoch 6" in text
     assert text.count("ignored a bad welcome") == 2
     assert "ignored 1 tasks sent before this agent fenced" in text
+
+
+def test_cut_between_fence_and_lease_hands_the_job_back_once(tmp_path, home, db_url):
+    """A cut longer than the fencing bound but shorter than the lease (2 s heartbeats: bound
+    4.5 s, lease 6 s after the last renewal): the agent stops its task; at the heal its hello
+    no longer claims the job, so the server (whose lease had not run out) takes it back at once,
+    counted once, and the job runs again and finishes once."""
+    server = ServerHandle(home, db_url, heartbeat=2.0).start()
+    c = server.client()
+    tlog = tmp_path / "tasks.log"
+    add_task_app(c, tlog)
+    relay = BlackholeRelay(int(server.address.rsplit(":", 1)[1]))
+    alog = tmp_path / "agent.log"
+    a = start_agent(home, relay.address, two_cores()[0], tmp_path / "work", alog)
+    try:
+        wait_for(lambda: len(c.agents()) == 1, 30, what="the agent")
+        job = c.add_job(name="long", application="long", parameters={"d": 8.0}, max_retries=3)
+        wait_for(lambda: attempts_of(tlog, job).get(1, {}).get("start"), 30, what="started")
+        time.sleep(0.3)
+        t_cut = relay.blackhole()
+        wait_for(lambda: attempts_of(tlog, job)[1].get("end"), 8, what="the task fenced")
+        t_heal = relay.heal()
+        wait_for(lambda: c.job(job)["state"] == "JOB_FINISHED", 60, what="the job finished")
+        d = c.job(job)
+        atts = attempts_of(tlog, job)
+        evs = events(c, job)
+        print("cut: task stopped %.2f s after the cut, heal at %.2f s; events %s" % (
+            atts[1]["end"] - t_cut, t_heal - t_cut,
+            [(to, round(t - t_cut, 2), m) for to, t, m in evs]))
+    finally:
+        stop([a])
+        relay.close()
+        server.stop()
+    assert atts[1]["how"] == "term" and atts[2]["how"] == "end" and set(atts) == {1, 2}
+    assert atts[1]["end"] < atts[2]["start"]
+    assert d["attempts"] == 2 and d["retries"] == 1
+    assert [(to, m and m.split(" ", 2)[-1]) for to, _, m in evs] == [
+        ("READY", None), ("RUNNING", None), ("RESTART_READY", "no longer holds it"),
+        ("RUNNING", None), ("JOB_FINISHED", None)], evs
