@@ -13,8 +13,9 @@ cut off from the server, or behind a server that is down -- stops its tasks and 
 queued ones (its guard does the same should the agent itself be stopped), says hello again and
 takes no work until welcomed. It cannot tell a cut from a server restart; a restart shorter than
 that bound is re-adopted as before (the restarted server gives known agents a full lease from
-its start). The server must answer our heartbeats within ``bound - heartbeat`` (2.5 s at the
-default 2 s heartbeats), else the agent fences its tasks though nothing was cut.
+its start). While it holds tasks the agent heartbeats every half period, so the server must
+answer within the bound minus half a heartbeat (3.5 s at the default 2 s heartbeats), else the
+agent fences its tasks though nothing was cut.
 """
 from __future__ import annotations
 
@@ -289,6 +290,10 @@ class Agent:
                 return  # from an earlier start of the server, left in a socket buffer
             self.acked = max(self.acked, m["uack"])
             self.unacked = [(s, u) for s, u in self.unacked if s > m["uack"]]
+            for r in m["refused"]:
+                log.warning("server refused an update for job %d attempt %d (lease gone)",
+                            r["job"], r["attempt"])
+                self.ex.cancel(r["job"], r["attempt"])
             if not self.welcomed:
                 if m["tasks"]:  # sent before we fenced (a late message): their leases are gone
                     log.warning("ignored %d tasks sent before this agent fenced its tasks",
@@ -300,10 +305,6 @@ class Agent:
                 for spec in m["tasks"]:
                     self.ex.add(spec)
                 self.received += len(m["tasks"])
-            for r in m["refused"]:
-                log.warning("server refused an update for job %d attempt %d (lease gone)",
-                            r["job"], r["attempt"])
-                self.ex.cancel(r["job"], r["attempt"])
         elif kind == P.CANCEL:
             for item in m["jobs"]:
                 if self.ex.cancel(item["job"], item["attempt"]):
