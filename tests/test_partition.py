@@ -14,11 +14,14 @@ import re
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+
+import pytest
 
 from conftest import ServerHandle, pilotfish_cmd, wait_for
 
@@ -53,6 +56,7 @@ class BlackholeRelay:
         self.port = self.listener.getsockname()[1]
         self.cut = threading.Event()
         self.stop = threading.Event()
+        self.resetting = threading.Event()
         self.socks: list[socket.socket] = []
         self.threads = [threading.Thread(target=self._accept, daemon=True)]
         self.threads[0].start()
@@ -65,7 +69,14 @@ class BlackholeRelay:
         self.cut.set()
         return time.time()
 
-    def heal(self) -> float:
+    def heal(self, reset: bool = False) -> float:
+        """Resume forwarding; ``reset``: first reset every open connection (RST both ways),
+        as a switch that comes back after the hosts gave up on their connections."""
+        if reset:
+            self.resetting.set()
+            for t in self.threads[1:]:
+                t.join(5)
+            self.resetting.clear()
         self.cut.clear()
         return time.time()
 
@@ -97,6 +108,10 @@ class BlackholeRelay:
         for s in (a, b):
             s.setblocking(False)
         while not self.stop.is_set() and not (eof[a] and eof[b]):
+            if self.resetting.is_set():
+                for s in (a, b):  # linger 0: close sends RST
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                break
             if self.cut.is_set():  # read nothing, write nothing, close nothing
                 time.sleep(0.02)
                 continue
@@ -215,10 +230,14 @@ def events(c, job: int) -> list[tuple[str, float, str | None]]:
 
 
 # -- the tests -------------------------------------------------------------------------------
-def test_cut_agent_stops_its_task_before_the_job_runs_elsewhere(server: ServerHandle, tmp_path):
+@pytest.mark.parametrize("heal", ["resume", "reset"])
+def test_cut_agent_stops_its_task_before_the_job_runs_elsewhere(server: ServerHandle, tmp_path,
+                                                                heal):
     """A black-holed network cut longer than the lease: agent A (behind the relay) stops its
     task before the server gives the job to agent B; nothing runs twice at once, the job
-    finishes once (attempts 2), and A, once the cut heals, is welcomed again and runs work."""
+    finishes once (attempts 2), and A, once the cut heals, is welcomed again and runs work.
+    The heal either resumes the old connections, whose buffered messages are then delivered
+    late (ZeroMQ kept the dead TCP connection), or resets them (ZeroMQ reconnects)."""
     c = server.client()
     tlog = tmp_path / "tasks.log"
     add_task_app(c, tlog)
@@ -242,7 +261,7 @@ def test_cut_agent_stops_its_task_before_the_job_runs_elsewhere(server: ServerHa
         wait_for(lambda: 2 in attempts_of(tlog, job), lease + 30, what="attempt 2 started on B")
         # keep the cut longer than the lease, then heal
         time.sleep(max(0.0, t_cut + lease + 1.0 - time.time()))
-        t_heal = relay.heal()
+        t_heal = relay.heal(reset=heal == "reset")
         wait_for(lambda: c.job(job)["state"] == "JOB_FINISHED", 60, what="the job finished")
         t_finished = time.time()
         d = c.job(job)
@@ -304,11 +323,13 @@ def test_short_server_restart_still_readopts_a_running_task(tmp_path, home, db_u
         job = c.add_job(name="long", application="long", parameters={"d": 8.0})
         wait_for(lambda: attempts_of(tlog, job).get(1, {}).get("start"), 30, what="started")
         time.sleep(0.5)
+        epoch = c.status()["epoch"]
         server.kill9()
         t_kill = time.time()
         server.start()
         t_up = time.time()
         c = server.client()
+        new_epoch = c.status()["epoch"]
         wait_for(lambda: c.job(job)["state"] == "JOB_FINISHED", 60, what="the job finished")
         d = c.job(job)
         atts = attempts_of(tlog, job)
@@ -322,6 +343,7 @@ def test_short_server_restart_still_readopts_a_running_task(tmp_path, home, db_u
     assert d["attempts"] == 1 and d["retries"] == 0
     assert [e["to_state"] for e in d["events"]] == ["READY", "RUNNING", "JOB_FINISHED"]
     assert readopted and "fenced" not in alog.read_text()
+    assert new_epoch == epoch + 1 and f"(epoch {epoch} -> {new_epoch})" in alog.read_text()
 
 
 def test_long_server_outage_fences_the_task_and_the_job_finishes_once(tmp_path, home, db_url):
