@@ -552,3 +552,56 @@ def test_cut_between_fence_and_lease_hands_the_job_back_once(tmp_path, home, db_
     assert [(to, m and m.split(" ", 2)[-1]) for to, _, m in evs] == [
         ("READY", None), ("RUNNING", None), ("RESTART_READY", "no longer holds it"),
         ("RUNNING", None), ("JOB_FINISHED", None)], evs
+
+
+def test_fencing_fields_are_checked_and_a_stale_epoch_changes_nothing(server: ServerHandle):
+    """The new optional fields are type- and range-checked like every other; an update that
+    names another epoch than the server's is answered "say hello" and applies nothing; the
+    welcome echoes the hello's useq and names the epoch."""
+    import zmq
+    from conftest import curve_socket
+    from pilotfish import protocol as P
+    from pilotfish.errors import ProtocolError
+    hello = dict(agent="a" * 32, host="h", pid=1, cores=[0], gpus=[], memory=1, running=[],
+                 ack=0)
+    for bad in ({"useq": "1"}, {"useq": True}, {"useq": 2**63}):
+        try:
+            P.decode(P.encode(P.HELLO, **hello, **bad))
+        except ProtocolError:
+            continue
+        raise AssertionError(f"accepted {bad}")
+    for kind, fields in ((P.UPDATE, dict(agent="a", useq=1, updates=[], demand={}, ack=0)),
+                         (P.BYE, dict(agent="a", useq=1, updates=[], released=[])),
+                         (P.TASKS, dict(seq=1, tasks=[], refused=[], uack=0))):
+        for bad in ("7", 2**31, -2**31 - 1, 1.5, True):
+            try:
+                P.decode(P.encode(kind, **fields, epoch=bad))
+            except ProtocolError:
+                continue
+            raise AssertionError(f"{kind} accepted epoch {bad!r}")
+    c = server.client()
+    ctx = zmq.Context.instance()
+    s = curve_socket(ctx.socket(zmq.DEALER), server.address)
+    s.setsockopt(zmq.ROUTING_ID, hello["agent"].encode())
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(server.address)
+    try:
+        s.send(P.encode(P.HELLO, **hello, useq=41))
+        assert s.poll(10_000)
+        kind, w = P.decode(s.recv())
+        assert kind == P.WELCOME and w["uack"] == 41 and w["epoch"] == c.status()["epoch"]
+        demand = {"cores": 0, "gpus": 0, "max_cores": 1, "max_gpus": 0, "time_left": None}
+        before = c.status()["stats"]
+        s.send(P.encode(P.UPDATE, agent=hello["agent"], useq=42, updates=[], demand=demand,
+                        ack=0, epoch=w["epoch"] - 1))
+        assert s.poll(10_000)
+        kind, m = P.decode(s.recv())
+        assert kind == P.ERROR and "say hello" in m["error"], m
+        assert c.status()["stats"]["updates"] == before["updates"]
+        s.send(P.encode(P.UPDATE, agent=hello["agent"], useq=43, updates=[], demand=demand,
+                        ack=0, epoch=w["epoch"]))
+        assert s.poll(10_000)
+        kind, m = P.decode(s.recv())
+        assert kind == P.TASKS and m["uack"] == 43 and m["epoch"] == w["epoch"], m
+    finally:
+        s.close()
