@@ -1,8 +1,8 @@
 """Fencing under a network cut and across server restarts: real server, real agents, real tasks.
 
-Agent A reaches the server only through :class:`BlackholeRelay`, a TCP relay on 127.0.0.1 that
-the test can turn into a black hole (a dead switch: it stops reading, writing and forwarding on
-every connection, closes nothing, sends no RST and no FIN) and heal. The tasks log their own
+Agent A reaches the server only through ``apps/netcut.BlackholeRelay``, a TCP relay on
+127.0.0.1 that the test can turn into a black hole (a dead switch: it stops reading, writing and
+forwarding on every connection, closes nothing, sends no RST and no FIN) and heal. The tasks log their own
 start, end or stop, pid and agent (ppid) to a file outside any workdir, so overlaps are judged
 from the tasks' own words. Each test prints its timeline (seconds from the cut or the kill).
 """
@@ -11,19 +11,18 @@ from __future__ import annotations
 import datetime
 import os
 import re
-import select
 import signal
-import socket
-import struct
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from conftest import ServerHandle, pilotfish_cmd, wait_for
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "apps"))
+from netcut import BlackholeRelay  # noqa: E402
 
 PY = sys.executable
 TASK = r"""
@@ -42,118 +41,6 @@ time.sleep(seconds)
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 line("end")
 """
-
-
-class BlackholeRelay:
-    """Forwards TCP connections from 127.0.0.1:``port`` to 127.0.0.1:``target``; ``blackhole()``
-    stops all traffic without closing anything, ``heal()`` resumes it. Threads with bounded
-    waits; ``close()`` stops them and closes every socket."""
-
-    def __init__(self, target: int) -> None:
-        self.target = target
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(0.05)
-        self.port = self.listener.getsockname()[1]
-        self.cut = threading.Event()
-        self.stop = threading.Event()
-        self.resetting = threading.Event()
-        self.socks: list[socket.socket] = []
-        self.threads = [threading.Thread(target=self._accept, daemon=True)]
-        self.threads[0].start()
-
-    @property
-    def address(self) -> str:
-        return f"tcp://127.0.0.1:{self.port}"
-
-    def blackhole(self) -> float:
-        self.cut.set()
-        return time.time()
-
-    def heal(self, reset: bool = False) -> float:
-        """Resume forwarding; ``reset``: first reset every open connection (RST both ways),
-        as a switch that comes back after the hosts gave up on their connections."""
-        if reset:
-            self.resetting.set()
-            for t in self.threads[1:]:
-                t.join(5)
-            self.resetting.clear()
-        self.cut.clear()
-        return time.time()
-
-    def _accept(self) -> None:
-        while not self.stop.is_set():
-            if self.cut.is_set():  # a dead switch lets no new connection through either
-                time.sleep(0.02)
-                continue
-            try:
-                a, _ = self.listener.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            try:
-                b = socket.create_connection(("127.0.0.1", self.target), timeout=2)
-            except OSError:
-                a.close()
-                continue
-            self.socks += [a, b]
-            t = threading.Thread(target=self._pump, args=(a, b), daemon=True)
-            self.threads.append(t)
-            t.start()
-
-    def _pump(self, a: socket.socket, b: socket.socket) -> None:
-        peer = {a: b, b: a}
-        out = {a: b"", b: b""}          # bytes waiting to be written to that socket
-        eof = {a: False, b: False}      # that socket said FIN
-        for s in (a, b):
-            s.setblocking(False)
-        while not self.stop.is_set() and not (eof[a] and eof[b]):
-            if self.resetting.is_set():
-                for s in (a, b):  # linger 0: close sends RST
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                break
-            if self.cut.is_set():  # read nothing, write nothing, close nothing
-                time.sleep(0.02)
-                continue
-            rd = [s for s in (a, b) if not eof[s] and len(out[peer[s]]) < 1 << 20]
-            wr = [s for s in (a, b) if out[s]]
-            r, w, _ = select.select(rd, wr, [], 0.05)
-            if self.cut.is_set():
-                continue
-            for s in r:
-                try:
-                    data = s.recv(65536)
-                except (BlockingIOError, InterruptedError):
-                    continue
-                except OSError:
-                    data = b""
-                if data:
-                    out[peer[s]] += data
-                else:
-                    eof[s] = True
-            for s in w:
-                try:
-                    n = s.send(out[s])
-                    out[s] = out[s][n:]
-                except (BlockingIOError, InterruptedError):
-                    pass
-                except OSError:
-                    out[s], eof[s] = b"", True
-            for s in (a, b):
-                if eof[peer[s]] and not out[s]:
-                    try:
-                        s.shutdown(socket.SHUT_WR)  # pass the FIN on once all is written
-                    except OSError:
-                        pass
-        for s in (a, b):
-            s.close()
-
-    def close(self) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(5)
-        for s in [self.listener, *self.socks]:
-            s.close()
 
 
 # -- helpers ---------------------------------------------------------------------------------
