@@ -75,8 +75,8 @@ def attempts_of(log: Path, job: int) -> dict[int, dict]:
     return out
 
 
-def start_agent(home: Path, address: str, cores: str, work: Path, log: Path,
-                server_key: Path | None = None) -> subprocess.Popen:
+def start_agent(home: Path, address: str, cores: str, work: Path,
+                log: Path) -> subprocess.Popen:
     cmd = pilotfish_cmd(home, "pilot", "agent", "--server", address, "--idle-timeout", "0",
                         "--cores", cores, "--work-root", str(work))
     out = open(log, "ab")
