@@ -17,6 +17,11 @@ directory and removes them, tasks of killed agents included):
   job: late_update_refused (its stale finish is refused, the job finished once); and the same
   with a task longer than the lease: paused_agent_overlap (must be false: the paused agent's
   guard fences its task before the job is re-run elsewhere).
+* ``cut``: an agent reaches the server through a TCP relay on 127.0.0.1 that black-holes (no
+  byte through, nothing closed) for a lease timeout plus 2 heartbeats while it runs a job of 3
+  lease timeouts; another agent takes the requeued job: cut_agent_overlap (must be false: the
+  cut-off agent stops its task before the server may re-lease it), with the timeline (cut ->
+  task stopped -> requeued -> restarted elsewhere -> heal -> finished).
 * ``restart``: kill -9 the server ``--restarts`` times while a client submits jobs in a loop
   and long tasks run: server_restarts_survived, acked_jobs_missing (must be 0),
   tasks_readopted (running across a restart, kept attempt 1).
@@ -43,8 +48,9 @@ import common as C  # noqa: E402
 
 sys.path.insert(0, str(C.REPO / "tests" / "apps"))
 import chaoslib as CL  # noqa: E402
+import netcut  # noqa: E402
 
-SECTIONS = ("kill", "sigstop", "restart", "crash", "fuzz", "inject")
+SECTIONS = ("kill", "sigstop", "cut", "restart", "crash", "fuzz", "inject")
 
 
 def world(a, label: str, db_url: str | None = None) -> CL.World:
@@ -116,6 +122,26 @@ def run_sigstop(a, out: dict, ctx: dict) -> None:
            task_seconds=long["task_seconds"], lease_timeout=long["lease_timeout"], **ctx)
     out.update(late_update_refused=ok,
                paused_agent_overlap=long["attempt1_alive_when_attempt2_ran"])
+
+
+def run_cut(a, out: dict, ctx: dict) -> None:
+    w = world(a, "cut")
+    try:
+        r = netcut.cut_agent(w, task_seconds=3 * w.lease_timeout,
+                             cut_seconds=w.lease_timeout + 2 * w.heartbeat)
+    finally:
+        w.close()
+    overlap = r["overlaps"] > 0 or r["attempt1_stopped"] is None or (
+        r["attempt2_started"] is not None and r["attempt2_started"] < r["attempt1_stopped"])
+    C.emit("cut_agent_overlap", overlap,
+           note="must be false: an agent cut off from the server (black hole) stops its task "
+                "before the server gives the job to another agent",
+           finished_once=r["state"] == "JOB_FINISHED" and r["finish_events"] == 1,
+           attempts=r["attempts"], agent_back=r["agent_a_back"],
+           timeline={k: r[k] for k in ("attempt1_stopped", "server_requeued",
+                                        "attempt2_started", "heal", "finished")},
+           lease_timeout=r["lease_timeout"], heartbeat=a.heartbeat, **ctx)
+    out.update(cut_agent_overlap=overlap)
 
 
 def run_restart(a, out: dict, ctx: dict) -> None:
@@ -261,7 +287,7 @@ def main() -> int:
     ctx = C.machine(a.tmp)
     out: dict = {}
     failed = []
-    runners = {"kill": run_kill, "sigstop": run_sigstop, "restart": run_restart,
+    runners = {"kill": run_kill, "sigstop": run_sigstop, "cut": run_cut, "restart": run_restart,
                "crash": run_crash, "fuzz": run_fuzz, "inject": run_inject}
     for name in SECTIONS:
         if name not in only:

@@ -4,6 +4,18 @@ It says hello with its resources, keeps a small prefetch of leased tasks so its 
 for a round trip, reports progress in batches (also its heartbeat), keeps every update until the
 server acknowledges it, and resends after a reconnect. It exits after an idle timeout, and on
 SIGTERM stops its tasks and hands them back so they are retried elsewhere.
+
+**Fencing.** Each acknowledgement (``uack`` of a task batch or of a welcome) names the newest
+message of ours the server received while it held our leases; the server counts a lease out a
+lease period after that receipt, which came after our send. So at the send time of that message
+plus ``settings.fence_timing`` (our monotonic clock only), with no newer renewal, this agent --
+cut off from the server, or behind a server that is down -- stops its tasks and forgets its
+queued ones (its guard does the same should the agent itself be stopped), says hello again and
+takes no work until welcomed. It cannot tell a cut from a server restart; a restart shorter than
+that bound is re-adopted as before (the restarted server gives known agents a full lease from
+its start). While it holds tasks the agent heartbeats every half period, so the server must
+answer within the bound minus half a heartbeat (3.5 s at the default 2 s heartbeats), else the
+agent fences its tasks though nothing was cut.
 """
 from __future__ import annotations
 
@@ -11,6 +23,7 @@ import logging
 import math
 import os
 import secrets
+import select
 import signal
 import socket
 import time
@@ -67,7 +80,9 @@ class Agent:
         self.sock.setsockopt(zmq.ROUTING_ID, f"{self.id}.{secrets.token_hex(16)}".encode())
         self.sock.setsockopt(zmq.LINGER, 2000)
         self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        # at most half a second between reconnection attempts: a restarted server must hear
+        # from us well within the fencing bound, or we stop the tasks it would re-adopt
+        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
         keys.apply_client(self.sock, curve)  # CurveZMQ to a tcp:// server (None: plain ipc)
         if curve is not None:  # a refused key is the agent's to tell: its server says no more
             keys.watch_handshakes(self.sock, log, f"agent {self.id}")
@@ -84,6 +99,17 @@ class Agent:
         self.ack = 0                 # last task batch seq seen
         self.acked = 0               # last update useq the server acknowledged
         self.welcomed = False
+        #: Fencing (see the module doc): the server start that welcomed us, the send time
+        #: (time.monotonic) of our messages not yet acknowledged, of the newest acknowledged one
+        #: (our leases' renewal) and of the first hello not answered yet; bound and grace from
+        #: the welcome (0: not told yet); how often we fenced.
+        self.epoch: int | None = None
+        self.sent_at: dict[int, float] = {}
+        self.renewed = 0.0
+        self.hello_at: float | None = None
+        self.fence_bound = self.fence_grace = 0.0
+        self.fenced_for = 0.0   # the renewal whose bound ran out (fenced once for it)
+        self.fences = 0
         self.last_sent = 0.0
         self.last_demand: tuple | None = None
         self.idle_since = time.time()
@@ -100,9 +126,71 @@ class Agent:
         self.poller.unregister(fd)
 
     # -- messages ---------------------------------------------------------------------------
-    def _send(self, frame: bytes) -> None:
+    def _send(self, frame: bytes, useq: int | None = None) -> None:
         self.sock.send(frame)
         self.last_sent = time.time()
+        if useq is not None:
+            if len(self.sent_at) >= 100_000:  # a very long cut: forget the oldest
+                del self.sent_at[min(self.sent_at)]
+            self.sent_at.setdefault(useq, time.monotonic())
+
+    def _renew(self, uack: int | None, fallback: float | None = None) -> None:
+        """The server received our message ``uack`` while it held our leases: they run until at
+        least its send time plus a lease; move the fencing deadline there."""
+        sent = self.sent_at.get(uack) if uack is not None else fallback
+        if uack is not None:
+            for u in [u for u in self.sent_at if u <= uack]:
+                del self.sent_at[u]
+        if sent is None or sent <= self.renewed:
+            return  # an older acknowledgement (a resend, a late message): nothing new
+        self.renewed = sent
+        if self.fence_bound and self.welcomed:
+            self.ex.set_fence(sent + self.fence_bound, self.fence_grace)
+
+    def fence_due(self, mono: float) -> bool:
+        """True when our leases may run out before a renewal could reach us (once per
+        renewal)."""
+        return bool(self.fence_bound and self.renewed and self.fenced_for != self.renewed
+                    and mono >= self.renewed + self.fence_bound)
+
+    def fence(self, mono: float) -> None:
+        """No renewal for the fencing bound: stop every task and forget the queued ones before
+        the server may hand their jobs to another agent; take no work until welcomed again.
+        What we report afterwards is harmless: updates for those jobs are refused or count the
+        attempt once, and the hello no longer claims them."""
+        self.fenced_for = self.renewed
+        now = time.time()
+        for t in list(self.ex.active.values()):  # ended by themselves: report, not forget
+            if t.pidfd is not None and select.select([t.pidfd], [], [], 0)[0]:
+                self.ex.on_exit(t, now)
+        held = self.ex.held()
+        if held:
+            self.fences += 1
+            log.warning("agent %s: no lease renewal for %.2f s (cut off from the server, or it "
+                        "is down): stopping %d tasks before it may give their jobs to another "
+                        "agent: %s", self.id, mono - self.renewed, len(held),
+                        ", ".join(f"job {h['job']} attempt {h['attempt']}" for h in held[:10]))
+            self.ex.stop_all(self.fence_grace)
+            # unacknowledged progress of the stopped tasks must not make our hello claim them
+            # (the server would keep leases nobody runs); ended tasks' updates are kept
+            ended = ({u["job"] for _, ups in self.unacked for u in ups if u["end"] is not None}
+                     | {t.job for t in self.ex.reportable})
+            self.unacked = [(s, kept) for s, ups in self.unacked
+                            if (kept := [u for u in ups if u["job"] in ended])]
+            log.warning("agent %s: fenced: tasks stopped %.2f s after the last renewal",
+                        self.id, time.monotonic() - self.renewed)
+        else:
+            log.info("agent %s: no lease renewal for %.2f s: waiting for a welcome", self.id,
+                     mono - self.renewed)
+        self.welcomed = False
+        self.hello()
+
+    def _beat_every(self) -> float:
+        """Seconds between heartbeats: half the period while we hold tasks, so that a renewal
+        is never more than half a heartbeat old when the server stalls or restarts."""
+        if self.fence_bound and (self.ex.queue or self.ex.active):
+            return self.heartbeat / 2
+        return self.heartbeat
 
     def hello(self) -> None:
         # Every job the server must not take back: queued and running tasks, and ended ones
@@ -121,7 +209,11 @@ class Agent:
                             time_left=self.res.time_left(), running=held, ack=self.ack,
                             node=self.node, node_cores=self.node_cores,
                             launcher=self.launcher.launcher if self.launcher else None,
-                            mpi=self.launcher.mpi if self.launcher else None))
+                            mpi=self.launcher.mpi if self.launcher else None,
+                            useq=self.useq + 1), self.useq + 1)
+        self.useq += 1
+        if self.hello_at is None:
+            self.hello_at = time.monotonic()
         self.last_demand = None
 
     def prefetch_cores(self) -> int:
@@ -155,7 +247,7 @@ class Agent:
         """Report progress and demand. At most one update is in flight: what ends meanwhile
         waits for the server's answer and goes in the next one, so under load updates batch
         themselves at the rate the server keeps up with."""
-        beat = now - self.last_sent >= self.heartbeat
+        beat = now - self.last_sent >= self._beat_every()
         if self.useq > self.acked and not beat and not force:
             return
         starving = not self.ex.queue and self.ex.free_cores
@@ -174,17 +266,17 @@ class Agent:
             self.finished += sum(1 for u in updates if u["end"] is not None)
         self.last_demand = key
         self._send(P.encode(P.UPDATE, agent=self.id, useq=self.useq, updates=updates, demand=d,
-                            ack=self.ack))
+                            ack=self.ack, epoch=self.epoch), self.useq)
 
     def resend_unacked(self) -> None:
         """After a new hello: send again what the server may not have seen."""
         items = [u for _, ups in self.unacked for u in ups]
         self.unacked = []
+        self.useq += 1
         if items:
-            self.useq += 1
             self.unacked.append((self.useq, items))
         self._send(P.encode(P.UPDATE, agent=self.id, useq=self.useq, updates=items,
-                            demand=self.demand(), ack=self.ack))
+                            demand=self.demand(), ack=self.ack, epoch=self.epoch), self.useq)
 
     def on_message(self, frame: bytes, now: float) -> None:
         try:
@@ -198,29 +290,55 @@ class Agent:
             log.error("bad message from the server: %s", exc)
             return
         if kind == P.TASKS:
+            if m.get("epoch") is not None and m["epoch"] != self.epoch:
+                log.warning("ignored a task batch of server epoch %s (welcomed by epoch %s)",
+                            m["epoch"], self.epoch)
+                return  # from an earlier start of the server, left in a socket buffer
             self.acked = max(self.acked, m["uack"])
             self.unacked = [(s, u) for s, u in self.unacked if s > m["uack"]]
+            for r in m["refused"]:
+                log.warning("server refused an update for job %d attempt %d (lease gone)",
+                            r["job"], r["attempt"])
+                self.ex.cancel(r["job"], r["attempt"])
+            if not self.welcomed:
+                if m["tasks"]:  # sent before we fenced (a late message): their leases are gone
+                    log.warning("ignored %d tasks sent before this agent fenced its tasks",
+                                len(m["tasks"]))
+                return
+            self._renew(m["uack"])
             if m["tasks"]:
                 self.ack = max(self.ack, m["seq"])
                 for spec in m["tasks"]:
                     self.ex.add(spec)
                 self.received += len(m["tasks"])
-            for r in m["refused"]:
-                log.warning("server refused an update for job %d attempt %d (lease gone)",
-                            r["job"], r["attempt"])
-                self.ex.cancel(r["job"], r["attempt"])
         elif kind == P.CANCEL:
             for item in m["jobs"]:
                 if self.ex.cancel(item["job"], item["attempt"]):
                     log.info("job %d cancelled by the server", item["job"])
         elif kind == P.WELCOME:
+            beat, lease = float(m["heartbeat"]), m.get("lease")
+            if m["agent"] != self.id or not 0 < beat < 1e6 or \
+                    (lease is not None and not 0 < lease < 1e7):
+                log.error("ignored a bad welcome (agent %r, heartbeat %r, lease %r)",
+                          m["agent"], m["heartbeat"], lease)
+                return
+            if self.epoch is not None and m.get("epoch") not in (None, self.epoch):
+                log.info("the server restarted (epoch %s -> %s)", self.epoch, m["epoch"])
+            self.epoch = m.get("epoch")
             self.welcomed = True
-            self.heartbeat = min(self.heartbeat, float(m["heartbeat"]))
-            lease = m.get("lease") or float(m["heartbeat"]) * settings.LEASE_HEARTBEATS
-            self.ex.set_fence(*settings.fence_timing(self.heartbeat, float(lease)))
+            self.heartbeat = min(self.heartbeat, beat)
+            lease = lease or beat * settings.LEASE_HEARTBEATS
+            self.fence_bound, self.fence_grace = settings.fence_timing(self.heartbeat,
+                                                                       float(lease))
+            # a server that does not say which hello it answers: the first one unanswered
+            self._renew(m.get("uack"), self.hello_at)
+            self.hello_at = None
+            self.fenced_for = 0.0  # held tasks from now on are fenced at this renewal's bound
+            if self.renewed:
+                self.ex.set_fence(self.renewed + self.fence_bound, self.fence_grace)
             for item in m["revoke"]:
                 self.ex.cancel(item["job"], item["attempt"])
-            log.info("server %s welcomed agent %s", self.server, self.id)
+            log.info("server %s (epoch %s) welcomed agent %s", self.server, self.epoch, self.id)
             self.resend_unacked()
         elif kind == P.ERROR:
             log.warning("server says: %s", m["error"])
@@ -242,12 +360,11 @@ class Agent:
                  self.res.time_left(), self.server)
         self.hello()
         sock, ex, poll = self.sock, self.ex, self.poller.poll
-        turned = time.time()
         while not self.stopping:
             now = time.time()
-            wake = [self.last_sent + self.heartbeat]
-            if ex.fence:  # tick the guard well within its silence limit
-                wake.append(now + ex.fence / 4)
+            wake = [self.last_sent + self._beat_every()]
+            if self.fence_bound and self.renewed and self.fenced_for != self.renewed:
+                wake.append(now + self.renewed + self.fence_bound - time.monotonic())
             due = ex.next_report()
             if due is not None and self.useq <= self.acked:  # else: wait for the ack
                 wake.append(max(due, self.last_sent + REPORT_INTERVAL))
@@ -257,13 +374,9 @@ class Agent:
             timeout = max(0, min(wake) - now)
             events = poll(timeout * 1000)
             now = time.time()
-            if ex.fence and now - turned > ex.fence:
-                log.warning("agent %s was silent for %.1f s (stopped or stuck): its guard has "
-                            "stopped its tasks, whose jobs the server gives to other agents",
-                            self.id, now - turned)
-                ex.fenced = (now, now - turned)
-            turned = now
-            ex.tick(now)
+            # before reaping: at the same deadline the guard may have stopped the tasks already
+            if self.fence_due(time.monotonic()):
+                self.fence(time.monotonic())
             for what, _ in events:
                 if what is sock:
                     while True:
@@ -276,6 +389,8 @@ class Agent:
                     t = self.fd_tasks.get(what)
                     if t is not None:
                         ex.on_exit(t, now)
+            if self.fence_due(time.monotonic()):  # tasks just received on an old renewal
+                self.fence(time.monotonic())
             ex.check_timeouts(now)
             ex.start_ready(now)
             if self.welcomed:
@@ -302,7 +417,7 @@ class Agent:
         updates = [u for _, ups in self.unacked for u in ups] + self.ex.take_updates(now, True)
         self.useq += 1
         self._send(P.encode(P.BYE, agent=self.id, useq=self.useq, updates=updates,
-                            released=released))
+                            released=released, epoch=self.epoch))
         deadline = time.time() + 5
         acked = False
         while time.time() < deadline and self.sock.poll(int((deadline - time.time()) * 1000)):

@@ -23,11 +23,14 @@ reaps it. When the agent dies the pipe closes, and the guard sends SIGTERM, then
 The guard starts with the executor (not in fake-exec mode), works from ``/``, ignores SIGINT,
 SIGTERM and SIGHUP (the agent stops its tasks itself on those) and leaves at end of file.
 
-The guard also **fences** an agent that is alive but silent -- stopped (SIGSTOP, a debugger),
-swapped out, stuck -- whose leases the server will expire and whose jobs it will hand to other
-agents while the tasks still run: once the server has told the agent its heartbeat and lease,
-the agent ticks the guard while its loop turns, and after ``settings.fence_timing`` seconds
-without a tick the guard stops the tasks it holds, a heartbeat before the lease runs out.
+The guard also **fences** an agent whose leases the server may expire while its tasks still
+run -- an agent stopped (SIGSTOP, a debugger), swapped out or stuck, or one cut off from the
+server: each time the server renews the agent's leases, the agent tells the guard the new
+fencing deadline, a ``CLOCK_MONOTONIC`` time (one clock for every process of the machine):
+the send time of the renewed message plus ``settings.fence_timing``. At that deadline the guard
+stops the tasks it holds, half a heartbeat before the server may count the lease out. A live
+agent stops them itself at the same deadline (:meth:`Executor.stop_all`); the guard covers the
+agent that cannot.
 
 **Stage-in and stage-out** run the same way, as steps of the task: one child process each, the
 stager (:mod:`pilotfish.pilot.stage`, with ``/`` as its working directory, the agent's own
@@ -75,15 +78,15 @@ KILL_GRACE = 3.0
 #: by one: on a loaded node the agent's turn came more than 0.5 s after its tasks').
 SIGNAL_GRACE = 2.0
 #: The guard (see the module doc): reads lines on stdin: "+pid" / "-pid" (a task started / is
-#: being reaped), "F<silence> <grace>" (fencing on; "F0 0" off), "." (a tick). At end of file, or
-#: after <silence> seconds with no line while tasks are listed, it stops their process groups.
-#: Run with ``python -S -I -c``.
+#: being reaped), "D<deadline> <grace>" (fence at that time.monotonic(); "D0 0": no fencing). At
+#: end of file, or once the deadline has passed while tasks are listed, it stops their process
+#: groups. Run with ``python -S -I -c``.
 _GUARD = r"""
 import os, select, signal, time
 os.chdir("/")  # not the workdir of the task being spawned
 for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
     signal.signal(s, signal.SIG_IGN)
-live, buf, silence, grace = set(), b"", 0.0, 1.0
+live, buf, deadline, grace = set(), b"", 0.0, 1.0
 def signal_all(sig):
     for g in list(live):
         try:
@@ -99,8 +102,10 @@ def stop_all(grace):
     signal_all(signal.SIGKILL)
     live.clear()
 while True:
-    if not select.select([0], [], [], silence if silence and live else None)[0]:
-        stop_all(grace)  # the agent said nothing for too long: its jobs go to others soon
+    wait = max(0.0, deadline - time.monotonic()) if deadline and live else None
+    if not select.select([0], [], [], wait)[0]:
+        if time.monotonic() >= deadline:
+            stop_all(grace)  # no lease renewal for too long: its jobs go to others soon
         continue
     try:
         data = os.read(0, 65536)
@@ -114,8 +119,8 @@ while True:
             live.add(int(line[1:]))
         elif line[:1] == b"-":
             live.discard(int(line[1:]))
-        elif line[:1] == b"F":
-            silence, grace = map(float, line[1:].split())
+        elif line[:1] == b"D":
+            deadline, grace = map(float, line[1:].split())
 stop_all(1.0)
 """
 
@@ -208,9 +213,7 @@ class Executor:
         sys.path[:] = [p for p in sys.path if p not in ("", ".")]
         self.avg_run: float | None = None    # moving average of run-step seconds
         self._guard_fd: int | None = None    # write end of the guard's pipe (see module doc)
-        self.fence: float = 0.0              # the guard's silence limit; 0: no fencing
-        self._ticked = 0.0
-        self.fenced: tuple[float, float] | None = None  # (when we woke up, how long we slept)
+        self.fence_at: float = 0.0           # the guard's fencing deadline (monotonic); 0: none
         if not fake:
             self._start_guard()
         self._made_dirs: set[str] = set()
@@ -469,16 +472,11 @@ class Executor:
             os.close(r)
         self._guard_fd = w
 
-    def set_fence(self, silence: float, grace: float) -> None:
-        """Have the guard stop our tasks after ``silence`` seconds without a word from us."""
-        self.fence = silence
-        self._guard(b"F%.3f %.3f\n" % (silence, grace))
-
-    def tick(self, now: float) -> None:
-        """Tell the guard we are alive (often enough that it never fences a live agent)."""
-        if self.fence and now - self._ticked >= self.fence / 8:
-            self._ticked = now
-            self._guard(b".\n")
+    def set_fence(self, deadline: float, grace: float) -> None:
+        """Have the guard stop our tasks (SIGTERM, SIGKILL ``grace`` later) at ``deadline``, a
+        ``time.monotonic()`` time, unless moved again; 0: never."""
+        self.fence_at = deadline
+        self._guard(b"D%.6f %.3f\n" % (deadline, grace))
 
     def _guard(self, line: bytes) -> None:
         """Tell the guard that a task started (+pid) or is about to be reaped (-pid)."""
@@ -511,11 +509,6 @@ class Executor:
                      "back", t.job, t.attempt, -code)
             t.step = "stopped"  # stays held: leave() hands it back
             return
-        if (code in _STOP_SIGNALS and t.step == "run" and self.fenced
-                and now - self.fenced[0] < self.fence and t.start < self.fenced[0]):
-            return self._fail(t, now, "RUN_FAILED", f"stopped by the agent's guard: the agent "
-                              f"was silent for {self.fenced[1]:.1f} s (stopped or stuck), and "
-                              f"the server was about to give the job to another agent")
         if code in _STOP_SIGNALS and t.step == "run" and not t.timed_out:
             # Killed from outside. A batch system ending the job signals the agent at the same
             # moment, maybe a little later: wait briefly before calling it a failure.
@@ -648,7 +641,7 @@ class Executor:
         """Stop every task (SIGTERM, then SIGKILL after ``grace``); return what was held."""
         held = self.held()
         self.queue.clear()
-        if self.fence:
+        if self.fence_at:
             self.set_fence(0, 0)  # we are stopping them ourselves, with our own grace
         procs = [t for t in self.active.values() if t.pid is not None]
         for t in procs:
@@ -663,7 +656,9 @@ class Executor:
             self.unwatch(t.pidfd)
             os.close(t.pidfd)
             self._close_err(t)
-        self.active.clear()
+            t.pid = t.pidfd = None
+        for t in list(self.active.values()):  # the agent may go on (fencing): free their cores
+            self._release(t, time.time())
         self.reportable = [t for t in self.reportable if t.done]
         return held
 

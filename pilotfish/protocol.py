@@ -8,7 +8,7 @@ one-line reason that the server sends back in an ``error`` message.
 Conversation, agent side (DEALER, routing id = agent id)::
 
     agent  -> hello   {who am I, my resources, tasks I am still running}
-    server -> welcome {heartbeat period, tasks of mine that are no longer mine}
+    server -> welcome {heartbeat period, lease, epoch, tasks of mine that are no longer mine}
     agent  -> update  {useq, state updates, my demand, last task batch seen}  (also the heartbeat)
     server -> tasks   {seq, tasks, refused updates, uack}   (answers every update; also pushed
                                                              whenever new work fits the demand)
@@ -17,6 +17,13 @@ Conversation, agent side (DEALER, routing id = agent id)::
 
 An agent keeps its updates until a ``tasks`` message acknowledges their ``useq``, and resends
 them after a reconnect; the server applies an update for (job, attempt, state) at most once.
+
+Fencing: a lease's token is (epoch, job, attempt). The epoch counts server starts; an agent
+takes tasks only from the epoch that welcomed it and the server answers an update of another
+epoch with "say hello"; the attempt grows with every lease of a job and an update for an attempt
+that is not the job's current lease is refused. The newest ``uack`` (of ``tasks`` or
+``welcome``) tells the agent which of its messages the server received alive, so from when (its
+own clock) its leases run; with no renewal for a lease minus a margin it stops its tasks.
 
 Client side: ``request {rid, op, args}`` -> ``reply {rid, ok, result, error, code}``.
 """
@@ -56,16 +63,27 @@ SCHEMAS: dict[str, dict[str, tuple]] = {
             # optional: the node as the launcher names it, its cores (affinity self-check),
             # and how this pilot launches multi-rank jobs
             "node": (str, _NONE), "node_cores": (int, _NONE), "launcher": (str, _NONE),
-            "mpi": (str, _NONE)},
+            "mpi": (str, _NONE),
+            # optional: a number from the agent's update sequence, echoed in the welcome, so the
+            # agent knows which of its hellos renewed its leases (fencing)
+            "useq": (int, _NONE)},
+    # optional "epoch": the server start that welcomed the agent (the fencing token's first
+    # part); a server of another epoch answers "say hello"
     UPDATE: {"agent": (str,), "useq": (int,), "updates": (list,), "demand": (dict,),
-             "ack": (int,)},
-    BYE: {"agent": (str,), "useq": (int,), "updates": (list,), "released": (list,)},
+             "ack": (int,), "epoch": (int, _NONE)},
+    BYE: {"agent": (str,), "useq": (int,), "updates": (list,), "released": (list,),
+          "epoch": (int, _NONE)},
     REQUEST: {"rid": (int,), "op": (str,), "args": (dict,)},
     WELCOME: {"agent": (str,), "heartbeat": _NUM, "revoke": (list,),
               # optional: seconds of silence after which the server requeues the agent's jobs
               # (the agent's guard fences its tasks before that)
-              "lease": (*_NUM, _NONE)},
-    TASKS: {"seq": (int,), "tasks": (list,), "refused": (list,), "uack": (int,)},
+              "lease": (*_NUM, _NONE),
+              # optional: this start of the server, and the useq of the hello answered
+              "epoch": (int, _NONE), "uack": (int, _NONE)},
+    # optional "epoch": the server start that leased these tasks (an agent takes tasks only
+    # from the epoch that welcomed it)
+    TASKS: {"seq": (int,), "tasks": (list,), "refused": (list,), "uack": (int,),
+            "epoch": (int, _NONE)},
     CANCEL: {"jobs": (list,)},
     REPLY: {"rid": (int,), "ok": (bool,), "result": (_ANY,), "error": (str, _NONE),
             "code": (str, _NONE)},

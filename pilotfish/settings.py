@@ -73,9 +73,12 @@ def stage_limits(timeout: float | None = None, max_bytes: int | str | None = Non
 
 
 def fence_timing(heartbeat: float, lease: float) -> tuple[float, float]:
-    """(silence, grace) for an agent's guard: after ``silence`` seconds without a word from its
-    agent (paused, hung) it SIGTERMs the agent's tasks, and SIGKILLs them ``grace`` later -- a
-    heartbeat before the server's ``lease`` runs out and it hands those jobs to another agent."""
+    """(bound, grace) for fencing: ``bound`` seconds after sending the newest message whose
+    receipt the server acknowledged (a lease renewal), an agent that has had no newer renewal
+    -- cut off, paused, hung -- has its tasks SIGTERMed (by itself or by its guard), and
+    SIGKILLed ``grace`` later: half a heartbeat before the server may count its ``lease`` out
+    (the server counts from the receipt, which is after the send) and hand those jobs to
+    another agent. Only durations on the agent's own monotonic clock: no clock is shared."""
     grace = heartbeat / 4
     return max(heartbeat, lease - heartbeat / 2 - grace), grace
 

@@ -25,7 +25,7 @@ from .apps import App, app_from_row
 from .db import agent_keys
 from .db import agents as agents_t
 from .db import apps as apps_t
-from .db import job_parents, jobs, max_job_id
+from .db import job_parents, jobs, max_job_id, next_epoch
 from .gangs import Gangs
 from .queue import ReadyQueue, Shape
 from .states import State
@@ -107,6 +107,9 @@ class AgentRec:
     db_touched: float = 0.0
     refused: list = field(default_factory=list)      # refused updates not yet told
     key: str | None = None     # the CurveZMQ public key (Z85) this agent id belongs to
+    #: time.monotonic() of its last hello or update: leases are counted out on this clock, so a
+    #: step of the wall clock never expires them early (agents fence on their own monotonic one)
+    seen: float = field(default_factory=time.monotonic)
 
     def budget(self) -> tuple[int, int]:
         cores = self.demand["cores"] - sum(c for _, c, _ in self.inflight)
@@ -148,14 +151,18 @@ class JobServer:
         self.finished: list[int] = []     # jobs that reached JOB_FINISHED this turn
         self.failed: list[int] = []       # jobs whose failure fails their children
         self.next_id = 1
+        #: This start of the server (see :func:`.db.next_epoch`); set by :meth:`load`.
+        self.epoch = 0
         self.stopping = False
         self.started = time.time()
         self.stats = {"dispatched": 0, "updates": 0, "refused": 0, "bad_messages": 0}
 
     # -- start and turn boundaries ----------------------------------------------------------
-    def load(self) -> None:
-        """Rebuild the in-memory indexes from the database."""
+    def load(self, epoch: int | None = None) -> None:
+        """Rebuild the in-memory indexes from the database; ``epoch``: keep this start's epoch
+        (a rebuild after an internal error is no new start: agents keep their welcome)."""
         c = self.conn
+        self.epoch = next_epoch(c) if epoch is None else epoch
         for row in c.execute(select(apps_t)):
             app = app_from_row(row)
             self.apps[app.id] = app
@@ -166,7 +173,10 @@ class JobServer:
                                           .group_by(jobs.c.state))})
         now = time.time()
         for row in c.execute(select(agents_t).where(agents_t.c.state == "ALIVE")):
-            # Known agents get one lease period to reconnect and report what they still run.
+            # Known agents get one lease period to reconnect and report what they still run,
+            # counted from now: an agent that cannot reach us stops its tasks within one lease
+            # of its last renewal, which was before this start, so none of these jobs is
+            # handed to another agent before its tasks could have been fenced.
             self.agents[row.id] = AgentRec(
                 id=row.id, host=row.host, pid=row.pid, site=row.site, pilot=row.pilot,
                 cores=row.cores, gpus=row.gpus, memory=row.memory, started=row.started,
@@ -201,8 +211,9 @@ class JobServer:
                     self.batch.update_job(row.id, agent=None)
                 self.queue.push(row.id, row.priority, shape)
         self.commit()
-        log.info("loaded %d apps, %d queued jobs, %d leases, %d agents; next job id %d",
-                 len(self.apps), len(self.queue), len(self.leases), len(self.agents), self.next_id)
+        log.info("epoch %d: loaded %d apps, %d queued jobs, %d leases, %d agents; next job id %d",
+                 self.epoch, len(self.apps), len(self.queue), len(self.leases), len(self.agents),
+                 self.next_id)
 
     def sync(self) -> None:
         """Write what is batched so far, inside the open transaction (reads then see it)."""
@@ -280,6 +291,7 @@ class JobServer:
         else:
             a.state = "ALIVE"
             a.last_seen = now
+            a.seen = time.monotonic()
             self.batch.update_agent(aid, state="ALIVE", last_seen=now)
             log.info("agent %s said hello again (%d tasks held)", aid, len(m["running"]))
         a.identity = identity
@@ -297,12 +309,18 @@ class JobServer:
                 revoke.append(item)
         for job in list(a.leases - held):
             self.drop_lease(self.leases[job], now, f"agent {aid} no longer holds it")
+        # uack: the hello answered, so the agent knows from when its leases run (fencing)
         self.send(identity, P.encode(P.WELCOME, agent=aid, heartbeat=self.heartbeat,
-                                     revoke=revoke, lease=self.lease_timeout))
+                                     revoke=revoke, lease=self.lease_timeout,
+                                     epoch=self.epoch, uack=m.get("useq")))
 
-    def agent_for(self, identity: bytes, aid: str) -> AgentRec | None:
+    def agent_for(self, identity: bytes, aid: str, epoch: int | None = None) -> AgentRec | None:
+        """The agent of a message, or None (it must say hello again): unknown, lost, on
+        another connection, or welcomed by another start of the server (``epoch``)."""
         a = self.agents.get(aid)
         if a is None or a.identity != identity or a.state != "ALIVE":
+            return None
+        if epoch is not None and epoch != self.epoch:
             return None
         return a
 
@@ -310,6 +328,7 @@ class JobServer:
         items = P.check_items(P.TASK_UPDATE, m["updates"], "updates")
         demand = P.check_fields(P.DEMAND, m["demand"], "demand")
         a.last_seen = now
+        a.seen = time.monotonic()
         refused = self.apply_updates(a, items, now)
         a.uack = m["useq"]
         a.demand = demand
@@ -430,9 +449,9 @@ class JobServer:
 
     def expire(self, now: float) -> None:
         """Agents silent for a lease period lose their leases."""
-        limit = now - self.lease_timeout
+        limit = time.monotonic() - self.lease_timeout
         for a in self.agents.values():
-            if a.state == "ALIVE" and a.last_seen < limit:
+            if a.state == "ALIVE" and a.seen < limit:
                 log.warning("agent %s on %s silent for %.1f s: lost; requeueing %d jobs",
                             a.id, a.host, now - a.last_seen, len(a.leases))
                 a.state = "LOST"
@@ -546,7 +565,7 @@ class JobServer:
         a.inflight.append((a.seq, sum(t["cores"] for t in tasks),
                            sum(t["gpus"] for t in tasks)))
         self.send(a.identity, P.encode(P.TASKS, seq=a.seq, tasks=tasks, refused=a.refused,
-                                       uack=a.uack))
+                                       uack=a.uack, epoch=self.epoch))
         a.refused = []
         self.ack_due.discard(a.id)
 
@@ -555,7 +574,7 @@ class JobServer:
         for aid in self.ack_due:
             a = self.agents[aid]
             self.send(a.identity, P.encode(P.TASKS, seq=a.seq, tasks=[], refused=a.refused,
-                                           uack=a.uack))
+                                           uack=a.uack, epoch=self.epoch))
             a.refused = []
         self.ack_due.clear()
 

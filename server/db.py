@@ -221,3 +221,16 @@ def _migrate(conn, version: int) -> None:
 
 def max_job_id(conn) -> int:
     return conn.execute(select(func.coalesce(func.max(jobs.c.id), 0))).scalar_one()
+
+
+def next_epoch(conn) -> int:
+    """Count one more server start in ``pilotfish_meta`` (key "epoch") and return it, in the
+    caller's transaction. Each start of the server is a new epoch: what an agent was told by an
+    earlier one (a task batch still in a socket buffer) is told apart by it."""
+    row = conn.execute(select(meta.c.value).where(meta.c.key == "epoch")).first()
+    epoch = int(row[0]) + 1 if row is not None else 1
+    if row is None:
+        conn.execute(meta.insert().values(key="epoch", value=str(epoch)))
+    else:
+        conn.execute(meta.update().where(meta.c.key == "epoch").values(value=str(epoch)))
+    return epoch

@@ -421,8 +421,9 @@ class Service:
             self.srv.conn.close()
         except Exception:
             log.exception("rollback failed")
+        epoch = self.srv.epoch
         self.srv = JobServer(self.engine, self.heartbeat, self.lease_timeout, self.data_roots)
-        self.srv.load()
+        self.srv.load(epoch)
 
     def recv(self, sock: zmq.Socket) -> tuple[list[bytes], Caller]:
         """One message and who sent it. The key comes from the ZAP user id that libzmq
@@ -485,7 +486,7 @@ class Service:
                     self.refuse(caller, f"hello as agent {m['agent']}", exc)
                     srv.send(identity, P.encode(P.ERROR, error=str(exc), rid=None))
             else:
-                a = srv.agent_for(identity, m["agent"])
+                a = srv.agent_for(identity, m["agent"], m.get("epoch"))
                 if a is None:
                     srv.send(identity, P.encode(P.ERROR, error="unknown agent: say hello",
                                                 rid=None))

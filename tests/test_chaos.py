@@ -88,8 +88,9 @@ def test_tasks_of_a_killed_agent_are_stopped_by_its_guard(world):
 
 
 def test_guard_fences_the_tasks_of_a_silent_agent_only(tmp_path):
-    """The guard leaves a task alone while its agent ticks, and SIGTERMs it once the agent has
-    said nothing for the silence limit (a real Executor, guard and task; no server)."""
+    """The guard leaves a task alone while its agent keeps moving the fencing deadline (lease
+    renewals), and SIGTERMs it once the last deadline has passed (a real Executor, guard and
+    task; no server)."""
     import os
     import select
     import signal
@@ -97,20 +98,22 @@ def test_guard_fences_the_tasks_of_a_silent_agent_only(tmp_path):
     from pilotfish.pilot.executor import Executor
     ex = Executor([sorted(os.sched_getaffinity(0))[0]], [], tmp_path / "work",
                   watch=lambda fd, t: None, unwatch=lambda fd: None)
-    ex.set_fence(1.5, 0.2)
+    ex.set_fence(time.monotonic() + 1.5, 0.2)
     ex.add({"job": 1, "attempt": 1, "name": "t", "argv": ["/bin/sleep", "60"], "env": {},
             "workdir": "t.1", "cores": 1, "gpus": 0})
     ex.start_ready(time.time())
     [t] = ex.active.values()
-    end = time.time() + 4.5  # three silence limits, ticking
+    end = time.time() + 4.5  # three bounds, renewed every 0.5 s
     while time.time() < end:
-        ex.tick(time.time())
-        assert not select.select([t.pidfd], [], [], 0.05)[0], "fenced while the agent ticked"
-    silent = time.time()
-    assert select.select([t.pidfd], [], [], 10)[0], "not fenced after the agent fell silent"
-    took = time.time() - silent
+        ex.set_fence(time.monotonic() + 1.5, 0.2)
+        assert not select.select([t.pidfd], [], [], 0.5)[0], "fenced while renewed"
+    silent = time.monotonic()
+    deadline = ex.fence_at
+    assert select.select([t.pidfd], [], [], 10)[0], "not fenced after the renewals stopped"
+    took = time.monotonic() - silent
     ex.on_exit(t, time.time())
-    assert t.exit == -signal.SIGTERM and 1.0 < took < 5, (t.exit, took)
+    assert t.exit == -signal.SIGTERM and 0.9 < took < 3, (t.exit, took)
+    assert time.monotonic() >= deadline
     ex.stop_all()
 
 
@@ -146,11 +149,19 @@ def test_sigstopped_agent_is_fenced_before_its_job_runs_elsewhere(world):
     assert r["agent_a_alive_again"]
 
 
-def test_server_kill9_loses_no_acknowledged_job_and_readopts_tasks(world):
+def test_server_kill9_loses_no_acknowledged_job_and_readopts_tasks(tmp_path):
     """kill -9 the server 3 times while a client submits jobs in a loop and 2 agents run them
     (4 long tasks running each time): every acknowledged id exists afterwards, every job
-    finished once, tasks running across a restart were re-adopted (attempts 1, no 'lost')."""
-    r = CL.server_restarts(world, restarts=3, n_agents=2, n_long=4)
+    finished once, tasks running across a restart were re-adopted (attempts 1, no 'lost').
+
+    3 s heartbeats: the server is down up to 2 s plus its start (up to ~1.5 s on a loaded
+    machine), which must stay below the agents' fencing bound (2.25 heartbeats after their
+    last renewal, at most half a heartbeat old), or they stop their tasks (test_partition.py)."""
+    world = CL.World(tmp_path / "w", heartbeat=3.0).start_server()
+    try:
+        r = CL.server_restarts(world, restarts=3, n_agents=2, n_long=4)
+    finally:
+        world.close()
     print({k: v for k, v in r.items() if k != "kill_log"})
     assert r["restarts"] == 3 and r["missing_acked"] == 0, r["missing_examples"]
     assert r["states"] == {"JOB_FINISHED": r["jobs_in_db"]}
