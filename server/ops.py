@@ -4,13 +4,15 @@ Each op validates everything before it changes anything, so a refused request ch
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any, Callable
 
 from sqlalchemy import delete, func, or_, select
 
-from pilotfish import __version__
+from pilotfish import __version__, arrays
+from pilotfish.protocol import MAX_MESSAGE_BYTES
 from pilotfish.errors import IllegalTransition, NotFound, PilotfishError, ValidationError
 from pilotfish.validate import check_name
 
@@ -28,7 +30,9 @@ MAX_JOBS_PER_REQUEST = 100_000
 #: The states a user may ask for; the rest are reached only by running jobs.
 USER_STATES = (S.USER_KILLED, S.RESTART_READY)
 OPS: dict[str, Callable[[JobServer, dict, float], Any]] = {}
-_FILTER_KEYS = {"ids", "state", "app", "site", "group", "tag", "name"}
+_FILTER_KEYS = {"ids", "state", "app", "site", "group", "tag", "name", "array"}
+#: The tag prefix that marks a job of an array (``array:<array id>``); never a user tag.
+ARRAY_TAG = "array:"
 
 
 def op(fn):
@@ -215,6 +219,58 @@ def job_add(srv: JobServer, args: dict, now: float) -> dict:
     return {"ids": ids}
 
 
+@op
+def job_add_array(srv: JobServer, args: dict, now: float) -> dict:
+    """An array (``array``: an index spec) or a sweep (``sweep``: parameter -> values) of one job
+    template, expanded here: elements ``first`` .. ``first + count - 1`` in this request. Each
+    job is checked and added like any ``job_add`` (all or none) and tagged ``array:<id>``; the
+    array id is the first job's id, and later requests of the same array name it (``array_id``).
+    """
+    template = _arg(args, "job", dict, required=True)
+    elems = arrays.Elements(args.get("array"), args.get("sweep"))
+    first = _arg(args, "first", int, 0)
+    count = _arg(args, "count", int, min(len(elems), MAX_JOBS_PER_REQUEST))
+    join = _arg(args, "array_id", int)
+    if not 0 < count <= MAX_JOBS_PER_REQUEST or first + count > len(elems):
+        raise ValidationError(f"elements {first}..{first + count - 1} of an array of "
+                              f"{len(elems):,}: at most {MAX_JOBS_PER_REQUEST:,} per request, "
+                              "within the array")
+    if "tags" in template and not isinstance(template["tags"], (list, type(None))):
+        raise ValidationError("tags must be a list of names")
+    template = dict(template)
+    if "config_file" in template and "parameters" not in template:
+        template["parameters"] = template.pop("config_file")
+    fixed = template.get("parameters") or {}
+    if not isinstance(fixed, dict):
+        raise ValidationError("parameters must be a map")
+    both = fixed.keys() & {n for n, _ in elems.axes}
+    if both:
+        raise ValidationError(f"parameter(s) {', '.join(sorted(both))} both fixed and swept")
+    arrays.check_template(template, elems.names())
+    # the stored size of this request: an array multiplies its template, so it gets the budget
+    # of one job_add message (which could not carry more)
+    size = len(json.dumps(template, default=str)) * count
+    if size > MAX_MESSAGE_BYTES:
+        raise ValidationError(f"{count:,} jobs of this template are about {size >> 20} MB; at "
+                              f"most {MAX_MESSAGE_BYTES >> 20} MB per request: send fewer "
+                              "elements per request or shorten the template")
+    if join is not None:
+        srv.sync()
+        r = srv.conn.execute(select(jobs.c.tags).where(jobs.c.id == join)).first()
+        if r is None or f",{ARRAY_TAG}{join}," not in r.tags:
+            raise NotFound(f"no array {join}")
+    msgs = [arrays.fill(template, index, values)
+            for index, values in elems.slice(first, count)]
+    ids = job_add(srv, {"jobs": msgs}, now)["ids"]
+    array_id = join if join is not None else ids[0]
+    tag = f"{ARRAY_TAG}{array_id},"
+    rows = srv.batch.job_inserts[-len(ids):]  # the rows job_add has just recorded
+    assert [r["id"] for r in rows] == ids
+    for r in rows:  # a reserved tag: user tags are names, which cannot hold ':'
+        r["tags"] = (r["tags"] or ",") + tag
+    return {"ids": ids, "array": array_id, "elements": len(elems)}
+
+
 # -- jobs: read ------------------------------------------------------------------------------
 def where_of(f: dict | None, srv: JobServer) -> list:
     """SQL conditions for a job filter; unknown keys and bad values are errors."""
@@ -247,6 +303,12 @@ def where_of(f: dict | None, srv: JobServer) -> list:
         conds.append(jobs.c.tags.contains("," + check_tags([f["tag"]]).strip(",") + ","))
     if f.get("name"):
         conds.append(jobs.c.name == f["name"])
+    if f.get("array") is not None:
+        a = f["array"]
+        if type(a) is not int or not 0 < a <= MAX_ID:
+            raise ValidationError("filter 'array' must be an array id (its first job's id)")
+        # every job of an array has an id >= the array's: the key bounds the tag scan
+        conds += [jobs.c.id >= a, jobs.c.tags.contains(f",{ARRAY_TAG}{a},")]
     return conds
 
 
@@ -256,6 +318,8 @@ def _job_dict(srv: JobServer, r) -> dict:
     d["application"] = app.name if app else None
     d["tags"] = tags_list(d["tags"])
     d["group"] = d.pop("group_identifier")
+    d["array"] = next((int(t[len(ARRAY_TAG):]) for t in d["tags"] if t.startswith(ARRAY_TAG)),
+                      None)
     return d
 
 
@@ -267,7 +331,8 @@ def job_ls(srv: JobServer, args: dict, now: float) -> list:
     srv.sync()
     q = select(jobs.c.id, jobs.c.name, jobs.c.app_id, jobs.c.state, jobs.c.attempts,
                jobs.c.site, jobs.c.group_identifier, jobs.c.tags, jobs.c.priority,
-               jobs.c.state_time, jobs.c.exit_code, jobs.c.agent, jobs.c.message)
+               jobs.c.state_time, jobs.c.created, jobs.c.started, jobs.c.ended,
+               jobs.c.exit_code, jobs.c.agent, jobs.c.message)
     for c in where_of(args.get("filter"), srv):
         q = q.where(c)
     q = q.order_by(jobs.c.id.desc() if newest else jobs.c.id).offset(offset)
@@ -423,8 +488,10 @@ def job_alter(srv: JobServer, args: dict, now: float) -> dict:
         new = dict(changes)
         if "parameters" in new:
             new["parameters"] = srv.apps[r.app_id].check_params(new["parameters"])
-        if "tags" in new:
-            new["tags"] = check_tags(new["tags"])
+        if "tags" in new:  # an array's tag stays: it is the job's membership, not a label
+            kept = "".join(f"{t}," for t in tags_list(r.tags) if t.startswith(ARRAY_TAG))
+            new["tags"] = ((check_tags(new["tags"]) or ",") + kept) if kept \
+                else check_tags(new["tags"])
         for k in ("input_url", "output_url"):
             if k in new:
                 new[k] = check_url(new[k], k)
