@@ -22,8 +22,9 @@ MAX_PARTS = 1_000
 MAX_INDEX = 10**15
 #: The fields of a job template in which placeholders are filled.
 TEMPLATE_FIELDS = ("name", "description", "parameters")
-
-_PART = re.compile(r"(\d{1,16})(?:-(\d{1,16})(?::(\d{1,16}))?)?")
+# [0-9], not \d: \d matches the digits of every script, which int() would then accept
+# [0-9], not \\d: \\d matches the digits of every script, which int() would then accept
+_PART = re.compile(r"([0-9]{1,16})(?:-([0-9]{1,16})(?::([0-9]{1,16}))?)?")
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]{0,63})\}")
 
 
@@ -68,6 +69,13 @@ class Spec:
 
     def __len__(self) -> int:
         return self.total
+
+    def nth(self, k: int) -> int:
+        for lo, step, n in self.parts:
+            if k < n:
+                return lo + k * step
+            k -= n
+        raise IndexError(k)
 
     def iter_from(self, start: int) -> Iterator[int]:
         """The indices from element ``start`` on (0-based)."""
@@ -155,13 +163,16 @@ class Elements:
             for _ in range(start, stop):
                 yield next(it), {}
             return
-        sizes = [len(a) for _, a in self.axes]
+        # last axis first (it varies fastest); each axis as a lookup of its k-th value
+        axes = [(name, len(a), a.nth if isinstance(a, Spec) else a.__getitem__)
+                for name, a in reversed(self.axes)]
+        order = [name for name, _ in self.axes]
         for n in range(start, stop):
             values, rest = {}, n
-            for (name, axis), size in zip(reversed(self.axes), reversed(sizes)):
+            for name, size, nth in axes:
                 rest, k = divmod(rest, size)
-                values[name] = next(axis.iter_from(k)) if isinstance(axis, Spec) else axis[k]
-            yield n, dict(reversed(values.items()))
+                values[name] = nth(k)
+            yield n, {name: values[name] for name in order}
 
 
 def _text(v: Any) -> str:
@@ -185,38 +196,58 @@ def check_template(template: Any, known: set[str]) -> None:
     if not isinstance(template, dict):
         raise ValidationError("a job template must be a map of job keys")
     bad = placeholders(template) - known
+
+    def braced(names):
+        return ", ".join("{" + n + "}" for n in sorted(names))
     if bad:
-        def braced(names):
-            return ", ".join("{" + n + "}" for n in sorted(names))
         raise ValidationError(f"unknown placeholder(s) {braced(bad)}; known: {braced(known)}")
 
 
+def _compile(s: str) -> Any:
+    """A string with placeholders as a filler: a name (the whole string is one placeholder: the
+    value itself, so a number stays a number) or [literal, name, literal, ...]."""
+    parts = _PLACEHOLDER.split(s)
+    if len(parts) == 3 and parts[0] == parts[2] == "":
+        return parts[1]
+    return parts
+
+
+def _run(filler: Any, subst: dict) -> Any:
+    if isinstance(filler, str):
+        return subst[filler]
+    return "".join(p if i % 2 == 0 else _text(subst[p]) for i, p in enumerate(filler))
+
+
+class Template:
+    """A job template compiled once, filled per element: ``{index}`` and ``{param}`` in the name,
+    the description and parameter values (one pass, so a value that looks like a placeholder
+    stays text), and the swept parameters set. Filled values meet the app's checks like any."""
+
+    def __init__(self, template: dict, known: set[str]) -> None:
+        check_template(template, known)
+        self.base = dict(template)
+        self.text = [(k, _compile(v)) for k in ("name", "description")
+                     if isinstance(v := template.get(k), str) and _PLACEHOLDER.search(v)]
+        params = template.get("parameters")
+        self.params = dict(params) if isinstance(params, dict) else None
+        self.param_fill = [(k, _compile(v)) for k, v in (self.params or {}).items()
+                           if isinstance(v, str) and _PLACEHOLDER.search(v)]
+
+    def fill(self, index: int, values: dict) -> dict:
+        subst = {"index": index, **values} if values else {"index": index}
+        job = self.base.copy()
+        for k, f in self.text:
+            job[k] = _text(_run(f, subst))
+        if self.params is not None or values:
+            params = self.params.copy() if self.params is not None else {}
+            for k, f in self.param_fill:
+                params[k] = _run(f, subst)
+            if values:
+                params.update(values)
+            job["parameters"] = params
+        return job
+
+
 def fill(template: dict, index: int, values: dict) -> dict:
-    """One job message: the template with ``{index}`` and ``{param}`` filled in (one pass, so a
-    value that looks like a placeholder stays text) and the swept parameters set.
-
-    A parameter whose whole value is one placeholder takes the value itself (a number stays a
-    number); the app's checks then see it like any value.
-    """
-    subst = {"index": index, **values}
-
-    def one(s: str) -> Any:
-        m = _PLACEHOLDER.fullmatch(s)
-        if m and m.group(1) in subst:
-            return subst[m.group(1)]
-        return _PLACEHOLDER.sub(lambda m: _text(subst[m.group(1)]) if m.group(1) in subst
-                                else m.group(0), s)
-
-    job = dict(template)
-    for key in ("name", "description"):
-        if isinstance(job.get(key), str) and "{" in job[key]:
-            job[key] = _text(one(job[key]))
-    params = job.get("parameters")
-    if isinstance(params, dict) or values:
-        params = dict(params or {})
-        for k, v in params.items():
-            if isinstance(v, str) and "{" in v:
-                params[k] = one(v)
-        params.update(values)
-        job["parameters"] = params
-    return job
+    """One job message from a template (see :class:`Template`)."""
+    return Template(template, {"index", *values}).fill(index, values)

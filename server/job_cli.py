@@ -187,8 +187,10 @@ def job_ls(ctx, limit, page, offset, all_, oldest, newest, as_json, **f) -> None
     console.table(rows, JOB_COLUMNS)
     if limit and (len(rows) == limit or offset):
         total = sum(c.counts(flt).values())
-        if total > len(rows):
-            first = offset + 1 if rows else offset
+        if not rows:
+            console.err.print(f"no jobs past the first {min(offset, total):,}: {total:,} match")
+        elif total > len(rows):
+            first = offset + 1
             order = "oldest" if oldest else "newest"
             more = ""
             if offset + len(rows) < total:

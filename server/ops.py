@@ -246,7 +246,7 @@ def job_add_array(srv: JobServer, args: dict, now: float) -> dict:
     both = fixed.keys() & {n for n, _ in elems.axes}
     if both:
         raise ValidationError(f"parameter(s) {', '.join(sorted(both))} both fixed and swept")
-    arrays.check_template(template, elems.names())
+    filler = arrays.Template(template, elems.names())
     # the stored size of this request: an array multiplies its template, so it gets the budget
     # of one job_add message (which could not carry more)
     size = len(json.dumps(template, default=str)) * count
@@ -259,8 +259,7 @@ def job_add_array(srv: JobServer, args: dict, now: float) -> dict:
         r = srv.conn.execute(select(jobs.c.tags).where(jobs.c.id == join)).first()
         if r is None or f",{ARRAY_TAG}{join}," not in r.tags:
             raise NotFound(f"no array {join}")
-    msgs = [arrays.fill(template, index, values)
-            for index, values in elems.slice(first, count)]
+    msgs = [filler.fill(index, values) for index, values in elems.slice(first, count)]
     ids = job_add(srv, {"jobs": msgs}, now)["ids"]
     array_id = join if join is not None else ids[0]
     tag = f"{ARRAY_TAG}{array_id},"
