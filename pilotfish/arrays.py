@@ -232,6 +232,9 @@ class Template:
         self.params = dict(params) if isinstance(params, dict) else None
         self.param_fill = [(k, _compile(v)) for k, v in (self.params or {}).items()
                            if isinstance(v, str) and _PLACEHOLDER.search(v)]
+        #: What differs between elements (besides the swept parameters).
+        self.text_keys = frozenset(k for k, _ in self.text)
+        self.param_keys = frozenset(k for k, _ in self.param_fill)
 
     def fill(self, index: int, values: dict) -> dict:
         subst = {"index": index, **values} if values else {"index": index}

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, wait_for
 from pilotfish import arrays
 from pilotfish.errors import NotFound, PilotfishError, ValidationError
 
@@ -177,6 +177,8 @@ def test_add_array_and_select_it(sim):
      "not a valid name"),
     ({"name": "x" * 127 + "{index}", "application": "sim", "parameters": {"seed": 1}}, "1-20",
      "job #10: job name"),                                        # too long once filled
+    ({"name": "s", "application": "sim", "parameters": {"seed": 1},
+      "description": "d" * 9_998 + "{index}"}, "1-20", "job #10: job 's': description must"),
     ({"name": "s", "application": "sim", "parameters": {"seed": "{index.__class__}"}}, "1",
      "must be int"),
     ({"name": "s-{indx}", "application": "sim"}, "1", "unknown placeholder(s) {indx}"),
@@ -297,3 +299,17 @@ def test_cli_arrays(sim, tmp_path):
         else:
             assert why in error_line(r), (args, r.stderr)
     assert json.loads(run_cli(home, "job", "ls", "--all", "--json").stdout) == before
+
+
+def test_array_with_parents_and_alias(sim):
+    """Each element waits on the template's parents; `config_file` works as for job add."""
+    with sim.client() as c:
+        p = c.add_job(name="p", application="sim", parameters={"seed": 1})
+        r = c.add_array({"name": "c-{index}", "application": "sim", "parents": [p],
+                         "config_file": {"seed": "{index}"}}, "1-3")
+        assert c.counts({"array": r["array"]}) == {"AWAITING_PARENTS": 3}
+        for i, seed in zip(r["ids"], (1, 2, 3)):
+            j = c.job(i)
+            assert (j["parents"], j["array"], j["parameters"]["seed"]) == ([p], r["array"], seed)
+        c.kill_jobs({"ids": [p]})
+        wait_for(lambda: c.counts({"array": r["array"]}) == {"FAILED": 3}, 10)
