@@ -178,7 +178,7 @@ def test_add_array_and_select_it(sim):
     ({"name": "x" * 127 + "{index}", "application": "sim", "parameters": {"seed": 1}}, "1-20",
      "job #10: job name"),                                        # too long once filled
     ({"name": "s", "application": "sim", "parameters": {"seed": 1},
-      "description": "d" * 9_998 + "{index}"}, "1-20", "job #10: job 's': description must"),
+      "description": "d" * 9_999 + "{index}"}, "1-20", "job #10: job 's': description must"),
     ({"name": "s", "application": "sim", "parameters": {"seed": "{index.__class__}"}}, "1",
      "must be int"),
     ({"name": "s-{indx}", "application": "sim"}, "1", "unknown placeholder(s) {indx}"),
