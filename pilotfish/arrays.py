@@ -166,13 +166,12 @@ class Elements:
         # last axis first (it varies fastest); each axis as a lookup of its k-th value
         axes = [(name, len(a), a.nth if isinstance(a, Spec) else a.__getitem__)
                 for name, a in reversed(self.axes)]
-        order = [name for name, _ in self.axes]
         for n in range(start, stop):
             values, rest = {}, n
             for name, size, nth in axes:
                 rest, k = divmod(rest, size)
                 values[name] = nth(k)
-            yield n, {name: values[name] for name in order}
+            yield n, values
 
 
 def _text(v: Any) -> str:

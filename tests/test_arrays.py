@@ -313,3 +313,22 @@ def test_array_with_parents_and_alias(sim):
             assert (j["parents"], j["array"], j["parameters"]["seed"]) == ([p], r["array"], seed)
         c.kill_jobs({"ids": [p]})
         wait_for(lambda: c.counts({"array": r["array"]}) == {"FAILED": 3}, 10)
+
+
+def test_arrays_on_postgres(pg_url, home):
+    """The array tag, its filter and the Core insert path on PostgreSQL."""
+    from conftest import ServerHandle
+    s = ServerHandle(home, pg_url).start()
+    try:
+        with s.client() as c:
+            c.add_app(APP)
+            r = c.add_array({"name": "s-{index}", "application": "sim",
+                             "parameters": {"seed": "{index}"}, "tags": ["x"]}, "5-7")
+            c.add_job(name="other", application="sim", parameters={"seed": 1})
+            jobs = c.jobs({"array": r["array"]}, limit=0)
+            assert [(j["name"], j["tags"], j["array"]) for j in jobs] == [
+                (f"s-{i}", ["x", "array:1"], 1) for i in (5, 6, 7)]
+            assert c.job(2)["parameters"] == {"seed": 6, "mode": "fast"}
+            assert c.counts({"array": 1, "state": "ready"}) == {"READY": 3}
+    finally:
+        s.stop()
