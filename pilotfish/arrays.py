@@ -202,25 +202,22 @@ def check_template(template: Any, known: set[str]) -> None:
         raise ValidationError(f"unknown placeholder(s) {braced(bad)}; known: {braced(known)}")
 
 
-def _compile(s: str) -> Any:
-    """A string with placeholders as a filler: a name (the whole string is one placeholder: the
-    value itself, so a number stays a number) or [literal, name, literal, ...]."""
-    parts = _PLACEHOLDER.split(s)
-    if len(parts) == 3 and parts[0] == parts[2] == "":
-        return parts[1]
-    return parts
+def _compile(s: str) -> list[str]:
+    """A string with placeholders as [literal, name, literal, ...]."""
+    return _PLACEHOLDER.split(s)
 
 
-def _run(filler: Any, subst: dict) -> Any:
-    if isinstance(filler, str):
-        return subst[filler]
+def _run(filler: list[str], subst: dict) -> str:
+    # always text, as if typed on the command line: an int or float parameter reads "7" as 7,
+    # and a str parameter takes "7" where a bare 7 would be refused
     return "".join(p if i % 2 == 0 else _text(subst[p]) for i, p in enumerate(filler))
 
 
 class Template:
     """A job template compiled once, filled per element: ``{index}`` and ``{param}`` in the name,
-    the description and parameter values (one pass, so a value that looks like a placeholder
-    stays text), and the swept parameters set. Filled values meet the app's checks like any."""
+    the description and parameter values become text (one pass, so a value that looks like a
+    placeholder stays text), and the swept parameters are set with their own values. Filled
+    values meet the app's checks like any."""
 
     def __init__(self, template: dict, known: set[str]) -> None:
         check_template(template, known)
@@ -239,7 +236,7 @@ class Template:
         subst = {"index": index, **values} if values else {"index": index}
         job = self.base.copy()
         for k, f in self.text:
-            job[k] = _text(_run(f, subst))
+            job[k] = _run(f, subst)
         if self.params is not None or values:
             params = self.params.copy() if self.params is not None else {}
             for k, f in self.param_fill:

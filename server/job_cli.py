@@ -22,7 +22,8 @@ def job_group() -> None:
 def filter_options(f):
     """The job filter flags shared by ls, kill, retry, alter, rm-all and wait."""
     for opt in reversed([
-        click.option("--state", "states", multiple=True, help="Job state (repeatable)."),
+        click.option("--state", "states", multiple=True, help="Job state (repeatable): any case, "
+                     "or a unique prefix of a state or of its words (job_fin, killed)."),
         click.option("--app", help="App name."),
         click.option("--site", help="Site name."),
         click.option("--group", help="group_identifier."),

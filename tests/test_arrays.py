@@ -94,11 +94,12 @@ def test_template_filling_is_one_pass_and_typed():
                          "parameters": {"n": "{index}", "f": "x{index}.dat", "lit": "{{index}}",
                                         "k": 5}}, {"index", "mode", "seed"})
     job = t.fill(7, {"mode": "{index}", "seed": 0.5})
-    # a value that looks like a placeholder stays text; a whole placeholder keeps its type
+    # a value that looks like a placeholder stays text; filled values are text (the app reads
+    # "7" as 7 for an int); swept values keep their own type
     assert job["name"] == "run-7-{index}"
     assert job["description"] == "seed 0.5 of 7"
-    assert job["parameters"] == {"n": 7, "f": "x7.dat", "lit": "{7}", "k": 5, "mode": "{index}",
-                                 "seed": 0.5}
+    assert job["parameters"] == {"n": "7", "f": "x7.dat", "lit": "{7}", "k": 5,
+                                 "mode": "{index}", "seed": 0.5}
     with pytest.raises(ValidationError, match=r"unknown placeholder\(s\) \{indx\}; known: "
                                               r"\{index\}"):
         arrays.Template({"name": "r-{indx}"}, {"index"})
@@ -135,6 +136,11 @@ def test_add_array_and_select_it(sim):
         assert [(j["id"], j["name"], j["array"], j["tags"]) for j in jobs] == [
             (i, f"s-{s}", 2, ["t1", "array:2"]) for i, s in zip(r["ids"], (1, 4, 7, 10, 20))]
         assert c.job(4)["parameters"] == {"seed": 7, "mode": "fast"}
+        # a str parameter takes the index as text
+        e = c.add_array({"name": "e", "application": "echo", "parameters": {"msg": "{index}"}},
+                        "3")
+        assert c.job(e["ids"][0])["argv"] == ["/bin/echo", "3"]
+        c.remove_jobs({"ids": e["ids"]})
         assert c.job(1)["array"] is None
         # a sweep is an array too; the python list spec works
         s = c.add_sweep({"name": "w-{index}-{mode}", "application": "sim"},
