@@ -207,7 +207,7 @@ def _compile(s: str) -> list[str]:
     return _PLACEHOLDER.split(s)
 
 
-def _run(filler: list[str], subst: dict) -> str:
+def run(filler: list[str], subst: dict) -> str:
     # always text, as if typed on the command line: an int or float parameter reads "7" as 7,
     # and a str parameter takes "7" where a bare 7 would be refused
     return "".join(p if i % 2 == 0 else _text(subst[p]) for i, p in enumerate(filler))
@@ -228,19 +228,21 @@ class Template:
         self.params = dict(params) if isinstance(params, dict) else None
         self.param_fill = [(k, _compile(v)) for k, v in (self.params or {}).items()
                            if isinstance(v, str) and _PLACEHOLDER.search(v)]
-        #: What differs between elements (besides the swept parameters).
-        self.text_keys = frozenset(k for k, _ in self.text)
-        self.param_keys = frozenset(k for k, _ in self.param_fill)
+
+
+    def text_filler(self, key: str) -> list[str] | None:
+        """The filler of ``name`` or ``description``, or None when it has no placeholder."""
+        return next((f for k, f in self.text if k == key), None)
 
     def fill(self, index: int, values: dict) -> dict:
         subst = {"index": index, **values} if values else {"index": index}
         job = self.base.copy()
         for k, f in self.text:
-            job[k] = _run(f, subst)
+            job[k] = run(f, subst)
         if self.params is not None or values:
             params = self.params.copy() if self.params is not None else {}
             for k, f in self.param_fill:
-                params[k] = _run(f, subst)
+                params[k] = run(f, subst)
             if values:
                 params.update(values)
             job["parameters"] = params

@@ -283,31 +283,36 @@ def _array_rows(srv: JobServer, filler: arrays.Template, elems: arrays.Elements,
     build_job; the others differ from it only in the fields placeholders and the sweep fill
     (name, description, some parameters), so only those are checked again: the same checks,
     without paying for the rest 100,000 times."""
-    rows: list[dict] = []
-    base: dict = {}
-    app = None
-    for n, (index, values) in enumerate(elems.slice(first, count)):
-        msg = filler.fill(index, values)
+    it = elems.slice(first, count)
+    index, values = next(it)
+    try:
+        base = build_job(filler.fill(index, values), srv.app)
+    except PilotfishError as exc:
+        raise type(exc)(f"job #{first + 1}: {exc}" if len(elems) > 1 else str(exc)) from None
+    app = srv.apps[base["app_id"]]
+    name_f, desc_f = filler.text_filler("name"), filler.text_filler("description")
+    params_f = filler.param_fill
+    swept = [k for k, _ in elems.axes]
+    checks = {k: app.params[k].check for k in [k for k, _ in params_f] + swept}
+    rows = [base]
+    for n, (index, values) in enumerate(it, 2):
+        subst = {"index": index, **values}
+        row = base.copy()
         try:
-            if not rows:
-                base = build_job(msg, srv.app)
-                app = srv.apps[base["app_id"]]
-                rows.append(base)
-                continue
-            row = base.copy()
-            if "name" in filler.text_keys:
-                row["name"] = check_name(msg["name"], "job name")
-            if "description" in filler.text_keys:
-                row["description"] = check_description(msg["description"], row["name"])
-            varying = filler.param_keys | values.keys()
-            if varying:
+            if name_f is not None:
+                row["name"] = check_name(arrays.run(name_f, subst), "job name")
+            if desc_f is not None:
+                row["description"] = check_description(arrays.run(desc_f, subst), row["name"])
+            if checks:
                 params = base["parameters"].copy()
-                for k in varying:
-                    params[k] = app.params[k].check(msg["parameters"][k], app.name)
+                for k, f in params_f:
+                    params[k] = checks[k](arrays.run(f, subst), app.name)
+                for k in swept:
+                    params[k] = checks[k](values[k], app.name)
                 row["parameters"] = params
-            rows.append(row)
         except PilotfishError as exc:
-            raise type(exc)(f"job #{n + 1}: {exc}") from None
+            raise type(exc)(f"job #{first + n}: {exc}") from None  # counted in the array
+        rows.append(row)
     return rows
 
 

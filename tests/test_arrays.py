@@ -241,7 +241,8 @@ def test_big_arrays_go_in_chunks(sim, monkeypatch):
         assert seen == [(7, 20), (14, 20), (20, 20)]
         assert r["ids"] == list(range(1, 21)) and r["array"] == 1
         assert len(c.jobs({"array": 1}, limit=0)) == 20
-        with pytest.raises(ValidationError, match="must be <= 1000"):
+        with pytest.raises(ValidationError, match="^job #12: app 'sim' parameter 'seed' must "
+                                                  "be <= 1000, got 1001$"):
             c.add_array({"name": "s-{index}", "application": "sim",
                          "parameters": {"seed": "{index}"}}, "990-1009")
         assert len(c.jobs({"array": 21}, limit=0)) == 7  # the first request stays
