@@ -208,8 +208,8 @@ def _compile(s: str) -> list[str]:
 
 
 def run(filler: list[str], subst: dict) -> str:
-    # always text, as if typed on the command line: an int or float parameter reads "7" as 7,
-    # and a str parameter takes "7" where a bare 7 would be refused
+    """The filled text. Always text, as if typed on the command line: an int or float parameter
+    reads "7" as 7, and a str parameter takes "7" where a bare 7 would be refused."""
     return "".join(p if i % 2 == 0 else _text(subst[p]) for i, p in enumerate(filler))
 
 
@@ -228,7 +228,6 @@ class Template:
         self.params = dict(params) if isinstance(params, dict) else None
         self.param_fill = [(k, _compile(v)) for k, v in (self.params or {}).items()
                            if isinstance(v, str) and _PLACEHOLDER.search(v)]
-
 
     def text_filler(self, key: str) -> list[str] | None:
         """The filler of ``name`` or ``description``, or None when it has no placeholder."""
