@@ -129,7 +129,12 @@ def test_state_names_any_case_and_prefix(app):
         c.kill_jobs({"ids": [ids[0]]})
         for name in ("user_killed", "User_K", "killed", "KILL", "user-killed"):
             assert [j["id"] for j in c.jobs({"state": [name]})] == [ids[0]], name
-        assert c.counts({"state": "rea"}) == {"READY": 2}
+        assert c.counts({"state": "rea"}) == {"READY": 2}  # counted from memory
+        assert c.counts({"state": ["ready", "killed", "failed"]}) == {"READY": 2,
+                                                                       "USER_KILLED": 1}
+        assert c.counts({"state": ["ready"], "name": "j1"}) == {"READY": 1}  # from the table
+        with pytest.raises(Exception, match="unknown state 'done'"):
+            c.counts({"state": ["ready", "done"]})
         with pytest.raises(Exception, match="state 'run' is ambiguous: it could be RUNNING, "
                                             "RUN_FAILED, RUN_TIMEOUT"):
             c.jobs({"state": ["run"]})
