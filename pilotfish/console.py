@@ -10,6 +10,7 @@ from typing import Any, Callable, Collection, Iterable, Iterator, Sequence
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 # soft_wrap: never break a line ourselves (an error stays one line in a log or a pipe)
 # A pipe or file gets whole table rows (grep-able), not rows folded at rich's 80-column default.
@@ -27,8 +28,8 @@ def table(rows: Iterable[dict], columns: Sequence[tuple[str, str]],
     t = Table(title=title, box=None, header_style="bold", pad_edge=False)
     for _, header in columns:
         t.add_column(header, overflow="fold")
-    for r in rows:
-        t.add_row(*(fmt(r.get(k)) for k, _ in columns))
+    for r in rows:  # cells are Text: a "[/x]" in a message is text, not rich markup
+        t.add_row(*(Text(fmt(r.get(k))) for k, _ in columns))
     out.print(t)
 
 

@@ -216,17 +216,19 @@ def job_show(ctx, job_id, as_json) -> None:
         d.pop("waiting", None)
     for k, v in d.items():
         if k in console.TIME_KEYS:
-            console.out.print(f"{k}: {console.local_time(v)}")
+            console.out.print(f"{k}: {console.local_time(v)}", markup=False)
         elif k == "workdir":
-            console.out.print(_workdir_line(v, home_of(ctx)))
+            console.out.print(_workdir_line(v, home_of(ctx)), markup=False)
         else:
-            console.out.print(yaml.safe_dump({k: v}, sort_keys=False, width=10**6).rstrip())
+            # job data is text, never rich markup ("[/x]" in a description would crash rich)
+            console.out.print(yaml.safe_dump({k: v}, sort_keys=False, width=10**6).rstrip(),
+                              markup=False)
     console.out.print("history:")
     for e in events:
         path = [e["from_state"] or "·"] + (e["via"].split(",") if e["via"] else []) \
             + [e["to_state"]]
         console.out.print(f"  {console.local_time(e['time'])}  {' -> '.join(path)}"
-                          + (f"  ({e['message']})" if e["message"] else ""))
+                          + (f"  ({e['message']})" if e["message"] else ""), markup=False)
 
 
 def _workdir_line(rel: str, home) -> str:

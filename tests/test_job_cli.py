@@ -154,3 +154,14 @@ def test_state_names_any_case_and_prefix(app):
         "1 of 1 matching jobs altered\n"
     with app.client() as c:
         wait_for(lambda: c.job(ids[0])["state"] == "RESTART_READY", 5)
+
+
+def test_job_text_is_never_markup(app):
+    """A description with rich markup (an unbalanced "[/x]" made rich raise) prints as text."""
+    home = app.home
+    with app.client() as c:
+        jid = c.add_job(name="m", application="echo", parameters={"time": 1},
+                        description="[/bad] [bold]x[/bold] [link=file:///etc]y[/link]")
+    out = ok(home, "job", "show", str(jid))
+    assert "description: '[/bad] [bold]x[/bold] [link=file:///etc]y[/link]'\n" in out
+    assert yaml.safe_load(out.partition("history:\n")[0])["description"].startswith("[/bad]")
