@@ -243,7 +243,7 @@ def app_show(ctx, name, as_json) -> None:
     app = client_of(ctx).app(name)
     if as_json:
         return console.print_json(app)
-    console.out.print(yaml.safe_dump(app, sort_keys=False).rstrip())
+    console.out.print(yaml.safe_dump(app, sort_keys=False).rstrip(), markup=False)  # text
 
 
 @app_group.command("alter", context_settings=CTX)

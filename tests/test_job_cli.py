@@ -165,3 +165,6 @@ def test_job_text_is_never_markup(app):
     out = ok(home, "job", "show", str(jid))
     assert "description: '[/bad] [bold]x[/bold] [link=file:///etc]y[/link]'\n" in out
     assert yaml.safe_load(out.partition("history:\n")[0])["description"].startswith("[/bad]")
+    with app.client() as c:
+        c.alter_app("echo", description="[/oops]")
+    assert yaml.safe_load(ok(home, "app", "show", "echo"))["description"] == "[/oops]"
