@@ -339,3 +339,23 @@ def test_arrays_on_postgres(pg_url, home):
             assert c.counts({"array": 1, "state": "ready"}) == {"READY": 3}
     finally:
         s.stop()
+
+
+def test_hostile_sweeps_change_nothing(sim):
+    job = {"name": "w-{index}", "application": "sim"}
+    with sim.client() as c:
+        for sweep, why in [
+                ({"mode": ["fast", "x;y"], "seed": [1]}, "job #2: app 'sim' parameter 'mode' "
+                                                         "must be one of fast, exact"),
+                ({"seed": [1, 2, 5000]}, "job #3: app 'sim' parameter 'seed' must be <= 1000"),
+                ({"seed": ["1", "1e400"]}, "must be int"),
+                ({"nope": [1]}, "app 'sim' has no parameter 'nope'"),
+                ({"seed": {"range": "1-1000"}, "mode": ["fast"] * 1001},
+                 "more than 1,000,000 combinations")]:
+            with pytest.raises(PilotfishError) as e:
+                c.add_sweep(job, sweep)
+            assert why in str(e.value), (sweep, str(e.value))
+            with pytest.raises(PilotfishError) as e:  # the server checks too
+                c.call("job_add_array", job=job, sweep=sweep)
+            assert why in str(e.value), (sweep, str(e.value))
+        assert c.counts() == {}
