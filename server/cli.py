@@ -18,7 +18,8 @@ from pilotfish.client import Client
 CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 JOB_COLUMNS = [("id", "ID"), ("name", "NAME"), ("application", "APP"), ("state", "STATE"),
                ("attempts", "TRIES"), ("group", "GROUP"), ("tags", "TAGS"),
-               ("priority", "PRIO"), ("agent", "AGENT"), ("message", "MESSAGE")]
+               ("priority", "PRIO"), ("state_time", "SINCE"), ("agent", "AGENT"),
+               ("message", "MESSAGE")]
 
 
 def home_of(ctx: click.Context) -> Path:
