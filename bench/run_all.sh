@@ -42,6 +42,7 @@ if [ "${FULL:-0}" = 1 ]; then
     run w3_sleep.py --agents 1,per-core
     run dispatch.py --db both
     run submit.py
+    run array.py
     if have_slurm; then
         run_slurm pilot_rampup.py
         run_slurm launch_overhead.py
@@ -54,6 +55,7 @@ else
     run w3_sleep.py --n 200 --repeat 3
     run dispatch.py --n 20000 --repeat 2 --db both
     run submit.py --n 50000 --repeat 2 --total 300000 --ls-repeat 5
+    run array.py --n 50000 --big 0 --repeat 2
     if have_slurm; then
         run_slurm pilot_rampup.py --repeat 3
         run_slurm launch_overhead.py --n 200 --repeat 3

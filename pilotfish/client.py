@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import zmq
 
-from pilotfish import keys
+from pilotfish import arrays, keys
 from pilotfish import protocol as P
 from pilotfish import settings
 from pilotfish.errors import (ERRORS_BY_CODE, PilotfishError, ProtocolError, ServerUnavailable,
@@ -219,6 +219,36 @@ class Client:
 
     def add_job(self, **job: Any) -> int:
         return self.add_jobs([job])[0]
+
+    def add_array(self, job: dict, array: Any,
+                  on_chunk: Callable[[int, int], None] | None = None) -> dict:
+        """Add one job per index of ``array`` (``"1-100:5,7"``, a ``range`` or a list of ints),
+        filling ``{index}`` in the job's name, description and parameter values. Returns
+        ``{"array": id, "ids": [...], "elements": n}``; the array id selects the jobs with
+        ``filter={"array": id}``. More than :data:`arrays.CHUNK` elements go in several
+        requests, each added all or none (``on_chunk(done, total)`` after each)."""
+        return self._add_elements(job, {"array": arrays.spec_of(array)}, on_chunk)
+
+    def add_sweep(self, job: dict, sweep: dict,
+                  on_chunk: Callable[[int, int], None] | None = None) -> dict:
+        """Add one job per combination of ``sweep`` (parameter -> list of values, or
+        ``{"range": "1-10"}``): the cartesian product, the first parameter varying slowest;
+        ``{index}`` is the combination's number from 0, and ``{param}`` its value."""
+        return self._add_elements(job, {"sweep": sweep}, on_chunk)
+
+    def _add_elements(self, job: dict, what: dict, on_chunk) -> dict:
+        total = len(arrays.Elements(what.get("array"), what.get("sweep")))  # refuse early
+        ids: list[int] = []
+        array_id = None
+        for first in range(0, total, arrays.CHUNK):
+            count = min(arrays.CHUNK, total - first)
+            r = self.call("job_add_array", job=job, first=first, count=count,
+                          array_id=array_id, timeout=max(self.timeout, count / 1000), **what)
+            array_id = r["array"]
+            ids += r["ids"]
+            if on_chunk:
+                on_chunk(len(ids), total)
+        return {"array": array_id, "ids": ids, "elements": total}
 
     def jobs(self, filter: dict | None = None, limit: int = 100, offset: int = 0,
              newest: bool = False) -> list[dict]:

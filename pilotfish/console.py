@@ -10,6 +10,7 @@ from typing import Any, Callable, Collection, Iterable, Iterator, Sequence
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 # soft_wrap: never break a line ourselves (an error stays one line in a log or a pipe)
 # A pipe or file gets whole table rows (grep-able), not rows folded at rich's 80-column default.
@@ -27,8 +28,8 @@ def table(rows: Iterable[dict], columns: Sequence[tuple[str, str]],
     t = Table(title=title, box=None, header_style="bold", pad_edge=False)
     for _, header in columns:
         t.add_column(header, overflow="fold")
-    for r in rows:
-        t.add_row(*(fmt(r.get(k)) for k, _ in columns))
+    for r in rows:  # cells are Text: a "[/x]" in a message is text, not rich markup
+        t.add_row(*(Text(fmt(r.get(k))) for k, _ in columns))
     out.print(t)
 
 
@@ -42,6 +43,38 @@ def fmt(v: Any) -> str:
     if isinstance(v, (list, tuple)):
         return ",".join(map(str, v)) or "-"
     return str(v)
+
+
+#: Fields holding epoch seconds in job listings, job details and their events.
+TIME_KEYS = frozenset({"created", "started", "ended", "state_time", "time"})
+
+
+def local_time(t: float | None) -> str:
+    """For people: this machine's local time to the second, ``2026-12-06 01:02:03``."""
+    return "null" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def iso_time(t: float | None) -> str | None:
+    """For scripts: ISO 8601 in UTC with its offset and milliseconds,
+    ``2026-12-06T01:02:03.123+00:00`` (the same on every machine; sorts as text)."""
+    from datetime import datetime, timezone
+    return None if t is None else datetime.fromtimestamp(t, timezone.utc).isoformat(
+        timespec="milliseconds")
+
+
+def iso_times(data: Any) -> Any:
+    """``data`` (dicts and lists) with every epoch field of :data:`TIME_KEYS` in ISO 8601."""
+    if isinstance(data, list):
+        return [iso_times(x) for x in data]
+    if isinstance(data, dict):
+        return {k: (iso_time(v) if k in TIME_KEYS and isinstance(v, (int, float))
+                    and not isinstance(v, bool)
+                    else v if k in _USER_DATA else iso_times(v)) for k, v in data.items()}
+    return data
+
+
+#: A job's own data: an app parameter may well be called "time".
+_USER_DATA = frozenset({"parameters", "argv", "environment"})
 
 
 def setup_logging(verbose: int = 0, quiet: bool = False) -> None:

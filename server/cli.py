@@ -22,7 +22,8 @@ STATUS_WAIT = 10.0
 CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 JOB_COLUMNS = [("id", "ID"), ("name", "NAME"), ("application", "APP"), ("state", "STATE"),
                ("attempts", "TRIES"), ("group", "GROUP"), ("tags", "TAGS"),
-               ("priority", "PRIO"), ("agent", "AGENT"), ("message", "MESSAGE")]
+               ("priority", "PRIO"), ("state_time", "SINCE"), ("agent", "AGENT"),
+               ("message", "MESSAGE")]
 
 
 def home_of(ctx: click.Context) -> Path:
@@ -326,7 +327,7 @@ def app_show(ctx, name, as_json) -> None:
     app = client_of(ctx).app(name)
     if as_json:
         return console.print_json(app)
-    console.out.print(yaml.safe_dump(app, sort_keys=False).rstrip())
+    console.out.print(yaml.safe_dump(app, sort_keys=False).rstrip(), markup=False)  # text
 
 
 @app_group.command("alter", context_settings=CTX)

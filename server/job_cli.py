@@ -7,10 +7,10 @@ from typing import Any
 import click
 import yaml
 
-from pilotfish import console
-from pilotfish.errors import ValidationError
+from pilotfish import arrays, console, settings
+from pilotfish.errors import PilotfishError, ValidationError
 
-from .cli import (CTX, JOB_COLUMNS, PLAIN_FLOAT, PLAIN_INT, client_of, json_option,
+from .cli import (CTX, JOB_COLUMNS, PLAIN_FLOAT, PLAIN_INT, client_of, home_of, json_option,
                   load_structured, parse_kv)
 from pilotfish.client import FINAL_STATES
 
@@ -23,7 +23,8 @@ def job_group() -> None:
 def filter_options(f):
     """The job filter flags shared by ls, kill, retry, alter, rm-all and wait."""
     for opt in reversed([
-        click.option("--state", "states", multiple=True, help="Job state (repeatable)."),
+        click.option("--state", "states", multiple=True, help="Job state (repeatable): any case, "
+                     "or a unique prefix of a state or of its words (job_fin, killed)."),
         click.option("--app", help="App name."),
         click.option("--site", help="Site name."),
         click.option("--group", help="group_identifier."),
@@ -31,13 +32,15 @@ def filter_options(f):
         click.option("--name", help="Exact job name."),
         click.option("--owner", help="The key name that added the job (a submitter may "
                      "change only its own jobs)."),
+        click.option("--array", "array", type=click.IntRange(1), metavar="ID",
+                     help="Jobs of this array (the id `job add --array` printed)."),
     ]):
         f = opt(f)
     return f
 
 
 def make_filter(ids=(), states=(), app=None, site=None, group=None, tag=None, name=None,
-                owner=None) -> dict:
+                owner=None, array=None) -> dict:
     f: dict[str, Any] = {}
     if ids:
         f["ids"] = list(ids)
@@ -47,15 +50,22 @@ def make_filter(ids=(), states=(), app=None, site=None, group=None, tag=None, na
                  ("owner", owner)):
         if v:
             f[k] = v
+    if array is not None:
+        f["array"] = array
     return f
 
 
 @job_group.command("add", context_settings=CTX)
-@click.option("-f", "--file", "job_file", help="A JSON/YAML job message or a list of them "
-              "('-' reads standard input). Added all or none.")
-@click.option("--name", help="Job name.")
+@click.option("-f", "--file", "job_file", help="A JSON/YAML job message or a list of them, or a "
+              "sweep file (a job template with `sweep:` or `array:`) ('-' reads standard "
+              "input). Added all or none.")
+@click.option("--name", help="Job name (with --array: a template, default APP-{index}).")
 @click.option("--app", "application", help="App to run.")
-@click.option("--param", "params", multiple=True, metavar="K=V", help="App parameter.")
+@click.option("--param", "params", multiple=True, metavar="K=V",
+              help="App parameter (with --array, {index} in V is the index).")
+@click.option("--array", "array_spec", metavar="SPEC", help="One job per index: 1-10000, "
+              "1-100:5 (step), 1,5,9, 1-3,10; {index} in --name/--param/--description is "
+              f"filled in (at most {arrays.MAX_ELEMENTS:,} per array).")
 @click.option("--description")
 @click.option("--site")
 @click.option("--queue")
@@ -77,12 +87,25 @@ def make_filter(ids=(), states=(), app=None, site=None, group=None, tag=None, na
 @click.option("--parent", "parents", multiple=True, type=PLAIN_INT, help="Job id to wait for.")
 @json_option
 @click.pass_context
-def job_add(ctx, job_file, params, as_json, **flags) -> None:
-    """Add one job from flags, or many from a file (thousands per second)."""
+def job_add(ctx, job_file, params, array_spec, as_json, **flags) -> None:
+    """Add one job from flags, many from a file (thousands per second), or an array or a
+    sweep of one job (--array, or -f with `sweep:`)."""
+    template, what = None, None
     if job_file:
+        if array_spec:
+            raise click.UsageError("give --array with flags, or `array:` in the file")
         data = load_structured(job_file)
-        jobs = data if isinstance(data, list) else [data]
+        if isinstance(data, dict) and ("sweep" in data or "array" in data):
+            template = dict(data)
+            what = {k: template.pop(k) for k in ("sweep", "array") if k in template}
+            if len(what) > 1:
+                raise ValidationError(f"{job_file}: give `sweep:` or `array:`, not both (a "
+                                      "range can be swept: `seed: {range: 1-10}`)")
+        else:
+            jobs = data if isinstance(data, list) else [data]
     else:
+        if array_spec and flags.get("application") and not flags.get("name"):
+            flags["name"] = f"{flags['application']}-{{index}}"
         if not flags.get("name") or not flags.get("application"):
             raise click.UsageError("give --name and --app, or -f FILE")
         job = {k: v for k, v in flags.items() if v not in (None, ())}
@@ -92,8 +115,13 @@ def job_add(ctx, job_file, params, as_json, **flags) -> None:
         if params:
             job["parameters"] = parse_kv(params, "--param")
         jobs = [job]
+        if array_spec:
+            template, what = job, {"array": array_spec}
+    c = client_of(ctx)
     t0 = time.perf_counter()
-    ids = client_of(ctx).add_jobs(jobs)
+    if template is not None:
+        return _add_array(c, template, what, t0, as_json)
+    ids = c.add_jobs(jobs)
     dt = time.perf_counter() - t0
     if as_json:
         return console.print_json({"ids": ids})
@@ -104,21 +132,80 @@ def job_add(ctx, job_file, params, as_json, **flags) -> None:
                           f"({len(ids) / dt:,.0f} jobs/s)")
 
 
+def _add_array(c, template: dict, what: dict, t0: float, as_json: bool) -> None:
+    n = len(arrays.Elements(what.get("array"), what.get("sweep")))  # a bad spec stops here
+    if n > arrays.CHUNK:
+        parts = -(-n // arrays.CHUNK)
+        console.err.print(f"{n:,} jobs: sending them in {parts} requests of at most "
+                          f"{arrays.CHUNK:,}; each request is added all or none")
+    done = {"n": 0}
+
+    def chunk(k: int, total: int) -> None:
+        done["n"] = k
+        if total > arrays.CHUNK and not as_json:
+            console.err.print(f"  {k:,} of {total:,} added")
+
+    try:
+        if "sweep" in what:
+            r = c.add_sweep(template, what["sweep"], on_chunk=chunk)
+        else:
+            r = c.add_array(template, what["array"], on_chunk=chunk)
+    except PilotfishError as exc:
+        if done["n"]:  # say what stays: earlier requests were committed
+            exc.args = (f"{exc} ({done['n']:,} of {n:,} jobs were added before this request; "
+                        "they stay)",)
+        raise
+    dt = time.perf_counter() - t0
+    ids = r["ids"]
+    if as_json:
+        return console.print_json(r)
+    console.out.print(f"array {r['array']}: {len(ids):,} jobs added (ids {ids[0]}..{ids[-1]}) "
+                      f"in {dt:.2f} s ({len(ids) / dt:,.0f} jobs/s)")
+
+
 @job_group.command("ls", context_settings=CTX)
 @filter_options
-@click.option("--limit", type=PLAIN_INT, default=100, show_default=True, help="0 for all.")
-@click.option("--offset", type=PLAIN_INT, default=0)
-@click.option("--newest", is_flag=True, help="Newest first.")
+@click.option("--limit", type=click.IntRange(0), default=100, show_default=True,
+              help="Jobs per page; 0 for all.")
+@click.option("--page", type=click.IntRange(1), help="Page N of --limit jobs.")
+@click.option("--offset", type=click.IntRange(0), default=0, help="Skip this many jobs.")
+@click.option("--all", "all_", is_flag=True, help="Every matching job (same as --limit 0).")
+@click.option("--oldest", is_flag=True, help="Oldest first.")
+@click.option("--newest", is_flag=True, help="Newest first (the default).")
 @json_option
 @click.pass_context
-def job_ls(ctx, limit, offset, newest, as_json, **f) -> None:
-    """List jobs, oldest first."""
-    rows = client_of(ctx).jobs(make_filter(**f), limit=limit, offset=offset, newest=newest)
+def job_ls(ctx, limit, page, offset, all_, oldest, newest, as_json, **f) -> None:
+    """List jobs, newest first (--oldest to turn it round), a page of --limit at a time.
+
+    --json gives every listed field, with created, started, ended and state_time in ISO 8601.
+    """
+    if all_:
+        limit = 0
+    if page is not None:
+        if offset:
+            raise click.UsageError("give --page or --offset, not both")
+        if not limit:
+            raise click.UsageError("--page needs a --limit (not 0 or --all)")
+        offset = (page - 1) * limit
+    flt = make_filter(**f)
+    c = client_of(ctx)
+    rows = c.jobs(flt, limit=limit, offset=offset, newest=not oldest)
     if as_json:
-        return console.print_json(rows)
+        return console.print_json(console.iso_times(rows))
     console.table(rows, JOB_COLUMNS)
-    if limit and len(rows) == limit:
-        console.err.print(f"(first {limit}; use --limit/--offset for more)")
+    if limit and (len(rows) == limit or offset):
+        total = sum(c.counts(flt).values())
+        if not rows:
+            console.err.print(f"no jobs past the first {min(offset, total):,}: {total:,} match")
+        elif total > len(rows):
+            first = offset + 1
+            order = "oldest" if oldest else "newest"
+            more = ""
+            if offset + len(rows) < total:
+                more = (f"; --page {offset // limit + 2} for the next {limit:,}, --all for all"
+                        if offset % limit == 0 else "; --all for all")
+            console.err.print(f"showing {first:,}-{offset + len(rows):,} of {total:,} "
+                              f"({order} first){more}")
 
 
 @job_group.command("show", context_settings=CTX)
@@ -126,20 +213,43 @@ def job_ls(ctx, limit, offset, newest, as_json, **f) -> None:
 @json_option
 @click.pass_context
 def job_show(ctx, job_id, as_json) -> None:
-    """Everything about one job, with its state history."""
+    """Everything about one job, with its state history (times are local; --json gives
+    ISO 8601)."""
     d = client_of(ctx).job(job_id)
     if as_json:
-        return console.print_json(d)
+        return console.print_json(console.iso_times(d))
     events = d.pop("events")
     if d.get("waiting") is None:
         d.pop("waiting", None)
-    console.out.print(yaml.safe_dump(d, sort_keys=False).rstrip())
+    for k, v in d.items():
+        if k in console.TIME_KEYS:
+            console.out.print(f"{k}: {console.local_time(v)}", markup=False)
+        elif k == "workdir":
+            console.out.print(_workdir_line(v, home_of(ctx)), markup=False)
+        else:
+            # job data is text, never rich markup ("[/x]" in a description would crash rich)
+            console.out.print(yaml.safe_dump({k: v}, sort_keys=False, width=10**6).rstrip(),
+                              markup=False)
     console.out.print("history:")
     for e in events:
         path = [e["from_state"] or "·"] + (e["via"].split(",") if e["via"] else []) \
             + [e["to_state"]]
-        console.out.print(f"  {console.fmt(e['time'])}  {' -> '.join(path)}"
-                          + (f"  ({e['message']})" if e["message"] else ""))
+        console.out.print(f"  {console.local_time(e['time'])}  {' -> '.join(path)}"
+                          + (f"  ({e['message']})" if e["message"] else ""), markup=False)
+
+
+def _workdir_line(rel: str, home) -> str:
+    """The whole path when this machine's default work root holds the job's workdir (an agent
+    of this home ran it here); else the relative one and what it is relative to."""
+    root = settings.work_root(home)
+    if rel and (root / rel).is_dir():
+        return f"workdir: {root / rel}"
+    return f"workdir: {rel}  # {WORKDIR_NOTE}"
+
+
+#: The server does not know where an agent keeps its workdirs (each agent has its own root).
+WORKDIR_NOTE = ("relative to the work root of the agent that ran it (by default "
+                "$PILOTFISH_HOME/work, or its --work-root)")
 
 
 def _select(ids, f) -> dict:

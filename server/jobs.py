@@ -91,11 +91,7 @@ def build_job(msg: Any, app_by_name: Callable[[str], App], roots: DataRoots) -> 
     for k in RESOURCE_KEYS:
         row[k] = msg[k] if msg.get(k) is not None else app.resources[k]
     check_resources(row, f"job {name!r}")
-    desc = msg.get("description") or ""
-    if not isinstance(desc, str) or len(desc) > 10_000 or "\x00" in desc:
-        raise ValidationError(f"job {name!r}: description must be a string without NUL, "
-                              "at most 10,000 characters")
-    row["description"] = desc
+    row["description"] = check_description(msg.get("description"), name)
     row["site"] = _opt_name(msg.get("site"), "site")
     row["queue"] = _opt_name(msg.get("queue"), "queue")
     row["project"] = _opt_name(msg.get("project"), "project")
@@ -116,6 +112,14 @@ def build_job(msg: Any, app_by_name: Callable[[str], App], roots: DataRoots) -> 
     row["parents"] = sorted(set(parents))
     row["image"] = check_job_image(app.container, msg.get("image"), app.name, name)
     return row
+
+
+def check_description(value: Any, name: str) -> str:
+    desc = value or ""
+    if not isinstance(desc, str) or len(desc) > 10_000 or "\x00" in desc:
+        raise ValidationError(f"job {name!r}: description must be a string without NUL, "
+                              "at most 10,000 characters")
+    return desc
 
 
 def workdir_for(job_id: int, name: str, group: str | None) -> str:

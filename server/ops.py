@@ -4,16 +4,18 @@ Each op validates everything before it changes anything, so a refused request ch
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any, Callable, NamedTuple
 
 from sqlalchemy import delete, func, or_, select
 
-from pilotfish import __version__
+from pilotfish import __version__, arrays
 from pilotfish.errors import (Forbidden, IllegalTransition, NotFound, PilotfishError,
                               ValidationError)
 from pilotfish.keys import ADMIN, AGENT, READER, SUBMITTER
+from pilotfish.protocol import MAX_MESSAGE_BYTES
 from pilotfish.validate import check_int, check_name, echo, echo_keys, wire_safe
 
 from . import states
@@ -21,7 +23,8 @@ from .apps import App, app_from_spec, check_resources
 from .core import JobServer, shape_of
 from .db import apps as apps_t
 from .db import job_events, job_parents, jobs
-from .jobs import (ALTERABLE, INT_RANGES, build_job, check_tags, check_url, tags_list,
+from .jobs import (ALTERABLE, INT_RANGES, build_job, check_description, check_tags, check_url,
+                   tags_list,
                    workdir_for)
 from .states import State
 from .store import chunks
@@ -31,7 +34,9 @@ MAX_JOBS_PER_REQUEST = 100_000
 #: The states a user may ask for; the rest are reached only by running jobs.
 USER_STATES = (S.USER_KILLED, S.RESTART_READY)
 OPS: dict[str, Callable[[JobServer, dict, float], Any]] = {}
-_FILTER_KEYS = {"ids", "state", "app", "site", "group", "tag", "name", "owner"}
+_FILTER_KEYS = {"ids", "state", "app", "site", "group", "tag", "name", "owner", "array"}
+#: The tag prefix that marks a job of an array (``array:<array id>``); never a user tag.
+ARRAY_TAG = "array:"
 
 
 class Caller(NamedTuple):
@@ -235,6 +240,12 @@ def job_add(srv: JobServer, args: dict, now: float, caller: Caller = LOCAL_ADMIN
         except PilotfishError as exc:
             where = f"job #{i + 1}: " if len(msgs) > 1 else ""
             raise type(exc)(f"{where}{exc}") from None
+    return {"ids": insert_jobs(srv, rows, now, caller.name)}
+
+
+def insert_jobs(srv: JobServer, rows: list[dict], now: float, owner: str | None) -> list[int]:
+    """Add checked rows (from build_job) with new ids: their parents, first states, queue;
+    ``owner``: the key name that adds them (None: the home's own, unnamed, admin)."""
     parent_ids = {p for r in rows for p in r["parents"]}
     parent_state: dict[int, str] = {}
     if parent_ids:
@@ -268,11 +279,102 @@ def job_add(srv: JobServer, args: dict, now: float, caller: Caller = LOCAL_ADMIN
         row.update(id=job_id, state_time=now, created=now, retries=0, attempts=0,
                    workdir=workdir_for(job_id, row["name"], row["group_identifier"]),
                    started=None, ended=None, exit_code=None, message=msg, agent=None,
-                   owner=caller.name)
+                   owner=owner)
         b.insert_job(row, path, msg)
         if path[-1] is ready:
             srv.enqueue(job_id, row)
-    return {"ids": ids}
+    return ids
+
+
+@op(SUBMITTER, args=("job", "array", "sweep", "first", "count", "array_id"), caller=True)
+def job_add_array(srv: JobServer, args: dict, now: float, caller: Caller = LOCAL_ADMIN) -> dict:
+    """An array (``array``: an index spec) or a sweep (``sweep``: parameter -> values) of one job
+    template, expanded here: elements ``first`` .. ``first + count - 1`` in this request. Each
+    job is checked and added like any ``job_add`` (all or none) and tagged ``array:<id>``; the
+    array id is the first job's id, and later requests of the same array name it (``array_id``).
+    """
+    template = _arg(args, "job", dict, required=True)
+    elems = arrays.Elements(args.get("array"), args.get("sweep"))
+    first = _arg(args, "first", int, 0)
+    count = _arg(args, "count", int, min(len(elems), MAX_JOBS_PER_REQUEST))
+    join = _arg(args, "array_id", int)
+    if not 0 < count <= MAX_JOBS_PER_REQUEST or first + count > len(elems):
+        raise ValidationError(f"elements {first}..{first + count - 1} of an array of "
+                              f"{len(elems):,}: at most {MAX_JOBS_PER_REQUEST:,} per request, "
+                              "within the array")
+    if "tags" in template and not isinstance(template["tags"], (list, type(None))):
+        raise ValidationError("tags must be a list of names")
+    template = dict(template)
+    if "config_file" in template and "parameters" not in template:
+        template["parameters"] = template.pop("config_file")
+    fixed = template.get("parameters") or {}
+    if not isinstance(fixed, dict):
+        raise ValidationError("parameters must be a map")
+    both = fixed.keys() & {n for n, _ in elems.axes}
+    if both:
+        raise ValidationError(f"parameter(s) {', '.join(sorted(both))} both fixed and swept")
+    filler = arrays.Template(template, elems.names())
+    # the stored size of this request: an array multiplies its template, so it gets the budget
+    # of one job_add message (which could not carry more)
+    try:
+        size = len(json.dumps(template)) * count
+    except (TypeError, ValueError, RecursionError):
+        raise ValidationError("a job template must be plain JSON data") from None
+    if size > MAX_MESSAGE_BYTES:
+        raise ValidationError(f"{count:,} jobs of this template are about {size >> 20} MB; at "
+                              f"most {MAX_MESSAGE_BYTES >> 20} MB per request: send fewer "
+                              "elements per request or shorten the template")
+    if join is not None:
+        srv.sync()
+        r = srv.conn.execute(select(jobs.c.tags).where(jobs.c.id == join)).first()
+        if r is None or f",{ARRAY_TAG}{join}," not in r.tags:
+            raise NotFound(f"no array {join}")
+    rows = _array_rows(srv, filler, elems, first, count)
+    # a reserved tag: user tags are names, which cannot hold ':'
+    tags = (rows[0]["tags"] or ",") + f"{ARRAY_TAG}{join if join is not None else srv.next_id},"
+    for r in rows:
+        r["tags"] = tags
+    ids = insert_jobs(srv, rows, now, caller.name)
+    return {"ids": ids, "array": join if join is not None else ids[0], "elements": len(elems)}
+
+
+def _array_rows(srv: JobServer, filler: arrays.Template, elems: arrays.Elements, first: int,
+                count: int) -> list[dict]:
+    """The rows of elements first .. first + count - 1. The first element is checked whole by
+    build_job; the others differ from it only in the fields placeholders and the sweep fill
+    (name, description, some parameters), so only those are checked again: the same checks,
+    without paying for the rest 100,000 times."""
+    it = elems.slice(first, count)
+    index, values = next(it)
+    try:
+        base = build_job(filler.fill(index, values), srv.app)
+    except PilotfishError as exc:
+        raise type(exc)(f"job #{first + 1}: {exc}" if len(elems) > 1 else str(exc)) from None
+    app = srv.apps[base["app_id"]]
+    name_f, desc_f = filler.text_filler("name"), filler.text_filler("description")
+    params_f = filler.param_fill
+    swept = [k for k, _ in elems.axes]
+    checks = {k: app.params[k].check for k in [k for k, _ in params_f] + swept}
+    rows = [base]
+    for n, (index, values) in enumerate(it, 2):
+        subst = {"index": index, **values}
+        row = base.copy()
+        try:
+            if name_f is not None:
+                row["name"] = check_name(arrays.run(name_f, subst), "job name")
+            if desc_f is not None:
+                row["description"] = check_description(arrays.run(desc_f, subst), row["name"])
+            if checks:
+                params = base["parameters"].copy()
+                for k, f in params_f:
+                    params[k] = checks[k](arrays.run(f, subst), app.name)
+                for k in swept:
+                    params[k] = checks[k](values[k], app.name)
+                row["parameters"] = params
+        except PilotfishError as exc:
+            raise type(exc)(f"job #{first + n}: {exc}") from None  # counted in the array
+        rows.append(row)
+    return rows
 
 
 # -- jobs: read ------------------------------------------------------------------------------
@@ -310,6 +412,12 @@ def where_of(f: dict | None, srv: JobServer) -> list:
         conds.append(jobs.c.name == f["name"])
     if f.get("owner"):
         conds.append(jobs.c.owner == f["owner"])
+    if f.get("array") is not None:
+        a = f["array"]
+        if type(a) is not int or not 0 < a <= MAX_ID:
+            raise ValidationError("filter 'array' must be an array id (its first job's id)")
+        # every job of an array has an id >= the array's: the key bounds the tag scan
+        conds += [jobs.c.id >= a, jobs.c.tags.contains(f",{ARRAY_TAG}{a},")]
     return conds
 
 
@@ -319,6 +427,8 @@ def _job_dict(srv: JobServer, r) -> dict:
     d["application"] = app.name if app else None
     d["tags"] = tags_list(d["tags"])
     d["group"] = d.pop("group_identifier")
+    d["array"] = next((int(t[len(ARRAY_TAG):]) for t in d["tags"] if t.startswith(ARRAY_TAG)),
+                      None)
     return d
 
 
@@ -330,7 +440,8 @@ def job_ls(srv: JobServer, args: dict, now: float) -> list:
     srv.sync()
     q = select(jobs.c.id, jobs.c.name, jobs.c.app_id, jobs.c.state, jobs.c.attempts,
                jobs.c.site, jobs.c.group_identifier, jobs.c.tags, jobs.c.priority,
-               jobs.c.state_time, jobs.c.exit_code, jobs.c.agent, jobs.c.message, jobs.c.owner)
+               jobs.c.state_time, jobs.c.created, jobs.c.started, jobs.c.ended,
+               jobs.c.exit_code, jobs.c.agent, jobs.c.message, jobs.c.owner)
     for c in where_of(args.get("filter"), srv):
         q = q.where(c)
     q = q.order_by(jobs.c.id.desc() if newest else jobs.c.id).offset(offset)
@@ -342,11 +453,17 @@ def job_ls(srv: JobServer, args: dict, now: float) -> list:
 
 @op(READER, args=("filter",))
 def job_counts(srv: JobServer, args: dict, now: float) -> dict:
-    if not args.get("filter"):
+    f = args.get("filter")
+    if not f:
         return srv.counts()  # kept in memory: no scan of a million rows per `job wait` poll
+    conds = where_of(f, srv)  # checks the filter
+    if set(f) == {"state"}:  # from memory too: `job ls --state X` asks for its footer
+        wanted = {states.parse(s).value for s in (f["state"] if isinstance(f["state"], list)
+                                                  else [f["state"]])}
+        return {k: v for k, v in srv.counts().items() if k in wanted}
     srv.sync()
     q = select(jobs.c.state, func.count())
-    for c in where_of(args.get("filter"), srv):
+    for c in conds:
         q = q.where(c)
     return {r[0]: r[1] for r in srv.conn.execute(q.group_by(jobs.c.state))}
 
@@ -506,8 +623,10 @@ def job_alter(srv: JobServer, args: dict, now: float, caller: Caller = LOCAL_ADM
         new = dict(changes)
         if "parameters" in new:
             new["parameters"] = srv.apps[r.app_id].check_params(new["parameters"])
-        if "tags" in new:
-            new["tags"] = check_tags(new["tags"])
+        if "tags" in new:  # an array's tag stays: it is the job's membership, not a label
+            kept = "".join(f"{t}," for t in tags_list(r.tags) if t.startswith(ARRAY_TAG))
+            new["tags"] = ((check_tags(new["tags"]) or ",") + kept) if kept \
+                else check_tags(new["tags"])
         for k in ("input_url", "output_url"):
             if k in new:
                 new[k] = check_url(new[k], k, srv.data_roots)

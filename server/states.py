@@ -85,12 +85,26 @@ del _T, _f, _s
 
 
 def parse(name: str) -> State:
-    """A state from its name, or a clear error listing the names."""
-    try:
-        return State(name.upper())
-    except (ValueError, AttributeError):
+    """A state from its name in any case, or from a unique prefix of it (``fin`` is no state;
+    ``job_f`` is JOB_FINISHED), or from a unique prefix of one of its words (``killed`` is
+    USER_KILLED); else a clear error listing the candidates or the names."""
+    if not isinstance(name, str):
         raise IllegalTransition(f"unknown state {echo(name)}; states are: "
-                                f"{', '.join(s.value for s in State)}") from None
+                                f"{', '.join(s.value for s in State)}")
+    key = name.strip().upper().replace("-", "_")
+    if key in State.__members__:
+        return State[key]
+    if key:
+        for match in (lambda s: s.value.startswith(key),
+                      lambda s: any(w.startswith(key) for w in s.value.split("_"))):
+            found = [s for s in State if match(s)]
+            if len(found) == 1:
+                return found[0]
+            if found:
+                raise IllegalTransition(f"state {echo(name)} is ambiguous: it could be "
+                                        f"{', '.join(s.value for s in found)}")
+    raise IllegalTransition(f"unknown state {echo(name)}; states are: "
+                            f"{', '.join(s.value for s in State)}")
 
 
 def is_legal(frm: State, to: State) -> bool:

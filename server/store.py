@@ -5,6 +5,8 @@ change against the state machine and writes the ``job_events`` row beside the jo
 """
 from __future__ import annotations
 
+import json
+from operator import itemgetter
 from typing import Any, Iterable
 
 from sqlalchemy import JSON, bindparam
@@ -80,7 +82,7 @@ class Batch:
     def execute(self, conn: Connection) -> None:
         """Write everything recorded so far on ``conn`` (inside the caller's transaction)."""
         if self.job_inserts:
-            conn.execute(jobs.insert(), self.job_inserts)
+            self._insert_jobs(conn, self.job_inserts)
             self.job_inserts = []
         if self.parent_inserts:
             conn.execute(job_parents.insert(), self.parent_inserts)
@@ -97,6 +99,36 @@ class Batch:
         if self.events:
             self._run(conn, job_events, _EVENT_COLS, self.events)
             self.events = []
+
+    def _insert_jobs(self, conn: Connection, rows: list[dict]) -> None:
+        """New jobs. On SQLite: one compiled INSERT and plain tuples to the driver, the JSON
+        column serialized here as SQLAlchemy's SQLite JSON type does (``json.dumps``):
+        SQLAlchemy's per-row parameter processing was about half the server's time in a
+        100,000-job add. Other databases, or rows of different shapes, take the Core path."""
+        cols = tuple(rows[0])
+        if conn.dialect.name != "sqlite" or any(len(r) != len(cols) for r in rows):
+            conn.execute(jobs.insert(), rows)
+            return
+        key = ("jobs", cols, "insert")
+        sql = self._stmts.get(key)
+        if sql is None:
+            compiled = jobs.insert().values({c: bindparam(c) for c in cols}).compile(
+                dialect=conn.dialect)
+            sql = (compiled.string, tuple(compiled.positiontup))
+            self._stmts[key] = sql
+        text, order = sql
+        params = list(map(itemgetter(*order), rows))
+        for k, c in enumerate(order):
+            if isinstance(jobs.c[c].type, JSON):
+                dumps = json.dumps
+                params = [t[:k] + (dumps(t[k]),) + t[k + 1:] for t in params]
+        if not conn.in_transaction():
+            conn.begin()
+        cur = conn.connection.dbapi_connection.cursor()
+        try:
+            cur.executemany(text, params)
+        finally:
+            cur.close()
 
     def _run(self, conn: Connection, table, cols: tuple[str, ...], params: list[dict]) -> None:
         """An update (cols + ``_id``) or, for job_events, an insert: executemany on the driver.

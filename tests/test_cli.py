@@ -268,35 +268,38 @@ def test_job_ls_filters_and_json(populated):
     """job ls filters by state, app, group, tag, name and limit; --json parses as JSON."""
     home = populated.home
     ok(home, "job", "kill", "3")
-    rows = ok_json(home, "job", "ls")
+    rows = ok_json(home, "job", "ls", "--oldest")
     assert ids_of(rows) == [1, 2, 3, 4, 5, 6]
     assert {k for k in rows[0]} >= {"id", "name", "application", "state", "group", "tags"}
-    assert ids_of(ok_json(home, "job", "ls", "--state", "USER_KILLED")) == [3]
-    assert ids_of(ok_json(home, "job", "ls", "--state", "ready")) == [1, 2, 4, 5, 6]
-    assert ids_of(ok_json(home, "job", "ls", "--state", "USER_KILLED", "--state",
+    assert ids_of(ok_json(home, "job", "ls", "--oldest", "--state", "USER_KILLED")) == [3]
+    assert ids_of(ok_json(home, "job", "ls", "--oldest", "--state", "ready")) == [1, 2, 4, 5, 6]
+    assert ids_of(ok_json(home, "job", "ls", "--oldest", "--state", "USER_KILLED", "--state",
                           "READY")) == [1, 2, 3, 4, 5, 6]
-    assert ids_of(ok_json(home, "job", "ls", "--app", "other")) == [4, 5, 6]
-    assert ids_of(ok_json(home, "job", "ls", "--group", "g2")) == [3, 4]
-    assert ids_of(ok_json(home, "job", "ls", "--tag", "red")) == [1, 2]  # not "reddish"
-    assert ids_of(ok_json(home, "job", "ls", "--tag", "blue", "--app", "echo")) == [2, 3]
-    assert ids_of(ok_json(home, "job", "ls", "--name", "a2")) == [2, 6]
-    assert ids_of(ok_json(home, "job", "ls", "--name", "a2", "--app", "echo")) == [2]
-    assert ids_of(ok_json(home, "job", "ls", "--limit", "2")) == [1, 2]
-    assert ids_of(ok_json(home, "job", "ls", "--limit", "2", "--offset", "2")) == [3, 4]
+    assert ids_of(ok_json(home, "job", "ls", "--oldest", "--app", "other")) == [4, 5, 6]
+    assert ids_of(ok_json(home, "job", "ls", "--oldest", "--group", "g2")) == [3, 4]
+    assert ids_of(ok_json(home, "job", "ls", "--oldest", "--tag", "red")) == [1, 2]  # not "reddish"
+    assert ids_of(ok_json(home, "job", "ls", "--oldest", "--tag", "blue", "--app",
+                          "echo")) == [2, 3]
+    assert ids_of(ok_json(home, "job", "ls", "--oldest", "--name", "a2")) == [2, 6]
+    assert ids_of(ok_json(home, "job", "ls", "--oldest", "--name", "a2", "--app", "echo")) == [2]
+    assert ids_of(ok_json(home, "job", "ls", "--limit", "2")) == [6, 5]  # newest first
+    assert ids_of(ok_json(home, "job", "ls", "--limit", "2", "--offset", "2")) == [4, 3]
+    assert ids_of(ok_json(home, "job", "ls", "--oldest", "--limit", "2", "--page", "2")) \
+        == [3, 4]
     assert ids_of(ok_json(home, "job", "ls", "--newest", "--limit", "1")) == [6]
-    assert ok_json(home, "job", "ls", "--group", "nosuch") == []
+    assert ok_json(home, "job", "ls", "--oldest", "--group", "nosuch") == []
 
     r = run_cli(home, "job", "ls", "--limit", "2")
     assert r.returncode == 0
     lines = r.stdout.splitlines()
     assert re.match(r"ID\s+NAME\s+APP\s+STATE\s+TRIES\s+GROUP\s+TAGS\s+PRIO", lines[0])
-    assert re.match(r"1\s+a1\s+echo\s+READY\s+0\s+g1\s+red\s+0", lines[1])
+    assert re.match(r"6\s+a2\s+other\s+READY\s+0\s+-\s+reddish\s+0", lines[1])
     assert len(lines) == 3
-    assert "first 2; use --limit/--offset for more" in r.stderr
+    assert "showing 1-2 of 6 (newest first); --page 2 for the next 2" in r.stderr
     r = run_cli(home, "job", "ls", "--state", "USER_KILLED")
     assert re.search(r"^3\s+a3\s+echo\s+USER_KILLED", r.stdout, re.M) and r.stderr == ""
-    assert "unknown state 'FINISHED'" in error_text(run_cli(home, "job", "ls", "--state",
-                                                            "FINISHED"))
+    assert "state 'FINISHED' is ambiguous: it could be EXECUTION_FINISHED, JOB_FINISHED" in \
+        error_text(run_cli(home, "job", "ls", "--state", "FINISHED"))
     assert "no app named 'nope'" in error_text(run_cli(home, "job", "ls", "--app", "nope"))
 
 

@@ -8,7 +8,7 @@ PKG = Path(pilotfish.__file__).resolve().parent
 ROOMS = {"server": "pilotfish.server", "pilot": "pilotfish.pilot",
          "launcher": "pilotfish.launcher", "container": "pilotfish.container"}
 CORE = ["protocol.py", "settings.py", "errors.py", "validate.py", "console.py", "client.py",
-        "pilotstate.py"]
+        "pilotstate.py", "arrays.py"]
 
 
 def in_package(module: str, package: str) -> bool:
