@@ -347,7 +347,7 @@ def _array_rows(srv: JobServer, filler: arrays.Template, elems: arrays.Elements,
     it = elems.slice(first, count)
     index, values = next(it)
     try:
-        base = build_job(filler.fill(index, values), srv.app)
+        base = build_job(filler.fill(index, values), srv.app, srv.data_roots)
     except PilotfishError as exc:
         raise type(exc)(f"job #{first + 1}: {exc}" if len(elems) > 1 else str(exc)) from None
     app = srv.apps[base["app_id"]]

@@ -23,6 +23,7 @@ from pilotfish import keys
 from pilotfish import protocol as P
 from pilotfish.client import Client
 from pilotfish.errors import Forbidden, PilotfishError, ValidationError
+from pilotfish.server import gc_ops, pilot_ops  # noqa: F401  (they register their ops)
 from pilotfish.server.ops import OPS
 from pilotfish.server import pilot_ops  # noqa: F401  (registers the pilot ops)
 
@@ -35,9 +36,9 @@ ROLES = ("admin", "submitter", "agent", "reader")
 
 READ = {"ping", "status", "agent_ls", "app_ls", "app_show", "job_ls", "job_counts",
         "job_summary", "job_show", "pilot_ls", "site_status"}
-SUBMIT = READ | {"job_add", "job_kill", "job_retry", "job_alter", "job_rm", "pilot_add",
-                 "pilot_update", "site_backlog", "site_report"}
-ADMIN_ONLY = {"app_add", "app_alter", "app_rm", "shutdown"}
+SUBMIT = READ | {"job_add", "job_add_array", "job_kill", "job_retry", "job_alter", "job_rm",
+                 "pilot_add", "pilot_update", "site_backlog", "site_report"}
+ADMIN_ONLY = {"app_add", "app_alter", "app_rm", "shutdown", "gc"}
 #: What each role may call: written out here, not read from the server's declarations.
 ALLOWED = {"admin": SUBMIT | ADMIN_ONLY, "submitter": SUBMIT, "reader": READ, "agent": set()}
 
@@ -158,6 +159,9 @@ def _args(op: str, role: str) -> dict:
         "app_rm": {"name": "no-such-app"},
         "job_add": {"jobs": [{"name": f"j-{role}", "application": "echo",
                               "parameters": {"x": "1"}}]},
+        "job_add_array": {"job": {"name": f"a-{role}-{{index}}", "application": "echo",
+                                  "parameters": {"x": "{index}"}}, "array": "1-2"},
+        "gc": {"before": 1.0},
         "job_ls": {"filter": {}, "limit": 5}, "job_counts": {"filter": {}},
         "job_summary": {"filter": {}}, "job_show": {"id": 1},
         "job_kill": {"filter": {"ids": [999999]}}, "job_retry": {"filter": {"ids": [999999]}},
@@ -204,7 +208,9 @@ def test_every_op_by_every_role(server):
         "key 'submitter' (submitter) may not app_add: it needs the role admin"
     # refusals changed nothing: only the admin's and the submitter's jobs and pilots exist
     with client(server, "boss") as c:
-        assert sorted(j["name"] for j in c.jobs()) == ["first", "j-admin", "j-submitter"]
+        assert sorted(j["name"] for j in c.jobs()) == [
+            "a-admin-1", "a-admin-2", "a-submitter-1", "a-submitter-2", "first", "j-admin",
+            "j-submitter"]
         assert sorted(p["id"] for p in c.pilots(all=True)) == ["p-admin", "p-submitter"]
         assert sorted(a["name"] for a in c.apps()) == ["e-admin", "echo"]
         assert c.app("echo")["description"] == "admin"
