@@ -13,9 +13,16 @@ cut off from the server, or behind a server that is down -- stops its tasks and 
 queued ones (its guard does the same should the agent itself be stopped), says hello again and
 takes no work until welcomed. It cannot tell a cut from a server restart; a restart shorter than
 that bound is re-adopted as before (the restarted server gives known agents a full lease from
-its start). While it holds tasks the agent heartbeats every half period, so the server must
-answer within the bound minus half a heartbeat (3.5 s at the default 2 s heartbeats), else the
-agent fences its tasks though nothing was cut.
+its start).
+
+A busy server is no cut. The connection runs ZMTP heartbeats, which libzmq's I/O threads answer
+whatever the server's main thread is doing, so a dead link -- a cut, a stopped or dead server --
+drops within ``LINK_TIMEOUT``. A message sent over a link that has stayed up since, to a server
+that has refused nothing since, is in the server's queue and will be read, in order, before the
+server counts any lease out (it expires leases only once it has read everything waiting): its
+send time renews our leases as an acknowledgement would (``credit``). So a server busy for
+seconds (adding 100,000 jobs) stops no task, and a drop or a refusal takes the credit back at
+once, leaving only acknowledged renewals (the guard's deadline moves back too).
 """
 from __future__ import annotations
 
@@ -47,6 +54,15 @@ PREFETCH_HORIZON = 0.02
 PREFETCH_MAX = 16
 #: Minimum seconds between updates while the agent has queued work (batches updates under load).
 REPORT_INTERVAL = 0.005
+
+
+#: ZMTP heartbeats of the agent's connection: a ping every LINK_PING seconds, and the link is
+#: dropped (and the agent's credit with it) after LINK_TIMEOUT seconds without traffic. Both
+#: are well inside the smallest lease (1.5 s at 0.5 s heartbeats) less the kill grace.
+LINK_PING = 0.25
+LINK_TIMEOUT = 0.6
+_LINK_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+                | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
 
 
 class Agent:
@@ -83,12 +99,21 @@ class Agent:
         # at most half a second between reconnection attempts: a restarted server must hear
         # from us well within the fencing bound, or we stop the tasks it would re-adopt
         self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
+        # ZMTP heartbeats: libzmq's I/O threads ping and answer, also while the server's main
+        # thread is busy, so a dead link (a cut, a stopped or dead server) is seen within
+        # LINK_PING + LINK_TIMEOUT, and a live link tells a busy server from a lost one
+        self.sock.setsockopt(zmq.HEARTBEAT_IVL, int(LINK_PING * 1000))
+        self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(LINK_TIMEOUT * 1000))
         keys.apply_client(self.sock, curve)  # CurveZMQ to a tcp:// server (None: plain ipc)
-        if curve is not None:  # a refused key is the agent's to tell: its server says no more
-            keys.watch_handshakes(self.sock, log, f"agent {self.id}")
+        self.curve = curve is not None
+        self.link = self.sock.get_monitor_socket(_LINK_EVENTS)
+        self.link_up = False
+        self.link_errors = 0
+        self.link_error_logged = 0.0
         self.sock.connect(server)
         self.poller = zmq.Poller()
         self.poller.register(self.sock, zmq.POLLIN)
+        self.poller.register(self.link, zmq.POLLIN)
         self.fd_tasks: dict[int, Task] = {}
         self.ex = Executor(resources.cores, resources.gpus, work_root, self._watch, self._unwatch,
                            fake=fake_exec, launch=launcher, contain=container, staging=staging,
@@ -109,6 +134,10 @@ class Agent:
         self.hello_at: float | None = None
         self.fence_bound = self.fence_grace = 0.0
         self.fenced_for = 0.0   # the renewal whose bound ran out (fenced once for it)
+        #: Send time of our newest message sent over a link that has stayed up since, to a
+        #: server that has refused nothing since (0: none): it will be read, in order, and
+        #: renew our leases, however busy the server is (see the module doc).
+        self.credit = 0.0
         self.fences = 0
         self.last_sent = 0.0
         self.last_demand: tuple | None = None
@@ -129,6 +158,11 @@ class Agent:
     def _send(self, frame: bytes, useq: int | None = None) -> None:
         self.sock.send(frame)
         self.last_sent = time.time()
+        if self.link_up and self.welcomed:
+            base = self.lease_base()
+            self.credit = time.monotonic()
+            if self.fence_bound and self.credit - base >= self.heartbeat / 8:
+                self.ex.set_fence(self.credit + self.fence_bound, self.fence_grace)
         if useq is not None:
             if len(self.sent_at) >= 100_000:  # a very long cut: forget the oldest
                 del self.sent_at[min(self.sent_at)]
@@ -145,20 +179,64 @@ class Agent:
             return  # an older acknowledgement (a resend, a late message): nothing new
         self.renewed = sent
         if self.fence_bound and self.welcomed:
-            self.ex.set_fence(sent + self.fence_bound, self.fence_grace)
+            self.ex.set_fence(self.lease_base() + self.fence_bound, self.fence_grace)
+
+    def lease_base(self) -> float:
+        """From when our leases surely run a lease period: the newest renewal, or the newest
+        message on a link that stayed up (the server reads it before it counts leases out)."""
+        return max(self.renewed, self.credit)
+
+    def revoke_credit(self, why: str) -> None:
+        """The link dropped, or the server refused a message: what we sent may never renew
+        anything; only acknowledged renewals count (and the guard's deadline moves back)."""
+        if not self.credit:
+            return
+        self.credit = 0.0
+        log.info("agent %s: %s: leases count from the last acknowledged renewal (%.2f s ago)",
+                 self.id, why, time.monotonic() - self.renewed if self.renewed else -1)
+        if self.fence_bound and self.renewed and self.welcomed:
+            self.ex.set_fence(self.renewed + self.fence_bound, self.fence_grace)
+
+    def on_link(self) -> None:
+        """Events of our connection (libzmq's monitor): up, down, handshake refused."""
+        while True:
+            try:
+                frames = self.link.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            from zmq.utils.monitor import parse_monitor_message
+            ev = parse_monitor_message(frames)
+            if ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.link_up = True
+            elif ev["event"] == zmq.EVENT_DISCONNECTED:
+                self.link_up = False
+                self.revoke_credit("the connection to the server dropped")
+            elif ev["event"] in (zmq.EVENT_HANDSHAKE_FAILED_AUTH,
+                                 zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
+                # a refused key is the agent's to tell: its server says no more (once a minute)
+                self.link_errors += 1
+                if time.monotonic() - self.link_error_logged >= 60:
+                    log.error("agent %s: cannot connect to %s: %s%s", self.id,
+                              ev["endpoint"].decode(errors="replace"),
+                              keys.handshake_hint(ev["event"], ev["value"]),
+                              f" ({self.link_errors - 1} more failures since)"
+                              if self.link_errors > 1 else "")
+                    self.link_error_logged, self.link_errors = time.monotonic(), 0
 
     def fence_due(self, mono: float) -> bool:
         """True when our leases may run out before a renewal could reach us (once per
         renewal)."""
-        return bool(self.fence_bound and self.renewed and self.fenced_for != self.renewed
-                    and mono >= self.renewed + self.fence_bound)
+        base = self.lease_base()
+        return bool(self.fence_bound and base and self.fenced_for != base
+                    and mono >= base + self.fence_bound)
 
     def fence(self, mono: float) -> None:
         """No renewal for the fencing bound: stop every task and forget the queued ones before
         the server may hand their jobs to another agent; take no work until welcomed again.
         What we report afterwards is harmless: updates for those jobs are refused or count the
         attempt once, and the hello no longer claims them."""
-        self.fenced_for = self.renewed
+        self.fenced_for = self.lease_base()
+        self.credit = 0.0
         now = time.time()
         for t in list(self.ex.active.values()):  # ended by themselves: report, not forget
             if t.pidfd is not None and select.select([t.pidfd], [], [], 0)[0]:
@@ -168,7 +246,7 @@ class Agent:
             self.fences += 1
             log.warning("agent %s: no lease renewal for %.2f s (cut off from the server, or it "
                         "is down): stopping %d tasks before it may give their jobs to another "
-                        "agent: %s", self.id, mono - self.renewed, len(held),
+                        "agent: %s", self.id, mono - self.fenced_for, len(held),
                         ", ".join(f"job {h['job']} attempt {h['attempt']}" for h in held[:10]))
             self.ex.stop_all(self.fence_grace)
             # unacknowledged progress of the stopped tasks must not make our hello claim them
@@ -178,10 +256,10 @@ class Agent:
             self.unacked = [(s, kept) for s, ups in self.unacked
                             if (kept := [u for u in ups if u["job"] in ended])]
             log.warning("agent %s: fenced: tasks stopped %.2f s after the last renewal",
-                        self.id, time.monotonic() - self.renewed)
+                        self.id, time.monotonic() - self.fenced_for)
         else:
             log.info("agent %s: no lease renewal for %.2f s: waiting for a welcome", self.id,
-                     mono - self.renewed)
+                     mono - self.fenced_for)
         self.welcomed = False
         self.hello()
 
@@ -335,13 +413,14 @@ class Agent:
             self.hello_at = None
             self.fenced_for = 0.0  # held tasks from now on are fenced at this renewal's bound
             if self.renewed:
-                self.ex.set_fence(self.renewed + self.fence_bound, self.fence_grace)
+                self.ex.set_fence(self.lease_base() + self.fence_bound, self.fence_grace)
             for item in m["revoke"]:
                 self.ex.cancel(item["job"], item["attempt"])
             log.info("server %s (epoch %s) welcomed agent %s", self.server, self.epoch, self.id)
             self.resend_unacked()
         elif kind == P.ERROR:
             log.warning("server says: %s", m["error"])
+            self.revoke_credit("the server refused a message")
             if "say hello" in m["error"]:
                 self.welcomed = False
                 self.acked = self.useq  # that server will never answer what we sent it
@@ -363,8 +442,9 @@ class Agent:
         while not self.stopping:
             now = time.time()
             wake = [self.last_sent + self._beat_every()]
-            if self.fence_bound and self.renewed and self.fenced_for != self.renewed:
-                wake.append(now + self.renewed + self.fence_bound - time.monotonic())
+            base = self.lease_base()
+            if self.fence_bound and base and self.fenced_for != base:
+                wake.append(now + base + self.fence_bound - time.monotonic())
             due = ex.next_report()
             if due is not None and self.useq <= self.acked:  # else: wait for the ack
                 wake.append(max(due, self.last_sent + REPORT_INTERVAL))
@@ -378,7 +458,11 @@ class Agent:
             if self.fence_due(time.monotonic()):
                 self.fence(time.monotonic())
             for what, _ in events:
-                if what is sock:
+                if what is self.link:
+                    self.on_link()
+                    if self.fence_due(time.monotonic()):  # the link dropped: credit is gone
+                        self.fence(time.monotonic())
+                elif what is sock:
                     while True:
                         try:
                             frame = sock.recv(zmq.NOBLOCK)
@@ -433,6 +517,8 @@ class Agent:
                         "requeue %d held tasks", len(released))
         log.info("agent %s: %d tasks received, %d finished, handed back %d", self.id,
                  self.received, self.finished, len(released))
+        self.sock.disable_monitor()
+        self.link.close(linger=0)
         self.sock.close(linger=1000)
         self.ctx.term()
         return 0

@@ -309,9 +309,9 @@ class Service:
         try:
             while not self.stopping:
                 poller.poll(250)
-                self.turn(sock)
+                read_all = self.turn(sock)
                 now = time.time()
-                if now >= next_expire:
+                if now >= next_expire and self.caught_up(sock, read_all):
                     next_expire = now + min(0.5, self.heartbeat / 2)
                     self.srv.expire(now)
                     if not self.finish_turn(sock):
@@ -328,8 +328,20 @@ class Service:
             self.engine.dispose()
             log.info("stopped")
 
-    def turn(self, sock: zmq.Socket) -> None:
+    def caught_up(self, sock: zmq.Socket, read_all: float | None) -> bool:
+        """May leases be counted out now? Only when every message waiting has been read: a
+        message of an agent's still in our socket will renew its leases, and the agent counts
+        on that while its link stays up (see pilotfish.pilot.agent). So: nothing waits now, or
+        this turn read everything a moment ago (``read_all``: when its reading ran dry)."""
+        if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            return True
+        return read_all is not None and time.monotonic() - read_all < self.heartbeat / 2
+
+    def turn(self, sock: zmq.Socket) -> float | None:
+        """One turn; returns when (time.monotonic) its reading found nothing more waiting, or
+        None when it stopped at MAX_MESSAGES_PER_TURN with more to read."""
         now = time.time()
+        read_all = None
         recv = self.recv
         # kept until the turn is committed: after an internal error the turn is handled again
         # without the message that caused it (see _recover)
@@ -338,20 +350,25 @@ class Service:
             try:
                 frames, caller = recv(sock)
             except zmq.Again:
+                read_all = time.monotonic()
                 break
             batch.append((frames, caller))
             if not self.handle(frames, now, caller):
-                return self._recover(sock, batch, now)
+                self._recover(sock, batch, now)
+                return None
         if not batch and not self.srv.hungry:
-            return
+            return read_all
         try:
             self.srv.resolve_children(now)  # children readied now can be dispatched now
             self.srv.dispatch(now)
         except Exception:  # a write of this turn that fails here: never die of it either
             log.exception("internal error dispatching")
-            return self._recover(sock, batch, now, dispatch_failed=True)
+            self._recover(sock, batch, now, dispatch_failed=True)
+            return None
         if not self.finish_turn(sock):
             self._recover(sock, batch, now)
+            return None
+        return read_all
 
     def finish_turn(self, sock: zmq.Socket) -> bool:
         """Commit the turn, then send its replies; False (nothing sent) if the commit failed."""

@@ -233,6 +233,44 @@ def test_short_server_restart_still_readopts_a_running_task(tmp_path, home, db_u
     assert new_epoch == epoch + 1 and f"(epoch {epoch} -> {new_epoch})" in alog.read_text()
 
 
+def test_a_busy_server_stops_no_task(tmp_path, home, db_url):
+    """The server's loop is busy for longer than the fencing bound (0.5 s heartbeats: bound
+    1.125 s; adding 60,000 jobs in one request holds it for seconds) while an agent runs a
+    task: the link stays up (libzmq answers the agent's pings), so the agent keeps its task
+    and the server, once it has read the agent's waiting messages, keeps its lease: one
+    attempt, no fence. Before, every agent stopped its tasks on such a request."""
+    server = ServerHandle(home, db_url, heartbeat=0.5).start()
+    c = server.client(timeout=120)
+    tlog = tmp_path / "tasks.log"
+    add_task_app(c, tlog)
+    c.add_app({"name": "idle", "executable": "/bin/true"})
+    alog = tmp_path / "agent.log"
+    a = start_agent(home, server.address, two_cores()[0], tmp_path / "work", alog)
+    try:
+        wait_for(lambda: len(c.agents()) == 1, 30, what="the agent")
+        job = c.add_job(name="long", application="long", parameters={"d": 6.0})
+        wait_for(lambda: attempts_of(tlog, job).get(1, {}).get("start"), 30, what="started")
+        t0 = time.monotonic()
+        # held back from the agent (they wait for a parent that never ends), so the server
+        # only stores them
+        c.kill_jobs({"ids": [c.add_job(name="gate", application="idle", parents=[job])]})
+        parent = c.add_job(name="never", application="idle", parents=[job])
+        c.add_jobs([{"name": f"b{i}", "application": "idle", "parents": [parent]}
+                    for i in range(60_000)])
+        busy = time.monotonic() - t0
+        wait_for(lambda: c.job(job)["state"] == "JOB_FINISHED", 60, what="the job finished")
+        d = c.job(job)
+        atts = attempts_of(tlog, job)
+        print(f"server busy {busy:.2f} s (bound 1.125 s, lease 1.5 s); attempts {d['attempts']}")
+    finally:
+        stop([a])
+        server.stop()
+    assert busy > 1.5, f"the server was not busy long enough ({busy:.2f} s) to show anything"
+    assert set(atts) == {1} and atts[1]["how"] == "end", atts
+    assert d["attempts"] == 1 and d["retries"] == 0
+    assert "fenced" not in alog.read_text() and "no lease renewal" not in alog.read_text()
+
+
 def test_long_server_outage_fences_the_task_and_the_job_finishes_once(tmp_path, home, db_url):
     """kill -9 of the server, down longer than the lease: the agent stops its task at the
     fencing bound of its last renewal; the restarted server (a new epoch) takes the job back
@@ -326,6 +364,16 @@ class StandIn:
         self.send(P.encode(P.TASKS, seq=self.seq, tasks=specs, refused=[], uack=self.useq,
                            epoch=epoch))
 
+    def die(self) -> None:
+        """The server process is gone: its socket closes (the agent's link drops)."""
+        self.sock.close(linger=0)
+
+    def revive(self) -> None:
+        """A server on the same address again."""
+        self.sock = self.ctx.socket(self.zmq.ROUTER)
+        self.sock.setsockopt(self.zmq.LINGER, 0)
+        self.sock.bind(self.address)
+
     def close(self) -> None:
         self.sock.close(linger=0)
         self.ctx.term()
@@ -334,9 +382,11 @@ class StandIn:
 def test_agent_ignores_stale_task_batches_and_fences_when_renewals_stop(tmp_path):
     """A real agent and a stand-in server. Task batches of another epoch, and those that come
     while the agent waits for a welcome after fencing, are never started; bad welcomes (another
-    agent, a zero heartbeat) are ignored; when the server stops answering, the agent stops its
-    task within the fencing bound of the last answer and says hello without claiming it; once
-    welcomed again it runs new work."""
+    agent, a zero heartbeat) are ignored; a server that stops answering while its link stays up
+    is busy, not lost: the task runs on (the server reads the agent's messages before it counts
+    a lease out); when the server then dies (its socket closes), the agent stops its task at
+    once -- the fencing bound of the last answer is long past -- and says hello without
+    claiming it; once welcomed again it runs new work."""
     from pilotfish import protocol as P
     tlog = tmp_path / "tasks.log"
     script = tmp_path / "task.py"
@@ -369,13 +419,16 @@ def test_agent_ignores_stale_task_batches_and_fences_when_renewals_stop(tmp_path
         assert started(2) and not started(1)
         srv.pump(1.0)                          # renewed while it runs: not fenced
         assert attempts_of(tlog, 2)[1].get("end") is None
-        srv.answering = srv.welcome = False    # the server falls silent
+        srv.answering = srv.welcome = False    # the server falls silent, its link up: busy
+        srv.pump(2.5)                          # twice the bound (1.125 s) and more
+        busy_running = attempts_of(tlog, 2)[1].get("end") is None
         n_hellos = len(srv.hellos)
-        last = srv.answered_at
-        t0 = time.monotonic()
-        while attempts_of(tlog, 2)[1].get("end") is None and time.monotonic() - t0 < 5:
-            srv.pump(0.05)
-        stopped = time.monotonic() - last
+        srv.die()                              # now it is gone
+        died = time.monotonic()
+        while attempts_of(tlog, 2)[1].get("end") is None and time.monotonic() - died < 5:
+            time.sleep(0.02)
+        stopped = time.monotonic() - died
+        srv.revive()
         srv.pump(0.6)
         srv.tasks([spec(3, 30)])               # while it waits for a welcome: ignored
         srv.pump(1.0)
@@ -386,7 +439,8 @@ def test_agent_ignores_stale_task_batches_and_fences_when_renewals_stop(tmp_path
         t0 = time.monotonic()
         while not attempts_of(tlog, 4).get(1, {}).get("end") and time.monotonic() - t0 < 10:
             srv.pump(0.1)
-        print(f"task stopped {stopped:.3f} s after the last answer (bound 1.125 + grace 0.125)")
+        print(f"busy server: task ran on; dead server: task stopped {stopped:.3f} s after "
+              "its socket closed")
         atts = {j: attempts_of(tlog, j) for j in (1, 2, 3, 4)}
         alive = a.poll() is None
     finally:
@@ -394,7 +448,8 @@ def test_agent_ignores_stale_task_batches_and_fences_when_renewals_stop(tmp_path
         srv.close()
     text = alog.read_text()
     assert atts[1] == {} and atts[3] == {}, atts
-    assert atts[2][1]["how"] == "term" and 1.0 < stopped < 1.25 + 0.3, (atts, stopped)
+    assert busy_running, atts
+    assert atts[2][1]["how"] == "term" and stopped < 0.6 + 0.125 + 0.5, (atts, stopped)
     assert again and all({"job": 2, "attempt": 1} not in h["running"] for h in again)
     assert atts[4][1]["how"] == "end" and alive
     assert "ignored a task batch of server epoch 6" in text
