@@ -494,8 +494,8 @@ class JobServer:
             return sent
         rows = self._dispatch_rows([job for _, got in picks for job, _ in got])
         for a, got in picks:
-            tasks = [self._lease_task(rows[job], shape, a)
-                     for job, shape in got if job in rows]
+            tasks = [t for job, shape in got if job in rows
+                     if (t := self._lease_or_fail(rows[job], shape, a, now)) is not None]
             self._send_tasks(a, tasks)
             sent += len(tasks)
         self.stats["dispatched"] += sent
@@ -531,6 +531,19 @@ class JobServer:
             for r in self.conn.execute(_DISPATCH_SELECT, {"ids": part}):
                 rows[r.id] = r
         return rows
+
+    def _lease_or_fail(self, r: Any, shape: Shape, a: AgentRec, now: float) -> dict | None:
+        """Lease a job, or fail it alone when its task cannot be built (a row an older version
+        stored, whose parameters no longer fit its app): one odd job must not stop dispatching
+        for everyone, turn after turn."""
+        try:
+            return self._lease_task(r, shape, a)
+        except Exception as exc:  # before the lease is made: nothing to undo
+            why = f"cannot build its task: {type(exc).__name__}: {echo(str(exc))}"
+            log.error("job %d: %s", r.id, why)
+            self.batch.transition(r.id, S(r.state), [S.STAGE_IN_FAILED, S.FAILED], now, why)
+            self.failed.append(r.id)
+            return None
 
     def _lease_task(self, r: Any, shape: Shape, a: AgentRec,
                     hosts: list[str] | None = None) -> dict:

@@ -48,6 +48,10 @@ def _int(value: Any, what: str, lo: int, hi: int) -> int:
     return check_int(value, what, lo, hi)
 
 
+#: Tags per job: enough to label, not a store (one LIKE scans them for `--tag`).
+MAX_TAGS = 64
+
+
 def check_tags(value: Any) -> str:
     """Tags as stored: ``",a,b,"`` so that one LIKE finds a tag."""
     if value is None:
@@ -56,6 +60,8 @@ def check_tags(value: Any) -> str:
         value = [t for t in value.split(",") if t]
     if not isinstance(value, list):
         raise ValidationError("tags must be a list of names")
+    if len(value) > MAX_TAGS:
+        raise ValidationError(f"{len(value):,} tags; a job carries at most {MAX_TAGS}")
     tags = [check_name(t, "tag") for t in value]
     return "," + ",".join(tags) + "," if tags else ""
 

@@ -493,7 +493,11 @@ def job_show(srv: JobServer, args: dict, now: float) -> dict:
     d = _job_dict(srv, r)
     d["waiting"] = srv.gangs.waiting_reason(job_id, now)
     app = srv.apps.get(r.app_id)
-    d["argv"] = app.argv(r.parameters) if app else None
+    try:
+        d["argv"] = app.argv(r.parameters) if app else None
+    except Exception as exc:  # a row an older version stored: show it, with what is wrong
+        d["argv"] = None
+        d["argv_error"] = f"{type(exc).__name__}: {echo(str(exc))}"
     d["parents"] = [x[0] for x in srv.conn.execute(
         select(job_parents.c.parent_id).where(job_parents.c.job_id == job_id))]
     d["children"] = [x[0] for x in srv.conn.execute(

@@ -22,7 +22,8 @@ from pilotfish import dataroots, keys
 from pilotfish import protocol as P
 from pilotfish import settings
 from pilotfish.errors import Forbidden, PilotfishError, ProtocolError
-from pilotfish.validate import cap  # every error text we send or log is capped (it may quote input)
+# every error text we send or log is capped (it may quote input)
+from pilotfish.validate import cap, echo
 
 from .core import JobServer
 from .db import make_engine
@@ -533,7 +534,7 @@ class Service:
         fn = OPS.get(m["op"])
         try:
             if fn is None:
-                raise ProtocolError(f"unknown op {m['op']!r}")
+                raise ProtocolError(f"unknown op {echo(m['op'])}")
             try:
                 check_call(m["op"], fn, m["args"], caller)
             except Forbidden as exc:
