@@ -517,8 +517,16 @@ class Agent:
                         "requeue %d held tasks", len(released))
         log.info("agent %s: %d tasks received, %d finished, handed back %d", self.id,
                  self.received, self.finished, len(released))
-        self.sock.disable_monitor()
-        self.link.close(linger=0)
-        self.sock.close(linger=1000)
-        self.ctx.term()
+        self.close(linger=1000)
         return 0
+
+    def close(self, linger: int = 0) -> None:
+        """Close the sockets (the link monitor's too: a context with an open socket never
+        terminates) and the context."""
+        try:
+            self.sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self.link.close(linger=0)
+        self.sock.close(linger=linger)
+        self.ctx.term()

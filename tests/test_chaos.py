@@ -214,8 +214,7 @@ def test_hello_claims_tasks_whose_final_update_is_not_sent_yet(tmp_path):
         assert kind == P.HELLO
         assert {"job": 7, "attempt": 1} in m["running"], m["running"]
     finally:
-        agent.sock.close(linger=0)
-        agent.ctx.term()
+        agent.close()
         router.close(linger=0)
 
 
