@@ -45,13 +45,31 @@ def fmt(v: Any) -> str:
     return str(v)
 
 
-#: Fields holding epoch seconds in job listings, job details and their events.
-TIME_KEYS = frozenset({"created", "started", "ended", "state_time", "time"})
+#: Fields holding epoch seconds in job listings, job details, their events and attempts.
+TIME_KEYS = frozenset({"created", "started", "ended", "state_time", "time", "leased"})
 
 
 def local_time(t: float | None) -> str:
     """For people: this machine's local time to the second, ``2026-12-06 01:02:03``."""
     return "null" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def duration(seconds: float | None) -> str:
+    """For people: ``6ms``, ``2.4s``, ``12s``, ``3m05s``, ``2h03m``, ``1d04h``."""
+    if seconds is None:
+        return "-"
+    if seconds < 1:
+        return f"{max(seconds, 0) * 1000:.0f}ms"
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
 def iso_time(t: float | None) -> str | None:

@@ -23,7 +23,7 @@ CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 JOB_COLUMNS = [("id", "ID"), ("name", "NAME"), ("application", "APP"), ("state", "STATE"),
                ("attempts", "TRIES"), ("group", "GROUP"), ("tags", "TAGS"),
                ("priority", "PRIO"), ("state_time", "SINCE"), ("agent", "AGENT"),
-               ("message", "MESSAGE")]
+               ("node", "NODE"), ("message", "MESSAGE")]
 
 
 def home_of(ctx: click.Context) -> Path:

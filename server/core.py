@@ -77,6 +77,8 @@ class Lease:
     max_retries: int
     priority: int
     shape: Shape
+    #: when the agent said this attempt started (written to job_attempts when it ends)
+    started: float | None = None
 
 
 @dataclass
@@ -192,23 +194,29 @@ class JobServer:
         self.waited_on = {r[0] for r in c.execute(waiting)}
         queued = [s.value for s in states.QUEUED]
         for row in c.execute(select(*_SHAPE_COLS, jobs.c.state, jobs.c.agent, jobs.c.attempts,
-                                    jobs.c.retries, jobs.c.max_retries)
+                                    jobs.c.retries, jobs.c.max_retries, jobs.c.started)
                              .where(jobs.c.agent.is_not(None) | jobs.c.state.in_(queued))):
             shape = shape_of(row)
             agent = self.agents.get(row.agent) if row.agent else None
+            # jobs.started is this attempt's start once it ran (it is set from the update that
+            # says so); a job still queued on its agent has the last attempt's, or none
+            started = None if row.state in queued else row.started
             if agent is not None:
                 self.leases[row.id] = Lease(row.id, agent.id, row.attempts, S(row.state),
-                                            row.retries, row.max_retries, row.priority, shape)
+                                            row.retries, row.max_retries, row.priority, shape,
+                                            started)
                 agent.leases.add(row.id)
             elif row.agent is not None and row.state not in queued:
                 # held by an agent that is gone for good: handled like a lost lease
                 lease = Lease(row.id, row.agent, row.attempts, S(row.state), row.retries,
-                              row.max_retries, row.priority, shape)
+                              row.max_retries, row.priority, shape, started)
                 self.leases[row.id] = lease
                 self.drop_lease(lease, now, f"agent {row.agent} was gone at server start")
             else:
                 if row.agent is not None:
                     self.batch.update_job(row.id, agent=None)
+                    self.batch.end_attempt(row.id, row.attempts, "LOST", now, message=(
+                        f"agent {row.agent} was gone at server start"))
                 self.queue.push(row.id, row.priority, shape)
         self.commit()
         log.info("epoch %d: loaded %d apps, %d queued jobs, %d leases, %d agents; next job id %d",
@@ -388,7 +396,7 @@ class JobServer:
             last = path[-1]
             cols: dict[str, Any] = {}
             if it.get("start") is not None:
-                cols["started"] = it["start"]
+                cols["started"] = lease.started = it["start"]
             done = True
             if last is S.JOB_FINISHED:
                 cols.update(ended=it.get("end") or now, exit_code=it.get("exit"), agent=None)
@@ -408,7 +416,8 @@ class JobServer:
             if not done:
                 lease.state = last
                 continue
-            self._end_lease(lease)
+            self._end_lease(lease, now, last.value, cols["ended"], cols["exit_code"],
+                            _text(it.get("msg")))
             if last is S.JOB_FINISHED:
                 a.tasks_done += 1
                 self.finished.append(job)
@@ -419,7 +428,13 @@ class JobServer:
         self.stats["refused"] += len(refused)
         return refused
 
-    def _end_lease(self, lease: Lease) -> None:
+    def _end_lease(self, lease: Lease, now: float, state: str | None, ended: float | None = None,
+                   exit_code: int | None = None, message: str | None = None) -> None:
+        """Forget a lease; ``state``: how its attempt ended, for job_attempts (None: the job
+        is being removed, its attempts with it)."""
+        if state is not None:
+            self.batch.end_attempt(lease.job, lease.attempt, state, ended or now,
+                                   lease.started, exit_code, message)
         del self.leases[lease.job]
         if lease.job in self.gangs.by_job:
             self.gangs.release(lease.job)
@@ -433,7 +448,7 @@ class JobServer:
         ``counts``: the loss counts as a failed attempt (an agent that died may have been
         killed by the job); an agent that hands work back on SIGTERM does not count.
         """
-        self._end_lease(lease)
+        self._end_lease(lease, now, "LOST" if counts else "HANDED_BACK", message=why)
         if lease.state in states.QUEUED:  # never started: back to the queue untouched
             self.batch.update_job(lease.job, agent=None)
             self.queue.push(lease.job, lease.priority, lease.shape)
@@ -569,6 +584,8 @@ class JobServer:
                                   r.max_retries, r.priority, shape)
         a.leases.add(r.id)
         self.batch.update_job(r.id, attempts=attempt, agent=a.id)
+        self.batch.start_attempt(r.id, attempt, a.id, a.host, a.node, a.pilot,
+                                 ",".join(hosts) if hosts else None, time.time())
         return task
 
     def _send_tasks(self, a: AgentRec, tasks: list[dict]) -> None:

@@ -11,7 +11,7 @@ from sqlalchemy.engine import Engine
 
 from pilotfish.errors import PilotfishError
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 #: Columns that bring a database from a version to the next: (table, column, SQL type).
 #: ADD COLUMN works on SQLite and PostgreSQL alike; a table that create_all has just made
 #: (it did not exist) has its new columns already, so only missing ones are added.
@@ -23,6 +23,7 @@ MIGRATIONS: dict[int, list[tuple[str, str, str]]] = {
     # jobs.owner: the key that added the job (older rows: NULL, which only an admin may
     # change); the agent_keys table (which key an agent id belongs to) is made by create_all
     4: [("jobs", "owner", "VARCHAR(64)")],
+    5: [],  # job_attempts: a new table, made by create_all
 }
 metadata = MetaData()
 
@@ -101,6 +102,29 @@ job_events = Table(
     Column("time", Float, nullable=False),
     Column("message", Text),
     Index("ix_job_events_job", "job_id"),
+)
+
+#: Where and how each attempt of a job ran: written when the server leases the job (one row per
+#: attempt) and when that attempt ends. ``jobs.agent`` names only the lease holder of now.
+job_attempts = Table(
+    "job_attempts", metadata,
+    Column("job_id", _ID, primary_key=True, autoincrement=False),
+    Column("attempt", Integer, primary_key=True, autoincrement=False),
+    Column("agent", String(64), nullable=False),   # the agent leased to (a gang's first node)
+    Column("host", String(255)),
+    Column("node", String(255)),
+    Column("pilot", String(128)),
+    Column("hosts", Text),                         # a multi-node job's nodes, comma-joined
+    Column("leased", Float, nullable=False),
+    Column("started", Float),
+    Column("ended", Float),
+    # how the attempt ended: JOB_FINISHED, a *_FAILED state, RUN_TIMEOUT, USER_KILLED, LOST
+    # (its agent went silent or left), HANDED_BACK (its agent stopped and gave it back); null
+    # while it runs
+    Column("state", String(24)),
+    Column("exit_code", Integer),
+    Column("message", Text),
+    # (the primary key's index serves lookups by job_id: no second index to write)
 )
 
 agents = Table(

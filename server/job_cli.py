@@ -177,7 +177,9 @@ def _add_array(c, template: dict, what: dict, t0: float, as_json: bool) -> None:
 def job_ls(ctx, limit, page, offset, all_, oldest, newest, as_json, **f) -> None:
     """List jobs, newest first (--oldest to turn it round), a page of --limit at a time.
 
-    --json gives every listed field, with created, started, ended and state_time in ISO 8601.
+    AGENT is the agent holding the job now, else the one its last attempt ran on; NODE is
+    that attempt's node. --json gives every listed field (agent: the holder now; last_agent,
+    last_node: the last attempt's), with created, started, ended and state_time in ISO 8601.
     """
     if all_:
         limit = 0
@@ -192,7 +194,10 @@ def job_ls(ctx, limit, page, offset, all_, oldest, newest, as_json, **f) -> None
     rows = c.jobs(flt, limit=limit, offset=offset, newest=not oldest)
     if as_json:
         return console.print_json(console.iso_times(rows))
-    console.table(rows, JOB_COLUMNS)
+    # AGENT: the holder now, else where the last attempt ran; NODE: that attempt's node
+    # (agents' ids shortened as in `job show`: 8 of 32 hex digits tell them apart)
+    console.table([dict(r, agent=(r["agent"] or r.get("last_agent") or "")[:8] or None,
+                        node=r.get("last_node")) for r in rows], JOB_COLUMNS)
     if limit and (len(rows) == limit or offset):
         total = sum(c.counts(flt).values())
         if not rows:
@@ -213,15 +218,19 @@ def job_ls(ctx, limit, page, offset, all_, oldest, newest, as_json, **f) -> None
 @json_option
 @click.pass_context
 def job_show(ctx, job_id, as_json) -> None:
-    """Everything about one job, with its state history (times are local; --json gives
-    ISO 8601)."""
+    """Everything about one job: its attempts (where and when each ran, how it ended) and its
+    state history (times are local; --json gives ISO 8601, the attempts under "runs")."""
     d = client_of(ctx).job(job_id)
     if as_json:
         return console.print_json(console.iso_times(d))
     events = d.pop("events")
+    runs = d.pop("runs", None)
     if d.get("waiting") is None:
         d.pop("waiting", None)
     for k, v in d.items():
+        if k == "attempts" and runs is not None:
+            continue  # the attempts section lists them
+
         if k in console.TIME_KEYS:
             console.out.print(f"{k}: {console.local_time(v)}", markup=False)
         elif k == "workdir":
@@ -230,12 +239,40 @@ def job_show(ctx, job_id, as_json) -> None:
             # job data is text, never rich markup ("[/x]" in a description would crash rich)
             console.out.print(yaml.safe_dump({k: v}, sort_keys=False, width=10**6).rstrip(),
                               markup=False)
+    if runs is not None:
+        for line in attempt_lines(runs):
+            console.out.print(line, markup=False)
     console.out.print("history:")
     for e in events:
         path = [e["from_state"] or "·"] + (e["via"].split(",") if e["via"] else []) \
             + [e["to_state"]]
         console.out.print(f"  {console.local_time(e['time'])}  {' -> '.join(path)}"
                           + (f"  ({e['message']})" if e["message"] else ""), markup=False)
+
+
+def attempt_lines(runs: list[dict]) -> list[str]:
+    """The "attempts:" section of `job show`: one line per attempt (the agent's first 8
+    characters; a multi-node job's nodes), then the first line of how it ended."""
+    if not runs:
+        return ["attempts: none"]
+    lines = ["attempts:"]
+    for a in runs:
+        start, end = a["started"], a["ended"]
+        state = a["state"] or ("RUNNING" if start is not None else "LEASED")
+        where = ",".join(a["hosts"]) if a.get("hosts") else a["node"] or a["host"] or "-"
+        if not a.get("hosts") and a["node"] and a["host"] and a["node"] != a["host"]:
+            where += f" ({a['host']})"
+        took = (console.duration(end - start) if end is not None else "running") \
+            if start is not None else "-"
+        t0, t1 = (console.local_time(t) if t is not None else "-" for t in (start, end))
+        if t0[:11] == t1[:11]:
+            t1 = t1[11:]  # the same day: its time alone
+        lines.append(f"  #{a['attempt']}  {state}  agent {a['agent'][:8]}  node {where}"
+                     f"  pilot {a['pilot'] or '-'}  started {t0}  ended {t1}  took {took}")
+        msg = (a.get("message") or "").strip()
+        if msg:
+            lines.append(f"      {msg.splitlines()[0][:200]}")
+    return lines
 
 
 def _workdir_line(rel: str, home) -> str:

@@ -22,7 +22,7 @@ from . import states
 from .apps import App, app_from_spec, check_resources
 from .core import JobServer, shape_of
 from .db import apps as apps_t
-from .db import job_events, job_parents, jobs
+from .db import job_attempts, job_events, job_parents, jobs
 from .jobs import (ALTERABLE, INT_RANGES, build_job, check_description, check_tags, check_url,
                    tags_list,
                    workdir_for)
@@ -448,7 +448,26 @@ def job_ls(srv: JobServer, args: dict, now: float) -> list:
     if limit > 0:
         q = q.limit(limit)
     # (no wire_safe: these columns are SQL integers, which hold 64 bits at most)
-    return [_job_dict(srv, r) for r in srv.conn.execute(q)]
+    rows = [_job_dict(srv, r) for r in srv.conn.execute(q)]
+    _add_last_attempts(srv, rows)
+    return rows
+
+
+def _add_last_attempts(srv: JobServer, rows: list[dict]) -> None:
+    """``last_agent`` and ``last_node`` of each listed job: where its latest attempt ran (or
+    runs). One primary-key lookup per 900 listed jobs that were ever leased: a page costs one
+    small query, never a join over the whole jobs table."""
+    ran = {r["id"]: r for r in rows if r["attempts"]}
+    for r in rows:
+        r["last_agent"] = r["last_node"] = None
+    for part in chunks(list(ran), 900):
+        for a in srv.conn.execute(
+                select(job_attempts.c.job_id, job_attempts.c.attempt, job_attempts.c.agent,
+                       job_attempts.c.node, job_attempts.c.host)
+                .where(job_attempts.c.job_id.in_(part))):
+            r = ran[a.job_id]
+            if a.attempt == r["attempts"]:
+                r["last_agent"], r["last_node"] = a.agent, a.node or a.host
 
 
 @op(READER, args=("filter",))
@@ -506,7 +525,24 @@ def job_show(srv: JobServer, args: dict, now: float) -> dict:
         select(job_events.c.from_state, job_events.c.to_state, job_events.c.via,
                job_events.c.time, job_events.c.message)
         .where(job_events.c.job_id == job_id).order_by(job_events.c.id))]
+    d["runs"] = attempts_of(srv, job_id, r)  # ("attempts" is their count)
     return wire_safe(d)
+
+
+def attempts_of(srv: JobServer, job_id: int, r) -> list[dict]:
+    """Each attempt of a job, first first: where it ran, when, how it ended (state null while
+    it runs). A running attempt's start is the job's own (written to its attempt at the end)."""
+    out = []
+    for a in srv.conn.execute(select(job_attempts).where(job_attempts.c.job_id == job_id)
+                              .order_by(job_attempts.c.attempt)):
+        d = dict(a._mapping)
+        del d["job_id"]
+        d["hosts"] = d["hosts"].split(",") if d["hosts"] else None
+        if d["state"] is None and d["attempt"] == r.attempts:
+            lease = srv.leases.get(job_id)
+            d["started"] = lease.started if lease is not None else None
+        out.append(d)
+    return out
 
 
 def _select_jobs(srv: JobServer, args: dict, caller: Caller, *cols):
@@ -554,7 +590,7 @@ def _set_state(srv: JobServer, r, to: State, now: float, why: str) -> None:
         cols["retries"] = 0
     if lease is not None:
         srv.cancel_on_agent(lease)
-        srv._end_lease(lease)
+        srv._end_lease(lease, now, to.value, message=why)
         cols["agent"] = None
     srv.batch.transition(r.id, frm, [to], now, why, **cols)
     if frm in states.QUEUED:
@@ -661,6 +697,7 @@ def job_alter(srv: JobServer, args: dict, now: float, caller: Caller = LOCAL_ADM
 def _delete_jobs(srv: JobServer, ids: list[int]) -> None:
     for part in chunks(ids, 900):
         srv.conn.execute(delete(job_events).where(job_events.c.job_id.in_(part)))
+        srv.conn.execute(delete(job_attempts).where(job_attempts.c.job_id.in_(part)))
         srv.conn.execute(delete(job_parents).where(or_(job_parents.c.job_id.in_(part),
                                                        job_parents.c.parent_id.in_(part))))
         srv.conn.execute(delete(jobs).where(jobs.c.id.in_(part)))
@@ -674,7 +711,7 @@ def job_rm(srv: JobServer, args: dict, now: float, caller: Caller = LOCAL_ADMIN)
         lease = srv.leases.get(job)
         if lease is not None:
             srv.cancel_on_agent(lease)
-            srv._end_lease(lease)
+            srv._end_lease(lease, now, None)
         srv.queue.remove(job)
     srv.sync()
     # children left waiting on a removed parent could never run: fail them, visibly

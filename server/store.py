@@ -13,11 +13,14 @@ from sqlalchemy import JSON, bindparam
 from sqlalchemy.engine import Connection
 
 from . import states
-from .db import agents, job_events, job_parents, jobs
+from .db import agents, job_attempts, job_events, job_parents, jobs
 from .states import State
 
 
 _EVENT_COLS = ("job_id", "from_state", "to_state", "via", "time", "message")
+#: The columns of a job_attempts row written at lease, and those written when it ends.
+ATTEMPT_COLS = ("job_id", "attempt", "agent", "host", "node", "pilot", "hosts", "leased")
+ATTEMPT_END_COLS = ("started", "ended", "state", "exit_code", "message")
 
 
 class Batch:
@@ -32,6 +35,8 @@ class Batch:
         self.parent_inserts: list[dict] = []
         self.events: list[dict] = []
         self.agent_inserts: list[dict] = []
+        self.attempt_inserts: list[dict] = []   # ATTEMPT_COLS each
+        self.attempt_ends: list[dict] = []      # ATTEMPT_END_COLS + _job, _attempt each
         # ordered (columns, params) runs; consecutive updates with the same columns share a run
         self._updates: list[tuple[tuple[str, ...], list[dict]]] = []
         self._agent_updates: list[tuple[tuple[str, ...], list[dict]]] = []
@@ -39,7 +44,8 @@ class Batch:
 
     def __bool__(self) -> bool:
         return bool(self.job_inserts or self.parent_inserts or self.events or self._updates
-                    or self.agent_inserts or self._agent_updates)
+                    or self.agent_inserts or self._agent_updates or self.attempt_inserts
+                    or self.attempt_ends)
 
     # -- recording --------------------------------------------------------------------------
     def transition(self, job_id: int, frm: State | None, path: list[State], now: float,
@@ -78,6 +84,23 @@ class Batch:
     def update_agent(self, agent_id: str, **cols: Any) -> None:
         _append_run(self._agent_updates, agent_id, cols)
 
+    def start_attempt(self, job_id: int, attempt: int, agent: str, host: str | None,
+                      node: str | None, pilot: str | None, hosts: str | None,
+                      leased: float) -> None:
+        """A job leased to an agent: its attempt's row (one batched insert per lease)."""
+        self.attempt_inserts.append({"job_id": job_id, "attempt": attempt, "agent": agent,
+                                     "host": host, "node": node, "pilot": pilot,
+                                     "hosts": hosts, "leased": leased})
+
+    def end_attempt(self, job_id: int, attempt: int, state: str, ended: float,
+                    started: float | None = None, exit_code: int | None = None,
+                    message: str | None = None) -> None:
+        """How an attempt ended (one batched update per attempt; the same columns always, so
+        a turn's ends are one executemany)."""
+        self.attempt_ends.append({"started": started, "ended": ended, "state": state,
+                                  "exit_code": exit_code, "message": message,
+                                  "_job": job_id, "_attempt": attempt})
+
     # -- writing ----------------------------------------------------------------------------
     def execute(self, conn: Connection) -> None:
         """Write everything recorded so far on ``conn`` (inside the caller's transaction)."""
@@ -99,6 +122,12 @@ class Batch:
         if self.events:
             self._run(conn, job_events, _EVENT_COLS, self.events)
             self.events = []
+        if self.attempt_inserts:  # before the ends: an attempt may start and end in one turn
+            self._run(conn, job_attempts, ATTEMPT_COLS, self.attempt_inserts)
+            self.attempt_inserts = []
+        if self.attempt_ends:
+            self._run(conn, job_attempts, ATTEMPT_END_COLS, self.attempt_ends)
+            self.attempt_ends = []
 
     def _insert_jobs(self, conn: Connection, rows: list[dict]) -> None:
         """New jobs. On SQLite: one compiled INSERT and plain tuples to the driver, the JSON
@@ -131,7 +160,8 @@ class Batch:
             cur.close()
 
     def _run(self, conn: Connection, table, cols: tuple[str, ...], params: list[dict]) -> None:
-        """An update (cols + ``_id``) or, for job_events, an insert: executemany on the driver.
+        """An update (cols + ``_id``) or, for job_events and a job_attempts start, an insert; a
+        job_attempts end updates by (``_job``, ``_attempt``): executemany on the driver.
 
         These two statements carry nearly every write of a busy server; compiling them once and
         handing plain tuples to the driver saves SQLAlchemy's per-execution work (measured: ~0.1 ms
@@ -143,8 +173,14 @@ class Batch:
             if any(isinstance(table.c[c].type, JSON) for c in cols):
                 raw = False
             else:
-                stmt = (table.insert().values({c: bindparam(c) for c in cols})
-                        if table is job_events else self._stmt(table, cols))
+                if table is job_events or (table is job_attempts and "leased" in cols):
+                    stmt = table.insert().values({c: bindparam(c) for c in cols})
+                elif table is job_attempts:  # an attempt's end
+                    stmt = (table.update().where(table.c.job_id == bindparam("_job"),
+                                                 table.c.attempt == bindparam("_attempt"))
+                            .values({c: bindparam(c) for c in cols}))
+                else:
+                    stmt = self._stmt(table, cols)
                 compiled = stmt.compile(dialect=conn.dialect)
                 order = compiled.positiontup
                 raw = (compiled.string, tuple(order) if order else None)

@@ -80,6 +80,36 @@ def test_version_4_gains_job_owners_and_agent_keys(tmp_path):
     assert con.execute("SELECT id, name, owner FROM jobs").fetchall() == [(7, "old", None)]
     assert {r[1] for r in con.execute("PRAGMA table_info(agent_keys)")} == {
         "agent_id", "public_key", "key_name", "bound"}
-    assert con.execute("SELECT value FROM pilotfish_meta").fetchone()[0] == "5"
+    assert con.execute("SELECT value FROM pilotfish_meta").fetchone()[0] == str(SCHEMA_VERSION)
     con.close()
+    make_engine(f"sqlite:///{db}").dispose()  # and opening it again changes nothing
+
+
+def test_version_5_gains_the_job_attempts_table(tmp_path):
+    """Schema 6: job_attempts (where and when each attempt ran); jobs and agents kept."""
+    db = tmp_path / "v5.db"
+    make_engine(f"sqlite:///{db}").dispose()
+    con = sqlite3.connect(db)  # make it look like version 5
+    con.execute("DROP TABLE job_attempts")
+    con.execute("INSERT INTO jobs (id, name, description, app_id, num_nodes, "
+                "processes_per_node, cpus_per_process, gpus_per_process, parameters, tags, "
+                "priority, max_retries, retries, attempts, state, state_time, created, "
+                "workdir, agent, owner) VALUES (9, 'done', '', 1, 1, 1, 1, 0, '{}', '', 0, 3, "
+                "0, 1, 'JOB_FINISHED', 0, 0, 'w', NULL, 'alice')")
+    con.execute("INSERT INTO agents (id, host, pid, cores, gpus, memory, started, last_seen, "
+                "state, tasks_done) VALUES ('a5', 'h', 1, 2, 0, 1, 0, 0, 'EXITED', 1)")
+    con.execute("UPDATE pilotfish_meta SET value='5'")
+    con.commit()
+    con.close()
+    make_engine(f"sqlite:///{db}").dispose()
+    con = sqlite3.connect(db)
+    cols = [r[1] for r in con.execute("PRAGMA table_info(job_attempts)")]
+    assert cols == ["job_id", "attempt", "agent", "host", "node", "pilot", "hosts", "leased",
+                    "started", "ended", "state", "exit_code", "message"]
+    assert con.execute("SELECT COUNT(*) FROM job_attempts").fetchone()[0] == 0  # none known
+    assert con.execute("SELECT id, state, owner FROM jobs").fetchall() == [
+        (9, "JOB_FINISHED", "alice")]
+    assert con.execute("SELECT id, tasks_done FROM agents").fetchall() == [("a5", 1)]
+    assert con.execute("SELECT value FROM pilotfish_meta WHERE key='schema_version'"
+                       ).fetchone()[0] == "6" == str(SCHEMA_VERSION)
     make_engine(f"sqlite:///{db}").dispose()  # and opening it again changes nothing
