@@ -178,3 +178,27 @@ def test_many_tiny_tasks_each_get_one_attempt_row(server: ServerHandle, tmp_path
     rows = con.execute("SELECT state, node, started IS NOT NULL, ended >= started, attempt "
                        "FROM job_attempts").fetchall()
     assert len(rows) == n and set(rows) == {("JOB_FINISHED", "nt", 1, 1, 1)}
+
+
+def test_a_multi_node_job_records_its_first_agent_and_all_its_nodes(server: ServerHandle,
+                                                                     tmp_path, monkeypatch):
+    """A gang: the attempt names the agent it was leased to (the first node's) and every node
+    (a stand-in mpiexec that succeeds runs the job)."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "mpiexec").write_text("#!/bin/sh\nexit 0\n")
+    (bindir / "mpiexec").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{__import__('os').environ['PATH']}")
+    c = server.client()
+    c.add_app({"name": "t", "executable": "/bin/true"})
+    job = c.add_job(name="multi", application="t", num_nodes=2)
+    for node in ("ga", "gb"):
+        server.agent("--pilot", "g1", "--launcher", "mpiexec", "--node-name", node,
+                     "--cores", "0", work_root=tmp_path / node)
+    assert wait_for(lambda: finished(c, [job]), 40) == {"JOB_FINISHED": 1}
+    [run] = c.job(job)["runs"]
+    assert run["state"] == "JOB_FINISHED" and run["pilot"] == "g1"
+    assert sorted(run["hosts"]) == ["ga", "gb"] and run["node"] == run["hosts"][0]
+    out = run_cli(server.home, "job", "show", str(job)).stdout
+    assert re.search(rf"#1  JOB_FINISHED  agent \w{{8}}  node {','.join(run['hosts'])}  pilot g1",
+                     out), out
