@@ -54,6 +54,16 @@ def local_time(t: float | None) -> str:
     return "null" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
+def plain(text: str | None) -> str | None:
+    """Text an agent or a task sent, safe to print: control characters (a terminal escape
+    sequence in a node name or a task's stderr) shown as ``\\x1b``, never acted on; lines
+    and tabs kept."""
+    if text is None or text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c in "\n\t" else f"\\x{ord(c):02x}" if ord(c) < 256
+                   else f"\\u{ord(c):04x}" for c in text)
+
+
 def duration(seconds: float | None) -> str:
     """For people: ``6ms``, ``2.4s``, ``12s``, ``3m05s``, ``2h03m``, ``1d04h``."""
     if seconds is None:

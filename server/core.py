@@ -5,6 +5,7 @@ The ZMQ loop (:mod:`.service`) feeds messages in and sends :attr:`JobServer.outb
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import deque
@@ -585,7 +586,7 @@ class JobServer:
         a.leases.add(r.id)
         self.batch.update_job(r.id, attempts=attempt, agent=a.id)
         self.batch.start_attempt(r.id, attempt, a.id, a.host, a.node, a.pilot,
-                                 ",".join(hosts) if hosts else None, time.time())
+                                 json.dumps(hosts) if hosts else None, time.time())
         return task
 
     def _send_tasks(self, a: AgentRec, tasks: list[dict]) -> None:

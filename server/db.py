@@ -114,7 +114,7 @@ job_attempts = Table(
     Column("host", String(255)),
     Column("node", String(255)),
     Column("pilot", String(128)),
-    Column("hosts", Text),                         # a multi-node job's nodes, comma-joined
+    Column("hosts", Text),                         # a multi-node job's nodes: a JSON list
     Column("leased", Float, nullable=False),
     Column("started", Float),
     Column("ended", Float),

@@ -197,7 +197,8 @@ def job_ls(ctx, limit, page, offset, all_, oldest, newest, as_json, **f) -> None
     # AGENT: the holder now, else where the last attempt ran; NODE: that attempt's node
     # (agents' ids shortened as in `job show`: 8 of 32 hex digits tell them apart)
     console.table([dict(r, agent=(r["agent"] or r.get("last_agent") or "")[:8] or None,
-                        node=r.get("last_node")) for r in rows], JOB_COLUMNS)
+                        node=console.plain(r.get("last_node")),
+                        message=console.plain(r["message"])) for r in rows], JOB_COLUMNS)
     if limit and (len(rows) == limit or offset):
         total = sum(c.counts(flt).values())
         if not rows:
@@ -247,7 +248,8 @@ def job_show(ctx, job_id, as_json) -> None:
         path = [e["from_state"] or "·"] + (e["via"].split(",") if e["via"] else []) \
             + [e["to_state"]]
         console.out.print(f"  {console.local_time(e['time'])}  {' -> '.join(path)}"
-                          + (f"  ({e['message']})" if e["message"] else ""), markup=False)
+                          + (f"  ({console.plain(e['message'])})" if e["message"] else ""),
+                          markup=False)
 
 
 def attempt_lines(runs: list[dict]) -> list[str]:
@@ -257,6 +259,9 @@ def attempt_lines(runs: list[dict]) -> list[str]:
         return ["attempts: none"]
     lines = ["attempts:"]
     for a in runs:
+        a = {k: console.plain(v) if isinstance(v, str) else v for k, v in a.items()}
+        if a.get("hosts"):
+            a["hosts"] = [console.plain(h) for h in a["hosts"]]
         start, end = a["started"], a["ended"]
         state = a["state"] or ("RUNNING" if start is not None else "LEASED")
         where = ",".join(a["hosts"]) if a.get("hosts") else a["node"] or a["host"] or "-"

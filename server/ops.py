@@ -537,7 +537,7 @@ def attempts_of(srv: JobServer, job_id: int, r) -> list[dict]:
                               .order_by(job_attempts.c.attempt)):
         d = dict(a._mapping)
         del d["job_id"]
-        d["hosts"] = d["hosts"].split(",") if d["hosts"] else None
+        d["hosts"] = json.loads(d["hosts"]) if d["hosts"] else None
         if d["state"] is None and d["attempt"] == r.attempts:
             lease = srv.leases.get(job_id)
             d["started"] = lease.started if lease is not None else None

@@ -202,3 +202,24 @@ def test_a_multi_node_job_records_its_first_agent_and_all_its_nodes(server: Serv
     out = run_cli(server.home, "job", "show", str(job)).stdout
     assert re.search(rf"#1  JOB_FINISHED  agent \w{{8}}  node {','.join(run['hosts'])}  pilot g1",
                      out), out
+
+
+def test_agent_and_task_text_is_shown_never_acted_on(server: ServerHandle, tmp_path):
+    """A node name (from the agent's hello) and a task's stderr with terminal escapes and a
+    comma: `job show` and `job ls` print them escaped; --json keeps them as they came."""
+    c = server.client()
+    c.add_app({"name": "esc", "executable": "/bin/sh",
+               "args": ["-c", "printf 'bad\\033]0;owned\\007\\033[2J' >&2; exit 4"]})
+    [job] = c.add_jobs([{"name": "e", "application": "esc", "max_retries": 0}])
+    node = "n\x1b[31m,x"
+    server.agent("--node-name", node, work_root=tmp_path / "w")
+    assert wait_for(lambda: finished(c, [job]), 30) == {"FAILED": 1}
+    [run] = c.job(job)["runs"]
+    assert run["node"] == node and "\x1b]0;owned" in run["message"]
+    for args in (("job", "show", str(job)), ("job", "ls")):
+        out = run_cli(server.home, *args).stdout
+        assert "\x1b" not in out and "\x07" not in out, args
+        assert "n\\x1b[31m,x" in out, (args, out)
+    assert "\\x1b]0;owned\\x07" in run_cli(server.home, "job", "show", str(job)).stdout
+    js = json.loads(run_cli(server.home, "job", "show", str(job), "--json").stdout)
+    assert js["runs"][0]["node"] == node
