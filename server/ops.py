@@ -531,7 +531,7 @@ def job_show(srv: JobServer, args: dict, now: float) -> dict:
 
 def attempts_of(srv: JobServer, job_id: int, r) -> list[dict]:
     """Each attempt of a job, first first: where it ran, when, how it ended (state null while
-    it runs). A running attempt's start is the job's own (written to its attempt at the end)."""
+    it runs). A running attempt's start comes from its lease (written to its row at the end)."""
     out = []
     for a in srv.conn.execute(select(job_attempts).where(job_attempts.c.job_id == job_id)
                               .order_by(job_attempts.c.attempt)):
