@@ -475,6 +475,11 @@ class Executor:
     def set_fence(self, deadline: float, grace: float) -> None:
         """Have the guard stop our tasks (SIGTERM, SIGKILL ``grace`` later) at ``deadline``, a
         ``time.monotonic()`` time, unless moved again; 0: never."""
+        if self.fence_at and self.fence_at < deadline < self.fence_at + grace:
+            # a small step later: the guard keeps the earlier deadline (stopping a silent
+            # agent's tasks at most ``grace`` early is safe), and is not woken per renewal --
+            # an agent renews with every answer, hundreds a second under short tasks
+            return
         self.fence_at = deadline
         self._guard(b"D%.6f %.3f\n" % (deadline, grace))
 
