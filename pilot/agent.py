@@ -228,7 +228,14 @@ class Agent:
         renewal)."""
         base = self.lease_base()
         return bool(self.fence_bound and base and self.fenced_for != base
-                    and mono >= base + self.fence_bound)
+                    and mono >= self.fence_deadline(base))
+
+    def fence_deadline(self, base: float) -> float:
+        """When we stop our tasks: the bound after ``base``, or the guard's deadline if that is
+        earlier (the guard is not told of every small step forward), so that we, not the
+        guard, stop them -- and know why."""
+        mine = base + self.fence_bound
+        return min(mine, self.ex.fence_at) if self.ex.fence_at else mine
 
     def fence(self, mono: float) -> None:
         """No renewal for the fencing bound: stop every task and forget the queued ones before
@@ -444,7 +451,7 @@ class Agent:
             wake = [self.last_sent + self._beat_every()]
             base = self.lease_base()
             if self.fence_bound and base and self.fenced_for != base:
-                wake.append(now + base + self.fence_bound - time.monotonic())
+                wake.append(now + self.fence_deadline(base) - time.monotonic())
             due = ex.next_report()
             if due is not None and self.useq <= self.acked:  # else: wait for the ack
                 wake.append(max(due, self.last_sent + REPORT_INTERVAL))
