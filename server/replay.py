@@ -28,15 +28,17 @@ def still_refused(conn, items: list[dict], refused: list[dict]) -> list[dict]:
     if not refused:
         return refused
     wanted = {(r["job"], r["attempt"]) for r in refused}
-    by_pair = {(it["job"], it["attempt"]): it for it in items
-               if (it["job"], it["attempt"]) in wanted}
     rows = {}
     for part in chunks(sorted({j for j, _ in wanted}), 900):
         for row in conn.execute(select(jobs.c.id, jobs.c.state, jobs.c.attempts, jobs.c.agent,
                                        jobs.c.ended).where(jobs.c.id.in_(part))):
             rows[row.id] = row
-    return [r for r in refused if not _applied(by_pair.get((r["job"], r["attempt"])),
-                                               rows.get(r["job"]))]
+    # a pair is answered as applied when the message carries its matching final update; its
+    # earlier progress reports in the same message (several unacknowledged batches resent as
+    # one) go with it
+    applied = {(it["job"], it["attempt"]) for it in items
+               if (it["job"], it["attempt"]) in wanted and _applied(it, rows.get(it["job"]))}
+    return [r for r in refused if (r["job"], r["attempt"]) not in applied]
 
 
 def _applied(it: dict | None, row) -> bool:

@@ -225,6 +225,9 @@ def test_replayed_final_update_is_acknowledged_and_stale_ones_stay_refused(tmp_p
         w = ask(s, P.HELLO, P.WELCOME, **hello, running=[{"job": job, "attempt": 1}], useq=5)
         before = c.job(job)
         assert update(s, 6, w["epoch"], final)["refused"] == []
+        # resent as two batches in one: its progress report, then its end
+        progress = dict(final, states=final["states"][:3], end=None)
+        assert update(s, 7, w["epoch"], progress, final)["refused"] == []
         # genuinely stale: another attempt, another end time, another end -- all refused
         for stale in (done(job, 2, end), done(job, 1, end + 1.0),
                       done(job, 1, end, "RUN_FAILED", 1), dict(final, end=None)):
