@@ -132,6 +132,10 @@ class Agent:
         self.sent_at: dict[int, float] = {}
         self.renewed = 0.0
         self.hello_at: float | None = None
+        self.hello_useq = 0     # the useq of our newest hello: a welcome to an older one is stale
+        #: time.monotonic() at which we leave because our server said it stops on purpose and no
+        #: server has welcomed us since (None: not told)
+        self.leave_at: float | None = None
         self.fence_bound = self.fence_grace = 0.0
         self.fenced_for = 0.0   # the renewal whose bound ran out (fenced once for it)
         #: Send time of our newest message sent over a link that has stayed up since, to a
@@ -297,6 +301,7 @@ class Agent:
                             mpi=self.launcher.mpi if self.launcher else None,
                             useq=self.useq + 1), self.useq + 1)
         self.useq += 1
+        self.hello_useq = self.useq
         if self.hello_at is None:
             self.hello_at = time.monotonic()
         self.last_demand = None
@@ -365,7 +370,7 @@ class Agent:
 
     def on_message(self, frame: bytes, now: float) -> None:
         try:
-            kind, m = P.decode(frame, (P.WELCOME, P.TASKS, P.CANCEL, P.ERROR))
+            kind, m = P.decode(frame, (P.WELCOME, P.TASKS, P.CANCEL, P.ERROR, P.STOPPING))
             if kind == P.TASKS:
                 P.check_items(P.TASK, m["tasks"], "tasks")
                 P.check_items(P.JOB_ATTEMPT, m["refused"], "refused")
@@ -407,8 +412,19 @@ class Agent:
                 log.error("ignored a bad welcome (agent %r, heartbeat %r, lease %r)",
                           m["agent"], m["heartbeat"], lease)
                 return
-            if self.epoch is not None and m.get("epoch") not in (None, self.epoch):
-                log.info("the server restarted (epoch %s -> %s)", self.epoch, m["epoch"])
+            if m.get("uack") is not None and m["uack"] < self.hello_useq:
+                # it answers an older hello (queued while the server was down); the answer to
+                # our newest one follows on the same connection: one welcome per reconnect
+                log.debug("ignored a welcome to an older hello (useq %d < %d)", m["uack"],
+                          self.hello_useq)
+                return
+            if self.leave_at is not None:
+                log.info("a server is back after it said it was stopping: staying")
+                self.leave_at = None
+            # one line per (re)connect, this one
+            restart = (f"the server restarted (epoch {self.epoch} -> {m['epoch']}): "
+                       if self.epoch is not None and m.get("epoch") not in (None, self.epoch)
+                       else "")
             self.epoch = m.get("epoch")
             self.welcomed = True
             self.heartbeat = min(self.heartbeat, beat)
@@ -423,15 +439,34 @@ class Agent:
                 self.ex.set_fence(self.lease_base() + self.fence_bound, self.fence_grace)
             for item in m["revoke"]:
                 self.ex.cancel(item["job"], item["attempt"])
-            log.info("server %s (epoch %s) welcomed agent %s", self.server, self.epoch, self.id)
+            log.info("%sserver %s (epoch %s) welcomed agent %s (%d tasks held)", restart,
+                     self.server, self.epoch, self.id, len(self.ex.held()))
             self.resend_unacked()
         elif kind == P.ERROR:
-            log.warning("server says: %s", m["error"])
             self.revoke_credit("the server refused a message")
-            if "say hello" in m["error"]:
+            if "say hello" not in m["error"]:
+                log.warning("server says: %s", m["error"])
+            elif not self.welcomed and self.hello_at is not None:
+                # the answer to a message we sent before our hello (the server restarted with
+                # several of ours queued): that hello is on its way, its welcome follows; if it
+                # was lost, the main loop says hello again after a heartbeat
+                log.debug("server says: %s (a hello is on its way)", m["error"])
+            else:
+                # "unknown agent": the server restarted or lost us; the welcome says which
+                (log.debug if m["error"].startswith("unknown agent") else log.warning)(
+                    "server says: %s: saying hello again", m["error"])
                 self.welcomed = False
                 self.acked = self.useq  # that server will never answer what we sent it
                 self.hello()
+        elif kind == P.STOPPING:
+            if m.get("epoch") is not None and self.epoch is not None and m["epoch"] < self.epoch:
+                return  # an earlier start of the server, left in a socket buffer
+            grace = m.get("grace")
+            grace = float(grace) if grace is not None and 0 < grace < 1e6 \
+                else settings.AGENT_STOP_GRACE
+            self.leave_at = time.monotonic() + grace
+            log.info("the server is stopping on purpose: leaving in %.0f s unless a server "
+                     "welcomes us again (running tasks keep running until then)", grace)
 
     # -- main loop --------------------------------------------------------------------------
     def _on_signal(self, signum, _frame) -> None:
@@ -458,6 +493,8 @@ class Agent:
             nd = ex.next_deadline()
             if nd is not None:
                 wake.append(nd)
+            if self.leave_at is not None:
+                wake.append(now + self.leave_at - time.monotonic())
             timeout = max(0, min(wake) - now)
             events = poll(timeout * 1000)
             now = time.time()
@@ -499,6 +536,10 @@ class Agent:
             if self.res.end_time is not None and now >= self.res.end_time:
                 log.info("agent %s: allocation time is up: leaving", self.id)
                 break
+            if self.leave_at is not None and time.monotonic() >= self.leave_at:
+                log.info("agent %s: the server stopped on purpose and none welcomed us since: "
+                         "leaving", self.id)
+                break
         return self.leave()
 
     def leave(self) -> int:
@@ -509,17 +550,22 @@ class Agent:
         self.useq += 1
         self._send(P.encode(P.BYE, agent=self.id, useq=self.useq, updates=updates,
                             released=released, epoch=self.epoch))
-        deadline = time.time() + 5
+        # no server to wait for when ours stopped on purpose and none came back
+        deadline = time.time() + (0.5 if self.leave_at is not None else 5)
         acked = False
         while time.time() < deadline and self.sock.poll(int((deadline - time.time()) * 1000)):
             try:
-                kind, m = P.decode(self.sock.recv(), (P.WELCOME, P.TASKS, P.CANCEL, P.ERROR))
+                kind, m = P.decode(self.sock.recv(), (P.WELCOME, P.TASKS, P.CANCEL, P.ERROR,
+                                                      P.STOPPING))
             except Exception:
                 continue
             if kind == P.TASKS and m["uack"] >= self.useq:
                 acked = True
                 break
-        if not acked:
+        if not acked and self.leave_at is not None:
+            log.info("the server is stopped: the %d tasks we held are taken back when it "
+                     "starts again", len(released))
+        elif not acked:
             log.warning("server did not acknowledge our goodbye; its lease timeout will "
                         "requeue %d held tasks", len(released))
         log.info("agent %s: %d tasks received, %d finished, handed back %d", self.id,

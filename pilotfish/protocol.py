@@ -14,6 +14,8 @@ Conversation, agent side (DEALER, routing id = agent id)::
                                                              whenever new work fits the demand)
     server -> cancel  {jobs to stop}                                          (killed by a user)
     agent  -> bye     {useq, updates, leases handed back}
+    server -> stopping {epoch, grace}      (the server stops on purpose: leave after ``grace``
+                                            seconds unless a server welcomes you again)
 
 An agent keeps its updates until a ``tasks`` message acknowledges their ``useq``, and resends
 them after a reconnect; the server applies an update for (job, attempt, state) at most once.
@@ -50,6 +52,8 @@ TASKS = "tasks"
 CANCEL = "cancel"
 REPLY = "reply"
 ERROR = "error"
+#: Server -> agent, optional: an older agent logs one "bad message" line for it and carries on.
+STOPPING = "stopping"
 
 _NONE = type(None)
 _NUM = (int, float)
@@ -88,6 +92,9 @@ SCHEMAS: dict[str, dict[str, tuple]] = {
     REPLY: {"rid": (int,), "ok": (bool,), "result": (_ANY,), "error": (str, _NONE),
             "code": (str, _NONE)},
     ERROR: {"error": (str,), "rid": (int, _NONE)},
+    # the server is stopping on purpose (`server stop`, SIGTERM): its epoch, and the seconds
+    # after which the agent leaves unless a server welcomes it again (a restart)
+    STOPPING: {"epoch": (int, _NONE), "grace": (*_NUM, _NONE)},
 }
 
 #: The agent's wish list: room for more work, in cores and GPUs, with the largest task shape it

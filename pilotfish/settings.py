@@ -14,6 +14,9 @@ from pathlib import Path
 #: ``LEASE_HEARTBEATS`` missed periods.
 HEARTBEAT_SECONDS = 2.0
 LEASE_HEARTBEATS = 3.0
+#: Seconds an agent stays after its server said it stops on purpose (at least three heartbeats):
+#: a restart within them (``server stop; server start``) keeps it and its tasks.
+AGENT_STOP_GRACE = 10.0
 
 
 #: Stage-in and stage-out (one child process per step, see pilotfish.pilot.stage): a step is

@@ -21,7 +21,7 @@ from pilotfish.dataroots import DataRoots
 from pilotfish.errors import Forbidden, IllegalTransition, NotFound, ProtocolError
 from pilotfish.validate import echo
 
-from . import states
+from . import replay, states
 from .apps import App, app_from_row
 from .db import agent_keys
 from .db import agents as agents_t
@@ -110,6 +110,7 @@ class AgentRec:
     db_touched: float = 0.0
     refused: list = field(default_factory=list)      # refused updates not yet told
     key: str | None = None     # the CurveZMQ public key (Z85) this agent id belongs to
+    hello_useq: int | None = None  # the useq of the last hello we answered (this start)
     #: time.monotonic() of its last hello or update: leases are counted out on this clock, so a
     #: step of the wall clock never expires them early (agents fence on their own monotonic one)
     seen: float = field(default_factory=time.monotonic)
@@ -302,7 +303,14 @@ class JobServer:
             a.last_seen = now
             a.seen = time.monotonic()
             self.batch.update_agent(aid, state="ALIVE", last_seen=now)
-            log.info("agent %s said hello again (%d tasks held)", aid, len(m["running"]))
+            # One line per reconnect: a hello that crossed our welcome to an earlier one on the
+            # same connection (queued while we were down; the agent acted on no welcome since,
+            # nothing of it reached us in between) is the same reconnect.
+            crossed = (a.identity == identity and a.hello_useq is not None
+                       and a.uack < a.hello_useq < (m.get("useq") or 0))
+            (log.debug if crossed else log.info)(
+                "agent %s said hello again (%d tasks held)", aid, len(m["running"]))
+        a.hello_useq = m.get("useq")
         a.identity = identity
         self.routes[identity] = aid
         a.demand = None
@@ -323,6 +331,17 @@ class JobServer:
                                      revoke=revoke, lease=self.lease_timeout,
                                      epoch=self.epoch, uack=m.get("useq")))
 
+    def tell_stopping(self, grace: float) -> int:
+        """We stop on purpose: tell every connected agent, so it leaves after ``grace`` seconds
+        unless a server welcomes it again (a restart); a crash tells nothing and is ridden out.
+        Returns how many agents were told."""
+        told = 0
+        for a in self.agents.values():
+            if a.state == "ALIVE" and a.identity is not None:
+                self.send(a.identity, P.encode(P.STOPPING, epoch=self.epoch, grace=grace))
+                told += 1
+        return told
+
     def agent_for(self, identity: bytes, aid: str, epoch: int | None = None) -> AgentRec | None:
         """The agent of a message, or None (it must say hello again): unknown, lost, on
         another connection, or welcomed by another start of the server (``epoch``)."""
@@ -338,7 +357,7 @@ class JobServer:
         demand = P.check_fields(P.DEMAND, m["demand"], "demand")
         a.last_seen = now
         a.seen = time.monotonic()
-        refused = self.apply_updates(a, items, now)
+        refused = replay.still_refused(self.conn, items, self.apply_updates(a, items, now))
         a.uack = m["useq"]
         a.demand = demand
         a.demand_time = now
@@ -358,7 +377,7 @@ class JobServer:
     def on_bye(self, a: AgentRec, m: dict, now: float) -> None:
         items = P.check_items(P.TASK_UPDATE, m["updates"], "updates")
         released = P.check_items(P.JOB_ATTEMPT, m["released"], "released")
-        refused = self.apply_updates(a, items, now)
+        refused = replay.still_refused(self.conn, items, self.apply_updates(a, items, now))
         a.uack = m["useq"]
         for item in released:
             lease = self.leases.get(item["job"])

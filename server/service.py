@@ -318,6 +318,7 @@ class Service:
                     if not self.finish_turn(sock):
                         self.reload()
                     self.site_agents.check()
+            self.say_stopping(sock)
         finally:
             self.site_agents.stop()
             self._remove_info()
@@ -328,6 +329,17 @@ class Service:
             self.srv.conn.close()
             self.engine.dispose()
             log.info("stopped")
+
+    def say_stopping(self, sock: zmq.Socket) -> None:
+        """We stop on purpose (the shutdown op, SIGTERM, SIGINT): tell the agents, so they
+        leave after a grace unless a server welcomes them again (``server stop; server start``
+        keeps them). Not on a crash: this runs only when the loop ended by itself."""
+        grace = max(settings.AGENT_STOP_GRACE, 3 * self.heartbeat)
+        told = self.srv.tell_stopping(grace)
+        if told:
+            log.info("told %d agents we are stopping: they leave in %.0f s unless a server "
+                     "welcomes them again", told, grace)
+        self.finish_turn(sock)  # sends them (the socket lingers a second on close)
 
     def caught_up(self, sock: zmq.Socket, read_all: float | None) -> bool:
         """May leases be counted out now? Only when every message waiting has been read: a
