@@ -223,14 +223,20 @@ def roots_of(home: str, work_root: str, roots: list[str]) -> DataRoots:
     return make(home, roots, resolve=True, exclude=[work_root])
 
 
-def stage_in(url: str, workdir: str, roots: DataRoots, cap: int) -> None:
-    what = "input_url"
-    path = url_path(url, what)
-    real = os.path.realpath(path)
+def resolved(url: str, what: str, roots: DataRoots) -> str:
+    """The URL's path after symlinks, checked against the data roots (the node's last word)."""
+    real = os.path.realpath(url_path(url, what))
     try:
         roots.check_path(real, what, url)
     except ValidationError as exc:
         raise StageError(str(exc)) from None
+    return real
+
+
+def stage_in(url: str, workdir: str, roots: DataRoots, cap: int) -> None:
+    what = "input_url"
+    path = url_path(url, what)  # its last part names the copy, as the user wrote it
+    real = resolved(url, what, roots)
     try:
         st = os.lstat(real)
     except OSError as exc:
@@ -316,12 +322,7 @@ def owned(dfd: int, name: str, job: str) -> bool | None:
 
 def stage_out(url: str, workdir: str, job: str, roots: DataRoots, cap: int) -> None:
     what = "output_url"
-    path = url_path(url, what)
-    real = os.path.realpath(path)
-    try:
-        roots.check_path(real, what, url)
-    except ValidationError as exc:
-        raise StageError(str(exc)) from None
+    real = resolved(url, what, roots)
     wfd = open_workdir(workdir)
     try:
         try:
