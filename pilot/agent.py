@@ -136,7 +136,7 @@ class Agent:
         #: time.monotonic() at which we leave because our server said it stops on purpose and no
         #: server has welcomed us since (None: not told)
         self.leave_at: float | None = None
-        self.fence_bound = self.fence_grace = 0.0
+        self.fence_bound = self.fence_grace = self.fence_lag = 0.0
         self.fenced_for = 0.0   # the renewal whose bound ran out (fenced once for it)
         #: Send time of our newest message sent over a link that has stayed up since, to a
         #: server that has refused nothing since (0: none): it will be read, in order, and
@@ -166,7 +166,7 @@ class Agent:
             base = self.lease_base()
             self.credit = time.monotonic()
             if self.fence_bound and self.credit - base >= self.heartbeat / 8:
-                self.ex.set_fence(self.credit + self.fence_bound, self.fence_grace)
+                self.guard_from(self.credit)
         if useq is not None:
             if len(self.sent_at) >= 100_000:  # a very long cut: forget the oldest
                 del self.sent_at[min(self.sent_at)]
@@ -183,7 +183,15 @@ class Agent:
             return  # an older acknowledgement (a resend, a late message): nothing new
         self.renewed = sent
         if self.fence_bound and self.welcomed:
-            self.ex.set_fence(self.lease_base() + self.fence_bound, self.fence_grace)
+            self.guard_from(self.lease_base())
+
+    def guard_from(self, base: float) -> None:
+        """Tell the guard to stop our tasks ``lag`` after our own deadline from ``base`` (see
+        ``settings.fence_timing``); when our deadline has passed (the link just dropped), lag
+        from now: we fence at once, the guard only if we cannot. Refused when the guard's
+        deadline has passed already: then we fence now, first."""
+        self.ex.set_fence(max(base + self.fence_bound, time.monotonic()) + self.fence_lag,
+                          self.fence_grace)
 
     def lease_base(self) -> float:
         """From when our leases surely run a lease period: the newest renewal, or the newest
@@ -199,7 +207,7 @@ class Agent:
         log.info("agent %s: %s: leases count from the last acknowledged renewal (%.2f s ago)",
                  self.id, why, time.monotonic() - self.renewed if self.renewed else -1)
         if self.fence_bound and self.renewed and self.welcomed:
-            self.ex.set_fence(self.renewed + self.fence_bound, self.fence_grace)
+            self.guard_from(self.renewed)
 
     def on_link(self) -> None:
         """Events of our connection (libzmq's monitor): up, down, handshake refused."""
@@ -239,7 +247,7 @@ class Agent:
         earlier (the guard is not told of every small step forward), so that we, not the
         guard, stop them -- and know why."""
         mine = base + self.fence_bound
-        return min(mine, self.ex.fence_at) if self.ex.fence_at else mine
+        return min(mine, self.ex.fence_at - self.fence_lag) if self.ex.fence_at else mine
 
     def fence(self, mono: float) -> None:
         """No renewal for the fencing bound: stop every task and forget the queued ones before
@@ -271,6 +279,7 @@ class Agent:
         else:
             log.info("agent %s: no lease renewal for %.2f s: waiting for a welcome", self.id,
                      mono - self.fenced_for)
+            self.ex.set_fence(0, 0)  # nothing to guard; the next welcome sets a deadline again
         self.welcomed = False
         self.hello()
 
@@ -429,14 +438,14 @@ class Agent:
             self.welcomed = True
             self.heartbeat = min(self.heartbeat, beat)
             lease = lease or beat * settings.LEASE_HEARTBEATS
-            self.fence_bound, self.fence_grace = settings.fence_timing(self.heartbeat,
-                                                                       float(lease))
+            self.fence_bound, self.fence_grace, self.fence_lag = settings.fence_timing(
+                self.heartbeat, float(lease))
             # a server that does not say which hello it answers: the first one unanswered
             self._renew(m.get("uack"), self.hello_at)
             self.hello_at = None
             self.fenced_for = 0.0  # held tasks from now on are fenced at this renewal's bound
             if self.renewed:
-                self.ex.set_fence(self.lease_base() + self.fence_bound, self.fence_grace)
+                self.guard_from(self.lease_base())
             for item in m["revoke"]:
                 self.ex.cancel(item["job"], item["attempt"])
             log.info("%sserver %s (epoch %s) welcomed agent %s (%d tasks held)", restart,

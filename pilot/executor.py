@@ -104,7 +104,8 @@ def stop_all(grace):
 while True:
     wait = max(0.0, deadline - time.monotonic()) if deadline and live else None
     if not select.select([0], [], [], wait)[0]:
-        if time.monotonic() >= deadline:
+        # (a line written just before the deadline is read first: it may move it)
+        if time.monotonic() >= deadline and not select.select([0], [], [], 0)[0]:
             stop_all(grace)  # no lease renewal for too long: its jobs go to others soon
         continue
     try:
@@ -472,16 +473,28 @@ class Executor:
             os.close(r)
         self._guard_fd = w
 
-    def set_fence(self, deadline: float, grace: float) -> None:
+    def set_fence(self, deadline: float, grace: float) -> bool:
         """Have the guard stop our tasks (SIGTERM, SIGKILL ``grace`` later) at ``deadline``, a
-        ``time.monotonic()`` time, unless moved again; 0: never."""
+        ``time.monotonic()`` time, unless moved again; 0: never. False when the deadline was
+        not moved because it or the current one has passed: the guard may have stopped our
+        tasks already, or would at once; the agent must fence now."""
+        now = time.monotonic()
+        if deadline and self.fence_at and now >= self.fence_at:
+            # An agent that was paused past its deadline (a loaded node, SIGSTOP) and wakes up
+            # sending: moving the deadline now would leave its tasks stopped by the guard, or
+            # not, unknown to it -- and a guard starved as long reads the new deadline before
+            # its timeout and does not stop them. Either way the agent fences first.
+            return False
+        if deadline and deadline <= now:
+            return False  # the agent fences now itself (the guard would race it, see above)
         if self.fence_at and self.fence_at < deadline < self.fence_at + grace:
             # a small step later: the guard keeps the earlier deadline (stopping a silent
             # agent's tasks at most ``grace`` early is safe), and is not woken per renewal --
             # an agent renews with every answer, hundreds a second under short tasks
-            return
+            return True
         self.fence_at = deadline
         self._guard(b"D%.6f %.3f\n" % (deadline, grace))
+        return True
 
     def _guard(self, line: bytes) -> None:
         """Tell the guard that a task started (+pid) or is about to be reaped (-pid)."""

@@ -75,15 +75,17 @@ def stage_limits(timeout: float | None = None, max_bytes: int | str | None = Non
     return float(timeout), size
 
 
-def fence_timing(heartbeat: float, lease: float) -> tuple[float, float]:
-    """(bound, grace) for fencing: ``bound`` seconds after sending the newest message whose
+def fence_timing(heartbeat: float, lease: float) -> tuple[float, float, float]:
+    """(bound, grace, lag) for fencing: ``bound`` seconds after sending the newest message whose
     receipt the server acknowledged (a lease renewal), an agent that has had no newer renewal
-    -- cut off, paused, hung -- has its tasks SIGTERMed (by itself or by its guard), and
-    SIGKILLed ``grace`` later: half a heartbeat before the server may count its ``lease`` out
-    (the server counts from the receipt, which is after the send) and hand those jobs to
-    another agent. Only durations on the agent's own monotonic clock: no clock is shared."""
-    grace = heartbeat / 4
-    return max(heartbeat, lease - heartbeat / 2 - grace), grace
+    -- cut off, paused, hung -- stops its tasks (SIGTERM, SIGKILL ``grace`` later). Its guard
+    does the same ``lag`` later, so that a live agent always stops them first and knows why;
+    the guard acts for an agent that cannot. Even the guard's SIGKILL comes before the server
+    may count the ``lease`` out (it counts from the receipt, which is after the send) and hand
+    those jobs to another agent. Only durations on the agent's own monotonic clock: no clock
+    is shared."""
+    grace, lag = heartbeat / 4, heartbeat / 8
+    return max(heartbeat, lease - heartbeat / 2 - grace), grace, lag
 
 
 def home(path: str | os.PathLike | None = None) -> Path:

@@ -117,6 +117,44 @@ def test_guard_fences_the_tasks_of_a_silent_agent_only(tmp_path):
     ex.stop_all()
 
 
+def test_a_passed_fencing_deadline_is_never_moved(tmp_path):
+    """An agent paused past its fencing deadline must not move it when it wakes up: its guard
+    may have stopped the tasks already, or -- starved as long -- may read the new deadline
+    first and never stop them while the server hands their jobs on. The executor refuses the
+    move (the agent then fences), and the guard, let run again, stops the task (a real
+    Executor, guard and task; the guard is paused with SIGSTOP)."""
+    import os
+    import select
+    import signal
+    import time
+    import psutil
+    from pilotfish.pilot.executor import Executor
+    before = {p.pid for p in psutil.Process().children()}
+    ex = Executor([sorted(os.sched_getaffinity(0))[0]], [], tmp_path / "work",
+                  watch=lambda fd, t: None, unwatch=lambda fd: None)
+    [guard] = [p for p in psutil.Process().children() if p.pid not in before]
+    assert ex.set_fence(time.monotonic() + 0.5, 0.2)
+    ex.add({"job": 1, "attempt": 1, "name": "t", "argv": ["/bin/sleep", "60"], "env": {},
+            "workdir": "t.1", "cores": 1, "gpus": 0})
+    ex.start_ready(time.time())
+    [t] = ex.active.values()
+    time.sleep(0.1)  # the guard has read the task's pid
+    guard.suspend()
+    try:
+        time.sleep(0.7)
+        passed = ex.fence_at
+        assert ex.set_fence(time.monotonic() + 30, 0.2) is False, "a passed deadline moved"
+        assert ex.fence_at == passed
+        assert ex.set_fence(time.monotonic() - 1, 0.2) is False
+    finally:
+        guard.resume()
+    assert select.select([t.pidfd], [], [], 5)[0], "the guard did not stop the task"
+    ex.on_exit(t, time.time())
+    assert t.exit == -signal.SIGTERM
+    ex.stop_all()  # "no fencing" is always accepted; then a deadline may be set again
+    assert ex.fence_at == 0 and ex.set_fence(time.monotonic() + 5, 0.2)
+
+
 def _children(pid):
     import psutil
     return psutil.Process(pid).children()

@@ -353,7 +353,11 @@ def kill_agents_chaos(world: World, n_jobs: int, n_agents: int = 4, min_kills: i
             except AssertionError:
                 victim = None
         if victim is None:
-            victim = rng.choice(live)
+            # one the server knows: a replacement still starting (slow on a loaded machine) has
+            # no lease to lose and would never be declared lost
+            known = wait_for(lambda: [p for p in live if p.pid in world.agent_ids(c)], 30,
+                             what="a live agent the server knows")
+            victim = rng.choice(known)
         aid = world.agent_ids(c).get(victim.pid)
         done = sum(v for k, v in c.counts({"ids": ids}).items() if k in FINAL_STATES)
         t = time.time()
