@@ -27,10 +27,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-#: per benchmark: the arguments both versions get, and the figure compared
+#: per benchmark: its script, the arguments both versions get, and the figure compared
 BENCHES = {
-    "w2": (["--n", "10000", "--no-baseline"], "tasks_per_second"),
-    "dispatch": (["--n", "50000", "--db", "sqlite"], "tasks_per_second"),
+    "w2": ("w2_true.py", ["--n", "10000", "--no-baseline"], "tasks_per_second"),
+    "dispatch": ("dispatch.py", ["--n", "50000", "--db", "sqlite"], "tasks_per_second"),
 }
 
 
@@ -54,10 +54,10 @@ def checkout(rev: str, where: Path) -> Path:
 
 def run_one(tree: Path, bench: str, extra: list[str], tmp: Path) -> dict:
     """One run of ``bench`` by the version in ``tree``; its figure's JSON line."""
-    args, figure = BENCHES[bench]
+    script, args, figure = BENCHES[bench]
     home = Path(tempfile.mkdtemp(prefix=f"ba-{bench}-", dir=tmp))
     try:
-        out = subprocess.run([str(tree / ".venv/bin/python"), str(tree / "bench" / f"{bench}.py"),
+        out = subprocess.run([str(tree / ".venv/bin/python"), str(tree / "bench" / script),
                               "--repeat", "1", "--tmp", str(home), *args,
                               *extra], cwd=tree, capture_output=True, text=True, timeout=1800)
     finally:
@@ -69,7 +69,7 @@ def run_one(tree: Path, bench: str, extra: list[str], tmp: Path) -> dict:
             continue
         if r.get("figure") == figure:
             return r
-    raise SystemExit(f"{tree.name}: bench/{bench}.py gave no {figure} line "
+    raise SystemExit(f"{tree.name}: bench/{script} gave no {figure} line "
                      f"(exit {out.returncode}):\n{out.stderr[-2000:]}")
 
 
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                 "ratios": [round(r, 3) for r in ratios],
                 "base": base_rev, "head": head_rev,
                 "base_values": vals["base"], "head_values": vals["head"],
-                "interval": f"bench/{bench}.py --repeat 1 {' '.join(BENCHES[bench][0])}"
+                "interval": f"bench/{BENCHES[bench][0]} --repeat 1 {' '.join(BENCHES[bench][1])}"
                             " per run; pairs alternate which version goes first",
                 "target": a.target, "meets_target": geo >= a.target,
                 "cores_available": len(os.sched_getaffinity(0)),
