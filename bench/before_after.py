@@ -9,7 +9,9 @@ the machine's drift (a disk filling up with workdirs, a neighbour waking up) so 
 alike. Every run gets a fresh temporary home under ``--tmp``. Per benchmark one JSON line:
 ``value`` is the geometric mean of the paired ratios head / base (1.0: the same; 0.95: 5 %
 slower), with every pair listed, and ``meets_target`` says whether it is at least
-``--target`` (default 0.95).
+``--target`` (default 0.95). Also given: the CPU the server and the agents used per task in
+each run, and the geometric mean of base / head (``cpu_ratio``): what the code costs, much less
+sensitive than the rate to other work on a shared machine.
 
     .venv/bin/python bench/before_after.py --base e47a032 --bench w2,dispatch --pairs 6
 """
@@ -104,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         trees = {"base": base, "head": ROOT}
         for bench in benches:
             vals: dict[str, list[float]] = {"base": [], "head": []}
-            ratios = []
+            cpu: dict[str, list[float]] = {"base": [], "head": []}
+            ratios, cpu_ratios = [], []
             for i in range(a.pairs):
                 order = ("base", "head") if i % 2 == 0 else ("head", "base")
                 got = {}
@@ -112,10 +115,17 @@ def main(argv: list[str] | None = None) -> int:
                     r = run_one(trees[who], bench, [], a.tmp)
                     got[who] = r["value"]
                     vals[who].append(r["value"])
+                    # CPU the server and the agents used per task: what the code costs, much
+                    # less sensitive than the rate to other work on the machine
+                    used = (r["server_busy"] + r["agents_busy"]) * r["seconds"][0] / r["n"]
+                    got[who + "_cpu"] = used * 1e6
+                    cpu[who].append(round(used * 1e6, 1))
                 ratios.append(got["head"] / got["base"])
+                cpu_ratios.append(got["base_cpu"] / got["head_cpu"])
                 log(f"{bench} pair {i + 1}/{a.pairs} ({order[0]} first): base {got['base']:.1f}"
                     f", head {got['head']:.1f}, ratio {ratios[-1]:.3f}")
             geo = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+            geo_cpu = math.exp(sum(math.log(r) for r in cpu_ratios) / len(cpu_ratios))
             print(json.dumps({
                 "bench": "before_after", "figure": f"{bench}_head_over_base",
                 "value": round(geo, 3), "unit": "ratio",
@@ -125,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
                 "interval": f"bench/{BENCHES[bench][0]} --repeat 1 {' '.join(BENCHES[bench][1])}"
                             " per run; pairs alternate which version goes first",
                 "target": a.target, "meets_target": geo >= a.target,
+                "cpu_us_per_task_base": cpu["base"], "cpu_us_per_task_head": cpu["head"],
+                "cpu_ratio": round(geo_cpu, 3), "cpu_ratios": [round(r, 3) for r in cpu_ratios],
+                "cpu_note": "server + agent CPU per task, base / head (above 1: head cheaper)",
                 "cores_available": len(os.sched_getaffinity(0)),
                 "loadavg_1m": os.getloadavg()[0], "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
             }), flush=True)
