@@ -33,10 +33,15 @@ def _stop(signum, _frame):
     os._exit(128 + signum)
 
 
-for _sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+# a signal between the handlers and the start line would log an end without a start: hold
+# them until the start line is written (one that came even earlier killed us without a line)
+_SIGS = {signal.SIGTERM, signal.SIGHUP, signal.SIGINT}
+signal.pthread_sigmask(signal.SIG_BLOCK, _SIGS)
+for _sig in _SIGS:
     signal.signal(_sig, _stop)
 line("start", T0)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGS)
 time.sleep(float(sys.argv[1]) if len(sys.argv) > 1 else 0.0)
 # block the handlers while writing the end line, so a late signal cannot add a second end
-signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGHUP, signal.SIGINT})
+signal.pthread_sigmask(signal.SIG_BLOCK, _SIGS)
 line("end", T0, time.time())
