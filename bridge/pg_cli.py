@@ -17,6 +17,8 @@ from pilotfish.errors import PilotfishError, ValidationError
 CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 CHANNEL_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 log = logging.getLogger("pilotfish.source")
+#: Seconds the source waits for one answer of the server.
+CLIENT_TIMEOUT = 15.0
 
 EXAMPLE = """\b
   Example (a job for every plasma pulse, as at DIII-D):
@@ -112,7 +114,10 @@ def pg_cmd(ctx, dsn, dsn_file, channel, template_path, table, from_id, state_pat
 
         def client():
             from pilotfish.client import Client
-            return Client(address=(ctx.obj or {}).get("server"), home=home)
+            # a short wait: a server that does not answer is retried (and the pulse settled
+            # by its tag first), so waiting longer only delays the pulses behind it
+            return Client(address=(ctx.obj or {}).get("server"), home=home,
+                          timeout=CLIENT_TIMEOUT)
 
         def emit(d: dict) -> None:
             if as_json:

@@ -248,7 +248,7 @@ class Source:
             log.debug("pulse %d: already handled (cursor %s)", pulse_id, self.state.cursor)
             return
         self.catch_up(conn)
-        if self.state.cursor is None or pulse_id > self.state.cursor:
+        if not self.stopping and (self.state.cursor is None or pulse_id > self.state.cursor):
             self._refuse(pulse_id, "notify", f"pulse {pulse_id} was notified but has no row "
                          f"in {self.table} (notified by someone else, or rolled back?)",
                          payload, move=False)
@@ -379,8 +379,9 @@ class Source:
             pass
         finally:
             self._drop_client()
-        log.info("stopped; cursor %s, %d job(s) added, %d pulse(s) refused so far",
-                 self.state.cursor, self.state.submitted, self.state.refused)
+        if not check_only:
+            log.info("stopped; cursor %s, %d job(s) added, %d pulse(s) refused so far",
+                     self.state.cursor, self.state.submitted, self.state.refused)
 
     def follow(self, conn) -> None:
         last_sweep = time.monotonic()

@@ -100,7 +100,9 @@ class SourceProc:
         return self
 
     def text(self) -> str:
-        return self.log.read_text(errors="replace")[self.mark:] if self.log.exists() else ""
+        if not self.log.exists():
+            return ""
+        return self.log.read_bytes()[self.mark:].decode(errors="replace")
 
     def stop(self) -> int | None:
         if self.proc is None:
@@ -115,9 +117,19 @@ class SourceProc:
         return self.proc.returncode
 
 
+class Sources(list):
+    """The source processes of one test: each is stopped when the test ends, also when it
+    failed to start."""
+
+    def start(self, *args, **kwargs) -> SourceProc:
+        src = SourceProc(*args, **kwargs)
+        self.append(src)
+        return src.start()
+
+
 @pytest.fixture
 def sources():
-    started: list[SourceProc] = []
+    started = Sources()
     yield started
     for s in started:
         s.stop()
@@ -153,8 +165,7 @@ def state(home: Path) -> dict:
 def test_a_pulse_row_makes_a_job_with_its_fields(efit, pg, sources):
     home = efit.home
     pulse(pg, 190000)  # before the first start: old pulses are not flooded in
-    src = SourceProc(home, pg, write_template(home, template(home))).start()
-    sources.append(src)
+    src = sources.start(home, pg, write_template(home, template(home)))
     pulse(pg, 190001, tmax=5.5, run=str(home / "data" / "190001"), note="first")
     [job] = wait_for(lambda: jobs_of(efit, tag(190001)), 60, what="the pulse's job")
     with efit.client() as c:
@@ -181,16 +192,14 @@ def test_a_pulse_row_makes_a_job_with_its_fields(efit, pg, sources):
 def test_pulses_while_the_source_is_down_are_caught_up(efit, pg, sources):
     home = efit.home
     tpath = write_template(home, template(home))
-    src = SourceProc(home, pg, tpath).start()
-    sources.append(src)
+    src = sources.start(home, pg, tpath)
     pulse(pg, 1)
     wait_for(lambda: jobs_of(efit, tag(1)), 60, what="pulse 1")
     assert src.stop() == 0
     for shot in (2, 3, 4):  # their NOTIFYs reach no one
         pulse(pg, shot)
     assert len(jobs_of(efit)) == 1
-    src2 = SourceProc(home, pg, tpath).start()
-    sources.append(src2)
+    src2 = sources.start(home, pg, tpath)
     wait_for(lambda: len(jobs_of(efit)) == 4, 60, what="the caught-up pulses")
     pulse(pg, 5)
     wait_for(lambda: len(jobs_of(efit)) == 5, 60, what="pulse 5")
@@ -203,9 +212,7 @@ def test_pulses_while_the_source_is_down_are_caught_up(efit, pg, sources):
 def test_kill9_between_submit_and_cursor_save_makes_no_second_job(efit, pg, sources, mode):
     home = efit.home
     tpath = write_template(home, template(home, table=mode == "table"))
-    crash = SourceProc(home, pg, tpath,
-                       env={"PILOTFISH_PG_SOURCE_FAULT": "kill-after-submit"}).start()
-    sources.append(crash)
+    crash = sources.start(home, pg, tpath, env={"PILOTFISH_PG_SOURCE_FAULT": "kill-after-submit"})
     if mode == "table":
         pulse(pg, 7, tmax=7.0)
     else:
@@ -214,8 +221,7 @@ def test_kill9_between_submit_and_cursor_save_makes_no_second_job(efit, pg, sour
     assert len(jobs_of(efit, tag(7))) == 1  # the job was added ...
     s = state(home)
     assert s["pending"]["id"] == 7 and s["cursor"] != 7  # ... the cursor never moved
-    again = SourceProc(home, pg, tpath).start()
-    sources.append(again)
+    again = sources.start(home, pg, tpath)
     wait_for(lambda: "job" in again.text() and "already added" in again.text(), 60,
              what="the pending pulse settled")
     if mode == "table":
@@ -230,8 +236,7 @@ def test_kill9_between_submit_and_cursor_save_makes_no_second_job(efit, pg, sour
 # -- bad input -----------------------------------------------------------------------------------
 def test_bad_payloads_are_refused_alone(efit, pg, sources):
     home = efit.home
-    src = SourceProc(home, pg, write_template(home, template(home, table=False))).start()
-    sources.append(src)
+    src = sources.start(home, pg, write_template(home, template(home, table=False)))
     bad = [
         ("not json {", "payload is not JSON"),
         ("NaN", "payload is not JSON"),
@@ -356,13 +361,12 @@ def test_dsn_passwords_and_help(efit, pg, tmp_path):
 # -- outages -------------------------------------------------------------------------------------
 def test_server_down_and_database_gone_lose_nothing(efit, pg, sources):
     home = efit.home
-    src = SourceProc(home, pg, write_template(home, template(home))).start()
-    sources.append(src)
+    src = sources.start(home, pg, write_template(home, template(home)))
     pulse(pg, 1)
     wait_for(lambda: jobs_of(efit, tag(1)), 60, what="pulse 1")
     efit.stop()
     pulse(pg, 2)  # the source waits for the server, holding the pulse
-    wait_for(lambda: "not added yet" in src.text(), 60, what="the source to wait")
+    wait_for(lambda: "not added yet" in src.text(), 90, what="the source to wait")
     efit.start()
     wait_for(lambda: jobs_of(efit, tag(2)), 90, what="pulse 2 after the server came back")
     # the database drops the source's connection; a pulse arrives meanwhile
