@@ -270,7 +270,7 @@ def test_bad_payloads_are_refused_alone(efit, pg, sources):
     assert got[-1]["payload_chars"] > 5000
     assert [j["name"] for j in jobs_of(efit)] == ["efit-22"]  # nothing else was added
     log = src.text()
-    assert log.count(" refused: ") == len(bad) and "Traceback" not in log
+    assert log.count("ERROR pilotfish.source: ") == len(bad) and "Traceback" not in log
     assert src.proc.poll() is None
     assert state(home)["refused"] == len(bad)
 
