@@ -124,8 +124,10 @@ def pg_cmd(ctx, dsn, dsn_file, channel, template_path, table, from_id, state_pat
                 sys.stdout.write(json.dumps(d) + "\n")
                 sys.stdout.flush()
 
-        src = pg_source.Source(tmpl, dsn, channel, state, client, table=table, sweep=sweep,
-                               from_id=from_id, emit=emit)
+        src = pg_source.Source(
+            tmpl, dsn, channel, state, client, table=table, sweep=sweep, from_id=from_id,
+            emit=emit, address=lambda: settings.server_address(home, (ctx.obj or {}).get(
+                "server")))
         src.install_signals()
         log.info("source %r: %s, channel %s, state %s", tmpl.source,
                  pg_source.describe_dsn(dsn), channel, state.path)

@@ -29,11 +29,15 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not a number JSON allows")
 
 
+class _Twice(ValueError):
+    pass
+
+
 def _unique(pairs: list) -> dict:
     keys = [k for k, _ in pairs]
     twice = {k for k in keys if keys.count(k) > 1}
     if twice:  # json.loads would keep the last silently: which one did the producer mean?
-        raise ValueError(f"field(s) {echo_keys(twice, True)} given twice")
+        raise _Twice(f"field(s) {echo_keys(twice, True)} given twice")
     return dict(pairs)
 
 
@@ -46,6 +50,8 @@ def parse_id(text: str, tmpl: Template) -> tuple[int, dict]:
                       f"{tmpl.max_payload_bytes:,} (max_payload_bytes)")
     try:
         doc = json.loads(text, parse_constant=_no_constants, object_pairs_hook=_unique)
+    except _Twice as exc:
+        raise Refused(f"payload gives {exc}") from None
     except (ValueError, RecursionError) as exc:  # ValueError: also ints of > 4,300 digits
         raise Refused(f"payload is not JSON: {' '.join(str(exc).split())[:200]} "
                       f"(payload {echo(text, 60)})") from None

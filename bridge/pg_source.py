@@ -58,13 +58,16 @@ class Source:
     def __init__(self, tmpl: Template, dsn: str, channel: str, state: State,
                  client: Callable[[], Client], *, table: str | None = None,
                  sweep: float = 60.0, from_id: int | None = None,
-                 emit: Callable[[dict], None] | None = None) -> None:
+                 emit: Callable[[dict], None] | None = None,
+                 address: Callable[[], str | None] | None = None) -> None:
         self.tmpl = tmpl
         self.dsn = dsn
         self.channel = channel
         self.state = state
         self._new_client = client
         self._client: Client | None = None
+        #: where the server is now (server.json), checked before each use of the client
+        self._address = address
         self.table = table
         self.sweep = sweep
         self.from_id = from_id
@@ -89,6 +92,9 @@ class Source:
             raise Stopped()
 
     def client(self) -> Client:
+        if self._client is not None and self._address is not None and \
+                self._address() != self._client.address:
+            self._drop_client()  # the server stopped or moved: do not wait for the old one
         if self._client is None:  # a new client reads the home's server.json again
             self._client = self._new_client()
         return self._client
