@@ -49,7 +49,8 @@ class Source:
         tmpl = home / "efit.yaml"
         tmpl.write_text(json.dumps(TEMPLATE))
         self.cmd = [*C.pilotfish_cmd(), "--home", str(home), "source", "pg", "--dsn", dsn,
-                    "--channel", "pulse_end", "--template", str(tmpl), "--json", "-q"]
+                    "--channel", "pulse_end", "--template", str(tmpl), "--json", "-q",
+                    "--from-id", "-1"]  # the warm-up row 0 may land before the first read
         self.log = home / "source.log"
         self.p: subprocess.Popen | None = None
 
