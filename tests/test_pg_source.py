@@ -197,15 +197,17 @@ def test_pulses_while_the_source_is_down_are_caught_up(efit, pg, sources):
     wait_for(lambda: jobs_of(efit, tag(1)), 60, what="pulse 1")
     assert src.stop() == 0
     for shot in (2, 3, 4):  # their NOTIFYs reach no one
-        pulse(pg, shot)
+        pulse(pg, shot, run="/etc" if shot == 3 else None)  # 3 names a path outside the roots
     assert len(jobs_of(efit)) == 1
     src2 = sources.start(home, pg, tpath)
-    wait_for(lambda: len(jobs_of(efit)) == 4, 60, what="the caught-up pulses")
+    wait_for(lambda: len(jobs_of(efit)) == 3, 60, what="the caught-up pulses")
     pulse(pg, 5)
-    wait_for(lambda: len(jobs_of(efit)) == 5, 60, what="pulse 5")
-    assert sorted(j["name"] for j in jobs_of(efit)) == [f"efit-{i}" for i in range(1, 6)]
+    wait_for(lambda: len(jobs_of(efit)) == 4, 60, what="pulse 5")
+    assert sorted(j["name"] for j in jobs_of(efit)) == ["efit-1", "efit-2", "efit-4", "efit-5"]
     assert "caught up 3 row(s)" in src2.text()
-    assert state(home)["cursor"] == 5
+    [r] = refused(home)  # the bad row is refused alone, kept, and passed by the cursor
+    assert r["id"] == 3 and r["origin"] == "catch-up" and "input_url '/etc'" in r["error"]
+    assert state(home)["cursor"] == 5 and state(home)["refused"] == 1
 
 
 @pytest.mark.parametrize("mode", ["table", "notify"])
