@@ -18,7 +18,7 @@ whose answer never came, the source asks the server whether a job with that tag 
 it sends again. We check on the client rather than have the server refuse duplicates: it needs
 no change to the job store, and the check costs one tag query per crash or lost answer, never
 one per pulse. The one window a client check leaves, a lost send still queued in a live but
-stalled server, is closed by checking twice on one connection (see :meth:`Source._settle`).
+stalled server, is narrowed by checking twice on one connection (see :meth:`Source._settle`).
 """
 from __future__ import annotations
 
@@ -290,8 +290,8 @@ class Source:
     def _settle(self, c: Client, tag: str) -> int | None:
         """The id of the job tagged ``tag``, if the server has it. Asked twice on one
         connection: a send whose answer was lost may still wait in the server's queue; the
-        server reads its peers in turn, so it has read that send before it reads the second
-        question on our connection."""
+        server's ROUTER reads its peers in turn, so a send that had reached it is read before
+        the second question on our connection (one still in the network is not covered)."""
         found = None
         for _ in range(2):
             jobs = c.jobs({"tag": tag}, limit=1)
