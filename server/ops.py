@@ -377,6 +377,24 @@ def _array_rows(srv: JobServer, filler: arrays.Template, elems: arrays.Elements,
     return rows
 
 
+@op(SUBMITTER, args=("jobs",))
+def job_check(srv: JobServer, args: dict, now: float) -> dict:
+    """Check job messages exactly as ``job_add`` would, and add nothing: edge processes (the
+    NOTIFY source) check their job template against the server's rules when they start, not
+    at the first pulse."""
+    msgs = _arg(args, "jobs", list, required=True)
+    if len(msgs) > MAX_JOBS_PER_REQUEST:
+        raise ValidationError(f"{len(msgs)} jobs in one request; at most "
+                              f"{MAX_JOBS_PER_REQUEST:,} are checked at once")
+    for i, m in enumerate(msgs):
+        try:
+            build_job(m, srv.app, srv.data_roots)
+        except PilotfishError as exc:
+            where = f"job #{i + 1}: " if len(msgs) > 1 else ""
+            raise type(exc)(f"{where}{exc}") from None
+    return {"checked": len(msgs)}
+
+
 # -- jobs: read ------------------------------------------------------------------------------
 def where_of(f: dict | None, srv: JobServer) -> list:
     """SQL conditions for a job filter; unknown keys and bad values are errors."""

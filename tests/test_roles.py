@@ -36,7 +36,7 @@ ROLES = ("admin", "submitter", "agent", "reader")
 
 READ = {"ping", "status", "agent_ls", "app_ls", "app_show", "job_ls", "job_counts",
         "job_summary", "job_show", "pilot_ls", "site_status"}
-SUBMIT = READ | {"job_add", "job_add_array", "job_kill", "job_retry", "job_alter", "job_rm",
+SUBMIT = READ | {"job_add", "job_add_array", "job_check", "job_kill", "job_retry", "job_alter", "job_rm",
                  "pilot_add", "pilot_update", "site_backlog", "site_report"}
 ADMIN_ONLY = {"app_add", "app_alter", "app_rm", "shutdown", "gc"}
 #: What each role may call: written out here, not read from the server's declarations.
@@ -161,6 +161,8 @@ def _args(op: str, role: str) -> dict:
                               "parameters": {"x": "1"}}]},
         "job_add_array": {"job": {"name": f"a-{role}-{{index}}", "application": "echo",
                                   "parameters": {"x": "{index}"}}, "array": "1-2"},
+        "job_check": {"jobs": [{"name": f"c-{role}", "application": "echo",
+                                "parameters": {"x": "1"}}]},
         "gc": {"before": 1.0},
         "job_ls": {"filter": {}, "limit": 5}, "job_counts": {"filter": {}},
         "job_summary": {"filter": {}}, "job_show": {"id": 1},
