@@ -30,6 +30,7 @@ from .db import make_engine
 from .site_agents import SiteAgents
 from . import pilot_ops  # noqa: F401  (registers the pilot and site ops)
 from . import gc_ops  # noqa: F401  (registers the gc op)
+from . import events  # (registers the events ops)
 from .ops import AGENT_ROLES, LOCAL_ADMIN, OPS, Caller, check_call, who
 
 log = logging.getLogger("pilotfish.server")
@@ -208,6 +209,8 @@ class Service:
             self.public_key, secret = keys.server_keys(home)
         self.engine = make_engine(db_url)
         self.srv = JobServer(self.engine, heartbeat, self.lease_timeout, self.data_roots)
+        #: ``events`` requests waiting for an event (answered after the commit that makes it)
+        self.waiters = events.Waiters()
         self.ctx = zmq.Context()
         self.zap: ZapHandler | None = None
         #: who a CURVE caller is: its key's name and role, re-checked at every message
@@ -309,8 +312,10 @@ class Service:
         next_expire = time.time() + self.heartbeat
         try:
             while not self.stopping:
-                poller.poll(250)
+                poller.poll(self.poll_ms())
                 read_all = self.turn(sock)
+                if self.waiters.due():  # a parked events request's time is up
+                    self.finish_turn(sock)
                 now = time.time()
                 if now >= next_expire and self.caught_up(sock, read_all):
                     next_expire = now + min(0.5, self.heartbeat / 2)
@@ -329,6 +334,13 @@ class Service:
             self.srv.conn.close()
             self.engine.dispose()
             log.info("stopped")
+
+    def poll_ms(self) -> int:
+        """How long the loop may sleep: 250 ms, or less when a parked request is due sooner."""
+        deadline = self.waiters.next_deadline()
+        if deadline is None:
+            return 250
+        return max(0, min(250, int((deadline - time.monotonic()) * 1000) + 1))
 
     def say_stopping(self, sock: zmq.Socket) -> None:
         """We stop on purpose (the shutdown op, SIGTERM, SIGINT): tell the agents, so they
@@ -393,6 +405,17 @@ class Service:
             return False
         if srv.stopping:
             self.stopping = True
+        if self.waiters:
+            try:
+                self.waiters.release(srv)
+            except Exception:  # a bug of ours: the parked requests wait for the next turn
+                log.exception("internal error answering parked events requests")
+                try:
+                    srv.conn.rollback()
+                except Exception:
+                    log.exception("rollback failed")
+        else:
+            srv.batch.turn_events.clear()
         send = sock.send_multipart
         for identity, frame in srv.outbox:
             try:
@@ -446,6 +469,7 @@ class Service:
         """Crash-only recovery: the database is the truth. Drop this turn's uncommitted work and
         replies and rebuild (see _recover for what becomes of the turn's messages)."""
         log.error("rolling back this turn and reloading state from the database")
+        self.waiters.drop_pending()
         try:
             self.srv.conn.rollback()
             self.srv.conn.close()
@@ -556,6 +580,9 @@ class Service:
                 result = fn(srv, m["args"], now, caller)
             else:
                 result = fn(srv, m["args"], now)
+            if isinstance(result, events.Park):  # answered when an event comes, or at its time
+                self.waiters.park(identity, m["rid"], result)
+                return
         except PilotfishError as exc:
             srv.send(identity, P.encode(P.REPLY, rid=m["rid"], ok=False, result=None,
                                         error=cap(str(exc)), code=exc.code))
