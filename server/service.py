@@ -185,8 +185,11 @@ class Service:
                  heartbeat: float = settings.HEARTBEAT_SECONDS,
                  lease_timeout: float | None = None, insecure: bool = False,
                  sites: list[str] | None = None, site_poll: float = 10.0,
-                 data_roots: list[str] | None = None) -> None:
+                 data_roots: list[str] | None = None, events_keep: float | None = None) -> None:
         self.home = home
+        #: prune events older than this many seconds as we run (None: keep them)
+        self.events_keep = events_keep
+        self.next_prune = 0.0
         # the roots jobs' URLs may name: given (--data-root, the sites' data_roots) and
         # $PILOTFISH_DATA_ROOTS; none: the home's data directory, made owner-only
         self.data_roots = dataroots.make(home, list(data_roots or []) + dataroots.from_env())
@@ -323,6 +326,8 @@ class Service:
                     if not self.finish_turn(sock):
                         self.reload()
                     self.site_agents.check()
+                    if self.events_keep is not None and now >= self.next_prune:
+                        self.prune_events(sock, now)
             self.say_stopping(sock)
         finally:
             self.site_agents.stop()
@@ -334,6 +339,24 @@ class Service:
             self.srv.conn.close()
             self.engine.dispose()
             log.info("stopped")
+
+    def prune_events(self, sock: zmq.Socket, now: float) -> None:
+        """One bounded chunk of ``--events-keep`` pruning in a turn of its own; the next chunk
+        half a second later while more is due, else after a tenth of the time kept (at most
+        an hour)."""
+        try:
+            r = events.events_prune(self.srv, {"before": now - self.events_keep}, now)
+        except Exception:
+            log.exception("pruning events failed")
+            self.reload()
+            self.next_prune = now + min(3600.0, self.events_keep / 10)
+            return
+        if not self.finish_turn(sock):
+            self.reload()
+        elif r["pruned"]:
+            log.info("pruned %d events older than %.0f s; the stream starts at id %d",
+                     r["pruned"], self.events_keep, r["oldest"])
+        self.next_prune = now + (0.5 if r["more"] else min(3600.0, self.events_keep / 10))
 
     def poll_ms(self) -> int:
         """How long the loop may sleep: 250 ms, or less when a parked request is due sooner."""
