@@ -55,13 +55,26 @@ class Follower(threading.Thread):
         self.since, self.filters = since, filters
         self.got: list[dict] = []
         self.error: BaseException | None = None
+        self.stopping = threading.Event()
 
     def run(self) -> None:
         try:
             for e in self.client.follow(self.since, **self.filters):
+                if self.stopping.is_set():
+                    break
                 self.got.append(e)
         except BaseException as exc:  # noqa: BLE001 (shown by the test)
             self.error = exc
+        finally:
+            self.client.close()
+
+    def finish(self, server: ServerHandle) -> None:
+        """Stop following: one more event wakes the follower, which then leaves."""
+        self.stopping.set()
+        if self.is_alive():
+            with server.client() as c:
+                c.add_pilot(id=f"wake-{time.monotonic_ns()}", nodes=1)
+            self.join(30)
 
     def ids(self) -> list[int]:
         return [e["id"] for e in self.got]
@@ -146,15 +159,18 @@ def test_follow_gets_events_as_they_commit(server):
         c.add_app(TRUE)
         f = Follower(server.home, c.status()["events"]["newest"], server.address)
         f.start()
-        ids = []
-        for _ in range(5):
-            ids += add(c, 3)
-            time.sleep(0.05)
-        c.kill_jobs({"ids": ids[:4]})
-        c.remove_jobs({"ids": [ids[-1]]})
-        want = all_events(c)
-    wait_for(lambda: len(f.got) >= len(want) + 1, what="the follower to catch up")
-    time.sleep(0.3)
+        try:
+            ids = []
+            for _ in range(5):
+                ids += add(c, 3)
+                time.sleep(0.05)
+            c.kill_jobs({"ids": ids[:4]})
+            c.remove_jobs({"ids": [ids[-1]]})
+            want = all_events(c)
+            wait_for(lambda: len(f.got) >= len(want) + 1, what="the follower to catch up")
+            time.sleep(0.3)
+        finally:
+            f.finish(server)
     assert f.error is None
     # the same events, in order, once; but the removed job's history went with it (the
     # follower saw its READY before the job rm; the REMOVED event says what became of it)
@@ -183,19 +199,23 @@ def test_resume_after_reconnect_and_server_kill9(srv, home):
     # a follower (no address given: it finds the restarted server in the home) rides out kill -9
     f = Follower(home, start)
     f.start()
-    with srv.client() as c:
-        add(c, 5, prefix="before")
-    wait_for(lambda: len(f.got) >= 5, what="events before the kill")
-    for round_ in range(2):
-        srv.kill9()
-        srv.start()
+    try:
         with srv.client() as c:
-            add(c, 5, prefix=f"after{round_}-")
-            c.kill_jobs({"state": ["READY"]})
-    with srv.client() as c:
-        want = all_events(c, start)
-    wait_for(lambda: len(f.got) >= len(want), timeout=90, what="the follower after restarts")
-    time.sleep(0.3)
+            add(c, 5, prefix="before")
+        wait_for(lambda: len(f.got) >= 5, what="events before the kill")
+        for round_ in range(2):
+            srv.kill9()
+            srv.start()
+            with srv.client() as c:
+                add(c, 5, prefix=f"after{round_}-")
+                c.kill_jobs({"state": ["READY"]})
+        with srv.client() as c:
+            want = all_events(c, start)
+        wait_for(lambda: len(f.got) >= len(want), timeout=90,
+                 what="the follower after restarts")
+        time.sleep(0.3)
+    finally:
+        f.finish(srv)
     assert f.error is None
     assert f.ids() == [e["id"] for e in want] and f.got == want
     assert len([e for e in want if e["to"] == "USER_KILLED"]) == 20

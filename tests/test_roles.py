@@ -23,7 +23,7 @@ from pilotfish import keys
 from pilotfish import protocol as P
 from pilotfish.client import Client
 from pilotfish.errors import Forbidden, PilotfishError, ValidationError
-from pilotfish.server import gc_ops, pilot_ops  # noqa: F401  (they register their ops)
+from pilotfish.server import events, gc_ops, pilot_ops  # noqa: F401  (they register their ops)
 from pilotfish.server.ops import OPS
 from pilotfish.server import pilot_ops  # noqa: F401  (registers the pilot ops)
 
