@@ -229,7 +229,7 @@ def events(srv: JobServer, args: dict, now: float) -> dict | Park:
 
 
 # -- parked requests ---------------------------------------------------------------------------
-@dataclass
+@dataclass(eq=False)
 class Waiter:
     identity: bytes
     rid: int
@@ -333,6 +333,12 @@ class Waiters:
         self.pending = []
         if not self.parked:
             return
+        try:
+            self._answer(srv, evs)
+        finally:
+            srv.conn.commit()  # end the read transaction (nothing was written)
+
+    def _answer(self, srv: JobServer, evs: list[dict]) -> None:
         due: list[Waiter] = []
         if evs:
             top = evs[-1]["id"]
@@ -349,39 +355,37 @@ class Waiters:
                     due.append(w)
         now = time.monotonic()
         timed_out = set()
+        chosen = {id(w) for w in due}
         while self._deadlines and self._deadlines[0][0] <= now:
             _, ident, rid = heapq.heappop(self._deadlines)
             w = self.parked.get((ident, rid))
-            if w is not None:
+            # (an entry of a request parked again since, after a rolled-back turn, is stale)
+            if w is not None and w.deadline <= now:
                 timed_out.add((ident, rid))
-                if w not in due:
+                if id(w) not in chosen:
+                    chosen.add(id(w))
                     due.append(w)
-        if not due:
-            return
         answers: dict[tuple, Any] = {}  # followers at one cursor share one read
         high = srv.batch.next_event_id - 1
-        try:
-            for w in due:
-                key = (w.since, w.limit, w.filter)
-                r = answers.get(key)
-                if r is None:
-                    try:
-                        r = answers[key] = read(srv, w.since, w.limit, w.filter)
-                    except PilotfishError as exc:
-                        r = answers[key] = exc
-                wkey = (w.identity, w.rid)
-                if isinstance(r, PilotfishError):
-                    srv.send(w.identity, P.encode(P.REPLY, rid=w.rid, ok=False, result=None,
-                                                  error=cap(str(r)), code=r.code))
-                elif r["events"] or r["cursor"] < high or wkey in timed_out:
-                    srv.send(w.identity, P.encode(P.REPLY, rid=w.rid, ok=True, result=r,
-                                                  error=None, code=None))
-                else:  # nothing of its own: stay parked, from the newest id seen
-                    w.since = r["cursor"]
-                    continue
-                del self.parked[wkey]
-        finally:
-            srv.conn.commit()  # end the read transaction (nothing was written)
+        for w in due:
+            key = (w.since, w.limit, w.filter)
+            r = answers.get(key)
+            if r is None:
+                try:
+                    r = answers[key] = read(srv, w.since, w.limit, w.filter)
+                except PilotfishError as exc:
+                    r = answers[key] = exc
+            wkey = (w.identity, w.rid)
+            if isinstance(r, PilotfishError):
+                srv.send(w.identity, P.encode(P.REPLY, rid=w.rid, ok=False, result=None,
+                                              error=cap(str(r)), code=r.code))
+            elif r["events"] or r["cursor"] < high or wkey in timed_out:
+                srv.send(w.identity, P.encode(P.REPLY, rid=w.rid, ok=True, result=r,
+                                              error=None, code=None))
+            else:  # nothing of its own: stay parked, from the newest id seen
+                w.since = r["cursor"]
+                continue
+            del self.parked[wkey]
 
 
 # -- pruning -----------------------------------------------------------------------------------
