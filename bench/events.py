@@ -13,7 +13,8 @@ Figures (seconds; each round is one value, ``value`` is their median):
   committed it -> returned). Baseline (``mode`` poll-0.2s, interleaved): what `job wait` did
   before, ``Client.counts`` every 0.2 s until all are final. Target <= 0.05 s.
 * ``job_wait_cli_latency``: the same for the whole ``pilotfish job wait ID...`` command started
-  while the jobs run (its exit as seen by this process, so interpreter teardown included).
+  while the jobs run (jobs of ``sleep 2``, so that it has started; its exit as seen by this
+  process, so interpreter teardown included).
 * ``follow_latency_p50`` / ``_p99`` / ``_max`` at ``--rates`` state changes per second: a
   producer process adds jobs (each addition is one event) at the rate for ``--seconds``;
   ``Client.follow`` in this process. Interval: the event's time (the server's clock at the
@@ -92,7 +93,8 @@ def wait_round(env, a, mode: str, tag: str) -> dict:
 
 def cli_round(env, a, tag: str) -> dict:
     c = env.client
-    ids = c.add_jobs([{"name": f"{tag}-{i}", "application": "sleep"} for i in range(a.n)])
+    # long enough for the command to start and park before they end
+    ids = c.add_jobs([{"name": f"{tag}-{i}", "application": "sleep-cli"} for i in range(a.n)])
     p = subprocess.Popen([*C.pilotfish_cmd(), "--home", str(env.home), "job", "wait", "-q",
                           *map(str, ids)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                          stdin=subprocess.DEVNULL)
@@ -167,6 +169,8 @@ def main() -> int:
             with C.Env(a.db, a.heartbeat, a.tmp, a.keep, label=f"wait-r{r + 1}") as env:
                 env.client.add_app({"name": "sleep", "executable": "/bin/sleep",
                                     "args": [repr(a.duration)]})
+                env.client.add_app({"name": "sleep-cli", "executable": "/bin/sleep",
+                                    "args": ["2"]})
                 env.start_agent()
                 env.wait_agents(1)
                 for k in range(a.rounds):
