@@ -381,6 +381,12 @@ def test_the_server_prunes_by_itself(home):
         s.stop()
 
 
+def test_a_bad_keep_duration_stops_the_start(home):
+    r = run_cli(home, "server", "start", "--events-keep", "30x")
+    assert r.returncode == 1 and "duration '30x' must look like 7d" in r.stderr
+    assert r.stderr.count("\n") == 1 and not (home / "server.json").exists()
+
+
 # -- many parked requests ------------------------------------------------------------------------
 def test_many_parked_requests_block_no_one(server):
     with server.client() as c:
