@@ -11,7 +11,7 @@ from sqlalchemy.engine import Engine
 
 from pilotfish.errors import PilotfishError
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 #: Columns that bring a database from a version to the next: (table, column, SQL type).
 #: ADD COLUMN works on SQLite and PostgreSQL alike; a table that create_all has just made
 #: (it did not exist) has its new columns already, so only missing ones are added.
@@ -29,6 +29,7 @@ MIGRATIONS: dict[int, list[tuple[str, str, str]]] = {
     5: [("jobs", "run_agent", "VARCHAR(64)"), ("jobs", "run_hosts", "TEXT"),
         ("jobs", "run_leased", "FLOAT"),
         ("jobs", "run_state", "VARCHAR(24)"), ("jobs", "run_message", "TEXT")],
+    6: [],  # server_events: a new table, made by create_all (event ids: see server/events.py)
 }
 metadata = MetaData()
 
@@ -116,6 +117,27 @@ job_events = Table(
     Column("time", Float, nullable=False),
     Column("message", Text),
     Index("ix_job_events_job", "job_id"),
+)
+
+#: The event stream's other rows: what is not a job's state change but a subscriber follows as
+#: well (agents that joined, came back, were lost or left; pilots recorded or changed; jobs
+#: removed). Their ids and job_events' ids are one sequence, given by the server (see
+#: server/events.py), so one cursor orders both tables.
+server_events = Table(
+    "server_events", metadata,
+    Column("id", _ID, primary_key=True, autoincrement=False),
+    Column("kind", String(16), nullable=False),    # agent, pilot or job (a removal)
+    Column("time", Float, nullable=False),
+    Column("job_id", _ID),                         # a removed job
+    Column("name", String(128)),                   # the removed job's name
+    Column("grp", String(128)),                    # the removed job's group_identifier
+    Column("agent", String(64)),
+    Column("host", String(255)),
+    Column("pilot", String(128)),
+    Column("site", String(128)),
+    Column("from_state", String(24)),
+    Column("to_state", String(24), nullable=False),
+    Column("message", Text),
 )
 
 #: Where and how each earlier attempt of a job ran: the latest attempt lives in the job's row
@@ -274,3 +296,17 @@ def next_epoch(conn) -> int:
     else:
         conn.execute(meta.update().where(meta.c.key == "epoch").values(value=str(epoch)))
     return epoch
+
+
+#: pilotfish_meta's key for the newest event id pruned (see server/events.py).
+PRUNED_KEY = "events_pruned_through"
+
+
+def event_ids(conn) -> tuple[int, int]:
+    """(the next event id, the newest id pruned), at server start: after every id in either
+    event table and after every id ever pruned, so no id is handed out twice."""
+    row = conn.execute(select(meta.c.value).where(meta.c.key == PRUNED_KEY)).first()
+    pruned = int(row[0]) if row else 0
+    top = max(conn.execute(select(func.coalesce(func.max(t.c.id), 0))).scalar_one()
+              for t in (job_events, server_events))
+    return max(top, pruned) + 1, pruned

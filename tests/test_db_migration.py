@@ -111,5 +111,31 @@ def test_version_5_gains_the_job_attempts_table(tmp_path):
         (9, "JOB_FINISHED", "alice")]
     assert con.execute("SELECT id, tasks_done FROM agents").fetchall() == [("a5", 1)]
     assert con.execute("SELECT value FROM pilotfish_meta WHERE key='schema_version'"
-                       ).fetchone()[0] == "6" == str(SCHEMA_VERSION)
+                       ).fetchone()[0] == str(SCHEMA_VERSION)
     make_engine(f"sqlite:///{db}").dispose()  # and opening it again changes nothing
+
+
+def test_version_6_gains_the_server_events_table(tmp_path):
+    """Schema 7: server_events (agents, pilots and removed jobs on the event stream); the job
+    events kept, and the stream's ids go on after the highest one."""
+    db = tmp_path / "v6.db"
+    make_engine(f"sqlite:///{db}").dispose()
+    con = sqlite3.connect(db)  # make it look like version 6
+    con.execute("DROP TABLE server_events")
+    con.execute("INSERT INTO job_events (id, job_id, from_state, to_state, time) "
+                "VALUES (41, 9, NULL, 'READY', 0)")
+    con.execute("UPDATE pilotfish_meta SET value='6' WHERE key='schema_version'")
+    con.commit()
+    con.close()
+    engine = make_engine(f"sqlite:///{db}")
+    from pilotfish.server.db import event_ids
+    with engine.connect() as conn:
+        assert event_ids(conn) == (42, 0)
+    engine.dispose()
+    con = sqlite3.connect(db)
+    cols = [r[1] for r in con.execute("PRAGMA table_info(server_events)")]
+    assert cols == ["id", "kind", "time", "job_id", "name", "grp", "agent", "host", "pilot",
+                    "site", "from_state", "to_state", "message"]
+    assert con.execute("SELECT id, to_state FROM job_events").fetchall() == [(41, "READY")]
+    assert con.execute("SELECT value FROM pilotfish_meta WHERE key='schema_version'"
+                       ).fetchone()[0] == "7" == str(SCHEMA_VERSION)
