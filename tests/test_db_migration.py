@@ -111,5 +111,38 @@ def test_version_5_gains_the_job_attempts_table(tmp_path):
         (9, "JOB_FINISHED", "alice")]
     assert con.execute("SELECT id, tasks_done FROM agents").fetchall() == [("a5", 1)]
     assert con.execute("SELECT value FROM pilotfish_meta WHERE key='schema_version'"
-                       ).fetchone()[0] == "6" == str(SCHEMA_VERSION)
+                       ).fetchone()[0] == str(SCHEMA_VERSION)
+    make_engine(f"sqlite:///{db}").dispose()  # and opening it again changes nothing
+
+
+def test_version_6_gains_the_production_fields_and_the_intake_key_index(tmp_path):
+    """Schema 7: jobs.argo_job_id, scheduler_config, job_status_routing_key and intake_key
+    (unique where given); old rows keep their values and get NULLs."""
+    db = tmp_path / "v6.db"
+    make_engine(f"sqlite:///{db}").dispose()
+    con = sqlite3.connect(db)  # make it look like version 6
+    con.execute("DROP INDEX ux_jobs_intake_key")
+    for col in ("argo_job_id", "scheduler_config", "job_status_routing_key", "intake_key"):
+        con.execute(f"ALTER TABLE jobs DROP COLUMN {col}")
+    con.execute("INSERT INTO jobs (id, name, description, app_id, num_nodes, "
+                "processes_per_node, cpus_per_process, gpus_per_process, parameters, tags, "
+                "priority, max_retries, retries, attempts, state, state_time, created, "
+                "workdir) VALUES (3, 'old', '', 1, 1, 1, 1, 0, '{}', '', 0, 3, 0, 0, 'READY', "
+                "0, 0, 'w')")
+    con.execute("UPDATE pilotfish_meta SET value='6'")
+    con.commit()
+    con.close()
+    make_engine(f"sqlite:///{db}").dispose()
+    con = sqlite3.connect(db)
+    assert con.execute("SELECT id, argo_job_id, intake_key FROM jobs").fetchall() == [
+        (3, None, None)]
+    assert "ux_jobs_intake_key" in [r[1] for r in con.execute("PRAGMA index_list(jobs)")]
+    con.execute("UPDATE jobs SET intake_key='k1'")
+    with pytest.raises(sqlite3.IntegrityError):  # the index is unique
+        con.execute("INSERT INTO jobs (id, name, description, app_id, num_nodes, "
+                    "processes_per_node, cpus_per_process, gpus_per_process, parameters, tags, "
+                    "priority, max_retries, retries, attempts, state, state_time, created, "
+                    "workdir, intake_key) VALUES (4, 'dup', '', 1, 1, 1, 1, 0, '{}', '', 0, 3, "
+                    "0, 0, 'READY', 0, 0, 'w', 'k1')")
+    con.close()
     make_engine(f"sqlite:///{db}").dispose()  # and opening it again changes nothing
