@@ -120,11 +120,12 @@ def is_server(pid: int, home: Path) -> bool:
 
 def run_foreground(home: Path, db_url: str, bind: str, heartbeat: float,
                    insecure: bool = False, sites: Sequence[str] = (),
-                   site_poll: float = 10.0, data_roots: Sequence[str] = ()) -> None:
+                   site_poll: float = 10.0, data_roots: Sequence[str] = (),
+                   amqp: str | None = None) -> None:
     from .service import Service  # pulls in the database layer only when serving
     os.umask(0o077)  # everything the server writes (database, logs, ipc socket) is owner-only
     Service(db_url, bind, home, heartbeat=heartbeat, insecure=insecure, sites=list(sites),
-            site_poll=site_poll, data_roots=list(data_roots)).run()
+            site_poll=site_poll, data_roots=list(data_roots), amqp=amqp).run()
     # The server has stopped cleanly (database closed, sockets closed, site agents stopped):
     # leave now. Tearing down the interpreter's modules (sqlalchemy, zmq, ...) took 0.3 s, which
     # `server stop` waited for on every call.
@@ -144,7 +145,8 @@ def open_log(home: Path):
 
 def start_background(home: Path, db_url: str, bind: str, heartbeat: float,
                      wait: float = 30.0, insecure: bool = False, sites: Sequence[str] = (),
-                     site_poll: float = 10.0, data_roots: Sequence[str] = ()) -> dict:
+                     site_poll: float = 10.0, data_roots: Sequence[str] = (),
+                     amqp: str | None = None) -> dict:
     """Start a detached server; return its server.json once it answers a ping.
 
     A tcp:// server uses CurveZMQ unless ``insecure`` (loopback binds only); it makes the
@@ -164,6 +166,8 @@ def start_background(home: Path, db_url: str, bind: str, heartbeat: float,
         cmd += ["--site-poll", f"{site_poll:g}"]
     for root in data_roots:
         cmd += ["--data-root", root]
+    if amqp:
+        cmd += ["--amqp", amqp]
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                             start_new_session=True, close_fds=True)
     log.close()
