@@ -43,6 +43,7 @@ if [ "${FULL:-0}" = 1 ]; then
     run dispatch.py --db both
     run submit.py
     run array.py
+    run events.py
     if have_slurm; then
         run_slurm pilot_rampup.py
         run_slurm launch_overhead.py
@@ -56,6 +57,7 @@ else
     run dispatch.py --n 20000 --repeat 2 --db both
     run submit.py --n 50000 --repeat 2 --total 300000 --ls-repeat 5
     run array.py --n 50000 --big 0 --repeat 2
+    run events.py --repeat 2 --rounds 6 --cli-rounds 2 --seconds 3
     if have_slurm; then
         run_slurm pilot_rampup.py --repeat 3
         run_slurm launch_overhead.py --n 200 --repeat 3

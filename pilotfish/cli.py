@@ -55,6 +55,7 @@ def _register() -> None:
     from pilotfish.container.cli import container_group
     from pilotfish.server.gc_cli import gc_cmd
     from pilotfish.bridge.cli import bridge_group
+    from pilotfish.server.events_cli import events_group
     for cmd in (pilot_ls, submit_cmd, cancel_cmd):
         pilot_group.add_command(cmd)
     for cmd in (site_agent_cmd, site_status_cmd):
@@ -65,6 +66,7 @@ def _register() -> None:
     cli.add_command(container_group)
     cli.add_command(gc_cmd)
     cli.add_command(bridge_group)
+    cli.add_command(events_group)
 
 
 _register()

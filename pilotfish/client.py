@@ -14,18 +14,27 @@ from __future__ import annotations
 import itertools
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import zmq
 
 from pilotfish import arrays, keys
 from pilotfish import protocol as P
 from pilotfish import settings
-from pilotfish.errors import (ERRORS_BY_CODE, PilotfishError, ProtocolError, ServerUnavailable,
-                              ValidationError)
+from pilotfish.errors import (ERRORS_BY_CODE, PilotfishError, ProtocolError, Pruned,
+                              ServerUnavailable, ValidationError)
 from pilotfish.validate import INT64, echo
 
 FINAL_STATES = ("JOB_FINISHED", "FAILED", "USER_KILLED")
+#: The ``to`` of a removed job's event (see server/states.py).
+REMOVED = "REMOVED"
+#: Seconds one ``events`` request of follow() and wait() may be parked at the server.
+FOLLOW_WAIT = 30.0
+#: wait(): with no job of ours reaching its end, count again after this many seconds (a job
+#: altered out of the filter changes no state).
+WAIT_RECOUNT = 10.0
+#: wait(): with more jobs than this still to end, at most 20 ``events`` requests a second.
+WAIT_PACE_ABOVE = 10
 
 
 def _encode_request(rid: int, op: str, args: dict) -> bytes:
@@ -82,6 +91,7 @@ class Client:
         if not self.address:
             raise ServerUnavailable(f"no server is running for {self.home} "
                                     "(start one with `pilotfish server start`)")
+        self._given = (address, server_key, client_key)  # to find a restarted server again
         self.curve = keys.client_curve(self.home, self.address, server_key, client_key)
         self.timeout = timeout
         self._rids = itertools.count(1)
@@ -97,33 +107,44 @@ class Client:
             keys.apply_client(s, self.curve)
             self._poller = zmq.Poller()
             self._poller.register(s, zmq.POLLIN)
-            if self.curve is not None:  # a refused key fails the call at once, not at timeout
-                self._mon = s.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH
-                                                 | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
-                self._poller.register(self._mon, zmq.POLLIN)
+            # a refused key fails the call at once, not at timeout; a lost connection fails an
+            # idempotent call at once (its reply cannot come; see _call)
+            self._mon = s.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                                             | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                                             | zmq.EVENT_DISCONNECTED)
+            self._poller.register(self._mon, zmq.POLLIN)
             s.connect(self.address)
             self._sock = s
         return self._sock
 
-    def _wait(self, sock: zmq.Socket, seconds: float) -> bool:
-        """Wait for a reply; raise at once when the server refuses our handshake."""
+    def _wait(self, sock: zmq.Socket, seconds: float, lost_fails: bool = False) -> bool:
+        """Wait for a reply; raise at once when the server refuses our handshake, and with
+        ``lost_fails`` when the connection drops (the server died with our request)."""
         deadline = time.monotonic() + seconds
         while True:
             ready = dict(self._poller.poll(max(0, int((deadline - time.monotonic()) * 1000))))
             if sock in ready:
                 return True
             if self._mon is not None and self._mon in ready:
-                from zmq.utils.monitor import recv_monitor_message
-                ev = recv_monitor_message(self._mon)
-                if ev["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH or \
-                        ev["value"] == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
-                    self.close()
-                    raise keys.Refused(
-                        f"the server at {self.address} refused this client: "
-                        f"{keys.handshake_hint(ev['event'], ev['value'])}")
+                self._monitor_event(lost_fails)
                 continue
             if time.monotonic() >= deadline:
                 return False
+
+    def _monitor_event(self, lost_fails: bool) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+        ev = recv_monitor_message(self._mon)
+        if ev["event"] == zmq.EVENT_DISCONNECTED:
+            if lost_fails:
+                self.close()
+                raise ServerUnavailable(f"lost the connection to the server at {self.address}")
+            return
+        if ev["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH or \
+                ev["value"] == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+            self.close()
+            raise keys.Refused(
+                f"the server at {self.address} refused this client: "
+                f"{keys.handshake_hint(ev['event'], ev['value'])}")
 
     def close(self) -> None:
         if self._sock is not None:
@@ -142,14 +163,22 @@ class Client:
 
     def call(self, op: str, timeout: float | None = None, **args: Any) -> Any:
         """Send one request and wait for its reply; server errors are raised as ours."""
+        return self._call(op, args, timeout)
+
+    def _call(self, op: str, args: dict, timeout: float | None, lost_fails: bool = False) -> Any:
+        """``lost_fails``: the request only reads (asking again is harmless), so a connection
+        lost while waiting fails it at once instead of at its timeout."""
         rid = next(self._rids)
         frame = _encode_request(rid, op, args)
         sock = self._socket()
+        if lost_fails:  # a drop seen before this request is no news about it
+            while self._mon.poll(0):
+                self._monitor_event(False)
         sock.send(frame)
         deadline = time.monotonic() + (timeout or self.timeout)
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not self._wait(sock, left):
+            if left <= 0 or not self._wait(sock, left, lost_fails):
                 self.close()  # a late reply must not be taken for the next request's
                 raise ServerUnavailable(f"no answer from the server at {self.address} within "
                                         f"{timeout or self.timeout:.0f} s (is it running? "
@@ -277,17 +306,101 @@ class Client:
     def remove_jobs(self, filter: dict) -> dict:
         return self.call("job_rm", filter=filter)
 
+    # -- the event stream ---------------------------------------------------------------------
+    def events(self, since: int = 0, wait: float = 0.0, limit: int = 1000,
+               job: int | list[int] | None = None, group: str | None = None,
+               state: str | list[str] | None = None,
+               kind: str | list[str] | None = None) -> dict:
+        """Events with id > ``since``, oldest first: {"events": [...], "cursor": the id to ask
+        from next, "oldest": the first id the stream holds in full}. ``wait`` (up to 60 s):
+        when nothing matches yet, the server answers as soon as something does (or empty at
+        the end). Each event has id, time, kind (job, agent, pilot), job, name, group, from,
+        to, via, message, agent, host, pilot, site. A cursor older than what was pruned raises
+        :class:`pilotfish.errors.Pruned`."""
+        args: dict[str, Any] = {"since": since, "limit": limit, "wait": wait}
+        for key, value in (("job", job), ("group", group), ("state", state), ("kind", kind)):
+            if value is not None:
+                args[key] = value
+        return self._call("events", args, self.timeout + wait, lost_fails=True)
+
+    def follow(self, since: int = 0, **filters: Any) -> Iterator[dict]:
+        """Every event after ``since`` matching ``filters`` (as :meth:`events` takes them), in
+        order, forever, as the server commits them. A dropped connection or a server restart
+        is ridden out: it asks again from its cursor, so nothing is missed or seen twice."""
+        cursor = since
+        pause = 0.05
+        while True:
+            try:
+                r = self.events(since=cursor, wait=FOLLOW_WAIT, **filters)
+            except ServerUnavailable:
+                time.sleep(pause)
+                pause = min(pause * 2, 2.0)
+                self._find_server()
+                continue
+            pause = 0.05
+            for e in r["events"]:
+                yield e
+            cursor = r["cursor"]
+
+    def _find_server(self) -> None:
+        """After a lost connection: the home's server may have restarted at a new address."""
+        address, server_key, client_key = self._given
+        found = settings.server_address(self.home, address)
+        if found and found != self.address:
+            self.close()
+            self.address = found
+            self.curve = keys.client_curve(self.home, found, server_key, client_key)
+
     def wait(self, filter: dict | None = None, timeout: float | None = None,
              poll: float = 0.2,
              progress: Callable[[dict[str, int]], None] | None = None) -> dict[str, int]:
-        """Block until every matching job is final; returns the final counts by state."""
+        """Block until every matching job is final; returns the final counts by state.
+
+        Driven by the event stream, nothing polled: the jobs are counted, then counted again
+        only once as many jobs reached a final state (or were removed) as were not final --
+        before that they cannot all be -- or every 0.25 s of such events when ``progress``
+        shows counts, or after a quiet spell. ``poll`` is no longer used (kept so callers
+        that pass it still work)."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        flt = filter or {}
+        ends: dict[str, Any] = {"kind": "job", "state": [*FINAL_STATES, REMOVED]}
+        if set(flt) == {"ids"} and isinstance(flt["ids"], list) and 0 < len(flt["ids"]) <= 1000:
+            ends["job"] = flt["ids"]
+        elif set(flt) == {"group"}:
+            ends["group"] = flt["group"]
+        cursor = self.status()["events"]["newest"]  # before counting: no end falls between
         while True:
             counts = self.counts(filter)
             if progress:
                 progress(counts)
             if all(s in FINAL_STATES for s in counts):
                 return counts
-            if deadline is not None and time.monotonic() > deadline:
+            if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"jobs not final after {timeout} s: {counts}")
-            time.sleep(poll)
+            open_jobs = sum(n for s, n in counts.items() if s not in FINAL_STATES)
+            counted = time.monotonic()
+            seen = 0
+            while seen < open_jobs:
+                step = WAIT_RECOUNT if deadline is None else min(WAIT_RECOUNT,
+                                                                 deadline - time.monotonic())
+                if step <= 0:
+                    break
+                try:
+                    r = self.events(since=cursor, wait=step, limit=10_000, **ends)
+                except ServerUnavailable:  # a server restart: wait for it, then count again
+                    time.sleep(0.2)
+                    self._find_server()
+                    break
+                except Pruned:  # pruned under us (a very old cursor): count again from now
+                    cursor = self.status()["events"]["newest"]
+                    break
+                cursor = r["cursor"]
+                seen += len(r["events"])
+                if not r["events"] and time.monotonic() - counted >= WAIT_RECOUNT:
+                    break  # a quiet spell: count again
+                if progress and r["events"] and time.monotonic() - counted >= 0.25:
+                    break
+                if r["events"] and open_jobs - seen > WAIT_PACE_ABOVE:
+                    # many still to end: take their events in bigger helpings (none is lost,
+                    # the cursor keeps them) instead of one request per server turn
+                    time.sleep(0.05)

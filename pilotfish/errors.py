@@ -43,6 +43,12 @@ class ServerUnavailable(PilotfishError):
     code = "unavailable"
 
 
+class Pruned(PilotfishError):
+    """An event cursor older than what was pruned: the events in between are gone."""
+
+    code = "pruned"
+
+
 ERRORS_BY_CODE = {cls.code: cls for cls in (PilotfishError, ValidationError, ProtocolError,
                                              NotFound, IllegalTransition, ServerUnavailable,
-                                             Forbidden)}
+                                             Forbidden, Pruned)}

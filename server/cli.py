@@ -124,6 +124,9 @@ def server_group() -> None:
               help="A directory jobs' input_url/output_url may name (repeatable; also "
                    "$PILOTFISH_DATA_ROOTS and the --site profiles' data_roots; default: "
                    "HOME/data). Nothing else of the home is ever allowed.")
+@click.option("--events-keep", metavar="DURATION",
+              help="Prune events older than this (30d, 12h, 2w) as the server runs, a bounded "
+                   "chunk at a time (default: keep them; `pilotfish events prune` by hand).")
 @click.option("--amqp", "amqp", metavar="CONFIG.yaml",
               help="Also run the AMQP bridge with these settings (see `pilotfish bridge amqp "
                    "-h`; the password in a password_file, never in the YAML's url), beside the "
@@ -132,7 +135,7 @@ def server_group() -> None:
 @click.option("-v", "--verbose", count=True, help="More log output.")
 @click.pass_context
 def server_start(ctx, foreground, db_url, bind, heartbeat, insecure, sites, site_poll,
-                 data_roots, amqp, verbose) -> None:
+                 data_roots, events_keep, amqp, verbose) -> None:
     """Start the job server (a daemon with a pid file and a log file, or -f).
 
     tcp:// is CurveZMQ-encrypted and admits only clients whose public key is in
@@ -149,6 +152,9 @@ def server_start(ctx, foreground, db_url, bind, heartbeat, insecure, sites, site
     from pilotfish import dataroots
     dataroots.make(home, roots + dataroots.from_env())  # a bad root stops here too
     roots = list(dict.fromkeys(roots))
+    if events_keep is not None:
+        from .gc_files import parse_duration
+        parse_duration(events_keep)  # a bad duration stops here, before anything starts
     if amqp:
         amqp = os.path.abspath(amqp)
         check_bridge_config(home, amqp)  # a bad config stops here, before anything starts
@@ -162,11 +168,12 @@ def server_start(ctx, foreground, db_url, bind, heartbeat, insecure, sites, site
             raise PilotfishError(f"a server is already running for {home} "
                                  f"(pid {daemon.running_pid(home)})")
         daemon.run_foreground(home, db_url, bind, heartbeat, insecure=insecure, sites=sites,
-                              site_poll=site_poll, data_roots=roots, amqp=amqp)
+                              site_poll=site_poll, data_roots=roots, events_keep=events_keep,
+                              amqp=amqp)
         return
     info = daemon.start_background(home, db_url, bind, heartbeat, insecure=insecure,
                                    sites=sites, site_poll=site_poll, data_roots=roots,
-                                   amqp=amqp)
+                                   events_keep=events_keep, amqp=amqp)
     console.out.print(f"server started: pid {info['pid']}, {info['address']}, db {info['db']}\n"
                       f"log: {settings.log_path(home)}")
     for site in sites:

@@ -26,7 +26,7 @@ from .apps import App, app_from_row
 from .db import agent_keys
 from .db import agents as agents_t
 from .db import apps as apps_t
-from .db import job_parents, jobs, max_job_id, next_epoch
+from .db import event_ids, job_parents, jobs, max_job_id, next_epoch
 from .gangs import Gangs
 from .queue import ReadyQueue, Shape
 from .states import State
@@ -157,6 +157,8 @@ class JobServer:
         self.next_id = 1
         #: This start of the server (see :func:`.db.next_epoch`); set by :meth:`load`.
         self.epoch = 0
+        #: The newest event id pruned: cursors older than it are refused (see .events).
+        self.events_pruned = 0
         self.stopping = False
         self.started = time.time()
         self.stats = {"dispatched": 0, "updates": 0, "refused": 0, "bad_messages": 0}
@@ -172,6 +174,7 @@ class JobServer:
             self.apps[app.id] = app
             self.app_names[app.name] = app
         self.next_id = max_job_id(c) + 1
+        self.batch.next_event_id, self.events_pruned = event_ids(c)
         self.batch.counts.update(
             {r[0]: r[1] for r in c.execute(select(jobs.c.state, func.count())
                                           .group_by(jobs.c.state))})
@@ -291,6 +294,8 @@ class JobServer:
                  "cores": cores, "gpus": gpus, "memory": a.memory, "started": now,
                  "last_seen": now, "state": "ALIVE", "tasks_done": 0, "node": a.node,
                  "node_cores": a.node_cores, "launcher": a.launcher})
+            self.agent_event(a, None, "ALIVE", now, f"joined from {a.host} ({cores} cores, "
+                             f"{gpus} GPUs)")
             log.info("agent %s joined from %s (node %s, pid %d, %d cores, %d GPUs, site %s, "
                      "pilot %s, launcher %s)", aid, a.host, a.node, a.pid, cores, gpus, a.site,
                      a.pilot, a.launcher)
@@ -299,6 +304,8 @@ class JobServer:
                             "its launcher pinned it; its tasks share those CPUs", aid, a.node,
                             cores, a.node_cores)
         else:
+            if a.state != "ALIVE":
+                self.agent_event(a, a.state, "ALIVE", now, "came back")
             a.state = "ALIVE"
             a.last_seen = now
             a.seen = time.monotonic()
@@ -330,6 +337,13 @@ class JobServer:
         self.send(identity, P.encode(P.WELCOME, agent=aid, heartbeat=self.heartbeat,
                                      revoke=revoke, lease=self.lease_timeout,
                                      epoch=self.epoch, uack=m.get("useq")))
+
+    def agent_event(self, a: AgentRec, frm: str | None, to: str, now: float,
+                    message: str) -> None:
+        """An agent's lifecycle on the event stream: joined (None -> ALIVE), came back (LOST or
+        EXITED -> ALIVE), lost (-> LOST), left (-> EXITED)."""
+        self.batch.server_event("agent", to, now, frm, message, agent=a.id, host=a.host,
+                                pilot=a.pilot, site=a.site)
 
     def tell_stopping(self, grace: float) -> int:
         """We stop on purpose: tell every connected agent, so it leaves after ``grace`` seconds
@@ -385,6 +399,7 @@ class JobServer:
                 self.drop_lease(lease, now, f"agent {a.id} stopped", counts=False)
         for job in list(a.leases):
             self.drop_lease(self.leases[job], now, f"agent {a.id} left without it")
+        self.agent_event(a, a.state, "EXITED", now, f"left after {a.tasks_done} tasks")
         a.state = "EXITED"
         a.demand = None
         self.hungry.discard(a.id)
@@ -489,6 +504,8 @@ class JobServer:
             if a.state == "ALIVE" and a.seen < limit:
                 log.warning("agent %s on %s silent for %.1f s: lost; requeueing %d jobs",
                             a.id, a.host, now - a.last_seen, len(a.leases))
+                self.agent_event(a, "ALIVE", "LOST", now, f"silent {now - a.last_seen:.1f} s; "
+                                 f"{len(a.leases)} jobs taken back")
                 a.state = "LOST"
                 a.demand = None
                 self.hungry.discard(a.id)

@@ -121,11 +121,14 @@ def is_server(pid: int, home: Path) -> bool:
 def run_foreground(home: Path, db_url: str, bind: str, heartbeat: float,
                    insecure: bool = False, sites: Sequence[str] = (),
                    site_poll: float = 10.0, data_roots: Sequence[str] = (),
+                   events_keep: str | None = None,
                    amqp: str | None = None) -> None:
     from .service import Service  # pulls in the database layer only when serving
+    from .gc_files import parse_duration
     os.umask(0o077)  # everything the server writes (database, logs, ipc socket) is owner-only
     Service(db_url, bind, home, heartbeat=heartbeat, insecure=insecure, sites=list(sites),
-            site_poll=site_poll, data_roots=list(data_roots), amqp=amqp).run()
+            site_poll=site_poll, data_roots=list(data_roots), amqp=amqp,
+            events_keep=parse_duration(events_keep) if events_keep else None).run()
     # The server has stopped cleanly (database closed, sockets closed, site agents stopped):
     # leave now. Tearing down the interpreter's modules (sqlalchemy, zmq, ...) took 0.3 s, which
     # `server stop` waited for on every call.
@@ -146,6 +149,7 @@ def open_log(home: Path):
 def start_background(home: Path, db_url: str, bind: str, heartbeat: float,
                      wait: float = 30.0, insecure: bool = False, sites: Sequence[str] = (),
                      site_poll: float = 10.0, data_roots: Sequence[str] = (),
+                     events_keep: str | None = None,
                      amqp: str | None = None) -> dict:
     """Start a detached server; return its server.json once it answers a ping.
 
@@ -166,6 +170,8 @@ def start_background(home: Path, db_url: str, bind: str, heartbeat: float,
         cmd += ["--site-poll", f"{site_poll:g}"]
     for root in data_roots:
         cmd += ["--data-root", root]
+    if events_keep:
+        cmd += ["--events-keep", events_keep]
     if amqp:
         cmd += ["--amqp", amqp]
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,

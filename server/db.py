@@ -11,7 +11,7 @@ from sqlalchemy.engine import Engine
 
 from pilotfish.errors import PilotfishError
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 #: Columns that bring a database from a version to the next: (table, column, SQL type).
 #: ADD COLUMN works on SQLite and PostgreSQL alike; a table that create_all has just made
 #: (it did not exist) has its new columns already, so only missing ones are added.
@@ -24,17 +24,18 @@ MIGRATIONS: dict[int, list[tuple[str, str, str]]] = {
     # change); the agent_keys table (which key an agent id belongs to) is made by create_all
     4: [("jobs", "owner", "VARCHAR(64)")],
     5: [],  # job_attempts: a new table, made by create_all
+    6: [],  # server_events: a new table, made by create_all (event ids: see server/events.py)
     # what a production system sends with a job and wants back in its status messages (the
     # seed's argo_job_id, scheduler_config, job_status_routing_key), and the producer's
     # idempotency key of an intake (a redelivered AMQP message adds nothing twice)
-    6: [("jobs", "argo_job_id", "VARCHAR(128)"), ("jobs", "scheduler_config", "TEXT"),
+    7: [("jobs", "argo_job_id", "VARCHAR(128)"), ("jobs", "scheduler_config", "TEXT"),
         ("jobs", "job_status_routing_key", "VARCHAR(255)"), ("jobs", "intake_key",
                                                              "VARCHAR(255)")],
 }
 #: Statements run after a version's columns are added (idempotent: IF NOT EXISTS). A partial
 #: index: jobs without an intake key (nearly all) cost it nothing.
 MIGRATION_SQL: dict[int, list[str]] = {
-    6: ["CREATE UNIQUE INDEX IF NOT EXISTS ux_jobs_intake_key ON jobs (intake_key) "
+    7: ["CREATE UNIQUE INDEX IF NOT EXISTS ux_jobs_intake_key ON jobs (intake_key) "
         "WHERE intake_key IS NOT NULL"],
 }
 metadata = MetaData()
@@ -121,6 +122,27 @@ job_events = Table(
     Column("time", Float, nullable=False),
     Column("message", Text),
     Index("ix_job_events_job", "job_id"),
+)
+
+#: The event stream's other rows: what is not a job's state change but a subscriber follows as
+#: well (agents that joined, came back, were lost or left; pilots recorded or changed; jobs
+#: removed). Their ids and job_events' ids are one sequence, given by the server (see
+#: server/events.py), so one cursor orders both tables.
+server_events = Table(
+    "server_events", metadata,
+    Column("id", _ID, primary_key=True, autoincrement=False),
+    Column("kind", String(16), nullable=False),    # agent, pilot or job (a removal)
+    Column("time", Float, nullable=False),
+    Column("job_id", _ID),                         # a removed job
+    Column("name", String(128)),                   # the removed job's name
+    Column("grp", String(128)),                    # the removed job's group_identifier
+    Column("agent", String(64)),
+    Column("host", String(255)),
+    Column("pilot", String(128)),
+    Column("site", String(128)),
+    Column("from_state", String(24)),
+    Column("to_state", String(24), nullable=False),
+    Column("message", Text),
 )
 
 #: Where and how each attempt of a job ran: written when the server leases the job (one row per
@@ -279,3 +301,17 @@ def next_epoch(conn) -> int:
     else:
         conn.execute(meta.update().where(meta.c.key == "epoch").values(value=str(epoch)))
     return epoch
+
+
+#: pilotfish_meta's key for the newest event id pruned (see server/events.py).
+PRUNED_KEY = "events_pruned_through"
+
+
+def event_ids(conn) -> tuple[int, int]:
+    """(the next event id, the newest id pruned), at server start: after every id in either
+    event table and after every id ever pruned, so no id is handed out twice."""
+    row = conn.execute(select(meta.c.value).where(meta.c.key == PRUNED_KEY)).first()
+    pruned = int(row[0]) if row else 0
+    top = max(conn.execute(select(func.coalesce(func.max(t.c.id), 0))).scalar_one()
+              for t in (job_events, server_events))
+    return max(top, pruned) + 1, pruned

@@ -17,6 +17,7 @@ from pilotfish.pilotstate import PilotState
 
 from .core import JobServer
 from .db import job_events, jobs
+from .events import set_pruned
 from .db import pilots as pilots_t
 from .ops import _arg, op
 from .states import FINAL
@@ -75,7 +76,12 @@ def gc(srv: JobServer, args: dict, now: float) -> dict:
             job_events.c.job_id.in_(ids)).group_by(job_events.c.job_id)
         old = (job_events.c.job_id.in_(ids), job_events.c.id.not_in(last))
         if prune:
+            # the event stream refuses cursors older than the newest row pruned (no gap
+            # passes unseen): find it before the rows go
+            top = srv.conn.execute(select(func.max(job_events.c.id)).where(*old)).scalar()
             events = srv.conn.execute(delete(job_events).where(*old)).rowcount or 0
+            if top is not None:
+                set_pruned(srv, top)
         else:
             events = srv.conn.execute(select(func.count()).select_from(job_events)
                                       .where(*old)).scalar_one()

@@ -130,7 +130,9 @@ def status(srv: JobServer, args: dict, now: float) -> dict:
         hide_password=True), "uptime": round(now - srv.started, 1), "counts": srv.counts(),
         "queued": len(srv.queue), "leases": len(srv.leases), "agents_alive": len(alive),
         "cores_alive": sum(a.cores for a in alive), "stats": dict(srv.stats),
-        "epoch": srv.epoch}
+        "epoch": srv.epoch,
+        # the event stream's ends: `events --since newest` follows from now
+        "events": {"newest": srv.batch.next_event_id - 1, "oldest": srv.events_pruned + 1}}
 
 
 @op(READER, args=("all",))
@@ -739,7 +741,8 @@ def _delete_jobs(srv: JobServer, ids: list[int]) -> None:
 
 @op(SUBMITTER, args=("filter",), caller=True)
 def job_rm(srv: JobServer, args: dict, now: float, caller: Caller = LOCAL_ADMIN) -> dict:
-    rows = _select_jobs(srv, args, caller, jobs.c.id, jobs.c.state)
+    rows = _select_jobs(srv, args, caller, jobs.c.id, jobs.c.state, jobs.c.name,
+                        jobs.c.group_identifier)
     ids = [r.id for r in rows]
     for job in ids:
         lease = srv.leases.get(job)
@@ -762,8 +765,12 @@ def job_rm(srv: JobServer, args: dict, now: float, caller: Caller = LOCAL_ADMIN)
                                      f"parent job {r.parent_id} was removed")
                 srv.failed.append(r.id)
     _delete_jobs(srv, ids)
+    # its history goes with the job; the stream tells its followers that it went
+    by = f"removed by key {caller.name!r}" if caller.name else "removed"
     for r in rows:
         srv.batch.counts[r.state] -= 1
+        srv.batch.server_event("job", states.REMOVED, now, r.state, by, job_id=r.id,
+                               name=r.name, grp=r.group_identifier)
     return {"removed": len(ids)}
 
 

@@ -63,6 +63,8 @@ def pilot_add(srv: JobServer, args: dict, now: float) -> dict:
     if srv.conn.execute(select(pilots_t.c.id).where(pilots_t.c.id == pid)).first():
         raise ValidationError(f"a pilot {pid!r} is recorded already")
     srv.conn.execute(pilots_t.insert().values(**row))
+    srv.batch.server_event("pilot", row["state"], now, None, row["reason"] or (
+        f"recorded: {nodes} nodes" + (f" on site {site}" if site else "")), pilot=pid, site=site)
     return row
 
 
@@ -82,6 +84,9 @@ def pilot_update(srv: JobServer, args: dict, now: float) -> dict:
         raise NotFound(f"no pilot {pid!r}")
     if changes:
         srv.conn.execute(pilots_t.update().where(pilots_t.c.id == pid).values(**changes))
+    if changes.get("state", r.state) != r.state:
+        srv.batch.server_event("pilot", changes["state"], now, r.state,
+                               changes.get("reason", r.reason), pilot=pid, site=r.site)
     return {**dict(r._mapping), **changes}
 
 

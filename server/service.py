@@ -30,6 +30,7 @@ from .db import make_engine
 from .site_agents import SiteAgents, bridge_key
 from . import pilot_ops  # noqa: F401  (registers the pilot and site ops)
 from . import gc_ops  # noqa: F401  (registers the gc op)
+from . import events  # (registers the events ops)
 from .ops import AGENT_ROLES, LOCAL_ADMIN, OPS, Caller, check_call, who
 
 log = logging.getLogger("pilotfish.server")
@@ -184,8 +185,12 @@ class Service:
                  heartbeat: float = settings.HEARTBEAT_SECONDS,
                  lease_timeout: float | None = None, insecure: bool = False,
                  sites: list[str] | None = None, site_poll: float = 10.0,
-                 data_roots: list[str] | None = None, amqp: str | None = None) -> None:
+                 data_roots: list[str] | None = None, events_keep: float | None = None,
+                 amqp: str | None = None) -> None:
         self.home = home
+        #: prune events older than this many seconds as we run (None: keep them)
+        self.events_keep = events_keep
+        self.next_prune = 0.0
         # the roots jobs' URLs may name: given (--data-root, the sites' data_roots) and
         # $PILOTFISH_DATA_ROOTS; none: the home's data directory, made owner-only
         self.data_roots = dataroots.make(home, list(data_roots or []) + dataroots.from_env())
@@ -210,6 +215,8 @@ class Service:
                                       if amqp and self.curve else None)
         self.engine = make_engine(db_url)
         self.srv = JobServer(self.engine, heartbeat, self.lease_timeout, self.data_roots)
+        #: ``events`` requests waiting for an event (answered after the commit that makes it)
+        self.waiters = events.Waiters()
         self.ctx = zmq.Context()
         self.zap: ZapHandler | None = None
         #: who a CURVE caller is: its key's name and role, re-checked at every message
@@ -311,8 +318,10 @@ class Service:
         next_expire = time.time() + self.heartbeat
         try:
             while not self.stopping:
-                poller.poll(250)
+                poller.poll(self.poll_ms())
                 read_all = self.turn(sock)
+                if self.waiters.due():  # a parked events request's time is up
+                    self.finish_turn(sock)
                 now = time.time()
                 if now >= next_expire and self.caught_up(sock, read_all):
                     next_expire = now + min(0.5, self.heartbeat / 2)
@@ -320,6 +329,8 @@ class Service:
                     if not self.finish_turn(sock):
                         self.reload()
                     self.site_agents.check()
+                    if self.events_keep is not None and now >= self.next_prune:
+                        self.prune_events(sock, now)
             self.say_stopping(sock)
         finally:
             self.site_agents.stop()
@@ -331,6 +342,31 @@ class Service:
             self.srv.conn.close()
             self.engine.dispose()
             log.info("stopped")
+
+    def prune_events(self, sock: zmq.Socket, now: float) -> None:
+        """One bounded chunk of ``--events-keep`` pruning in a turn of its own; the next chunk
+        half a second later while more is due, else after a tenth of the time kept (at most
+        an hour)."""
+        try:
+            r = events.events_prune(self.srv, {"before": now - self.events_keep}, now)
+        except Exception:
+            log.exception("pruning events failed")
+            self.reload()
+            self.next_prune = now + min(3600.0, self.events_keep / 10)
+            return
+        if not self.finish_turn(sock):
+            self.reload()
+        elif r["pruned"]:
+            log.info("pruned %d events older than %.0f s; the stream starts at id %d",
+                     r["pruned"], self.events_keep, r["oldest"])
+        self.next_prune = now + (0.5 if r["more"] else min(3600.0, self.events_keep / 10))
+
+    def poll_ms(self) -> int:
+        """How long the loop may sleep: 250 ms, or less when a parked request is due sooner."""
+        deadline = self.waiters.next_deadline()
+        if deadline is None:
+            return 250
+        return max(0, min(250, int((deadline - time.monotonic()) * 1000) + 1))
 
     def say_stopping(self, sock: zmq.Socket) -> None:
         """We stop on purpose (the shutdown op, SIGTERM, SIGINT): tell the agents, so they
@@ -395,6 +431,17 @@ class Service:
             return False
         if srv.stopping:
             self.stopping = True
+        if self.waiters:
+            try:
+                self.waiters.release(srv)
+            except Exception:  # a bug of ours: the parked requests wait for the next turn
+                log.exception("internal error answering parked events requests")
+                try:
+                    srv.conn.rollback()
+                except Exception:
+                    log.exception("rollback failed")
+        else:
+            srv.batch.turn_events.clear()
         send = sock.send_multipart
         for identity, frame in srv.outbox:
             try:
@@ -448,6 +495,7 @@ class Service:
         """Crash-only recovery: the database is the truth. Drop this turn's uncommitted work and
         replies and rebuild (see _recover for what becomes of the turn's messages)."""
         log.error("rolling back this turn and reloading state from the database")
+        self.waiters.drop_pending()
         try:
             self.srv.conn.rollback()
             self.srv.conn.close()
@@ -558,6 +606,9 @@ class Service:
                 result = fn(srv, m["args"], now, caller)
             else:
                 result = fn(srv, m["args"], now)
+            if isinstance(result, events.Park):  # answered when an event comes, or at its time
+                self.waiters.park(identity, m["rid"], result)
+                return
         except PilotfishError as exc:
             srv.send(identity, P.encode(P.REPLY, rid=m["rid"], ok=False, result=None,
                                         error=cap(str(exc)), code=exc.code))

@@ -47,6 +47,8 @@ FAILURES = frozenset({S.STAGE_IN_FAILED, S.PREPROCESS_FAILED, S.RUN_FAILED, S.RU
                       S.POSTPROCESS_FAILED, S.STAGE_OUT_FAILED})
 #: Nothing more happens to a job in these states unless a user retries it.
 FINAL = frozenset({S.JOB_FINISHED, S.FAILED, S.USER_KILLED})
+#: The ``to`` of the event a removed job leaves on the event stream: no state a job can be in.
+REMOVED = "REMOVED"
 
 #: The path a successful attempt takes on an agent, in order.
 PIPELINE = (S.STAGED_IN, S.PREPROCESSED, S.RUNNING, S.EXECUTION_FINISHED, S.POSTPROCESSED,

@@ -13,11 +13,13 @@ from sqlalchemy import JSON, bindparam
 from sqlalchemy.engine import Connection
 
 from . import states
-from .db import agents, job_attempts, job_events, job_parents, jobs
+from .db import agents, job_attempts, job_events, job_parents, jobs, server_events
 from .states import State
 
 
-_EVENT_COLS = ("job_id", "from_state", "to_state", "via", "time", "message")
+_EVENT_COLS = ("id", "job_id", "from_state", "to_state", "via", "time", "message")
+SERVER_EVENT_COLS = ("id", "kind", "time", "job_id", "name", "grp", "agent", "host", "pilot",
+                     "site", "from_state", "to_state", "message")
 #: The columns of a job_attempts row written at lease, and those written when it ends.
 ATTEMPT_COLS = ("job_id", "attempt", "agent", "host", "node", "pilot", "hosts", "leased")
 ATTEMPT_END_COLS = ("started", "ended", "state", "exit_code", "message")
@@ -37,6 +39,14 @@ class Batch:
         self.agent_inserts: list[dict] = []
         self.attempt_inserts: list[dict] = []   # ATTEMPT_COLS each
         self.attempt_ends: list[dict] = []      # ATTEMPT_END_COLS + _job, _attempt each
+        self.server_events: list[dict] = []     # SERVER_EVENT_COLS each
+        #: The event stream's next id (set by the server's load): the server numbers events
+        #: itself, in the order it makes them, so ids committed by one turn all follow those of
+        #: the turns before and a deleted newest row never hands its id out again.
+        self.next_event_id = 1
+        #: Every event made since the stream's waiters last looked (see events.Waiters): the
+        #: same dicts as in ``events``/``server_events``, kept past the intermediate writes.
+        self.turn_events: list[dict] = []
         # ordered (columns, params) runs; consecutive updates with the same columns share a run
         self._updates: list[tuple[tuple[str, ...], list[dict]]] = []
         self._agent_updates: list[tuple[tuple[str, ...], list[dict]]] = []
@@ -45,7 +55,7 @@ class Batch:
     def __bool__(self) -> bool:
         return bool(self.job_inserts or self.parent_inserts or self.events or self._updates
                     or self.agent_inserts or self._agent_updates or self.attempt_inserts
-                    or self.attempt_ends)
+                    or self.attempt_ends or self.server_events)
 
     # -- recording --------------------------------------------------------------------------
     def transition(self, job_id: int, frm: State | None, path: list[State], now: float,
@@ -58,10 +68,13 @@ class Batch:
         if frm is not None:
             counts[frm.value] -= 1
         counts[to.value] = counts.get(to.value, 0) + 1
-        self.events.append({"job_id": job_id, "from_state": frm.value if frm else None,
-                            "to_state": to.value,
-                            "via": ",".join(p.value for p in path[:-1]) or None,
-                            "time": now, "message": message})
+        ev = {"id": self.next_event_id, "job_id": job_id,
+              "from_state": frm.value if frm else None, "to_state": to.value,
+              "via": ",".join(p.value for p in path[:-1]) or None, "time": now,
+              "message": message}
+        self.next_event_id += 1
+        self.events.append(ev)
+        self.turn_events.append(ev)
         cols["state"] = to.value
         cols["state_time"] = now
         cols["message"] = message
@@ -74,9 +87,23 @@ class Batch:
         row["state"] = to
         self.job_inserts.append(row)
         self.counts[to] = self.counts.get(to, 0) + 1
-        self.events.append({"job_id": row["id"], "from_state": None, "to_state": to,
-                            "via": ",".join(p.value for p in path[:-1]) or None,
-                            "time": row["state_time"], "message": message})
+        ev = {"id": self.next_event_id, "job_id": row["id"], "from_state": None,
+              "to_state": to, "via": ",".join(p.value for p in path[:-1]) or None,
+              "time": row["state_time"], "message": message}
+        self.next_event_id += 1
+        self.events.append(ev)
+        self.turn_events.append(ev)
+
+    def server_event(self, kind: str, to: str, now: float, frm: str | None = None,
+                     message: str | None = None, **cols: Any) -> None:
+        """An event that is no job state change (``kind`` agent, pilot, or job for a removal);
+        ``cols``: job_id, name, grp, agent, host, pilot, site."""
+        ev = dict.fromkeys(SERVER_EVENT_COLS)
+        ev.update(cols, id=self.next_event_id, kind=kind, time=now, from_state=frm,
+                  to_state=to, message=message)
+        self.next_event_id += 1
+        self.server_events.append(ev)
+        self.turn_events.append(ev)
 
     def update_job(self, job_id: int, **cols: Any) -> None:
         _append_run(self._updates, job_id, cols)
@@ -122,6 +149,9 @@ class Batch:
         if self.events:
             self._run(conn, job_events, _EVENT_COLS, self.events)
             self.events = []
+        if self.server_events:
+            self._run(conn, server_events, SERVER_EVENT_COLS, self.server_events)
+            self.server_events = []
         if self.attempt_inserts:  # before the ends: an attempt may start and end in one turn
             self._run(conn, job_attempts, ATTEMPT_COLS, self.attempt_inserts)
             self.attempt_inserts = []
@@ -173,7 +203,8 @@ class Batch:
             if any(isinstance(table.c[c].type, JSON) for c in cols):
                 raw = False
             else:
-                if table is job_events or (table is job_attempts and "leased" in cols):
+                if table is job_events or table is server_events or (
+                        table is job_attempts and "leased" in cols):
                     stmt = table.insert().values({c: bindparam(c) for c in cols})
                 elif table is job_attempts:  # an attempt's end
                     stmt = (table.update().where(table.c.job_id == bindparam("_job"),

@@ -115,12 +115,38 @@ def test_version_5_gains_the_job_attempts_table(tmp_path):
     make_engine(f"sqlite:///{db}").dispose()  # and opening it again changes nothing
 
 
-def test_version_6_gains_the_production_fields_and_the_intake_key_index(tmp_path):
-    """Schema 7: jobs.argo_job_id, scheduler_config, job_status_routing_key and intake_key
-    (unique where given); old rows keep their values and get NULLs."""
+def test_version_6_gains_the_server_events_table(tmp_path):
+    """Schema 7: server_events (agents, pilots and removed jobs on the event stream); the job
+    events kept, and the stream's ids go on after the highest one."""
     db = tmp_path / "v6.db"
     make_engine(f"sqlite:///{db}").dispose()
     con = sqlite3.connect(db)  # make it look like version 6
+    con.execute("DROP TABLE server_events")
+    con.execute("INSERT INTO job_events (id, job_id, from_state, to_state, time) "
+                "VALUES (41, 9, NULL, 'READY', 0)")
+    con.execute("UPDATE pilotfish_meta SET value='6' WHERE key='schema_version'")
+    con.commit()
+    con.close()
+    engine = make_engine(f"sqlite:///{db}")
+    from pilotfish.server.db import event_ids
+    with engine.connect() as conn:
+        assert event_ids(conn) == (42, 0)
+    engine.dispose()
+    con = sqlite3.connect(db)
+    cols = [r[1] for r in con.execute("PRAGMA table_info(server_events)")]
+    assert cols == ["id", "kind", "time", "job_id", "name", "grp", "agent", "host", "pilot",
+                    "site", "from_state", "to_state", "message"]
+    assert con.execute("SELECT id, to_state FROM job_events").fetchall() == [(41, "READY")]
+    assert con.execute("SELECT value FROM pilotfish_meta WHERE key='schema_version'"
+                       ).fetchone()[0] == str(SCHEMA_VERSION)
+
+
+def test_version_7_gains_the_production_fields_and_the_intake_key_index(tmp_path):
+    """Schema 8: jobs.argo_job_id, scheduler_config, job_status_routing_key and intake_key
+    (unique where given); old rows keep their values and get NULLs."""
+    db = tmp_path / "v7.db"
+    make_engine(f"sqlite:///{db}").dispose()
+    con = sqlite3.connect(db)  # make it look like version 7
     con.execute("DROP INDEX ux_jobs_intake_key")
     for col in ("argo_job_id", "scheduler_config", "job_status_routing_key", "intake_key"):
         con.execute(f"ALTER TABLE jobs DROP COLUMN {col}")
@@ -129,7 +155,7 @@ def test_version_6_gains_the_production_fields_and_the_intake_key_index(tmp_path
                 "priority, max_retries, retries, attempts, state, state_time, created, "
                 "workdir) VALUES (3, 'old', '', 1, 1, 1, 1, 0, '{}', '', 0, 3, 0, 0, 'READY', "
                 "0, 0, 'w')")
-    con.execute("UPDATE pilotfish_meta SET value='6'")
+    con.execute("UPDATE pilotfish_meta SET value='7' WHERE key='schema_version'")
     con.commit()
     con.close()
     make_engine(f"sqlite:///{db}").dispose()
@@ -137,6 +163,8 @@ def test_version_6_gains_the_production_fields_and_the_intake_key_index(tmp_path
     assert con.execute("SELECT id, argo_job_id, intake_key FROM jobs").fetchall() == [
         (3, None, None)]
     assert "ux_jobs_intake_key" in [r[1] for r in con.execute("PRAGMA index_list(jobs)")]
+    assert con.execute("SELECT value FROM pilotfish_meta WHERE key='schema_version'"
+                       ).fetchone()[0] == str(SCHEMA_VERSION) == "8"
     con.execute("UPDATE jobs SET intake_key='k1'")
     with pytest.raises(sqlite3.IntegrityError):  # the index is unique
         con.execute("INSERT INTO jobs (id, name, description, app_id, num_nodes, "
