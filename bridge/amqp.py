@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -20,6 +21,8 @@ from pilotfish.errors import PilotfishError
 from .config import BridgeConfig, parse_url
 
 log = logging.getLogger("pilotfish.bridge")
+#: Seconds the parts get to finish once asked to stop (a supervising server waits 10).
+STOP_GRACE = 5.0
 
 
 def lock_state_dir(path: Path) -> int:
@@ -74,10 +77,20 @@ def run(cfg: BridgeConfig, home: Path, new_client: Callable[[], Client]) -> int:
              " and ".join(p[0] for p in parts), state)
     for t in threads:
         t.start()
+    deadline = None
     while any(t.is_alive() for t in threads):
         stop.wait(0.5)
         for t in threads:
             t.join(0.01)
+        if stop.is_set() and deadline is None:
+            deadline = time.monotonic() + STOP_GRACE
+        if deadline is not None and time.monotonic() > deadline:
+            # a part waits on a server that does not answer (a server stopping us waits for
+            # us before it answers again): leave; what was not acknowledged is redelivered and
+            # the cursor holds only what the broker confirmed
+            log.warning("AMQP bridge stopped with a request to the server still open")
+            logging.shutdown()
+            os._exit(1 if failed else 0)
     os.close(fd)
     log.info("AMQP bridge stopped")
     return 1 if failed else 0

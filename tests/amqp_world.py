@@ -3,8 +3,10 @@ of unique names, deleted afterwards), a real server, and real bridge processes.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import uuid
@@ -148,18 +150,34 @@ class World:
 
 def close_bridge_connections(pid: int) -> int:
     """Close (rabbitmqctl close_connection) the broker connections of the bridge process
-    ``pid``; how many were closed."""
-    r = subprocess.run(["rabbitmqctl", "-q", "list_connections", "pid", "user_provided_name",
-                        "--formatter", "json"], capture_output=True, text=True, timeout=60)
+    ``pid`` (its connection_name ends with "pid N"); how many were closed."""
+    r = subprocess.run(["rabbitmqctl", "-q", "--no-table-headers", "list_connections", "pid",
+                        "client_properties"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    mine = [c["pid"] for c in json.loads(r.stdout or "[]")
-            if str(c.get("user_provided_name", "")).endswith(f"pid {pid}")]
+    mine = [line.split("\t", 1)[0] for line in r.stdout.splitlines()
+            if re.search(rf'"pilotfish bridge amqp \w+ pid {pid}"', line)]
     for cpid in mine:
-        subprocess.run(["rabbitmqctl", "-q", "close_connection", cpid, "test: connection closed"],
-                       capture_output=True, text=True, timeout=60)
+        c = subprocess.run(["rabbitmqctl", "-q", "close_connection", cpid, "test: closed"],
+                           capture_output=True, text=True, timeout=60)
+        assert c.returncode == 0, c.stderr
     return len(mine)
 
 
 def until(pred, timeout: float = 120, what: str = "condition"):
     return wait_for(pred, timeout, 0.1, what)
 
+
+
+@contextlib.contextmanager
+def world_of(server, tmp: Path):
+    """A World with the app echo registered; RabbitMQ required (CI fails without it)."""
+    from conftest import require
+    from externals import rabbitmq_available
+    require(rabbitmq_available(), "RabbitMQ at 127.0.0.1:5672 (guest/guest)")
+    with server.client() as c:
+        c.add_app(ECHO_APP)
+    w = World(server, tmp)
+    try:
+        yield w
+    finally:
+        w.close()

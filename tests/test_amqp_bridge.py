@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from amqp_world import ECHO_APP, SEED_JOB, URL, World, until
+from amqp_world import ECHO_APP, SEED_JOB, URL, until, world_of
 from conftest import require, run_cli
 from externals import rabbitmq_available
 
@@ -19,14 +19,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def world(server, tmp_path):
-    require(rabbitmq_available(), "RabbitMQ at 127.0.0.1:5672 (guest/guest)")
-    with server.client() as c:
-        c.add_app(ECHO_APP)
-    w = World(server, tmp_path)
-    try:
+    with world_of(server, tmp_path) as w:
         yield w
-    finally:
-        w.close()
 
 
 def seed(name: str, **more) -> dict:
@@ -167,10 +161,11 @@ def test_a_closed_broker_connection_is_reopened(world):
     b = world.bridge(status=False)
     world.publish(seed("before"), message_id="before")
     world.wait_jobs(1)
-    assert close_bridge_connections(b.pid) >= 1
+    assert close_bridge_connections(b.pid) == 1
+    until(lambda: "reconnecting" in world.log_text(), 60, "the bridge to see it")
     world.publish(seed("after"), message_id="after")
     world.wait_jobs(2, 120)
-    assert "reconnecting" in world.log_text()
+    until(lambda: world.log_text().count("receiver: consuming") == 2, 60, "a new consumer")
     assert b.poll() is None
 
 
