@@ -149,6 +149,7 @@ class Agent:
         self.stopping = False
         self.received = 0
         self.finished = 0
+        self.ex.spawn_deadline = self.spawn_deadline
 
     def _watch(self, fd: int, task: Task) -> None:
         self.fd_tasks[fd] = task
@@ -241,6 +242,11 @@ class Agent:
         base = self.lease_base()
         return bool(self.fence_bound and base and self.fenced_for != base
                     and mono >= self.fence_deadline(base))
+
+    def spawn_deadline(self) -> float | None:
+        """Our fencing deadline now (None: none yet): the executor starts nothing past it."""
+        base = self.lease_base()
+        return self.fence_deadline(base) if self.fence_bound and base else None
 
     def fence_deadline(self, base: float) -> float:
         """When we stop our tasks: the bound after ``base``, or the guard's deadline if that is

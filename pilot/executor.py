@@ -215,6 +215,10 @@ class Executor:
         self.avg_run: float | None = None    # moving average of run-step seconds
         self._guard_fd: int | None = None    # write end of the guard's pipe (see module doc)
         self.fence_at: float = 0.0           # the guard's fencing deadline (monotonic); 0: none
+        #: The agent's own fencing deadline (time.monotonic(); None: none), asked before each
+        #: task starts and before each process spawns: past it the server may soon give the
+        #: job to another agent, so nothing new starts (see :meth:`start_ready`, :meth:`_spawn`).
+        self.spawn_deadline: Callable[[], float | None] = lambda: None
         if not fake:
             self._start_guard()
         self._made_dirs: set[str] = set()
@@ -254,8 +258,11 @@ class Executor:
         """Start queued tasks in order while their cores and GPUs are free (first fit)."""
         if not self.queue:
             return
+        until = self.spawn_deadline()
         skipped = deque()
         while self.queue and self.free_cores:
+            if until is not None and time.monotonic() >= until:
+                break  # fencing is due (a slow workdir on a loaded disk can take that long)
             t = self.queue.popleft()
             if t.ncores > len(self.free_cores) or t.ngpus > len(self.free_gpus):
                 skipped.append(t)
@@ -419,6 +426,16 @@ class Executor:
             actions = [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
                        (os.POSIX_SPAWN_OPEN, 1, f"{stem}.out", _WRITE, 0o644),
                        (os.POSIX_SPAWN_OPEN, 2, f"{stem}.err", _WRITE, 0o644)]
+        until = self.spawn_deadline()
+        if until is not None and time.monotonic() >= until:
+            # the lease may be counted out before this process could be stopped again: never
+            # start it (the agent fences next); the attempt fails and is retried elsewhere
+            if errw is not None:
+                os.close(errw)
+                self._close_err(t)
+            self._fail(t, now, failure, "not started: no lease renewal from the server in time "
+                       "(this agent stops its tasks)")
+            return False
         pinned = self._pin_self(t)
         try:
             if stage:

@@ -78,7 +78,7 @@ class Lease:
     max_retries: int
     priority: int
     shape: Shape
-    #: when the agent said this attempt started (written to job_attempts when it ends)
+    #: when the agent said this attempt started (jobs.started)
     started: float | None = None
 
 
@@ -147,6 +147,7 @@ class JobServer:
         self.app_names: dict[str, App] = {}
         self.leases: dict[int, Lease] = {}
         self.agents: dict[str, AgentRec] = {}
+        self._gone_agents: dict[str, dict] = {}  # agent_where of agents not in self.agents
         self.routes: dict[bytes, str] = {}  # routing id -> the agent that said hello on it
         self.hungry: set[str] = set()
         self.ack_due: set[str] = set()   # agents whose update this turn is not yet answered
@@ -220,13 +221,36 @@ class JobServer:
             else:
                 if row.agent is not None:
                     self.batch.update_job(row.id, agent=None)
-                    self.batch.end_attempt(row.id, row.attempts, "LOST", now, message=(
-                        f"agent {row.agent} was gone at server start"))
+                    self.batch.end_attempt(row.id, "LOST", now,
+                                           f"agent {row.agent} was gone at server start")
                 self.queue.push(row.id, row.priority, shape)
         self.commit()
         log.info("epoch %d: loaded %d apps, %d queued jobs, %d leases, %d agents; next job id %d",
                  self.epoch, len(self.apps), len(self.queue), len(self.leases), len(self.agents),
                  self.next_id)
+
+    def agent_where(self, aid: str) -> dict:
+        """Host, node and pilot of an agent, alive or long gone: where an attempt ran (they
+        never change after its hello; gone agents' are remembered once read)."""
+        a = self.agents.get(aid)
+        if a is not None:
+            return {"host": a.host, "node": a.node, "pilot": a.pilot}
+        where = self._gone_agents.get(aid)
+        if where is None:
+            row = self.conn.execute(select(agents_t.c.host, agents_t.c.node, agents_t.c.pilot)
+                                    .where(agents_t.c.id == aid)).first()
+            where = dict(row._mapping) if row else {"host": None, "node": None, "pilot": None}
+            if len(self._gone_agents) >= 10_000:
+                self._gone_agents.clear()
+            self._gone_agents[aid] = where
+        return where
+
+    def agent_node(self, aid: str | None) -> str | None:
+        """The node (else host) an agent runs on; None for none."""
+        if aid is None:
+            return None
+        where = self.agent_where(aid)
+        return where["node"] or where["host"]
 
     def sync(self) -> None:
         """Write what is batched so far, inside the open transaction (reads then see it)."""
@@ -433,13 +457,16 @@ class JobServer:
             if it.get("start") is not None:
                 cols["started"] = lease.started = it["start"]
             done = True
+            # an ended attempt: how, in the same update of the job's row as its new state
             if last is S.JOB_FINISHED:
-                cols.update(ended=it.get("end") or now, exit_code=it.get("exit"), agent=None)
+                cols.update(ended=it.get("end") or now, exit_code=it.get("exit"), agent=None,
+                            run_state=last.value, run_message=_text(it.get("msg")))
             elif last in states.FAILURES:
                 nxt = states.after_failure(lease.retries, lease.max_retries)
                 path.append(nxt)
                 cols.update(ended=it.get("end") or now, exit_code=it.get("exit"), agent=None,
-                            retries=lease.retries + (nxt is S.RESTART_READY))
+                            retries=lease.retries + (nxt is S.RESTART_READY),
+                            run_state=last.value, run_message=_text(it.get("msg")))
             else:
                 done = False
             try:
@@ -451,8 +478,7 @@ class JobServer:
             if not done:
                 lease.state = last
                 continue
-            self._end_lease(lease, now, last.value, cols["ended"], cols["exit_code"],
-                            _text(it.get("msg")))
+            self._end_lease(lease, now, None)  # (its end is in the row's update above)
             if last is S.JOB_FINISHED:
                 a.tasks_done += 1
                 self.finished.append(job)
@@ -463,13 +489,12 @@ class JobServer:
         self.stats["refused"] += len(refused)
         return refused
 
-    def _end_lease(self, lease: Lease, now: float, state: str | None, ended: float | None = None,
-                   exit_code: int | None = None, message: str | None = None) -> None:
-        """Forget a lease; ``state``: how its attempt ended, for job_attempts (None: the job
-        is being removed, its attempts with it)."""
+    def _end_lease(self, lease: Lease, now: float, state: str | None,
+                   message: str | None = None) -> None:
+        """Forget a lease; ``state``: how its attempt ended, written to the job's row (None:
+        written already, or the job is being removed)."""
         if state is not None:
-            self.batch.end_attempt(lease.job, lease.attempt, state, ended or now,
-                                   lease.started, exit_code, message)
+            self.batch.end_attempt(lease.job, state, now, message)
         del self.leases[lease.job]
         if lease.job in self.gangs.by_job:
             self.gangs.release(lease.job)
@@ -620,9 +645,8 @@ class JobServer:
         self.leases[r.id] = Lease(r.id, a.id, attempt, S(r.state), r.retries,
                                   r.max_retries, r.priority, shape)
         a.leases.add(r.id)
-        self.batch.update_job(r.id, attempts=attempt, agent=a.id)
-        self.batch.start_attempt(r.id, attempt, a.id, a.host, a.node, a.pilot,
-                                 json.dumps(hosts) if hosts else None, time.time())
+        self.batch.lease_job(r.id, attempt, a.id, json.dumps(hosts) if hosts else None,
+                             time.time())
         return task
 
     def _send_tasks(self, a: AgentRec, tasks: list[dict]) -> None:

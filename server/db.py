@@ -23,7 +23,12 @@ MIGRATIONS: dict[int, list[tuple[str, str, str]]] = {
     # jobs.owner: the key that added the job (older rows: NULL, which only an admin may
     # change); the agent_keys table (which key an agent id belongs to) is made by create_all
     4: [("jobs", "owner", "VARCHAR(64)")],
-    5: [],  # job_attempts: a new table, made by create_all
+    # the latest attempt of a job lives in its row (where and when it was leased, how it
+    # ended: no extra write per job); earlier attempts are moved to job_attempts, a new
+    # table made by create_all, when a job is leased again
+    5: [("jobs", "run_agent", "VARCHAR(64)"), ("jobs", "run_hosts", "TEXT"),
+        ("jobs", "run_leased", "FLOAT"),
+        ("jobs", "run_state", "VARCHAR(24)"), ("jobs", "run_message", "TEXT")],
     6: [],  # server_events: a new table, made by create_all (event ids: see server/events.py)
     # what a production system sends with a job and wants back in its status messages (the
     # seed's argo_job_id, scheduler_config, job_status_routing_key), and the producer's
@@ -93,6 +98,15 @@ jobs = Table(
     Column("agent", String(64)),                   # lease holder, null when not leased
     Column("image", String(512)),                  # the job's own container image, if any
     Column("owner", String(64)),                   # the key name that added it (null: admin's)
+    # The latest attempt (number: attempts): the agent it was leased to (a gang's first node;
+    # its host, node and pilot are in its agents row), a multi-node job's nodes (a JSON list),
+    # when it was leased, how it ended (a job_attempts state; null while it runs) and why.
+    # Its start, end and exit code are started, ended and exit_code. Earlier: job_attempts.
+    Column("run_agent", String(64)),
+    Column("run_hosts", Text),
+    Column("run_leased", Float),
+    Column("run_state", String(24)),
+    Column("run_message", Text),
     Column("argo_job_id", String(128)),            # the producer's id of the job (kept as text)
     Column("scheduler_config", Text),              # the seed's scheduler config name (kept)
     Column("job_status_routing_key", String(255)),  # where the AMQP bridge sends its status
@@ -145,8 +159,10 @@ server_events = Table(
     Column("message", Text),
 )
 
-#: Where and how each attempt of a job ran: written when the server leases the job (one row per
-#: attempt) and when that attempt ends. ``jobs.agent`` names only the lease holder of now.
+#: Where and how each earlier attempt of a job ran: the latest attempt lives in the job's row
+#: (``jobs.run_*``, written with the lease and with the end the server writes anyway); it moves
+#: here when the job is leased again. Most jobs run once and so cost no write here at all.
+#: ``jobs.agent`` names only the lease holder of now.
 job_attempts = Table(
     "job_attempts", metadata,
     Column("job_id", _ID, primary_key=True, autoincrement=False),

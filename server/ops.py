@@ -464,6 +464,12 @@ def _job_dict(srv: JobServer, r) -> dict:
     d["group"] = d.pop("group_identifier")
     d["array"] = next((int(t[len(ARRAY_TAG):]) for t in d["tags"] if t.startswith(ARRAY_TAG)),
                       None)
+    # where the latest attempt ran (or runs); its full record is job show's "runs"
+    if "run_agent" in d:
+        d["last_agent"] = d["run_agent"]
+        d["last_node"] = srv.agent_node(d["run_agent"])
+        for k in [k for k in d if k.startswith("run_")]:
+            del d[k]
     return d
 
 
@@ -476,7 +482,7 @@ def job_ls(srv: JobServer, args: dict, now: float) -> list:
     q = select(jobs.c.id, jobs.c.name, jobs.c.app_id, jobs.c.state, jobs.c.attempts,
                jobs.c.site, jobs.c.group_identifier, jobs.c.tags, jobs.c.priority,
                jobs.c.state_time, jobs.c.created, jobs.c.started, jobs.c.ended,
-               jobs.c.exit_code, jobs.c.agent, jobs.c.message, jobs.c.owner,
+               jobs.c.exit_code, jobs.c.agent, jobs.c.message, jobs.c.owner, jobs.c.run_agent,
                jobs.c.argo_job_id, jobs.c.job_status_routing_key)
     for c in where_of(args.get("filter"), srv):
         q = q.where(c)
@@ -484,26 +490,7 @@ def job_ls(srv: JobServer, args: dict, now: float) -> list:
     if limit > 0:
         q = q.limit(limit)
     # (no wire_safe: these columns are SQL integers, which hold 64 bits at most)
-    rows = [_job_dict(srv, r) for r in srv.conn.execute(q)]
-    _add_last_attempts(srv, rows)
-    return rows
-
-
-def _add_last_attempts(srv: JobServer, rows: list[dict]) -> None:
-    """``last_agent`` and ``last_node`` of each listed job: where its latest attempt ran (or
-    runs). One primary-key lookup per 900 listed jobs that were ever leased: a page costs one
-    small query, never a join over the whole jobs table."""
-    ran = {r["id"]: r for r in rows if r["attempts"]}
-    for r in rows:
-        r["last_agent"] = r["last_node"] = None
-    for part in chunks(list(ran), 900):
-        for a in srv.conn.execute(
-                select(job_attempts.c.job_id, job_attempts.c.attempt, job_attempts.c.agent,
-                       job_attempts.c.node, job_attempts.c.host)
-                .where(job_attempts.c.job_id.in_(part))):
-            r = ran[a.job_id]
-            if a.attempt == r["attempts"]:
-                r["last_agent"], r["last_node"] = a.agent, a.node or a.host
+    return [_job_dict(srv, r) for r in srv.conn.execute(q)]
 
 
 @op(READER, args=("filter",))
@@ -567,17 +554,27 @@ def job_show(srv: JobServer, args: dict, now: float) -> dict:
 
 def attempts_of(srv: JobServer, job_id: int, r) -> list[dict]:
     """Each attempt of a job, first first: where it ran, when, how it ended (state null while
-    it runs). A running attempt's start comes from its lease (written to its row at the end)."""
+    it runs). Earlier ones from job_attempts; the latest from the job's row (its start, while
+    it runs, from its lease)."""
     out = []
     for a in srv.conn.execute(select(job_attempts).where(job_attempts.c.job_id == job_id)
                               .order_by(job_attempts.c.attempt)):
         d = dict(a._mapping)
         del d["job_id"]
         d["hosts"] = json.loads(d["hosts"]) if d["hosts"] else None
-        if d["state"] is None and d["attempt"] == r.attempts:
-            lease = srv.leases.get(job_id)
-            d["started"] = lease.started if lease is not None else None
         out.append(d)
+    if r.attempts and r.run_agent is not None:
+        lease = srv.leases.get(job_id)
+        where = srv.agent_where(r.run_agent)
+        out.append({"attempt": r.attempts, "agent": r.run_agent, "host": where["host"],
+                    "node": where["node"], "pilot": where["pilot"],
+                    "hosts": json.loads(r.run_hosts) if r.run_hosts else None,
+                    "leased": r.run_leased,
+                    "started": lease.started if lease is not None else r.started,
+                    "ended": None if lease is not None else r.ended,
+                    "state": None if lease is not None else r.run_state,
+                    "exit_code": None if lease is not None else r.exit_code,
+                    "message": None if lease is not None else r.run_message})
     return out
 
 

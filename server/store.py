@@ -9,7 +9,7 @@ import json
 from operator import itemgetter
 from typing import Any, Iterable
 
-from sqlalchemy import JSON, bindparam
+from sqlalchemy import JSON, bindparam, select
 from sqlalchemy.engine import Connection
 
 from . import states
@@ -20,9 +20,12 @@ from .states import State
 _EVENT_COLS = ("id", "job_id", "from_state", "to_state", "via", "time", "message")
 SERVER_EVENT_COLS = ("id", "kind", "time", "job_id", "name", "grp", "agent", "host", "pilot",
                      "site", "from_state", "to_state", "message")
-#: The columns of a job_attempts row written at lease, and those written when it ends.
-ATTEMPT_COLS = ("job_id", "attempt", "agent", "host", "node", "pilot", "hosts", "leased")
-ATTEMPT_END_COLS = ("started", "ended", "state", "exit_code", "message")
+#: job_attempts columns and the jobs columns that hold the latest attempt's value of each.
+#: (The agent's host, node and pilot are copied from its agents row.)
+ATTEMPT_FROM_JOB = (("job_id", "id"), ("attempt", "attempts"), ("agent", "run_agent"),
+                    ("hosts", "run_hosts"), ("leased", "run_leased"), ("started", "started"),
+                    ("ended", "ended"), ("state", "run_state"), ("exit_code", "exit_code"),
+                    ("message", "run_message"))
 
 
 class Batch:
@@ -37,8 +40,7 @@ class Batch:
         self.parent_inserts: list[dict] = []
         self.events: list[dict] = []
         self.agent_inserts: list[dict] = []
-        self.attempt_inserts: list[dict] = []   # ATTEMPT_COLS each
-        self.attempt_ends: list[dict] = []      # ATTEMPT_END_COLS + _job, _attempt each
+        self.archived: list[dict] = []   # {"_id": job}: move its latest attempt to job_attempts
         self.server_events: list[dict] = []     # SERVER_EVENT_COLS each
         #: The event stream's next id (set by the server's load): the server numbers events
         #: itself, in the order it makes them, so ids committed by one turn all follow those of
@@ -54,8 +56,8 @@ class Batch:
 
     def __bool__(self) -> bool:
         return bool(self.job_inserts or self.parent_inserts or self.events or self._updates
-                    or self.agent_inserts or self._agent_updates or self.attempt_inserts
-                    or self.attempt_ends or self.server_events)
+                    or self.agent_inserts or self._agent_updates or self.archived
+                    or self.server_events)
 
     # -- recording --------------------------------------------------------------------------
     def transition(self, job_id: int, frm: State | None, path: list[State], now: float,
@@ -111,22 +113,27 @@ class Batch:
     def update_agent(self, agent_id: str, **cols: Any) -> None:
         _append_run(self._agent_updates, agent_id, cols)
 
-    def start_attempt(self, job_id: int, attempt: int, agent: str, host: str | None,
-                      node: str | None, pilot: str | None, hosts: str | None,
-                      leased: float) -> None:
-        """A job leased to an agent: its attempt's row (one batched insert per lease)."""
-        self.attempt_inserts.append({"job_id": job_id, "attempt": attempt, "agent": agent,
-                                     "host": host, "node": node, "pilot": pilot,
-                                     "hosts": hosts, "leased": leased})
+    def lease_job(self, job_id: int, attempt: int, agent: str, hosts: str | None,
+                  leased: float) -> None:
+        """A job leased to an agent for ``attempt``: its row names the holder and starts this
+        attempt's record, in one update (the agent's host, node and pilot are in its agents
+        row); a job that ran before has that attempt moved to job_attempts first, from its
+        row as written so far, and the row's record cleared. The first attempt writes only
+        what it must: leasing is the hottest write there is."""
+        if attempt == 1 and hosts is None:
+            self.update_job(job_id, attempts=1, agent=agent, run_agent=agent, run_leased=leased)
+            return
+        if attempt > 1:
+            self.archived.append({"_id": job_id})
+        self.update_job(job_id, attempts=attempt, agent=agent, run_agent=agent,
+                        run_hosts=hosts, run_leased=leased, started=None, ended=None,
+                        exit_code=None, run_state=None, run_message=None)
 
-    def end_attempt(self, job_id: int, attempt: int, state: str, ended: float,
-                    started: float | None = None, exit_code: int | None = None,
+    def end_attempt(self, job_id: int, state: str, ended: float,
                     message: str | None = None) -> None:
-        """How an attempt ended (one batched update per attempt; the same columns always, so
-        a turn's ends are one executemany)."""
-        self.attempt_ends.append({"started": started, "ended": ended, "state": state,
-                                  "exit_code": exit_code, "message": message,
-                                  "_job": job_id, "_attempt": attempt})
+        """How a job's latest attempt ended, where no state change writes it (a lost or
+        handed-back lease, a kill): one update of its row."""
+        self.update_job(job_id, run_state=state, ended=ended, run_message=message)
 
     # -- writing ----------------------------------------------------------------------------
     def execute(self, conn: Connection) -> None:
@@ -143,6 +150,9 @@ class Batch:
         for cols, params in self._agent_updates:
             conn.execute(self._stmt(agents, cols), params)
         self._agent_updates = []
+        if self.archived:  # before the updates that start the next attempt in the row
+            conn.execute(self._archive_stmt(), self.archived)
+            self.archived = []
         for cols, params in self._updates:
             self._run(conn, jobs, cols, params)
         self._updates = []
@@ -152,12 +162,6 @@ class Batch:
         if self.server_events:
             self._run(conn, server_events, SERVER_EVENT_COLS, self.server_events)
             self.server_events = []
-        if self.attempt_inserts:  # before the ends: an attempt may start and end in one turn
-            self._run(conn, job_attempts, ATTEMPT_COLS, self.attempt_inserts)
-            self.attempt_inserts = []
-        if self.attempt_ends:
-            self._run(conn, job_attempts, ATTEMPT_END_COLS, self.attempt_ends)
-            self.attempt_ends = []
 
     def _insert_jobs(self, conn: Connection, rows: list[dict]) -> None:
         """New jobs. On SQLite: one compiled INSERT and plain tuples to the driver, the JSON
@@ -190,8 +194,8 @@ class Batch:
             cur.close()
 
     def _run(self, conn: Connection, table, cols: tuple[str, ...], params: list[dict]) -> None:
-        """An update (cols + ``_id``) or, for job_events and a job_attempts start, an insert; a
-        job_attempts end updates by (``_job``, ``_attempt``): executemany on the driver.
+        """An update (cols + ``_id``) or, for job_events, an insert: executemany on the
+        driver.
 
         These two statements carry nearly every write of a busy server; compiling them once and
         handing plain tuples to the driver saves SQLAlchemy's per-execution work (measured: ~0.1 ms
@@ -203,13 +207,8 @@ class Batch:
             if any(isinstance(table.c[c].type, JSON) for c in cols):
                 raw = False
             else:
-                if table is job_events or table is server_events or (
-                        table is job_attempts and "leased" in cols):
+                if table is job_events or table is server_events:
                     stmt = table.insert().values({c: bindparam(c) for c in cols})
-                elif table is job_attempts:  # an attempt's end
-                    stmt = (table.update().where(table.c.job_id == bindparam("_job"),
-                                                 table.c.attempt == bindparam("_attempt"))
-                            .values({c: bindparam(c) for c in cols}))
                 else:
                     stmt = self._stmt(table, cols)
                 compiled = stmt.compile(dialect=conn.dialect)
@@ -229,6 +228,20 @@ class Batch:
             cur.executemany(sql, params)
         finally:
             cur.close()
+
+    def _archive_stmt(self):
+        """INSERT INTO job_attempts SELECT the latest attempt FROM jobs WHERE id = :_id (rows
+        written before attempts were recorded, with no run_agent, have nothing to move)."""
+        stmt = self._stmts.get("archive")
+        if stmt is None:
+            stmt = job_attempts.insert().from_select(
+                [a for a, _ in ATTEMPT_FROM_JOB] + ["host", "node", "pilot"],
+                select(*(jobs.c[j] for _, j in ATTEMPT_FROM_JOB), agents.c.host, agents.c.node,
+                       agents.c.pilot)
+                .select_from(jobs.outerjoin(agents, agents.c.id == jobs.c.run_agent))
+                .where(jobs.c.id == bindparam("_id"), jobs.c.run_agent.is_not(None)))
+            self._stmts["archive"] = stmt
+        return stmt
 
     def _stmt(self, table, cols: tuple[str, ...]):
         key = (table.name, cols)

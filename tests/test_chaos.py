@@ -155,6 +155,36 @@ def test_a_passed_fencing_deadline_is_never_moved(tmp_path):
     assert ex.fence_at == 0 and ex.set_fence(time.monotonic() + 5, 0.2)
 
 
+def test_no_task_starts_past_the_fencing_deadline(tmp_path):
+    """An agent held up inside its loop (a workdir mkdir on a loaded disk took seconds) must
+    not start queued tasks, nor spawn a task's process, once its fencing deadline has passed:
+    the server may already have given those jobs to another agent. The queue waits (the agent
+    fences next); a process whose deadline passed while its task was being prepared is never
+    spawned and its attempt fails with a plain message (a real Executor)."""
+    import os
+    import time
+    from pilotfish.pilot.executor import Executor
+    ex = Executor([sorted(os.sched_getaffinity(0))[0]], [], tmp_path / "work",
+                  watch=lambda fd, t: None, unwatch=lambda fd: None)
+    marker = tmp_path / "ran"
+    spec = {"job": 1, "attempt": 1, "name": "t", "argv": ["/usr/bin/touch", str(marker)],
+            "env": {}, "workdir": "t.1", "cores": 1, "gpus": 0}
+    ex.spawn_deadline = lambda: time.monotonic() - 0.001
+    ex.add(spec)
+    ex.start_ready(time.time())
+    assert len(ex.queue) == 1 and not ex.active
+    # passes between the check before the task and the spawn of its process
+    answers = iter([time.monotonic() + 60, time.monotonic() - 0.001])
+    ex.spawn_deadline = lambda: next(answers)
+    ex.start_ready(time.time())
+    [u] = ex.take_updates(time.time())
+    assert u["states"] == ["STAGED_IN", "PREPROCESSED", "RUN_FAILED"], u
+    assert u["msg"].startswith("not started: no lease renewal"), u
+    assert not ex.active and not ex.queue and ex.free_cores
+    time.sleep(0.2)
+    assert not marker.exists(), "the process was spawned"
+
+
 def _children(pid):
     import psutil
     return psutil.Process(pid).children()

@@ -345,7 +345,7 @@ def test_a_pruned_cursor_gets_a_clear_error(server):
         with pytest.raises(Pruned):
             next(c.follow(since=3))
         assert c.events(since=newest) == {"events": [], "cursor": newest, "oldest": newest + 1}
-        assert [e["to"] for e in c.job(ids[0])["events"]] == ["USER_KILLED"]
+        assert [e["to_state"] for e in c.job(ids[0])["events"]] == ["USER_KILLED"]
     r = run_cli(server.home, "events", "--since", "0")
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "were pruned" in r.stderr
     # gc's pruning moves the mark too: the events it drops are never skipped silently
@@ -374,11 +374,17 @@ def test_the_server_prunes_by_itself(home):
                      what="the server's own pruning")
             with pytest.raises(Pruned):
                 c.events(since=0)
-            assert [e["to"] for e in c.job(ids[0])["events"]] == ["USER_KILLED"]
+            assert c.job(ids[0])["events"][-1]["to_state"] == "USER_KILLED"  # the last is kept
         assert "events older than 1 s; the stream starts at id" in \
             (home / "server.log").read_text()
     finally:
         s.stop()
+
+
+def test_a_bad_keep_duration_stops_the_start(home):
+    r = run_cli(home, "server", "start", "--events-keep", "30x")
+    assert r.returncode == 1 and "duration '30x' must look like 7d" in r.stderr
+    assert r.stderr.count("\n") == 1 and not (home / "server.json").exists()
 
 
 # -- many parked requests ------------------------------------------------------------------------

@@ -432,7 +432,11 @@ def _tap_plain_traffic(home: Path, marker: str) -> bytes:
 # -- pilots: the head hands keys to agents, the relay's rank 0 uses them -----------------------
 def test_the_head_passes_key_files_to_agents_and_relays(tmp_path):
     from pilotfish.pilot.head import plan
-    env = {"PATH": os.environ["PATH"]}
+    # a plan only: the launcher must be on PATH, it is never run (no Slurm needed here)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (tmp_path / "bin" / "srun").chmod(0o755)
+    env = {"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
     p = plan(["--idle-timeout", "5"], environ=env, server="tcp://login1:5555", nodes="n1",
              launcher="local", server_key="/shared/server.key", client_key="/shared/c.key_secret")
     i = p.argv.index("agent")
