@@ -197,8 +197,8 @@ def check_bridge_config(home: Path, config: str) -> None:
                        stdin=subprocess.DEVNULL, timeout=60)
     if r.returncode != 0:
         lines = (r.stderr or r.stdout).strip().splitlines()
-        raise PilotfishError(f"--amqp {config}: "
-                             f"{lines[-1].removeprefix('pilotfish: error: ') if lines else 'invalid'}")
+        why = lines[-1].removeprefix("pilotfish: error: ") if lines else "invalid"
+        raise PilotfishError(f"--amqp {config}: {why}")
 
 
 @server_group.command("stop", context_settings=CTX)
