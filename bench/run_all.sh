@@ -44,6 +44,7 @@ if [ "${FULL:-0}" = 1 ]; then
     run submit.py
     run array.py
     run events.py
+    run amqp.py
     if have_slurm; then
         run_slurm pilot_rampup.py
         run_slurm launch_overhead.py
@@ -58,6 +59,7 @@ else
     run submit.py --n 50000 --repeat 2 --total 300000 --ls-repeat 5
     run array.py --n 50000 --big 0 --repeat 2
     run events.py --repeat 2 --rounds 6 --cli-rounds 2 --seconds 3
+    run amqp.py --n 20000 --repeat 2 --seconds 5
     if have_slurm; then
         run_slurm pilot_rampup.py --repeat 3
         run_slurm launch_overhead.py --n 200 --repeat 3

@@ -55,6 +55,7 @@ def _register() -> None:
     from pilotfish.container.cli import container_group
     from pilotfish.server.gc_cli import gc_cmd
     from pilotfish.bridge.pg_cli import source_group
+    from pilotfish.bridge.cli import bridge_group
     from pilotfish.server.events_cli import events_group
     for cmd in (pilot_ls, submit_cmd, cancel_cmd):
         pilot_group.add_command(cmd)
@@ -66,6 +67,7 @@ def _register() -> None:
     cli.add_command(container_group)
     cli.add_command(gc_cmd)
     cli.add_command(source_group)
+    cli.add_command(bridge_group)
     cli.add_command(events_group)
 
 

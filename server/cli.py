@@ -127,10 +127,15 @@ def server_group() -> None:
 @click.option("--events-keep", metavar="DURATION",
               help="Prune events older than this (30d, 12h, 2w) as the server runs, a bounded "
                    "chunk at a time (default: keep them; `pilotfish events prune` by hand).")
+@click.option("--amqp", "amqp", metavar="CONFIG.yaml",
+              help="Also run the AMQP bridge with these settings (see `pilotfish bridge amqp "
+                   "-h`; the password in a password_file, never in the YAML's url), beside the "
+                   "server and stopped with it, with a submitter key of its own. Its log: "
+                   "HOME/logs/amqp-bridge.log.")
 @click.option("-v", "--verbose", count=True, help="More log output.")
 @click.pass_context
 def server_start(ctx, foreground, db_url, bind, heartbeat, insecure, sites, site_poll,
-                 data_roots, events_keep, verbose) -> None:
+                 data_roots, events_keep, amqp, verbose) -> None:
     """Start the job server (a daemon with a pid file and a log file, or -f).
 
     tcp:// is CurveZMQ-encrypted and admits only clients whose public key is in
@@ -150,6 +155,9 @@ def server_start(ctx, foreground, db_url, bind, heartbeat, insecure, sites, site
     if events_keep is not None:
         from .gc_files import parse_duration
         parse_duration(events_keep)  # a bad duration stops here, before anything starts
+    if amqp:
+        amqp = os.path.abspath(amqp)
+        check_bridge_config(home, amqp)  # a bad config stops here, before anything starts
     db_url = db_url or settings.default_db_url(home)
     if insecure and not keys.is_loopback_bind(bind):
         raise PilotfishError(f"--insecure is refused for {bind}: plain text is only served on "
@@ -160,21 +168,37 @@ def server_start(ctx, foreground, db_url, bind, heartbeat, insecure, sites, site
             raise PilotfishError(f"a server is already running for {home} "
                                  f"(pid {daemon.running_pid(home)})")
         daemon.run_foreground(home, db_url, bind, heartbeat, insecure=insecure, sites=sites,
-                              site_poll=site_poll, data_roots=roots, events_keep=events_keep)
+                              site_poll=site_poll, data_roots=roots, events_keep=events_keep,
+                              amqp=amqp)
         return
     info = daemon.start_background(home, db_url, bind, heartbeat, insecure=insecure,
                                    sites=sites, site_poll=site_poll, data_roots=roots,
-                                   events_keep=events_keep)
+                                   events_keep=events_keep, amqp=amqp)
     console.out.print(f"server started: pid {info['pid']}, {info['address']}, db {info['db']}\n"
                       f"log: {settings.log_path(home)}")
     for site in sites:
         console.out.print(f"site agent for {site}: log {site_agents.log_path(home, site)}")
+    if amqp:
+        console.out.print(f"AMQP bridge: log {site_agents.bridge_log_path(home)}")
     if info.get("curve"):
         console.out.print(f"CurveZMQ: server public key {info['public_key']}; authorized "
                           f"client keys in {keys.authorized_dir(home)}", markup=False)
     elif not info.get("secure"):
         console.err.print(f"warning: INSECURE server (--insecure): plain text, no "
                           f"authentication on {info['address']}", markup=False)
+
+
+def check_bridge_config(home: Path, config: str) -> None:
+    """Ask the bridge command itself to check its config (the server room does not import the
+    bridge): a one-line error now instead of a bridge that fails in its log."""
+    import subprocess
+    r = subprocess.run([sys.executable, "-m", "pilotfish", "--home", str(home), "bridge", "amqp",
+                        "--config", config, "--check"], capture_output=True, text=True,
+                       stdin=subprocess.DEVNULL, timeout=60)
+    if r.returncode != 0:
+        lines = (r.stderr or r.stdout).strip().splitlines()
+        why = lines[-1].removeprefix("pilotfish: error: ") if lines else "invalid"
+        raise PilotfishError(f"--amqp {config}: {why}")
 
 
 @server_group.command("stop", context_settings=CTX)

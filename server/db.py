@@ -6,12 +6,12 @@ Written with SQLAlchemy Core (no ORM): the hot paths are bulk ``executemany`` st
 from __future__ import annotations
 
 from sqlalchemy import (JSON, BigInteger, Column, Float, Index, Integer, MetaData, String, Table,
-                        Text, create_engine, event, func, select)
+                        Text, create_engine, event, func, select, text)
 from sqlalchemy.engine import Engine
 
 from pilotfish.errors import PilotfishError
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 #: Columns that bring a database from a version to the next: (table, column, SQL type).
 #: ADD COLUMN works on SQLite and PostgreSQL alike; a table that create_all has just made
 #: (it did not exist) has its new columns already, so only missing ones are added.
@@ -30,6 +30,18 @@ MIGRATIONS: dict[int, list[tuple[str, str, str]]] = {
         ("jobs", "run_leased", "FLOAT"),
         ("jobs", "run_state", "VARCHAR(24)"), ("jobs", "run_message", "TEXT")],
     6: [],  # server_events: a new table, made by create_all (event ids: see server/events.py)
+    # what a production system sends with a job and wants back in its status messages (the
+    # seed's argo_job_id, scheduler_config, job_status_routing_key), and the producer's
+    # idempotency key of an intake (a redelivered AMQP message adds nothing twice)
+    7: [("jobs", "argo_job_id", "VARCHAR(128)"), ("jobs", "scheduler_config", "TEXT"),
+        ("jobs", "job_status_routing_key", "VARCHAR(255)"), ("jobs", "intake_key",
+                                                             "VARCHAR(255)")],
+}
+#: Statements run after a version's columns are added (idempotent: IF NOT EXISTS). A partial
+#: index: jobs without an intake key (nearly all) cost it nothing.
+MIGRATION_SQL: dict[int, list[str]] = {
+    7: ["CREATE UNIQUE INDEX IF NOT EXISTS ux_jobs_intake_key ON jobs (intake_key) "
+        "WHERE intake_key IS NOT NULL"],
 }
 metadata = MetaData()
 
@@ -95,9 +107,16 @@ jobs = Table(
     Column("run_leased", Float),
     Column("run_state", String(24)),
     Column("run_message", Text),
+    Column("argo_job_id", String(128)),            # the producer's id of the job (kept as text)
+    Column("scheduler_config", Text),              # the seed's scheduler config name (kept)
+    Column("job_status_routing_key", String(255)),  # where the AMQP bridge sends its status
+    Column("intake_key", String(255)),             # the producer's idempotency key (unique)
     Index("ix_jobs_state_id", "state", "id"),
     Index("ix_jobs_group", "group_identifier"),
     Index("ix_jobs_app", "app_id"),
+    Index("ux_jobs_intake_key", "intake_key", unique=True,
+          sqlite_where=text("intake_key IS NOT NULL"),
+          postgresql_where=text("intake_key IS NOT NULL")),
 )
 
 job_parents = Table(
@@ -277,6 +296,8 @@ def _migrate(conn, version: int) -> None:
         for table, column, sqltype in MIGRATIONS[v]:
             if column not in {c["name"] for c in insp.get_columns(table)}:
                 conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {sqltype}")
+        for sql in MIGRATION_SQL.get(v, ()):
+            conn.exec_driver_sql(sql)
     conn.execute(meta.update().where(meta.c.key == "schema_version")
                  .values(value=str(SCHEMA_VERSION)))
 

@@ -1,10 +1,14 @@
 """Job messages: the keys a user may send, their checks, and the row a valid job becomes.
 
 Keys are the seed's job message (Balsam/Argo) plus pilotfish's own; ``config_file`` is the seed's
-name for the app's parameters and is accepted as an alias of ``parameters``.
+name for the app's parameters and is accepted as an alias of ``parameters``. The seed's
+``argo_job_id`` and ``scheduler_config`` and the bridge's ``job_status_routing_key`` are kept on
+the job and given back in its status messages; ``intake_key`` is the producer's idempotency key:
+a job whose key is already stored is not added again (see ``ops.job_add``).
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
 
 from pilotfish import dataroots
@@ -19,7 +23,8 @@ JOB_KEYS = frozenset({
     "name", "description", "site", "queue", "project", "wall_time_minutes", "num_nodes",
     "processes_per_node", "application", "config_file", "parameters", "input_url", "output_url",
     "group_identifier", "tags", "priority", "max_retries", "cpus_per_process",
-    "gpus_per_process", "parents", "image"})
+    "gpus_per_process", "parents", "image", "argo_job_id", "scheduler_config",
+    "job_status_routing_key", "intake_key"})
 #: Fields ``job alter`` may change on a job that no agent holds.
 ALTERABLE = frozenset({"description", "site", "queue", "project", "wall_time_minutes",
                        "num_nodes", "processes_per_node", "cpus_per_process", "gpus_per_process",
@@ -64,6 +69,44 @@ def check_tags(value: Any) -> str:
         raise ValidationError(f"{len(value):,} tags; a job carries at most {MAX_TAGS}")
     tags = [check_name(t, "tag") for t in value]
     return "," + ",".join(tags) + "," if tags else ""
+
+
+#: A producer's texts we keep and give back: printable ASCII, no spaces (ids, keys), at most
+#: their column's size. An AMQP routing key a topic exchange matches word by word: no ``*`` or
+#: ``#`` (they are wildcards of bindings, not of keys).
+_TOKEN_RE = re.compile(r"[\x21-\x7e]+")
+_ROUTING_KEY_RE = re.compile(r"[A-Za-z0-9_.:/@+-]+")
+TEXT_LIMITS = {"argo_job_id": 128, "intake_key": 255, "job_status_routing_key": 255,
+               "scheduler_config": 1024}
+
+
+def check_token(value: Any, what: str, rx: re.Pattern = _TOKEN_RE) -> str | None:
+    """An id or key from a producer: None, or a string of at most TEXT_LIMITS[what] printable
+    ASCII characters without spaces; ``argo_job_id`` may also be a 64-bit integer (kept as its
+    decimal digits: the seed's ids were integers)."""
+    if value is None:
+        return None
+    if what == "argo_job_id" and type(value) is int:
+        value = str(check_int(value, what))
+    limit = TEXT_LIMITS[what]
+    if not isinstance(value, str) or not 0 < len(value) <= limit or not rx.fullmatch(value):
+        allowed = ("letters, digits and '_.:/@+-'" if rx is _ROUTING_KEY_RE
+                   else "printable ASCII without spaces")
+        raise ValidationError(f"{what} must be a string of 1..{limit} characters ({allowed}), "
+                              f"got {echo(value)}")
+    return value
+
+
+def check_scheduler_config(value: Any) -> str | None:
+    """The seed's scheduler config: a name or short text, kept as given (never run)."""
+    if value is None:
+        return None
+    limit = TEXT_LIMITS["scheduler_config"]
+    if not isinstance(value, str) or len(value) > limit or \
+            any(c < " " or c == "\x7f" for c in value):
+        raise ValidationError(f"scheduler_config must be a string of at most {limit} "
+                              f"characters without control characters, got {echo(value)}")
+    return value
 
 
 def tags_list(stored: str) -> list[str]:
@@ -117,6 +160,11 @@ def build_job(msg: Any, app_by_name: Callable[[str], App], roots: DataRoots) -> 
                               f"1..{INT64[1]}), got {echo(bad)}")
     row["parents"] = sorted(set(parents))
     row["image"] = check_job_image(app.container, msg.get("image"), app.name, name)
+    row["argo_job_id"] = check_token(msg.get("argo_job_id"), "argo_job_id")
+    row["scheduler_config"] = check_scheduler_config(msg.get("scheduler_config"))
+    row["job_status_routing_key"] = check_token(msg.get("job_status_routing_key"),
+                                                "job_status_routing_key", _ROUTING_KEY_RE)
+    row["intake_key"] = check_token(msg.get("intake_key"), "intake_key")
     return row
 
 

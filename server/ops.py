@@ -242,7 +242,37 @@ def job_add(srv: JobServer, args: dict, now: float, caller: Caller = LOCAL_ADMIN
         except PilotfishError as exc:
             where = f"job #{i + 1}: " if len(msgs) > 1 else ""
             raise type(exc)(f"{where}{exc}") from None
-    return {"ids": insert_jobs(srv, rows, now, caller.name)}
+    known = _known_intake_keys(srv, rows, caller)
+    if not known:
+        return {"ids": insert_jobs(srv, rows, now, caller.name), "known": 0}
+    new_ids = iter(insert_jobs(srv, [r for r in rows if r["intake_key"] not in known], now,
+                               caller.name))
+    return {"ids": [known[r["intake_key"]] if r["intake_key"] in known else next(new_ids)
+                    for r in rows], "known": len(known)}
+
+
+def _known_intake_keys(srv: JobServer, rows: list[dict], caller: Caller) -> dict[str, int]:
+    """The jobs already stored under the rows' intake keys (key -> job id): a producer that
+    sends the same jobs again (a redelivered AMQP message) gets their ids, and nothing is added
+    twice. A key is the producer's own: one held by another key's job is refused, so a key
+    cannot be used to learn of other users' jobs."""
+    wanted = [r["intake_key"] for r in rows if r["intake_key"] is not None]
+    if not wanted:
+        return {}
+    if len(set(wanted)) != len(wanted):
+        seen: set[str] = set()
+        twice = next(k for k in wanted if k in seen or seen.add(k))
+        raise ValidationError(f"intake_key {echo(twice)} is given to two jobs of one request")
+    srv.sync()  # this turn's earlier adds are seen too
+    known: dict[str, int] = {}
+    for part in chunks(wanted, 900):
+        for r in srv.conn.execute(select(jobs.c.id, jobs.c.intake_key, jobs.c.owner)
+                                  .where(jobs.c.intake_key.in_(part))):
+            if caller.role != ADMIN and r.owner != caller.name:
+                raise Forbidden(f"intake_key {echo(r.intake_key)} belongs to a job of another "
+                                "key; nothing was added")
+            known[r.intake_key] = r.id
+    return known
 
 
 def insert_jobs(srv: JobServer, rows: list[dict], now: float, owner: str | None) -> list[int]:
@@ -306,6 +336,9 @@ def job_add_array(srv: JobServer, args: dict, now: float, caller: Caller = LOCAL
                               "within the array")
     if "tags" in template and not isinstance(template["tags"], (list, type(None))):
         raise ValidationError("tags must be a list of names")
+    if template.get("intake_key") is not None:
+        raise ValidationError("an array's jobs cannot share one intake_key; add them with "
+                              "job_add, one key per job")
     template = dict(template)
     if "config_file" in template and "parameters" not in template:
         template["parameters"] = template.pop("config_file")
@@ -467,7 +500,8 @@ def job_ls(srv: JobServer, args: dict, now: float) -> list:
     q = select(jobs.c.id, jobs.c.name, jobs.c.app_id, jobs.c.state, jobs.c.attempts,
                jobs.c.site, jobs.c.group_identifier, jobs.c.tags, jobs.c.priority,
                jobs.c.state_time, jobs.c.created, jobs.c.started, jobs.c.ended,
-               jobs.c.exit_code, jobs.c.agent, jobs.c.message, jobs.c.owner, jobs.c.run_agent)
+               jobs.c.exit_code, jobs.c.agent, jobs.c.message, jobs.c.owner, jobs.c.run_agent,
+               jobs.c.argo_job_id, jobs.c.job_status_routing_key)
     for c in where_of(args.get("filter"), srv):
         q = q.where(c)
     q = q.order_by(jobs.c.id.desc() if newest else jobs.c.id).offset(offset)

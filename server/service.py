@@ -27,7 +27,7 @@ from pilotfish.validate import cap, echo
 
 from .core import JobServer
 from .db import make_engine
-from .site_agents import SiteAgents
+from .site_agents import SiteAgents, bridge_key
 from . import pilot_ops  # noqa: F401  (registers the pilot and site ops)
 from . import gc_ops  # noqa: F401  (registers the gc op)
 from . import events  # (registers the events ops)
@@ -185,7 +185,8 @@ class Service:
                  heartbeat: float = settings.HEARTBEAT_SECONDS,
                  lease_timeout: float | None = None, insecure: bool = False,
                  sites: list[str] | None = None, site_poll: float = 10.0,
-                 data_roots: list[str] | None = None, events_keep: float | None = None) -> None:
+                 data_roots: list[str] | None = None, events_keep: float | None = None,
+                 amqp: str | None = None) -> None:
         self.home = home
         #: prune events older than this many seconds as we run (None: keep them)
         self.events_keep = events_keep
@@ -194,7 +195,6 @@ class Service:
         # $PILOTFISH_DATA_ROOTS; none: the home's data directory, made owner-only
         self.data_roots = dataroots.make(home, list(data_roots or []) + dataroots.from_env())
         dataroots.ensure_data_dir(self.data_roots)
-        self.site_agents = SiteAgents(home, sites or [], site_poll)
         self.db_url = db_url
         self.heartbeat = heartbeat
         self.lease_timeout = lease_timeout or heartbeat * settings.LEASE_HEARTBEATS
@@ -210,6 +210,9 @@ class Service:
         if self.curve:
             keys.ensure_home_keys(home)
             self.public_key, secret = keys.server_keys(home)
+        # the bridge beside the server gets a submitter key of its own (not the home's admin)
+        self.site_agents = SiteAgents(home, sites or [], site_poll, amqp, bridge_key(home)
+                                      if amqp and self.curve else None)
         self.engine = make_engine(db_url)
         self.srv = JobServer(self.engine, heartbeat, self.lease_timeout, self.data_roots)
         #: ``events`` requests waiting for an event (answered after the commit that makes it)

@@ -1,9 +1,11 @@
-"""Site agents run beside the server (``server start --site S``), for a single-site setup.
+"""Edge processes run beside the server: site agents (``server start --site S``, for a
+single-site setup) and the AMQP bridge (``server start --amqp CONFIG.yaml``).
 
-Each is the ordinary ``pilotfish site agent`` command, a client of this server like any other
-(so the server room does not import the pilot room), started once the server serves, restarted
-if it dies (at most once per ``RESTART_EVERY`` seconds, so a profile that fails at once does not
-spin), and stopped with the server. Its output goes to ``HOME/logs/site-agent-<site>.log``.
+Each is an ordinary command (``pilotfish site agent``, ``pilotfish bridge amqp``), a client of
+this server like any other (so the server room imports neither the pilot room nor the bridge),
+started once the server serves, restarted if it dies (at most once per ``RESTART_EVERY``
+seconds, so a profile or config that fails at once does not spin), and stopped with the server.
+Their output goes to ``HOME/logs/site-agent-<site>.log`` and ``HOME/logs/amqp-bridge.log``.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from pilotfish import settings
 
@@ -19,6 +22,9 @@ log = logging.getLogger("pilotfish.server")
 
 RESTART_EVERY = 30.0
 STOP_GRACE = 10.0
+#: The client key the AMQP bridge started beside the server uses (made at its first start,
+#: role submitter: it adds jobs and reads events, nothing more).
+BRIDGE_KEY = "amqp-bridge"
 
 
 def site_agent_argv(home: Path, address: str, site: str, poll: float) -> list[str]:
@@ -26,41 +32,70 @@ def site_agent_argv(home: Path, address: str, site: str, poll: float) -> list[st
             "site", "agent", "--site", site, "--poll", f"{poll:g}"]
 
 
+def bridge_argv(home: Path, address: str, config: str, client_key: Path | None) -> list[str]:
+    """The bridge's command line: its settings and password stay in files."""
+    key = ["--client-key", str(client_key)] if client_key else []
+    return [sys.executable, "-m", "pilotfish", "--home", str(home), "--server", address, *key,
+            "bridge", "amqp", "--config", config]
+
+
 def log_path(home: Path, site: str) -> Path:
     return settings.home(home) / "logs" / f"site-agent-{site}.log"
 
 
+def bridge_log_path(home: Path) -> Path:
+    return settings.home(home) / "logs" / "amqp-bridge.log"
+
+
+def bridge_key(home: Path) -> Path:
+    """The bridge's key pair (made with the role submitter when missing)."""
+    from pilotfish import keys
+    secret = keys.keys_dir(home) / f"{BRIDGE_KEY}{keys.SECRET}"
+    if not secret.exists():
+        keys.new_client(home, BRIDGE_KEY, keys.SUBMITTER)
+    return secret
+
+
 class SiteAgents:
-    def __init__(self, home: Path, sites: list[str], poll: float) -> None:
-        self.home, self.sites, self.poll = home, list(sites), poll
+    """The edge processes of one server: ``name -> (argv for an address, log file)``."""
+
+    def __init__(self, home: Path, sites: list[str], poll: float,
+                 amqp: str | None = None, bridge_client_key: Path | None = None) -> None:
+        self.home = home
+        self.children: dict[str, tuple[Callable[[str], list[str]], Path]] = {
+            f"site agent for {s}": (lambda a, s=s: site_agent_argv(home, a, s, poll),
+                                    log_path(home, s)) for s in sites}
+        if amqp:
+            self.children["AMQP bridge"] = (
+                lambda a: bridge_argv(home, a, amqp, bridge_client_key), bridge_log_path(home))
         self.procs: dict[str, subprocess.Popen] = {}
         self.started: dict[str, float] = {}
 
     def start(self, address: str) -> None:
         self.address = address
-        for site in self.sites:
-            self._start(site)
+        for name in self.children:
+            self._start(name)
 
-    def _start(self, site: str) -> None:
-        path = log_path(self.home, site)
+    def _start(self, name: str) -> None:
+        argv, path = self.children[name]
         path.parent.mkdir(mode=0o700, exist_ok=True)
         with open(path, "ab") as out:
-            self.procs[site] = subprocess.Popen(
-                site_agent_argv(self.home, self.address, site, self.poll),
-                stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
-        self.started[site] = time.monotonic()
-        log.info("site agent for %s started: pid %d, log %s", site, self.procs[site].pid, path)
+            self.procs[name] = subprocess.Popen(
+                argv(self.address), stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                start_new_session=True)
+        self.started[name] = time.monotonic()
+        log.info("%s started: pid %d, log %s", name, self.procs[name].pid, path)
 
     def check(self) -> None:
-        """Restart site agents that ended (their log says why)."""
-        for site, proc in list(self.procs.items()):
+        """Restart the processes that ended (their logs say why)."""
+        for name, proc in list(self.procs.items()):
             if proc.poll() is None:
                 continue
-            if time.monotonic() - self.started[site] < RESTART_EVERY:
+            if time.monotonic() - self.started[name] < RESTART_EVERY:
                 continue
-            log.warning("site agent for %s ended (exit %s; see %s): starting it again", site,
-                        proc.returncode, log_path(self.home, site))
-            self._start(site)
+            log.warning("%s ended (exit %s; see %s): starting it again", name,
+                        proc.returncode, self.children[name][1])
+            self._start(name)
 
     def stop(self) -> None:
         live = [p for p in self.procs.values() if p.poll() is None]
@@ -73,5 +108,5 @@ class SiteAgents:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-        for site, p in self.procs.items():
-            log.info("site agent for %s stopped (exit %s)", site, p.returncode)
+        for name, p in self.procs.items():
+            log.info("%s stopped (exit %s)", name, p.returncode)

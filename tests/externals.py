@@ -26,6 +26,22 @@ def pg_available() -> bool:
         return False
 
 
+RABBITMQ = ("127.0.0.1", 5672)
+
+
+def rabbitmq_available() -> bool:
+    """A RabbitMQ that admits guest/guest on 127.0.0.1:5672 (what the AMQP bridge tests use)."""
+    try:
+        import pika
+        conn = pika.BlockingConnection(pika.ConnectionParameters(
+            *RABBITMQ, credentials=pika.PlainCredentials("guest", "guest"),
+            connection_attempts=1, socket_timeout=3, blocked_connection_timeout=5))
+        conn.close()
+        return True
+    except Exception:
+        return False
+
+
 def slurm_nodes() -> list[str]:
     """Names of the Slurm nodes that are up (idle/mix/alloc), or [] without a Slurm."""
     if not shutil.which("sinfo") or not shutil.which("sbatch"):
@@ -95,7 +111,11 @@ def report() -> list[tuple[str, str, str]]:
                  "not installable here: golden scripts and transcribed output"))
     rows.append(("Shifter, Apptainer, podman-hpc", "not run",
                  "not installed here: golden command lines"))
-    rows.append(("RabbitMQ", "not used", "no AMQP bridge yet"))
+    if rabbitmq_available():
+        rows.append(("RabbitMQ", "used", f"amqp://guest@{RABBITMQ[0]}:{RABBITMQ[1]}/"))
+    else:
+        rows.append(("RabbitMQ", "skipped", f"nothing admits guest at {RABBITMQ[0]}:"
+                     f"{RABBITMQ[1]} (apt: rabbitmq-server)"))
     return rows
 
 

@@ -138,4 +138,39 @@ def test_version_6_gains_the_server_events_table(tmp_path):
                     "site", "from_state", "to_state", "message"]
     assert con.execute("SELECT id, to_state FROM job_events").fetchall() == [(41, "READY")]
     assert con.execute("SELECT value FROM pilotfish_meta WHERE key='schema_version'"
-                       ).fetchone()[0] == "7" == str(SCHEMA_VERSION)
+                       ).fetchone()[0] == str(SCHEMA_VERSION)
+
+
+def test_version_7_gains_the_production_fields_and_the_intake_key_index(tmp_path):
+    """Schema 8: jobs.argo_job_id, scheduler_config, job_status_routing_key and intake_key
+    (unique where given); old rows keep their values and get NULLs."""
+    db = tmp_path / "v7.db"
+    make_engine(f"sqlite:///{db}").dispose()
+    con = sqlite3.connect(db)  # make it look like version 7
+    con.execute("DROP INDEX ux_jobs_intake_key")
+    for col in ("argo_job_id", "scheduler_config", "job_status_routing_key", "intake_key"):
+        con.execute(f"ALTER TABLE jobs DROP COLUMN {col}")
+    con.execute("INSERT INTO jobs (id, name, description, app_id, num_nodes, "
+                "processes_per_node, cpus_per_process, gpus_per_process, parameters, tags, "
+                "priority, max_retries, retries, attempts, state, state_time, created, "
+                "workdir) VALUES (3, 'old', '', 1, 1, 1, 1, 0, '{}', '', 0, 3, 0, 0, 'READY', "
+                "0, 0, 'w')")
+    con.execute("UPDATE pilotfish_meta SET value='7' WHERE key='schema_version'")
+    con.commit()
+    con.close()
+    make_engine(f"sqlite:///{db}").dispose()
+    con = sqlite3.connect(db)
+    assert con.execute("SELECT id, argo_job_id, intake_key FROM jobs").fetchall() == [
+        (3, None, None)]
+    assert "ux_jobs_intake_key" in [r[1] for r in con.execute("PRAGMA index_list(jobs)")]
+    assert con.execute("SELECT value FROM pilotfish_meta WHERE key='schema_version'"
+                       ).fetchone()[0] == str(SCHEMA_VERSION) == "8"
+    con.execute("UPDATE jobs SET intake_key='k1'")
+    with pytest.raises(sqlite3.IntegrityError):  # the index is unique
+        con.execute("INSERT INTO jobs (id, name, description, app_id, num_nodes, "
+                    "processes_per_node, cpus_per_process, gpus_per_process, parameters, tags, "
+                    "priority, max_retries, retries, attempts, state, state_time, created, "
+                    "workdir, intake_key) VALUES (4, 'dup', '', 1, 1, 1, 1, 0, '{}', '', 0, 3, "
+                    "0, 0, 'READY', 0, 0, 'w', 'k1')")
+    con.close()
+    make_engine(f"sqlite:///{db}").dispose()  # and opening it again changes nothing

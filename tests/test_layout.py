@@ -6,7 +6,8 @@ import pilotfish
 
 PKG = Path(pilotfish.__file__).resolve().parent
 ROOMS = {"server": "pilotfish.server", "pilot": "pilotfish.pilot",
-         "launcher": "pilotfish.launcher", "container": "pilotfish.container"}
+         "launcher": "pilotfish.launcher", "container": "pilotfish.container",
+         "bridge": "pilotfish.bridge"}
 CORE = ["protocol.py", "settings.py", "errors.py", "validate.py", "console.py", "client.py",
         "pilotstate.py", "arrays.py"]
 
@@ -44,6 +45,14 @@ def test_server_and_pilot_never_import_each_other():
             assert not bad, f"{room}/{f.name} imports {bad}"
 
 
+def test_the_bridge_imports_neither_server_nor_pilot():
+    """Edge processes are clients of the server: core and client only (DESIGN: the edge)."""
+    for f in room_dir("bridge").glob("*.py"):
+        bad = [m for m in imports(f) if in_package(m, "pilotfish.server")
+               or in_package(m, "pilotfish.pilot") or m.startswith("..")]
+        assert not bad, f"bridge/{f.name} imports {bad}"
+
+
 def test_core_imports_no_room():
     """The core modules (protocol, settings, errors, validate, console, client, pilot states)
     import no room."""
@@ -72,7 +81,7 @@ def test_the_command_line_starts_without_heavy_imports():
     import subprocess
     import sys
     code = ("import pilotfish.cli, sys; print(sorted({m.split('.')[0] for m in sys.modules}"
-            " & {'pydantic', 'sqlalchemy', 'jinja2', 'mpi4py'}))")
+            " & {'pydantic', 'sqlalchemy', 'jinja2', 'mpi4py', 'pika'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "[]", out

@@ -1,0 +1,82 @@
+"""``pilotfish bridge``: processes that connect production systems to the server."""
+from __future__ import annotations
+
+import os
+
+import click
+
+from pilotfish import console, settings
+
+CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+@click.group("bridge", context_settings=CTX)
+def bridge_group() -> None:
+    """Bridges to production systems (each its own process, a client of the server)."""
+
+
+@bridge_group.command("amqp", context_settings=CTX)
+@click.option("--config", "config_file", metavar="YAML", help="Settings from a YAML map (url, "
+              "jobs_queue, exchange, dead_letter_queue, routing_key, password_file, state_dir, "
+              "prefetch, max_body_mb, batch_jobs); flags given here win.")
+@click.option("--url", help="The broker, WITHOUT a password: amqp://user@host:5672/vhost "
+              "(default amqp://guest@127.0.0.1:5672/).")
+@click.option("--password-file", metavar="FILE", help="The broker password (its first line). "
+              "Else $PILOTFISH_AMQP_PASSWORD, else 'guest' for the user guest.")
+@click.option("--jobs-queue", metavar="Q", help="Durable queue of job messages to consume "
+              "(one seed-format job map, or a list of them, per message).")
+@click.option("--dead-letter-queue", metavar="Q", help="Where messages that cannot become jobs "
+              "go, with the reason in the x-pilotfish-error header (default: Q.dead).")
+@click.option("--exchange", metavar="X", help="Topic exchange that gets every job state change "
+              "(on the job's job_status_routing_key, else --routing-key).")
+@click.option("--routing-key", metavar="KEY", help="Routing key of status messages for jobs "
+              "without their own (default: pilotfish.status).")
+@click.option("--state-dir", metavar="DIR", help="Where the publisher keeps its cursor "
+              "(default: HOME/bridge/amqp-<exchange>).")
+@click.option("--prefetch", type=click.IntRange(1, 10_000), help="Messages held "
+              "unacknowledged at once (default 16).")
+@click.option("--max-body-mb", type=click.IntRange(1, 128), help="Largest message body read; "
+              "larger ones are dead-lettered unparsed (default 16).")
+@click.option("--check", is_flag=True, help="Check the settings and the password source, "
+              "then exit (connects to nothing).")
+@click.option("-v", "--verbose", count=True, help="More log output.")
+@click.option("-q", "--quiet", is_flag=True, help="Warnings and errors only.")
+@click.pass_context
+def amqp_cmd(ctx, config_file, url, password_file, jobs_queue, dead_letter_queue, exchange,
+             routing_key, state_dir, prefetch, max_body_mb, check, verbose, quiet) -> None:
+    """Bridge a RabbitMQ broker and the server: job messages in, status messages out.
+
+    Job messages on --jobs-queue become jobs (acknowledged once the server has committed them;
+    a redelivered message adds nothing twice); every job state change goes to --exchange as a
+    persistent JSON message (event_id, job_id, name, group_identifier, argo_job_id, from, to,
+    time, message), confirmed by the broker before the saved cursor moves. Runs until SIGTERM.
+    Its server key needs the role submitter (or admin).
+    """
+    from .amqp import run
+    from .config import BridgeConfig, from_yaml
+    cfg = from_yaml(config_file) if config_file else BridgeConfig()
+    for k, v in (("url", url), ("password_file", password_file), ("jobs_queue", jobs_queue),
+                 ("dead_letter_queue", dead_letter_queue), ("exchange", exchange),
+                 ("routing_key", routing_key), ("state_dir", state_dir),
+                 ("prefetch", prefetch)):
+        if v is not None:
+            setattr(cfg, k, v)
+    if max_body_mb is not None:
+        cfg.max_body_bytes = max_body_mb * 2**20
+    if cfg.password_file:
+        cfg.password_file = os.path.abspath(cfg.password_file)
+    cfg.check()
+    from .config import parse_url, password
+    password(cfg, parse_url(cfg.url).user)  # a missing password stops here, not per reconnect
+    if check:
+        console.out.print(f"ok: {parse_url(cfg.url)}", markup=False)
+        return
+    console.setup_logging(verbose, quiet)
+    home = settings.home(ctx.obj.get("home") if ctx.obj else None)
+    server = (ctx.obj.get("server") if ctx.obj else None) or os.environ.get("PILOTFISH_SERVER")
+
+    def new_client():
+        from pilotfish.client import Client
+        return Client(address=server, home=home, timeout=30)
+
+    ctx.exit(run(cfg, home, new_client))

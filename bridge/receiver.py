@@ -1,0 +1,239 @@
+"""The job receiver: job messages from a durable queue become jobs on the server.
+
+At least once, idempotent: a message is acknowledged only after the server has committed its
+jobs (the reply comes after the commit), and every job carries an intake key (the message's id
+and the job's index, see :mod:`.intake`) that the server remembers, so a message redelivered
+after a crash adds nothing twice. A message that can never become jobs (not JSON, an unknown
+app, a bad value, too big) goes to the dead-letter queue with the one-line reason in its
+``x-pilotfish-error`` header, and the receiver goes on. When the server does not answer, the
+receiver gives the messages it holds back to the broker, stops consuming and resumes once the
+server answers; when the broker goes away, it reconnects with a growing wait.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import datetime, timezone
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, NamedTuple
+
+from pilotfish.client import Client
+from pilotfish.errors import Forbidden, PilotfishError, ServerUnavailable
+from pilotfish.validate import cap
+
+from .backoff import Backoff
+from .config import BridgeConfig, connection_parameters, parse_url
+from .intake import Poison, add_intake_keys, message_key, parse_body
+
+log = logging.getLogger("pilotfish.bridge.receiver")
+ERROR_HEADER = "x-pilotfish-error"
+#: The longest error text put in a header (the server's errors are one line, at most 2,000).
+MAX_HEADER_CHARS = 1000
+
+
+class Delivery(NamedTuple):
+    tag: int
+    props: object   # pika.BasicProperties
+    body: bytes
+
+
+class ServerPaused(Exception):
+    """The server cannot take jobs now (down, or it refuses this bridge's key): pause intake."""
+
+
+class Receiver:
+    def __init__(self, cfg: BridgeConfig, new_client: Callable[[], Client],
+                 stop: threading.Event) -> None:
+        self.cfg, self.new_client, self.stop = cfg, new_client, stop
+        self.addr = parse_url(cfg.url)
+        self.client: Client | None = None   # used by the pool's thread only
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="receiver-client")
+        self.stats = {"messages": 0, "jobs": 0, "known": 0, "dead": 0}
+
+    # -- the connection loop ----------------------------------------------------------------
+    def run(self) -> None:
+        """Consume until ``stop`` is set, reconnecting to the broker after every loss."""
+        import pika.exceptions as pe
+        backoff = Backoff()
+        while not self.stop.is_set():
+            try:
+                self._session(backoff)
+            except (pe.AMQPError, OSError) as exc:
+                wait = backoff.next()
+                log.warning("receiver: AMQP connection to %s lost or refused (%s); "
+                            "reconnecting in %.1f s", self.addr, _why(exc), wait)
+                self.stop.wait(wait)
+        self._drop_client()
+        self.pool.shutdown()
+
+    def _session(self, backoff: Backoff) -> None:
+        import pika
+        cfg = self.cfg
+        self.conn = conn = pika.BlockingConnection(connection_parameters(cfg, "receiver"))
+        try:
+            ch = conn.channel()
+            ch.confirm_delivery()  # a dead-lettered message is acked only once the DLQ has it
+            ch.queue_declare(cfg.jobs_queue, durable=True)
+            ch.queue_declare(cfg.dead_letter_queue, durable=True)
+            ch.basic_qos(prefetch_count=cfg.prefetch)
+            pending: list[Delivery] = []
+
+            def on_message(_ch, method, props, body) -> None:
+                pending.append(Delivery(method.delivery_tag, props, body))
+
+            ctag = ch.basic_consume(cfg.jobs_queue, on_message)
+            backoff.reset()
+            log.info("receiver: consuming %s on %s (dead letters to %s)", cfg.jobs_queue,
+                     self.addr, cfg.dead_letter_queue)
+            while not self.stop.is_set():
+                conn.process_data_events(time_limit=0.25)
+                if not pending:
+                    continue
+                conn.process_data_events(time_limit=0)  # what else has arrived: one batch
+                batch = pending[:]
+                pending.clear()
+                try:
+                    self.handle(ch, batch)
+                except ServerPaused as exc:
+                    # ack nothing more: what we hold goes back to the queue, untouched
+                    ch.basic_cancel(ctag)
+                    ch.basic_nack(delivery_tag=0, multiple=True, requeue=True)
+                    pending.clear()
+                    log.warning("receiver: %s; intake paused (messages given back to %s)",
+                                exc, cfg.jobs_queue)
+                    if not self._wait_for_server(conn):
+                        break
+                    pending.clear()
+                    ctag = ch.basic_consume(cfg.jobs_queue, on_message)
+                    log.info("receiver: the server answers again; intake resumed")
+        finally:
+            try:
+                if conn.is_open:
+                    conn.close()
+            except Exception:  # closing a broken connection: nothing left to save
+                pass
+
+    def _wait_for_server(self, conn) -> bool:
+        """Ping the server with a growing wait (the AMQP connection kept alive meanwhile);
+        False when asked to stop."""
+        backoff = Backoff(0.5, 10.0)
+        while not self.stop.is_set():
+            conn.sleep(backoff.next())
+            try:
+                self._call(lambda c: c.ping(timeout=5))
+                return True
+            except ServerUnavailable:
+                self._drop_client()
+        return False
+
+    def _call(self, fn: Callable[[Client], Any]) -> Any:
+        """``fn(client)`` in the one thread that owns the client, while this thread keeps the
+        AMQP connection served (heartbeats): a 100,000-job add may take a while."""
+        fut = self.pool.submit(lambda: fn(self._client()))
+        while not fut.done():
+            self.conn.sleep(0.01)  # (a busier wait takes CPU from the server beside us)
+        return fut.result()
+
+    def _client(self) -> Client:
+        if self.client is None:
+            self.client = self.new_client()  # re-reads the home: a restarted server's address
+        return self.client
+
+    def _drop_client(self) -> None:
+        def drop() -> None:
+            if self.client is not None:
+                self.client.close()
+                self.client = None
+        self.pool.submit(drop).result()
+
+    # -- messages -----------------------------------------------------------------------------
+    def handle(self, ch, batch: list[Delivery]) -> None:
+        """Parse each message (poison goes to the dead-letter queue), then add the jobs of
+        several messages in one request of at most ``batch_jobs`` jobs (a message is never
+        split: its jobs are added all or none)."""
+        good: list[tuple[Delivery, list[dict]]] = []
+        for d in batch:
+            try:
+                jobs = parse_body(d.body, self.cfg.max_body_bytes)
+                good.append((d, add_intake_keys(jobs, message_key(d.props.message_id, d.body))))
+            except Poison as exc:
+                self.dead_letter(ch, d, str(exc))
+        group: list[tuple[Delivery, list[dict]]] = []
+        size = 0
+        for item in good:
+            if group and size + len(item[1]) > self.cfg.batch_jobs:
+                self._add(ch, group)
+                group, size = [], 0
+            group.append(item)
+            size += len(item[1])
+        if group:
+            self._add(ch, group)
+
+    def _add(self, ch, group: list[tuple[Delivery, list[dict]]]) -> None:
+        jobs = [j for _, js in group for j in js]
+        try:
+            r = self._call(lambda c: c.call("job_add", jobs=jobs,
+                                            timeout=max(c.timeout, len(jobs) / 1000)))
+        except ServerUnavailable as exc:
+            self._drop_client()
+            raise ServerPaused(f"the server does not answer ({exc})") from None
+        except Forbidden as exc:
+            if "intake_key" not in str(exc):  # the key's role: no message can pass
+                raise ServerPaused(f"the server refuses this bridge's key ({exc})") from None
+            self._refused(ch, group, exc)
+            return
+        except PilotfishError as exc:
+            self._refused(ch, group, exc)
+            return
+        for d, _ in group:
+            ch.basic_ack(d.tag)
+        self.stats["messages"] += len(group)
+        self.stats["jobs"] += len(jobs)
+        self.stats["known"] += r.get("known", 0)
+        if r.get("known"):
+            log.info("receiver: %d of %d jobs were already added (a redelivered message): "
+                     "not added again", r["known"], len(jobs))
+        log.debug("receiver: %d jobs from %d messages added", len(jobs), len(group))
+
+    def _refused(self, ch, group, exc: PilotfishError) -> None:
+        """A request refused: alone, its message is poison; in a group, each message is tried
+        alone so that only the culprit goes to the dead-letter queue."""
+        if len(group) > 1:
+            for item in group:
+                self._add(ch, [item])
+            return
+        self.dead_letter(ch, group[0][0], str(exc))
+
+    def dead_letter(self, ch, d: Delivery, error: str) -> None:
+        import pika
+        error = cap(" ".join(error.split()), MAX_HEADER_CHARS)
+        p = d.props
+        headers = dict(p.headers or {})
+        headers[ERROR_HEADER] = error
+        headers["x-pilotfish-queue"] = self.cfg.jobs_queue
+        headers["x-pilotfish-time"] = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+        ch.basic_publish("", self.cfg.dead_letter_queue, d.body, pika.BasicProperties(
+            delivery_mode=2, headers=headers, message_id=p.message_id,
+            correlation_id=p.correlation_id, content_type=p.content_type,
+            timestamp=p.timestamp, app_id=p.app_id), mandatory=True)
+        ch.basic_ack(d.tag)
+        self.stats["dead"] += 1
+        log.warning("receiver: message %s to %s: %s", _shown_id(p.message_id),
+                    self.cfg.dead_letter_queue, error)
+
+
+def _shown_id(message_id) -> str:
+    if not message_id:
+        return "(no message_id)"
+    return repr(message_id[:80])
+
+
+def _why(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return cap(" ".join(text.split()), 300)
+
+
+def now_iso(t: float | None = None) -> str:
+    return datetime.fromtimestamp(time.time() if t is None else t, timezone.utc).isoformat(
+        timespec="milliseconds")
