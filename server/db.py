@@ -5,13 +5,13 @@ Written with SQLAlchemy Core (no ORM): the hot paths are bulk ``executemany`` st
 """
 from __future__ import annotations
 
-from sqlalchemy import (JSON, BigInteger, Column, Float, Index, Integer, MetaData, String, Table,
-                        Text, create_engine, event, func, select)
+from sqlalchemy import (JSON, BigInteger, Column, Float, Index, Integer, LargeBinary, MetaData,
+                        String, Table, Text, create_engine, event, func, select)
 from sqlalchemy.engine import Engine
 
 from pilotfish.errors import PilotfishError
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 #: Columns that bring a database from a version to the next: (table, column, SQL type).
 #: ADD COLUMN works on SQLite and PostgreSQL alike; a table that create_all has just made
 #: (it did not exist) has its new columns already, so only missing ones are added.
@@ -24,6 +24,7 @@ MIGRATIONS: dict[int, list[tuple[str, str, str]]] = {
     # change); the agent_keys table (which key an agent id belongs to) is made by create_all
     4: [("jobs", "owner", "VARCHAR(64)")],
     5: [],  # job_attempts: a new table, made by create_all
+    6: [],  # job_output: a new table, made by create_all
 }
 metadata = MetaData()
 
@@ -125,6 +126,28 @@ job_attempts = Table(
     Column("exit_code", Integer),
     Column("message", Text),
     # (the primary key's index serves lookups by job_id: no second index to write)
+)
+
+#: Tasks' output for ``pilotfish job log``: the pieces of job.out ("out") and job.err ("err")
+#: agents ship (see pilotfish.pilot.output and server/output.py), at most the server's cap per
+#: stream, of each job's newest attempt only. A table and not files under the home: the
+#: server writes them in the turn's transaction with the updates they ride on (nothing acked
+#: before it is stored), removes them with the job in the same transaction (job rm, gc), and
+#: never touches a file system in its loop; PostgreSQL serves them like every other row.
+job_output = Table(
+    "job_output", metadata,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column("job_id", _ID, nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("stream", String(3), nullable=False),       # "out" or "err"
+    Column("pos", BigInteger, nullable=False),         # byte offset of data in the file
+    Column("nbytes", Integer, nullable=False),
+    Column("data", LargeBinary, nullable=False),
+    Column("size", BigInteger, nullable=False),        # the file's size when this was read
+    Column("eof", Integer, nullable=False),            # 1: the agent's last piece of the file
+    Column("path", Text),                              # the file on the agent's node
+    Column("time", Float, nullable=False),
+    Index("ix_job_output_job", "job_id", "stream", "attempt"),
 )
 
 agents = Table(

@@ -30,6 +30,7 @@ from .db import make_engine
 from .site_agents import SiteAgents
 from . import pilot_ops  # noqa: F401  (registers the pilot and site ops)
 from . import gc_ops  # noqa: F401  (registers the gc op)
+from . import output_ops  # noqa: F401  (registers the job_log op)
 from .ops import AGENT_ROLES, LOCAL_ADMIN, OPS, Caller, check_call, who
 
 log = logging.getLogger("pilotfish.server")
@@ -206,6 +207,10 @@ class Service:
         if self.curve:
             keys.ensure_home_keys(home)
             self.public_key, secret = keys.server_keys(home)
+        try:  # the task output limits (told to agents): a bad setting stops the start
+            settings.output_limits()
+        except ValueError as exc:
+            raise PilotfishError(str(exc)) from None
         self.engine = make_engine(db_url)
         self.srv = JobServer(self.engine, heartbeat, self.lease_timeout, self.data_roots)
         self.ctx = zmq.Context()

@@ -111,5 +111,7 @@ def test_version_5_gains_the_job_attempts_table(tmp_path):
         (9, "JOB_FINISHED", "alice")]
     assert con.execute("SELECT id, tasks_done FROM agents").fetchall() == [("a5", 1)]
     assert con.execute("SELECT value FROM pilotfish_meta WHERE key='schema_version'"
-                       ).fetchone()[0] == "6" == str(SCHEMA_VERSION)
+                       ).fetchone()[0] == "7" == str(SCHEMA_VERSION)
+    # schema 7 adds job_output (job log), empty
+    assert con.execute("SELECT COUNT(*) FROM job_output").fetchone()[0] == 0
     make_engine(f"sqlite:///{db}").dispose()  # and opening it again changes nothing
