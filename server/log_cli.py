@@ -172,7 +172,7 @@ def _end_notes(job_id: int, r: dict, fname: str, wrote: int, follow: bool) -> No
     elif r["final"] and r["attempt"] is not None and not r["eof"]:
         _note(f"[the task ended before all of its {fname} reached the server: the rest may be "
               f"in {_where(r)}]")
-    elif r["attempt"] is None and r["final"]:
+    elif r["final"] and not r["stored"]:
         _note(f"job {job_id} wrote nothing to {fname}")
-    elif r["attempt"] is None and not follow:
+    elif not r["stored"] and not follow:
         _note(f"job {job_id} has stored no {fname} yet ({r['state']})")
