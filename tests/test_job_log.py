@@ -356,3 +356,27 @@ def test_any_reader_may_read_any_jobs_output_an_agent_key_may_not(server: Server
         with pytest.raises(Forbidden) as exc:
             k.job_log(job)
         assert "may not job_log: it needs the role reader" in str(exc.value)
+
+
+def test_job_log_on_postgresql(pg_url, home, tmp_path):
+    """The same pieces, offsets and tail on PostgreSQL (bytea); job rm removes them."""
+    s = ServerHandle(home, pg_url).start()
+    try:
+        c = s.client()
+        _app(c)
+        job = _job(c, "escapes")
+        s.agent(work_root=tmp_path / "w")
+        wait_for(lambda: _final(c, job), 60, what="job final")
+        raw = (b"\x1b[31mred\x1b[0m \x1b]0;title\x07 bell\x07 cr\rX\n"
+               b"bad utf8: \xff\xfe end\n\xc2\x9b[2J tab\there\n")
+        assert _stored(c, job) == raw
+        r = c.job_log(job, tail=1)
+        last = raw.splitlines(keepends=True)[-1]
+        assert r["pieces"] == [[len(raw) - len(last), last]] and r["eof"]
+        run_cli(s.home, "job", "rm", str(job), check=True)
+        import psycopg
+        with psycopg.connect(pg_url.replace("postgresql+psycopg", "postgresql")) as con:
+            assert con.execute("SELECT COUNT(*) FROM job_output").fetchone()[0] == 0
+    finally:
+        s.stop_agents()
+        s.stop()
