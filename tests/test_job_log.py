@@ -383,3 +383,12 @@ def test_job_log_on_postgresql(pg_url, home, tmp_path):
     finally:
         s.stop_agents()
         s.stop()
+
+
+def test_bad_output_limits_stop_the_server_start_with_one_line(home):
+    for args, words in ((("--output-cap", "1T"), "at most 16M"),
+                        (("--output-cap", "lots"), "expected bytes"),
+                        (("--output-rate", "0"), "give a rate")):
+        r = run_cli(home, "server", "start", *args)
+        assert r.returncode != 0 and words in r.stderr and r.stderr.count("\n") == 1, r.stderr
+        assert not (home / "server.json").exists()
