@@ -6,8 +6,9 @@ The files in the workdir are the buffer: the agent keeps only offsets. At each o
 bytes per file and, in all, what its byte budget allows (the server's ``output_rate`` a second,
 so a task printing gigabytes costs the agent a small read a tick and nothing more). When a task
 ends, its last pieces go in the same update as its end, so a follower that sees the job final
-has its output too (when the budget allows; else they follow in the next updates, the last one
-marked ``eof``).
+has its output too: always its first ``END_ALLOWANCE`` bytes (budget or not: short outputs never
+wait behind another task's flood), the rest as the budget allows, in the next updates, the last
+one marked ``eof``.
 
 Past the server's cap (``output_cap`` bytes of each file per attempt) nothing more is read: the
 rest stays in the workdir, and the pieces say the file's size and path, so ``job log`` can say
@@ -30,6 +31,10 @@ TICK = 0.5
 PIECE = 64 * 2**10
 #: Most bytes of output in one update message.
 MAX_PER_MESSAGE = 1 * 2**20
+#: Bytes of each file of an ended task sent with its end even when the budget is spent (the
+#: budget goes into debt): a task's short output is never held back behind another task's
+#: flood, and a follower that sees the job final has it.
+END_ALLOWANCE = 4 * 2**10
 _OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 #: (stream name on the wire, file name in the workdir)
 FILES = (("out", "job.out"), ("err", "job.err"))
@@ -113,9 +118,10 @@ class OutputShipper:
                         self.streams[t.job] = self._stream(t)
         budget = self._budget(mono)
         out: list[dict] = []
+        fresh = {t.job for t in ended}
         for s in sorted(self.streams.values(), key=lambda s: not s.ended):
-            if not s.ended and not tick:
-                continue
+            if not tick and s.job not in fresh:
+                continue  # the rest of earlier ends, and running tasks: at the tick
             for name, f in s.files.items():
                 if f.done or (f.eof_sent and s.ended):
                     continue
@@ -134,6 +140,8 @@ class OutputShipper:
         size = _size(f.path)
         want = max(0, min(size, self.cap) - f.sent)
         data = b""
+        if s.ended:
+            budget = max(budget, END_ALLOWANCE)
         if want and budget > 0:
             data = _pread(f.path, f.sent, min(want, PIECE, budget))
         end = f.sent + len(data)

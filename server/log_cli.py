@@ -169,6 +169,9 @@ def _end_notes(job_id: int, r: dict, fname: str, wrote: int, follow: bool) -> No
         more = r["size"] - r["stored"] if r.get("size") is not None else None
         _note(f"[{fname} is longer than the {_size(r['cap'])} the server keeps of it: the rest"
               f"{f' ({_size(more)} more)' if more else ''} is in {_where(r)}]")
+    elif r["final"] and r["attempt"] is not None and not r["eof"] and not r["complete"]:
+        _note(f"[the rest of {fname} is still on its way from node "
+              f"{console.plain(r.get('node')) or '?'}: ask again, or follow it with -f]")
     elif r["final"] and r["attempt"] is not None and not r["eof"]:
         _note(f"[the task ended before all of its {fname} reached the server: the rest may be "
               f"in {_where(r)}]")

@@ -9,8 +9,8 @@ still applied, so a confused agent loses nothing but the piece.
 
 Bounds, whatever an agent sends: at most ``cap`` bytes of each stream per attempt (the rest
 stays in the task's workdir: the pieces say where), at most ``MAX_PIECES`` rows per stream, and
-per agent a byte budget refilled at twice the rate the agents are told (so an honest agent never
-meets it). Only a job's newest attempt is kept: its first piece removes older attempts' output.
+per agent a byte budget refilled at four times the rate the agents are told (so an honest agent
+never meets it). Only a job's newest attempt is kept: its first piece removes older attempts' output.
 The server keeps a small cache per stream (next offset, bytes stored), rebuilt from the table
 when missing (after a restart), so a resent piece is stored once.
 """
@@ -64,6 +64,9 @@ class OutputStore:
                 log.error("%s: using the defaults", exc)
                 cap, rate = settings.OUTPUT_CAP, settings.OUTPUT_RATE
         self.cap, self.rate = cap, rate
+        #: an agent's byte budget here: refilled at 4x the rate it is told, up to this (its
+        #: tasks' short last pieces may go past its rate; see pilot/output.py END_ALLOWANCE)
+        self.burst = max(8.0 * rate, 4.0 * 2**20)
         self.streams: dict[tuple[int, str], _Stream] = {}
         self.ended: dict[int, tuple[str, int, float]] = {}   # job -> (agent, attempt, when)
         self.budget: dict[str, list[float]] = {}             # agent -> [bytes, monotonic time]
@@ -168,8 +171,8 @@ class OutputStore:
             if b is None:
                 if len(self.budget) >= MAX_CACHED:
                     self.budget.clear()
-                b = self.budget[agent] = [4.0 * self.rate, mono]
-            b[0] = min(4.0 * self.rate, b[0] + (mono - b[1]) * 2 * self.rate)
+                b = self.budget[agent] = [self.burst, mono]
+            b[0] = min(self.burst, b[0] + (mono - b[1]) * 4 * self.rate)
             b[1] = mono
             if len(data) > b[0]:
                 data = data[:int(b[0])]

@@ -392,3 +392,25 @@ def test_bad_output_limits_stop_the_server_start_with_one_line(home):
         r = run_cli(home, "server", "start", *args)
         assert r.returncode != 0 and words in r.stderr and r.stderr.count("\n") == 1, r.stderr
         assert not (home / "server.json").exists()
+
+
+def test_a_flooding_task_fills_its_cap_and_nothing_else(server: ServerHandle, tmp_path):
+    """A task writing 200 MiB as fast as it can, beside short jobs on the same agent: 1 MiB
+    (the default cap) is stored in a bounded number of pieces, the short jobs' output is all
+    there, and the agent keeps working."""
+    c = server.client()
+    _app(c)
+    flood = _job(c, "flood", "200")
+    server.agent("--cores", "0,1", work_root=tmp_path / "w")
+    wait_for(lambda: c.job(flood)["state"] in ("RUNNING",) + FINAL, 60, what="flood runs")
+    small = [_job(c, "lines", "3") for _ in range(20)]
+    wait_for(lambda: all(_final(c, j) for j in small + [flood]), 120, what="all final")
+    assert {c.job(j)["state"] for j in small + [flood]} == {"JOB_FINISHED"}
+    for j in small:
+        assert _stored(c, j) == b"line 1\nline 2\nline 3\n"
+    # the flood's 1 MiB follows its end at the agent's rate: -f waits for the last piece
+    f = run_cli(server.home, "job", "log", str(flood), "-f", "--raw", timeout=120, check=True)
+    assert len(f.stdout) == 2**20 and "longer than the 1.0 MiB" in f.stderr
+    r = c.job_log(flood)
+    assert r["stored"] == 2**20 and r["size"] == 200 * 2**20 and r["capped"] and r["eof"]
+    assert _rows(server.home, flood) <= 64  # pieces of up to 64 KiB at 0.5 s looks

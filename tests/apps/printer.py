@@ -6,6 +6,7 @@ Usage (argv): ``printer.py MODE ARG``
   bytes N     write N bytes ("x" * 99 + newline per 100) at once, then end
   escapes     print terminal escape sequences, a bell, a carriage return and invalid UTF-8
   lines N     print N numbered lines
+  flood MB    write as fast as it can, MB MiB in all (a task printing gigabytes, in small)
 """
 import os
 import sys
@@ -31,6 +32,10 @@ elif mode == "bytes":
 elif mode == "escapes":
     out.write(b"\x1b[31mred\x1b[0m \x1b]0;title\x07 bell\x07 cr\rX\n")
     out.write(b"bad utf8: \xff\xfe end\n\xc2\x9b[2J tab\there\n")
+elif mode == "flood":
+    block = (b"y" * 1023 + b"\n") * 64
+    for _ in range(int(arg) * 16):
+        out.write(block)
 elif mode == "lines":
     for i in range(1, int(arg) + 1):
         out.write(b"line %d\n" % i)
