@@ -46,6 +46,7 @@ from pilotfish.errors import ProtocolError
 
 from .executor import Executor, Staging, Task
 from .launch import TaskLauncher
+from .output import OutputShipper
 from .resources import Resources
 
 log = logging.getLogger("pilotfish.agent")
@@ -150,6 +151,8 @@ class Agent:
         self.received = 0
         self.finished = 0
         self.ex.spawn_deadline = self.spawn_deadline
+        #: pieces of tasks' job.out/job.err for `job log`, on updates (see pilot/output.py)
+        self.out = OutputShipper()
 
     def _watch(self, fd: int, task: Task) -> None:
         self.fd_tasks[fd] = task
@@ -355,23 +358,37 @@ class Agent:
         beat = now - self.last_sent >= self._beat_every()
         if self.useq > self.acked and not beat and not force:
             return
+        mono = time.monotonic()
+        # a look at running tasks' output files is due (every output.TICK seconds)
+        look = self.out.due(mono, bool(self.ex.active))
         starving = not self.ex.queue and self.ex.free_cores
-        if not beat and not force and not starving and now - self.last_sent < REPORT_INTERVAL:
+        if not beat and not force and not starving and not look and \
+                now - self.last_sent < REPORT_INTERVAL:
             return  # batch a little: the prefetch keeps the cores busy meanwhile
         d = self.demand()
         key = (d["cores"], d["gpus"])
-        if not self.ex.reportable and not force and not beat and key == self.last_demand:
+        if not self.ex.reportable and not force and not beat and not look and \
+                key == self.last_demand:
             return
-        updates = self.ex.take_updates(now)
-        if not updates and not force and not beat and key == self.last_demand:
+        ended: list = []
+        updates = self.ex.take_updates(now, ended=ended)
+        # the last output of a task goes with its end (see pilot/output.py)
+        output = self.out.collect(self.ex.active, ended, mono)
+        if not updates and not output and not force and not beat and key == self.last_demand:
             return
         self.useq += 1
         if updates:
             self.unacked.append((self.useq, updates))
             self.finished += sum(1 for u in updates if u["end"] is not None)
         self.last_demand = key
-        self._send(P.encode(P.UPDATE, agent=self.id, useq=self.useq, updates=updates, demand=d,
-                            ack=self.ack, epoch=self.epoch), self.useq)
+        if output:
+            self.out.sent(self.useq, output)
+            frame = P.encode(P.UPDATE, agent=self.id, useq=self.useq, updates=updates, demand=d,
+                             ack=self.ack, epoch=self.epoch, output=output)
+        else:
+            frame = P.encode(P.UPDATE, agent=self.id, useq=self.useq, updates=updates, demand=d,
+                             ack=self.ack, epoch=self.epoch)
+        self._send(frame, self.useq)
 
     def resend_unacked(self) -> None:
         """After a new hello: send again what the server may not have seen."""
@@ -401,6 +418,8 @@ class Agent:
                 return  # from an earlier start of the server, left in a socket buffer
             self.acked = max(self.acked, m["uack"])
             self.unacked = [(s, u) for s, u in self.unacked if s > m["uack"]]
+            if self.out.streams:
+                self.out.acked(m["uack"])
             for r in m["refused"]:
                 log.warning("server refused an update for job %d attempt %d (lease gone)",
                             r["job"], r["attempt"])
@@ -454,6 +473,9 @@ class Agent:
                 self.guard_from(self.lease_base())
             for item in m["revoke"]:
                 self.ex.cancel(item["job"], item["attempt"])
+            # output: this server's limits; what was not acknowledged is read again
+            self.out.configure(m.get("output_cap"), m.get("output_rate"))
+            self.out.rewind()
             log.info("%sserver %s (epoch %s) welcomed agent %s (%d tasks held)", restart,
                      self.server, self.epoch, self.id, len(self.ex.held()))
             self.resend_unacked()
@@ -505,6 +527,9 @@ class Agent:
             due = ex.next_report()
             if due is not None and self.useq <= self.acked:  # else: wait for the ack
                 wake.append(max(due, self.last_sent + REPORT_INTERVAL))
+            if self.welcomed and self.useq <= self.acked and self.out.cap and \
+                    (ex.active or self.out.streams):
+                wake.append(now + self.out.next_tick - time.monotonic())  # an output look
             nd = ex.next_deadline()
             if nd is not None:
                 wake.append(nd)

@@ -640,14 +640,18 @@ class Executor:
                 _killpg(t.pid, signal.SIGTERM)
                 t.kill_at = now + KILL_GRACE
 
-    def take_updates(self, now: float, everything: bool = False) -> list[dict]:
-        """Update items that are due: ended tasks at once, progress after REPORT_DELAY."""
+    def take_updates(self, now: float, everything: bool = False,
+                     ended: list | None = None) -> list[dict]:
+        """Update items that are due: ended tasks at once, progress after REPORT_DELAY.
+        ``ended``: gets the Tasks whose end is among them (their last output goes along)."""
         out, keep = [], []
         for t in self.reportable:
             if t.done or everything or now - t.pending_since >= REPORT_DELAY:
                 out.append({"job": t.job, "attempt": t.attempt, "states": t.pending,
                             "exit": t.exit, "start": t.start, "end": t.end, "msg": t.msg})
                 t.pending = []
+                if t.done and ended is not None:
+                    ended.append(t)
             else:
                 keep.append(t)
         self.reportable = keep

@@ -287,6 +287,17 @@ class Client:
     def job(self, job_id: int) -> dict:
         return self.call("job_show", id=job_id)
 
+    def job_log(self, job_id: int, stream: str = "out", after: int = 0,
+                tail: int | None = None) -> dict:
+        """A job's stored output (``stream`` "out": job.out, "err": job.err) from byte
+        ``after`` on, or its last ``tail`` lines: ``pieces`` ([offset, bytes] each), ``next``
+        (the offset to ask from next), ``final``, ``complete``, ``capped``, ``path``, ``node``
+        (see ``pilotfish job log``)."""
+        args: dict[str, Any] = {"id": job_id, "stream": stream, "after": after}
+        if tail is not None:
+            args["tail"] = tail
+        return self.call("job_log", **args)
+
     def summary(self, filter: dict | None = None) -> dict:
         """Job count, first creation/start/end, last end and busy core-seconds."""
         return self.call("job_summary", filter=filter or {})

@@ -9,7 +9,8 @@ Conversation, agent side (DEALER, routing id = agent id)::
 
     agent  -> hello   {who am I, my resources, tasks I am still running}
     server -> welcome {heartbeat period, lease, epoch, tasks of mine that are no longer mine}
-    agent  -> update  {useq, state updates, my demand, last task batch seen}  (also the heartbeat)
+    agent  -> update  {useq, state updates, my demand, last task batch seen, task output}
+                                                                    (also the heartbeat)
     server -> tasks   {seq, tasks, refused updates, uack}   (answers every update; also pushed
                                                              whenever new work fits the demand)
     server -> cancel  {jobs to stop}                                          (killed by a user)
@@ -74,7 +75,10 @@ SCHEMAS: dict[str, dict[str, tuple]] = {
     # optional "epoch": the server start that welcomed the agent (the fencing token's first
     # part); a server of another epoch answers "say hello"
     UPDATE: {"agent": (str,), "useq": (int,), "updates": (list,), "demand": (dict,),
-             "ack": (int,), "epoch": (int, _NONE)},
+             "ack": (int,), "epoch": (int, _NONE),
+             # optional: pieces of running or just ended tasks' job.out/job.err (OUTPUT_CHUNK
+             # each; see pilotfish.pilot.output), acknowledged with the update's useq
+             "output": (list, _NONE)},
     BYE: {"agent": (str,), "useq": (int,), "updates": (list,), "released": (list,),
           "epoch": (int, _NONE)},
     REQUEST: {"rid": (int,), "op": (str,), "args": (dict,)},
@@ -83,7 +87,11 @@ SCHEMAS: dict[str, dict[str, tuple]] = {
               # (the agent's guard fences its tasks before that)
               "lease": (*_NUM, _NONE),
               # optional: this start of the server, and the useq of the hello answered
-              "epoch": (int, _NONE), "uack": (int, _NONE)},
+              "epoch": (int, _NONE), "uack": (int, _NONE),
+              # optional: ship task output: at most this many bytes of each of a task's
+              # job.out and job.err per attempt, at most output_rate bytes a second in all
+              # (absent: an older server; ship nothing)
+              "output_cap": (int, _NONE), "output_rate": (int, _NONE)},
     # optional "epoch": the server start that leased these tasks (an agent takes tasks only
     # from the epoch that welcomed it)
     TASKS: {"seq": (int,), "tasks": (list,), "refused": (list,), "uack": (int,),
@@ -120,12 +128,21 @@ LAUNCH = {"nodes": (int,), "ranks_per_node": (int,), "cpus_per_rank": (int,),
 #: A task's ``container``: the image to run it in, and the runtime (None: the agent's own).
 CONTAINER = {"runtime": (str, _NONE), "image": (str,)}
 
+#: A piece of a task's output (``stream``: "out" for job.out, "err" for job.err) read at byte
+#: ``offset`` of the file, which had ``size`` bytes then, in ``path`` on the agent's node.
+#: ``eof``: the task has ended and this is the last piece the agent will send (the file may be
+#: longer: past the cap the rest stays in the workdir).
+OUTPUT_CHUNK = {"job": (int,), "attempt": (int,), "stream": (str,), "offset": (int,),
+                "data": (bytes,), "size": (int,), "eof": (bool,), "path": (str,)}
+OUTPUT_STREAMS = ("out", "err")
+
 #: A job and attempt pair, as in ``running``, ``released``, ``revoke`` and ``cancel``.
 JOB_ATTEMPT = {"job": (int,), "attempt": (int,)}
 
 
 #: Integer fields that may be 64-bit; every other integer must fit 32 bits (a database INTEGER).
-INT64_FIELDS = frozenset({"job", "memory", "seq", "useq", "ack", "uack", "rid"})
+INT64_FIELDS = frozenset({"job", "memory", "seq", "useq", "ack", "uack", "rid", "offset",
+                          "size", "output_cap", "output_rate"})
 _INT32 = 2**31
 #: Free text that may hold anything a task printed (NUL included); the server stores it cleaned.
 FREE_TEXT_FIELDS = frozenset({"msg", "error"})

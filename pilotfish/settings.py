@@ -75,6 +75,35 @@ def stage_limits(timeout: float | None = None, max_bytes: int | str | None = Non
     return float(timeout), size
 
 
+#: Task output shipped through the server (``pilotfish job log``): at most OUTPUT_CAP bytes of
+#: each of a task's job.out and job.err per attempt are kept by the server (the rest stays in
+#: the workdir), shipped at most OUTPUT_RATE bytes a second per agent. The server decides both
+#: (PILOTFISH_OUTPUT_CAP / PILOTFISH_OUTPUT_RATE, or `server start --output-cap/--output-rate`)
+#: and tells its agents in the welcome; a cap of 0 ships nothing.
+OUTPUT_CAP = 2**20
+OUTPUT_RATE = 256 * 2**10
+OUTPUT_CAP_ENV = "PILOTFISH_OUTPUT_CAP"
+OUTPUT_RATE_ENV = "PILOTFISH_OUTPUT_RATE"
+#: The largest cap and rate accepted (a reply must fit a message: MAX_MESSAGE_BYTES is 64 MiB).
+OUTPUT_MAX = 16 * 2**20
+
+
+def output_limits(environ: dict | None = None) -> tuple[int, int]:
+    """(cap, rate) in bytes for shipped task output: the environment, else the defaults."""
+    env = os.environ if environ is None else environ
+    out = []
+    for name, default in ((OUTPUT_CAP_ENV, OUTPUT_CAP), (OUTPUT_RATE_ENV, OUTPUT_RATE)):
+        text = env.get(name, "").strip()
+        n = default if not text else 0 if text == "0" else parse_size(text, name)
+        if n > OUTPUT_MAX:
+            raise ValueError(f"{name}={text!r}: at most {OUTPUT_MAX // 2**20}M")
+        out.append(n)
+    if out[0] and not out[1]:
+        raise ValueError(f"{OUTPUT_RATE_ENV}=0: give a rate, or set {OUTPUT_CAP_ENV}=0 to ship "
+                         "no output")
+    return out[0], out[1]
+
+
 def fence_timing(heartbeat: float, lease: float) -> tuple[float, float, float]:
     """(bound, grace, lag) for fencing: ``bound`` seconds after sending the newest message whose
     receipt the server acknowledged (a lease renewal), an agent that has had no newer renewal

@@ -132,10 +132,17 @@ def server_group() -> None:
                    "-h`; the password in a password_file, never in the YAML's url), beside the "
                    "server and stopped with it, with a submitter key of its own. Its log: "
                    "HOME/logs/amqp-bridge.log.")
+@click.option("--output-cap", metavar="SIZE", help="Task output kept for `job log`: at most "
+              f"this much of each task's job.out and of its job.err (default "
+              f"{settings.OUTPUT_CAP // 2**20}M, at most {settings.OUTPUT_MAX // 2**20}M; 0: "
+              f"ship none); the rest stays in the workdir. Also ${settings.OUTPUT_CAP_ENV}.")
+@click.option("--output-rate", metavar="SIZE", help="Bytes of task output each agent ships a "
+              f"second, at most (default {settings.OUTPUT_RATE // 2**10}K). Also "
+              f"${settings.OUTPUT_RATE_ENV}.")
 @click.option("-v", "--verbose", count=True, help="More log output.")
 @click.pass_context
 def server_start(ctx, foreground, db_url, bind, heartbeat, insecure, sites, site_poll,
-                 data_roots, events_keep, amqp, verbose) -> None:
+                 data_roots, events_keep, amqp, output_cap, output_rate, verbose) -> None:
     """Start the job server (a daemon with a pid file and a log file, or -f).
 
     tcp:// is CurveZMQ-encrypted and admits only clients whose public key is in
@@ -143,6 +150,15 @@ def server_start(ctx, foreground, db_url, bind, heartbeat, insecure, sites, site
     """
     from pilotfish import keys
     home = home_of(ctx)
+    # the output limits reach the server (a daemon too) through its environment
+    for name, value in ((settings.OUTPUT_CAP_ENV, output_cap),
+                        (settings.OUTPUT_RATE_ENV, output_rate)):
+        if value is not None:
+            os.environ[name] = value
+    try:
+        settings.output_limits()
+    except ValueError as exc:
+        raise PilotfishError(str(exc)) from None
     roots = list(data_roots)
     if sites:
         from pilotfish.site_configs.loader import load_site

@@ -28,6 +28,7 @@ from .db import agents as agents_t
 from .db import apps as apps_t
 from .db import event_ids, job_parents, jobs, max_job_id, next_epoch
 from .gangs import Gangs
+from .output import OutputStore
 from .queue import ReadyQueue, Shape
 from .states import State
 from .store import Batch, chunks
@@ -163,6 +164,8 @@ class JobServer:
         self.stopping = False
         self.started = time.time()
         self.stats = {"dispatched": 0, "updates": 0, "refused": 0, "bad_messages": 0}
+        #: tasks' output shipped by agents (job log): its limits, caches and checks
+        self.output = OutputStore()
 
     # -- start and turn boundaries ----------------------------------------------------------
     def load(self, epoch: int | None = None) -> None:
@@ -360,7 +363,9 @@ class JobServer:
         # uack: the hello answered, so the agent knows from when its leases run (fencing)
         self.send(identity, P.encode(P.WELCOME, agent=aid, heartbeat=self.heartbeat,
                                      revoke=revoke, lease=self.lease_timeout,
-                                     epoch=self.epoch, uack=m.get("useq")))
+                                     epoch=self.epoch, uack=m.get("useq"),
+                                     output_cap=self.output.cap,
+                                     output_rate=self.output.rate))
 
     def agent_event(self, a: AgentRec, frm: str | None, to: str, now: float,
                     message: str) -> None:
@@ -395,6 +400,9 @@ class JobServer:
         demand = P.check_fields(P.DEMAND, m["demand"], "demand")
         a.last_seen = now
         a.seen = time.monotonic()
+        output = m.get("output")
+        if output:  # before the updates: a task's last output rides with its end (its lease)
+            self.output.on_chunks(self, a, output, now)
         refused = replay.still_refused(self.conn, items, self.apply_updates(a, items, now))
         a.uack = m["useq"]
         a.demand = demand
@@ -479,6 +487,7 @@ class JobServer:
                 lease.state = last
                 continue
             self._end_lease(lease, now, None)  # (its end is in the row's update above)
+            self.output.task_ended(job, a.id, lease.attempt, now)
             if last is S.JOB_FINISHED:
                 a.tasks_done += 1
                 self.finished.append(job)

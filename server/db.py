@@ -5,13 +5,13 @@ Written with SQLAlchemy Core (no ORM): the hot paths are bulk ``executemany`` st
 """
 from __future__ import annotations
 
-from sqlalchemy import (JSON, BigInteger, Column, Float, Index, Integer, MetaData, String, Table,
-                        Text, create_engine, event, func, select, text)
+from sqlalchemy import (JSON, BigInteger, Column, Float, Index, Integer, LargeBinary, MetaData,
+                        String, Table, Text, create_engine, event, func, select, text)
 from sqlalchemy.engine import Engine
 
 from pilotfish.errors import PilotfishError
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 #: Columns that bring a database from a version to the next: (table, column, SQL type).
 #: ADD COLUMN works on SQLite and PostgreSQL alike; a table that create_all has just made
 #: (it did not exist) has its new columns already, so only missing ones are added.
@@ -36,6 +36,7 @@ MIGRATIONS: dict[int, list[tuple[str, str, str]]] = {
     7: [("jobs", "argo_job_id", "VARCHAR(128)"), ("jobs", "scheduler_config", "TEXT"),
         ("jobs", "job_status_routing_key", "VARCHAR(255)"), ("jobs", "intake_key",
                                                              "VARCHAR(255)")],
+    8: [],  # job_output: a new table, made by create_all (task output for `job log`)
 }
 #: Statements run after a version's columns are added (idempotent: IF NOT EXISTS). A partial
 #: index: jobs without an intake key (nearly all) cost it nothing.
@@ -182,6 +183,28 @@ job_attempts = Table(
     Column("exit_code", Integer),
     Column("message", Text),
     # (the primary key's index serves lookups by job_id: no second index to write)
+)
+
+#: Tasks' output for ``pilotfish job log``: the pieces of job.out ("out") and job.err ("err")
+#: agents ship (see pilotfish.pilot.output and server/output.py), at most the server's cap per
+#: stream, of each job's newest attempt only. A table and not files under the home: the
+#: server writes them in the turn's transaction with the updates they ride on (nothing acked
+#: before it is stored), removes them with the job in the same transaction (job rm, gc), and
+#: never touches a file system in its loop; PostgreSQL serves them like every other row.
+job_output = Table(
+    "job_output", metadata,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column("job_id", _ID, nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("stream", String(3), nullable=False),       # "out" or "err"
+    Column("pos", BigInteger, nullable=False),         # byte offset of data in the file
+    Column("nbytes", Integer, nullable=False),
+    Column("data", LargeBinary, nullable=False),
+    Column("size", BigInteger, nullable=False),        # the file's size when this was read
+    Column("eof", Integer, nullable=False),            # 1: the agent's last piece of the file
+    Column("path", Text),                              # the file on the agent's node
+    Column("time", Float, nullable=False),
+    Index("ix_job_output_job", "job_id", "stream", "attempt"),
 )
 
 agents = Table(

@@ -37,8 +37,8 @@ CONFIRM = 50
 @json_option
 @click.pass_context
 def gc_cmd(ctx, age, dry_run, keep_tails, keep_events, work_root, as_json) -> None:
-    """Remove the workdirs of old final jobs, their old event rows and the folders of old
-    ended pilots, and say what that freed.
+    """Remove the workdirs of old final jobs, their old event rows, the output the server
+    stored for them (`job log`) and the folders of old ended pilots, and say what that freed.
 
     Never touches a job that is not final, follows no symlink and removes nothing outside the
     work root ($PILOTFISH_HOME/work or --work-root) and $PILOTFISH_HOME/pilots. Pruned jobs
@@ -55,8 +55,9 @@ def gc_cmd(ctx, age, dry_run, keep_tails, keep_events, work_root, as_json) -> No
     with client_of(ctx) as client:
         after = 0
         while True:
+            # the stored output (job log) of the jobs goes with their workdirs
             r = client.call("gc", before=cutoff, after=after, limit=CHUNK,
-                            prune=not (dry_run or keep_events))
+                            prune=not (dry_run or keep_events), output=not dry_run)
             if after == 0:
                 pilots = r.get("pilots", [])
             for i in range(0, len(r["jobs"]), CONFIRM):
@@ -70,6 +71,7 @@ def gc_cmd(ctx, age, dry_run, keep_tails, keep_events, work_root, as_json) -> No
                         tally.skipped += 1
             tally.jobs += len(r["jobs"])
             tally.events += 0 if keep_events else r["events"]
+            tally.outputs += r.get("outputs", 0)
             if r["next"] is None:
                 break
             after = r["next"]
@@ -96,6 +98,7 @@ def _print(r: dict, age: str, keep_tails: int | None) -> None:
            if r["missing"] else ""), markup=False)
     out(f"  event rows: {r['events']} {would}pruned (each job keeps its last event)",
         markup=False)
+    out(f"  stored output (job log): {r['outputs']} pieces {would}removed", markup=False)
     if r["skipped"]:
         out(f"  left alone: {r['skipped']} jobs retried while gc ran (not final any more)",
             markup=False)

@@ -138,6 +138,7 @@ class Tally:
     files: int = 0
     bytes: int = 0
     events: int = 0          # event rows pruned
+    outputs: int = 0         # rows of stored task output (job log) removed
     pilots: int = 0          # pilot folders removed
     skipped: int = 0         # jobs retried (not final any more) between selection and removal
     refused: list[str] = field(default_factory=list)

@@ -16,7 +16,7 @@ from pilotfish.keys import ADMIN
 from pilotfish.pilotstate import PilotState
 
 from .core import JobServer
-from .db import job_events, jobs
+from .db import job_events, job_output, jobs
 from .events import set_pruned
 from .db import pilots as pilots_t
 from .ops import _arg, op
@@ -30,15 +30,17 @@ _FINAL = sorted(s.value for s in FINAL)
 _ENDED_PILOTS = sorted(s.value for s in PilotState if s.final)
 
 
-@op(ADMIN, args=("before", "after", "limit", "prune", "ids"))
+@op(ADMIN, args=("before", "after", "limit", "prune", "ids", "output"))
 def gc(srv: JobServer, args: dict, now: float) -> dict:
     """Final jobs (and, on the first chunk, ended pilots) whose last change is before
     ``before``, after job id ``after``, at most ``limit``; with ``prune``, delete those jobs'
     event rows but each one's last (how it ended), in this turn's transaction.
 
     Args: before (epoch seconds, required), after (job id, default 0), limit (1..2000,
-    default 500), prune (bool, default false). Returns {"jobs": [[id, workdir, state], ...],
-    "next": the id to pass as ``after`` for the next chunk or None, "events": rows pruned
+    default 500), prune (bool, default false), output (bool, default false: remove those jobs'
+    stored output, which `job log` shows, as their workdirs go). Returns {"jobs": [[id, workdir, state], ...],
+    "next": the id to pass as ``after`` for the next chunk or None, "outputs": stored output
+    rows removed (or, without output, that would be), "events": rows pruned
     (or, without prune, that would be), "pilots": [[id, state], ...] on the first chunk}.
 
     With ``ids`` (at most 2000 job ids) it only answers {"final": [...]}: those of the ids that
@@ -64,6 +66,7 @@ def gc(srv: JobServer, args: dict, now: float) -> dict:
     if not 1 <= limit <= MAX_CHUNK:
         raise ValidationError(f"argument 'limit' must be 1..{MAX_CHUNK}")
     prune = _arg(args, "prune", bool, False)
+    output = _arg(args, "output", bool, False)
     srv.sync()  # state changes batched this turn are visible to the selection
     rows = list(srv.conn.execute(
         select(jobs.c.id, jobs.c.workdir, jobs.c.state)
@@ -85,8 +88,15 @@ def gc(srv: JobServer, args: dict, now: float) -> dict:
         else:
             events = srv.conn.execute(select(func.count()).select_from(job_events)
                                       .where(*old)).scalar_one()
+    outputs = 0
+    if ids and output:
+        outputs = srv.output.remove(srv.conn, ids)
+    elif ids:
+        outputs = srv.conn.execute(select(func.count()).select_from(job_output)
+                                   .where(job_output.c.job_id.in_(ids))).scalar_one()
     out = {"jobs": [[r.id, r.workdir, r.state] for r in rows],
-           "next": ids[-1] if len(ids) == limit else None, "events": events}
+           "next": ids[-1] if len(ids) == limit else None, "events": events,
+           "outputs": outputs}
     if after == 0:
         out["pilots"] = [[r.id, r.state] for r in srv.conn.execute(
             select(pilots_t.c.id, pilots_t.c.state)

@@ -398,3 +398,6 @@ def job_wait(ctx, ids, timeout, quiet, as_json, **f) -> None:
     ok = set(counts) <= {"JOB_FINISHED"}
     if not ok:
         ctx.exit(1)
+
+
+from . import log_cli  # noqa: E402,F401  (registers `job log`, which lives in its own module)

@@ -746,6 +746,7 @@ def job_alter(srv: JobServer, args: dict, now: float, caller: Caller = LOCAL_ADM
 
 
 def _delete_jobs(srv: JobServer, ids: list[int]) -> None:
+    srv.output.remove(srv.conn, ids)  # their stored output (job log) goes with them
     for part in chunks(ids, 900):
         srv.conn.execute(delete(job_events).where(job_events.c.job_id.in_(part)))
         srv.conn.execute(delete(job_attempts).where(job_attempts.c.job_id.in_(part)))

@@ -31,6 +31,7 @@ from .site_agents import SiteAgents, bridge_key
 from . import pilot_ops  # noqa: F401  (registers the pilot and site ops)
 from . import gc_ops  # noqa: F401  (registers the gc op)
 from . import events  # (registers the events ops)
+from . import output_ops  # noqa: F401  (registers the job_log op)
 from .ops import AGENT_ROLES, LOCAL_ADMIN, OPS, Caller, check_call, who
 
 log = logging.getLogger("pilotfish.server")
@@ -213,6 +214,10 @@ class Service:
         # the bridge beside the server gets a submitter key of its own (not the home's admin)
         self.site_agents = SiteAgents(home, sites or [], site_poll, amqp, bridge_key(home)
                                       if amqp and self.curve else None)
+        try:  # the task output limits (told to agents): a bad setting stops the start
+            settings.output_limits()
+        except ValueError as exc:
+            raise PilotfishError(str(exc)) from None
         self.engine = make_engine(db_url)
         self.srv = JobServer(self.engine, heartbeat, self.lease_timeout, self.data_roots)
         #: ``events`` requests waiting for an event (answered after the commit that makes it)

@@ -112,6 +112,8 @@ def test_version_5_gains_the_job_attempts_table(tmp_path):
     assert con.execute("SELECT id, tasks_done FROM agents").fetchall() == [("a5", 1)]
     assert con.execute("SELECT value FROM pilotfish_meta WHERE key='schema_version'"
                        ).fetchone()[0] == str(SCHEMA_VERSION)
+    # schema 9 adds job_output (job log), empty
+    assert con.execute("SELECT COUNT(*) FROM job_output").fetchone()[0] == 0
     make_engine(f"sqlite:///{db}").dispose()  # and opening it again changes nothing
 
 
@@ -164,7 +166,7 @@ def test_version_7_gains_the_production_fields_and_the_intake_key_index(tmp_path
         (3, None, None)]
     assert "ux_jobs_intake_key" in [r[1] for r in con.execute("PRAGMA index_list(jobs)")]
     assert con.execute("SELECT value FROM pilotfish_meta WHERE key='schema_version'"
-                       ).fetchone()[0] == str(SCHEMA_VERSION) == "8"
+                       ).fetchone()[0] == str(SCHEMA_VERSION) == "9"
     con.execute("UPDATE jobs SET intake_key='k1'")
     with pytest.raises(sqlite3.IntegrityError):  # the index is unique
         con.execute("INSERT INTO jobs (id, name, description, app_id, num_nodes, "

@@ -23,7 +23,7 @@ from pilotfish import keys
 from pilotfish import protocol as P
 from pilotfish.client import Client
 from pilotfish.errors import Forbidden, PilotfishError, ValidationError
-from pilotfish.server import events, gc_ops, pilot_ops  # noqa: F401  (they register their ops)
+from pilotfish.server import events, gc_ops, output_ops, pilot_ops  # noqa: F401  (they register ops)
 from pilotfish.server.ops import OPS
 from pilotfish.server import pilot_ops  # noqa: F401  (registers the pilot ops)
 
@@ -35,7 +35,7 @@ NO_DEMAND = {"cores": 0, "gpus": 0, "max_cores": 1, "max_gpus": 0, "time_left": 
 ROLES = ("admin", "submitter", "agent", "reader")
 
 READ = {"ping", "status", "agent_ls", "app_ls", "app_show", "job_ls", "job_counts",
-        "job_summary", "job_show", "pilot_ls", "site_status", "events"}
+        "job_summary", "job_show", "job_log", "pilot_ls", "site_status", "events"}
 SUBMIT = READ | {"job_add", "job_add_array", "job_check", "job_kill", "job_retry", "job_alter",
                  "job_rm",
                  "pilot_add", "pilot_update", "site_backlog", "site_report"}
@@ -167,7 +167,7 @@ def _args(op: str, role: str) -> dict:
         "gc": {"before": 1.0}, "events": {"since": 0, "limit": 5},
         "events_prune": {"before": 1.0},
         "job_ls": {"filter": {}, "limit": 5}, "job_counts": {"filter": {}},
-        "job_summary": {"filter": {}}, "job_show": {"id": 1},
+        "job_summary": {"filter": {}}, "job_show": {"id": 1}, "job_log": {"id": 1},
         "job_kill": {"filter": {"ids": [999999]}}, "job_retry": {"filter": {"ids": [999999]}},
         "job_alter": {"filter": {"ids": [999999]}, "changes": {"priority": 1}},
         "job_rm": {"filter": {"ids": [999999]}},
