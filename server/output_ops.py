@@ -39,7 +39,8 @@ def job_log(srv: JobServer, args: dict, now: float) -> dict:
         raise ValidationError("argument 'tail' must be a number of lines (0 or more)")
     srv.sync()
     c = srv.conn
-    j = c.execute(select(jobs.c.state, jobs.c.attempts).where(jobs.c.id == job_id)).first()
+    j = c.execute(select(jobs.c.state, jobs.c.attempts, jobs.c.run_agent)
+                  .where(jobs.c.id == job_id)).first()
     if j is None:
         raise NotFound(f"no job {job_id}")
     lease = srv.leases.get(job_id)
@@ -56,7 +57,12 @@ def job_log(srv: JobServer, args: dict, now: float) -> dict:
            "size": None, "path": None, "capped": False, "cap": srv.output.cap,
            "node": None, "host": None, "agent": None, "eof": None}
     attempt = meta.attempt if meta is not None else (j.attempts or None)
-    if attempt is not None:
+    if attempt is not None and attempt == j.attempts:  # the latest: in the job's row
+        if j.run_agent is not None:
+            where = srv.agent_where(j.run_agent)
+            out.update(agent=j.run_agent, host=where["host"],
+                       node=where["node"] or where["host"])
+    elif attempt is not None:  # an earlier one
         a = c.execute(select(job_attempts.c.agent, job_attempts.c.host, job_attempts.c.node)
                       .where(job_attempts.c.job_id == job_id,
                              job_attempts.c.attempt == attempt)).first()
