@@ -12,6 +12,7 @@ from urllib.parse import unquote, urlsplit
 
 from pilotfish.errors import ValidationError
 from pilotfish.validate import echo
+from pilotfish.textfile import read_text
 
 PASSWORD_ENV = "PILOTFISH_AMQP_PASSWORD"
 #: Queue and exchange names: AMQP allows 255 bytes of almost anything; we take plain ones.
@@ -64,7 +65,7 @@ def from_yaml(path: str) -> BridgeConfig:
     """A BridgeConfig from a YAML map with the same keys (``max_body_mb`` for the body cap)."""
     import yaml
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = yaml.safe_load(read_text(path, 1 << 20))
     except OSError as exc:
         raise ValidationError(f"cannot read {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
@@ -133,7 +134,7 @@ def password(cfg: BridgeConfig, user: str) -> str:
     only)."""
     if cfg.password_file:
         try:
-            text = Path(cfg.password_file).read_text()
+            text = read_text(cfg.password_file, 1 << 16)
         except OSError as exc:
             raise ValidationError(f"cannot read the password file {cfg.password_file}: "
                                   f"{exc.strerror}") from None

@@ -13,6 +13,7 @@ import click
 
 from pilotfish import console, settings
 from pilotfish.errors import PilotfishError, ValidationError
+from pilotfish.textfile import read_text
 
 CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 CHANNEL_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
@@ -147,7 +148,7 @@ def _dsn(ctx, dsn: str | None, dsn_file: Path | None) -> str:
         if dsn:
             raise ValidationError("give --dsn or --dsn-file, not both")
         try:
-            text = dsn_file.read_text().strip()
+            text = read_text(dsn_file, 1 << 16).strip()
         except OSError as exc:
             raise ValidationError(f"--dsn-file {dsn_file}: {exc.strerror or exc}") from None
         if dsn_has_password(text) and os.stat(dsn_file).st_mode & 0o077:

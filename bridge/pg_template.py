@@ -31,6 +31,7 @@ from typing import Any
 
 from pilotfish.errors import ValidationError
 from pilotfish.validate import echo, echo_keys
+from pilotfish.textfile import read_text
 
 TEMPLATE_KEYS = ("source", "id", "fields", "example", "catch_up_table", "max_payload_bytes",
                  "job")
@@ -206,7 +207,7 @@ def load(path: str | Path) -> Template:
     import yaml
     p = Path(path)
     try:
-        text = p.read_text()
+        text = read_text(p, 1 << 20)
     except OSError as exc:
         raise ValidationError(f"template {p}: cannot read it: {exc.strerror or exc}") from None
     if len(text) > 1 << 20:

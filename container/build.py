@@ -36,6 +36,7 @@ from pilotfish.errors import PilotfishError, ValidationError
 from pilotfish.validate import ENV_NAME_RE, check_relpath
 
 from .request import RUNTIMES, check_path
+from pilotfish.textfile import read_text
 
 TEMPLATES = Path(__file__).parent / "templates"
 KEYS = ("name", "base", "package_manager", "packages", "pip", "env", "files", "entrypoint",
@@ -99,7 +100,7 @@ def load_spec(path: str | Path) -> ImageSpec:
     import yaml
     p = Path(path)
     try:
-        text = p.read_text()
+        text = read_text(p, 1 << 20)
     except OSError as exc:
         raise SpecError(f"{p}: cannot read the image spec: {exc.strerror or exc}") from None
     try:

@@ -16,6 +16,7 @@ from pilotfish.errors import PilotfishError, ServerUnavailable, ValidationError
 
 from . import daemon, site_agents
 from pilotfish.client import Client
+from pilotfish.textfile import read_text
 
 #: Seconds `server status` waits for a live server's answer before it says so.
 STATUS_WAIT = 10.0
@@ -81,7 +82,7 @@ def parse_kv(items: tuple[str, ...], what: str, typed: bool = False) -> dict[str
 def load_structured(path: str) -> Any:
     """JSON or YAML from a file, or from standard input for ``-``."""
     try:
-        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+        text = sys.stdin.read() if path == "-" else read_text(path)
     except OSError as exc:
         raise PilotfishError(f"cannot read {path}: {exc.strerror}") from None
     try:

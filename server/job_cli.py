@@ -121,15 +121,20 @@ def job_add(ctx, job_file, params, array_spec, as_json, **flags) -> None:
     t0 = time.perf_counter()
     if template is not None:
         return _add_array(c, template, what, t0, as_json)
-    ids = c.add_jobs(jobs)
+    # (the reply, not Client.add_jobs: it also says how many were there already by intake_key)
+    r = c.call("job_add", jobs=jobs, timeout=max(c.timeout, len(jobs) / 1000))
+    ids, known = r["ids"], r.get("known", 0)
     dt = time.perf_counter() - t0
     if as_json:
-        return console.print_json({"ids": ids})
+        return console.print_json({"ids": ids, "known": known})
+    there = (f"; {known:,} of them were there already (same intake_key): not added again"
+             if known else "")
     if len(ids) == 1:
-        console.out.print(f"job {ids[0]} added")
+        console.out.print(f"job {ids[0]} was there already (same intake_key): not added again"
+                          if known else f"job {ids[0]} added")
     else:
         console.out.print(f"{len(ids)} jobs added (ids {ids[0]}..{ids[-1]}) in {dt:.2f} s "
-                          f"({len(ids) / dt:,.0f} jobs/s)")
+                          f"({len(ids) / dt:,.0f} jobs/s){there}")
 
 
 def _add_array(c, template: dict, what: dict, t0: float, as_json: bool) -> None:

@@ -23,6 +23,7 @@ from pydantic import ValidationError as PydanticError
 from pilotfish import settings
 
 from .schema import MODELS_AT, Site, SiteError, model_at
+from pilotfish.textfile import read_text
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "profiles"
 SUFFIX = ".yaml"
@@ -89,7 +90,7 @@ _Loader.add_implicit_resolver(_FLOAT, re.compile(r"""^(?:
 def read_yaml(path: Path) -> dict:
     """The top-level mapping of a profile file; SiteError naming file (and line) otherwise."""
     try:
-        text = Path(path).read_text()
+        text = read_text(path, 1 << 20)
     except OSError as exc:
         raise SiteError(f"{path}: cannot read: {exc.strerror or exc}") from None
     try:

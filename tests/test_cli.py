@@ -209,7 +209,7 @@ def test_job_add_from_flags_file_and_stdin(server, tmp_path):
 
     stdin = json.dumps([{"name": "s1", "application": "echo", "config_file": {"msg": "in"}},
                         {"name": "s2", "application": "echo"}])
-    assert ok_json(home, "job", "add", "-f", "-", input=stdin) == {"ids": [6, 7]}
+    assert ok_json(home, "job", "add", "-f", "-", input=stdin) == {"ids": [6, 7], "known": 0}
     out = ok(home, "job", "add", "-f", "-", input="- name: s3\n  application: echo\n")
     assert out == "job 8 added\n"
 

@@ -95,3 +95,18 @@ def test_another_keys_intake_key_is_refused_not_revealed(server, c):
         with pytest.raises(Forbidden, match="belongs to a job of another key"):
             b.add_jobs([job("bob-job", intake_key="shared-key"), job("other")])
     assert sorted(j["name"] for j in c.jobs()) == ["alice-job"]  # nothing of bob's added
+
+
+def test_job_add_says_when_an_intake_key_was_there_already(server, c, tmp_path):
+    """The CLI says what happened: a job sent again under its intake_key is not added again."""
+    import json
+    f = tmp_path / "j.json"
+    f.write_text(json.dumps(job("once", intake_key="k-cli")))
+    first = run_cli(server.home, "job", "add", "-f", str(f), check=True).stdout
+    again = run_cli(server.home, "job", "add", "-f", str(f), check=True).stdout
+    assert first.startswith("job ") and first.strip().endswith("added")
+    assert "was there already (same intake_key): not added again" in again
+    f.write_text(json.dumps([job("once", intake_key="k-cli"), job("new", intake_key="k-new")]))
+    r = json.loads(run_cli(server.home, "job", "add", "-f", str(f), "--json", check=True).stdout)
+    assert r["known"] == 1 and len(r["ids"]) == 2
+    assert sorted(j["name"] for j in c.jobs()) == ["new", "once"]

@@ -53,6 +53,7 @@ def test_launcher_names_equal_the_launcher_room():
 
 def test_site_configs_imports_only_the_core():
     core = {"pilotfish", "pilotfish.errors", "pilotfish.settings", "pilotfish.console",
+            "pilotfish.textfile",
             "pilotfish.protocol", "pilotfish.validate"}
     files = list(Path(schema.__file__).parent.glob("*.py"))
     assert {f.name for f in files} >= {"schema.py", "loader.py", "cli.py"}

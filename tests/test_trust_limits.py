@@ -615,3 +615,31 @@ def test_largest_accepted_values_are_stored_and_summed(request, tmp_path, backen
             assert c.ping()
     finally:
         s.stop()
+
+
+# -- files a user names: a device or a FIFO is refused at once, never read -----------------------
+FILE_COMMANDS = [
+    ("job", "add", "-f", "{f}"),
+    ("app", "add", "-f", "{f}"),
+    ("source", "pg", "--dsn", "postgresql://postgres@127.0.0.1/postgres", "--channel", "c",
+     "--template", "{f}", "--check"),
+    ("bridge", "amqp", "--config", "{f}", "--check"),
+    ("container", "build", "{f}", "--dry-run"),
+]
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo"])
+@pytest.mark.parametrize("cmd", FILE_COMMANDS, ids=lambda c: " ".join(c[:2]))
+def test_a_named_file_that_is_a_device_or_fifo_is_refused_not_read(server: ServerHandle,
+                                                                   tmp_path, cmd, kind):
+    """``--template /dev/zero`` once read 16 GB in 8 s; a FIFO blocked forever. Every command
+    that reads a file a user names takes only a regular file (pilotfish.textfile)."""
+    if kind == "device":
+        f = "/dev/zero"
+    else:
+        f = str(tmp_path / "fifo")
+        os.mkfifo(f)
+    t = time.monotonic()
+    r = run_cli(server.home, *(a.replace("{f}", f) for a in cmd), timeout=30)
+    assert r.returncode != 0 and time.monotonic() - t < 25
+    assert "not a regular file" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
