@@ -13,7 +13,8 @@ open below uses ``O_NOFOLLOW`` and directory file descriptors, so a symlink swap
 copy is never followed. What is copied:
 
 * stage-in: a regular file (into the workdir under its own name) or a directory (its tree into
-  ``WORKDIR/<name>/``). Inside a tree: regular files, directories and symlinks (copied as
+  ``WORKDIR/<name>/``); several URLs joined by newlines (a workflow's subjob with several
+  parents) are staged in one after the other, each with its own byte cap. Inside a tree: regular files, directories and symlinks (copied as
   symlinks, never followed). A device, FIFO or socket fails the step, named; a top-level input
   that is not a regular file or directory is refused without being opened.
 * stage-out: the workdir's tree into ``URL/<workdir name>/``, a folder of the job's own. It is
@@ -407,7 +408,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         data_roots = roots_of(home, work_root, roots)
         if mode == "in":
-            stage_in(url, workdir, data_roots, cap)
+            # a workflow's subjob with several parents stages in one folder of each: their
+            # URLs joined by newlines (no checked URL holds one; see server/workflows.py)
+            for one in url.split("\n"):
+                stage_in(one, workdir, data_roots, cap)
         elif mode == "out":
             stage_out(url, workdir, job, data_roots, cap)
         else:

@@ -279,6 +279,25 @@ class Client:
                 on_chunk(len(ids), total)
         return {"array": array_id, "ids": ids, "elements": total}
 
+    # -- workflows (the seed's Argo jobs) ----------------------------------------------------
+    def add_workflow(self, workflow: dict) -> dict:
+        """Add a workflow message (the seed's Argo job: name, subjobs, ...); returns
+        {"id": workflow id, "jobs": subjob job ids by index, "known": already added}."""
+        return self.call("workflow_add", workflow=workflow)
+
+    def workflows(self, filter: dict | None = None, limit: int = 100,
+                  offset: int = 0) -> list[dict]:
+        return self.call("workflow_ls", filter=filter or {}, limit=limit, offset=offset)
+
+    def workflow(self, workflow_id: int) -> dict:
+        return self.call("workflow_show", id=workflow_id)
+
+    def kill_workflows(self, ids: list[int]) -> dict:
+        return self.call("workflow_kill", ids=ids)
+
+    def retry_workflows(self, ids: list[int]) -> dict:
+        return self.call("workflow_retry", ids=ids)
+
     def jobs(self, filter: dict | None = None, limit: int = 100, offset: int = 0,
              newest: bool = False) -> list[dict]:
         return self.call("job_ls", filter=filter or {}, limit=limit, offset=offset,

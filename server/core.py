@@ -32,6 +32,7 @@ from .output import OutputStore
 from .queue import ReadyQueue, Shape
 from .states import State
 from .store import Batch, chunks
+from .workflows import Tracker
 
 #: The text fields of an agent's hello and the most characters each may have (as in db.agents).
 HELLO_TEXT_LIMITS = (("agent", 64), ("host", 255), ("site", 128), ("pilot", 128),
@@ -166,6 +167,8 @@ class JobServer:
         self.stats = {"dispatched": 0, "updates": 0, "refused": 0, "bad_messages": 0}
         #: tasks' output shipped by agents (job log): its limits, caches and checks
         self.output = OutputStore()
+        #: workflows not yet done, derived from their subjobs before each commit
+        self.workflows = Tracker(self.batch)
 
     # -- start and turn boundaries ----------------------------------------------------------
     def load(self, epoch: int | None = None) -> None:
@@ -201,6 +204,7 @@ class JobServer:
                    .join(jobs, jobs.c.id == job_parents.c.job_id)
                    .where(jobs.c.state.in_([S.AWAITING_PARENTS.value, S.CREATED.value])))
         self.waited_on = {r[0] for r in c.execute(waiting)}
+        self.workflows.load(c)
         queued = [s.value for s in states.QUEUED]
         for row in c.execute(select(*_SHAPE_COLS, jobs.c.state, jobs.c.agent, jobs.c.attempts,
                                     jobs.c.retries, jobs.c.max_retries, jobs.c.started)
@@ -261,7 +265,10 @@ class JobServer:
             self.batch.execute(self.conn)
 
     def commit(self) -> None:
-        self.resolve_children(time.time())
+        now = time.time()
+        self.resolve_children(now)
+        if self.batch.wf_moves:
+            self.workflows.derive(now)
         self.flush_acks()
         self.sync()
         self.conn.commit()

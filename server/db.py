@@ -11,7 +11,7 @@ from sqlalchemy.engine import Engine
 
 from pilotfish.errors import PilotfishError
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 #: Columns that bring a database from a version to the next: (table, column, SQL type).
 #: ADD COLUMN works on SQLite and PostgreSQL alike; a table that create_all has just made
 #: (it did not exist) has its new columns already, so only missing ones are added.
@@ -37,12 +37,19 @@ MIGRATIONS: dict[int, list[tuple[str, str, str]]] = {
         ("jobs", "job_status_routing_key", "VARCHAR(255)"), ("jobs", "intake_key",
                                                              "VARCHAR(255)")],
     8: [],  # job_output: a new table, made by create_all (task output for `job log`)
+    # workflows (the seed's Argo jobs): a new table made by create_all; a subjob's job names
+    # its workflow and its index there; a workflow's events are server_events rows of kind
+    # "workflow" naming it
+    9: [("jobs", "workflow_id", "BIGINT"), ("jobs", "subjob_index", "INTEGER"),
+        ("server_events", "workflow_id", "BIGINT")],
 }
 #: Statements run after a version's columns are added (idempotent: IF NOT EXISTS). A partial
 #: index: jobs without an intake key (nearly all) cost it nothing.
 MIGRATION_SQL: dict[int, list[str]] = {
     7: ["CREATE UNIQUE INDEX IF NOT EXISTS ux_jobs_intake_key ON jobs (intake_key) "
         "WHERE intake_key IS NOT NULL"],
+    9: ["CREATE INDEX IF NOT EXISTS ix_jobs_workflow ON jobs (workflow_id) "
+        "WHERE workflow_id IS NOT NULL"],
 }
 metadata = MetaData()
 
@@ -112,12 +119,42 @@ jobs = Table(
     Column("scheduler_config", Text),              # the seed's scheduler config name (kept)
     Column("job_status_routing_key", String(255)),  # where the AMQP bridge sends its status
     Column("intake_key", String(255)),             # the producer's idempotency key (unique)
+    Column("workflow_id", _ID),                    # the workflow of a subjob (else null)
+    Column("subjob_index", Integer),               # its index in the workflow's subjobs
     Index("ix_jobs_state_id", "state", "id"),
     Index("ix_jobs_group", "group_identifier"),
     Index("ix_jobs_app", "app_id"),
     Index("ux_jobs_intake_key", "intake_key", unique=True,
           sqlite_where=text("intake_key IS NOT NULL"),
           postgresql_where=text("intake_key IS NOT NULL")),
+    Index("ix_jobs_workflow", "workflow_id", sqlite_where=text("workflow_id IS NOT NULL"),
+          postgresql_where=text("workflow_id IS NOT NULL")),
+)
+
+#: Workflows: the seed's Argo jobs, ordered (or DAG-shaped) subjobs that are jobs of their own
+#: (jobs.workflow_id). The state is derived from the subjobs' states by server/workflows.py.
+workflows = Table(
+    "workflows", metadata,
+    Column("id", _ID, primary_key=True, autoincrement=False),  # the server assigns ids
+    Column("name", String(128), nullable=False),
+    Column("description", Text, nullable=False, default=""),
+    Column("user_id", BigInteger),
+    Column("username", String(128)),
+    Column("email", Text),                         # comma-joined checked addresses
+    Column("group_identifier", String(128)),
+    Column("input_url", Text),
+    Column("output_url", Text),
+    Column("job_status_routing_key", String(255)),
+    Column("intake_key", String(255)),             # the producer's idempotency key (unique)
+    Column("owner", String(64)),                   # the key name that added it
+    Column("subjobs", Integer, nullable=False),    # how many
+    Column("done", Integer, nullable=False, default=0),  # subjob completions counted so far
+    Column("state", String(32), nullable=False),
+    Column("state_time", Float, nullable=False),
+    Column("created", Float, nullable=False),
+    Column("message", Text),
+    Index("ux_workflows_intake_key", "intake_key", unique=True),
+    Index("ix_workflows_state", "state"),
 )
 
 job_parents = Table(
@@ -158,6 +195,7 @@ server_events = Table(
     Column("from_state", String(24)),
     Column("to_state", String(24), nullable=False),
     Column("message", Text),
+    Column("workflow_id", _ID),                    # kind workflow: the workflow
 )
 
 #: Where and how each earlier attempt of a job ran: the latest attempt lives in the job's row

@@ -37,7 +37,7 @@ from .ops import MAX_ID, _arg, op
 from .states import REMOVED
 from .store import chunks
 
-KINDS = ("job", "agent", "pilot")
+KINDS = ("job", "agent", "pilot", "workflow")
 MAX_LIMIT = 10_000
 DEFAULT_LIMIT = 1000
 MAX_WAIT = 60.0
@@ -52,7 +52,8 @@ MAX_WAITERS = 10_000
 #: Rows one ``events_prune`` request looks at (the CLI repeats until done).
 PRUNE_CHUNK = 20_000
 AGENT_STATES = ("ALIVE", "LOST", "EXITED")
-OTHER_STATES = frozenset(AGENT_STATES) | {p.value for p in PilotState} | {REMOVED}
+OTHER_STATES = frozenset(AGENT_STATES) | {p.value for p in PilotState} | {REMOVED} | \
+    {w.value for w in states.WorkflowState}
 
 
 # -- ids ---------------------------------------------------------------------------------------
@@ -102,7 +103,8 @@ def _state(v: Any) -> str:
         raise ValidationError(
             f"state {echo(v)} is no job, agent or pilot state; job states: "
             f"{', '.join(s.value for s in states.State)}; agent: {', '.join(AGENT_STATES)}; "
-            f"pilot: {', '.join(p.value for p in PilotState)}; and {REMOVED}") from None
+            f"pilot: {', '.join(p.value for p in PilotState)}; workflow: "
+            f"{', '.join(w.value for w in states.WorkflowState)}; and {REMOVED}") from None
 
 
 def parse_filter(args: dict) -> Filter:
@@ -133,7 +135,7 @@ def parse_filter(args: dict) -> Filter:
 def _job_rows(conn, since: int, end: int, limit: int, f: Filter) -> list[dict]:
     e = job_events
     q = (select(e.c.id, e.c.time, e.c.job_id, jobs.c.name, jobs.c.group_identifier,
-                e.c.from_state, e.c.to_state, e.c.via, e.c.message)
+                e.c.from_state, e.c.to_state, e.c.via, e.c.message, jobs.c.workflow_id)
          .select_from(e.outerjoin(jobs, jobs.c.id == e.c.job_id))
          .where(e.c.id > since, e.c.id <= end))
     if f.jobs:
@@ -147,7 +149,7 @@ def _job_rows(conn, since: int, end: int, limit: int, f: Filter) -> list[dict]:
     return [{"id": r.id, "time": r.time, "kind": "job", "job": r.job_id, "name": r.name,
              "group": r.group_identifier, "from": r.from_state, "to": r.to_state,
              "via": r.via.split(",") if r.via else [], "message": r.message, "agent": None,
-             "host": None, "pilot": None, "site": None}
+             "host": None, "pilot": None, "site": None, "workflow": r.workflow_id}
             for r in conn.execute(q.order_by(e.c.id).limit(limit))]
 
 
@@ -165,7 +167,7 @@ def _server_rows(conn, since: int, end: int, limit: int, f: Filter) -> list[dict
     return [{"id": r.id, "time": r.time, "kind": r.kind, "job": r.job_id, "name": r.name,
              "group": r.grp, "from": r.from_state, "to": r.to_state, "via": [],
              "message": r.message, "agent": r.agent, "host": r.host, "pilot": r.pilot,
-             "site": r.site}
+             "site": r.site, "workflow": r.workflow_id}
             for r in conn.execute(q.order_by(s.c.id).limit(limit))]
 
 

@@ -12,7 +12,7 @@ from pilotfish import console
 from .cli import CTX, client_of, json_option
 from .gc_files import parse_duration
 
-KINDS = ("job", "agent", "pilot")
+KINDS = ("job", "agent", "pilot", "workflow")
 PAGE = 1000
 
 
@@ -27,16 +27,17 @@ PAGE = 1000
 @click.option("--group", help="Events of the jobs of this group_identifier.")
 @click.option("--state", "states", multiple=True,
               help="Events into (or through) this state (repeatable): a job state (any case, "
-              "a unique prefix), an agent state (ALIVE, LOST, EXITED), a pilot state, REMOVED.")
+              "a unique prefix), an agent state (ALIVE, LOST, EXITED), a pilot state, a "
+              "workflow state (SUBJOB_RUNNING, HISTORY...), REMOVED.")
 @click.option("--kind", "kinds", type=click.Choice(KINDS), multiple=True,
               help="Events of this kind (repeatable).")
 @json_option
 @click.pass_context
 def events_group(ctx, follow, since, jobs, group, states, kinds, as_json) -> None:
-    """The event stream: job, agent and pilot events by increasing id.
+    """The event stream: job, agent, pilot and workflow events by increasing id.
 
     Every job state change, agents joining, lost or leaving, pilots recorded or changed, jobs
-    removed: oldest first.
+    removed, workflow state changes: oldest first.
 
     One line per event; --json: one JSON object per line. A script keeps the last id it
     handled and goes on with --since ID: nothing missed, nothing twice. Examples:
@@ -78,6 +79,10 @@ def _print_line(e: dict) -> None:
     elif e["kind"] == "agent":
         who = f"agent {e['agent']} on {e['host']}" + (f" (pilot {e['pilot']})" if e["pilot"]
                                                       else "")
+    elif e["kind"] == "workflow":
+        who = f"workflow {e.get('workflow')} {e['name'] or ''}".rstrip()
+        if e["group"]:
+            who += f" [{e['group']}]"
     else:
         who = f"pilot {e['pilot']}" + (f" on site {e['site']}" if e["site"] else "")
     change = f"{e['from'] or '-'} -> {e['to']}"

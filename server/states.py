@@ -70,8 +70,9 @@ _T: dict[State, set[State]] = {
     S.POSTPROCESSED: {S.STAGED_OUT, S.STAGE_OUT_FAILED},
     S.STAGED_OUT: {S.JOB_FINISHED},
     S.JOB_FINISHED: set(),
-    S.FAILED: {S.RESTART_READY},
-    S.USER_KILLED: {S.RESTART_READY},
+    # a retried workflow's subjob whose parents have not finished waits for them again
+    S.FAILED: {S.RESTART_READY, S.AWAITING_PARENTS},
+    S.USER_KILLED: {S.RESTART_READY, S.AWAITING_PARENTS},
 }
 for _f in FAILURES:
     _T[_f] = {S.RESTART_READY, S.FAILED}
@@ -125,3 +126,77 @@ def check_path(frm: State, path: list[State] | tuple[State, ...]) -> None:
 def after_failure(retries: int, max_retries: int) -> State:
     """Where a failed attempt goes: another try while retries are left, else FAILED."""
     return S.RESTART_READY if retries < max_retries else S.FAILED
+
+
+# -- workflows (the seed's Argo jobs) -----------------------------------------------------------
+class WorkflowState(str, Enum):
+    """A workflow's state, derived from its subjobs' job states (server/workflows.py). The
+    SUBJOB_* states form a ladder climbed once per subjob step; a step ends when a subjob
+    completes (SUBJOB_INCREMENTED), and the next climbs again from SUBJOB_SUBMITTED."""
+    CREATED = "CREATED"  #: stored with its subjobs; the first subjob waits for a pilot
+    STAGED_IN = "STAGED_IN"  #: the first subjob has the workflow's input in its workdir
+    SUBJOB_SUBMITTED = "SUBJOB_SUBMITTED"  #: the step's subjob is in the server's queue
+    SUBJOB_IN_PREPROCESSED = "SUBJOB_IN_PREPROCESSED"  #: its inputs staged, preprocess done
+    SUBJOB_QUEUED = "SUBJOB_QUEUED"  #: about to run (pilots have no per-job batch queue)
+    SUBJOB_RUNNING = "SUBJOB_RUNNING"  #: the subjob's app runs
+    SUBJOB_RUN_FINISHED = "SUBJOB_RUN_FINISHED"  #: the app exited 0
+    SUBJOB_IN_POSTPROCESSED = "SUBJOB_IN_POSTPROCESSED"  #: postprocess done, outputs handed on
+    SUBJOB_COMPLETED = "SUBJOB_COMPLETED"  #: the subjob reached JOB_FINISHED
+    SUBJOB_INCREMENTED = "SUBJOB_INCREMENTED"  #: on to the next subjob (the message says which)
+    SUBJOBS_COMPLETED = "SUBJOBS_COMPLETED"  #: every subjob finished
+    STAGED_OUT = "STAGED_OUT"  #: the last subjobs' outputs are in the workflow's output_url
+    HISTORY = "HISTORY"  #: done; final
+    STAGE_IN_FAILED = "STAGE_IN_FAILED"  #: a first subjob could not stage the input in
+    SUBJOB_PREPROCESS_FAILED = "SUBJOB_PREPROCESS_FAILED"  #: a subjob's inputs or preprocess
+    SUBJOB_RUN_FAILED = "SUBJOB_RUN_FAILED"  #: a subjob's app failed or timed out
+    SUBJOB_POSTPROCESS_FAILED = "SUBJOB_POSTPROCESS_FAILED"  #: a subjob's postprocess failed
+    SUBJOB_FAILED = "SUBJOB_FAILED"  #: a subjob failed otherwise (lost agents, killed alone)
+    STAGE_OUT_FAILED = "STAGE_OUT_FAILED"  #: a subjob's stage-out (hand-on or final) failed
+    USER_KILLED = "USER_KILLED"  #: killed by a user (workflow kill), as a job is
+
+    def __str__(self) -> str:
+        return self.value
+
+
+W = WorkflowState
+#: The ladder a workflow climbs, in order; SUBJOB_INCREMENTED leads back to SUBJOB_SUBMITTED.
+WF_LADDER = (W.CREATED, W.STAGED_IN, W.SUBJOB_SUBMITTED, W.SUBJOB_IN_PREPROCESSED,
+             W.SUBJOB_QUEUED, W.SUBJOB_RUNNING, W.SUBJOB_RUN_FINISHED,
+             W.SUBJOB_IN_POSTPROCESSED, W.SUBJOB_COMPLETED)
+WF_FAILURES = frozenset({W.STAGE_IN_FAILED, W.SUBJOB_PREPROCESS_FAILED, W.SUBJOB_RUN_FAILED,
+                         W.SUBJOB_POSTPROCESS_FAILED, W.SUBJOB_FAILED, W.STAGE_OUT_FAILED,
+                         W.USER_KILLED})
+#: Nothing happens to a workflow in these states unless a user retries it (HISTORY: never).
+WF_FINAL = WF_FAILURES | {W.HISTORY}
+_WT: dict[WorkflowState, set[WorkflowState]] = {
+    a: {b} for a, b in zip(WF_LADDER, WF_LADDER[1:])}
+_WT[W.SUBJOB_COMPLETED] = {W.SUBJOB_INCREMENTED, W.SUBJOBS_COMPLETED}
+_WT[W.SUBJOB_INCREMENTED] = {W.SUBJOB_SUBMITTED}
+_WT[W.SUBJOBS_COMPLETED] = {W.STAGED_OUT}
+_WT[W.STAGED_OUT] = {W.HISTORY}
+_WT[W.HISTORY] = set()
+for _w in set(W) - WF_FINAL:
+    _WT[_w] |= WF_FAILURES
+# retry: from the start (nothing ran yet) or at the failed subjob's step
+for _w in WF_FAILURES:
+    _WT[_w] = {W.CREATED, W.SUBJOB_SUBMITTED}
+WF_TRANSITIONS: dict[WorkflowState, frozenset[WorkflowState]] = {
+    s: frozenset(t) for s, t in _WT.items()}
+del _WT, _w
+
+
+def check_wf_path(frm: WorkflowState, path: list[WorkflowState]) -> None:
+    """Raise IllegalTransition unless every hop of a workflow's ``frm -> path...`` is legal."""
+    cur = frm
+    for nxt in path:
+        if nxt not in WF_TRANSITIONS[cur]:
+            raise IllegalTransition(f"illegal workflow state change {cur.value} -> {nxt.value}")
+        cur = nxt
+
+
+def wf_climb(frm: WorkflowState, to: WorkflowState) -> list[WorkflowState]:
+    """The ladder's states from ``frm`` (exclusive) up to ``to`` (inclusive); empty when ``to``
+    is not above ``frm`` (a workflow never climbs down within a step)."""
+    i = 1 if frm is W.SUBJOB_INCREMENTED else WF_LADDER.index(frm)
+    j = WF_LADDER.index(to)
+    return list(WF_LADDER[i + 1:j + 1]) if j > i else []

@@ -13,13 +13,13 @@ from sqlalchemy import JSON, bindparam, select
 from sqlalchemy.engine import Connection
 
 from . import states
-from .db import agents, job_attempts, job_events, job_parents, jobs, server_events
+from .db import agents, job_attempts, job_events, job_parents, jobs, server_events, workflows
 from .states import State
 
 
 _EVENT_COLS = ("id", "job_id", "from_state", "to_state", "via", "time", "message")
 SERVER_EVENT_COLS = ("id", "kind", "time", "job_id", "name", "grp", "agent", "host", "pilot",
-                     "site", "from_state", "to_state", "message")
+                     "site", "from_state", "to_state", "message", "workflow_id")
 #: job_attempts columns and the jobs columns that hold the latest attempt's value of each.
 #: (The agent's host, node and pilot are copied from its agents row.)
 ATTEMPT_FROM_JOB = (("job_id", "id"), ("attempt", "attempts"), ("agent", "run_agent"),
@@ -52,12 +52,18 @@ class Batch:
         # ordered (columns, params) runs; consecutive updates with the same columns share a run
         self._updates: list[tuple[tuple[str, ...], list[dict]]] = []
         self._agent_updates: list[tuple[tuple[str, ...], list[dict]]] = []
+        self._wf_updates: list[tuple[tuple[str, ...], list[dict]]] = []
+        #: Subjobs of the workflows the server follows (job -> workflow id): their state
+        #: changes are noted in ``wf_moves`` (workflow, job, path, message) and the workflows
+        #: derived from them before the turn's commit (server/workflows.py).
+        self.wf_jobs: dict[int, int] = {}
+        self.wf_moves: list[tuple[int, int, list[State], str | None]] = []
         self._stmts: dict[tuple, Any] = {}
 
     def __bool__(self) -> bool:
         return bool(self.job_inserts or self.parent_inserts or self.events or self._updates
                     or self.agent_inserts or self._agent_updates or self.archived
-                    or self.server_events)
+                    or self.server_events or self._wf_updates)
 
     # -- recording --------------------------------------------------------------------------
     def transition(self, job_id: int, frm: State | None, path: list[State], now: float,
@@ -81,6 +87,10 @@ class Batch:
         cols["state_time"] = now
         cols["message"] = message
         self.update_job(job_id, **cols)
+        if self.wf_jobs:
+            w = self.wf_jobs.get(job_id)
+            if w is not None:
+                self.wf_moves.append((w, job_id, path, message))
         return to
 
     def insert_job(self, row: dict, path: list[State], message: str | None) -> None:
@@ -112,6 +122,9 @@ class Batch:
 
     def update_agent(self, agent_id: str, **cols: Any) -> None:
         _append_run(self._agent_updates, agent_id, cols)
+
+    def update_workflow(self, wf_id: int, **cols: Any) -> None:
+        _append_run(self._wf_updates, wf_id, cols)
 
     def lease_job(self, job_id: int, attempt: int, agent: str, hosts: str | None,
                   leased: float) -> None:
@@ -156,6 +169,9 @@ class Batch:
         for cols, params in self._updates:
             self._run(conn, jobs, cols, params)
         self._updates = []
+        for cols, params in self._wf_updates:
+            conn.execute(self._stmt(workflows, cols), params)
+        self._wf_updates = []
         if self.events:
             self._run(conn, job_events, _EVENT_COLS, self.events)
             self.events = []

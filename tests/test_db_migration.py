@@ -137,7 +137,7 @@ def test_version_6_gains_the_server_events_table(tmp_path):
     con = sqlite3.connect(db)
     cols = [r[1] for r in con.execute("PRAGMA table_info(server_events)")]
     assert cols == ["id", "kind", "time", "job_id", "name", "grp", "agent", "host", "pilot",
-                    "site", "from_state", "to_state", "message"]
+                    "site", "from_state", "to_state", "message", "workflow_id"]
     assert con.execute("SELECT id, to_state FROM job_events").fetchall() == [(41, "READY")]
     assert con.execute("SELECT value FROM pilotfish_meta WHERE key='schema_version'"
                        ).fetchone()[0] == str(SCHEMA_VERSION)
@@ -166,7 +166,7 @@ def test_version_7_gains_the_production_fields_and_the_intake_key_index(tmp_path
         (3, None, None)]
     assert "ux_jobs_intake_key" in [r[1] for r in con.execute("PRAGMA index_list(jobs)")]
     assert con.execute("SELECT value FROM pilotfish_meta WHERE key='schema_version'"
-                       ).fetchone()[0] == str(SCHEMA_VERSION) == "9"
+                       ).fetchone()[0] == str(SCHEMA_VERSION) == "10"
     con.execute("UPDATE jobs SET intake_key='k1'")
     with pytest.raises(sqlite3.IntegrityError):  # the index is unique
         con.execute("INSERT INTO jobs (id, name, description, app_id, num_nodes, "
@@ -176,3 +176,35 @@ def test_version_7_gains_the_production_fields_and_the_intake_key_index(tmp_path
                     "0, 0, 'READY', 0, 0, 'w', 'k1')")
     con.close()
     make_engine(f"sqlite:///{db}").dispose()  # and opening it again changes nothing
+
+
+def test_version_9_gains_workflows(tmp_path):
+    """Schema 10: the workflows table, jobs.workflow_id and subjob_index (indexed where
+    given), server_events.workflow_id; old rows get NULLs."""
+    db = tmp_path / "v9.db"
+    make_engine(f"sqlite:///{db}").dispose()
+    con = sqlite3.connect(db)  # make it look like version 9
+    con.execute("DROP TABLE workflows")
+    con.execute("DROP INDEX ix_jobs_workflow")
+    for col in ("workflow_id", "subjob_index"):
+        con.execute(f"ALTER TABLE jobs DROP COLUMN {col}")
+    con.execute("ALTER TABLE server_events DROP COLUMN workflow_id")
+    con.execute("INSERT INTO jobs (id, name, description, app_id, num_nodes, "
+                "processes_per_node, cpus_per_process, gpus_per_process, parameters, tags, "
+                "priority, max_retries, retries, attempts, state, state_time, created, "
+                "workdir) VALUES (3, 'old', '', 1, 1, 1, 1, 0, '{}', '', 0, 3, 0, 0, 'READY', "
+                "0, 0, 'w')")
+    con.execute("UPDATE pilotfish_meta SET value='9' WHERE key='schema_version'")
+    con.commit()
+    con.close()
+    make_engine(f"sqlite:///{db}").dispose()
+    con = sqlite3.connect(db)
+    assert con.execute("SELECT id, workflow_id, subjob_index FROM jobs").fetchall() == [
+        (3, None, None)]
+    assert "ix_jobs_workflow" in [r[1] for r in con.execute("PRAGMA index_list(jobs)")]
+    assert con.execute("SELECT COUNT(*) FROM workflows").fetchone()[0] == 0
+    assert "workflow_id" in [r[1] for r in con.execute("PRAGMA table_info(server_events)")]
+    assert con.execute("SELECT value FROM pilotfish_meta WHERE key='schema_version'"
+                       ).fetchone()[0] == str(SCHEMA_VERSION)
+    con.close()
+    make_engine(f"sqlite:///{db}").dispose()
