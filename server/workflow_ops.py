@@ -15,7 +15,7 @@ from pilotfish.validate import echo, wire_safe
 
 from . import states
 from .core import JobServer
-from .db import jobs, server_events, workflows
+from .db import job_parents, jobs, server_events, workflows
 from .ops import LOCAL_ADMIN, MAX_ID, Caller, _arg, _set_state, check_owner, insert_jobs, op
 from .states import State, WorkflowState
 from .store import chunks
@@ -142,16 +142,23 @@ def workflow_show(srv: JobServer, args: dict, now: float) -> dict:
     if r is None:
         raise NotFound(f"no workflow {wf_id}")
     d = _wf_dict(r)
-    f = srv.workflows.flows.get(wf_id)
     subs = []
-    for j in srv.conn.execute(select(jobs.c.id, jobs.c.subjob_index, jobs.c.name, jobs.c.app_id,
+    rows = list(srv.conn.execute(select(jobs.c.id, jobs.c.subjob_index, jobs.c.name, jobs.c.app_id,
                                      jobs.c.state, jobs.c.site, jobs.c.input_url,
                                      jobs.c.output_url, jobs.c.message)
-                              .where(jobs.c.workflow_id == wf_id).order_by(jobs.c.subjob_index)):
+                                 .where(jobs.c.workflow_id == wf_id)
+                                 .order_by(jobs.c.subjob_index)))
+    index = {j.id: j.subjob_index for j in rows}
+    parents: dict[int, list[int]] = {j.id: [] for j in rows}
+    for part in chunks(sorted(index), 900):
+        for p in srv.conn.execute(select(job_parents).where(job_parents.c.job_id.in_(part))):
+            if p.parent_id in index:
+                parents[p.job_id].append(index[p.parent_id])
+    for j in rows:
         app = srv.apps.get(j.app_id)
         subs.append({"index": j.subjob_index, "job": j.id, "name": j.name,
                      "application": app.name if app else None, "state": j.state,
-                     "site": j.site, "parents": f.parents[j.subjob_index] if f else None,
+                     "site": j.site, "parents": sorted(parents[j.id]),
                      "input_url": j.input_url, "output_url": j.output_url,
                      "message": j.message})
     d["subjob_list"] = subs

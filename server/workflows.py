@@ -232,12 +232,15 @@ class Flow:
     states: list[State]
     #: index -> (the failure step of its latest failed attempt, or None; the job's message)
     fails: dict[int, tuple[State | None, str | None]] = field(default_factory=dict)
+    #: index -> the last step its latest failed attempt passed (the ladder is climbed that
+    #: far before the failure, when one update brought both)
+    reached: dict[int, State] = field(default_factory=dict)
     index: dict[int, int] = field(default_factory=dict)  # job id -> subjob index
 
     def __post_init__(self) -> None:
         self.index = {j: i for i, j in enumerate(self.jobs)}
 
-    def failure(self) -> tuple[WorkflowState, str] | None:
+    def failure(self) -> tuple[WorkflowState, str, int] | None:
         """The workflow's failure state and message when a subjob is out of the race (FAILED
         or USER_KILLED): the first with a failure step of its own (its children failed
         only because of it), else the first."""
@@ -251,7 +254,7 @@ class Flow:
         else:
             wf = _FAILURE.get(step, W.SUBJOB_FAILED)
         what = step.value if step is not None else self.states[i].value
-        return wf, f"subjobs[{i}] (job {self.jobs[i]}) {what}: {msg or ''}".rstrip(": ")
+        return wf, f"subjobs[{i}] (job {self.jobs[i]}) {what}: {msg or ''}".rstrip(": "), i
 
 
 class Tracker:
@@ -338,6 +341,10 @@ class Tracker:
             step = next((s for s in path if s in states.FAILURES), None)
             if step is not None or path[-1] in (S.FAILED, S.USER_KILLED):
                 f.fails[i] = (step, msg)
+            if step is not None:
+                before = path[:path.index(step)]
+                if before:
+                    f.reached[i] = before[-1]
             touched[w] = f
         for f in touched.values():
             if f.state not in states.WF_FINAL:
@@ -361,6 +368,10 @@ class Tracker:
         if cur is not W.HISTORY:
             failed = f.failure()
             if failed is not None:
+                r = f.reached.get(failed[2])
+                r = rung(r, f.done == 0) if r is not None else None
+                if r is not None:
+                    path += states.wf_climb(cur, r)
                 path.append(failed[0])
                 msg = failed[1]
             else:

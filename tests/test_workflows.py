@@ -14,11 +14,11 @@ import pytest
 from conftest import ServerHandle, run_cli, wait_for
 from pilotfish.errors import PilotfishError
 
-#: Each step lists the files it found (its inputs) and leaves out-<tag>.txt; FAIL_MARK, when
-#: it exists, makes step "b" fail once per creation (the retry test removes it).
+#: Each step lists the files it found (its inputs) and leaves out-<tag>.txt; it fails while the
+#: file named by its parameter ``fail`` exists, and sleeps 30 s while ``slow``'s exists.
 STEP = ("set -e; find . -type f ! -name 'job.*' ! -name '.pilotfish-job' | sort "
-        "> \"seen-$1.txt\"; if [ \"$1\" = \"$2\" ]; then echo 'told to fail' >&2; exit 7; fi; "
-        "echo \"$1\" > \"out-$1.txt\"")
+        "> \"seen-$1.txt\"; if [ -e \"$2\" ]; then echo 'told to fail' >&2; exit 7; fi; "
+        "if [ -e \"$3\" ]; then sleep 30; fi; echo \"$1\" > \"out-$1.txt\"")
 LADDER = ["SUBJOB_SUBMITTED", "SUBJOB_IN_PREPROCESSED", "SUBJOB_QUEUED", "SUBJOB_RUNNING",
           "SUBJOB_RUN_FINISHED", "SUBJOB_IN_POSTPROCESSED", "SUBJOB_COMPLETED"]
 
@@ -27,9 +27,12 @@ LADDER = ["SUBJOB_SUBMITTED", "SUBJOB_IN_PREPROCESSED", "SUBJOB_QUEUED", "SUBJOB
 def c(server: ServerHandle):
     c = server.client()
     c.add_app({"name": "step", "executable": "/bin/sh",
-               "args": ["-c", STEP, "step", "{tag}", "{fail}"],
+               "args": ["-c", STEP, "step", "{tag}", "{fail}", "{slow}"],
                "parameters": {"tag": {"type": "str"},
-                              "fail": {"type": "str", "default": "none"}}})
+                              "fail": {"type": "str", "default": "/nonexistent",
+                                       "pattern": "/[A-Za-z0-9/._-]+"},
+                              "slow": {"type": "str", "default": "/nonexistent",
+                                       "pattern": "/[A-Za-z0-9/._-]+"}}})
     return c
 
 
@@ -41,8 +44,13 @@ def data(server: ServerHandle) -> Path:
     return d
 
 
-def sub(tag: str, **kw) -> dict:
-    return {"name": f"s-{tag}", "application": "step", "parameters": {"tag": tag},
+def sub(tag: str, fail: Path | None = None, slow: Path | None = None, **kw) -> dict:
+    params = {"tag": tag}
+    if fail:
+        params["fail"] = str(fail)
+    if slow:
+        params["slow"] = str(slow)
+    return {"name": f"s-{tag}", "application": "step", "parameters": params,
             "max_retries": 0, **kw}
 
 
@@ -107,3 +115,153 @@ def test_chain_passes_files_and_reaches_history(server: ServerHandle, c, data, t
     assert "SUBJOBS_COMPLETED" in r.stdout and "alice@example.org" in r.stdout
     r = run_cli(server.home, "events", "--kind", "workflow", check=True)
     assert f"workflow {wf} chain [g1]" in r.stdout and "-> HISTORY" in r.stdout
+
+
+FINAL = ("HISTORY", "STAGE_IN_FAILED", "SUBJOB_PREPROCESS_FAILED", "SUBJOB_RUN_FAILED",
+         "SUBJOB_POSTPROCESS_FAILED", "SUBJOB_FAILED", "STAGE_OUT_FAILED", "USER_KILLED")
+
+
+def test_dag_join_gets_both_parents(server: ServerHandle, c, data, tmp_path):
+    """A diamond: 0 -> 1, 0 -> 2, (1, 2) -> 3. The join finds each parent's workdir in a folder
+    of its own; every completion is a step of the ladder; the last goes to output_url."""
+    msg = {"name": "diamond", "input_url": str(data / "input.txt"),
+           "output_url": str(data / "out"),
+           "subjobs": [sub("r"), sub("x", parents=[0]), sub("y", parents=[0]),
+                       sub("j", parents=[2, 1])]}
+    r = c.add_workflow(msg)
+    wf, (j0, j1, j2, j3) = r["id"], r["jobs"]
+    assert c.job(j3)["state"] == "AWAITING_PARENTS"
+    server.agent(work_root=tmp_path / "work")
+    d = wait_for(lambda: ended(c, wf, *FINAL), 60, what="the workflow")
+    assert d["state"] == "HISTORY", d
+    assert [s["parents"] for s in d["subjob_list"]] == [[], [0], [0], [1, 2]]
+    seen = (data / "out" / f"s-j.{j3}" / "seen-j.txt").read_text().split()
+    assert f"./s-x.{j1}/out-x.txt" in seen and f"./s-y.{j2}/out-y.txt" in seen
+    assert f"./s-x.{j1}/s-r.{j0}/input.txt" in seen
+    evs = wf_events(c, wf)
+    assert evs[:2] == ["CREATED", "STAGED_IN"] and evs.count("SUBJOB_INCREMENTED") == 3
+    assert evs[-3:] == ["SUBJOBS_COMPLETED", "STAGED_OUT", "HISTORY"]
+    assert not (data / "out" / f"s-x.{j1}").exists()  # only the last one's go to output_url
+
+
+def test_failed_subjob_fails_the_workflow_and_retry_resumes_there(server: ServerHandle, c,
+                                                                    data, tmp_path):
+    """b fails: the workflow goes SUBJOB_RUN_FAILED (c fails with it, never runs);
+    `workflow retry` reruns b and then c, never a again."""
+    marker = data / "fail-b"
+    marker.write_text("")
+    r = c.add_workflow({"name": "flaky", "subjobs": [sub("a"), sub("b", fail=marker),
+                                                     sub("c")]})
+    wf, (ja, jb, jc) = r["id"], r["jobs"]
+    server.agent(work_root=tmp_path / "work")
+    d = wait_for(lambda: ended(c, wf, *FINAL), 60, what="the workflow to fail")
+    assert d["state"] == "SUBJOB_RUN_FAILED", d
+    assert f"subjobs[1] (job {jb}) RUN_FAILED" in d["message"]
+    assert [s["state"] for s in d["subjob_list"]] == ["JOB_FINISHED", "FAILED", "FAILED"]
+    assert wf_events(c, wf)[-2:] == ["SUBJOB_RUNNING", "SUBJOB_RUN_FAILED"]
+    marker.unlink()
+    r = run_cli(server.home, "workflow", "retry", str(wf), check=True)
+    assert f"1 of 1 workflows retried: {wf}" in r.stdout
+    d = wait_for(lambda: ended(c, wf, *FINAL), 60, what="the retried workflow")
+    assert d["state"] == "HISTORY", d
+    assert c.job(ja)["attempts"] == 1 and c.job(jb)["attempts"] == 2
+    evs = wf_events(c, wf)
+    i = evs.index("SUBJOB_RUN_FAILED")
+    assert evs[i + 1:] == (["SUBJOB_SUBMITTED"] + LADDER[1:] + ["SUBJOB_INCREMENTED"] + LADDER
+                           + ["SUBJOBS_COMPLETED", "STAGED_OUT", "HISTORY"])
+    # retrying a workflow that did not fail changes nothing
+    assert c.retry_workflows([wf]) == {"changed": []}
+
+
+def test_kill_stops_the_running_subjob_and_retry_resumes(server: ServerHandle, c, data,
+                                                         tmp_path):
+    slow = data / "slow"
+    slow.write_text("")
+    r = c.add_workflow({"name": "slowpoke", "subjobs": [sub("a", slow=slow), sub("b")]})
+    wf, (ja, jb) = r["id"], r["jobs"]
+    server.agent(work_root=tmp_path / "work")
+    wait_for(lambda: c.workflow(wf)["state"] == "SUBJOB_RUNNING", 30, what="a to run")
+    r = run_cli(server.home, "workflow", "kill", str(wf), "--json", check=True)
+    assert json.loads(r.stdout) == {"changed": [wf]}
+    d = c.workflow(wf)
+    assert d["state"] == "USER_KILLED"
+    assert [s["state"] for s in d["subjob_list"]] == ["USER_KILLED", "USER_KILLED"]
+    wait_for(lambda: c.status()["leases"] == 0, 15, what="the task to be stopped")
+    assert c.kill_workflows([wf]) == {"changed": []}  # killed already
+    slow.unlink()
+    c.retry_workflows([wf])
+    assert c.job(jb)["state"] == "AWAITING_PARENTS"  # waits for a again, not queued
+    d = wait_for(lambda: ended(c, wf, *FINAL), 60, what="the retried workflow")
+    assert d["state"] == "HISTORY", d
+    evs = wf_events(c, wf)
+    assert evs[evs.index("USER_KILLED") + 1] == "CREATED"  # nothing had completed: from the top
+
+
+def _refused(c, msg: dict, *words: str) -> None:
+    before = (c.workflows(), c.counts())
+    with pytest.raises(PilotfishError) as e:
+        c.add_workflow(msg)
+    text = str(e.value)
+    assert "\n" not in text and len(text) < 600, text
+    for w in words:
+        assert w in text, text
+    assert (c.workflows(), c.counts()) == before  # nothing stored
+
+
+def test_bad_workflows_are_refused_whole(server: ServerHandle, c, data):
+    ok = [sub("a"), sub("b")]
+    _refused(c, {"name": "w", "subjobs": [sub("a"), {"name": "b", "application": "nope"}]},
+             "subjobs[1]", "no app named 'nope'")
+    _refused(c, {"name": "w", "subjobs": [sub("a", parents=[1]), sub("b", parents=[0])]},
+             "cycle")
+    _refused(c, {"name": "w", "subjobs": [sub("a"), sub("b", parents=[5])]},
+             "subjobs[1]", "no subjob index")
+    _refused(c, {"name": "w", "subjobs": [sub("a"), sub("b", parents=[True])]},
+             "subjobs[1]", "no subjob index")
+    _refused(c, {"name": "w", "subjobs": [sub("a"), sub("b", parents=[2**70])]}, "subjobs[1]")
+    _refused(c, {"name": "w", "subjobs": [sub("a", parents=[0])]}, "its own parent")
+    _refused(c, {"name": "w", "subjobs": [sub(str(i)) for i in range(1001)]}, "at most 1,000")
+    _refused(c, {"name": "w", "subjobs": []}, "non-empty list")
+    _refused(c, {"name": "<b>x</b>", "subjobs": ok}, "not a valid name")
+    _refused(c, {"name": "-oProxyCommand=x", "subjobs": ok}, "not a valid name")
+    _refused(c, {"name": "w", "subjobs": [sub("a"), sub("b", name="-rf")]}, "subjobs[1]",
+             "not a valid name")
+    _refused(c, {"name": "w", "user_id": 2**70, "subjobs": ok}, "user_id")
+    _refused(c, {"name": "w", "email": "a@b.org\r\nBcc: x@evil.org", "subjobs": ok},
+             "not a plain address")
+    _refused(c, {"name": "w", "email": ["a@b.org"] * 11, "subjobs": ok}, "at most 10")
+    _refused(c, {"name": "w", "subjobs": [sub("a", input_url=str(data / "input.txt"))]},
+             "subjobs[0]", "the workflow's to set")
+    _refused(c, {"name": "w", "input_url": "/etc/passwd", "subjobs": ok}, "input_url")
+    _refused(c, {"name": "w", "job_status_routing_key": "a.#", "subjobs": ok},
+             "job_status_routing_key")
+    _refused(c, {"name": "w", "subjobz": ok}, "unknown workflow key")
+    _refused(c, {"name": "w", "subjobs": [sub("a", colour="red")]}, "subjobs[0]",
+             "unknown job key")
+    # the CLI: one line, non-zero
+    r = run_cli(server.home, "workflow", "add", "-f", "/dev/zero")
+    assert r.returncode != 0 and "not a regular file" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert run_cli(server.home, "workflow", "show", "99").returncode != 0
+    for cmd in ([], ["add"], ["ls"], ["show"], ["kill"], ["retry"]):
+        assert run_cli(server.home, "workflow", *cmd, "-h").returncode == 0
+
+
+def test_intake_key_adds_once_and_survives_a_restart(server: ServerHandle, c, data, tmp_path):
+    """The same intake_key twice: one workflow. A server restarted mid-workflow follows it
+    on from the database."""
+    slow = data / "slow"
+    slow.write_text("")
+    msg = {"name": "once", "intake_key": "k-1", "subjobs": [sub("a", slow=slow), sub("b")]}
+    r1 = c.add_workflow(msg)
+    r2 = c.add_workflow(msg)
+    assert r2 == {"id": r1["id"], "jobs": r1["jobs"], "known": True}
+    assert len(c.workflows()) == 1
+    server.agent(work_root=tmp_path / "work")
+    wait_for(lambda: c.workflow(r1["id"])["state"] == "SUBJOB_RUNNING", 30, what="a to run")
+    server.stop()
+    server.start()
+    c = server.client()
+    slow.unlink()
+    d = wait_for(lambda: ended(c, r1["id"], *FINAL), 60, what="the workflow")
+    assert d["state"] == "HISTORY", d
