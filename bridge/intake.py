@@ -1,7 +1,8 @@
 """Job messages as a production system sends them (the seed's format), before the server sees
 them: size caps, JSON, one job or a list, and the idempotency key of each job. Pure: no AMQP.
 
-A message's body is one job map or a list of them, with the seed's keys (name, description,
+A message's body is one job map or a list of them, or one workflow map (the seed's Argo job: a
+map with ``subjobs``, each a job message; see server/workflows.py), with the seed's keys (name, description,
 site, argo_job_id, queue, project, wall_time_minutes, num_nodes, processes_per_node,
 scheduler_config, application, config_file, input_url, output_url) plus
 ``job_status_routing_key``; the keys and names are those of ``job add`` (the server checks every
@@ -59,7 +60,23 @@ def parse_body(body: bytes, max_bytes: int = MAX_BODY_BYTES,
     for i, job in enumerate(data):
         if not isinstance(job, dict):
             raise Poison(f"job #{i + 1} is a JSON {type(job).__name__}, not a job map")
+        if "subjobs" in job:
+            raise Poison(f"job #{i + 1} has subjobs: a workflow is sent alone, one per message, "
+                         "not in a list")
     return data
+
+
+def workflow_of(jobs: list[dict]) -> dict | None:
+    """The workflow a parsed body holds (a single map with ``subjobs``), else None."""
+    return jobs[0] if len(jobs) == 1 and "subjobs" in jobs[0] else None
+
+
+def add_workflow_key(workflow: dict, key: str) -> dict:
+    """A workflow's idempotency key: the producer's own ``intake_key``, else
+    ``amqp:<message key>:workflow``; the server adds no second workflow with a stored key."""
+    if workflow.get("intake_key") is None:
+        workflow["intake_key"] = f"amqp:{key}:workflow"
+    return workflow
 
 
 def message_key(message_id: str | None, body: bytes) -> str:

@@ -1,6 +1,6 @@
-"""The status publisher: every job state change, read from the server's event stream, goes to
-a topic exchange as a persistent JSON message on the job's ``job_status_routing_key`` (or the
-bridge's default).
+"""The status publisher: every job state change and every workflow state change, read from the
+server's event stream, goes to a topic exchange as a persistent JSON message on the job's (or
+the workflow's) ``job_status_routing_key``, or the bridge's default.
 
 At least once, in order per job: messages are published in event order on one channel with
 publisher confirms, and the saved cursor (:mod:`.cursor`) moves only past events whose messages
@@ -47,8 +47,15 @@ def iso(t: float | str | None) -> str | None:
 def status_message(e: dict, meta: dict | None) -> dict:
     """The JSON body of one status message (the seed's names: group_identifier, job_id)."""
     meta = meta or {}
-    return {"event_id": e["id"], "job_id": e["job"], "name": e.get("name"),
+    if e.get("kind") == "workflow":
+        return {"event_id": e["id"], "kind": "workflow", "workflow_id": e.get("workflow"),
+                "name": e.get("name"), "group_identifier": e.get("group"),
+                "user_id": meta.get("user_id"), "username": meta.get("username"),
+                "from": e.get("from"), "to": e.get("to"), "time": iso(e.get("time")),
+                "message": e.get("message")}
+    return {"event_id": e["id"], "kind": "job", "job_id": e["job"], "name": e.get("name"),
             "group_identifier": e.get("group"), "argo_job_id": meta.get("argo_job_id"),
+            "workflow_id": e.get("workflow"),
             "from": e.get("from"), "to": e.get("to"), "via": e.get("via"),
             "time": iso(e.get("time")), "message": e.get("message")}
 
@@ -62,6 +69,7 @@ class Publisher:
         self.saved = self.cursor_file.load()
         self.client: Client | None = None
         self.meta: dict[int, dict] = {}
+        self.wf_meta: dict[int, dict] = {}  # the same for workflows
         self.backoff = Backoff()
         self.stats = {"published": 0, "confirmed": 0}
 
@@ -151,9 +159,12 @@ class Publisher:
             page = self._client().events(since=self.fetched or 0,
                                          wait=0.05 if inflight else 0.5, limit=PAGE)
             self.backoff.reset()
-            events = [e for e in page["events"] if e.get("job") is not None and e.get("to")]
+            events = [e for e in page["events"] if e.get("to") and (
+                e.get("job") is not None or e.get("kind") == "workflow")]
             if events:
-                self._lookup({e["job"] for e in events})
+                self._lookup({e["job"] for e in events if e.get("kind") == "job"})
+                self._lookup_workflows({e["workflow"] for e in events
+                                        if e.get("kind") == "workflow"})
         except ServerUnavailable as exc:
             self._drop_client()
             log.warning("publisher: the server does not answer (%s); trying again", exc)
@@ -203,11 +214,28 @@ class Publisher:
         for j in missing:
             self.meta.setdefault(j, {})  # removed since: the default routing key
 
+    def _lookup_workflows(self, ids: set[int]) -> None:
+        """Routing key, user id and name of workflows not seen yet (they never change)."""
+        missing = [w for w in ids if w not in self.wf_meta]
+        if not missing:
+            return
+        if len(self.wf_meta) + len(missing) > CACHE_JOBS:
+            self.wf_meta.clear()
+        rows = self._client().call("workflow_ls", filter={"ids": missing}, limit=len(missing),
+                                   timeout=30)
+        for r in rows:
+            self.wf_meta[r["id"]] = {"routing_key": r.get("job_status_routing_key"),
+                                     "user_id": r.get("user_id"),
+                                     "username": r.get("username")}
+        for w in missing:
+            self.wf_meta.setdefault(w, {})
+
     def _publish(self, events: list[dict]) -> None:
         import pika
         ch, default = self.ch, self.cfg.routing_key
         for e in events:
-            meta = self.meta.get(e["job"])
+            meta = self.wf_meta.get(e["workflow"]) if e.get("kind") == "workflow" \
+                else self.meta.get(e["job"])
             body = json.dumps(status_message(e, meta), separators=(",", ":")).encode()
             ch.basic_publish(self.cfg.exchange, (meta or {}).get("routing_key") or default,
                              body, pika.BasicProperties(

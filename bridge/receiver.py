@@ -1,5 +1,8 @@
 """The job receiver: job messages from a durable queue become jobs on the server.
 
+A message whose body is one map with ``subjobs`` is a workflow (the seed's Argo job): it is
+added alone with ``workflow_add``, under the same rules.
+
 At least once, idempotent: a message is acknowledged only after the server has committed its
 jobs (the reply comes after the commit), and every job carries an intake key (the message's id
 and the job's index, see :mod:`.intake`) that the server remembers, so a message redelivered
@@ -24,7 +27,8 @@ from pilotfish.validate import cap
 
 from .backoff import Backoff
 from .config import BridgeConfig, connection_parameters, parse_url
-from .intake import Poison, add_intake_keys, message_key, parse_body
+from .intake import (Poison, add_intake_keys, add_workflow_key, message_key, parse_body,
+                     workflow_of)
 
 log = logging.getLogger("pilotfish.bridge.receiver")
 ERROR_HEADER = "x-pilotfish-error"
@@ -152,16 +156,25 @@ class Receiver:
         """Parse each message (poison goes to the dead-letter queue), then add the jobs of
         several messages in one request of at most ``batch_jobs`` jobs (a message is never
         split: its jobs are added all or none)."""
-        good: list[tuple[Delivery, list[dict]]] = []
+        good: list[tuple[Delivery, list[dict] | dict]] = []
         for d in batch:
             try:
                 jobs = parse_body(d.body, self.cfg.max_body_bytes)
-                good.append((d, add_intake_keys(jobs, message_key(d.props.message_id, d.body))))
+                key = message_key(d.props.message_id, d.body)
+                wf = workflow_of(jobs)
+                good.append((d, add_workflow_key(wf, key) if wf is not None
+                             else add_intake_keys(jobs, key)))
             except Poison as exc:
                 self.dead_letter(ch, d, str(exc))
         group: list[tuple[Delivery, list[dict]]] = []
         size = 0
         for item in good:
+            if isinstance(item[1], dict):  # a workflow: alone, in its turn
+                if group:
+                    self._add(ch, group)
+                    group, size = [], 0
+                self._add_workflow(ch, item[0], item[1])
+                continue
             if group and size + len(item[1]) > self.cfg.batch_jobs:
                 self._add(ch, group)
                 group, size = [], 0
@@ -195,6 +208,27 @@ class Receiver:
             log.info("receiver: %d of %d jobs were already added (a redelivered message): "
                      "not added again", r["known"], len(jobs))
         log.debug("receiver: %d jobs from %d messages added", len(jobs), len(group))
+
+    def _add_workflow(self, ch, d: Delivery, workflow: dict) -> None:
+        try:
+            r = self._call(lambda c: c.call("workflow_add", workflow=workflow))
+        except ServerUnavailable as exc:
+            self._drop_client()
+            raise ServerPaused(f"the server does not answer ({exc})") from None
+        except Forbidden as exc:
+            if "intake_key" not in str(exc):
+                raise ServerPaused(f"the server refuses this bridge's key ({exc})") from None
+            self.dead_letter(ch, d, str(exc))
+            return
+        except PilotfishError as exc:
+            self.dead_letter(ch, d, str(exc))
+            return
+        ch.basic_ack(d.tag)
+        self.stats["messages"] += 1
+        self.stats["workflows"] = self.stats.get("workflows", 0) + 1
+        if r.get("known"):
+            log.info("receiver: workflow %s was already added (a redelivered message): not "
+                     "added again", r["id"])
 
     def _refused(self, ch, group, exc: PilotfishError) -> None:
         """A request refused: alone, its message is poison; in a group, each message is tried
