@@ -25,7 +25,7 @@ log = logging.getLogger("pilotfish.bridge")
 STOP_GRACE = 5.0
 
 
-def lock_state_dir(path: Path) -> int:
+def lock_state_dir(path: Path, what: str = "AMQP bridge") -> int:
     """Hold the state directory (its cursor is this bridge's alone) for the life of the
     process; a second bridge on it is refused."""
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -35,8 +35,8 @@ def lock_state_dir(path: Path) -> int:
     except BlockingIOError:
         other = os.pread(fd, 32, 0).decode(errors="replace").strip()
         os.close(fd)
-        raise PilotfishError(f"another AMQP bridge (pid {other or '?'}) uses {path}; give this "
-                             "one its own --state-dir") from None
+        raise PilotfishError(f"another {what} (pid {other or '?'}) uses {path}; give this "
+                             "one its own state directory") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd

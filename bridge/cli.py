@@ -80,3 +80,40 @@ def amqp_cmd(ctx, config_file, url, password_file, jobs_queue, dead_letter_queue
         return Client(address=server, home=home, timeout=30)
 
     ctx.exit(run(cfg, home, new_client))
+
+
+@click.command("mail", context_settings=CTX)
+@click.option("--config", "config_file", required=True, metavar="YAML",
+              help="Settings: sender (From, required), host, port, tls (none, starttls, ssl), "
+              "username, password_file, notify (final or failure), state_dir, timeout, "
+              "subject_prefix.")
+@click.option("--check", is_flag=True, help="Check the settings and the password source, "
+              "then exit (connects to nothing).")
+@click.option("-v", "--verbose", count=True, help="More log output.")
+@click.option("-q", "--quiet", is_flag=True, help="Warnings and errors only.")
+@click.pass_context
+def mail_cmd(ctx, config_file, check, verbose, quiet) -> None:
+    """E-mail a workflow's addresses when it ends (HISTORY or a failure state), or on
+    failures only (notify: failure).
+
+    Reads the server's event stream from its own saved cursor (HOME/mail/mail.cursor) and
+    sends through the SMTP server of its config; the cursor moves past a workflow's event once
+    its message was accepted. The SMTP password: password_file, else $PILOTFISH_SMTP_PASSWORD
+    (never on a command line). Runs until SIGTERM; `server start --mail YAML` runs it beside
+    the server. Example: pilotfish mail --config mail.yaml
+    """
+    from .mail import from_yaml, password, run
+    cfg = from_yaml(config_file)
+    password(cfg)  # a missing password stops here
+    if check:
+        console.out.print(f"ok: SMTP {cfg.host}:{cfg.port} from {cfg.sender}", markup=False)
+        return
+    console.setup_logging(verbose, quiet)
+    home = settings.home(ctx.obj.get("home") if ctx.obj else None)
+    server = (ctx.obj.get("server") if ctx.obj else None) or os.environ.get("PILOTFISH_SERVER")
+
+    def new_client():
+        from pilotfish.client import Client
+        return Client(address=server, home=home, timeout=30)
+
+    ctx.exit(run(cfg, home, new_client))

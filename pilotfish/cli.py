@@ -55,7 +55,7 @@ def _register() -> None:
     from pilotfish.container.cli import container_group
     from pilotfish.server.gc_cli import gc_cmd
     from pilotfish.bridge.pg_cli import source_group
-    from pilotfish.bridge.cli import bridge_group
+    from pilotfish.bridge.cli import bridge_group, mail_cmd
     from pilotfish.server.events_cli import events_group
     from pilotfish.server.workflow_cli import workflow_group
     for cmd in (pilot_ls, submit_cmd, cancel_cmd):
@@ -71,6 +71,7 @@ def _register() -> None:
     cli.add_command(bridge_group)
     cli.add_command(events_group)
     cli.add_command(workflow_group)
+    cli.add_command(mail_cmd)
 
 
 _register()

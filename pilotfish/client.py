@@ -26,6 +26,12 @@ from pilotfish.errors import (ERRORS_BY_CODE, PilotfishError, ProtocolError, Pru
 from pilotfish.validate import INT64, echo
 
 FINAL_STATES = ("JOB_FINISHED", "FAILED", "USER_KILLED")
+#: A workflow's failure states, and its final ones (as server/states.py has them; a test keeps
+#: them equal): edge processes (pilotfish mail) follow them without importing the server.
+WORKFLOW_FAILED_STATES = ("STAGE_IN_FAILED", "SUBJOB_PREPROCESS_FAILED", "SUBJOB_RUN_FAILED",
+                          "SUBJOB_POSTPROCESS_FAILED", "SUBJOB_FAILED", "STAGE_OUT_FAILED",
+                          "USER_KILLED")
+WORKFLOW_FINAL_STATES = ("HISTORY",) + WORKFLOW_FAILED_STATES
 #: The ``to`` of a removed job's event (see server/states.py).
 REMOVED = "REMOVED"
 #: Seconds one ``events`` request of follow() and wait() may be parked at the server.

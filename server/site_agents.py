@@ -1,5 +1,6 @@
 """Edge processes run beside the server: site agents (``server start --site S``, for a
-single-site setup) and the AMQP bridge (``server start --amqp CONFIG.yaml``).
+single-site setup), the AMQP bridge (``server start --amqp CONFIG.yaml``) and the mail process
+(``server start --mail CONFIG.yaml``).
 
 Each is an ordinary command (``pilotfish site agent``, ``pilotfish bridge amqp``), a client of
 this server like any other (so the server room imports neither the pilot room nor the bridge),
@@ -25,6 +26,9 @@ STOP_GRACE = 10.0
 #: The client key the AMQP bridge started beside the server uses (made at its first start,
 #: role submitter: it adds jobs and reads events, nothing more).
 BRIDGE_KEY = "amqp-bridge"
+#: The client key of the mail process started beside the server (role reader: it reads
+#: events and workflows, nothing more).
+MAIL_KEY = "mail"
 
 
 def site_agent_argv(home: Path, address: str, site: str, poll: float) -> list[str]:
@@ -37,6 +41,26 @@ def bridge_argv(home: Path, address: str, config: str, client_key: Path | None) 
     key = ["--client-key", str(client_key)] if client_key else []
     return [sys.executable, "-m", "pilotfish", "--home", str(home), "--server", address, *key,
             "bridge", "amqp", "--config", config]
+
+
+def mail_argv(home: Path, address: str, config: str, client_key: Path | None) -> list[str]:
+    """The mail process's command line: its settings and password stay in files."""
+    key = ["--client-key", str(client_key)] if client_key else []
+    return [sys.executable, "-m", "pilotfish", "--home", str(home), "--server", address, *key,
+            "mail", "--config", config]
+
+
+def mail_log_path(home: Path) -> Path:
+    return settings.home(home) / "logs" / "mail.log"
+
+
+def mail_key(home: Path) -> Path:
+    """The mail process's key pair (made with the role reader when missing)."""
+    from pilotfish import keys
+    secret = keys.keys_dir(home) / f"{MAIL_KEY}{keys.SECRET}"
+    if not secret.exists():
+        keys.new_client(home, MAIL_KEY, keys.READER)
+    return secret
 
 
 def log_path(home: Path, site: str) -> Path:
@@ -60,7 +84,8 @@ class SiteAgents:
     """The edge processes of one server: ``name -> (argv for an address, log file)``."""
 
     def __init__(self, home: Path, sites: list[str], poll: float,
-                 amqp: str | None = None, bridge_client_key: Path | None = None) -> None:
+                 amqp: str | None = None, bridge_client_key: Path | None = None,
+                 mail: str | None = None, mail_client_key: Path | None = None) -> None:
         self.home = home
         self.children: dict[str, tuple[Callable[[str], list[str]], Path]] = {
             f"site agent for {s}": (lambda a, s=s: site_agent_argv(home, a, s, poll),
@@ -68,6 +93,9 @@ class SiteAgents:
         if amqp:
             self.children["AMQP bridge"] = (
                 lambda a: bridge_argv(home, a, amqp, bridge_client_key), bridge_log_path(home))
+        if mail:
+            self.children["mail"] = (
+                lambda a: mail_argv(home, a, mail, mail_client_key), mail_log_path(home))
         self.procs: dict[str, subprocess.Popen] = {}
         self.started: dict[str, float] = {}
 
