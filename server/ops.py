@@ -275,10 +275,15 @@ def _known_intake_keys(srv: JobServer, rows: list[dict], caller: Caller) -> dict
     return known
 
 
-def insert_jobs(srv: JobServer, rows: list[dict], now: float, owner: str | None) -> list[int]:
+def insert_jobs(srv: JobServer, rows: list[dict], now: float, owner: str | None,
+                chained: bool = False) -> list[int]:
     """Add checked rows (from build_job) with new ids: their parents, first states, queue;
-    ``owner``: the key name that adds them (None: the home's own, unnamed, admin)."""
+    ``owner``: the key name that adds them (None: the home's own, unnamed, admin);
+    ``chained``: a row's parents may be rows before it in this call, by the ids they get (a
+    workflow's subjobs, in an order that puts parents first)."""
     parent_ids = {p for r in rows for p in r["parents"]}
+    if chained:
+        parent_ids -= set(range(srv.next_id, srv.next_id + len(rows)))
     parent_state: dict[int, str] = {}
     if parent_ids:
         srv.sync()
@@ -313,6 +318,8 @@ def insert_jobs(srv: JobServer, rows: list[dict], now: float, owner: str | None)
                    started=None, ended=None, exit_code=None, message=msg, agent=None,
                    owner=owner)
         b.insert_job(row, path, msg)
+        if chained:
+            parent_state[job_id] = path[-1].value
         if path[-1] is ready:
             srv.enqueue(job_id, row)
     return ids

@@ -46,14 +46,15 @@ def workflow_add(srv: JobServer, args: dict, now: float, caller: Caller = LOCAL_
     pos = {i: k for k, i in enumerate(plan.order)}
     ids = [base + pos[i] for i in range(len(plan.subjobs))]
     wire_urls(plan, ids, srv.data_roots, wf_id)
-    first_states: list[State] = [S.CREATED] * len(ids)
-    for i in plan.order:  # parents first: insert_jobs finds them stored
+    rows = []
+    for i in plan.order:  # parents first: insert_jobs knows them when it meets their children
         row = plan.subjobs[i]
         row.update(parents=[ids[p] for p in plan.parents[i]], workflow_id=wf_id,
                    subjob_index=i)
-        got = insert_jobs(srv, [row], now, caller.name)
-        assert got == [ids[i]], (got, ids[i])
-        first_states[i] = S(row["state"])
+        rows.append(row)
+    got = insert_jobs(srv, rows, now, caller.name, chained=True)
+    assert got == [ids[i] for i in plan.order], (got, ids)
+    first_states = [S(r["state"]) for r in plan.subjobs]
     srv.workflows.next_id += 1
     srv.sync()
     srv.conn.execute(workflows.insert().values(
