@@ -190,6 +190,8 @@ class Mailer:
         self.cursor_file = CursorFile(cfg.state_path(home) / "mail.cursor")
         self.client: Client | None = None
         self.stats = {"sent": 0, "refused": 0}
+        #: set while a message is being sent (a stop waits for it; else it leaves at once)
+        self.sending = threading.Event()
 
     def run(self) -> None:
         states = self.cfg.states()
@@ -236,6 +238,7 @@ class Mailer:
         if not wf.get("email"):
             return
         msg = compose(self.cfg, wf, e)
+        self.sending.set()
         try:
             send(self.cfg, msg, self.pw)
         except Permanent as exc:
@@ -243,6 +246,8 @@ class Mailer:
             log.error("mail: workflow %s %s to %s refused for good: %s", wf["id"], e["to"],
                       msg["To"], exc)
             return
+        finally:
+            self.sending.clear()
         self.stats["sent"] += 1
         log.info("mail: workflow %s %s sent to %s", wf["id"], e["to"], msg["To"])
 
@@ -279,6 +284,7 @@ def run(cfg: MailConfig, home: Path, new_client: Callable[[], Client]) -> int:
     t.start()
     while t.is_alive() and not stop.is_set():
         stop.wait(0.5)
-    t.join(STOP_GRACE)
+    if m.sending.is_set():  # else it waits on the server: nothing to finish
+        t.join(STOP_GRACE)
     os.close(fd)
     return 0
