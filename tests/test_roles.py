@@ -24,6 +24,7 @@ from pilotfish import protocol as P
 from pilotfish.client import Client
 from pilotfish.errors import Forbidden, PilotfishError, ValidationError
 from pilotfish.server import events, gc_ops, output_ops, pilot_ops  # noqa: F401  (they register ops)
+from pilotfish.server import workflow_ops  # noqa: F401  (registers the workflow ops)
 from pilotfish.server.ops import OPS
 from pilotfish.server import pilot_ops  # noqa: F401  (registers the pilot ops)
 
@@ -35,8 +36,10 @@ NO_DEMAND = {"cores": 0, "gpus": 0, "max_cores": 1, "max_gpus": 0, "time_left": 
 ROLES = ("admin", "submitter", "agent", "reader")
 
 READ = {"ping", "status", "agent_ls", "app_ls", "app_show", "job_ls", "job_counts",
-        "job_summary", "job_show", "job_log", "pilot_ls", "site_status", "events"}
-SUBMIT = READ | {"job_add", "job_add_array", "job_check", "job_kill", "job_retry", "job_alter",
+        "job_summary", "job_show", "job_log", "pilot_ls", "site_status", "events",
+        "workflow_ls", "workflow_show"}
+SUBMIT = READ | {"workflow_add", "workflow_check", "workflow_kill", "workflow_retry",
+                 "job_add", "job_add_array", "job_check", "job_kill", "job_retry", "job_alter",
                  "job_rm",
                  "pilot_add", "pilot_update", "site_backlog", "site_report"}
 ADMIN_ONLY = {"app_add", "app_alter", "app_rm", "shutdown", "gc", "events_prune"}
@@ -176,6 +179,12 @@ def _args(op: str, role: str) -> dict:
         "pilot_ls": {"all": True}, "site_backlog": {"site": "s"},
         "site_report": {"site": "s", "pid": 1, "paused": False}, "site_status": {},
         "shutdown": {},
+        "workflow_add": {"workflow": {"name": f"w-{role}", "subjobs": [
+            {"name": f"s-{role}", "application": "echo", "parameters": {"x": "1"}}]}},
+        "workflow_check": {"workflow": {"name": f"w-{role}", "subjobs": [
+            {"name": "s", "application": "echo", "parameters": {"x": "1"}}]}},
+        "workflow_ls": {"filter": {}}, "workflow_show": {"id": 1},
+        "workflow_kill": {"ids": [999999]}, "workflow_retry": {"ids": [999999]},
     }[op]
 
 
@@ -214,7 +223,8 @@ def test_every_op_by_every_role(server):
     with client(server, "boss") as c:
         assert sorted(j["name"] for j in c.jobs()) == [
             "a-admin-1", "a-admin-2", "a-submitter-1", "a-submitter-2", "first", "j-admin",
-            "j-submitter"]
+            "j-submitter", "s-admin", "s-submitter"]
+        assert sorted(w["name"] for w in c.workflows()) == ["w-admin", "w-submitter"]
         assert sorted(p["id"] for p in c.pilots(all=True)) == ["p-admin", "p-submitter"]
         assert sorted(a["name"] for a in c.apps()) == ["e-admin", "echo"]
         assert c.app("echo")["description"] == "admin"

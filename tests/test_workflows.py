@@ -300,3 +300,23 @@ def test_on_postgresql(pg_url, home, tmp_path):
     finally:
         s.stop_agents()
         s.stop()
+
+
+def test_a_submitter_changes_only_its_own_workflows(server: ServerHandle, c, data):
+    from pilotfish.client import Client
+    from pilotfish.errors import Forbidden
+    for name in ("ann", "ben"):
+        run_cli(server.home, "keys", "init", "--client", name, "--role", "submitter",
+                check=True)
+    as_ = {n: Client(server.address, server.home, timeout=15,
+                     client_key=server.home / "keys" / f"{n}.key_secret") for n in ("ann", "ben")}
+    w = as_["ann"].add_workflow({"name": "mine", "intake_key": "ann-1", "subjobs": [sub("a")]})
+    assert c.job(w["jobs"][0])["owner"] == "ann" and c.workflow(w["id"])["owner"] == "ann"
+    for op in (as_["ben"].kill_workflows, as_["ben"].retry_workflows):
+        with pytest.raises(Forbidden, match="only the jobs it added"):
+            op([w["id"]])
+    with pytest.raises(Forbidden, match="belongs to a workflow of another key"):
+        as_["ben"].add_workflow({"name": "x", "intake_key": "ann-1", "subjobs": [sub("a")]})
+    with pytest.raises(Forbidden):  # its subjobs are ann's jobs too
+        as_["ben"].kill_jobs({"ids": w["jobs"]})
+    assert as_["ann"].kill_workflows([w["id"]]) == {"changed": [w["id"]]}
