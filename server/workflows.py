@@ -347,6 +347,10 @@ class Tracker:
                     f.reached[i] = before[-1]
             touched[w] = f
         for f in touched.values():
+            if f.state in states.WF_FAILURES and f.failure() is None:
+                # its failed subjobs were retried one by one (job retry): it resumes
+                self.move(f, [W.CREATED if f.done == 0 else W.SUBJOB_SUBMITTED], now,
+                          "resumed: its failed subjobs were retried")
             if f.state not in states.WF_FINAL:
                 self._derive(f, now)
 

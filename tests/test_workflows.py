@@ -274,7 +274,7 @@ def test_intake_key_adds_once_and_survives_a_restart(server: ServerHandle, c, da
 
 def test_on_postgresql(pg_url, home, tmp_path):
     """The same tables, index and events on PostgreSQL: a two-subjob chain whose second
-    subjob fails, retried to HISTORY."""
+    subjob fails; `job retry` of that subjob alone resumes the workflow to HISTORY."""
     s = ServerHandle(home, pg_url).start()
     try:
         c = s.client()
@@ -292,7 +292,8 @@ def test_on_postgresql(pg_url, home, tmp_path):
         d = wait_for(lambda: ended(c, r["id"], *FINAL), 60, what="the failure")
         assert d["state"] == "SUBJOB_RUN_FAILED"
         marker.unlink()
-        c.retry_workflows([r["id"]])
+        c.retry_jobs({"ids": [r["jobs"][1]]})  # the subjob alone: its workflow resumes too
+        assert c.workflow(r["id"])["state"] == "SUBJOB_SUBMITTED"
         d = wait_for(lambda: ended(c, r["id"], *FINAL), 60, what="HISTORY")
         assert d["state"] == "HISTORY"
         assert [e["to"] for e in c.events(kind="workflow")["events"]][-3:] == [
