@@ -33,8 +33,8 @@ from .db import pilots as pilots_t
 from .db import sites as sites_t
 from .ops import _arg, op
 
-#: Jobs read per request: about 20-40 ms of SQLite on a 1M-job database (bench/usage_queries).
-CHUNK = 20_000
+#: Jobs read per request: a few tens of ms of SQLite at most (bench/usage_queries.py).
+CHUNK = 5_000
 DAY = 86400.0
 #: The longest utilization range and the most steps it is cut into.
 MAX_UTIL_DAYS = 400
@@ -102,13 +102,45 @@ def _check_where(srv: JobServer, site: str | None, pilot: str | None) -> None:
         raise NotFound(f"no site {echo(site)}: no site agent, pilot or agent of it")
 
 
+def _floor(srv: JobServer, x):
+    """floor(x) for x >= 0 as an integer, in SQL (SQLite's cast truncates, PostgreSQL's
+    rounds)."""
+    if srv.engine.dialect.name == "sqlite":
+        return cast(x, BigInteger)
+    return cast(func.floor(x), BigInteger)
+
+
+def _busy(srv: JobServer, src, start, end, conds: list, since: float, until: float,
+          end_now: float, step: float, deltas: dict[int, int]) -> tuple[float, int]:
+    """Add one source's attempts (``start``/``end`` columns; end null: running now) to the
+    step changes, in SQL: a GROUP BY per step, so the loop's Python work is per step, not
+    per job. Returns (core-seconds, attempts) of the source, clipped to [since, until]."""
+    s = case((start < since, since), else_=start)
+    e = case((end.is_(None), end_now), (end > until, until), else_=end)
+    conds = conds + [e > s]
+    secs, n = 0.0, 0
+    k = _floor(srv, (s - since) / step + 0.5)  # the nearest step
+    for kk, cores, busy, count in srv.conn.execute(
+            select(k, func.sum(CORES), func.sum((e - s) * cast(CORES, Float)), func.count())
+            .select_from(src).where(*conds).group_by(k)):
+        deltas[kk] = deltas.get(kk, 0) + cores
+        secs += busy
+        n += count
+    k = _floor(srv, (e - since) / step + 0.5)
+    for kk, cores in srv.conn.execute(select(k, func.sum(CORES)).select_from(src)
+                                      .where(*conds).group_by(k)):
+        deltas[kk] = deltas.get(kk, 0) - cores
+    return secs, n
+
+
 @op(READER, args=("site", "pilot", "since", "until", "step", "after"))
 def utilization(srv: JobServer, args: dict, now: float) -> dict:
     """Busy cores against time, one chunk of jobs per request: ``deltas`` [[bin, change]]
-    (time = since + bin × step; a start adds the job's cores, an end takes them away),
-    ``core_seconds`` (exact, clipped to the range), ``attempts``; on the first request
-    (after = 0) also ``allocated``: the same for the cores of the agents alive in the range.
-    ``after``: the cursor to ask from next, None when done."""
+    (time = since + bin × step, each attempt's start and end at its nearest step; a start
+    adds the job's cores, an end takes them away), ``core_seconds`` (exact, clipped to the
+    range), ``attempts``; on the first request (after = 0) also ``allocated``: the same for
+    the cores of the agents alive in the range. ``after``: the cursor to ask from next,
+    None when done."""
     site, pilot = args.get("site"), args.get("pilot")
     since, until = time_range(args, now, 1, MAX_UTIL_DAYS)
     step = _arg(args, "step", (int, float), (until - since) / DEFAULT_BINS)
@@ -121,21 +153,6 @@ def utilization(srv: JobServer, args: dict, now: float) -> dict:
     after, last = _cursor(srv, args)
     end_now = min(now, until)
     deltas: dict[int, int] = {}
-    busy = 0.0
-    n = 0
-
-    def add(cores: int, start: float, end: float | None) -> None:
-        nonlocal busy, n
-        s, e = max(start, since), min(end_now if end is None else end, until)
-        if e <= s or cores <= 0:
-            return
-        busy += (e - s) * cores
-        n += 1
-        a, b = round((s - since) / step), round((e - since) / step)
-        if a != b:  # (shorter than a step: in core_seconds, not drawn)
-            deltas[a] = deltas.get(a, 0) + cores
-            deltas[b] = deltas.get(b, 0) - cores
-
     # the latest attempts, in the jobs' rows (ended null: it runs now)
     src = jobs
     conds = _in_chunk(jobs.c.id, after, last) + [
@@ -147,9 +164,8 @@ def utilization(srv: JobServer, args: dict, now: float) -> dict:
             conds.append(func.coalesce(agents_t.c.site, jobs.c.site) == site)
         if pilot is not None:
             conds.append(agents_t.c.pilot == pilot)
-    for cores, start, end in srv.conn.execute(
-            select(CORES, jobs.c.started, jobs.c.ended).select_from(src).where(*conds)):
-        add(cores, start, end)
+    busy, n = _busy(srv, src, jobs.c.started, jobs.c.ended, conds, since, until, end_now,
+                    step, deltas)
     # earlier attempts (ended: they were moved here when the job was leased again)
     src = att_t.join(jobs, jobs.c.id == att_t.c.job_id)
     conds = _in_chunk(att_t.c.job_id, after, last) + [
@@ -160,9 +176,9 @@ def utilization(srv: JobServer, args: dict, now: float) -> dict:
         conds.append(func.coalesce(agents_t.c.site, jobs.c.site) == site)
     if pilot is not None:
         conds.append(att_t.c.pilot == pilot)
-    for cores, start, end in srv.conn.execute(
-            select(CORES, att_t.c.started, att_t.c.ended).select_from(src).where(*conds)):
-        add(cores, start, end)
+    b, m = _busy(srv, src, att_t.c.started, att_t.c.ended, conds, since, until, end_now,
+                 step, deltas)
+    busy, n = busy + b, n + m
     out = {"since": since, "until": until, "step": step, "now": now,
            "deltas": sorted([k, d] for k, d in deltas.items() if d),
            "core_seconds": busy, "attempts": n, "after": last}
@@ -215,9 +231,7 @@ def parse_by(by) -> list[str]:
 
 def _day(srv: JobServer, col):
     """Days since 1970 (UTC) of an epoch-seconds column (non-negative)."""
-    if srv.engine.dialect.name == "sqlite":
-        return cast(col / DAY, BigInteger)  # truncates: the floor of a positive number
-    return cast(func.floor(col / DAY), BigInteger)  # (PostgreSQL's cast rounds)
+    return _floor(srv, col / DAY)
 
 
 @op(READER, args=("by", "since", "until", "after"))
