@@ -73,10 +73,14 @@ def time_range(args: dict, now: float, default_days: float, max_days: int) -> tu
 
 
 def _cursor(srv: JobServer, args: dict) -> tuple[int, int | None]:
-    """(after, last): this request reads the jobs with after < id <= last (None: to the end)."""
+    """(after, last): this request reads the jobs with after < id <= last (None: to the end);
+    ``chunk``: fewer jobs than ``CHUNK`` per request (tests; a server to spare further)."""
     after = _arg(args, "after", int, 0)
+    chunk = _arg(args, "chunk", int, CHUNK)
+    if not 1 <= chunk <= CHUNK:
+        raise ValidationError(f"chunk must be 1..{CHUNK} jobs")
     last = srv.conn.execute(select(jobs.c.id).where(jobs.c.id > after).order_by(jobs.c.id)
-                            .limit(1).offset(CHUNK - 1)).scalar()
+                            .limit(1).offset(chunk - 1)).scalar()
     return after, last
 
 
@@ -133,7 +137,7 @@ def _busy(srv: JobServer, src, start, end, conds: list, since: float, until: flo
     return secs, n
 
 
-@op(READER, args=("site", "pilot", "since", "until", "step", "after"))
+@op(READER, args=("site", "pilot", "since", "until", "step", "after", "chunk"))
 def utilization(srv: JobServer, args: dict, now: float) -> dict:
     """Busy cores against time, one chunk of jobs per request: ``deltas`` [[bin, change]]
     (time = since + bin × step, each attempt's start and end at its nearest step; a start
@@ -234,7 +238,7 @@ def _day(srv: JobServer, col):
     return _floor(srv, col / DAY)
 
 
-@op(READER, args=("by", "since", "until", "after"))
+@op(READER, args=("by", "since", "until", "after", "chunk"))
 def usage(srv: JobServer, args: dict, now: float) -> dict:
     """Jobs and core-seconds grouped by ``by`` (site, app, group; day: its UTC day number
     since 1970 — a month is made of days by the client) for one chunk of jobs: ``rows``

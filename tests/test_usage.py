@@ -91,6 +91,11 @@ def test_utilization_matches_the_attempts_that_ran(server, ran, tmp_path):
         assert up["max_busy"] == _expected_steps(mine)[0] <= 2
         assert up["max_allocated"] == 2
     assert c.utilization(site="s1", since=t0 - 1, until=until)["attempts"] == len(runs)
+    # asked 2 jobs at a time, the chunks add up to the same
+    small = c.utilization(since=t0 - 1, until=until, chunk=2)
+    assert small["requests"] == 4 and u["requests"] == 1
+    assert small["core_seconds"] == pytest.approx(u["core_seconds"], rel=1e-12)
+    assert (small["busy"], small["attempts"]) == (u["busy"], u["attempts"])
     # a window cuts the attempts at its edges
     mid = sorted(s for s, *_ in runs)[len(runs) // 2]
     half = c.utilization(since=mid, until=until)
@@ -151,6 +156,12 @@ def test_usage_sums_match_the_jobs(server, ran, tmp_path):
         sum((e - s) * n for s, e, n, r in runs if n == 2) / 3600, rel=1e-6)
     assert rep["totals"]["core_hours"] == pytest.approx(core_h, rel=1e-5)
     assert rep["totals"]["finished"] == 7
+    small = c.usage(by="group,day", since=t0 - 1, chunk=3)
+    assert small["requests"] == 3
+    assert [dict(r, core_hours=0) for r in small["rows"]] == [dict(r, core_hours=0)
+                                                              for r in rep["rows"]]
+    assert [r["core_hours"] for r in small["rows"]] == pytest.approx(
+        [r["core_hours"] for r in rep["rows"]], rel=1e-12)
     sites = c.usage(by=["site", "app", "month"], since=t0 - 1)["rows"]
     assert {(r["site"], r["app"]) for r in sites} == {("s1", "nap"), ("s1", "once")}
     assert sum(r["attempts"] for r in sites) == len(runs)
@@ -199,7 +210,7 @@ def test_bad_input_gets_one_line_errors(server: ServerHandle, tmp_path):
     with pytest.raises(ValidationError, match="unknown argument"):
         c.call("utilization", sql="drop table jobs")
     for args in ({"since": float("nan")}, {"until": 1e300}, {"step": 0.0},
-                 {"step": 1e-9}, {"after": -1}):
+                 {"step": 1e-9}, {"after": -1}, {"chunk": 0}, {"chunk": 10**6}):
         with pytest.raises(ValidationError):
             c.call("utilization", **args)
     home = server.home
@@ -259,3 +270,51 @@ def test_steps_and_usage_sums_are_pure():
                      "core_hours": 3.0}]
     with pytest.raises(ValidationError):
         U.parse_by("site,site")
+
+
+def test_utilization_and_usage_on_postgresql(pg_url, home, tmp_path):
+    """The day and step arithmetic in PostgreSQL's SQL (floor, not a rounding cast)."""
+    s = ServerHandle(home, pg_url).start()
+    try:
+        c = s.client()
+        c.add_app({"name": "nap", "executable": "/bin/sleep", "args": ["{s}"],
+                   "parameters": {"s": {"type": "float"}}})
+        t0 = time.time()
+        ids = c.add_jobs([{"name": f"n{i}", "application": "nap", "parameters": {"s": 0.5},
+                           "group_identifier": "pg"} for i in range(3)])
+        s.agent("--site", "pgsite", "--pilot", "pgp", cores="0-1", work_root=tmp_path / "w")
+        wait_for(lambda: c.counts({"ids": ids}) == {"JOB_FINISHED": 3}, 60, what="finished")
+        runs = _runs(c, ids)
+        top, secs = _expected_steps([(a, b, n) for a, b, n, _ in runs])
+        u = c.utilization(pilot="pgp", since=t0 - 1, until=time.time() + 1)
+        assert (u["attempts"], u["max_busy"]) == (3, top)
+        assert u["core_seconds"] == pytest.approx(secs, rel=1e-9)
+        day = time.strftime("%Y-%m-%d", time.gmtime(runs[-1][1]))
+        rows = c.usage(by="site,group,day", since=t0 - 1)["rows"]
+        assert [(r["site"], r["group"], r["day"], r["jobs"], r["attempts"]) for r in rows] == [
+            ("pgsite", "pg", day, 3, 3)]
+        assert rows[0]["core_hours"] == pytest.approx(secs / 3600, rel=1e-6)
+    finally:
+        s.stop_agents()
+        s.stop()
+
+
+def test_plots_escape_names_and_fold_many_series_into_other():
+    """web/plots.py, pure: names are SVG text, never markup; 12 series at most."""
+    from pilotfish.web import plots
+    rows = [{"group": "<script>alert(1)</script>" if i == 0 else f"g{i}", "day": "2026-12-01",
+             "jobs": 1, "finished": 1, "attempts": 1, "core_hours": float(i + 1)}
+            for i in range(20)]
+    rep = {"by": ["group", "day"], "rows": rows}
+    periods, series = plots.usage_series(rep)
+    assert periods == ["2026-12-01"] and len(series) == plots.MAX_SERIES
+    assert series["other"] == [sum(range(1, 10))]  # the 9 smallest: 1..9 core-hours
+    rows[0]["core_hours"] = 100.0
+    svg = plots.usage_image(rep, "svg")
+    assert b"<script>" not in svg and b"&lt;script&gt;alert(1)&lt;/script&gt;" in svg
+    ET.fromstring(svg)
+    assert plots.usage_image(rep, "png").startswith(b"\x89PNG")
+    assert plots.format_of("a/b.SVG") == "svg"
+    for bad in ("plot", "plot.gif", "x.png/", ".png.d/plot"):
+        with pytest.raises(ValueError):
+            plots.format_of(bad)
