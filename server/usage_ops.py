@@ -36,6 +36,8 @@ from .ops import _arg, op
 #: Jobs read per request: a few tens of ms of SQLite at most (bench/usage_queries.py).
 CHUNK = 5_000
 DAY = 86400.0
+#: How far back the server's clock may have been set while it made jobs (see _cursor).
+CLOCK_SLACK = 3600.0
 #: The longest utilization range and the most steps it is cut into.
 MAX_UTIL_DAYS = 400
 MAX_BINS = 100_000
@@ -72,16 +74,25 @@ def time_range(args: dict, now: float, default_days: float, max_days: int) -> tu
     return since, until
 
 
-def _cursor(srv: JobServer, args: dict) -> tuple[int, int | None]:
-    """(after, last): this request reads the jobs with after < id <= last (None: to the end);
-    ``chunk``: fewer jobs than ``CHUNK`` per request (tests; a server to spare further)."""
+def _cursor(srv: JobServer, args: dict, until: float) -> tuple[int, int | None, int | None]:
+    """(after, last, next): this request reads the jobs with after < id <= last (None: to the
+    end) and the next one goes on after ``next`` (None: done). ``chunk``: fewer jobs than
+    ``CHUNK`` per request (tests; a server to spare further).
+
+    The server gives ids in the order it creates jobs, and no attempt starts before its job
+    exists: once the next job was created after ``until`` (an hour's slack for a clock set
+    back), no later job ran in the range, and an old range does not scan the newer jobs."""
     after = _arg(args, "after", int, 0)
     chunk = _arg(args, "chunk", int, CHUNK)
     if not 1 <= chunk <= CHUNK:
         raise ValidationError(f"chunk must be 1..{CHUNK} jobs")
     last = srv.conn.execute(select(jobs.c.id).where(jobs.c.id > after).order_by(jobs.c.id)
                             .limit(1).offset(chunk - 1)).scalar()
-    return after, last
+    if last is None:
+        return after, None, None
+    created = srv.conn.execute(select(jobs.c.created).where(jobs.c.id > last)
+                               .order_by(jobs.c.id).limit(1)).scalar()
+    return after, last, None if created is None or created > until + CLOCK_SLACK else last
 
 
 def _in_chunk(col, after: int, last: int | None) -> list:
@@ -154,7 +165,7 @@ def utilization(srv: JobServer, args: dict, now: float) -> dict:
     step = float(step)
     srv.sync()
     _check_where(srv, site, pilot)
-    after, last = _cursor(srv, args)
+    after, last, nxt = _cursor(srv, args, until)
     end_now = min(now, until)
     deltas: dict[int, int] = {}
     # the latest attempts, in the jobs' rows (ended null: it runs now)
@@ -185,7 +196,7 @@ def utilization(srv: JobServer, args: dict, now: float) -> dict:
     busy, n = busy + b, n + m
     out = {"since": since, "until": until, "step": step, "now": now,
            "deltas": sorted([k, d] for k, d in deltas.items() if d),
-           "core_seconds": busy, "attempts": n, "after": last}
+           "core_seconds": busy, "attempts": n, "after": nxt}
     if after == 0:
         out.update(_allocated(srv, site, pilot, since, until, step, now))
     return out
@@ -248,7 +259,7 @@ def usage(srv: JobServer, args: dict, now: float) -> dict:
     by = parse_by(_arg(args, "by", list, []))
     since, until = time_range(args, now, 30, MAX_USAGE_DAYS)
     srv.sync()
-    after, last = _cursor(srv, args)
+    after, last, nxt = _cursor(srv, args, until)
     keys = [k if k != "month" else "day" for k in by]
     sums: dict[tuple, list] = {}
 
@@ -294,4 +305,4 @@ def usage(srv: JobServer, args: dict, now: float) -> dict:
             app = srv.apps.get(key[i])
             key[i] = app.name if app else f"#{key[i]}"
         rows.append(key + vals)
-    return {"by": by, "since": since, "until": until, "rows": rows, "after": last}
+    return {"by": by, "since": since, "until": until, "rows": rows, "after": nxt}

@@ -96,6 +96,10 @@ def test_utilization_matches_the_attempts_that_ran(server, ran, tmp_path):
     assert small["requests"] == 4 and u["requests"] == 1
     assert small["core_seconds"] == pytest.approx(u["core_seconds"], rel=1e-12)
     assert (small["busy"], small["attempts"]) == (u["busy"], u["attempts"])
+    # a range before the jobs were made stops at the first chunk: nothing later ran in it
+    old = c.utilization(since=t0 - 3 * 3600, until=t0 - 7200, chunk=2)
+    assert (old["requests"], old["attempts"], old["max_busy"]) == (1, 0, 0)
+    assert c.usage(by="day", since=t0 - 3 * 3600, until=t0 - 7200, chunk=2)["requests"] == 1
     # a window cuts the attempts at its edges
     mid = sorted(s for s, *_ in runs)[len(runs) // 2]
     half = c.utilization(since=mid, until=until)
