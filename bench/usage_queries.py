@@ -11,7 +11,9 @@ measures, each one JSON line:
 - ``chunk_request_ms``: the slowest single request (one chunk of jobs): how long the server's
   loop is held at most;
 - ``ping_ms``: p50/p99/max latency of a second client's pings, alone (the baseline, same run)
-  and while usage and utilization queries run back to back.
+  and while usage and utilization queries run back to back;
+
+each with the server's chunk (5,000 jobs per request) and a smaller one (``--chunks``).
 
 Usage: bench/usage_queries.py [--total 1000000] [--tmp /dev/shm]
 """
@@ -114,9 +116,59 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(p * len(xs)))] * 1000
 
 
+def queries(c: Client, pinger: Pinger, now: float, chunk: int, base: list, ctx: dict) -> None:
+    """Every query with ``chunk`` jobs per request, a second client pinging meanwhile."""
+    mark = len(pinger.lat)
+    todo = [
+        ("utilization", "last day", lambda: c.utilization(chunk=chunk)),
+        ("utilization", "30 days", lambda: c.utilization(since=now - 30 * DAY, until=now,
+                                                         chunk=chunk)),
+        ("utilization", "7 days, one site", lambda: c.utilization(
+            site="site3", since=now - 7 * DAY, until=now, chunk=chunk)),
+        ("utilization", "30 days, one pilot", lambda: c.utilization(
+            pilot="pilot7", since=now - 30 * DAY, until=now, chunk=chunk)),
+        ("usage", "by site,day, 30 days", lambda: c.usage("site,day", since=now - 31 * DAY,
+                                                          chunk=chunk)),
+        ("usage", "by app,group,month, 30 days", lambda: c.usage(
+            "app,group,month", since=now - 31 * DAY, chunk=chunk)),
+        ("usage", "by day, 30 days", lambda: c.usage("day", since=now - 31 * DAY,
+                                                     chunk=chunk)),
+    ]
+    for kind, what, fn in todo:
+        t = time.perf_counter()
+        r = fn()
+        dt = time.perf_counter() - t
+        extra = ({"attempts": r["attempts"], "max_busy": r["max_busy"],
+                  "points": len(r["busy"])} if kind == "utilization"
+                 else {"groups": len(r["rows"]), "jobs": r["totals"]["jobs"]})
+        C.emit(f"{kind}_s", dt, unit="s", query=what, requests=r["requests"], chunk=chunk,
+               interval=f"one Client.{kind} call: every chunk request and the sums", **extra,
+               **ctx)
+    during = pinger.lat[mark:]
+    # the longest single request: one chunk, as the server's loop sees it
+    for op, args in (("utilization", {"since": now - 30 * DAY, "until": now}),
+                     ("usage", {"by": ["site", "app", "group", "day"],
+                                "since": now - 31 * DAY, "until": now})):
+        after, times = 0, []
+        while after is not None:
+            t = time.perf_counter()
+            after = c.call(op, after=after, chunk=chunk, **args)["after"]
+            times.append(time.perf_counter() - t)
+        C.emit("chunk_request_ms", max(times) * 1000, unit="ms", op=op, chunk=chunk,
+               median=statistics.median(times) * 1000, requests=len(times),
+               interval="one request (one chunk of jobs), client round trip", **ctx)
+    C.emit("ping_ms_during_queries", pct(during, 0.5), unit="ms", p99=pct(during, 0.99),
+           max=max(during) * 1000, pings=len(during), baseline_p99=pct(base, 0.99), chunk=chunk,
+           interval="a second client's ping round trips while the queries above ran back "
+                    "to back", **ctx)
+
+
 def main() -> int:
     p = C.parser(__doc__.split("\n")[0])
     p.add_argument("--total", type=int, default=1_000_000)
+    p.add_argument("--chunks", type=C.int_list, default=[5000, 1000],
+                   help="Jobs per request to measure, comma-separated (the server's largest "
+                        "is 5000; default: %(default)s).")
     a = p.parse_args()
     C.set_bench("usage_queries")
     ctx = {"n": a.total, "db": "sqlite", "machine": C.machine(a.tmp)}
@@ -137,50 +189,10 @@ def main() -> int:
         C.emit("ping_ms_idle", pct(base, 0.5), unit="ms", p99=pct(base, 0.99),
                max=max(base) * 1000, pings=len(base),
                interval="a second client's ping round trips, nothing else running", **ctx)
-        mark = len(pinger.lat)
-        queries = [
-            ("utilization", "last day", lambda: c.utilization()),
-            ("utilization", "30 days", lambda: c.utilization(since=now - 30 * DAY, until=now)),
-            ("utilization", "7 days, one site", lambda: c.utilization(
-                site="site3", since=now - 7 * DAY, until=now)),
-            ("utilization", "30 days, one pilot", lambda: c.utilization(
-                pilot="pilot7", since=now - 30 * DAY, until=now)),
-            ("usage", "by site,day, 30 days", lambda: c.usage("site,day", since=now - 31 * DAY)),
-            ("usage", "by app,group,month, 30 days", lambda: c.usage(
-                "app,group,month", since=now - 31 * DAY)),
-            ("usage", "by day, 30 days", lambda: c.usage("day", since=now - 31 * DAY)),
-        ]
-        for kind, what, fn in queries:
-            t = time.perf_counter()
-            r = fn()
-            dt = time.perf_counter() - t
-            extra = ({"attempts": r["attempts"], "max_busy": r["max_busy"],
-                      "points": len(r["busy"])} if kind == "utilization"
-                     else {"groups": len(r["rows"]), "jobs": r["totals"]["jobs"]})
-            C.emit(f"{kind}_s", dt, unit="s", query=what, requests=r["requests"],
-                   interval=f"one Client.{kind} call: every chunk request and the sums", **extra,
-                   **ctx)
-        during = pinger.lat[mark:]
-        # the longest single request: one chunk, as the server's loop sees it
-        worst = {}
-        for op, args in (("utilization", {"since": now - 30 * DAY, "until": now}),
-                         ("usage", {"by": ["site", "app", "group", "day"],
-                                    "since": now - 31 * DAY, "until": now})):
-            after, times = 0, []
-            while after is not None:
-                t = time.perf_counter()
-                after = c.call(op, after=after, **args)["after"]
-                times.append(time.perf_counter() - t)
-            worst[op] = times
-            C.emit("chunk_request_ms", max(times) * 1000, unit="ms", op=op,
-                   median=statistics.median(times) * 1000, requests=len(times),
-                   interval="one request (one chunk of jobs), client round trip", **ctx)
+        for chunk in a.chunks:
+            queries(c, pinger, now, chunk, base, ctx)
         pinger.stop.set()
         pinger.join()
-        C.emit("ping_ms_during_queries", pct(during, 0.5), unit="ms", p99=pct(during, 0.99),
-               max=max(during) * 1000, pings=len(during), baseline_p99=pct(base, 0.99),
-               interval="a second client's ping round trips while the queries above ran "
-                        "back to back", **ctx)
     return 0
 
 
