@@ -52,6 +52,10 @@ WORKFLOW_KEYS = frozenset({"user_id", "name", "description", "group_identifier",
                            "subjobs", "intake_key"})
 #: Subjobs of one workflow, at most: a workflow is a pipeline of steps, not an array.
 MAX_SUBJOBS = 1000
+#: Subjobs on one path from a first subjob to a last, at most: each subjob gets its parents'
+#: whole workdirs (their own inputs included), one folder deeper each step, and the stager
+#: copies trees at most 200 directories deep.
+MAX_DEPTH = 100
 #: Addresses a workflow's e-mail goes to, at most.
 MAX_EMAILS = 10
 #: A plain address: no spaces, quotes, angle brackets or line breaks (no header injection).
@@ -182,7 +186,15 @@ def build_workflow(msg: Any, app_by_name: Callable[[str], App], roots: DataRoots
         except PilotfishError as exc:
             raise type(exc)(f"subjobs[{i}]: {exc}") from None
     row["subjobs"] = n
-    return Plan(row, rows, parents, topo_order(parents))
+    order = topo_order(parents)
+    depth = [0] * n
+    for i in order:
+        depth[i] = 1 + max((depth[p] for p in parents[i]), default=0)
+        if depth[i] > MAX_DEPTH:
+            raise ValidationError(f"subjobs[{i}]: {depth[i]} subjobs deep; a path through a "
+                                  f"workflow has at most {MAX_DEPTH} (each subjob receives its "
+                                  "parents' whole workdirs, nested one level deeper per step)")
+    return Plan(row, rows, parents, order)
 
 
 def handon_url(roots: DataRoots, wf_id: int) -> str:

@@ -221,6 +221,8 @@ def test_bad_workflows_are_refused_whole(server: ServerHandle, c, data):
     _refused(c, {"name": "w", "subjobs": [sub("a"), sub("b", parents=[2**70])]}, "subjobs[1]")
     _refused(c, {"name": "w", "subjobs": [sub("a", parents=[0])]}, "its own parent")
     _refused(c, {"name": "w", "subjobs": [sub(str(i)) for i in range(1001)]}, "at most 1,000")
+    _refused(c, {"name": "w", "subjobs": [sub(str(i)) for i in range(101)]}, "subjobs[100]",
+             "at most 100")
     _refused(c, {"name": "w", "subjobs": []}, "non-empty list")
     _refused(c, {"name": "<b>x</b>", "subjobs": ok}, "not a valid name")
     _refused(c, {"name": "-oProxyCommand=x", "subjobs": ok}, "not a valid name")
