@@ -410,15 +410,18 @@ class Client:
     def events(self, since: int = 0, wait: float = 0.0, limit: int = 1000,
                job: int | list[int] | None = None, group: str | None = None,
                state: str | list[str] | None = None,
-               kind: str | list[str] | None = None) -> dict:
+               kind: str | list[str] | None = None,
+               workflow: int | list[int] | None = None) -> dict:
         """Events with id > ``since``, oldest first: {"events": [...], "cursor": the id to ask
         from next, "oldest": the first id the stream holds in full}. ``wait`` (up to 60 s):
         when nothing matches yet, the server answers as soon as something does (or empty at
-        the end). Each event has id, time, kind (job, agent, pilot), job, name, group, from,
-        to, via, message, agent, host, pilot, site. A cursor older than what was pruned raises
+        the end). Each event has id, time, kind (job, agent, pilot, workflow), job, name,
+        group, from, to, via, message, agent, host, pilot, site, workflow (a workflow's event,
+        or a subjob's). A cursor older than what was pruned raises
         :class:`pilotfish.errors.Pruned`."""
         args: dict[str, Any] = {"since": since, "limit": limit, "wait": wait}
-        for key, value in (("job", job), ("group", group), ("state", state), ("kind", kind)):
+        for key, value in (("job", job), ("group", group), ("state", state), ("kind", kind),
+                           ("workflow", workflow)):
             if value is not None:
                 args[key] = value
         return self._call("events", args, self.timeout + wait, lost_fails=True)

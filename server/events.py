@@ -76,15 +76,16 @@ class Filter:
     jobs: tuple | None = None
     group: str | None = None
     states: tuple | None = None
+    workflows: tuple | None = None  # a workflow's own events and its subjobs'
 
     @property
     def empty(self) -> bool:
-        return not (self.kinds or self.jobs or self.group or self.states)
+        return not (self.kinds or self.jobs or self.group or self.states or self.workflows)
 
     @property
     def scans(self) -> bool:
         """Does it select by a column without an index (so a bounded window of ids is read)?"""
-        return bool(self.kinds or self.group or self.states)
+        return bool(self.kinds or self.group or self.states or self.workflows)
 
 
 def _one_or_list(v: Any, what: str, most: int) -> list:
@@ -108,7 +109,13 @@ def _state(v: Any) -> str:
 
 
 def parse_filter(args: dict) -> Filter:
-    kinds = jobs_ = group = sts = None
+    kinds = jobs_ = group = sts = wfs = None
+    if args.get("workflow") is not None:
+        wfs = _one_or_list(args["workflow"], "workflow", MAX_JOB_IDS)
+        if not all(type(w) is int and 0 < w <= MAX_ID for w in wfs):
+            raise ValidationError(f"argument 'workflow' must be a workflow id (1..{MAX_ID}) or "
+                                  f"a list of at most {MAX_JOB_IDS}")
+        wfs = tuple(sorted(set(wfs)))
     if args.get("kind") is not None:
         kinds = _one_or_list(args["kind"], "kind", len(KINDS))
         bad = [k for k in kinds if k not in KINDS]
@@ -128,7 +135,7 @@ def parse_filter(args: dict) -> Filter:
     if args.get("state") is not None:
         sts = tuple(sorted({_state(s) for s in _one_or_list(args["state"], "state",
                                                             MAX_STATES)}))
-    return Filter(kinds, jobs_, group, sts)
+    return Filter(kinds, jobs_, group, sts, wfs)
 
 
 # -- reading -----------------------------------------------------------------------------------
@@ -140,6 +147,8 @@ def _job_rows(conn, since: int, end: int, limit: int, f: Filter) -> list[dict]:
          .where(e.c.id > since, e.c.id <= end))
     if f.jobs:
         q = q.where(e.c.job_id.in_(f.jobs))
+    if f.workflows:
+        q = q.where(jobs.c.workflow_id.in_(f.workflows))
     if f.group:
         q = q.where(jobs.c.group_identifier == f.group)
     if f.states:
@@ -160,6 +169,8 @@ def _server_rows(conn, since: int, end: int, limit: int, f: Filter) -> list[dict
         q = q.where(s.c.kind.in_(sorted(f.kinds)))
     if f.jobs:
         q = q.where(s.c.job_id.in_(f.jobs))
+    if f.workflows:
+        q = q.where(s.c.workflow_id.in_(f.workflows))
     if f.group:
         q = q.where(s.c.grp == f.group)
     if f.states:
@@ -204,15 +215,16 @@ class Park:
     wait: float
 
 
-@op(READER, args=("since", "limit", "wait", "job", "group", "state", "kind"))
+@op(READER, args=("since", "limit", "wait", "job", "group", "state", "kind", "workflow"))
 def events(srv: JobServer, args: dict, now: float) -> dict | Park:
     """Events after the cursor ``since`` (id > since), oldest first.
 
     Args: since (int >= 0, default 0), limit (1..10,000, default 1,000), wait (seconds 0..60,
     default 0: when nothing matches yet, answer when something does, or empty at the timeout),
-    job (a job id or a list of up to 1,000), group, state (job, agent or pilot state, or a list;
-    a job event matches its new state or a state it passed through), kind (job, agent, pilot,
-    or a list). Returns {"events": [...], "cursor": id to ask from next, "oldest": the first id
+    job (a job id or a list of up to 1,000), group, state (job, agent, pilot or workflow
+    state, or a list; a job event matches its new state or a state it passed through), kind
+    (job, agent, pilot, workflow, or a list), workflow (a workflow id or a list of up to 1,000:
+    its events and its subjobs'). Returns {"events": [...], "cursor": id to ask from next, "oldest": the first id
     the stream holds in full}. A cursor older than what was pruned is refused (code "pruned").
     """
     since = _arg(args, "since", int, 0)
@@ -251,9 +263,15 @@ class _TurnIndex:
         self.job: dict[int, int] = {}
         self.state: dict[str, int] = {}
         self._groups: dict[str, int] | None = None
+        self.workflow: dict[int, int] = {}
+        self.any_job = 0  # the newest job event (which may be a subjob's)
         for e in evs:  # in id order: the last write per key is the newest
             i = e["id"]
             self.kind[e.get("kind", "job")] = i
+            if e.get("workflow_id") is not None:
+                self.workflow[e["workflow_id"]] = i
+            if "kind" not in e:
+                self.any_job = i
             if e["job_id"] is not None:
                 self.job[e["job_id"]] = i
             self.state[e["to_state"]] = i
@@ -287,6 +305,9 @@ class _TurnIndex:
         if f.states and max(self.state.get(s, 0) for s in f.states) <= since:
             return False
         if f.group and self.groups(conn).get(f.group, 0) <= since:
+            return False
+        if f.workflows and self.any_job <= since and \
+                max(self.workflow.get(w, 0) for w in f.workflows) <= since:
             return False
         return True
 

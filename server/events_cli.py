@@ -25,6 +25,8 @@ PAGE = 1000
 @click.option("--job", "jobs", type=click.IntRange(1), multiple=True, metavar="ID",
               help="Events of this job (repeatable).")
 @click.option("--group", help="Events of the jobs of this group_identifier.")
+@click.option("--workflow", "workflows", type=click.IntRange(1), multiple=True, metavar="ID",
+              help="Events of this workflow and of its subjobs (repeatable).")
 @click.option("--state", "states", multiple=True,
               help="Events into (or through) this state (repeatable): a job state (any case, "
               "a unique prefix), an agent state (ALIVE, LOST, EXITED), a pilot state, a "
@@ -33,7 +35,7 @@ PAGE = 1000
               help="Events of this kind (repeatable).")
 @json_option
 @click.pass_context
-def events_group(ctx, follow, since, jobs, group, states, kinds, as_json) -> None:
+def events_group(ctx, follow, since, jobs, group, workflows, states, kinds, as_json) -> None:
     """The event stream: job, agent, pilot and workflow events by increasing id.
 
     Every job state change, agents joining, lost or leaving, pilots recorded or changed, jobs
@@ -46,7 +48,7 @@ def events_group(ctx, follow, since, jobs, group, states, kinds, as_json) -> Non
     if ctx.invoked_subcommand is not None:
         return
     filters = {k: v for k, v in (("job", list(jobs)), ("group", group), ("state", list(states)),
-                                 ("kind", list(kinds))) if v}
+                                 ("kind", list(kinds)), ("workflow", list(workflows))) if v}
     show = _print_json if as_json else _print_line
     with client_of(ctx) as c:
         ends = c.status()["events"]

@@ -108,6 +108,11 @@ def test_chain_passes_files_and_reaches_history(server: ServerHandle, c, data, t
     done_c = next(e["id"] for e in jobs_ev if e["to"] == "JOB_FINISHED")
     assert next(e["id"] for e in evs if e["to"] == "HISTORY") > done_c
     assert all(e["workflow"] == wf for e in jobs_ev)
+    # a workflow's filter: its own events and its subjobs', nothing else
+    mine = c.events(since=0, limit=10_000, workflow=wf)["events"]
+    assert {e["kind"] for e in mine} == {"job", "workflow"}
+    assert {e["job"] for e in mine if e["kind"] == "job"} == {ja, jb, jc}
+    assert [e["to"] for e in mine if e["kind"] == "workflow"] == expected
     # the CLI
     r = run_cli(server.home, "workflow", "ls", check=True)
     assert "chain" in r.stdout and "HISTORY" in r.stdout
@@ -181,11 +186,21 @@ def test_kill_stops_the_running_subjob_and_retry_resumes(server: ServerHandle, c
     wf, (ja, jb) = r["id"], r["jobs"]
     server.agent(work_root=tmp_path / "work")
     wait_for(lambda: c.workflow(wf)["state"] == "SUBJOB_RUNNING", 30, what="a to run")
+    # a follower of this workflow's events, parked at the server until the kill
+    import threading
+    got: list = []
+    newest = c.status()["events"]["newest"]
+    t = threading.Thread(target=lambda: got.append(server.client().events(
+        since=newest, wait=20, workflow=wf, kind="workflow")))
+    t.start()
+    time.sleep(0.3)
     r = run_cli(server.home, "workflow", "kill", str(wf), "--json", check=True)
     assert json.loads(r.stdout) == {"changed": [wf]}
     d = c.workflow(wf)
     assert d["state"] == "USER_KILLED"
     assert [s["state"] for s in d["subjob_list"]] == ["USER_KILLED", "USER_KILLED"]
+    t.join(20)
+    assert [e["to"] for e in got[0]["events"]] == ["USER_KILLED"]
     wait_for(lambda: c.status()["leases"] == 0, 15, what="the task to be stopped")
     assert c.kill_workflows([wf]) == {"changed": []}  # killed already
     slow.unlink()
