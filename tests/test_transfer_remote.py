@@ -175,6 +175,15 @@ def test_option_like_hosts_never_reach_ssh(world, tmp_path):
     assert not marker.exists()
 
 
+def test_an_upload_never_follows_a_symlink(world, tmp_path):
+    """put opens the local file itself with O_NOFOLLOW (a task could plant a link to a key)."""
+    (tmp_path / "link").symlink_to(world["sshd"].key)
+    for url in remote_urls(world, "up/link"):
+        with pytest.raises(TransferError, match="symbolic link: never followed"):
+            scheme(world, url).put(str(tmp_path / "link"), url, FAST)
+    assert not (world["files"] / "up" / "link").exists()
+
+
 def test_credentials_never_reach_a_command_line(world, tmp_path):
     """While an sftp runs, neither the key file nor the user nor the host is in any process's
     command line."""

@@ -15,6 +15,7 @@ as fast as curl on a single stream: bench/transfer_speed.py). Bounded everywhere
 """
 from __future__ import annotations
 
+import errno
 import http.client
 import os
 import socket
@@ -173,7 +174,9 @@ class HttpScheme(Scheme):
         try:
             fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
-            raise TransferError(f"{u}: local {src[:100]}: {exc.strerror}") from None
+            why = "a symbolic link: never followed" if exc.errno == errno.ELOOP \
+                else exc.strerror
+            raise TransferError(f"{u}: local {src[:100]}: {why}") from None
         deadline = time.monotonic() + limits.timeout
         try:
             st = os.fstat(fd)

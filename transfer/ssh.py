@@ -25,6 +25,7 @@ Safety:
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -327,7 +328,8 @@ def _open_regular(src: str, u: Url) -> int:
     try:
         fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
-        raise TransferError(f"{u}: local {src[:100]}: {exc.strerror}") from None
+        why = "a symbolic link: never followed" if exc.errno == errno.ELOOP else exc.strerror
+        raise TransferError(f"{u}: local {src[:100]}: {why}") from None
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
