@@ -165,10 +165,14 @@ def test_option_like_hosts_never_reach_ssh(world, tmp_path):
                 "scp://-F/etc/passwd/x"):
         with pytest.raises(ValidationError, match="starts with '-'"):
             scheme_for(url)
-    forged = Url("forged", "scp", host=f"-oProxyCommand=touch {marker}", path="/x")
     assert sftp_argv("/c", "/b") == ["sftp", "-F", "/c", "-b", "/b", ALIAS]
-    cfg = ssh_config(forged, Credentials().for_url("scp://h/x"), FAST)
-    assert cfg.splitlines()[1] == f"  HostName -oProxyCommand=touch {marker}"
+    none = Credentials().for_url("scp://h/x")
+    for host in (f"-oProxyCommand=touch {marker}", f"h\n  ProxyCommand touch {marker}"):
+        with pytest.raises(TransferError, match="space, quote or control character"):
+            ssh_config(Url("forged", "scp", host=host, path="/x"), none, FAST)
+    forged = Url("forged", "scp", host=f"-oProxyCommand=touch{marker}", path="/x")
+    cfg = ssh_config(forged, none, FAST)
+    assert cfg.splitlines()[1] == f"  HostName -oProxyCommand=touch{marker}"
     assert "ProxyCommand none" in cfg
     with pytest.raises(TransferError):
         scheme(world, "scp://h/x").get(forged, str(tmp_path / "x"), FAST)

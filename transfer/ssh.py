@@ -75,8 +75,11 @@ def _cfg_value(value: str, what: str) -> str:
 def ssh_config(u: Url, cred, limits: Limits) -> str:
     """The ``-F`` file for one endpoint (pure)."""
     host = u.host[1:-1] if u.host.startswith("[") else u.host
-    lines = [f"Host {ALIAS}", f"  HostName {host}", f"  Port {u.port or cred.port or 22}"]
     user = u.user or cred.user
+    for what, v in (("host", host), ("user", user or "")):  # again: a Url may be built by hand
+        if re.search(r"[\s\x00-\x1f\x7f\"#]", v):
+            raise TransferError(f"{u}: the {what} holds a space, quote or control character")
+    lines = [f"Host {ALIAS}", f"  HostName {host}", f"  Port {u.port or cred.port or 22}"]
     if user:
         lines.append(f"  User {user}")
     if cred.key_file:
