@@ -28,7 +28,8 @@ from .base import (Limits, Partial, Scheme, Stat, TransferError, Url, as_url, ch
                    over_cap)
 from .credentials import NONE
 
-CHUNK = 1 << 20
+#: Bytes read per call: 256 KiB measured fastest here (1 MiB was ~3x slower, 64 KiB slower).
+CHUNK = 1 << 18
 MAX_REDIRECTS = 5
 _SAFE = "/:@!$&'()*+,;=-._~"
 
