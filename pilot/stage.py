@@ -7,15 +7,18 @@ with the guard, watched by a pidfd, killed at its deadline, by ``stop_all`` and 
 a slow, huge or hostile transfer never holds the agent's loop. It prints one line on standard
 error when it fails (the job's message) and exits 1.
 
-The rule of :mod:`pilotfish.dataroots` is applied again here, after symlinks: to the
+A remote URL (scp, sftp, http(s), gsiftp, globus) is moved through :mod:`pilotfish.transfer`
+by :mod:`pilotfish.pilot.stage_remote`, under the same byte cap and the step's timeout. For a
+local one, the rule of :mod:`pilotfish.dataroots` is applied again here, after symlinks: to the
 ``realpath`` of the URL, then to the path the kernel really opened (``/proc/self/fd``). Every
-open below uses ``O_NOFOLLOW`` and directory file descriptors, so a symlink swapped in while we
-copy is never followed. What is copied:
+open uses ``O_NOFOLLOW`` and directory file descriptors (the helpers live in
+:mod:`pilotfish.transfer.local`), so a symlink swapped in while we copy is never followed.
+What is copied locally:
 
 * stage-in: a regular file (into the workdir under its own name) or a directory (its tree into
   ``WORKDIR/<name>/``); several URLs joined by newlines (a workflow's subjob with several
-  parents) are staged in one after the other, each with its own byte cap. Inside a tree: regular files, directories and symlinks (copied as
-  symlinks, never followed). A device, FIFO or socket fails the step, named; a top-level input
+  parents) are staged in one after the other, each with its own byte cap. Inside a tree:
+  regular files, directories and symlinks (copied as symlinks, never followed). A device, FIFO or socket fails the step, named; a top-level input
   that is not a regular file or directory is refused without being opened.
 * stage-out: the workdir's tree into ``URL/<workdir name>/``, a folder of the job's own. It is
   built under a temporary name in the same directory (with a marker file naming the job) and
@@ -28,211 +31,15 @@ there). Imports are light on purpose: this starts once per staged job.
 """
 from __future__ import annotations
 
-import errno
 import os
 import stat
 import sys
 
-from pilotfish.dataroots import DataRoots, make, shown, url_path
-from pilotfish.errors import ValidationError
-
-CHUNK = 1 << 20
-#: Written first into a stage-out folder: the job id, so a retry may replace its own folder.
-MARKER = ".pilotfish-job"
-_RD = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-class StageError(Exception):
-    """A refusal or failure with its one-line message."""
-
-
-def kind(mode: int) -> str:
-    for test, name in ((stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
-                       (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
-                       (stat.S_ISLNK, "symlink"), (stat.S_ISDIR, "directory"),
-                       (stat.S_ISREG, "regular file")):
-        if test(mode):
-            return name
-    return "special file"
-
-
-def human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:g} {unit}" if unit == "B" else f"{n:.3g} {unit}"
-        n /= 1024
-    return str(n)
-
-
-class Budget:
-    """The byte cap of one step."""
-
-    def __init__(self, cap: int, what: str) -> None:
-        self.cap, self.left, self.what = cap, cap, what
-        #: (st_dev, st_ino) of directories a tree may not contain (the home, the work root):
-        #: found by identity, so a bind mount or a second name does not hide them.
-        self.forbidden: dict[tuple[int, int], str] = {}
-        #: (st_dev, st_ino) of the home's private files: a hard link to one (same file, other
-        #: name) is refused wherever it is found.
-        self.private: set[tuple[int, int]] = set()
-
-    def take(self, n: int) -> None:
-        self.left -= n
-        if self.left < 0:
-            raise StageError(f"{self.what}: more than {human(self.cap)} to copy: over the "
-                             "staging byte cap (--stage-max-bytes, PILOTFISH_STAGE_MAX_BYTES, "
-                             "or the site profile's staging.max_bytes)")
-
-
-def opened_path(fd: int) -> str | None:
-    """The path the kernel opened behind ``fd`` (None without /proc)."""
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        return None
-
-
-def check_opened(fd: int, roots: DataRoots, what: str, value: str) -> None:
-    real = opened_path(fd)
-    if real is not None:
-        try:
-            roots.check_path(real, what, value)
-        except ValidationError as exc:  # the caller closes fd (this process ends soon anyway)
-            raise StageError(str(exc)) from None
-
-
-def open_workdir(workdir: str) -> int:
-    """The job's workdir as a directory fd, refused unless it is a real directory at exactly
-    that path (the agent's work root is a realpath: any symlink on the way changes the path)."""
-    try:
-        fd = os.open(workdir, _DIR)
-    except (NotADirectoryError, OSError) as exc:
-        if isinstance(exc, NotADirectoryError) or exc.errno == errno.ELOOP:
-            raise StageError(f"workdir {workdir} is not a real directory under the work root "
-                             "(a symlink?): refused") from None
-        raise StageError(f"workdir {workdir}: {exc.strerror}") from None
-    real = opened_path(fd)
-    if real is not None and real != workdir:
-        os.close(fd)
-        raise StageError(f"workdir {workdir} is not a real directory under the work root "
-                         f"(it leads to {real[:100]}): refused")
-    return fd
-
-
-def copy_file(sfd: int, name: str, dfd: int, budget: Budget, where: str,
-              single_link: bool = False, dname: str | None = None) -> None:
-    """Copy regular file ``name`` of directory ``sfd`` into directory ``dfd`` (as ``dname``)."""
-    src = os.open(name, _RD, dir_fd=sfd)
-    try:
-        st = os.fstat(src)
-        if not stat.S_ISREG(st.st_mode):  # swapped since we looked: never read it
-            raise StageError(f"{where} is a {kind(st.st_mode)}; only regular files, "
-                             "directories and symlinks are staged")
-        if st.st_nlink > 1 and (st.st_dev, st.st_ino) in budget.private:
-            raise StageError(f"{where} is a hard link to a private file of the pilotfish home: "
-                             "not staged")
-        if single_link and st.st_nlink > 1:
-            raise StageError(f"{where} has {st.st_nlink} hard links; a file linked from "
-                             "elsewhere is not staged out")
-        out = os.open(dname or name,
-                      os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                      dir_fd=dfd)
-        try:
-            while True:
-                # read one byte past the cap at most: enough to know the cap is passed
-                data = os.read(src, min(CHUNK, budget.left + 1))
-                if not data:
-                    break
-                budget.take(len(data))
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(out, view):]
-            os.fchmod(out, stat.S_IMODE(st.st_mode) & 0o777)
-            os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
-        finally:
-            os.close(out)
-    finally:
-        os.close(src)
-
-
-def copy_tree(sfd: int, dfd: int, budget: Budget, where: str, single_link: bool = False,
-              skip: str | None = None, depth: int = 0) -> None:
-    """Copy the entries of directory ``sfd`` into the (empty) directory ``dfd``."""
-    if depth > 200:
-        raise StageError(f"{where}: directories nested more than 200 deep")
-    with os.scandir(sfd) as it:
-        names = sorted(e.name for e in it)
-    for name in names:
-        if name == skip:
-            continue
-        here = f"{where}/{name}"
-        st = os.stat(name, dir_fd=sfd, follow_symlinks=False)
-        if stat.S_ISLNK(st.st_mode):
-            os.symlink(os.readlink(name, dir_fd=sfd), name, dir_fd=dfd)
-        elif stat.S_ISREG(st.st_mode):
-            copy_file(sfd, name, dfd, budget, here, single_link)
-        elif stat.S_ISDIR(st.st_mode):
-            if (st.st_dev, st.st_ino) in budget.forbidden:
-                raise StageError(f"{here} is {budget.forbidden[st.st_dev, st.st_ino]}: "
-                                 "not staged")
-            os.mkdir(name, 0o700, dir_fd=dfd)
-            s2 = os.open(name, _DIR, dir_fd=sfd)
-            try:
-                d2 = os.open(name, _DIR, dir_fd=dfd)
-                try:
-                    copy_tree(s2, d2, budget, here, single_link, None, depth + 1)
-                    os.fchmod(d2, stat.S_IMODE(st.st_mode) & 0o777 | 0o700)
-                finally:
-                    os.close(d2)
-            finally:
-                os.close(s2)
-        else:
-            raise StageError(f"{here} is a {kind(st.st_mode)}; only regular files, "
-                             "directories and symlinks are staged")
-
-
-def remove(dfd: int, name: str) -> None:
-    """Remove entry ``name`` of directory ``dfd`` (a tree without following symlinks)."""
-    try:
-        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-    except FileNotFoundError:
-        return
-    if stat.S_ISDIR(st.st_mode):
-        import shutil
-        shutil.rmtree(name, dir_fd=dfd)
-    else:
-        os.unlink(name, dir_fd=dfd)
-
-
-def private_files(home: str) -> set[tuple[int, int]]:
-    """Identities of the home's files that must never leave it: keys, database, server.json."""
-    out = set()
-    for d in (home, os.path.join(home, "keys"), os.path.join(home, "keys", "authorized")):
-        try:
-            with os.scandir(d) as it:
-                for e in it:
-                    if e.is_file(follow_symlinks=False):
-                        st = e.stat(follow_symlinks=False)
-                        out.add((st.st_dev, st.st_ino))
-        except OSError:
-            pass
-    return out
-
-
-def roots_of(home: str, work_root: str, roots: list[str]) -> DataRoots:
-    return make(home, roots, resolve=True, exclude=[work_root])
-
-
-def resolved(url: str, what: str, roots: DataRoots) -> str:
-    """The URL's path after symlinks, checked against the data roots (the node's last word)."""
-    real = os.path.realpath(url_path(url, what))
-    try:
-        roots.check_path(real, what, url)
-    except ValidationError as exc:
-        raise StageError(str(exc)) from None
-    return real
-
+from pilotfish.dataroots import DataRoots, shown, url_path
+from pilotfish.errors import PilotfishError, ValidationError
+from pilotfish.transfer.local import (  # noqa: F401  (StageError, Budget...: the stager's names)
+    _DIR, _RD, CHUNK, MARKER, Budget, StageError, check_opened, copy_file, copy_tree, kind,
+    open_workdir, private_files, remove, resolved, roots_of)
 
 def stage_in(url: str, workdir: str, roots: DataRoots, cap: int) -> None:
     what = "input_url"
@@ -407,16 +214,24 @@ def main(argv: list[str] | None = None) -> int:
     what = "stage-in" if mode == "in" else "stage-out"
     try:
         data_roots = roots_of(home, work_root, roots)
-        if mode == "in":
-            # a workflow's subjob with several parents stages in one folder of each: their
-            # URLs joined by newlines (no checked URL holds one; see server/workflows.py)
-            for one in url.split("\n"):
+        # a workflow's subjob with several parents stages in one folder of each: their URLs
+        # joined by newlines (no checked URL holds one; see server/workflows.py)
+        for one in url.split("\n") if mode == "in" else [url]:
+            if "://" in one and not one.startswith(("file://", "local://")):
+                from . import stage_remote  # remote schemes: pilotfish.transfer, same limits
+                if mode == "in":
+                    stage_remote.stage_in(one, workdir, data_roots, cap)
+                elif mode == "out":
+                    stage_remote.stage_out(one, workdir, job, data_roots, cap)
+                else:
+                    raise StageError(f"unknown mode {mode!r}")
+            elif mode == "in":
                 stage_in(one, workdir, data_roots, cap)
-        elif mode == "out":
-            stage_out(url, workdir, job, data_roots, cap)
-        else:
-            raise StageError(f"unknown mode {mode!r}")
-    except (StageError, ValidationError) as exc:
+            elif mode == "out":
+                stage_out(one, workdir, job, data_roots, cap)
+            else:
+                raise StageError(f"unknown mode {mode!r}")
+    except (StageError, ValidationError, PilotfishError) as exc:
         print(f"{what} failed: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:

@@ -7,7 +7,8 @@ import pilotfish
 PKG = Path(pilotfish.__file__).resolve().parent
 ROOMS = {"server": "pilotfish.server", "pilot": "pilotfish.pilot",
          "launcher": "pilotfish.launcher", "container": "pilotfish.container",
-         "bridge": "pilotfish.bridge", "web": "pilotfish.web"}
+         "bridge": "pilotfish.bridge", "web": "pilotfish.web",
+         "transfer": "pilotfish.transfer"}
 CORE = ["protocol.py", "settings.py", "errors.py", "validate.py", "console.py", "client.py",
         "pilotstate.py", "arrays.py", "usage.py", "timespec.py"]
 
@@ -71,6 +72,14 @@ def test_matplotlib_is_imported_only_inside_the_plot_functions():
             n.module.split(".")[0] for n in top if isinstance(n, ast.ImportFrom) and n.module}
         assert "matplotlib" not in names, f.name
     assert "import matplotlib" in (room_dir("web") / "plots.py").read_text()
+def test_transfer_imports_the_core_only():
+    """transfer/ is used by the server (URL checks at the door), the node agent's stager and the
+    site stager: it imports the core (and dataroots) only, never a room."""
+    others = [p for r, p in ROOMS.items() if r != "transfer"] + ["pilotfish.site_configs"]
+    for f in room_dir("transfer").glob("*.py"):
+        bad = [m for m in imports(f) if any(in_package(m, o) for o in others)
+               or m.startswith("..")]
+        assert not bad, f"transfer/{f.name} imports {bad}"
 
 
 def test_core_imports_no_room():
