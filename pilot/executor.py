@@ -162,6 +162,9 @@ class Staging:
     home: str
     timeout: float
     max_bytes: int
+    #: The site stager's staging directory (shared with the login node): a task with
+    #: ``staged: NAME`` finds its input at ``<staged_dir>/<job>/NAME`` (None: none here).
+    staged_dir: str | None = None
 
 
 class Executor:
@@ -303,6 +306,12 @@ class Executor:
                 t.created = True
             except FileExistsError:
                 pass  # a retry reuses its workdir (checked before anything runs in it)
+            if spec.get("staged"):  # a site stager fetched it: move it in, off the loop
+                why = self._enter(t)
+                if why:
+                    return self._fail(t, now, "STAGE_IN_FAILED", f"stage-in failed: {why}")
+                self._place(t, now, spec["staged"])
+                return
             if spec.get("input_url"):
                 why = self._enter(t)
                 if why:
@@ -366,6 +375,18 @@ class Executor:
                                self._root_prefix or "/", *st.roots]
         failure = "STAGE_IN_FAILED" if mode == "in" else "STAGE_OUT_FAILED"
         if self._spawn(t, now, f"stage_{mode}", argv, "", failure):
+            t.deadline = now + st.timeout
+
+    def _place(self, t: Task, now: float, name: str) -> None:
+        """Move the input a site stager staged into the workdir: a child process like a stage
+        step (:mod:`.place`; a rename on the shared file system, a copy across devices)."""
+        st = self.staging
+        if st is None or not st.staged_dir:
+            return self._fail(t, now, "STAGE_IN_FAILED", "stage-in failed: the site stager "
+                              "staged this job's input, but this agent has no --staging-dir")
+        code = self._stager[-1].replace("pilotfish.pilot.stage ", "pilotfish.pilot.place ")
+        argv = self._stager[:-1] + [code, st.staged_dir, str(t.job), str(name), t.workdir]
+        if self._spawn(t, now, "stage_in", argv, "", "STAGE_IN_FAILED"):
             t.deadline = now + st.timeout
 
     def _enter(self, t: Task) -> str | None:

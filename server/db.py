@@ -11,7 +11,7 @@ from sqlalchemy.engine import Engine
 
 from pilotfish.errors import PilotfishError
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 #: Columns that bring a database from a version to the next: (table, column, SQL type).
 #: ADD COLUMN works on SQLite and PostgreSQL alike; a table that create_all has just made
 #: (it did not exist) has its new columns already, so only missing ones are added.
@@ -37,6 +37,9 @@ MIGRATIONS: dict[int, list[tuple[str, str, str]]] = {
         ("jobs", "job_status_routing_key", "VARCHAR(255)"), ("jobs", "intake_key",
                                                              "VARCHAR(255)")],
     8: [],  # job_output: a new table, made by create_all (task output for `job log`)
+    # jobs.staged: a remote input the site stager placed in its site's staging directory,
+    # waiting for the agent that takes the job (JSON: site, name, bytes, sha256); NULL else
+    9: [("jobs", "staged", "TEXT")],
 }
 #: Statements run after a version's columns are added (idempotent: IF NOT EXISTS). A partial
 #: index: jobs without an intake key (nearly all) cost it nothing.
@@ -108,6 +111,7 @@ jobs = Table(
     Column("run_leased", Float),
     Column("run_state", String(24)),
     Column("run_message", Text),
+    Column("staged", Text),  # see MIGRATIONS[9] and server/staging.py
     Column("argo_job_id", String(128)),            # the producer's id of the job (kept as text)
     Column("scheduler_config", Text),              # the seed's scheduler config name (kept)
     Column("job_status_routing_key", String(255)),  # where the AMQP bridge sends its status
