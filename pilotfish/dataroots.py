@@ -3,7 +3,7 @@
 One rule, in one place, applied twice:
 
 * at the door (the server, ``job add`` and ``job alter``), lexically: an absolute path or a
-  ``file://`` URL (``file://localhost/`` too, no other host), no NUL or line break, no ``..``
+  ``file://`` URL (``file://localhost/`` too, no other host; ``local://`` alike), no NUL or line break, no ``..``
   part, under one of the server's data roots, and not into the pilotfish home;
 * on the node (the stager, :mod:`pilotfish.pilot.stage`), on the path after symlinks
   (``realpath``, then the path the kernel really opened): under one of the agent's roots, not
@@ -160,6 +160,8 @@ def url_path(value: Any, what: str) -> str | None:
         raise ValidationError(f"{what} must be a URL string without NUL or line breaks "
                               "(a file:// URL or an absolute path)")
     path = value
+    if value.startswith("local://"):  # the seeds' name for a local copy: file:// by another name
+        value = "file://" + value[len("local://"):]
     if "://" in value:
         if not value.startswith("file://"):
             scheme = value.split("://", 1)[0]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable
 
-from pilotfish import dataroots
+from pilotfish.transfer.base import check_job_url
 from pilotfish.dataroots import DataRoots
 from pilotfish.errors import ValidationError
 from pilotfish.validate import INT64, check_int, check_name, echo, echo_keys
@@ -35,9 +35,10 @@ DEFAULT_MAX_RETRIES = 3
 
 def check_url(value: Any, what: str, roots: DataRoots) -> str | None:
     """``file:///abs/path``, ``file://localhost/abs/path`` or ``/abs/path`` under one of the
-    server's data roots and out of the home (:mod:`pilotfish.dataroots` has the rule); other
-    schemes need a stager we do not have yet."""
-    return dataroots.check_url(value, what, roots)
+    server's data roots and out of the home (:mod:`pilotfish.dataroots` has the rule), or a
+    remote URL of a scheme :mod:`pilotfish.transfer` moves (checked, never fetched here);
+    an unknown scheme is refused with the list of schemes."""
+    return check_job_url(value, what, roots)
 
 
 def _opt_name(value: Any, what: str) -> str | None:

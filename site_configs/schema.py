@@ -247,6 +247,44 @@ class Staging(_Model):
     max_bytes: Optional[Annotated[int, BeforeValidator(_size), Field(gt=0)]] = None
 
 
+_HOSTKEY_RE = re.compile(r"(\*|([a-z][a-z0-9+.-]*://)?"
+                         r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_][A-Za-z0-9_.-]*))")
+_LOGIN_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
+_FILE_RE = re.compile(r"(?!.*(^|/)\.\.(/|$))[~$/][A-Za-z0-9_./${}+~-]*")
+
+
+class TransferCredential(_Model):
+    """How this site's transfers log in to one host (paths to files, never the secrets)."""
+    #: The ssh login (a URL's user@ wins).
+    user: Optional[Annotated[str, _pattern(_LOGIN_RE, "a login name not starting with '-'")]] = \
+        None
+    #: The ssh private key, the known_hosts file (host keys are always checked) and the port.
+    key_file: Optional[Annotated[str, _pattern(_FILE_RE, "a path (~, $VAR or /) without ..")]] = \
+        None
+    known_hosts: Optional[Annotated[str, _pattern(_FILE_RE, "a path (~, $VAR or /) without "
+                                                            "..")]] = None
+    port: Optional[Annotated[int, Field(gt=0, lt=65536)]] = None
+    #: A file whose first line is a bearer token (https, Globus).
+    token_file: Optional[Annotated[str, _pattern(_FILE_RE, "a path (~, $VAR or /) without "
+                                                           "..")]] = None
+
+
+class Transfers(_Model):
+    """Remote inputs and outputs (scp, sftp, http(s), gsiftp, globus URLs) on this site."""
+    #: Transfers in flight at once (the site stager), in all and per endpoint host.
+    max_concurrent: Optional[Count] = None
+    per_endpoint: dict[Annotated[str, _pattern(_HOSTKEY_RE, "a host, or scheme://host")],
+                       Count] = Field(default_factory=dict)
+    #: Files moved in one session where the protocol batches (sftp, Globus).
+    batch_size: Optional[Count] = None
+    #: Seconds and bytes per transfer (defaults: the staging limits).
+    timeout: Optional[PositiveNumber] = None
+    max_bytes: Optional[Annotated[int, BeforeValidator(_size), Field(gt=0)]] = None
+    #: By host (``data.example.org``), ``scheme://host`` or ``*``.
+    credentials: dict[Annotated[str, _pattern(_HOSTKEY_RE, "a host, scheme://host or *")],
+                      TransferCredential] = Field(default_factory=dict)
+
+
 class Site(_Model):
     """A machine: its scheduler, launcher, node shape, queues, and the pilot policy on it."""
     name: Name
@@ -279,6 +317,7 @@ class Site(_Model):
                                                        "without ..")]] = Field(
         default_factory=list)
     staging: Optional[Staging] = None
+    transfers: Optional[Transfers] = None
     pilot: Pilot = Field(default_factory=Pilot)
 
     # -- queries --------------------------------------------------------------------------
@@ -429,12 +468,15 @@ class Site(_Model):
 #: Which model holds the keys at a key path (``*`` is a queue's name): for "did you mean".
 MODELS_AT: dict[tuple, type[BaseModel]] = {
     (): Site, ("node",): Node, ("batch",): Batch, ("pilot",): Pilot, ("queues", "*"): Queue,
-    ("keys",): Keys, ("staging",): Staging}
+    ("keys",): Keys, ("staging",): Staging, ("transfers",): Transfers,
+    ("transfers", "credentials", "*"): TransferCredential}
 
 
 def model_at(loc: tuple) -> type[BaseModel] | None:
     if len(loc) >= 2 and loc[0] == "queues":
         loc = ("queues", "*") + tuple(loc[2:])
+    if len(loc) >= 3 and tuple(loc[:2]) == ("transfers", "credentials"):
+        loc = ("transfers", "credentials", "*") + tuple(loc[3:])
     return MODELS_AT.get(tuple(loc))
 
 

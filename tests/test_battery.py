@@ -243,7 +243,7 @@ def test_paths(world, tally):
                f"{d}/../outside", f"{d}/a/../../outside", "relative/out", "out",
                f"file://otherhost{d}/x", f"file://{d}/%2e%2e/outside", f"{d}/to-keys",
                f"{d}/to-keys/authorized", f"{d}/to-outside", str(o), f"{o}/victim.txt",
-               "//etc", f"{d}\n/x", "-rf", "--output=/etc", "file:", "file://", "http://x/y",
+               "//etc", f"{d}\n/x", "-rf", "--output=/etc", "file:", "file://", "weird://x/y",
                f"{d}/existing", f"{d}/in.txt", "/proc/self/cwd", "/dev/shm/" + TOKEN,
                "~/.ssh", "$HOME/.ssh", f"{d}/./../outside"]
     inputs = [f"{h}/keys/server.key_secret", f"{h}/keys/client.key_secret", f"{h}/pilotfish.db",

@@ -53,7 +53,7 @@ def _bad_urls(home: Path, tmp: Path) -> list:
         ("dotdot-url", f"file://{home}/data/../keys", r"'\.\.' part"),
         ("percent-encoded-dotdot", f"file://{home}/data/%2e%2e/keys", "percent-encoding"),
         ("other-host", f"file://evil.example{home}/data/x", "names host 'evil.example'"),
-        ("http", "http://evil.example/x", "unsupported scheme"),
+        ("unknown-scheme", "weird://evil.example/x", "unknown scheme 'weird'"),
         ("keys-authorized", f"{home}/keys/authorized", "inside the pilotfish home"),
         ("keys-url", f"file://localhost{home}/keys/authorized", "inside the pilotfish home"),
         ("server-secret", f"{home}/keys/server.key_secret", "inside the pilotfish home"),

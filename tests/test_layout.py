@@ -7,7 +7,7 @@ import pilotfish
 PKG = Path(pilotfish.__file__).resolve().parent
 ROOMS = {"server": "pilotfish.server", "pilot": "pilotfish.pilot",
          "launcher": "pilotfish.launcher", "container": "pilotfish.container",
-         "bridge": "pilotfish.bridge"}
+         "bridge": "pilotfish.bridge", "transfer": "pilotfish.transfer"}
 CORE = ["protocol.py", "settings.py", "errors.py", "validate.py", "console.py", "client.py",
         "pilotstate.py", "arrays.py"]
 
@@ -51,6 +51,16 @@ def test_the_bridge_imports_neither_server_nor_pilot():
         bad = [m for m in imports(f) if in_package(m, "pilotfish.server")
                or in_package(m, "pilotfish.pilot") or m.startswith("..")]
         assert not bad, f"bridge/{f.name} imports {bad}"
+
+
+def test_transfer_imports_the_core_only():
+    """transfer/ is used by the server (URL checks at the door), the node agent's stager and the
+    site stager: it imports the core (and dataroots) only, never a room."""
+    others = [p for r, p in ROOMS.items() if r != "transfer"] + ["pilotfish.site_configs"]
+    for f in room_dir("transfer").glob("*.py"):
+        bad = [m for m in imports(f) if any(in_package(m, o) for o in others)
+               or m.startswith("..")]
+        assert not bad, f"transfer/{f.name} imports {bad}"
 
 
 def test_core_imports_no_room():

@@ -1,0 +1,6 @@
+"""(being written: the gridftp transfers)"""
+from .base import Scheme
+
+
+class GridFtpScheme(Scheme):
+    pass

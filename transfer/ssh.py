@@ -1,0 +1,10 @@
+"""(being written: the ssh transfers)"""
+from .base import Scheme
+
+
+class ScpScheme(Scheme):
+    pass
+
+
+class SftpScheme(Scheme):
+    pass
