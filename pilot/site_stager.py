@@ -62,8 +62,8 @@ class Work:
     token: int
     url: str
     endpoint: str = "?"
+    scheme: str = ""
     host: str = ""
-    port: int | None = None
     started: float | None = None
 
 
@@ -94,6 +94,13 @@ class SiteStager:
                  stager_id: str | None = None, poll: float = POLL) -> None:
         self.site = site
         self.t: Transfers = site.transfers or Transfers()
+        st = site.staging
+        self.max_concurrent = self.t.max_concurrent or 8
+        self.batch_size = self.t.batch_size or 16
+        self.timeout = float(self.t.timeout or (st.timeout if st and st.timeout else 3600.0))
+        self.max_bytes = self.t.max_bytes or (st.max_bytes if st and st.max_bytes
+                                              else 100 * 2**30)
+        self.stall = float(self.t.stall or 120.0)
         self.dir = staging_dir(site, home)
         self.client_factory = client_factory
         self.poll = poll
@@ -106,26 +113,22 @@ class SiteStager:
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.stopping = threading.Event()
-        self.pool = ThreadPoolExecutor(self.t.max_concurrent, thread_name_prefix="stager")
+        self.pool = ThreadPoolExecutor(self.max_concurrent, thread_name_prefix="stager")
         self.window = self.ahead = 0
         self.error: str | None = None
         self.totals = {"done": 0, "failed": 0, "bytes": 0}
         self.credentials = self._credentials()
 
     def _credentials(self) -> Any:
-        """The transfer room's credentials of this site (None where it has none)."""
+        """The site profile's ``transfers.credentials`` over the user's transfers file."""
+        from pilotfish.transfer.credentials import Credentials
+        creds = {k: v.model_dump(exclude_none=True) for k, v in self.t.credentials.items()}
         try:
-            from pilotfish.transfer import credentials as creds  # type: ignore
-        except ImportError:
-            return None
-        for name in ("for_site", "from_site", "load"):
-            fn = getattr(creds, name, None)
-            if fn is not None:
-                try:
-                    return fn(self.site)
-                except TypeError:
-                    continue
-        return None
+            return Credentials.load(creds or None)
+        except PilotfishError:
+            raise
+        except Exception as exc:  # a surprise of the transfers file: say it, do not stage
+            raise PilotfishError(f"transfer credentials: {exc}") from None
 
     # -- the loop ---------------------------------------------------------------------------
     def stop(self) -> None:
@@ -136,7 +139,7 @@ class SiteStager:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         client = self.client_factory()
         log.info("stager %s for site %s: staging into %s, %d at once (%s per endpoint)",
-                 self.id, self.site.name, self.dir, self.t.max_concurrent,
+                 self.id, self.site.name, self.dir, self.max_concurrent,
                  self.t.per_endpoint or "no limit")
         try:
             while not self.stopping.is_set():
@@ -161,10 +164,10 @@ class SiteStager:
             done, self.done = self.done, []
             holding = [{"job": w.job, "token": w.token}
                        for w in list(self.pending) + list(self.active.values())]
-            room = self.t.max_concurrent * 2 - len(holding)  # a little queued: slots never idle
+            room = self.max_concurrent * 2 - len(holding)  # a little queued: slots never idle
         try:
             reply = client.call("stage_poll", stager=self.id, site=self.site.name,
-                                want=max(0, room), max_concurrent=self.t.max_concurrent,
+                                want=max(0, room), max_concurrent=self.max_concurrent,
                                 done=done, holding=holding, report=self.report())
         except BaseException:
             with self.lock:  # told nothing: tell it next time
@@ -184,7 +187,7 @@ class SiteStager:
         try:
             from pilotfish.transfer import check_url
             u = check_url(w.url, "input_url")
-            w.endpoint, w.host, w.port = u.endpoint, u.host, u.port
+            w.endpoint, w.scheme, w.host = u.endpoint, u.scheme, u.host
         except Exception:  # reported when its transfer starts
             pass
         return w
@@ -192,7 +195,7 @@ class SiteStager:
     def _endpoint(self, w: Work) -> Endpoint:
         ep = self.endpoints.get(w.endpoint)
         if ep is None:
-            ep = self.endpoints[w.endpoint] = Endpoint(self.t.limit_for(w.host, w.port))
+            ep = self.endpoints[w.endpoint] = Endpoint(self.t.limit_for(w.scheme, w.host))
         return ep
 
     def _start(self) -> None:
@@ -204,14 +207,14 @@ class SiteStager:
         while self.pending:
             w = self.pending.popleft()
             ep = self._endpoint(w)
-            if running >= self.t.max_concurrent or ep.active >= ep.limit:
+            if running >= self.max_concurrent or ep.active >= ep.limit:
                 ep.queued += 1
                 waiting.append(w)
                 continue
             batch = [w]
             if self._batches(w):  # more of this endpoint's files in the same session
                 rest: deque[Work] = deque()
-                while self.pending and len(batch) < self.t.batch_size:
+                while self.pending and len(batch) < self.batch_size:
                     x = self.pending.popleft()
                     (batch if x.endpoint == w.endpoint else rest).append(x)
                 self.pending.extendleft(reversed(rest))
@@ -225,7 +228,7 @@ class SiteStager:
         self.pending = waiting
 
     def _batches(self, w: Work) -> bool:
-        if self.t.batch_size <= 1:
+        if self.batch_size <= 1:
             return False
         try:
             from pilotfish.transfer import scheme_for
@@ -268,8 +271,7 @@ class SiteStager:
     def _fetch(self, batch: list[Work]) -> list[tuple[Work, dict]]:
         from pilotfish.errors import ValidationError
         from pilotfish.transfer import Limits, TransferError, check_url, scheme_for
-        limits = Limits(timeout=float(self.t.timeout), max_bytes=self.t.max_bytes,
-                        stall=float(self.t.stall))
+        limits = Limits(timeout=self.timeout, max_bytes=self.max_bytes, stall=self.stall)
         out: list[tuple[Work, dict]] = []
         pairs = []
         for w in batch:
@@ -331,7 +333,7 @@ class SiteStager:
                          "seconds": round(now - w.started, 1) if w.started else None}
                         for w in list(self.active.values())[:100]]
             return {"host": socket.gethostname(), "pid": os.getpid(), "dir": str(self.dir),
-                    "max_concurrent": self.t.max_concurrent, "active": len(self.active),
+                    "max_concurrent": self.max_concurrent, "active": len(self.active),
                     "queued": len(self.pending), "window": self.window, "ahead": self.ahead,
                     "endpoints": eps, "inflight": inflight, "error": self.error,
                     **self.totals}

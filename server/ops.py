@@ -486,6 +486,11 @@ def _job_dict(srv: JobServer, r) -> dict:
     d["group"] = d.pop("group_identifier")
     d["array"] = next((int(t[len(ARRAY_TAG):]) for t in d["tags"] if t.startswith(ARRAY_TAG)),
                       None)
+    if d.get("staged"):  # a staged input waiting for an agent (see .staging)
+        try:
+            d["staged"] = json.loads(d["staged"])
+        except ValueError:
+            pass
     # where the latest attempt ran (or runs); its full record is job show's "runs"
     if "run_agent" in d:
         d["last_agent"] = d["run_agent"]
@@ -573,7 +578,10 @@ def job_show(srv: JobServer, args: dict, now: float) -> dict:
     d["runs"] = attempts_of(srv, job_id, r)  # ("attempts" is their count)
     # its transfers: each staging step's event (how it went, or the scheme's error), and the
     # stage lease of a site stager working on it now
-    d["transfers"] = [e for e in d["events"] if e["to_state"] in _TRANSFER_STATES]
+    d["transfers"] = [{**e, "step": next(s for s in [e["to_state"]] + (e["via"] or "").split(
+        ",")[::-1] if s in _TRANSFER_STATES)} for e in d["events"]
+        if e["to_state"] in _TRANSFER_STATES or (e["via"] and _TRANSFER_STATES.intersection(
+            e["via"].split(",")))]
     d["staging"] = srv.staging.lease_of(job_id)
     return wire_safe(d)
 

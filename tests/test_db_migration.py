@@ -166,7 +166,7 @@ def test_version_7_gains_the_production_fields_and_the_intake_key_index(tmp_path
         (3, None, None)]
     assert "ux_jobs_intake_key" in [r[1] for r in con.execute("PRAGMA index_list(jobs)")]
     assert con.execute("SELECT value FROM pilotfish_meta WHERE key='schema_version'"
-                       ).fetchone()[0] == str(SCHEMA_VERSION) == "9"
+                       ).fetchone()[0] == str(SCHEMA_VERSION) == "10"
     con.execute("UPDATE jobs SET intake_key='k1'")
     with pytest.raises(sqlite3.IntegrityError):  # the index is unique
         con.execute("INSERT INTO jobs (id, name, description, app_id, num_nodes, "
