@@ -166,6 +166,8 @@ def agent_cmd(ctx, server, server_key, client_key, cores, walltime, work_root, s
     node_name = node_name or os.environ.get("SLURMD_NODENAME") or socket.gethostname()
     task_launcher = TaskLauncher(launcher or default_launcher(), node_name, mpi=mpi,
                                  overlap=bool(os.environ.get("SLURM_STEP_ID")))
+    if site:  # the stager reads this site profile's transfers.credentials (remote URLs)
+        os.environ["PILOTFISH_SITE"] = site
     agent = Agent(address, res, root.resolve(), site=site, pilot=pilot_id, prefetch=prefetch,
                   idle_timeout=idle_timeout, fake_exec=fake_exec, max_tasks=max_tasks,
                   node=node_name, node_cores=len(node), launcher=task_launcher,

@@ -167,6 +167,11 @@ class Staging:
     staged_dir: str | None = None
 
 
+#: Variables of the agent's environment its stager keeps (see pilotfish.pilot.stage_remote).
+STAGE_ENV = ("HOME", "USER", "LOGNAME", "PILOTFISH_TRANSFERS", "PILOTFISH_SITE",
+             "PILOTFISH_TRANSFER_STALL", "SSH_AUTH_SOCK")
+
+
 class Executor:
     def __init__(self, cores: list[int], gpus: list[str], work_root: Path,
                  watch: Callable[[int, Task], None], unwatch: Callable[[int], None],
@@ -213,6 +218,10 @@ class Executor:
         # a declared set of the agent's variables, computed once (not per task): never its key
         # paths or anything else not declared (see pilotfish.envpolicy)
         self.base_env = task_base_env(os.environ)
+        #: The stager's: a task's, plus what remote transfers read (the user's transfers file,
+        #: the site whose profile holds credentials, the stall bound, an ssh agent).
+        self.stage_env = {**self.base_env, **{k: os.environ[k] for k in STAGE_ENV
+                                              if k in os.environ}}
         # We chdir into task workdirs to spawn: never import from the current directory.
         sys.path[:] = [p for p in sys.path if p not in ("", ".")]
         self.avg_run: float | None = None    # moving average of run-step seconds
@@ -374,7 +383,7 @@ class Executor:
         argv = self._stager + [mode, str(t.job), t.workdir, url, str(st.max_bytes), st.home,
                                self._root_prefix or "/", *st.roots]
         failure = "STAGE_IN_FAILED" if mode == "in" else "STAGE_OUT_FAILED"
-        if self._spawn(t, now, f"stage_{mode}", argv, "", failure):
+        if self._spawn(t, now, f"stage_{mode}", argv, "", failure, timeout=st.timeout):
             t.deadline = now + st.timeout
 
     def _place(self, t: Task, now: float, name: str) -> None:
@@ -425,7 +434,7 @@ class Executor:
         return env
 
     def _spawn(self, t: Task, now: float, step: str, argv: list[str], stem: str,
-               failure: str) -> bool:
+               failure: str, timeout: float | None = None) -> bool:
         """Start one process of the task, pinned to its cores; False if it could not start.
 
         A stage step (``stage_in``/``stage_out``) runs the stager from ``/`` with the agent's
@@ -461,7 +470,10 @@ class Executor:
         try:
             if stage:
                 os.chdir("/")
-            t.pid = os.posix_spawn(argv[0], argv, self.base_env if stage else self._env(t),
+            # a stager learns its step's timeout (remote transfers bound themselves by it)
+            env = {**self.stage_env, "PILOTFISH_STAGE_TIMEOUT": f"{timeout:g}"} \
+                if stage and timeout else self.stage_env if stage else self._env(t)
+            t.pid = os.posix_spawn(argv[0], argv, env,
                                    file_actions=actions, setsid=True)
         except OSError as exc:
             self._fail(t, now, failure, f"cannot start {argv[0]}: {exc.strerror or exc}")

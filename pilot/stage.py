@@ -32,7 +32,7 @@ import stat
 import sys
 
 from pilotfish.dataroots import DataRoots, shown, url_path
-from pilotfish.errors import ValidationError
+from pilotfish.errors import PilotfishError, ValidationError
 from pilotfish.transfer.local import (  # noqa: F401  (StageError, Budget...: the stager's names)
     _DIR, _RD, CHUNK, MARKER, Budget, StageError, check_opened, copy_file, copy_tree, kind,
     open_workdir, private_files, remove, resolved, roots_of)
@@ -210,13 +210,21 @@ def main(argv: list[str] | None = None) -> int:
     what = "stage-in" if mode == "in" else "stage-out"
     try:
         data_roots = roots_of(home, work_root, roots)
-        if mode == "in":
+        if "://" in url and not url.startswith(("file://", "local://")):
+            from . import stage_remote  # remote schemes: pilotfish.transfer, same limits
+            if mode == "in":
+                stage_remote.stage_in(url, workdir, data_roots, cap)
+            elif mode == "out":
+                stage_remote.stage_out(url, workdir, job, data_roots, cap)
+            else:
+                raise StageError(f"unknown mode {mode!r}")
+        elif mode == "in":
             stage_in(url, workdir, data_roots, cap)
         elif mode == "out":
             stage_out(url, workdir, job, data_roots, cap)
         else:
             raise StageError(f"unknown mode {mode!r}")
-    except (StageError, ValidationError) as exc:
+    except (StageError, ValidationError, PilotfishError) as exc:
         print(f"{what} failed: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:

@@ -77,9 +77,11 @@ def make_filter(ids=(), states=(), app=None, site=None, group=None, tag=None, na
 @click.option("--depth", "cpus_per_process", type=PLAIN_INT, help="Cores per process.")
 @click.option("--gpus-per-process", type=PLAIN_INT)
 @click.option("--input-url", help="A file or directory to copy into the workdir: an absolute "
-              "path or file:// URL under a data root (see `server start -h`).")
-@click.option("--output-url", help="A directory under a data root; the workdir is copied to "
-              "OUTPUT_URL/NAME.ID/ (never merged into an existing folder).")
+              "path or file:// URL under a data root (see `server start -h`), or a remote "
+              "file: scp://, sftp://, http(s)://, gsiftp://, globus://.")
+@click.option("--output-url", help="A directory under a data root (or a remote one, as for "
+              "--input-url); the workdir is copied to OUTPUT_URL/NAME.ID/ (locally never "
+              "merged into an existing folder).")
 @click.option("--group", "group_identifier")
 @click.option("--tag", "tags", multiple=True)
 @click.option("--priority", type=PLAIN_INT)

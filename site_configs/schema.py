@@ -267,6 +267,9 @@ class TransferCredential(_Model):
     #: A file whose first line is a bearer token (https, Globus).
     token_file: Optional[Annotated[str, _pattern(_FILE_RE, "a path (~, $VAR or /) without "
                                                            "..")]] = None
+    #: https: the certificates of a private CA (else the system's).
+    ca_file: Optional[Annotated[str, _pattern(_FILE_RE, "a path (~, $VAR or /) without "
+                                                        "..")]] = None
 
 
 class Transfers(_Model):

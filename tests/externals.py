@@ -103,6 +103,11 @@ def report() -> list[tuple[str, str, str]]:
         gone = " and ".join(n for n, p in (("ch-run", ch), ("busybox", bb)) if not p)
         rows.append(("Charliecloud", "skipped", f"no {gone} (scripts/test_packages installs "
                      "them, as root)"))
+    sshd = shutil.which("sshd") or ("/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd") else "")
+    rows.append(("OpenSSH sshd", *(("used", f"{sshd} on a loopback port (transfer tests)")
+                                   if sshd and shutil.which("sftp") else
+                                   ("skipped", "no sshd or sftp (scripts/test_packages installs "
+                                               "openssh-server and openssh-client, as root)"))))
     mpiexec = VENV_BIN / "mpiexec"
     rows.append(("MPI", *(("used", f"Hydra {mpiexec} (pip mpich) with mpi4py")
                           if mpiexec.exists() else

@@ -178,8 +178,9 @@ def check_url(value: Any, what: str = "url") -> Url:
     user = None
     if "@" in netloc:
         userinfo, _, netloc = netloc.rpartition("@")
-        if ":" in userinfo or "@" in userinfo:
-            raise _refuse(what, value, "credentials inside a URL are refused; put them in the "
+        if ":" in userinfo or "@" in userinfo:  # never echoed: the password is in it
+            raise _refuse(what, f"{scheme}://***@{netloc}{path_part}",
+                          "credentials inside a URL are refused; put them in the "
                                        "site profile's transfers.credentials or your transfers "
                                        "file (~/.config/pilotfish/transfers.yaml)")
         if userinfo.startswith("-"):

@@ -16,6 +16,7 @@ Shape, in a site profile under ``transfers.credentials`` or at the top of the us
         port: 22
       "https://files.example.org":
         token_file: ~/.config/pilotfish/files.token   # sent as "Authorization: Bearer ..."
+        ca_file: /etc/pki/site-ca.pem                 # https: a private CA
 
 Lookup order for a URL: ``scheme://host``, then ``host``, then ``*``; the site profile's
 entries win over the user's file for the same key.
@@ -46,6 +47,7 @@ class Credential:
     known_hosts: str | None = None
     port: int | None = None
     token_file: str | None = None
+    ca_file: str | None = None
 
     def __repr__(self) -> str:  # paths to secrets are not shown either
         return f"Credential(user={self.user!r}, ...)"
