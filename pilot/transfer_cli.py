@@ -27,6 +27,11 @@ def _rate(n: float) -> str:
     return str(n)
 
 
+def _tail(text: str, n: int = 100) -> str:
+    """An error's end: its one line starts with the (long) URL and ends with what happened."""
+    return text if len(text) <= n else "…" + text[-(n - 1):]
+
+
 @transfer_group.command("ls", context_settings=CTX)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @click.pass_context
@@ -49,7 +54,7 @@ def transfer_ls_cmd(ctx, as_json) -> None:
                          "active": e["active"], "queued": e["queued"], "limit": e["limit"],
                          "done": e["done"], "failed": e["failed"],
                          "rate": _rate(e.get("bytes_per_s") or 0),
-                         "error": (e.get("last_error") or "")[:80]})
+                         "error": _tail(e.get("last_error") or "")})
     if rows:
         console.table(rows, [("stager", "STAGER"), ("state", "STATE"),
                              ("endpoint", "ENDPOINT"), ("active", "IN FLIGHT"),

@@ -578,16 +578,28 @@ def job_show(srv: JobServer, args: dict, now: float) -> dict:
     d["runs"] = attempts_of(srv, job_id, r)  # ("attempts" is their count)
     # its transfers: each staging step's event (how it went, or the scheme's error), and the
     # stage lease of a site stager working on it now
-    d["transfers"] = [{**e, "step": next(s for s in [e["to_state"]] + (e["via"] or "").split(
-        ",")[::-1] if s in _TRANSFER_STATES)} for e in d["events"]
-        if e["to_state"] in _TRANSFER_STATES or (e["via"] and _TRANSFER_STATES.intersection(
-            e["via"].split(",")))]
+    d["transfers"] = transfers_of(d["events"], r.input_url, r.output_url)
     d["staging"] = srv.staging.lease_of(job_id)
     return wire_safe(d)
 
 
-_TRANSFER_STATES = {S.STAGED_IN.value, S.STAGE_IN_FAILED.value, S.STAGED_OUT.value,
-                    S.STAGE_OUT_FAILED.value}
+def transfers_of(events: list[dict], input_url: str | None,
+                 output_url: str | None) -> list[dict]:
+    """A job's staging steps from its events, each with ``step`` (the staging state it
+    reached, also when passed through on the way): stage-in steps when it has an input_url,
+    stage-out steps when it has an output_url, failures always."""
+    wanted = {S.STAGE_IN_FAILED.value, S.STAGE_OUT_FAILED.value}
+    if input_url:
+        wanted.add(S.STAGED_IN.value)
+    if output_url:
+        wanted.add(S.STAGED_OUT.value)
+    out = []
+    for e in events:
+        for step in [e["to_state"]] + (e["via"] or "").split(",")[::-1]:
+            if step in wanted:
+                out.append({**e, "step": step})
+                break
+    return out
 
 
 def attempts_of(srv: JobServer, job_id: int, r) -> list[dict]:
