@@ -70,6 +70,16 @@ STAGED_OUT, JOB_FINISHED = "STAGED_OUT", "JOB_FINISHED"
 #: Everything a task passes through when every step succeeds at once (fake-exec mode).
 SUCCESS_PATH = [STAGED_IN, PREPROCESSED, RUNNING, EXECUTION_FINISHED, POSTPROCESSED,
                 STAGED_OUT, JOB_FINISHED]
+#: What places a staged input into a workdir (coreutils; see Executor._place).
+MV = "/bin/mv" if os.path.exists("/bin/mv") else "/usr/bin/mv"
+
+
+def _plain_name(name: object) -> bool:
+    """One plain path part (the name of a staged input, from the task message)."""
+    return isinstance(name, str) and 0 < len(name) <= 255 and name not in (".", "..") \
+        and "/" not in name and "\x00" not in name and not name.startswith((".", "-"))
+
+
 #: Seconds a task's progress may wait so that it can be reported together with its end.
 REPORT_DELAY = 0.2
 KILL_GRACE = 3.0
@@ -387,14 +397,19 @@ class Executor:
             t.deadline = now + st.timeout
 
     def _place(self, t: Task, now: float, name: str) -> None:
-        """Move the input a site stager staged into the workdir: a child process like a stage
-        step (:mod:`.place`; a rename on the shared file system, a copy across devices)."""
+        """Move the input a site stager staged (``<staged_dir>/<job>/<name>``) into the
+        workdir: ``mv -f -T`` as a child process, run like a stage step (off the loop, with
+        the staging deadline). A rename on the shared file system, a copy across devices;
+        ``mv`` moves a symlink as a symlink, never what it points to. (A Python child cost
+        each job 0.15-0.2 s of start-up on a loaded node: 15 % of a 1 s task.)"""
         st = self.staging
         if st is None or not st.staged_dir:
             return self._fail(t, now, "STAGE_IN_FAILED", "stage-in failed: the site stager "
                               "staged this job's input, but this agent has no --staging-dir")
-        code = self._stager[-1].replace("pilotfish.pilot.stage ", "pilotfish.pilot.place ")
-        argv = self._stager[:-1] + [code, st.staged_dir, str(t.job), str(name), t.workdir]
+        if not _plain_name(name):
+            return self._fail(t, now, "STAGE_IN_FAILED", f"stage-in failed: staged file name "
+                              f"{name[:80]!r} is not one plain path part: refused")
+        argv = [MV, "-f", "-T", "--", f"{st.staged_dir}/{t.job}/{name}", f"{t.workdir}/{name}"]
         if self._spawn(t, now, "stage_in", argv, "", "STAGE_IN_FAILED"):
             t.deadline = now + st.timeout
 

@@ -14,8 +14,10 @@ atomic placement); its size is checked against the bytes moved, its SHA-256 comp
 STAGE_IN_FAILED and is retried like any failure, after a backoff the server keeps.
 
 The node agent that takes a staged job moves ``<staging_dir>/<job>/<name>`` into its workdir
-(:mod:`.place`), so the staging directory must be one the compute nodes see at the same path
-(a shared scratch file system: ``<scratch>/pilotfish-staging`` by default).
+(``mv``, a child process: :meth:`pilotfish.pilot.executor.Executor._place`), so the staging
+directory must be one the compute nodes see at the same path (a shared scratch file system:
+``<scratch>/pilotfish-staging`` by default). The stager removes the job directories the agents
+emptied (every ``SWEEP`` seconds).
 """
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ log = logging.getLogger("pilotfish.site")
 POLL = 0.5
 #: Seconds of finished transfers the bytes/s figures are taken over.
 RATE_WINDOW = 30.0
+#: Seconds between sweeps of the staging directory for emptied job directories.
+SWEEP = 30.0
 
 
 def staging_dir(site: Site, home: Path) -> Path:
@@ -101,6 +105,7 @@ class SiteStager:
         self.max_bytes = self.t.max_bytes or (st.max_bytes if st and st.max_bytes
                                               else 100 * 2**30)
         self.stall = float(self.t.stall or 120.0)
+        self.lookahead = self.t.lookahead or self.max_concurrent
         self.dir = staging_dir(site, home)
         self.client_factory = client_factory
         self.poll = poll
@@ -115,6 +120,7 @@ class SiteStager:
         self.stopping = threading.Event()
         self.pool = ThreadPoolExecutor(self.max_concurrent, thread_name_prefix="stager")
         self.window = self.ahead = 0
+        self.next_sweep = time.monotonic() + SWEEP
         self.error: str | None = None
         self.totals = {"done": 0, "failed": 0, "bytes": 0}
         self.credentials = self._credentials()
@@ -150,6 +156,8 @@ class SiteStager:
                     self.error = str(exc)
                     log.warning("stager %s: poll failed: %s", self.id, exc)
                     time.sleep(min(2.0, self.poll * 4))
+                if time.monotonic() >= self.next_sweep:
+                    self.sweep()
                 self.wake.wait(self.poll)
                 self.wake.clear()
         finally:
@@ -167,7 +175,7 @@ class SiteStager:
             room = self.max_concurrent * 2 - len(holding)  # a little queued: slots never idle
         try:
             reply = client.call("stage_poll", stager=self.id, site=self.site.name,
-                                want=max(0, room), max_concurrent=self.max_concurrent,
+                                want=max(0, room), lookahead=self.lookahead,
                                 done=done, holding=holding, report=self.report())
         except BaseException:
             with self.lock:  # told nothing: tell it next time
@@ -181,6 +189,23 @@ class SiteStager:
             for item in reply.get("work", []):
                 self.pending.append(self._work(item))
             self._start()
+
+    def sweep(self) -> None:
+        """Remove job directories the agents emptied (a job's staged file was moved out)."""
+        self.next_sweep = time.monotonic() + SWEEP
+        with self.lock:
+            busy = {str(w.job) for w in list(self.pending) + list(self.active.values())}
+        try:
+            with os.scandir(self.dir) as it:
+                names = [e.name for e in it if e.name.isdigit() and e.name not in busy
+                         and e.is_dir(follow_symlinks=False)]
+        except OSError:
+            return
+        for name in names[:10_000]:
+            try:
+                os.rmdir(self.dir / name)  # only when empty
+            except OSError:
+                pass
 
     def _work(self, item: dict) -> Work:
         w = Work(item["job"], item["token"], item["url"])
@@ -213,8 +238,13 @@ class SiteStager:
                 continue
             batch = [w]
             if self._batches(w):  # more of this endpoint's files in the same session
+                # spread them over the sessions free now (4 files, 4 free sessions: 4 of one
+                # file each, which land 4 times sooner), batch_size files a session at most
+                free = min(ep.limit - ep.active, self.max_concurrent - running)
+                same = 1 + sum(1 for x in self.pending if x.endpoint == w.endpoint)
+                size = min(self.batch_size, -(-same // max(1, free)))
                 rest: deque[Work] = deque()
-                while self.pending and len(batch) < self.batch_size:
+                while self.pending and len(batch) < size:
                     x = self.pending.popleft()
                     (batch if x.endpoint == w.endpoint else rest).append(x)
                 self.pending.extendleft(reversed(rest))
@@ -278,7 +308,7 @@ class SiteStager:
             try:
                 u = check_url(w.url, "input_url")
                 name = u.name
-                if not name or name.startswith(".") or name in ("..",):
+                if not name or name.startswith((".", "-")):
                     raise TransferError(f"{w.url}: names no file to stage (or a hidden one)")
                 jobdir = self.dir / str(w.job)
                 if jobdir.is_symlink():

@@ -22,9 +22,10 @@ database work only; every transfer runs in the stager.
   RESTART_READY (held again, not before a backoff of 2^n s, at most 60 s) or FAILED.
 * **Look-ahead**: a site gets new stage-in leases only while its staged-but-not-yet-taken jobs
   plus its stage leases are fewer than its window: the cores of its live agents plus their idle
-  cores (one round for what is free now, one for what runs now), at least the stager's own
-  ``max_concurrent``. So inputs are fetched while other jobs compute, and no more than the
-  agents can start soon are piled up in scratch.
+  cores (one round for what is free now, one for what runs now), at least the stager's
+  ``lookahead`` (the profile's ``transfers.lookahead``, default its ``max_concurrent``). So
+  inputs are fetched while other jobs compute, and no more than the agents can start soon
+  are piled up in scratch.
 """
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ def remote(url: Any) -> bool:
 def file_name(value: Any) -> str | None:
     """A staged file's name as a stager reports it: one plain path part, else None."""
     if not isinstance(value, str) or not 0 < len(value) <= 255 or value in (".", "..") \
-            or "/" in value or "\x00" in value or value.startswith("."):
+            or "/" in value or "\x00" in value or value.startswith((".", "-")):
         return None
     return value
 
@@ -99,7 +100,7 @@ class StagerRec:
     state: str = "ALIVE"
     report: dict = field(default_factory=dict)
     leases: set = field(default_factory=set)
-    max_concurrent: int = 1
+    lookahead: int = 1  # the window's floor (the stager's)
 
 
 class StagingBook:
@@ -185,7 +186,7 @@ class StagingBook:
         return info.get("name")
 
     # -- stagers ----------------------------------------------------------------------------
-    def stager(self, sid: str, site: str, now: float, max_concurrent: int) -> StagerRec:
+    def stager(self, sid: str, site: str, now: float, lookahead: int) -> StagerRec:
         rec = self.stagers.get(sid)
         if rec is None or rec.state != "ALIVE" or rec.site != site:
             if rec is not None:
@@ -194,7 +195,7 @@ class StagingBook:
             log.info("stager %s for site %s joined", sid, site)
             self._claim(site)
         rec.seen, rec.last_seen = time.monotonic(), now
-        rec.max_concurrent = max_concurrent
+        rec.lookahead = lookahead
         return rec
 
     def _claim(self, site: str) -> None:
@@ -320,7 +321,7 @@ class StagingBook:
 
     def grant(self, rec: StagerRec, want: int, now: float) -> list[dict]:
         """Up to ``want`` held jobs of the stager's site, best first, within its window."""
-        window, ahead = self.window(rec.site, rec.max_concurrent)
+        window, ahead = self.window(rec.site, rec.lookahead)
         n = min(want, window - ahead, MAX_GRANT)
         if n <= 0 or not self.held:
             return []

@@ -61,7 +61,7 @@ def _done(items) -> list[dict]:
             item["name"] = file_name(d.get("name"))
             if item["name"] is None:
                 raise ValidationError("done.name must be a plain file name (no '/', not "
-                                      "starting with '.')")
+                                      "starting with '.' or '-')")
         out.append(item)
     return out
 
@@ -78,13 +78,13 @@ def _holding(items) -> list[dict]:
     return out
 
 
-@op(SITE, args=("stager", "site", "want", "max_concurrent", "done", "holding", "report"))
+@op(SITE, args=("stager", "site", "want", "lookahead", "done", "holding", "report"))
 def stage_poll(srv: JobServer, args: dict, now: float) -> dict:
     """A site stager's round trip: results in, new stage leases out (see module doc)."""
     sid = check_name(_arg(args, "stager", str, required=True), "stager id")
     site = check_name(_arg(args, "site", str, required=True), "site")
     want = _int(_arg(args, "want", int, 0), "want", MAX_GRANT)
-    conc = _int(_arg(args, "max_concurrent", int, 1), "max_concurrent", 10_000)
+    conc = _int(_arg(args, "lookahead", int, 1), "lookahead", 100_000)
     done = _done(_arg(args, "done", list, []))
     holding = _holding(_arg(args, "holding", list, []))
     report = _arg(args, "report", dict, {})
@@ -107,7 +107,7 @@ def stage_poll(srv: JobServer, args: dict, now: float) -> dict:
         rec.leases.discard(job)
         srv.queue.push(job, lease.priority, lease.shape)
     work = book.grant(rec, want, now) if want else []
-    window, ahead = book.window(site, rec.max_concurrent)
+    window, ahead = book.window(site, rec.lookahead)
     return {"work": work, "refused": refused, "lease": srv.lease_timeout,
             "window": window, "ahead": ahead}
 

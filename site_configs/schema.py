@@ -295,6 +295,9 @@ class Transfers(_Model):
                                                             "without ..")]] = None
     #: The site stager computes each staged file's SHA-256 (kept with the job's events).
     checksum: bool = False
+    #: Jobs whose inputs may be staged ahead of the site's agents at least (the window is
+    #: also the agents' cores plus their idle cores); default: max_concurrent.
+    lookahead: Optional[Count] = None
 
     def limit_for(self, scheme: str, host: str) -> int:
         """Transfers at once to one endpoint: ``per_endpoint`` by ``scheme://host``, else by

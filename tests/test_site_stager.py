@@ -77,7 +77,7 @@ def test_a_remote_input_is_staged_in_before_an_agent_takes_it(server, c, tmp_pat
     assert d["attempts"] == 1 and d["staged"] is None
     out = list(Path(server.home / "work").rglob("job.out"))
     assert [p.read_text() for p in out] == ["payload\n"]
-    assert not (staging / str(job)).exists()  # moved into the workdir, nothing left
+    assert not (staging / str(job) / "in.dat").exists()  # moved into the workdir
 
 
 def test_a_failed_transfer_is_stage_in_failed_with_its_error_and_retried(server, c):
@@ -124,24 +124,24 @@ def test_a_silent_stagers_work_is_taken_again_never_by_two_at_once(server, c):
 
 def test_look_ahead_stages_within_the_window_of_the_sites_agents(server, c, tmp_path):
     staging = tmp_path / "staging"
-    poll(c, max_concurrent=2)
+    poll(c, lookahead=2)
     jobs = c.add_jobs([{"name": f"j{i}", "application": "cat", "input_url": URL,
                         "site": "s1"} for i in range(10)])
-    # no agents yet: the window is the stager's own max_concurrent
-    r = poll(c, want=10, max_concurrent=2)
+    # no agents yet: the window is the stager's lookahead
+    r = poll(c, want=10, lookahead=2)
     assert len(r["work"]) == 2 and r["window"] == 2
-    poll(c, done=stage(staging, r["work"]), max_concurrent=2)
-    r = poll(c, want=10, max_concurrent=2)
+    poll(c, done=stage(staging, r["work"]), lookahead=2)
+    r = poll(c, want=10, lookahead=2)
     assert r["work"] == [] and r["ahead"] == 2  # staged, waiting for an agent: the window
     assert sorted(j["state"] for j in c.jobs({"ids": jobs})).count("STAGED_IN") == 2
     # an agent of 2 cores comes; it runs staged jobs while the next ones are staged
     server.agent("--site", "s1", "--staging-dir", str(staging), cores="0")
 
     def step():
-        r = poll(c, want=10, max_concurrent=2)
+        r = poll(c, want=10, lookahead=2)
         assert r["ahead"] <= r["window"] <= 2, r  # never more staged ahead than the window
         if r["work"]:
-            poll(c, done=stage(staging, r["work"]), max_concurrent=2)
+            poll(c, done=stage(staging, r["work"]), lookahead=2)
         return c.counts({"ids": jobs}).get("JOB_FINISHED") == len(jobs)
 
     wait_for(step, 60, 0.2, "every job to run")
