@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from pilotfish.errors import PilotfishError
+from pilotfish.errors import PilotfishError, ValidationError
 from pilotfish.site_configs.schema import Site, Transfers
 
 log = logging.getLogger("pilotfish.site")
@@ -41,6 +41,8 @@ log = logging.getLogger("pilotfish.site")
 POLL = 0.5
 #: Seconds of finished transfers the bytes/s figures are taken over.
 RATE_WINDOW = 30.0
+#: Most jobs a stager holds (leased, queued or in flight): a poll names them all.
+MAX_HELD = 1000
 #: Seconds between sweeps of the staging directory for emptied job directories.
 SWEEP = 30.0
 
@@ -172,11 +174,18 @@ class SiteStager:
             done, self.done = self.done, []
             holding = [{"job": w.job, "token": w.token}
                        for w in list(self.pending) + list(self.active.values())]
-            room = self.max_concurrent * 2 - len(holding)  # a little queued: slots never idle
+            # a little queued beyond the slots, so they never idle (at most MAX_HELD held:
+            # a poll names everything it holds)
+            room = min(self.max_concurrent * 2, MAX_HELD) - len(holding)
         try:
             reply = client.call("stage_poll", stager=self.id, site=self.site.name,
                                 want=max(0, room), lookahead=self.lookahead,
                                 done=done, holding=holding, report=self.report())
+        except ValidationError as exc:  # refused whole: sending it again would not help;
+            # its leases run out and the jobs are staged again
+            log.error("stager %s: the server refused a poll (%d results dropped): %s",
+                      self.id, len(done), exc)
+            raise
         except BaseException:
             with self.lock:  # told nothing: tell it next time
                 self.done = done + self.done
