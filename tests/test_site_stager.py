@@ -145,3 +145,29 @@ def test_look_ahead_stages_within_the_window_of_the_sites_agents(server, c, tmp_
         return c.counts({"ids": jobs}).get("JOB_FINISHED") == len(jobs)
 
     wait_for(step, 60, 0.2, "every job to run")
+
+
+def test_a_restarted_server_keeps_staged_jobs_and_adopts_a_stagers_work(server, c, tmp_path):
+    """Staged jobs wait in STAGED_IN through a server restart (rebuilt from jobs.staged);
+    work a stager still holds is its lease again after the restart (no transfer twice)."""
+    staging = tmp_path / "staging"
+    poll(c)
+    a, b = c.add_jobs([{"name": n, "application": "cat", "input_url": URL, "site": "s1"}
+                       for n in ("a", "b")])
+    work = {w["job"]: w for w in poll(c, want=5, lookahead=2)["work"]}
+    assert set(work) == {a, b}
+    poll(c, done=stage(staging, [work[a]]), holding=[{"job": b, "token": work[b]["token"]}])
+    assert state(c, a) == "STAGED_IN"
+    c.close()
+    server.stop()
+    server.start()
+    c = server.client()
+    # the stager polls on: it still holds b, which the new server gives back to it
+    r = poll(c, holding=[{"job": b, "token": work[b]["token"]}])
+    assert r["refused"] == [] and c.job(b)["staging"]["stager"] == "st1"
+    assert c.call("transfer_ls")["sites"]["s1"]["staged_waiting"] == 1
+    poll(c, done=stage(staging, [work[b]]))
+    server.agent("--site", "s1", "--staging-dir", str(staging))
+    wait_for(lambda: c.counts({"ids": [a, b]}).get("JOB_FINISHED") == 2, 30, 0.1,
+             "both staged jobs to run after the restart")
+    assert [e["step"] for e in c.job(b)["transfers"]] == ["STAGED_IN"]
