@@ -7,10 +7,13 @@ with the guard, watched by a pidfd, killed at its deadline, by ``stop_all`` and 
 a slow, huge or hostile transfer never holds the agent's loop. It prints one line on standard
 error when it fails (the job's message) and exits 1.
 
-The rule of :mod:`pilotfish.dataroots` is applied again here, after symlinks: to the
+A remote URL (scp, sftp, http(s), gsiftp, globus) is moved through :mod:`pilotfish.transfer`
+by :mod:`pilotfish.pilot.stage_remote`, under the same byte cap and the step's timeout. For a
+local one, the rule of :mod:`pilotfish.dataroots` is applied again here, after symlinks: to the
 ``realpath`` of the URL, then to the path the kernel really opened (``/proc/self/fd``). Every
-open below uses ``O_NOFOLLOW`` and directory file descriptors, so a symlink swapped in while we
-copy is never followed. What is copied:
+open uses ``O_NOFOLLOW`` and directory file descriptors (the helpers live in
+:mod:`pilotfish.transfer.local`), so a symlink swapped in while we copy is never followed.
+What is copied locally:
 
 * stage-in: a regular file (into the workdir under its own name) or a directory (its tree into
   ``WORKDIR/<name>/``). Inside a tree: regular files, directories and symlinks (copied as

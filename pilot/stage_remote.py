@@ -33,10 +33,20 @@ TIMEOUT_ENV = "PILOTFISH_STAGE_TIMEOUT"
 SITE_ENV = "PILOTFISH_SITE"
 
 
+def _seconds(env, name: str, default: float) -> float:
+    try:
+        v = float(env.get(name) or default)
+    except ValueError:
+        raise StageError(f"{name}={env.get(name)!r}: expected seconds") from None
+    if not 0 < v < 1e9:
+        raise StageError(f"{name}={env.get(name)!r}: expected a positive number of seconds")
+    return v
+
+
 def limits(cap: int, environ=None) -> Limits:
     env = os.environ if environ is None else environ
-    timeout = float(env.get(TIMEOUT_ENV) or 3600.0)
-    stall = float(env.get(STALL_ENV) or 60.0)
+    timeout = _seconds(env, TIMEOUT_ENV, 3600.0)
+    stall = _seconds(env, STALL_ENV, 60.0)
     return Limits(timeout=timeout, max_bytes=cap, stall=min(stall, timeout))
 
 
@@ -81,7 +91,7 @@ def _remove_file(dfd: int, name: str) -> None:
         os.unlink(name, dir_fd=dfd)
 
 
-def files_of(wfd: int, budget_cap: int, private: set, where: str) -> tuple[list, list]:
+def files_of(wfd: int, private: set, where: str) -> tuple[list, list]:
     """(relative path, open dir fd, name) of every regular file under the workdir, walked with
     directory fds and O_NOFOLLOW; and the dir fds to close."""
     out, fds = [], []
@@ -127,7 +137,7 @@ def stage_out(url: str, workdir: str, job: str, roots: DataRoots, cap: int) -> N
     wfd = open_workdir(workdir)
     fds = [wfd]
     try:
-        files, more = files_of(wfd, cap, private_files(roots.home[0]), f"output_url {u}")
+        files, more = files_of(wfd, private_files(roots.home[0]), f"output_url {u}")
         fds += more
         total = 0
         pairs = []

@@ -247,7 +247,7 @@ class Staging(_Model):
     max_bytes: Optional[Annotated[int, BeforeValidator(_size), Field(gt=0)]] = None
 
 
-_HOSTKEY_RE = re.compile(r"(\*|([a-z][a-z0-9+.-]*://)?"
+_HOSTKEY_RE = re.compile(r"(\*|[a-z][a-z0-9+.-]*://\*|([a-z][a-z0-9+.-]*://)?"
                          r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_][A-Za-z0-9_.-]*))")
 _LOGIN_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
 _FILE_RE = re.compile(r"(?!.*(^|/)\.\.(/|$))[~$/][A-Za-z0-9_./${}+~-]*")
@@ -270,6 +270,12 @@ class TransferCredential(_Model):
     #: https: the certificates of a private CA (else the system's).
     ca_file: Optional[Annotated[str, _pattern(_FILE_RE, "a path (~, $VAR or /) without "
                                                         "..")]] = None
+    #: gsiftp: the X.509 proxy certificate (handed over as X509_USER_PROXY).
+    x509_proxy: Optional[Annotated[str, _pattern(_FILE_RE, "a path (~, $VAR or /) without "
+                                                           "..")]] = None
+    #: globus: the UUID of the Globus collection that sees this site's file system.
+    local_endpoint: Optional[Annotated[str, _pattern(re.compile(r"[0-9a-fA-F-]{32,36}"),
+                                                     "a Globus collection UUID")]] = None
 
 
 class Transfers(_Model):

@@ -165,14 +165,27 @@ def test_option_like_hosts_never_reach_ssh(world, tmp_path):
                 "scp://-F/etc/passwd/x"):
         with pytest.raises(ValidationError, match="starts with '-'"):
             scheme_for(url)
-    forged = Url("forged", "scp", host=f"-oProxyCommand=touch {marker}", path="/x")
     assert sftp_argv("/c", "/b") == ["sftp", "-F", "/c", "-b", "/b", ALIAS]
-    cfg = ssh_config(forged, Credentials().for_url("scp://h/x"), FAST)
-    assert cfg.splitlines()[1] == f"  HostName -oProxyCommand=touch {marker}"
+    none = Credentials().for_url("scp://h/x")
+    for host in (f"-oProxyCommand=touch {marker}", f"h\n  ProxyCommand touch {marker}"):
+        with pytest.raises(TransferError, match="space, quote or control character"):
+            ssh_config(Url("forged", "scp", host=host, path="/x"), none, FAST)
+    forged = Url("forged", "scp", host=f"-oProxyCommand=touch{marker}", path="/x")
+    cfg = ssh_config(forged, none, FAST)
+    assert cfg.splitlines()[1] == f"  HostName -oProxyCommand=touch{marker}"
     assert "ProxyCommand none" in cfg
     with pytest.raises(TransferError):
         scheme(world, "scp://h/x").get(forged, str(tmp_path / "x"), FAST)
     assert not marker.exists()
+
+
+def test_an_upload_never_follows_a_symlink(world, tmp_path):
+    """put opens the local file itself with O_NOFOLLOW (a task could plant a link to a key)."""
+    (tmp_path / "link").symlink_to(world["sshd"].key)
+    for url in remote_urls(world, "up/link"):
+        with pytest.raises(TransferError, match="symbolic link: never followed"):
+            scheme(world, url).put(str(tmp_path / "link"), url, FAST)
+    assert not (world["files"] / "up" / "link").exists()
 
 
 def test_credentials_never_reach_a_command_line(world, tmp_path):

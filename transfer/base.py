@@ -52,6 +52,7 @@ REGISTRY: dict[str, str] = {
 SCHEMES: tuple[str, ...] = tuple(REGISTRY)
 #: Schemes served on this machine's own file system (the data roots rule applies).
 LOCAL_SCHEMES = ("file", "local")
+LOCAL_PREFIXES = ("file://", "local://")
 #: Schemes whose URL must name a host.
 REMOTE_SCHEMES = tuple(s for s in SCHEMES if s not in LOCAL_SCHEMES)
 
@@ -232,7 +233,7 @@ def check_job_url(value: Any, what: str, roots: Any) -> str | None:
     :class:`pilotfish.dataroots.DataRoots`), returned as its normalized path; a remote URL of
     a known scheme, checked by :func:`check_url` and returned as written."""
     from pilotfish import dataroots
-    if isinstance(value, str) and "://" in value:
+    if isinstance(value, str) and "://" in value and not value.startswith(LOCAL_PREFIXES):
         u = check_url(value, what)
         if u.scheme not in LOCAL_SCHEMES:
             return u.raw

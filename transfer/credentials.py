@@ -17,8 +17,13 @@ Shape, in a site profile under ``transfers.credentials`` or at the top of the us
       "https://files.example.org":
         token_file: ~/.config/pilotfish/files.token   # sent as "Authorization: Bearer ..."
         ca_file: /etc/pki/site-ca.pem                 # https: a private CA
+      gridftp.example.org:
+        x509_proxy: /tmp/x509up_u1000                 # gsiftp: X509_USER_PROXY
+      "globus://*":
+        token_file: ~/.config/pilotfish/globus.token  # a Transfer API access token
+        local_endpoint: 6c54cade-bde5-45c1-bdea-f4bd71dba2cc  # the collection of our files
 
-Lookup order for a URL: ``scheme://host``, then ``host``, then ``*``; the site profile's
+Lookup order for a URL: ``scheme://host``, ``host``, ``scheme://*``, ``*``; the site profile's
 entries win over the user's file for the same key.
 """
 from __future__ import annotations
@@ -48,6 +53,8 @@ class Credential:
     port: int | None = None
     token_file: str | None = None
     ca_file: str | None = None
+    x509_proxy: str | None = None  #: gsiftp: the proxy certificate (X509_USER_PROXY)
+    local_endpoint: str | None = None  #: globus: the collection that sees this file system
 
     def __repr__(self) -> str:  # paths to secrets are not shown either
         return f"Credential(user={self.user!r}, ...)"
@@ -83,6 +90,11 @@ def _entry(key: str, value: Any, where: str) -> Credential:
         if name == "port":
             if isinstance(v, bool) or not isinstance(v, int) or not 0 < v < 65536:
                 raise ValidationError(f"{where}: credentials.{key}.port must be 1..65535")
+            out[name] = v
+        elif name == "local_endpoint":
+            if not isinstance(v, str) or not re.match(r"^[0-9a-fA-F-]{32,36}$", v):
+                raise ValidationError(f"{where}: credentials.{key}.local_endpoint must be a "
+                                      "Globus collection UUID")
             out[name] = v
         elif name == "user":
             if not isinstance(v, str) or not _USER_RE.match(v):
@@ -147,7 +159,7 @@ class Credentials:
 
     def for_url(self, url: Url | str) -> Credential:
         u = as_url(url)
-        for key in (f"{u.scheme}://{u.host}", u.host, "*"):
+        for key in (f"{u.scheme}://{u.host}", u.host, f"{u.scheme}://*", "*"):
             if key in self.entries:
                 return self.entries[key]
         return NONE

@@ -15,6 +15,7 @@ as fast as curl on a single stream: bench/transfer_speed.py). Bounded everywhere
 """
 from __future__ import annotations
 
+import errno
 import http.client
 import os
 import socket
@@ -27,7 +28,8 @@ from .base import (Limits, Partial, Scheme, Stat, TransferError, Url, as_url, ch
                    over_cap)
 from .credentials import NONE
 
-CHUNK = 1 << 20
+#: Bytes read per call: 256 KiB measured fastest here (1 MiB was ~3x slower, 64 KiB slower).
+CHUNK = 1 << 18
 MAX_REDIRECTS = 5
 _SAFE = "/:@!$&'()*+,;=-._~"
 
@@ -173,7 +175,9 @@ class HttpScheme(Scheme):
         try:
             fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
-            raise TransferError(f"{u}: local {src[:100]}: {exc.strerror}") from None
+            why = "a symbolic link: never followed" if exc.errno == errno.ELOOP \
+                else exc.strerror
+            raise TransferError(f"{u}: local {src[:100]}: {why}") from None
         deadline = time.monotonic() + limits.timeout
         try:
             st = os.fstat(fd)

@@ -78,14 +78,18 @@ def run(argv: Sequence[str], limits: Limits, what: str, *, env: dict | None = No
             p.stdin.write(stdin_data)
             p.stdin.close()
         start = last_move = time.monotonic()
-        last_io = -2
+        last_io: object = None
         while p.poll() is None:
             time.sleep(POLL)
             now = time.monotonic()
+            grown = growing() if growing is not None else 0
             io = _io(p.pid)
-            if io != last_io:
-                last_io, last_move = io, now
-            if growing is not None and growing() > limits.max_bytes:
+            # progress: the client's I/O counters, or (without /proc/PID/io) the file's size;
+            # with neither, the stall bound is left to ssh's keepalives and the timeout
+            mark = (io, grown) if io >= 0 or growing is not None else now
+            if mark != last_io:
+                last_io, last_move = mark, now
+            if grown > limits.max_bytes:
                 kill_group(p)
                 raise TransferError(f"{what}: more than {human(limits.max_bytes)}: over the "
                                     "transfer byte cap (staging.max_bytes / "

@@ -25,6 +25,7 @@ Safety:
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -74,8 +75,11 @@ def _cfg_value(value: str, what: str) -> str:
 def ssh_config(u: Url, cred, limits: Limits) -> str:
     """The ``-F`` file for one endpoint (pure)."""
     host = u.host[1:-1] if u.host.startswith("[") else u.host
-    lines = [f"Host {ALIAS}", f"  HostName {host}", f"  Port {u.port or cred.port or 22}"]
     user = u.user or cred.user
+    for what, v in (("host", host), ("user", user or "")):  # again: a Url may be built by hand
+        if re.search(r"[\s\x00-\x1f\x7f\"#]", v):
+            raise TransferError(f"{u}: the {what} holds a space, quote or control character")
+    lines = [f"Host {ALIAS}", f"  HostName {host}", f"  Port {u.port or cred.port or 22}"]
     if user:
         lines.append(f"  User {user}")
     if cred.key_file:
@@ -200,8 +204,9 @@ class _SshScheme(Scheme):
 
     def get_batch(self, pairs: Sequence[tuple[Url | str, str]],
                   limits: Limits) -> list[int | TransferError]:
-        """All pairs of one endpoint in one sftp session: list sizes, then fetch each into its
-        partial file (a missing file fails its own pair only), check sizes, rename."""
+        """All pairs of one endpoint in one sftp session: each file is listed (its size) and
+        fetched into its partial file; a missing file fails its own pair only; the byte cap
+        is watched while files grow; sizes are checked against the listing, then renamed."""
         out: list[int | TransferError] = [0] * len(pairs)
         urls = [as_url(u) for u, _ in pairs]
         if not urls:
@@ -209,65 +214,61 @@ class _SshScheme(Scheme):
         if len({u.endpoint for u in urls}) != 1 or len({u.user for u in urls}) != 1:
             raise TransferError(f"{urls[0]}: a batch must name one endpoint and user")
         s = _Session(urls[0], self._cred(urls[0]), limits)
-        partials: list[Partial | None] = [None] * len(pairs)
+        todo: list[tuple[int, str, Partial]] = []
         try:
-            sizes: list[int | None] = []
-            todo = []
             for i, (u, (_, dest)) in enumerate(zip(urls, pairs)):
                 try:
                     rp = remote_path(u)
                     if os.path.lexists(dest):
                         raise TransferError(f"{dest}: exists already; never overwritten")
-                    todo.append((i, rp, dest))
+                    p = Partial(dest)
+                    p.open()  # made here: O_EXCL|O_NOFOLLOW, so nothing planted is written
+                    p.close()
+                    todo.append((i, rp, p))
                 except TransferError as exc:
                     out[i] = exc
-            # one session: list every file (sizes, missing paths fail fast), then fetch
-            rc, err = s.run([f"-ls -ln {q(rp)}" for _, rp, _ in todo], limits,
-                            str(urls[0]), stdout_path=s.out)
-            if rc != 0 and not os.path.getsize(s.out) and todo:
-                why = reason(err)
-                if why != "No such file":  # the session itself failed: every pair
-                    where = urls[0] if len(urls) == 1 else f"{urls[0].endpoint}/..."
-                    raise TransferError(f"{where}: {why}")
+            if not todo:
+                return out
+            cmds = []
+            for _, rp, p in todo:
+                cmds += [f"-ls -ln {q(rp)}", f"-get {q(rp)} {q(p.tmp)}"]
+
+            def largest() -> int:
+                return max((_size(p.tmp) for _, _, p in todo), default=0)
+            try:
+                rc, err = s.run(cmds, limits, str(urls[todo[0][0]]), growing=largest,
+                                stdout_path=s.out)
+            except TransferError as exc:  # stopped: over the cap, stalled or timed out
+                for i, _, p in todo:
+                    out[i] = over_cap(urls[i], limits) if _size(p.tmp) > limits.max_bytes \
+                        else exc
+                return out
             with open(s.out, errors="replace") as f:
                 listing = f.read(16 << 20)
-            fetch = []
-            for i, rp, dest in todo:
+            if rc != 0 and "Connected to" not in listing:  # the session itself failed
+                why = reason(err)
+                for i, _, _ in todo:
+                    out[i] = TransferError(f"{urls[i]}: {why}")
+                return out
+            for i, rp, p in todo:
                 size = _ls_size(listing, rp)
-                sizes.append(size)
+                got = _size(p.tmp)
                 if size is None:
-                    missing = f'"{rp}" not found' in err or f"{rp}: No such" in err
+                    gone = f'"{rp}" not found' in err or rp not in listing
                     out[i] = TransferError(f"{urls[i]}: " + (
-                        "No such file" if missing or rp not in listing
+                        "No such file" if gone
                         else "is a directory or not a regular file; remote inputs are files"))
-                elif size > limits.max_bytes:
-                    out[i] = over_cap(urls[i], limits)
+                elif got != size:
+                    out[i] = TransferError(f"{urls[i]}: got {got} bytes of {size}: size "
+                                           "check failed")
                 else:
-                    p = Partial(dest)
-                    p.open()
-                    p.close()
-                    partials[i] = p
-                    fetch.append((i, rp, p, size))
-            if fetch:
-                def largest() -> int:
-                    return max((_size(p.tmp) for _, _, p, _ in fetch), default=0)
-                rc, err = s.run([f"-get {q(rp)} {q(p.tmp)}" for _, rp, p, _ in fetch],
-                                limits, str(urls[fetch[0][0]]), growing=largest)
-                for i, rp, p, size in fetch:
-                    got = _size(p.tmp)
-                    if got != size:
-                        out[i] = TransferError(f"{urls[i]}: " + (
-                            reason(err) if rc else f"got {got} bytes of {size}: "
-                                                   "size check failed"))
-                        p.discard()
-                        continue
+                    p.fd = os.open(p.tmp, os.O_RDONLY | os.O_NOFOLLOW)
                     p.commit(0o644)
-                    partials[i] = None
                     out[i] = got
             return out
         finally:
-            for p in partials:
-                if p is not None:
+            for _, _, p in todo:
+                if os.path.lexists(p.tmp):
                     p.discard()
             s.close()
 
@@ -330,7 +331,8 @@ def _open_regular(src: str, u: Url) -> int:
     try:
         fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
-        raise TransferError(f"{u}: local {src[:100]}: {exc.strerror}") from None
+        why = "a symbolic link: never followed" if exc.errno == errno.ELOOP else exc.strerror
+        raise TransferError(f"{u}: local {src[:100]}: {why}") from None
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
