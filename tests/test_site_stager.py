@@ -171,3 +171,33 @@ def test_a_restarted_server_keeps_staged_jobs_and_adopts_a_stagers_work(server, 
     wait_for(lambda: c.counts({"ids": [a, b]}).get("JOB_FINISHED") == 2, 30, 0.1,
              "both staged jobs to run after the restart")
     assert [e["step"] for e in c.job(b)["transfers"]] == ["STAGED_IN"]
+
+
+def test_bad_polls_are_refused_whole_with_one_line_and_change_nothing(server, c):
+    from pilotfish.errors import PilotfishError
+    poll(c)
+    job = c.add_job(name="j", application="cat", input_url=URL, site="s1")
+    w = poll(c, want=1)["work"][0]
+    bad = [
+        ({"done": [{"job": job, "token": w["token"], "ok": True, "name": "../../keys"}]},
+         "plain file name"),
+        ({"done": [{"job": job, "token": w["token"], "ok": True, "name": "-oProxy"}]},
+         "plain file name"),
+        ({"done": [{"job": job, "token": w["token"], "ok": True, "name": "in.dat",
+                    "sha256": "x" * 64}]}, "sha256"),
+        ({"done": [{"job": -5, "token": 1, "ok": True}]}, "done.job"),
+        ({"done": [{"job": 2**70, "token": 1, "ok": True}]}, "past 64 bits"),
+        ({"want": 10**9}, "want"),
+        ({"report": {"x": "y" * 70_000}}, "report"),
+        ({"stager": "-oProxyCommand=x"}, "stager id"),
+        ({"site": "a/../b"}, "site"),
+        ({"holding": [{"job": "1"}]}, "holding.job"),
+    ]
+    for args, words in bad:
+        kw = {"stager": "st1", "site": "s1", **args}
+        with pytest.raises(PilotfishError) as err:
+            c.call("stage_poll", **kw)
+        assert words in str(err.value) and "\n" not in str(err.value), (args, err.value)
+    # nothing changed: still leased to st1, still READY
+    d = c.job(job)
+    assert d["state"] == "READY" and d["staging"]["stager"] == "st1"
