@@ -396,4 +396,4 @@ class StagingBook:
                 "kind": "in"}
 
 
-__all__ = ["StagingBook", "StageLease", "StagerRec", "file_name", "remote", "echo"]
+__all__ = ["StagingBook", "StageLease", "StagerRec", "file_name", "remote"]
