@@ -7,9 +7,10 @@ import pilotfish
 PKG = Path(pilotfish.__file__).resolve().parent
 ROOMS = {"server": "pilotfish.server", "pilot": "pilotfish.pilot",
          "launcher": "pilotfish.launcher", "container": "pilotfish.container",
-         "bridge": "pilotfish.bridge", "transfer": "pilotfish.transfer"}
+         "bridge": "pilotfish.bridge", "web": "pilotfish.web",
+         "transfer": "pilotfish.transfer"}
 CORE = ["protocol.py", "settings.py", "errors.py", "validate.py", "console.py", "client.py",
-        "pilotstate.py", "arrays.py"]
+        "pilotstate.py", "arrays.py", "usage.py", "timespec.py"]
 
 
 def in_package(module: str, package: str) -> bool:
@@ -53,6 +54,24 @@ def test_the_bridge_imports_neither_server_nor_pilot():
         assert not bad, f"bridge/{f.name} imports {bad}"
 
 
+def test_web_imports_neither_server_nor_pilot():
+    """The web room (pages, REST, plots, `pilotfish plot`/`report`) is a client of the server."""
+    for f in room_dir("web").glob("*.py"):
+        bad = [m for m in imports(f) if in_package(m, "pilotfish.server")
+               or in_package(m, "pilotfish.pilot") or m.startswith("..")]
+        assert not bad, f"web/{f.name} imports {bad}"
+
+
+def test_matplotlib_is_imported_only_inside_the_plot_functions():
+    """No module imports matplotlib at its top: web/plots.py does, in the functions that draw."""
+    files = list(PKG.glob("*.py")) + [f for r in ROOMS for f in room_dir(r).glob("*.py")]
+    for f in files:
+        top = [n for n in ast.parse(f.read_text()).body
+               if isinstance(n, (ast.Import, ast.ImportFrom))]
+        names = {a.name.split(".")[0] for n in top for a in n.names} | {
+            n.module.split(".")[0] for n in top if isinstance(n, ast.ImportFrom) and n.module}
+        assert "matplotlib" not in names, f.name
+    assert "import matplotlib" in (room_dir("web") / "plots.py").read_text()
 def test_transfer_imports_the_core_only():
     """transfer/ is used by the server (URL checks at the door), the node agent's stager and the
     site stager: it imports the core (and dataroots) only, never a room."""
@@ -91,7 +110,7 @@ def test_the_command_line_starts_without_heavy_imports():
     import subprocess
     import sys
     code = ("import pilotfish.cli, sys; print(sorted({m.split('.')[0] for m in sys.modules}"
-            " & {'pydantic', 'sqlalchemy', 'jinja2', 'mpi4py', 'pika'}))")
+            " & {'pydantic', 'sqlalchemy', 'jinja2', 'mpi4py', 'pika', 'matplotlib'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "[]", out
