@@ -58,6 +58,7 @@ def _register() -> None:
     from pilotfish.bridge.cli import bridge_group, mail_cmd
     from pilotfish.server.events_cli import events_group
     from pilotfish.server.workflow_cli import workflow_group
+    from pilotfish.pilot.transfer_cli import transfer_group
     from pilotfish.web.usage_cli import plot_group, report_group
     for cmd in (pilot_ls, submit_cmd, cancel_cmd):
         pilot_group.add_command(cmd)
@@ -73,6 +74,7 @@ def _register() -> None:
     cli.add_command(events_group)
     cli.add_command(workflow_group)
     cli.add_command(mail_cmd)
+    cli.add_command(transfer_group)
     cli.add_command(plot_group)
     cli.add_command(report_group)
 

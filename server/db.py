@@ -11,7 +11,7 @@ from sqlalchemy.engine import Engine
 
 from pilotfish.errors import PilotfishError
 
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 #: Columns that bring a database from a version to the next: (table, column, SQL type).
 #: ADD COLUMN works on SQLite and PostgreSQL alike; a table that create_all has just made
 #: (it did not exist) has its new columns already, so only missing ones are added.
@@ -42,6 +42,9 @@ MIGRATIONS: dict[int, list[tuple[str, str, str]]] = {
     # "workflow" naming it
     9: [("jobs", "workflow_id", "BIGINT"), ("jobs", "subjob_index", "INTEGER"),
         ("server_events", "workflow_id", "BIGINT")],
+    # jobs.staged: a remote input the site stager placed in its site's staging directory,
+    # waiting for the agent that takes the job (JSON: site, name, bytes, sha256); NULL else
+    10: [("jobs", "staged", "TEXT")],
 }
 #: Statements run after a version's columns are added (idempotent: IF NOT EXISTS). A partial
 #: index: jobs without an intake key (nearly all) cost it nothing.
@@ -115,6 +118,7 @@ jobs = Table(
     Column("run_leased", Float),
     Column("run_state", String(24)),
     Column("run_message", Text),
+    Column("staged", Text),  # see MIGRATIONS[10] and server/staging.py
     Column("argo_job_id", String(128)),            # the producer's id of the job (kept as text)
     Column("scheduler_config", Text),              # the seed's scheduler config name (kept)
     Column("job_status_routing_key", String(255)),  # where the AMQP bridge sends its status

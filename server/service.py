@@ -33,6 +33,7 @@ from . import gc_ops  # noqa: F401  (registers the gc op)
 from . import events  # (registers the events ops)
 from . import output_ops  # noqa: F401  (registers the job_log op)
 from . import workflow_ops  # noqa: F401  (registers the workflow ops)
+from . import staging_ops  # noqa: F401  (registers the site stager's ops, transfer_ls)
 from . import usage_ops  # noqa: F401  (registers the utilization and usage ops)
 from .ops import AGENT_ROLES, LOCAL_ADMIN, OPS, Caller, check_call, who
 
