@@ -57,6 +57,7 @@ def _register() -> None:
     from pilotfish.bridge.pg_cli import source_group
     from pilotfish.bridge.cli import bridge_group
     from pilotfish.server.events_cli import events_group
+    from pilotfish.web.cli import token_cmd, web_cmd
     for cmd in (pilot_ls, submit_cmd, cancel_cmd):
         pilot_group.add_command(cmd)
     for cmd in (site_agent_cmd, site_status_cmd):
@@ -69,6 +70,8 @@ def _register() -> None:
     cli.add_command(source_group)
     cli.add_command(bridge_group)
     cli.add_command(events_group)
+    keys_group.add_command(token_cmd)
+    cli.add_command(web_cmd)
 
 
 _register()

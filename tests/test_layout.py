@@ -7,7 +7,7 @@ import pilotfish
 PKG = Path(pilotfish.__file__).resolve().parent
 ROOMS = {"server": "pilotfish.server", "pilot": "pilotfish.pilot",
          "launcher": "pilotfish.launcher", "container": "pilotfish.container",
-         "bridge": "pilotfish.bridge"}
+         "bridge": "pilotfish.bridge", "web": "pilotfish.web"}
 CORE = ["protocol.py", "settings.py", "errors.py", "validate.py", "console.py", "client.py",
         "pilotstate.py", "arrays.py"]
 
@@ -53,6 +53,17 @@ def test_the_bridge_imports_neither_server_nor_pilot():
         assert not bad, f"bridge/{f.name} imports {bad}"
 
 
+def test_the_web_imports_neither_server_nor_pilot():
+    """The web process is a client of the server (core and client only), like the bridge."""
+    files = list(room_dir("web").glob("*.py"))
+    assert len(files) >= 5
+    for f in files:
+        bad = [m for m in imports(f) if in_package(m, "pilotfish.server")
+               or in_package(m, "pilotfish.pilot") or in_package(m, "pilotfish.bridge")
+               or m.startswith("..")]
+        assert not bad, f"web/{f.name} imports {bad}"
+
+
 def test_core_imports_no_room():
     """The core modules (protocol, settings, errors, validate, console, client, pilot states)
     import no room."""
@@ -81,7 +92,8 @@ def test_the_command_line_starts_without_heavy_imports():
     import subprocess
     import sys
     code = ("import pilotfish.cli, sys; print(sorted({m.split('.')[0] for m in sys.modules}"
-            " & {'pydantic', 'sqlalchemy', 'jinja2', 'mpi4py', 'pika'}))")
+            " & {'pydantic', 'sqlalchemy', 'jinja2', 'mpi4py', 'pika', 'fastapi', 'starlette',"
+            " 'uvicorn', 'selenium'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "[]", out
