@@ -35,7 +35,7 @@ HEADERS = {"Content-Security-Policy": CSP, "X-Frame-Options": "DENY",
 
 
 def create_app(home: Path, open_mode: bool, address: str | None = None,
-               web_key: str | None = None) -> FastAPI:
+               web_key: str | None = None, on_stop=None) -> FastAPI:
     web = Web(home, open_mode, address, web_key)
 
     @asynccontextmanager
@@ -44,6 +44,8 @@ def create_app(home: Path, open_mode: bool, address: str | None = None,
         yield
         web.hub.stop()
         web.pool.close()
+        if on_stop:  # (uvicorn ends a SIGTERM by raising it again: no finally runs after)
+            on_stop()
 
     app = FastAPI(title="pilotfish", version=__version__, openapi_url="/api/openapi.json",
                   docs_url=None, redoc_url=None, lifespan=lifespan,
@@ -60,15 +62,17 @@ def create_app(home: Path, open_mode: bool, address: str | None = None,
             response = JSONResponse({"error": "this open dashboard answers loopback names "
                                      "only", "code": "forbidden"}, status_code=403)
         else:
+            new_sid = None
+            if not request.url.path.startswith(("/api/", "/static/")) and \
+                    web.auth.session(request.cookies.get(COOKIE)) is None:
+                # every page view has a session: its CSRF token binds the forms to it
+                new_sid = request.state.sid = web.auth.new_session()
             response = await call_next(request)
+            if new_sid and COOKIE not in response.headers.get("set-cookie", ""):
+                response.set_cookie(COOKIE, new_sid, httponly=True, samesite="strict",
+                                    path="/")
         for k, v in HEADERS.items():
             response.headers.setdefault(k, v)
-        if not request.url.path.startswith("/api/") and \
-                web.auth.session(request.cookies.get(COOKIE)) is None and \
-                COOKIE not in response.headers.get("set-cookie", ""):
-            # every page view has a session: its CSRF token binds the forms to it
-            response.set_cookie(COOKIE, web.auth.new_session(), httponly=True,
-                                samesite="strict", path="/")
         return response
 
     def error_response(request: Request, status: int, message: str, code: str):

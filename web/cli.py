@@ -127,7 +127,8 @@ def serve(home: Path, host: str, port: int, open_mode: bool, address: str | None
                    "started": time.time()}, f)
     console.out.print(f"web: serving {url}" + (" (open: no login)" if open_mode else
                                                " (tokens required)"), markup=False)
-    app = create_app(home, open_mode, address, web_key)
+    app = create_app(home, open_mode, address, web_key,
+                     on_stop=lambda: info.unlink(missing_ok=True))
     config = uvicorn.Config(app, log_level="info" if verbose else "warning",
                             access_log=verbose > 0, timeout_graceful_shutdown=3,
                             server_header=False, proxy_headers=False)

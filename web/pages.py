@@ -35,7 +35,8 @@ def redirect(url: str) -> RedirectResponse:
 
 
 def _sid(request: Request) -> str | None:
-    return request.cookies.get(COOKIE)
+    """The session of this request (made by the middleware when it came without one)."""
+    return getattr(request.state, "sid", None) or request.cookies.get(COOKIE)
 
 
 def render(request: Request, template: str, user: User | None = None, **ctx: Any) -> str:
