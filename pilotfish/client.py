@@ -288,6 +288,11 @@ class Client:
             args["after"] = after
         return self.call("job_ls", **args)
 
+    def groups(self, after: str = "", limit: int = 100) -> dict:
+        """Group identifiers in order after ``after``: {"groups": [...], "next": the one to
+        ask after next, or None at the end}."""
+        return self.call("job_groups", after=after, limit=limit)
+
     def job(self, job_id: int) -> dict:
         return self.call("job_show", id=job_id)
 

@@ -9,7 +9,7 @@ import os
 import time
 from typing import Any, Callable, NamedTuple
 
-from sqlalchemy import delete, func, or_, select
+from sqlalchemy import delete, func, or_, select, text
 
 from pilotfish import __version__, arrays
 from pilotfish.errors import (Forbidden, IllegalTransition, NotFound, PilotfishError,
@@ -515,6 +515,33 @@ def job_ls(srv: JobServer, args: dict, now: float) -> list:
         q = q.limit(limit)
     # (no wire_safe: these columns are SQL integers, which hold 64 bits at most)
     return [_job_dict(srv, r) for r in srv.conn.execute(q)]
+
+
+#: Groups per job_groups answer at most.
+MAX_GROUPS = 1000
+#: The next group name after one, by the index: a loose index scan (one index probe per group,
+#: whatever the groups hold), the same SQL on SQLite and PostgreSQL.
+_GROUPS_SQL = text("""
+WITH RECURSIVE g(x, n) AS (
+  SELECT (SELECT MIN(group_identifier) FROM jobs WHERE group_identifier > :after), 1
+  UNION ALL
+  SELECT (SELECT MIN(group_identifier) FROM jobs WHERE group_identifier > g.x), g.n + 1
+  FROM g WHERE g.x IS NOT NULL AND g.n < :limit
+) SELECT x FROM g WHERE x IS NOT NULL""")
+
+
+@op(READER, args=("after", "limit"))
+def job_groups(srv: JobServer, args: dict, now: float) -> dict:
+    """The group_identifiers jobs carry, in order, from the one after ``after`` on (at most
+    ``limit``): browsing groups costs a probe of the group index per group shown, however many
+    jobs they hold. ``next``: ask again from it, or None at the end."""
+    after = _arg(args, "after", str, "")
+    limit = _arg(args, "limit", int, 100)
+    if not 1 <= limit <= MAX_GROUPS:
+        raise ValidationError(f"limit must be 1..{MAX_GROUPS}")
+    srv.sync()
+    groups = [r[0] for r in srv.conn.execute(_GROUPS_SQL, {"after": after, "limit": limit})]
+    return {"groups": groups, "next": groups[-1] if len(groups) == limit else None}
 
 
 @op(READER, args=("filter",))

@@ -64,6 +64,11 @@ def test_open_mode_lists_filters_shows_and_changes_jobs(world):
     assert killed == {"changed": [new], "matched": 1}
     assert web.request("DELETE", f"/api/jobs/{new}").json() == {"removed": 1}
     assert web.get(f"/api/jobs/{new}").status == 404
+    assert web.get("/api/groups").json() == {"groups": ["g1", "g2"], "next": None}
+    assert web.get("/api/groups?limit=1").json() == {"groups": ["g1"], "next": "g1"}
+    assert web.get("/api/groups?after=g1").json()["groups"] == ["g2"]
+    assert web.get("/api/groups?limit=0").status == 400
+    assert 'href="/jobs?group=g2"' in web.get("/groups").text
     assert [a["name"] for a in web.get("/api/apps").json()] == ["sleep"]
     assert web.get("/api/apps/sleep").json()["jobs"]["READY"] == 30
     assert web.get("/api/pilots").json() == [] and web.get("/api/agents").json() == []
@@ -260,3 +265,21 @@ def test_server_start_runs_the_web_beside_it(tmp_path):
     wait_for(lambda: not (home / "web.json").exists(), 15, 0.1, "the web to stop")
     assert os.path.exists(home / "logs" / "web.log")
     time.sleep(0)
+
+
+def test_only_loopback_runs_open():
+    """Which binds may run without tokens, and the Host names an open dashboard answers."""
+    from pilotfish.errors import ValidationError
+    from pilotfish.web.auth import is_loopback_host, split_hostport
+    from pilotfish.web.cli import parse_bind
+    for host in ("127.0.0.1", "127.3.4.5", "::1", "[::1]", "localhost"):
+        assert is_loopback_host(host), host
+    for host in ("0.0.0.0", "::", "10.1.2.3", "example.org", "127.0.0.1.nip.io",
+                 "localhost.evil.example", ""):
+        assert not is_loopback_host(host), host
+    assert split_hostport("[::1]:8080") == ("::1", "8080")
+    assert split_hostport("127.0.0.1:80") == ("127.0.0.1", "80")
+    assert parse_bind("0.0.0.0:8443") == ("0.0.0.0", 8443)
+    for bad in ("8080", "127.0.0.1:", "127.0.0.1:70000", "127.0.0.1:-1", "no.such.host.invalid:1"):
+        with pytest.raises(ValidationError):
+            parse_bind(bad)

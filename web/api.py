@@ -101,6 +101,12 @@ def job_counts(request: Request, state: str | None = None, app: str | None = Non
     return web_of(request).call(reader(request), lambda c: c.counts(flt))
 
 
+@router.get("/groups", summary="Group identifiers in order (after: page on from one)")
+def list_groups(request: Request, after: str = "", limit: int = 100) -> dict:
+    only(request.query_params, {"after", "limit"})
+    return web_of(request).call(reader(request), lambda c: c.groups(after=after, limit=limit))
+
+
 @router.get("/jobs/{job_id}", summary="One job: every field, argv, attempts, events")
 def show_job(request: Request, job_id: int) -> dict:
     only(request.query_params, set())

@@ -212,6 +212,18 @@ async def job_action(request: Request, job_id: int):
     return redirect(f"/jobs/{job_id}?" + urlencode({"done": f"job {job_id} {done}"}))
 
 
+@router.get("/groups", response_class=HTMLResponse)
+def groups_page(request: Request):
+    """Browse by group_identifier (the edge service's Figure 5): the groups in order, a page
+    at a time; each opens the job table filtered to it, with its counts by state."""
+    user = page_user(request)
+    after = request.query_params.get("after", "")
+    r = web_of(request).call(user, lambda c: c.groups(after=after, limit=100))
+    return render(request, "groups.html", user, groups=r["groups"],
+                  next=("/groups?" + urlencode({"after": r["next"]})) if r["next"] else "",
+                  first=bool(after), group_link=lambda g: "/jobs?" + urlencode({"group": g}))
+
+
 # -- pilots and sites ------------------------------------------------------------------------
 @router.get("/pilots", response_class=HTMLResponse)
 def pilots_page(request: Request):
