@@ -233,6 +233,15 @@ def test_login_sessions_and_csrf(world):
                  headers={"Cookie": new_sid, "Accept": "text/html"})
     assert r.status == 303 and r.headers["Location"].startswith("/jobs/3?done=")
     assert web.get("/api/jobs/3", token=tokens["admin"]).json()["state"] == "USER_KILLED"
+    # alter: a field and a value (JSON when it parses), the server's checks
+    r = web.post("/jobs/5/action", form={"action": "alter", "field": "priority", "value": "5",
+                                         "csrf": new_csrf}, headers={"Cookie": new_sid})
+    assert r.status == 303
+    assert web.get("/api/jobs/5", token=tokens["admin"]).json()["priority"] == 5
+    r = web.post("/jobs/5/action", form={"action": "alter", "field": "colour", "value": "x",
+                                         "csrf": new_csrf},
+                 headers={"Cookie": new_sid, "Accept": "text/html"})
+    assert r.status == 400 and "cannot alter" in r.text and "<html" in r.text
     # a cookie session of a submitter cannot post as admin: roles hold for pages too
     web.post("/logout", form={"csrf": new_csrf}, headers={"Cookie": new_sid})
     assert web.get("/jobs", headers={"Cookie": new_sid, "Accept": "text/html"}).status == 303

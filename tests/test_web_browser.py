@@ -18,6 +18,8 @@ FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--disable-dev-shm-usage", "--window-size=1400,1000")
 SLEEP = {"name": "sleep", "executable": "/bin/sleep", "args": ["{t}"],
          "parameters": {"t": {"type": "int", "default": 60}}}
+ECHO = {"name": "echo", "executable": "/bin/echo", "args": ["{msg}"],
+        "parameters": {"msg": {"type": "str"}}}
 
 
 @pytest.fixture
@@ -67,14 +69,19 @@ def test_dashboard_in_chromium(browser, tmp_path):
     try:
         with srv.client() as c:
             c.add_app(SLEEP)
+            c.add_app(ECHO)
+            c.site_report("site-a", pid=4242, host="login1", paused=False)
             ids = c.add_jobs(
                 [{"name": "runner", "application": "sleep", "group_identifier": "g-run"}]
                 + [{"name": f"j{i}", "application": "sleep", "group_identifier":
                     "g1" if i % 2 else "g2"} for i in range(8)]
                 + [{"name": "esc", "application": "sleep", "group_identifier": "g2",
-                    "description": "<script>alert(1)</script><img src=x onerror=alert(2)>"}])
-            srv.agent(cores="1")
-            wait_for(lambda: c.job(ids[0])["state"] == "RUNNING", 60, 0.2, "job 1 to run")
+                    "description": "<script>alert(1)</script><img src=x onerror=alert(2)>"}]
+                + [{"name": "talker", "application": "echo", "priority": 10,
+                    "parameters": {"msg": "hello-from-the-task"}}])
+            srv.agent(cores="0,1")
+            wait_for(lambda: c.job(ids[0])["state"] == "RUNNING"
+                     and c.job(ids[-1])["state"] == "JOB_FINISHED", 60, 0.2, "jobs to run")
         web = WebHandle(home, srv.address)
         shot = Shots(browser, tmp_path / "screenshots")
         d = browser
@@ -82,7 +89,7 @@ def test_dashboard_in_chromium(browser, tmp_path):
         # the job table, then filtered by a group
         d.get(web.url + "/")
         assert d.find_element(By.ID, "jobs")
-        assert "RUNNING 1" in text_of(d, "#counts")
+        assert "RUNNING" in text_of(d, "#counts") and "JOB_FINISHED 1" in text_of(d, "#counts")
         shot("jobs")
         box = d.find_element(By.ID, "f-group")
         box.clear()
@@ -140,8 +147,14 @@ def test_dashboard_in_chromium(browser, tmp_path):
             assert [j["id"] for j in c.jobs({"ids": [ids[4]]})] == []
         shot("jobs-after-delete")
 
-        # what a user wrote is shown as text, and never runs
+        # a task's output, where it ran
         d.get(f"{web.url}/jobs/{ids[-1]}")
+        assert text_of(d, "#log-out") == "hello-from-the-task"
+        assert text_of(d, "#job-state") == "JOB_FINISHED"
+        shot("job-output")
+
+        # what a user wrote is shown as text, and never runs
+        d.get(f"{web.url}/jobs/{ids[-2]}")
         cell = d.find_element(By.XPATH, "//table[@id='fields']//th[text()='description']"
                               "/following-sibling::td")
         assert cell.text == "<script>alert(1)</script><img src=x onerror=alert(2)>"
@@ -157,7 +170,12 @@ def test_dashboard_in_chromium(browser, tmp_path):
         assert "1/" in text_of(d, "#agents") or "ALIVE" in text_of(d, "#agents")
         shot("pilots")
         d.get(web.url + "/sites")
+        assert "site-a" in text_of(d, "#sites") and "login1 pid 4242" in text_of(d, "#sites")
         shot("sites")
+        d.get(web.url + "/groups")
+        assert [e.text for e in d.find_elements(By.CSS_SELECTOR, "#groups a")] == [
+            "g-run", "g1", "g2"]
+        shot("groups")
     finally:
         if web:
             web.stop()
