@@ -56,6 +56,9 @@ def test_open_mode_lists_filters_shows_and_changes_jobs(world):
                                          "parameters": {"t": 1}}]})
     assert r.status == 201, r.text
     new = r.json()["ids"][0]
+    two = web.post("/api/jobs", [{"name": "l1", "application": "sleep"},
+                                 {"name": "l2", "application": "sleep"}]).json()["ids"]
+    assert web.post("/api/jobs/delete", {"filter": {"ids": two}}).json() == {"removed": 2}
     assert web.post(f"/api/jobs/{new}/alter", {"priority": 7}).json()["changed"] == [new]
     assert web.get(f"/api/jobs/{new}").json()["priority"] == 7
     assert web.post(f"/api/jobs/{new}/kill", {}).json()["changed"] == [new]
@@ -77,7 +80,8 @@ def test_open_mode_lists_filters_shows_and_changes_jobs(world):
     assert "db" not in st and st["counts"]["READY"] == 30
     # the event stream from a cursor: the added job's history and its removal
     ev = web.get(f"/api/events?since=0&job={new}&limit=100").json()
-    assert [e["to"] for e in ev["events"]][-1] == "REMOVED" and ev["cursor"] >= ev["events"][-1]["id"]
+    assert ev["events"][-1]["to"] == "REMOVED"
+    assert ev["cursor"] >= ev["events"][-1]["id"]
     assert web.get(f"/api/jobs/{jobs[0]['id']}/log").json()["pieces"] == []
 
 
@@ -152,6 +156,9 @@ def test_user_text_is_escaped_in_pages(world):
                                  "<script>alert(1)</script>"}).json()["ids"]
     page = web.get(f"/jobs/{ids[0]}").text
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    # an action's notice comes only in the words of an action: not a link's own
+    assert "job 4 killed" in web.get(f"/jobs/{ids[0]}?done=job+4+killed").text
+    assert "evil" not in web.get(f"/jobs/{ids[0]}?done=go+to+evil.example").text
     assert "<script>alert" not in page
     web.request("DELETE", f"/api/jobs/{ids[0]}")
 

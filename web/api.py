@@ -175,10 +175,12 @@ def events(request: Request, since: int = 0, limit: int = 100, wait: float = 0.0
 
 
 # -- change ----------------------------------------------------------------------------------
-@router.post("/jobs", status_code=201, summary="Add jobs: a job map, or {\"jobs\": [...]}")
+@router.post("/jobs", status_code=201,
+             summary="Add jobs (all or none): a job map, a list of them, or {\"jobs\": [...]}")
 async def add_jobs(request: Request) -> dict:
     body = await json_body(request)
-    jobs = body["jobs"] if isinstance(body, dict) and set(body) == {"jobs"} else [body]
+    jobs = body["jobs"] if isinstance(body, dict) and set(body) == {"jobs"} else \
+        body if isinstance(body, list) else [body]
     return {"ids": await act(request, keys.SUBMITTER, lambda c: c.add_jobs(jobs))}
 
 

@@ -97,8 +97,11 @@ class Auth:
     def new_session(self, token_name: str | None = None) -> str:
         sid = secrets.token_urlsafe(32)
         with self._lock:
-            if len(self.sessions) >= MAX_SESSIONS:  # drop the oldest tenth
-                for old in sorted(self.sessions, key=lambda k: self.sessions[k].created)[
+            if len(self.sessions) >= MAX_SESSIONS:
+                # drop a tenth: anonymous ones first (a flood of page views must not log
+                # people out), the oldest first
+                for old in sorted(self.sessions, key=lambda k: (
+                        self.sessions[k].token is not None, self.sessions[k].created))[
                         :MAX_SESSIONS // 10]:
                     del self.sessions[old]
             self.sessions[sid] = Session(token_name, time.time())

@@ -9,6 +9,7 @@ token -> redirect (303) back, with the server's one-line answer shown.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 from urllib.parse import parse_qs, urlencode
 
@@ -47,8 +48,18 @@ def render(request: Request, template: str, user: User | None = None, **ctx: Any
     return web.templates.get_template(template).render(
         request=request, user=user, open_mode=web.open_mode,
         fragment=request.headers.get("x-live") == "1",
-        csrf=web.auth.csrf(sid) if sid else "", notice=request.query_params.get("done", ""),
+        csrf=web.auth.csrf(sid) if sid else "", notice=_notice(request),
         **ctx)
+
+
+#: What an action's redirect may say (?done=...): a link from elsewhere cannot put its own
+#: words on a page of ours.
+_NOTICE = re.compile(r"job \d{1,19} (killed|retried|altered|deleted)")
+
+
+def _notice(request: Request) -> str:
+    done = request.query_params.get("done", "")
+    return done if _NOTICE.fullmatch(done) else ""
 
 
 def render_error(request: Request, status: int, message: str) -> str:
