@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import time
 
 import pytest
 
@@ -280,7 +279,6 @@ def test_server_start_runs_the_web_beside_it(tmp_path):
         run_cli(home, "server", "stop")
     wait_for(lambda: not (home / "web.json").exists(), 15, 0.1, "the web to stop")
     assert os.path.exists(home / "logs" / "web.log")
-    time.sleep(0)
 
 
 def test_only_loopback_runs_open():

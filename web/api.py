@@ -13,7 +13,6 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
 
 from pilotfish import keys
 
@@ -229,6 +228,3 @@ async def _no_args(request: Request) -> None:
     if body not in ({}, None):
         raise WebError(400, "this takes no arguments: send {}", "invalid")
 
-
-def json_response(data: Any, status: int = 200) -> JSONResponse:
-    return JSONResponse(data, status_code=status)
