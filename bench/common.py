@@ -476,7 +476,7 @@ class PySpy:
     """``py-spy record`` of some processes for the duration of a ``with`` block (or nothing)."""
 
     def __init__(self, outdir: str | None, label: str, pids: dict[str, int],
-                 rate: int = 100, fmt: str | None = None) -> None:
+                 rate: int | None = None, fmt: str | None = None) -> None:
         self.procs: list[subprocess.Popen] = []
         if not outdir:
             return
@@ -486,6 +486,8 @@ class PySpy:
             log("WARNING: py-spy not found (pip install py-spy); not profiling")
             return
         fmt = fmt or os.environ.get("PILOTFISH_BENCH_PYSPY_FORMAT", "flamegraph")
+        # samples per second: 100 by default; 1000 to compare two versions function by function
+        rate = rate or int(os.environ.get("PILOTFISH_BENCH_PYSPY_RATE", "100"))
         ext = {"flamegraph": "svg", "raw": "txt", "speedscope": "json"}[fmt]
         Path(outdir).mkdir(parents=True, exist_ok=True)
         for role, pid in pids.items():

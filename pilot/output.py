@@ -100,11 +100,18 @@ class OutputShipper:
             if t.start is None or t.workdir is None:
                 continue  # never ran: no job.out
             s = self.streams.get(t.job)
-            if s is None or s.attempt != t.attempt:
+            fresh = s is None or s.attempt != t.attempt
+            if fresh or not any(f.sent or f.pending for f in s.files.values()):
                 wd = t.workdir
                 if not (_size(wd + "/job.out") or _size(wd + "/job.err")):
-                    continue  # nothing printed (most tasks): nothing to send, nothing kept
-                s = self.streams[t.job] = self._stream(t)
+                    # nothing printed (most tasks): nothing to send, nothing kept (also when a
+                    # look while it ran made it a stream: two empty pieces cost the server two
+                    # queries and two rows per task)
+                    if not fresh:
+                        del self.streams[t.job]
+                    continue
+                if fresh:
+                    s = self.streams[t.job] = self._stream(t)
             s.ended = True
         if tick:
             self.next_tick = mono + TICK

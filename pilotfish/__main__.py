@@ -1,6 +1,4 @@
 """``python -m pilotfish``: the same as the ``pilotfish`` command."""
-import sys
+from pilotfish.cli import run
 
-from pilotfish.cli import main
-
-sys.exit(main())
+run()

@@ -57,6 +57,7 @@ def _register() -> None:
     from pilotfish.bridge.pg_cli import source_group
     from pilotfish.bridge.cli import bridge_group
     from pilotfish.server.events_cli import events_group
+    from pilotfish.web.usage_cli import plot_group, report_group
     from pilotfish.web.cli import token_cmd, web_cmd
     for cmd in (pilot_ls, submit_cmd, cancel_cmd):
         pilot_group.add_command(cmd)
@@ -70,6 +71,8 @@ def _register() -> None:
     cli.add_command(source_group)
     cli.add_command(bridge_group)
     cli.add_command(events_group)
+    cli.add_command(plot_group)
+    cli.add_command(report_group)
     keys_group.add_command(token_cmd)
     cli.add_command(web_cmd)
 
@@ -79,6 +82,22 @@ _register()
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one-line errors and a non-zero exit code, never a traceback for our errors."""
+    try:
+        return _main(argv)
+    finally:
+        _close_zmq()
+
+
+def _close_zmq() -> None:
+    """Close our ZeroMQ sockets now, with no linger: left to the interpreter's teardown, the
+    context's termination waited on sockets the garbage collector had not closed yet, and
+    `job wait` returned 130-250 ms after the last job ended instead of ~30 ms."""
+    zmq = sys.modules.get("zmq")
+    if zmq is not None and getattr(zmq.Context, "_instance", None) is not None:
+        zmq.Context.instance().destroy(linger=0)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         rv = cli.main(args=argv, prog_name="pilotfish", standalone_mode=False)
     except click.exceptions.Abort:
@@ -97,5 +116,22 @@ def main(argv: list[str] | None = None) -> int:
     return rv if isinstance(rv, int) else 0
 
 
+def run() -> None:
+    """The ``pilotfish`` command (console script and ``python -m pilotfish``): :func:`main`,
+    then exit without the interpreter's teardown. Every command has closed what it wrote by
+    then; tearing down the modules (rich, click, zmq, ...) only cost each command ~30 ms after
+    its work was done (`job wait` returned that much later). Exit handlers still run."""
+    import atexit
+    import os
+    rc = main()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be said
+            pass
+    os._exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -311,6 +311,70 @@ class Client:
         """Job count, first creation/start/end, last end and busy core-seconds."""
         return self.call("job_summary", filter=filter or {})
 
+    def utilization(self, site: str | None = None, pilot: str | None = None,
+                    since: float | None = None, until: float | None = None,
+                    step: float | None = None, chunk: int | None = None) -> dict:
+        """Busy cores against time (the attempts that ran; a job's cores are num_nodes ×
+        processes_per_node × cpus_per_process), of one site and/or pilot, in [since, until]
+        (epoch seconds; default: the last day up to now). Asks the server one chunk of jobs
+        at a time and adds them up. Returns ``since``, ``until``, ``step`` (the time grain:
+        (until - since) / 20,000 unless given), ``busy`` and ``allocated`` (the cores of the
+        agents alive), each a step function [[time, cores], ...] from since to until (a value
+        holds until the next point's time), ``core_seconds`` (exact), ``attempts``,
+        ``max_busy``, ``max_allocated``, ``agents``, ``agents_cut`` and ``requests``.
+        ``chunk``: jobs per request, fewer than the server's 5,000 (tests)."""
+        from pilotfish import usage as U
+        args: dict[str, Any] = {k: v for k, v in (("site", site), ("pilot", pilot),
+                                                  ("since", since), ("until", until),
+                                                  ("step", step), ("chunk", chunk))
+                if v is not None}
+        busy: dict[int, int] = {}
+        after, n, secs, attempts, first = 0, 0, 0.0, 0, None
+        while after is not None:
+            r = self.call("utilization", after=after, **args)
+            if first is None:  # the range the server fixed: the same for every chunk
+                first = r
+                args.update(since=r["since"], until=r["until"], step=r["step"])
+            U.add_deltas(busy, r["deltas"])
+            secs += r["core_seconds"]
+            attempts += r["attempts"]
+            n += 1
+            after = r["after"]
+        since_, until_, step_ = first["since"], first["until"], first["step"]
+        alloc: dict[int, int] = {}
+        U.add_deltas(alloc, first["allocated"])
+        busy_pts = U.steps(busy, since_, until_, step_)
+        alloc_pts = U.steps(alloc, since_, until_, step_)
+        return {"since": since_, "until": until_, "step": step_, "site": site, "pilot": pilot,
+                "busy": busy_pts, "allocated": alloc_pts, "core_seconds": secs,
+                "attempts": attempts, "max_busy": max(v for _, v in busy_pts),
+                "max_allocated": max(v for _, v in alloc_pts), "agents": first["agents"],
+                "agents_cut": first["agents_cut"], "requests": n}
+
+    def usage(self, by: str | list[str] = ("site", "day"), since: float | None = None,
+              until: float | None = None, chunk: int | None = None) -> dict:
+        """Jobs and core-hours grouped by any of site, app, group (group_identifier) and day
+        or month (UTC), in [since, until) (epoch seconds; default: the 30 days up to now).
+        An attempt counts at the site where it ran and the day it ended. Returns ``by``,
+        ``since``, ``until``, ``rows`` (dicts: the keys in ``by`` — a name or None; day
+        ``YYYY-MM-DD``, month ``YYYY-MM`` — and jobs (ended there in a final state),
+        finished (JOB_FINISHED), attempts, core_hours), ``totals`` and ``requests``."""
+        from pilotfish import usage as U
+        keys = U.parse_by(by)
+        args: dict[str, Any] = {k: v for k, v in (("since", since), ("until", until),
+                                                  ("chunk", chunk)) if v is not None}
+        sums = U.UsageSums(keys)
+        after, n = 0, 0
+        while after is not None:
+            r = self.call("usage", by=keys, after=after, **args)
+            args.update(since=r["since"], until=r["until"])
+            sums.add(r["rows"])
+            n += 1
+            after = r["after"]
+        rows = sums.rows()
+        return {"by": keys, "since": args["since"], "until": args["until"], "rows": rows,
+                "totals": U.totals(rows), "requests": n}
+
     def counts(self, filter: dict | None = None) -> dict[str, int]:
         return self.call("job_counts", filter=filter or {})
 

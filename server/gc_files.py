@@ -10,17 +10,15 @@ Pure but for the file system; no database, no server.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pilotfish.errors import ValidationError
+# (durations people type are parsed in the core, for every CLI; kept importable from here)
+from pilotfish.timespec import parse_duration  # noqa: F401
 
-UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_DURATION_RE = re.compile(r"(\d{1,9})([smhdw])")
-MAX_DURATION = 100 * 365 * 86400
 #: The files --keep-tails trims instead of removing.
 TAIL_FILES = ("job.out", "job.err")
 #: At most this much of a file is read to find its last lines.
@@ -30,18 +28,6 @@ MAX_TAIL_LINES = 100_000
 
 class Refused(Exception):
     """A path that is not removed: the message says why."""
-
-
-def parse_duration(text: str) -> float:
-    """'7d', '12h', '30m', '45s', '2w' (or several: '1d12h') -> seconds."""
-    s = text.strip() if isinstance(text, str) else ""
-    parts = _DURATION_RE.findall(s)
-    if not s or "".join(n + u for n, u in parts) != s:
-        raise ValidationError(f"duration {text!r} must look like 7d, 12h, 30m, 45s, 2w or 1d12h")
-    total = sum(int(n) * UNITS[u] for n, u in parts)
-    if total > MAX_DURATION:
-        raise ValidationError(f"duration {text!r} is longer than 100 years")
-    return float(total)
 
 
 def check_relative(rel: object) -> tuple[str, ...]:

@@ -94,10 +94,10 @@ class OutputStore:
                     or len(c["data"]) > MAX_PIECE_BYTES or len(c["path"]) > MAX_PATH:
                 raise ProtocolError("output: a piece with a bad stream, offset, size, data or "
                                     "path")
+        mine = [c for c in items if self._may(srv, a, c, now)]
+        self._load(srv.conn, mine)
         rows = []
-        for c in items:
-            if not self._may(srv, a, c, now):
-                continue
+        for c in mine:
             row = self._accept(srv, a.id, c, now)
             if row is not None:
                 rows.append(row)
@@ -126,6 +126,48 @@ class OutputStore:
                     self.dropped)
         return False
 
+    def _load(self, conn, items: list) -> None:
+        """The stored state of every stream of ``items`` not cached yet, in one query (not
+        one per piece: the first pieces of each task would cost a query each)."""
+        want = {}
+        for c in items:
+            st = self.streams.get((c["job"], c["stream"]))
+            if st is None or st.attempt < c["attempt"]:
+                want[(c["job"], c["stream"])] = c["attempt"]
+        if not want:
+            return
+        jobs_ = sorted({j for j, _s in want})
+        found: dict[tuple[int, str], dict] = {}
+        for part in parts(jobs_, 900):
+            for r in conn.execute(
+                    select(job_output.c.job_id, job_output.c.stream, job_output.c.attempt,
+                           func.max(job_output.c.pos + job_output.c.nbytes).label("end"),
+                           func.sum(job_output.c.nbytes).label("stored"),
+                           func.count().label("rows"), func.max(job_output.c.eof).label("eof"))
+                    .where(job_output.c.job_id.in_(part))
+                    .group_by(job_output.c.job_id, job_output.c.stream, job_output.c.attempt)):
+                found.setdefault((r.job_id, r.stream), {})[r.attempt] = r
+        for key, attempt in want.items():
+            self._settle(conn, key, attempt, found.get(key, {}))
+
+    def _settle(self, conn, key: tuple[int, str], attempt: int, found: dict) -> _Stream | None:
+        """Cache the state of ``attempt``'s stream from its stored rows (``found``: attempt ->
+        aggregate row); None when a newer attempt's is stored. Removes older attempts' output."""
+        job, stream = key
+        if any(n > attempt for n in found):
+            return None
+        if any(n < attempt for n in found):
+            conn.execute(delete(job_output).where(job_output.c.job_id == job,
+                                                  job_output.c.stream == stream,
+                                                  job_output.c.attempt < attempt))
+        r = found.get(attempt)
+        st = _Stream(attempt, 0, 0, 0, False) if r is None else \
+            _Stream(attempt, int(r.end), int(r.stored), int(r.rows), bool(r.eof))
+        if len(self.streams) >= MAX_CACHED:
+            self.streams.clear()
+        self.streams[key] = st
+        return st
+
     def _state(self, conn, job: int, stream: str, attempt: int) -> _Stream | None:
         """The stored state of ``attempt``'s stream; None when a newer attempt's is stored.
         Loading it removes the output of older attempts."""
@@ -141,19 +183,7 @@ class OutputStore:
                    func.count().label("rows"), func.max(job_output.c.eof).label("eof"))
             .where(job_output.c.job_id == job, job_output.c.stream == stream)
             .group_by(job_output.c.attempt))}
-        if any(n > attempt for n in found):
-            return None
-        if any(n < attempt for n in found):
-            conn.execute(delete(job_output).where(job_output.c.job_id == job,
-                                                  job_output.c.stream == stream,
-                                                  job_output.c.attempt < attempt))
-        r = found.get(attempt)
-        st = _Stream(attempt, 0, 0, 0, False) if r is None else \
-            _Stream(attempt, int(r.end), int(r.stored), int(r.rows), bool(r.eof))
-        if len(self.streams) >= MAX_CACHED:
-            self.streams.clear()
-        self.streams[key] = st
-        return st
+        return self._settle(conn, key, attempt, found)
 
     def _accept(self, srv, agent: str, c: dict, now: float) -> dict | None:
         key = (c["job"], c["stream"])

@@ -32,6 +32,7 @@ from . import pilot_ops  # noqa: F401  (registers the pilot and site ops)
 from . import gc_ops  # noqa: F401  (registers the gc op)
 from . import events  # (registers the events ops)
 from . import output_ops  # noqa: F401  (registers the job_log op)
+from . import usage_ops  # noqa: F401  (registers the utilization and usage ops)
 from .ops import AGENT_ROLES, LOCAL_ADMIN, OPS, Caller, check_call, who
 
 log = logging.getLogger("pilotfish.server")

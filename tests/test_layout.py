@@ -9,7 +9,7 @@ ROOMS = {"server": "pilotfish.server", "pilot": "pilotfish.pilot",
          "launcher": "pilotfish.launcher", "container": "pilotfish.container",
          "bridge": "pilotfish.bridge", "web": "pilotfish.web"}
 CORE = ["protocol.py", "settings.py", "errors.py", "validate.py", "console.py", "client.py",
-        "pilotstate.py", "arrays.py"]
+        "pilotstate.py", "arrays.py", "usage.py", "timespec.py"]
 
 
 def in_package(module: str, package: str) -> bool:
@@ -53,8 +53,9 @@ def test_the_bridge_imports_neither_server_nor_pilot():
         assert not bad, f"bridge/{f.name} imports {bad}"
 
 
-def test_the_web_imports_neither_server_nor_pilot():
-    """The web process is a client of the server (core and client only), like the bridge."""
+def test_web_imports_neither_server_nor_pilot():
+    """The web room (pages, REST, plots, `pilotfish plot`/`report`) is a client of the server,
+    like the bridge: core and client only."""
     files = list(room_dir("web").glob("*.py"))
     assert len(files) >= 5
     for f in files:
@@ -62,6 +63,18 @@ def test_the_web_imports_neither_server_nor_pilot():
                or in_package(m, "pilotfish.pilot") or in_package(m, "pilotfish.bridge")
                or m.startswith("..")]
         assert not bad, f"web/{f.name} imports {bad}"
+
+
+def test_matplotlib_is_imported_only_inside_the_plot_functions():
+    """No module imports matplotlib at its top: web/plots.py does, in the functions that draw."""
+    files = list(PKG.glob("*.py")) + [f for r in ROOMS for f in room_dir(r).glob("*.py")]
+    for f in files:
+        top = [n for n in ast.parse(f.read_text()).body
+               if isinstance(n, (ast.Import, ast.ImportFrom))]
+        names = {a.name.split(".")[0] for n in top for a in n.names} | {
+            n.module.split(".")[0] for n in top if isinstance(n, ast.ImportFrom) and n.module}
+        assert "matplotlib" not in names, f.name
+    assert "import matplotlib" in (room_dir("web") / "plots.py").read_text()
 
 
 def test_core_imports_no_room():
@@ -92,8 +105,8 @@ def test_the_command_line_starts_without_heavy_imports():
     import subprocess
     import sys
     code = ("import pilotfish.cli, sys; print(sorted({m.split('.')[0] for m in sys.modules}"
-            " & {'pydantic', 'sqlalchemy', 'jinja2', 'mpi4py', 'pika', 'fastapi', 'starlette',"
-            " 'uvicorn', 'selenium'}))")
+            " & {'pydantic', 'sqlalchemy', 'jinja2', 'mpi4py', 'pika', 'matplotlib', 'fastapi',"
+            " 'starlette', 'uvicorn', 'selenium'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "[]", out

@@ -1,2 +1,3 @@
-"""The web dashboard and REST API (``pilotfish web``): an edge process, a client of the job
-server with keys of its own; it imports the core and the client, never the server room."""
+"""The web room: the dashboard and REST API (``pilotfish web``) and the plots that
+``pilotfish plot``/``report`` share with them. Clients of the job server with keys of their own:
+they import the core and the client, never the server room."""
