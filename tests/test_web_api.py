@@ -297,3 +297,27 @@ def test_only_loopback_runs_open():
     for bad in ("8080", "127.0.0.1:", "127.0.0.1:70000", "127.0.0.1:-1", "no.such.host.invalid:1"):
         with pytest.raises(ValidationError):
             parse_bind(bad)
+
+
+def test_job_groups_and_keyset_paging_on_postgresql(tmp_path, pg_url):
+    """The two server-side additions the pages stand on, on PostgreSQL too: job_groups' loose
+    index scan (a recursive CTE) and job_ls's ``after``."""
+    home = tmp_path / "home"
+    home.mkdir()
+    srv = ServerHandle(home, pg_url).start()
+    try:
+        with srv.client() as c:
+            c.add_app(SLEEP)
+            ids = c.add_jobs([{"name": f"j{i}", "application": "sleep",
+                               "group_identifier": f"g{i % 3}"} for i in range(9)]
+                             + [{"name": "none", "application": "sleep"}])
+            assert c.groups() == {"groups": ["g0", "g1", "g2"], "next": None}
+            assert c.groups(limit=2) == {"groups": ["g0", "g1"], "next": "g1"}
+            assert c.groups(after="g1") == {"groups": ["g2"], "next": None}
+            assert c.groups(after="g2")["groups"] == []
+            page = c.jobs({"group": "g1"}, limit=2, newest=True)
+            more = c.jobs({"group": "g1"}, limit=2, newest=True, after=page[-1]["id"])
+            assert [j["id"] for j in page + more] == [ids[7], ids[4], ids[1]]
+            assert [j["id"] for j in c.jobs({}, limit=3, after=ids[5])] == ids[6:9]
+    finally:
+        srv.stop()
