@@ -321,3 +321,28 @@ def test_job_groups_and_keyset_paging_on_postgresql(tmp_path, pg_url):
             assert [j["id"] for j in c.jobs({}, limit=3, after=ids[5])] == ids[6:9]
     finally:
         srv.stop()
+
+
+def test_tokens_over_a_plain_server(tmp_path):
+    """A server started --insecure has no keys to give: the web still checks each token's
+    role itself (the server takes every plain caller for admin)."""
+    from pilotfish.server import daemon
+    from pilotfish.web import tokens as web_tokens
+    home = tmp_path / "home"
+    home.mkdir()
+    info = daemon.start_background(home, f"sqlite:///{home / 'pilotfish.db'}",
+                                   "tcp://127.0.0.1:*", 1.0, insecure=True)
+    web = None
+    try:
+        reader = web_tokens.create(home, "r", "reader")
+        admin = web_tokens.create(home, "a", "admin")
+        web = WebHandle(home, info["address"], "--token-required")
+        assert web.get("/api/jobs/counts", token=reader).json() == {}
+        r = web.post("/api/jobs", {"name": "x", "application": "none"}, token=reader)
+        assert r.status == 403 and "needs the role submitter" in r.json()["error"]
+        r = web.post("/api/jobs", {"name": "x", "application": "none"}, token=admin)
+        assert r.status == 404 and "none" in r.json()["error"]  # the server's own answer
+    finally:
+        if web:
+            web.stop()
+        daemon.stop(home, wait=15)

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from pilotfish import keys
+from pilotfish import keys, settings
 from pilotfish.client import Client
 from pilotfish.errors import PilotfishError, ServerUnavailable
 
@@ -36,7 +36,17 @@ class ClientPool:
 
     def new(self, key: str | None, timeout: float | None = None) -> Client:
         return Client(self.address, self.home, timeout=timeout or self.timeout,
-                      client_key=self.key_file(key))
+                      client_key=None if self.plain() else self.key_file(key))
+
+    def plain(self) -> bool:
+        """Does the server serve without CurveZMQ (ipc://, or started --insecure)? Then there
+        are no keys to give: the server takes every caller for admin, and only the web's own
+        role checks stand (a token's jobs are not told apart from others')."""
+        address = settings.server_address(self.home, self.address)
+        if not address or not keys.uses_curve(address):
+            return True
+        info = settings.read_server_info(self.home) or {}
+        return info.get("address") == address and info.get("curve") is False
 
     @contextmanager
     def client(self, key: str | None) -> Iterator[Client]:
