@@ -211,6 +211,12 @@ def test_login_form_in_chromium(browser, tmp_path):
         # a reader sees no actions, and a confirm page is refused
         d.get(web.url + "/jobs/1")
         assert not d.find_elements(By.ID, "kill")
+        # the live stream works on a token's session too
+        d.execute_script("window.__same_page = 7;")
+        with srv.client() as c:
+            c.kill_jobs({"ids": [1]})
+        wait_for(lambda: text_of(d, "#job-state") == "USER_KILLED", 20, 0.1, "a live change")
+        assert d.execute_script("return window.__same_page;") == 7
         d.get(web.url + "/jobs/1/confirm?action=kill")
         assert "needs the role submitter" in text_of(d, "#error")
         shot("reader-refused")
