@@ -153,7 +153,9 @@ def jobs_page(request: Request):
              "next": link(after=rows[-1]["id"]) if len(rows) == per or before else ""}
     states = sorted(counts, key=lambda s: (s in FINAL_STATES, s))
     return render(request, "jobs.html", user, rows=rows, counts=counts, states=states,
-                  total=sum(counts.values()), flt=flt, per=per, oldest=oldest, pages=pages,
+                  total=sum(counts.values()), flt=flt,
+                  matching=counts.get(flt["state"], 0) if "state" in flt else
+                  sum(counts.values()), per=per, oldest=oldest, pages=pages,
                   state_link=lambda s: "/jobs?" + urlencode({**scope, "state": s}),
                   live="jobs")
 
