@@ -19,15 +19,28 @@ from pilotfish.errors import PilotfishError
 
 log = logging.getLogger("pilotfish.web")
 
-#: What of an event a page gets (all a reader may see anyway; nothing else).
-FIELDS = ("id", "time", "kind", "job", "name", "group", "from", "to", "via", "message",
-          "agent", "host", "pilot", "site")
+#: Job ids a page is told at most per helping; past that it hears "many" (and refreshes).
+MAX_JOBS = 2000
 QUEUE = 1000
 KEEPALIVE = 15.0
+#: After a helping of events, wait this long before asking for the next: pages refresh at
+#: most once a second anyway, and a busy server then answers one request per PACE with all
+#: that came meanwhile instead of one after every turn it commits.
+PACE = 0.5
+LIMIT = 5000
 
 
-def public(event: dict) -> dict:
-    return {k: event.get(k) for k in FIELDS if event.get(k) is not None}
+def summary(events: list[dict]) -> dict:
+    """What pages need of a helping of events to know whether what they show changed: the
+    kinds, and which jobs (a page draws its data from the server again, escaped, itself)."""
+    jobs = sorted({e["job"] for e in events if e.get("kind") == "job" and e.get("job")})
+    out: dict = {"kinds": sorted({e.get("kind") or "" for e in events}),
+                 "cursor": events[-1]["id"]}
+    if len(jobs) > MAX_JOBS:
+        out["many"] = True
+    else:
+        out["jobs"] = jobs
+    return out
 
 
 class EventHub:
@@ -57,12 +70,12 @@ class EventHub:
                     client = self.pool.new(self.key, timeout=10)
                     if not self.cursor:
                         self.cursor = client.status()["events"]["newest"]
-                r = client.events(since=self.cursor, wait=10.0, limit=500)
+                r = client.events(since=self.cursor, wait=10.0, limit=LIMIT)
                 self.cursor = r["cursor"]
                 pause = 0.2
                 if r["events"]:
-                    batch = [public(e) for e in r["events"]]
-                    self.loop.call_soon_threadsafe(self._deliver, batch)
+                    self.loop.call_soon_threadsafe(self._deliver, summary(r["events"]))
+                    self.stopping.wait(PACE)
             except PilotfishError as exc:  # server down, restarted, key refused: try again
                 if client is not None:
                     client.close()
@@ -78,17 +91,17 @@ class EventHub:
         if client is not None:
             client.close()
 
-    def _deliver(self, batch: list[dict]) -> None:
+    def _deliver(self, change: dict) -> None:
         for q in list(self.subscribers):
             try:
-                q.put_nowait(batch)
+                q.put_nowait(change)
             except asyncio.QueueFull:
                 while not q.empty():
                     q.get_nowait()
-                q.put_nowait([{"kind": "resync"}])
+                q.put_nowait({"kinds": ["resync"], "many": True})
 
     async def stream(self, is_disconnected) -> AsyncIterator[bytes]:
-        """The text/event-stream of one page: a batch of events per message."""
+        """The text/event-stream of one page: one summary (see :func:`summary`) per helping."""
         q: asyncio.Queue = asyncio.Queue(QUEUE)
         self.subscribers.add(q)
         try:
@@ -96,7 +109,7 @@ class EventHub:
             last = time.monotonic()
             while not self.stopping.is_set():
                 try:
-                    batch = await asyncio.wait_for(q.get(), 1.0)
+                    change = await asyncio.wait_for(q.get(), 1.0)
                 except asyncio.TimeoutError:
                     if await is_disconnected():
                         return
@@ -105,6 +118,6 @@ class EventHub:
                         yield b": keepalive\n\n"
                     continue
                 last = time.monotonic()
-                yield b"data: " + json.dumps(batch, separators=(",", ":")).encode() + b"\n\n"
+                yield b"data: " + json.dumps(change, separators=(",", ":")).encode() + b"\n\n"
         finally:
             self.subscribers.discard(q)

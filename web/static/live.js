@@ -9,11 +9,15 @@
   var status = document.getElementById("live-status");
   var due = null, busy = false, last = 0;
 
-  function concerns(ev) {
-    if (ev.kind === "resync") { return true; }
-    if (what === "jobs") { return ev.kind === "job"; }
-    if (what.indexOf("job:") === 0) { return ev.kind === "job" && String(ev.job) === what.slice(4); }
-    if (what === "pilots") { return ev.kind === "agent" || ev.kind === "pilot"; }
+  // a message says what changed: {kinds: [...], jobs: [ids] or many: true}
+  function concerns(ch) {
+    var kinds = ch.kinds || [];
+    if (kinds.indexOf("resync") >= 0) { return true; }
+    if (what === "jobs") { return kinds.indexOf("job") >= 0; }
+    if (what.indexOf("job:") === 0) {
+      return ch.many === true || (ch.jobs || []).indexOf(parseInt(what.slice(4), 10)) >= 0;
+    }
+    if (what === "pilots") { return kinds.indexOf("agent") >= 0 || kinds.indexOf("pilot") >= 0; }
     return true;  // sites: anything may change a backlog
   }
 
@@ -46,11 +50,9 @@
   es.onopen = function () { if (status) { status.textContent = "live"; } };
   es.onerror = function () { if (status) { status.textContent = "reconnecting…"; } };
   es.onmessage = function (m) {
-    var batch;
-    try { batch = JSON.parse(m.data); } catch (e) { return; }
-    for (var i = 0; i < batch.length; i++) {
-      if (concerns(batch[i])) { schedule(150); return; }
-    }
+    var ch;
+    try { ch = JSON.parse(m.data); } catch (e) { return; }
+    if (concerns(ch)) { schedule(150); }
   };
   if (poll > 0) { setInterval(function () { schedule(0); }, poll * 1000); }  // a running job's output
 })();
