@@ -9,8 +9,10 @@ and selenium) showing ``/jobs``, which follows the event stream and fetches the 
 at most once a second while jobs change. The order alternates from pair to pair.
 
 Figure: ``w2_with_browser_ratio`` (geometric mean over pairs of rate with / rate without;
-issue 14's target >= 0.97), with both rates per pair and how many times the page was
-refreshed during the run.
+issue 14's target >= 0.97), with both rates per pair, how many times the page was refreshed
+during the run, and the CPU seconds the web process and Chromium (all its processes) used
+meanwhile: on a small machine the browser competes with the server and the agent for cores it
+would not take on a user's desk.
 """
 from __future__ import annotations
 
@@ -50,6 +52,25 @@ def browser(profile: Path):
     return webdriver.Chrome(service=Service(CHROMIUM[1]), options=opts)
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes and all their children so far."""
+    import psutil
+    total = 0.0
+    for pid in pids:
+        try:
+            p = psutil.Process(pid)
+            procs = [p] + p.children(recursive=True)
+        except psutil.Error:
+            continue
+        for q in procs:
+            try:
+                t = q.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+    return total
+
+
 def w2(a, with_browser: bool) -> dict:
     with C.Env("sqlite", a.heartbeat, a.tmp, a.keep,
                label="w2-browser" if with_browser else "w2") as env:
@@ -83,9 +104,13 @@ def w2(a, with_browser: bool) -> dict:
                     "window.__n = 0; new MutationObserver(function () { window.__n++; })"
                     ".observe(document.getElementById('live'), {childList: true});")
             jobs = [{"name": f"t{i}", "application": "true"} for i in range(a.n)]
+            watched = {"web": [web.pid] if web else [],
+                       "chromium": [driver.service.process.pid] if driver else []}
+            before = {k: cpu_seconds(v) for k, v in watched.items()}
             c.add_jobs(jobs)
             t1 = time.perf_counter()
             t2, counts = C.wait_final(c, a.n, check=env.check_agents)
+            used = {k: cpu_seconds(v) - before[k] for k, v in watched.items()}
             if driver is not None:
                 refreshes = driver.execute_script("return window.__n;")
         finally:
@@ -96,7 +121,8 @@ def w2(a, with_browser: bool) -> dict:
                 web.terminate()
                 web.wait(10)
     return {"tps": a.n / (t2 - t1), "finished": counts.get("JOB_FINISHED", 0),
-            "refreshes": refreshes}
+            "refreshes": refreshes, "seconds": t2 - t1,
+            "web_cpu": used["web"], "chromium_cpu": used["chromium"]}
 
 
 def main() -> int:
@@ -115,14 +141,20 @@ def main() -> int:
         order = (False, True) if k % 2 == 0 else (True, False)
         got = {b: w2(a, b) for b in order}
         pairs.append(got)
+        w = got[True]
         C.log(f"pair {k + 1}/{a.pairs}: without {got[False]['tps']:,.0f} tasks/s, with a "
-              f"browser {got[True]['tps']:,.0f} ({got[True]['refreshes']} page refreshes)")
+              f"browser {w['tps']:,.0f} ({w['refreshes']} page refreshes; CPU in "
+              f"{w['seconds']:.1f} s: web {w['web_cpu']:.1f} s, chromium "
+              f"{w['chromium_cpu']:.1f} s)")
     ratios = [x[True]["tps"] / x[False]["tps"] for x in pairs]
     geo = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
     C.emit("w2_with_browser_ratio", geo, ratios=ratios,
            with_browser=[x[True]["tps"] for x in pairs],
            without=[x[False]["tps"] for x in pairs],
            refreshes=[x[True]["refreshes"] for x in pairs],
+           seconds_with=[x[True]["seconds"] for x in pairs],
+           web_cpu_seconds=[x[True]["web_cpu"] for x in pairs],
+           chromium_cpu_seconds=[x[True]["chromium_cpu"] for x in pairs],
            finished=[x[True]["finished"] for x in pairs] + [x[False]["finished"] for x in pairs],
            target=TARGET, meets_target=geo >= TARGET, n=a.n, pairs=a.pairs, db="sqlite",
            interval="add_jobs returned -> all N JOB_FINISHED seen (Client.counts)",
