@@ -32,12 +32,15 @@ def world(tmp_path_factory):
     for name, role in (("reader1", "reader"), ("submitter1", "submitter"),
                        ("submitter2", "submitter")):
         tokens[name[:-1] if name != "submitter2" else name] = web_tokens.create(home, name, role)
-    open_web = WebHandle(home, srv.address)
-    token_web = WebHandle(home, srv.address, "--token-required")
-    yield srv, open_web, token_web, tokens
-    open_web.stop()
-    token_web.stop()
-    srv.stop()
+    webs = []
+    try:  # a web that fails to start must not leave the server running
+        webs.append(WebHandle(home, srv.address))
+        webs.append(WebHandle(home, srv.address, "--token-required"))
+        yield srv, webs[0], webs[1], tokens
+    finally:
+        for w in webs:
+            w.stop()
+        srv.stop()
 
 
 def test_open_mode_lists_filters_shows_and_changes_jobs(world):

@@ -58,6 +58,7 @@ class WebHandle:
             except OSError:
                 pass
             time.sleep(0.1)
+        self.stop()
         raise AssertionError(f"the web did not start: {self.log.read_text()}")
 
     def request(self, method: str, path: str, body=None, headers: dict | None = None,
