@@ -60,6 +60,7 @@ def _register() -> None:
     from pilotfish.server.workflow_cli import workflow_group
     from pilotfish.pilot.transfer_cli import transfer_group
     from pilotfish.web.usage_cli import plot_group, report_group
+    from pilotfish.web.cli import token_cmd, web_cmd
     for cmd in (pilot_ls, submit_cmd, cancel_cmd):
         pilot_group.add_command(cmd)
     for cmd in (site_agent_cmd, site_status_cmd):
@@ -77,6 +78,8 @@ def _register() -> None:
     cli.add_command(transfer_group)
     cli.add_command(plot_group)
     cli.add_command(report_group)
+    keys_group.add_command(token_cmd)
+    cli.add_command(web_cmd)
 
 
 _register()

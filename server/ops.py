@@ -9,7 +9,7 @@ import os
 import time
 from typing import Any, Callable, NamedTuple
 
-from sqlalchemy import delete, func, or_, select
+from sqlalchemy import delete, func, or_, select, text
 
 from pilotfish import __version__, arrays
 from pilotfish.errors import (Forbidden, IllegalTransition, NotFound, PilotfishError,
@@ -507,11 +507,15 @@ def _job_dict(srv: JobServer, r) -> dict:
     return d
 
 
-@op(READER, args=("filter", "limit", "offset", "newest"))
+@op(READER, args=("filter", "limit", "offset", "newest", "after"))
 def job_ls(srv: JobServer, args: dict, now: float) -> list:
+    """``after``: only ids past this one (below it with ``newest``): keyset paging, which
+    costs the same on the last page of a million jobs as on the first (an OFFSET walks every
+    row it skips)."""
     limit = _arg(args, "limit", int, 100)
     offset = _arg(args, "offset", int, 0)
     newest = _arg(args, "newest", bool, False)
+    after = _arg(args, "after", int)
     srv.sync()
     q = select(jobs.c.id, jobs.c.name, jobs.c.app_id, jobs.c.state, jobs.c.attempts,
                jobs.c.site, jobs.c.group_identifier, jobs.c.tags, jobs.c.priority,
@@ -520,11 +524,40 @@ def job_ls(srv: JobServer, args: dict, now: float) -> list:
                jobs.c.argo_job_id, jobs.c.job_status_routing_key)
     for c in where_of(args.get("filter"), srv):
         q = q.where(c)
+    if after is not None:
+        q = q.where(jobs.c.id < after if newest else jobs.c.id > after)
     q = q.order_by(jobs.c.id.desc() if newest else jobs.c.id).offset(offset)
     if limit > 0:
         q = q.limit(limit)
     # (no wire_safe: these columns are SQL integers, which hold 64 bits at most)
     return [_job_dict(srv, r) for r in srv.conn.execute(q)]
+
+
+#: Groups per job_groups answer at most.
+MAX_GROUPS = 1000
+#: The next group name after one, by the index: a loose index scan (one index probe per group,
+#: whatever the groups hold), the same SQL on SQLite and PostgreSQL.
+_GROUPS_SQL = text("""
+WITH RECURSIVE g(x, n) AS (
+  SELECT (SELECT MIN(group_identifier) FROM jobs WHERE group_identifier > :after), 1
+  UNION ALL
+  SELECT (SELECT MIN(group_identifier) FROM jobs WHERE group_identifier > g.x), g.n + 1
+  FROM g WHERE g.x IS NOT NULL AND g.n < :limit
+) SELECT x FROM g WHERE x IS NOT NULL""")
+
+
+@op(READER, args=("after", "limit"))
+def job_groups(srv: JobServer, args: dict, now: float) -> dict:
+    """The group_identifiers jobs carry, in order, from the one after ``after`` on (at most
+    ``limit``): browsing groups costs a probe of the group index per group shown, however many
+    jobs they hold. ``next``: ask again from it, or None at the end."""
+    after = _arg(args, "after", str, "")
+    limit = _arg(args, "limit", int, 100)
+    if not 1 <= limit <= MAX_GROUPS:
+        raise ValidationError(f"limit must be 1..{MAX_GROUPS}")
+    srv.sync()
+    groups = [r[0] for r in srv.conn.execute(_GROUPS_SQL, {"after": after, "limit": limit})]
+    return {"groups": groups, "next": groups[-1] if len(groups) == limit else None}
 
 
 @op(READER, args=("filter",))

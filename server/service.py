@@ -190,7 +190,8 @@ class Service:
                  lease_timeout: float | None = None, insecure: bool = False,
                  sites: list[str] | None = None, site_poll: float = 10.0,
                  data_roots: list[str] | None = None, events_keep: float | None = None,
-                 amqp: str | None = None, mail: str | None = None) -> None:
+                 amqp: str | None = None, mail: str | None = None,
+                 web: str | None = None) -> None:
         self.home = home
         #: prune events older than this many seconds as we run (None: keep them)
         self.events_keep = events_keep
@@ -217,7 +218,7 @@ class Service:
         # the bridge beside the server gets a submitter key of its own (not the home's admin)
         self.site_agents = SiteAgents(home, sites or [], site_poll, amqp, bridge_key(home)
                                       if amqp and self.curve else None, mail,
-                                      mail_key(home) if mail and self.curve else None)
+                                      mail_key(home) if mail and self.curve else None, web=web)
         try:  # the task output limits (told to agents): a bad setting stops the start
             settings.output_limits()
         except ValueError as exc:

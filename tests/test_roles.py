@@ -35,7 +35,7 @@ HELLO = dict(host="h", pid=4242, site=None, pilot=None, cores=[0], gpus=[], memo
 NO_DEMAND = {"cores": 0, "gpus": 0, "max_cores": 1, "max_gpus": 0, "time_left": None}
 ROLES = ("admin", "submitter", "agent", "reader", "site")
 
-READ = {"ping", "status", "agent_ls", "app_ls", "app_show", "job_ls", "job_counts",
+READ = {"ping", "status", "agent_ls", "app_ls", "app_show", "job_ls", "job_counts", "job_groups",
         "job_summary", "job_show", "job_log", "pilot_ls", "site_status", "events",
         "workflow_ls", "workflow_show", "transfer_ls"}
 SUBMIT = READ | {"workflow_add", "workflow_check", "workflow_kill", "workflow_retry",
@@ -173,6 +173,7 @@ def _args(op: str, role: str) -> dict:
         "gc": {"before": 1.0}, "events": {"since": 0, "limit": 5},
         "events_prune": {"before": 1.0},
         "job_ls": {"filter": {}, "limit": 5}, "job_counts": {"filter": {}},
+        "job_groups": {"limit": 5},
         "job_summary": {"filter": {}}, "job_show": {"id": 1}, "job_log": {"id": 1},
         "job_kill": {"filter": {"ids": [999999]}}, "job_retry": {"filter": {"ids": [999999]}},
         "job_alter": {"filter": {"ids": [999999]}, "changes": {"priority": 1}},
