@@ -274,7 +274,8 @@ def transfer_lines(transfers: list[dict] | None, staging: dict | None) -> list[s
         lines.append(f"  {console.local_time(e['time'])}  {e.get('step') or e['to_state']}"
                      f"  {msg}")
     if staging:
-        lines.append(f"  {console.local_time(staging['since'])}  STAGING now  by stager "
+        now = "STAGING OUT now" if staging.get("kind") == "out" else "STAGING now"
+        lines.append(f"  {console.local_time(staging['since'])}  {now}  by stager "
                      f"{console.plain(staging['stager'])}: {console.plain(staging['url'][:300])}")
     return lines
 
