@@ -785,6 +785,9 @@ def job_alter(srv: JobServer, args: dict, now: float, caller: Caller = LOCAL_ADM
         if r.id in srv.staging.leases or r.id in srv.staging.staged:
             raise ValidationError(f"job {r.id}: a site stager is staging (or has staged) its "
                                   "input; kill it or wait before altering it")
+        if r.id in srv.staging.out_held:
+            raise ValidationError(f"job {r.id}: its outputs wait for a site stager's "
+                                  "stage-out; kill it or wait before altering it")
         d = dict(r._mapping)
         new = dict(changes)
         if "parameters" in new:

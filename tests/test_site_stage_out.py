@@ -151,3 +151,52 @@ def test_a_killed_stagers_stage_out_is_taken_and_leftovers_are_swept(server, tmp
         assert (staging / "out" / str(job)).is_dir()  # the waiting job's outputs stay
     finally:
         silent.stop()
+
+
+def test_stage_out_books_through_a_restart_and_bad_polls(server, tmp_path):
+    """The test speaks stage_poll itself: a handed job is held in POSTPROCESSED through a
+    server restart (rebuilt from jobs.staged) and its stage-out adopted; bad stage-out results
+    and sweeps are refused whole; the leftovers answer names only what no job needs."""
+    from pilotfish.errors import PilotfishError
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    c = server.client()
+    c.add_app({"name": "mk", "executable": "/bin/sh", "args": ["-c", "printf x > o.txt"]})
+
+    def poll(**kw):
+        return c.call("stage_poll", stager="st1", site="s1", **{"want": 0, **kw})
+
+    poll()
+    job = c.add_job(name="j", application="mk", site="s1",
+                    output_url="http://127.0.0.1:9/out")
+    server.agent("--site", "s1", "--staging-dir", str(staging), work_root=tmp_path / "work")
+    wait_for(lambda: poll() and c.job(job)["state"] == "POSTPROCESSED"
+             and c.job(job)["agent"] is None, 30, 0.1, "the outputs handed over")
+    (handed,) = (staging / "out" / str(job)).iterdir()
+    assert (handed / "o.txt").read_text() == "x"
+    w = poll(want=5)["work"]
+    assert [(x["job"], x["kind"]) for x in w] == [(job, "out")], w
+    c.close()
+    server.stop()
+    server.start()
+    c = server.client()
+    r = poll(holding=[{"job": job, "token": w[0]["token"]}])
+    assert r["refused"] == [] and c.job(job)["staging"]["kind"] == "out"
+    for args, words in [
+            ({"done": [{"job": job, "token": w[0]["token"], "ok": True, "kind": "up"}]},
+             "done.kind"),
+            ({"done": [{"job": job, "token": w[0]["token"], "ok": False, "gone": "yes"}]},
+             "done.gone"),
+            ({"sweep": list(range(501))}, "sweep"),
+            ({"sweep": [-1]}, "sweep item")]:
+        with pytest.raises(PilotfishError) as err:
+            poll(holding=[{"job": job, "token": w[0]["token"]}], **args)
+        assert words in str(err.value) and "\n" not in str(err.value), (args, err.value)
+    # the job waits for its outputs: its out dir stays; an unknown job's goes
+    r = poll(holding=[{"job": job, "token": w[0]["token"]}], sweep=[job, 987654])
+    assert r["remove"] == {"in": [987654], "out": [987654]}, r
+    poll(done=[{"job": job, "token": w[0]["token"], "ok": True, "kind": "out", "bytes": 1,
+                "seconds": 0.1}])
+    d = c.job(job)
+    assert d["state"] == "JOB_FINISHED" and d["attempts"] == 1, d
+    assert poll(sweep=[job])["remove"] == {"in": [job], "out": [job]}
