@@ -301,7 +301,9 @@ class SiteStager:
                 waiting.append(w)
                 continue
             batch = [w]
-            if w.kind == "in" and self._batches(w):  # more of this endpoint's files in the same session
+            # more of this endpoint's files in the same session (stage-ins; a stage-out is
+            # one job's files, batched by put_out)
+            if w.kind == "in" and self._batches(w):
                 # spread them over the sessions free now (4 files, 4 free sessions: 4 of one
                 # file each, which land 4 times sooner), batch_size files a session at most
                 free = min(ep.limit - ep.active, self.max_concurrent - running)

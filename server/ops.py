@@ -619,7 +619,7 @@ def job_show(srv: JobServer, args: dict, now: float) -> dict:
     # its transfers: each staging step's event (how it went, or the scheme's error), and the
     # stage lease of a site stager working on it now
     d["transfers"] = transfers_of(d["events"], r.input_url, r.output_url)
-    d["staging"] = srv.staging.lease_of(job_id)
+    d["staging"] = srv.staging.lease_of(job_id) or srv.staging.out_of(job_id)
     return wire_safe(d)
 
 

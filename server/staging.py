@@ -71,7 +71,8 @@ MAX_BACKOFF = 60.0
 #: A site's line in transfer ls: stage-in held/leased/staged, stage-out held/leased.
 _SITE0 = {"held": 0, "leased": 0, "staged_waiting": 0, "out_held": 0, "out_leased": 0}
 _ROWS = select(jobs.c.id, jobs.c.state, jobs.c.input_url, jobs.c.retries, jobs.c.max_retries,
-               jobs.c.output_url, jobs.c.agent).where(jobs.c.id.in_(bindparam("ids", expanding=True)))
+               jobs.c.output_url, jobs.c.agent
+               ).where(jobs.c.id.in_(bindparam("ids", expanding=True)))
 
 
 def remote(url: Any) -> bool:
@@ -554,7 +555,8 @@ class StagingBook:
         held = self.out_held.get(job)
         if held is None:
             return None
-        return {"site": held[2], "not_before": self.not_before.get(job)}
+        return {"kind": "out", "waiting": True, "site": held[2],
+                "not_before": self.not_before.get(job)}
 
 
 __all__ = ["StagingBook", "StageLease", "StagerRec", "file_name", "remote"]

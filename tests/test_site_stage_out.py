@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -121,7 +120,7 @@ def test_a_killed_stagers_stage_out_is_taken_and_leftovers_are_swept(server, tmp
         c, staging, work, first = start(server, tmp_path, {})
         job = c.add_job(name="j", application="mk", site="s1",
                         output_url=f"http://127.0.0.1:{silent.port}/out")
-        s1 = wait_for(lambda: (lambda s: s and s.get("kind") == "out" and s["stager"])(
+        s1 = wait_for(lambda: (lambda s: s and s.get("kind") == "out" and s.get("stager"))(
             c.job(job)["staging"]), 30, 0.1, "the first stager to take the stage-out")
         assert c.job(job)["state"] == "POSTPROCESSED"
         first.send_signal(signal.SIGKILL)
@@ -136,7 +135,7 @@ def test_a_killed_stagers_stage_out_is_taken_and_leftovers_are_swept(server, tmp
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_text("left")
         site_agent(server)  # another pid: another stager id
-        s2 = wait_for(lambda: (lambda s: s and s["stager"] != s1 and s["stager"])(
+        s2 = wait_for(lambda: (lambda s: s and s.get("stager") not in (None, s1) and s["stager"])(
             c.job(job)["staging"]), 30, 0.2, "the stage-out taken again")
         states = {s["id"]: s["state"] for s in c.call("transfer_ls")["stagers"]}
         assert states[s1] == "LOST" and states[s2] == "ALIVE"
@@ -174,6 +173,9 @@ def test_stage_out_books_through_a_restart_and_bad_polls(server, tmp_path):
              and c.job(job)["agent"] is None, 30, 0.1, "the outputs handed over")
     (handed,) = (staging / "out" / str(job)).iterdir()
     assert (handed / "o.txt").read_text() == "x"
+    assert c.job(job)["staging"]["waiting"] is True
+    shown = run_cli(server.home, "job", "show", str(job), check=True).stdout
+    assert "outputs WAITING in site s1's staging directory" in shown, shown
     w = poll(want=5)["work"]
     assert [(x["job"], x["kind"]) for x in w] == [(job, "out")], w
     c.close()
