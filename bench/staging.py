@@ -15,6 +15,13 @@ per-connection child processes, sampled every 5 ms).
   one agent of C cores: compute only (no inputs), inputs staged by the site stager (look-ahead),
   and inputs staged inline by the node agent itself (no site stager: today's way) in the same
   run. Figure: makespan, ``job add`` -> every job JOB_FINISHED; ``ratio`` = it / compute only.
+* ``out_*`` (stage-out): N jobs of D s compute that each write one SIZE MB output
+  (``out.dat``), its ``output_url`` an ``sftp://`` directory on the sshd: no output (compute
+  only), outputs handed to the site stager (the agent copies them to the staging directory and
+  takes its next job; the stager puts them, sftp, ``per_endpoint`` P), and outputs put inline
+  by the node agent (no site stager) in the same run. Figures: makespan and its ratio to compute
+  only, and the most concurrent sshd sessions (the stager's stay within P; inline, one per busy
+  core). Landed outputs are removed as they arrive (only whole files: never a ``.partial``).
 
 The staging directory is emptied as files land in the flood runs (nothing consumes them
 there), so N x SIZE never piles up on disk. Note ``uptime`` beside the figures: the machine
@@ -70,6 +77,23 @@ class Cleaner(threading.Thread):
         while not self.stopped:
             try:
                 for f in self.d.glob("*/in.dat"):
+                    f.unlink(missing_ok=True)
+            except OSError:
+                pass
+            time.sleep(0.1)
+
+
+class OutCleaner(threading.Thread):
+    """Removes uploaded outputs as they land (stage-out runs): whole files only."""
+
+    def __init__(self, d: Path) -> None:
+        super().__init__(daemon=True)
+        self.d, self.stopped = d, False
+
+    def run(self) -> None:
+        while not self.stopped:
+            try:
+                for f in self.d.glob("*/out.dat"):
                     f.unlink(missing_ok=True)
             except OSError:
                 pass
@@ -167,6 +191,41 @@ def hidden(a, sshd: Sshd, urls: list[str] | None, stager: bool) -> dict:
             "finished": counts.get("JOB_FINISHED", 0)}
 
 
+def outputs(a, sshd: Sshd, remote: Path | None, stager: bool) -> dict:
+    with C.Env(a.db, a.heartbeat, a.tmp, a.keep, label="out") as env:
+        staging = env.home / "staging"
+        staging.mkdir(exist_ok=True)
+        profile(env, sshd, staging, max_concurrent=a.per_endpoint,
+                per_endpoint={"127.0.0.1": a.per_endpoint})
+        c = env.client
+        mb = max(1, int(a.size_mb))
+        c.add_app({"name": "work", "executable": "/bin/sh",
+                   "args": ["-c", f"sleep {a.duration}; "
+                                  f"dd if=/dev/zero of=out.dat bs=1M count={mb} 2>/dev/null"]})
+        if stager:
+            site_agent(env)
+        env.start_agent(list(range(a.cores)),
+                        extra=["--site", "s1", "--staging-dir", str(staging)])
+        env.wait_agents(1)
+        jobs = [{"name": f"o{i}", "application": "work", "site": "s1"} for i in range(a.n)]
+        if remote is not None:
+            for j in jobs:
+                j["output_url"] = sshd.url("sftp", str(remote))
+        counter, cleaner = Counter(sshd.proc.pid), OutCleaner(remote or staging)
+        counter.start()
+        cleaner.start()
+        t0 = time.perf_counter()
+        ids = c.add_jobs(jobs)
+        counts = wait_counts(c, ids, "JOB_FINISHED", a.timeout)
+        took = time.perf_counter() - t0
+        counter.stopped = cleaner.stopped = True
+        s = c.summary()
+    if counts.get("JOB_FINISHED") != a.n:
+        C.log(f"WARNING: out: {C.counts_line(counts)}")
+    return {"makespan": took, "agent_span": s["last_ended"] - s["first_started"],
+            "finished": counts.get("JOB_FINISHED", 0), "max_sessions": counter.most}
+
+
 def main() -> int:
     p = C.parser(__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--n", type=int, default=200, help="Jobs (default: %(default)s).")
@@ -178,7 +237,8 @@ def main() -> int:
     p.add_argument("--cores", type=int, default=2, help="The agent's cores (%(default)s).")
     p.add_argument("--timeout", type=float, default=1800.0)
     p.add_argument("--db", choices=("sqlite", "postgres"), default="sqlite")
-    p.add_argument("--only", choices=("flood", "hidden"), help="One of the two benchmarks.")
+    p.add_argument("--only", choices=("flood", "hidden", "out"),
+                   help="One of the three benchmarks.")
     a = p.parse_args()
     C.set_bench("staging")
     if sshd_available():
@@ -232,6 +292,26 @@ def main() -> int:
             il = hidden(a, sshd, urls, stager=False)
             C.emit("hidden_inline_makespan", il["makespan"],
                    ratio=C.ratio(il["makespan"], base_r["makespan"]), cores=a.cores,
+                   duration=a.duration, load=load(), **common)
+        if a.only in (None, "out"):
+            landed = base / "landed"
+            landed.mkdir()
+            C.log(f"out: compute only, {a.n} x {a.duration} s on {a.cores} cores")
+            o0 = outputs(a, sshd, None, stager=False)
+            C.emit("out_compute_only_makespan", o0["makespan"], cores=a.cores,
+                   duration=a.duration, load=load(), **common)
+            C.log("out: outputs handed to the site stager")
+            o1 = outputs(a, sshd, landed, stager=True)
+            C.emit("out_site_stager_makespan", o1["makespan"],
+                   ratio=C.ratio(o1["makespan"], o0["makespan"]),
+                   max_sessions=o1["max_sessions"], per_endpoint=a.per_endpoint,
+                   finished=o1["finished"], cores=a.cores, duration=a.duration, load=load(),
+                   **common)
+            C.log("out: outputs put inline by the node agent")
+            o2 = outputs(a, sshd, landed, stager=False)
+            C.emit("out_inline_makespan", o2["makespan"],
+                   ratio=C.ratio(o2["makespan"], o0["makespan"]),
+                   max_sessions=o2["max_sessions"], finished=o2["finished"], cores=a.cores,
                    duration=a.duration, load=load(), **common)
     finally:
         sshd.stop()

@@ -161,6 +161,8 @@ class Task:
     msg: str | None = None
     done: bool = False
     created: bool = False                 # we made the workdir (not a retry's)
+    handoff: bool = False                 # its stage-out step hands outputs to a site stager
+    handed: bool = False                  # ... and it did: reported with "handed"
     errfd: int | None = None              # the stager's standard error (read end)
 
 
@@ -381,6 +383,12 @@ class Executor:
 
     def _stage_out(self, t: Task, now: float) -> None:
         url = t.spec.get("output_url")
+        st = self.staging
+        if url and t.spec.get("site_out") and st is not None and st.staged_dir:
+            # a site stager puts them: copy them to the shared staging directory (a child,
+            # off the loop; see pilotfish.pilot.stage_site_out) and end in POSTPROCESSED
+            self._stage(t, now, "handoff", st.staged_dir)
+            return
         if url:
             self._stage(t, now, "out", url)
             return
@@ -393,7 +401,9 @@ class Executor:
         argv = self._stager + [mode, str(t.job), t.workdir, url, str(st.max_bytes), st.home,
                                self._root_prefix or "/", *st.roots]
         failure = "STAGE_IN_FAILED" if mode == "in" else "STAGE_OUT_FAILED"
-        if self._spawn(t, now, f"stage_{mode}", argv, "", failure, timeout=st.timeout):
+        step = "stage_out" if mode == "handoff" else f"stage_{mode}"
+        t.handoff = mode == "handoff"
+        if self._spawn(t, now, step, argv, "", failure, timeout=st.timeout):
             t.deadline = now + st.timeout
 
     def _place(self, t: Task, now: float, name: str) -> None:
@@ -612,6 +622,11 @@ class Executor:
                                   + _why(code, "/nonexistent"))
             if step == "stage_in":
                 return self._staged_in(t, now)
+            if t.handoff:  # the site stager has them now: the attempt ends in POSTPROCESSED
+                t.handed = True
+                if not t.pending or t.pending[-1] != POSTPROCESSED:
+                    self._report(t, now, POSTPROCESSED)
+                return self._finish(t, now)
             self._report(t, now, STAGED_OUT, JOB_FINISHED)
             return self._finish(t, now)
         if step == "run":
@@ -697,6 +712,8 @@ class Executor:
             if t.done or everything or now - t.pending_since >= REPORT_DELAY:
                 out.append({"job": t.job, "attempt": t.attempt, "states": t.pending,
                             "exit": t.exit, "start": t.start, "end": t.end, "msg": t.msg})
+                if t.handed and t.done:
+                    out[-1]["handed"] = True
                 t.pending = []
                 if t.done and ended is not None:
                     ended.append(t)

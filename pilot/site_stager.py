@@ -18,6 +18,15 @@ The node agent that takes a staged job moves ``<staging_dir>/<job>/<name>`` into
 directory must be one the compute nodes see at the same path (a shared scratch file system:
 ``<scratch>/pilotfish-staging`` by default). The stager removes the job directories the agents
 emptied (every ``SWEEP`` seconds).
+
+**Stage-out** (kind ``out``): an agent of this site copied a job's outputs to
+``<staging_dir>/out/<job>/`` and ended its attempt in POSTPROCESSED; the stager puts them to
+the job's ``output_url`` (:func:`pilotfish.pilot.stage_site_out.put_out`: one batch a job where
+the scheme batches, under the same per-endpoint limits as stage-ins) and reports STAGED_OUT, or
+the one-line error (STAGE_OUT_FAILED; the server tries the stage-out again from the files still
+staged, or runs the task again when they are gone). **Leftovers**: each sweep names the job
+directories found in the staging directory (at most ``MAX_SWEEP`` a round) and removes those the
+server says no job needs any more (killed, removed, finished, or retried).
 """
 from __future__ import annotations
 
@@ -45,6 +54,8 @@ RATE_WINDOW = 30.0
 MAX_HELD = 1000
 #: Seconds between sweeps of the staging directory for emptied job directories.
 SWEEP = 30.0
+#: Most job directories one sweep asks the server about (bounded work per round).
+MAX_SWEEP = 500
 
 
 def staging_dir(site: Site, home: Path) -> Path:
@@ -71,6 +82,7 @@ class Work:
     scheme: str = ""
     host: str = ""
     started: float | None = None
+    kind: str = "in"
 
 
 @dataclass
@@ -122,7 +134,9 @@ class SiteStager:
         self.stopping = threading.Event()
         self.pool = ThreadPoolExecutor(self.max_concurrent, thread_name_prefix="stager")
         self.window = self.ahead = 0
-        self.next_sweep = time.monotonic() + SWEEP
+        self.sweep_every = float(self.t.sweep or SWEEP)
+        self.next_sweep = time.monotonic() + self.sweep_every
+        self.ask: list[int] = []                # job dirs to ask the server about
         self.error: str | None = None
         self.totals = {"done": 0, "failed": 0, "bytes": 0}
         self.credentials = self._credentials()
@@ -178,9 +192,11 @@ class SiteStager:
             # a poll names everything it holds)
             room = min(self.max_concurrent * 2, MAX_HELD) - len(holding)
         try:
+            ask, self.ask = self.ask, []
+            extra = {"sweep": ask} if ask else {}
             reply = client.call("stage_poll", stager=self.id, site=self.site.name,
                                 want=max(0, room), lookahead=self.lookahead,
-                                done=done, holding=holding, report=self.report())
+                                done=done, holding=holding, report=self.report(), **extra)
         except ValidationError as exc:  # refused whole: sending it again would not help;
             # its leases run out and the jobs are staged again
             log.error("stager %s: the server refused a poll (%d results dropped): %s",
@@ -198,10 +214,36 @@ class SiteStager:
             for item in reply.get("work", []):
                 self.pending.append(self._work(item))
             self._start()
+            busy = {w.job for w in list(self.pending) + list(self.active.values())}
+        if reply.get("remove"):
+            self._remove(reply["remove"], busy)
+
+    def _remove(self, remove: dict, busy: set) -> None:
+        """Remove the leftovers the server named (never a job this stager works on)."""
+        n = 0
+        for job in remove.get("in", [])[:MAX_SWEEP]:
+            if type(job) is int and job not in busy:
+                n += _rmtree(self.dir / str(job))
+        out = self.dir / "out"
+        gone = {j for j in remove.get("out", [])[:MAX_SWEEP] if type(j) is int and j not in busy}
+        if gone:
+            n += sum(_rmtree(out / str(j)) for j in gone)
+            try:
+                with os.scandir(out) as it:
+                    partial = [e.name for e in it if e.name.startswith(".")
+                               and e.name[1:].partition(".")[0].isdigit()
+                               and int(e.name[1:].partition(".")[0]) in gone]
+            except OSError:
+                partial = []
+            n += sum(_rmtree(out / p) for p in partial)
+        if n:
+            log.info("stager %s: removed %d leftover job directories", self.id, n)
 
     def sweep(self) -> None:
-        """Remove job directories the agents emptied (a job's staged file was moved out)."""
-        self.next_sweep = time.monotonic() + SWEEP
+        """Remove job directories the agents emptied (a job's staged file was moved out), and
+        name the others (stage-in and handed outputs, at most MAX_SWEEP) to the server, which
+        says at the next poll which no job needs any more."""
+        self.next_sweep = time.monotonic() + self.sweep_every
         with self.lock:
             busy = {str(w.job) for w in list(self.pending) + list(self.active.values())}
         try:
@@ -210,17 +252,30 @@ class SiteStager:
                          and e.is_dir(follow_symlinks=False)]
         except OSError:
             return
+        ask = set()
         for name in names[:10_000]:
             try:
                 os.rmdir(self.dir / name)  # only when empty
             except OSError:
-                pass
+                if len(ask) < MAX_SWEEP:
+                    ask.add(int(name))
+        try:
+            with os.scandir(self.dir / "out") as it:
+                for e in it:
+                    if len(ask) >= MAX_SWEEP:
+                        break
+                    num = e.name[1:].partition(".")[0] if e.name.startswith(".") else e.name
+                    if num.isdigit() and num not in busy and len(num) < 19:
+                        ask.add(int(num))
+        except OSError:
+            pass
+        self.ask = sorted(ask)
 
     def _work(self, item: dict) -> Work:
-        w = Work(item["job"], item["token"], item["url"])
+        w = Work(item["job"], item["token"], item["url"], kind=item.get("kind", "in"))
         try:
             from pilotfish.transfer import check_url
-            u = check_url(w.url, "input_url")
+            u = check_url(w.url, "output_url" if w.kind == "out" else "input_url")
             w.endpoint, w.scheme, w.host = u.endpoint, u.scheme, u.host
         except Exception:  # reported when its transfer starts
             pass
@@ -246,16 +301,19 @@ class SiteStager:
                 waiting.append(w)
                 continue
             batch = [w]
-            if self._batches(w):  # more of this endpoint's files in the same session
+            # more of this endpoint's files in the same session (stage-ins; a stage-out is
+            # one job's files, batched by put_out)
+            if w.kind == "in" and self._batches(w):
                 # spread them over the sessions free now (4 files, 4 free sessions: 4 of one
                 # file each, which land 4 times sooner), batch_size files a session at most
                 free = min(ep.limit - ep.active, self.max_concurrent - running)
-                same = 1 + sum(1 for x in self.pending if x.endpoint == w.endpoint)
+                same = 1 + sum(1 for x in self.pending
+                               if x.endpoint == w.endpoint and x.kind == "in")
                 size = min(self.batch_size, -(-same // max(1, free)))
                 rest: deque[Work] = deque()
                 while self.pending and len(batch) < size:
                     x = self.pending.popleft()
-                    (batch if x.endpoint == w.endpoint else rest).append(x)
+                    (batch if x.endpoint == w.endpoint and x.kind == "in" else rest).append(x)
                 self.pending.extendleft(reversed(rest))
             ep.active += 1
             running += 1
@@ -280,7 +338,7 @@ class SiteStager:
         t0 = time.time()
         results: list[tuple[Work, dict]] = []
         try:
-            results = self._fetch(batch)
+            results = self._put(batch[0]) if batch[0].kind == "out" else self._fetch(batch)
         except BaseException as exc:  # a bug or a scheme's surprise: one line, never silence
             why = _one_line(exc)
             results = [(w, {"ok": False, "msg": why}) for w in batch]
@@ -291,7 +349,7 @@ class SiteStager:
             now = time.time()
             for w, r in results:
                 self.active.pop(w.job, None)
-                r.update(job=w.job, token=w.token, seconds=round(took, 3))
+                r.update(job=w.job, token=w.token, seconds=round(took, 3), kind=w.kind)
                 self.done.append(r)
                 if r["ok"]:
                     ep.done += 1
@@ -306,6 +364,25 @@ class SiteStager:
                     log.warning("stager %s: job %d: %s", self.id, w.job, r["msg"])
             self._start()
         self.wake.set()
+
+    def _put(self, w: Work) -> list[tuple[Work, dict]]:
+        """Put one job's handed outputs (``out/<job>``) to its output_url."""
+        from pilotfish.errors import ValidationError
+        from pilotfish.transfer import Limits, TransferError, check_url, scheme_for
+
+        from .stage_site_out import Gone, put_out
+        limits = Limits(timeout=self.timeout, max_bytes=self.max_bytes, stall=self.stall)
+        try:
+            u = check_url(w.url, "output_url")
+            if u.query:
+                raise TransferError(f"{w.url}: a ?query is not part of an output URL")
+            files, size = put_out(str(self.dir), w.job, u.raw,
+                                  scheme_for(u, credentials=self.credentials), limits)
+        except Gone as exc:
+            return [(w, {"ok": False, "gone": True, "msg": _one_line(exc)})]
+        except (TransferError, ValidationError, PilotfishError, OSError) as exc:
+            return [(w, {"ok": False, "msg": _one_line(exc)})]
+        return [(w, {"ok": True, "bytes": size, "files": files})]
 
     def _fetch(self, batch: list[Work]) -> list[tuple[Work, dict]]:
         from pilotfish.errors import ValidationError
@@ -368,7 +445,8 @@ class SiteStager:
                           "done": ep.done, "failed": ep.failed, "bytes": ep.bytes,
                           "bytes_per_s": round(ep.rate(now)), "last_error": ep.last_error}
                    for name, ep in list(self.endpoints.items())[:200]}
-            inflight = [{"job": w.job, "endpoint": w.endpoint, "url": w.url[:300],
+            inflight = [{"job": w.job, "kind": w.kind, "endpoint": w.endpoint,
+                         "url": w.url[:300],
                          "seconds": round(now - w.started, 1) if w.started else None}
                         for w in list(self.active.values())[:100]]
             return {"host": socket.gethostname(), "pid": os.getpid(), "dir": str(self.dir),
@@ -385,6 +463,22 @@ def _one_line(exc: BaseException) -> str:
     if not isinstance(exc, PE):
         line = f"{type(exc).__name__}: {line}" if line else type(exc).__name__
     return line[:1500]
+
+
+def _rmtree(path: Path) -> int:
+    """Remove a leftover (a directory tree, or whatever is there; never followed)."""
+    import shutil
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        return 1
+    except FileNotFoundError:
+        return 0
+    except OSError as exc:
+        log.warning("cannot remove leftover %s: %s", path, exc)
+        return 0
 
 
 def _sha256(path: str) -> str:

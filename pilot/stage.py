@@ -208,11 +208,15 @@ def main(argv: list[str] | None = None) -> int:
         mode, job, workdir, url, max_bytes, home, work_root, *roots = argv
         cap = int(max_bytes)
     except ValueError:
-        print("usage: python -m pilotfish.pilot.stage in|out JOB WORKDIR URL MAX_BYTES HOME "
+        print("usage: python -m pilotfish.pilot.stage in|out|handoff JOB WORKDIR URL MAX_BYTES HOME "
               "WORK_ROOT [ROOT ...]", file=sys.stderr)
         return 2
     what = "stage-in" if mode == "in" else "stage-out"
     try:
+        if mode == "handoff":  # URL: the site stager's staging directory (see stage_site_out)
+            from .stage_site_out import hand_off
+            hand_off(workdir, job, url, home, cap)
+            return 0
         data_roots = roots_of(home, work_root, roots)
         # a workflow's subjob with several parents stages in one folder of each: their URLs
         # joined by newlines (no checked URL holds one; see server/workflows.py)

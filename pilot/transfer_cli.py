@@ -67,4 +67,6 @@ def transfer_ls_cmd(ctx, as_json) -> None:
     if sites:
         console.table(sites, [("site", "SITE"), ("held", "WAITING FOR A STAGER"),
                               ("leased", "BEING STAGED"),
-                              ("staged_waiting", "STAGED, WAITING FOR AN AGENT")])
+                              ("staged_waiting", "STAGED, WAITING FOR AN AGENT"),
+                              ("out_held", "OUTPUTS WAITING FOR STAGE-OUT"),
+                              ("out_leased", "BEING STAGED OUT")])

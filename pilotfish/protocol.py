@@ -112,7 +112,9 @@ DEMAND = {"cores": (int,), "gpus": (int,), "max_cores": (int,), "max_gpus": (int
 
 #: One job's progress as an agent saw it: the states it passed through, in order, for one attempt.
 TASK_UPDATE = {"job": (int,), "attempt": (int,), "states": (list,), "exit": (int, _NONE),
-               "start": (*_NUM, _NONE), "end": (*_NUM, _NONE), "msg": (str, _NONE)}
+               "start": (*_NUM, _NONE), "end": (*_NUM, _NONE), "msg": (str, _NONE),
+               # the outputs were handed to the site stager: the attempt ends in POSTPROCESSED
+               "handed": (bool, _NONE)}
 
 #: One unit of work handed to an agent. ``argv`` is executed directly, never by a shell.
 TASK = {"job": (int,), "attempt": (int,), "name": (str,), "argv": (list,), "env": (dict,),
@@ -120,7 +122,9 @@ TASK = {"job": (int,), "attempt": (int,), "name": (str,), "argv": (list,), "env"
         "pre": (list, _NONE), "post": (list, _NONE), "input_url": (str, _NONE),
         "output_url": (str, _NONE), "launch": (dict, _NONE), "container": (dict, _NONE),
         # the input a site stager put in the staging directory (file name): placed, not staged
-        "staged": (str, _NONE)}
+        "staged": (str, _NONE),
+        # a site stager puts the remote outputs: hand them to the staging directory instead
+        "site_out": (bool, _NONE)}
 
 #: A task's ``launch``: present when the task is several ranks (an MPI job); the agent starts it
 #: with its pilot's launcher on ``hosts`` (node names, this node first), ``cores`` per node.

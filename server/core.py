@@ -30,7 +30,7 @@ from .db import event_ids, job_parents, jobs, max_job_id, next_epoch
 from .gangs import Gangs
 from .output import OutputStore
 from .queue import ReadyQueue, Shape
-from .staging import StagingBook
+from .staging import StagingBook, remote
 from .states import State
 from .store import Batch, chunks
 from .workflows import Tracker
@@ -470,6 +470,11 @@ class JobServer:
                 continue
             if lease.state in path:  # a resend: skip what was applied already
                 path = path[path.index(lease.state) + 1:]
+            if it.get("handed"):  # outputs handed to the site stager: the attempt ends here
+                if self._handed(a, lease, it, path, now):
+                    continue
+                refused.append({"job": job, "attempt": it["attempt"]})
+                continue
             if not path:
                 continue
             last = path[-1]
@@ -509,6 +514,31 @@ class JobServer:
                 self.failed.append(job)
         self.stats["refused"] += len(refused)
         return refused
+
+    def _handed(self, a: AgentRec, lease: Lease, it: dict, path: list, now: float) -> bool:
+        """An agent ended its attempt in POSTPROCESSED, its outputs in its site's staging
+        directory: hold the job for a stager's stage-out (see .staging)."""
+        if (path[-1] if path else lease.state) is not S.POSTPROCESSED or a.site is None:
+            return False
+        msg = f"outputs handed to the site stager of {a.site}"
+        cols = {"ended": it.get("end") or now, "exit_code": it.get("exit"), "agent": None,
+                "run_state": S.POSTPROCESSED.value, "run_message": msg,
+                "staged": json.dumps({"out": a.site})}
+        if it.get("start") is not None:
+            cols["started"] = it["start"]
+        try:
+            if path:
+                self.batch.transition(lease.job, lease.state, path, now, msg, **cols)
+            else:
+                self.batch.update_job(lease.job, **cols)
+        except IllegalTransition as exc:
+            log.warning("agent %s: job %d: %s", a.id, lease.job, exc)
+            return False
+        self._end_lease(lease, now, None)
+        self.output.task_ended(lease.job, a.id, lease.attempt, now)
+        a.tasks_done += 1
+        self.staging.hand_off(lease.job, lease.priority, lease.shape, a.site)
+        return True
 
     def _end_lease(self, lease: Lease, now: float, state: str | None,
                    message: str | None = None) -> None:
@@ -659,6 +689,8 @@ class JobServer:
         staged = self.staging.taken(r.id) if self.staging.staged else None
         if staged is not None:  # a site stager fetched it: the agent places it, no stage-in
             task["staged"] = staged
+        if r.output_url and remote(r.output_url) and self.staging.stages_out(a.site):
+            task["site_out"] = True  # hand the outputs to the site stager
         if app.container is not None:
             task["container"] = {"runtime": app.container["runtime"],
                                  "image": r.image or app.container["image"]}

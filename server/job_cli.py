@@ -273,8 +273,12 @@ def transfer_lines(transfers: list[dict] | None, staging: dict | None) -> list[s
             if e.get("message") else ""
         lines.append(f"  {console.local_time(e['time'])}  {e.get('step') or e['to_state']}"
                      f"  {msg}")
-    if staging:
-        lines.append(f"  {console.local_time(staging['since'])}  STAGING now  by stager "
+    if staging and staging.get("waiting"):  # handed outputs, no stager has them yet
+        lines.append(f"  outputs WAITING in site {console.plain(staging['site'])}'s staging "
+                     "directory for a stager's stage-out")
+    elif staging:
+        now = "STAGING OUT now" if staging.get("kind") == "out" else "STAGING now"
+        lines.append(f"  {console.local_time(staging['since'])}  {now}  by stager "
                      f"{console.plain(staging['stager'])}: {console.plain(staging['url'][:300])}")
     return lines
 

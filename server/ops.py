@@ -619,7 +619,7 @@ def job_show(srv: JobServer, args: dict, now: float) -> dict:
     # its transfers: each staging step's event (how it went, or the scheme's error), and the
     # stage lease of a site stager working on it now
     d["transfers"] = transfers_of(d["events"], r.input_url, r.output_url)
-    d["staging"] = srv.staging.lease_of(job_id)
+    d["staging"] = srv.staging.lease_of(job_id) or srv.staging.out_of(job_id)
     return wire_safe(d)
 
 
@@ -785,6 +785,9 @@ def job_alter(srv: JobServer, args: dict, now: float, caller: Caller = LOCAL_ADM
         if r.id in srv.staging.leases or r.id in srv.staging.staged:
             raise ValidationError(f"job {r.id}: a site stager is staging (or has staged) its "
                                   "input; kill it or wait before altering it")
+        if r.id in srv.staging.out_held:
+            raise ValidationError(f"job {r.id}: its outputs wait for a site stager's "
+                                  "stage-out; kill it or wait before altering it")
         d = dict(r._mapping)
         new = dict(changes)
         if "parameters" in new:

@@ -26,6 +26,18 @@ database work only; every transfer runs in the stager.
   ``lookahead`` (the profile's ``transfers.lookahead``, default its ``max_concurrent``). So
   inputs are fetched while other jobs compute, and no more than the agents can start soon
   are piled up in scratch.
+* **Stage-out** (:meth:`StagingBook.hand_off`): an agent of a site a live stager serves gets
+  ``site_out: true`` in the task of a job whose ``output_url`` is remote; after POSTPROCESSED it
+  hands the workdir's files to ``<staging_dir>/out/<job>/`` and ends its attempt there
+  (``handed`` in its update). The job stays POSTPROCESSED, held here (``jobs.staged`` =
+  ``{"out": site}``, so a restarted server holds it again) until a stager of that site takes it
+  as a stage lease of kind ``out``. Success: POSTPROCESSED → STAGED_OUT → JOB_FINISHED. Failure:
+  STAGE_OUT_FAILED, then -- while retries are left -- back to POSTPROCESSED (a new legal hop:
+  only the stage-out is tried again, from the files still staged, after the backoff), or
+  RESTART_READY when the stager found the staged files gone (the task runs again), or FAILED.
+* **Leftovers**: a stager names the job directories it finds in its staging directory (a few
+  hundred a round); :meth:`StagingBook.leftovers` says which it may remove (their jobs ended,
+  were removed, or no longer wait for those files).
 """
 from __future__ import annotations
 
@@ -56,7 +68,10 @@ MAX_GRANT = 500
 MAX_SCAN = 5000
 #: Longest backoff (s) before a job whose stage-in failed is handed out again.
 MAX_BACKOFF = 60.0
-_ROWS = select(jobs.c.id, jobs.c.state, jobs.c.input_url, jobs.c.retries, jobs.c.max_retries
+#: A site's line in transfer ls: stage-in held/leased/staged, stage-out held/leased.
+_SITE0 = {"held": 0, "leased": 0, "staged_waiting": 0, "out_held": 0, "out_leased": 0}
+_ROWS = select(jobs.c.id, jobs.c.state, jobs.c.input_url, jobs.c.retries, jobs.c.max_retries,
+               jobs.c.output_url, jobs.c.agent
                ).where(jobs.c.id.in_(bindparam("ids", expanding=True)))
 
 
@@ -88,6 +103,7 @@ class StageLease:
     shape: Shape
     url: str
     since: float          # time.time() when leased
+    kind: str = "in"      # "in": fetch input_url; "out": put the staged outputs to output_url
 
 
 @dataclass
@@ -109,13 +125,17 @@ class StagingBook:
         self.remote_in: set[int] = set()       # jobs whose input_url is remote
         self.staged: dict[int, dict] = {}      # job -> jobs.staged, until an agent takes it
         self.held: dict[int, tuple[int, Shape]] = {}  # job -> (priority, shape), waiting
+        #: job -> (priority, shape, site): POSTPROCESSED, outputs handed to the site's staging
+        #: directory, waiting for a stager to put them (see hand_off)
+        self.out_held: dict[int, tuple[int, Shape, str]] = {}
         self._heap: list[tuple[int, int]] = []  # (-priority, job) of held (lazy removal)
         self.not_before: dict[int, float] = {}  # job -> time.time() of its next try (backoff)
         self.fails: dict[int, int] = {}         # job -> stage-in failures (for the backoff)
         self.leases: dict[int, StageLease] = {}
         self.stagers: dict[str, StagerRec] = {}
         self.next_token = 1
-        self.stats = {"staged_in": 0, "stage_in_failed": 0, "leases_lost": 0}
+        self.stats = {"staged_in": 0, "stage_in_failed": 0, "leases_lost": 0,
+                      "staged_out": 0, "stage_out_failed": 0}
 
     # -- start ------------------------------------------------------------------------------
     def load(self, conn) -> None:
@@ -137,6 +157,16 @@ class StagingBook:
                 continue
             self.staged[r.id] = info
             self.srv.queue.push(r.id, r.priority, shape_of(r)._replace(site=site))
+        q = select(*_SHAPE_COLS, jobs.c.staged).where(
+            jobs.c.staged.is_not(None), jobs.c.agent.is_(None),
+            jobs.c.state == S.POSTPROCESSED.value)
+        for r in conn.execute(q):
+            try:
+                site = json.loads(r.staged)["out"]
+            except (ValueError, KeyError, TypeError):
+                continue
+            if isinstance(site, str):
+                self.out_held[r.id] = (r.priority, shape_of(r), site)
 
     # -- the queue's side -------------------------------------------------------------------
     def note_job(self, job: int, input_url: Any) -> None:
@@ -145,6 +175,16 @@ class StagingBook:
             self.remote_in.add(job)
         else:
             self.remote_in.discard(job)
+
+    def stages_out(self, site: str | None) -> bool:
+        """A live stager serves exactly this site (its agents hand outputs to it)."""
+        return site is not None and any(r.state == "ALIVE" and r.site == site
+                                        for r in self.stagers.values())
+
+    def hand_off(self, job: int, priority: int, shape: Shape, site: str) -> None:
+        """An agent handed the job's outputs to ``site``'s staging directory (its attempt ended
+        in POSTPROCESSED): hold it for a stage-out lease."""
+        self.out_held[job] = (priority, shape, site)
 
     def serves(self, site: str | None) -> bool:
         return any(r.state == "ALIVE" and (site is None or r.site == site)
@@ -164,6 +204,7 @@ class StagingBook:
         """A user changed the job (kill, retry, alter, rm): drop what is held or leased; its
         stager's result will be refused."""
         self.held.pop(job, None)
+        self.out_held.pop(job, None)
         lease = self.leases.pop(job, None)
         if lease is not None:
             rec = self.stagers.get(lease.stager)
@@ -234,7 +275,10 @@ class StagingBook:
         self.stats["leases_lost"] += len(jobs_)
         for job in jobs_:
             lease = self.leases.pop(job)
-            self.srv.queue.push(job, lease.priority, lease.shape)
+            if lease.kind == "out":  # its outputs wait in the staging dir: for a stager only
+                self.out_held[job] = (lease.priority, lease.shape, lease.site)
+            else:
+                self.srv.queue.push(job, lease.priority, lease.shape)
         rec.leases.clear()
         if not self.serves(rec.site):  # none left for this site: agents stage themselves
             for job, (prio, shape) in list(self.held.items()):
@@ -256,7 +300,8 @@ class StagingBook:
             if info.get("site") == site:
                 if job in srv.queue:
                     queued += 1
-        inflight = sum(1 for lease in self.leases.values() if lease.site == site)
+        inflight = sum(1 for lease in self.leases.values()
+                       if lease.site == site and lease.kind == "in")
         return max(floor, cores + idle), queued + inflight
 
     def results(self, rec: StagerRec, done: list[dict], now: float) -> list[dict]:
@@ -281,6 +326,9 @@ class StagingBook:
             rec.leases.discard(lease.job)
             if current.get(lease.job) != lease.state.value:  # killed, retried or removed
                 refused.append({"job": lease.job, "token": lease.token})
+                continue
+            if lease.kind == "out":
+                self._out_result(rec, lease, d, now)
                 continue
             took = f"{d['seconds']:.1f} s" if d.get("seconds") is not None else "?"
             if d["ok"]:
@@ -311,6 +359,77 @@ class StagingBook:
                 srv.failed.append(lease.job)
         return refused
 
+    def _out_result(self, rec: StagerRec, lease: StageLease, d: dict, now: float) -> None:
+        """A stage-out ended: STAGED_OUT → JOB_FINISHED, or STAGE_OUT_FAILED and then a retry
+        of the stage-out alone (the files are still staged), of the task (they are gone), or
+        FAILED."""
+        srv = self.srv
+        took = f"{d['seconds']:.1f} s" if d.get("seconds") is not None else "?"
+        if d["ok"]:
+            size = d.get("bytes")
+            msg = (f"staged out by {rec.id}: {lease.url[:300]}"
+                   + (f" ({size:,} bytes" if size is not None else " (") + f", {took})")
+            srv.batch.transition(lease.job, S.POSTPROCESSED, [S.STAGED_OUT, S.JOB_FINISHED],
+                                 now, msg, staged=None, run_state=S.JOB_FINISHED.value,
+                                 run_message=None)
+            self.stats["staged_out"] += 1
+            self.fails.pop(lease.job, None)
+            self.not_before.pop(lease.job, None)
+            srv.finished.append(lease.job)
+            return
+        self.stats["stage_out_failed"] += 1
+        why = f"stage-out failed (stager {rec.id}, {took}): {cap(d.get('msg') or '?', 1500)}"
+        if lease.retries >= lease.max_retries:
+            nxt = S.FAILED
+        else:
+            nxt = S.RESTART_READY if d.get("gone") else S.POSTPROCESSED
+        cols: dict[str, Any] = {"retries": lease.retries + (nxt is not S.FAILED),
+                                "run_state": S.STAGE_OUT_FAILED.value, "run_message": why}
+        if nxt is not S.POSTPROCESSED:
+            cols["staged"] = None
+        srv.batch.transition(lease.job, S.POSTPROCESSED, [S.STAGE_OUT_FAILED, nxt], now, why,
+                             **cols)
+        if nxt is S.POSTPROCESSED:
+            n = self.fails[lease.job] = self.fails.get(lease.job, 0) + 1
+            self.not_before[lease.job] = now + min(MAX_BACKOFF, 2.0 ** (n - 1))
+            self.out_held[lease.job] = (lease.priority, lease.shape, lease.site)
+        elif nxt is S.RESTART_READY:
+            srv.queue.push(lease.job, lease.priority, lease.shape)
+        else:
+            srv.failed.append(lease.job)
+
+    def give_back(self, lease: StageLease) -> None:
+        """A stage lease ended without a result: its job waits for the next stager."""
+        if lease.kind == "out":
+            self.out_held[lease.job] = (lease.priority, lease.shape, lease.site)
+        else:
+            self.srv.queue.push(lease.job, lease.priority, lease.shape)
+
+    def leftovers(self, ids: list[int]) -> dict:
+        """Which of the job directories a stager found in its staging directory it may remove:
+        ``in`` (a staged input) when its job is gone, ended, or waits for no staged file;
+        ``out`` (handed outputs) when its job is gone or no longer POSTPROCESSED. A few
+        hundred ids a poll: one SELECT."""
+        srv = self.srv
+        ids = sorted(set(ids))
+        if not ids:
+            return {"in": [], "out": []}
+        srv.sync()
+        state = {}
+        for part in chunks(ids, 900):
+            for r in srv.conn.execute(_ROWS, {"ids": part}):
+                state[r.id] = r.state
+        final = {s.value for s in FINAL}
+        rm_in, rm_out = [], []
+        for job in ids:
+            st = state.get(job)
+            busy = job in self.staged or job in self.leases or job in srv.leases
+            if st is None or st in final or not busy:
+                rm_in.append(job)
+            if st != S.POSTPROCESSED.value:
+                rm_out.append(job)
+        return {"in": rm_in, "out": rm_out}
+
     def adopt(self, rec: StagerRec, holding: list[dict], now: float) -> None:
         """Work a stager still holds that this server does not know of (it restarted): its
         lease again, when the job is still held here (no transfer is done twice)."""
@@ -318,13 +437,18 @@ class StagingBook:
             job = h["job"]
             if job in self.held and job not in self.leases:
                 self._lease(rec, [job], now, token=h["token"])
+            elif job in self.out_held and job not in self.leases \
+                    and self.out_held[job][2] == rec.site:
+                self._lease(rec, [job], now, token=h["token"], out=True)
 
     def grant(self, rec: StagerRec, want: int, now: float) -> list[dict]:
         """Up to ``want`` held jobs of the stager's site, best first, within its window."""
+        work = self._grant_out(rec, min(want, MAX_GRANT), now) if self.out_held else []
+        want -= len(work)
         window, ahead = self.window(rec.site, rec.lookahead)
         n = min(want, window - ahead, MAX_GRANT)
         if n <= 0 or not self.held:
-            return []
+            return work
         picked, later, scanned = [], [], 0
         heap = self._heap
         while heap and len(picked) < n and scanned < MAX_SCAN:
@@ -345,10 +469,22 @@ class StagingBook:
         if len(heap) > 4 * len(self.held) + 1000:  # too many stale entries: rebuild
             self._heap = [(-p, j) for j, (p, _s) in self.held.items()]
             heapq.heapify(self._heap)
-        return self._lease(rec, picked, now)
+        return work + self._lease(rec, picked, now)
+
+    def _grant_out(self, rec: StagerRec, n: int, now: float) -> list[dict]:
+        """Up to ``n`` stage-outs of the stager's site (oldest hand-off first; no window: the
+        files are on the site already and only leave it)."""
+        picked = []
+        for scanned, (job, (_p, _s, site)) in enumerate(self.out_held.items()):
+            if len(picked) >= n or scanned >= MAX_SCAN:
+                break
+            if site == rec.site and job not in self.leases \
+                    and self.not_before.get(job, 0.0) <= now:
+                picked.append(job)
+        return self._lease(rec, picked, now, out=True) if picked else []
 
     def _lease(self, rec: StagerRec, picked: list[int], now: float,
-               token: int | None = None) -> list[dict]:
+               token: int | None = None, out: bool = False) -> list[dict]:
         srv = self.srv
         srv.sync()
         rows = {}
@@ -357,6 +493,20 @@ class StagingBook:
                 rows[r.id] = r
         work = []
         for job in picked:
+            if out:
+                prio, shape, _site = self.out_held.pop(job)
+                r = rows.get(job)
+                if r is None or r.state != S.POSTPROCESSED.value or r.agent is not None \
+                        or not remote(r.output_url):
+                    continue
+                tok = token if token is not None else self.next_token
+                self.next_token = max(self.next_token, tok) + 1
+                self.leases[job] = StageLease(job, rec.id, tok, rec.site, S.POSTPROCESSED,
+                                              r.retries, r.max_retries, prio, shape,
+                                              r.output_url, now, kind="out")
+                rec.leases.add(job)
+                work.append({"job": job, "token": tok, "kind": "out", "url": r.output_url})
+                continue
             prio, shape = self.held.pop(job)
             r = rows.get(job)
             if r is None or r.state not in {s.value for s in QUEUED} or not remote(r.input_url):
@@ -373,16 +523,21 @@ class StagingBook:
     def view(self, now: float) -> dict:
         sites: dict[str, dict] = {}
         for prio_shape in self.held.values():
-            s = sites.setdefault(prio_shape[1].site or "*", {"held": 0, "leased": 0,
-                                                             "staged_waiting": 0})
+            s = sites.setdefault(prio_shape[1].site or "*", dict(_SITE0))
             s["held"] += 1
         for lease in self.leases.values():
-            sites.setdefault(lease.site, {"held": 0, "leased": 0, "staged_waiting": 0})
+            sites.setdefault(lease.site, dict(_SITE0))
             sites[lease.site]["leased"] += 1
         for job, info in self.staged.items():
-            s = sites.setdefault(info.get("site") or "*", {"held": 0, "leased": 0,
-                                                           "staged_waiting": 0})
+            s = sites.setdefault(info.get("site") or "*", dict(_SITE0))
             s["staged_waiting"] += 1
+        for job, (_p, _s, site) in self.out_held.items():
+            s = sites.setdefault(site, dict(_SITE0))
+            s["out_held"] += 1
+        for lease in self.leases.values():
+            if lease.kind == "out":
+                sites[lease.site]["out_leased"] += 1
+                sites[lease.site]["leased"] -= 1
         stagers = [{"id": r.id, "site": r.site, "state": r.state, "started": r.started,
                     "silent_seconds": round(now - r.last_seen, 1), "leases": len(r.leases),
                     "report": r.report} for r in self.stagers.values()]
@@ -393,7 +548,15 @@ class StagingBook:
         if lease is None:
             return None
         return {"stager": lease.stager, "since": lease.since, "url": lease.url,
-                "kind": "in"}
+                "kind": lease.kind}
+
+    def out_of(self, job: int) -> dict | None:
+        """A job whose outputs wait in a site's staging directory for a stager."""
+        held = self.out_held.get(job)
+        if held is None:
+            return None
+        return {"kind": "out", "waiting": True, "site": held[2],
+                "not_before": self.not_before.get(job)}
 
 
 __all__ = ["StagingBook", "StageLease", "StagerRec", "file_name", "remote"]

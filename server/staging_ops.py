@@ -21,6 +21,8 @@ from .staging import MAX_GRANT, file_name
 #: Most items a poll may hand back or hold, and the largest report (JSON bytes) kept.
 MAX_ITEMS = 2000
 MAX_REPORT = 64 * 1024
+#: Most job directories of the staging directory a poll may ask about (leftovers).
+MAX_SWEEP = 500
 
 
 def _int(v, what: str, hi: int = MAX_ID) -> int:
@@ -36,10 +38,13 @@ def _done(items) -> list[dict]:
     for d in items:
         if not isinstance(d, dict) or not isinstance(d.get("ok"), bool):
             raise ValidationError("each done item is a map with job, token and ok")
+        kind = d.get("kind", "in")
+        if kind not in ("in", "out") or not isinstance(d.get("gone", False), bool):
+            raise ValidationError("done.kind must be 'in' or 'out', done.gone true or false")
         item = {"job": _int(d.get("job"), "done.job"), "token": _int(d.get("token"),
                                                                        "done.token"),
                 "ok": d["ok"], "msg": None, "name": None, "bytes": None, "seconds": None,
-                "sha256": None}
+                "sha256": None, "kind": kind, "gone": d.get("gone", False)}
         if d.get("msg") is not None:
             if not isinstance(d["msg"], str):
                 raise ValidationError("done.msg must be text")
@@ -57,7 +62,7 @@ def _done(items) -> list[dict]:
             if not isinstance(h, str) or len(h) != 64 or h.strip("0123456789abcdef"):
                 raise ValidationError("done.sha256 must be 64 lower-case hex digits")
             item["sha256"] = h
-        if item["ok"]:
+        if item["ok"] and kind == "in":
             item["name"] = file_name(d.get("name"))
             if item["name"] is None:
                 raise ValidationError("done.name must be a plain file name (no '/', not "
@@ -78,7 +83,13 @@ def _holding(items) -> list[dict]:
     return out
 
 
-@op(SITE, args=("stager", "site", "want", "lookahead", "done", "holding", "report"))
+def _sweep(items) -> list[int]:
+    if not isinstance(items, list) or len(items) > MAX_SWEEP:
+        raise ValidationError(f"sweep must be a list of at most {MAX_SWEEP} job ids")
+    return [_int(j, "sweep item") for j in items]
+
+
+@op(SITE, args=("stager", "site", "want", "lookahead", "done", "holding", "report", "sweep"))
 def stage_poll(srv: JobServer, args: dict, now: float) -> dict:
     """A site stager's round trip: results in, new stage leases out (see module doc)."""
     sid = check_name(_arg(args, "stager", str, required=True), "stager id")
@@ -88,6 +99,7 @@ def stage_poll(srv: JobServer, args: dict, now: float) -> dict:
     done = _done(_arg(args, "done", list, []))
     holding = _holding(_arg(args, "holding", list, []))
     report = _arg(args, "report", dict, {})
+    sweep = _sweep(_arg(args, "sweep", list, []))
     if len(json.dumps(report)) > MAX_REPORT:
         raise ValidationError(f"report is over {MAX_REPORT // 1024} KiB")
     book = srv.staging
@@ -105,11 +117,14 @@ def stage_poll(srv: JobServer, args: dict, now: float) -> dict:
     for job in lost:  # leased to it but it does not know them (a reply lost): hand them out
         lease = book.leases.pop(job)
         rec.leases.discard(job)
-        srv.queue.push(job, lease.priority, lease.shape)
+        book.give_back(lease)
     work = book.grant(rec, want, now) if want else []
     window, ahead = book.window(site, rec.lookahead)
-    return {"work": work, "refused": refused, "lease": srv.lease_timeout,
-            "window": window, "ahead": ahead}
+    reply = {"work": work, "refused": refused, "lease": srv.lease_timeout,
+             "window": window, "ahead": ahead}
+    if sweep:  # leftovers it may remove (only when asked: older stagers never ask)
+        reply["remove"] = book.leftovers(sweep)
+    return reply
 
 
 @op(READER)

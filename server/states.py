@@ -77,6 +77,9 @@ _T: dict[State, set[State]] = {
 }
 for _f in FAILURES:
     _T[_f] = {S.RESTART_READY, S.FAILED}
+# a site stager's stage-out failed while its files are still staged: only the stage-out is
+# tried again (the job waits in POSTPROCESSED for a stager; the task does not run again)
+_T[S.STAGE_OUT_FAILED].add(S.POSTPROCESSED)
 # An agent lost or stopped while it held the job: back to the queue, or FAILED when the job
 # has used up its retries (a job that keeps killing its agents must not loop forever).
 for _s in ON_AGENT:

@@ -304,6 +304,9 @@ class Transfers(_Model):
     #: Jobs whose inputs may be staged ahead of the site's agents at least (the window is
     #: also the agents' cores plus their idle cores); default: max_concurrent.
     lookahead: Optional[Count] = None
+    #: Seconds between the site stager's sweeps of the staging directory for leftovers (files
+    #: of jobs killed, removed, finished or retried; default 30).
+    sweep: Optional[PositiveNumber] = None
 
     def limit_for(self, scheme: str, host: str) -> int:
         """Transfers at once to one endpoint: ``per_endpoint`` by ``scheme://host``, else by

@@ -22,9 +22,12 @@ def test_illegal_changes_refused(frm, to):
 
 
 def test_every_failure_goes_to_retry_or_failed():
-    """Each failure state can go to RESTART_READY or FAILED and nowhere else but a kill."""
+    """Each failure state can go to RESTART_READY or FAILED and nowhere else but a kill; a
+    stage-out that failed may also go back to POSTPROCESSED (a site stager tries the stage-out
+    alone again, from the files still staged)."""
     for f in states.FAILURES:
-        assert states.TRANSITIONS[f] == {S.RESTART_READY, S.FAILED, S.USER_KILLED}
+        extra = {S.POSTPROCESSED} if f is S.STAGE_OUT_FAILED else set()
+        assert states.TRANSITIONS[f] == {S.RESTART_READY, S.FAILED, S.USER_KILLED} | extra
 
 
 def test_kill_from_any_non_final_state():

@@ -69,7 +69,10 @@ def _stop(proc: subprocess.Popen) -> None:
 class Sshd:
     """An sshd of the tests' own; ``user``, ``key``, ``known_hosts`` and ``port`` to log in."""
 
-    def __init__(self, d: Path, max_startups: str = "200:30:400") -> None:
+    def __init__(self, d: Path, max_startups: str = "200:30:400",
+                 sftp: str = "internal-sftp") -> None:
+        """``sftp``: its sftp subsystem (``internal-sftp -R``: a read-only server, whose every
+        write is refused with "Permission denied", even for root)."""
         self.dir = d
         d.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -88,7 +91,7 @@ class Sshd:
             f"PidFile {d}/sshd.pid", f"AuthorizedKeysFile {d}/authorized_keys",
             "PasswordAuthentication no", "KbdInteractiveAuthentication no",
             "PubkeyAuthentication yes", "PermitRootLogin prohibit-password", "UsePAM no",
-            "StrictModes no", "Subsystem sftp internal-sftp", f"MaxStartups {max_startups}",
+            "StrictModes no", f"Subsystem sftp {sftp}", f"MaxStartups {max_startups}",
             "MaxSessions 100", "LogLevel VERBOSE", ""]))
         if os.geteuid() == 0:
             os.makedirs("/run/sshd", 0o755, exist_ok=True)  # sshd's privilege separation dir
