@@ -55,7 +55,7 @@ def _register() -> None:
     from pilotfish.container.cli import container_group
     from pilotfish.server.gc_cli import gc_cmd
     from pilotfish.bridge.pg_cli import source_group
-    from pilotfish.bridge.cli import bridge_group, mail_cmd
+    from pilotfish.bridge.cli import bridge_group, federate_cmd, mail_cmd
     from pilotfish.server.events_cli import events_group
     from pilotfish.server.workflow_cli import workflow_group
     from pilotfish.web.usage_cli import plot_group, report_group
@@ -73,6 +73,7 @@ def _register() -> None:
     cli.add_command(events_group)
     cli.add_command(workflow_group)
     cli.add_command(mail_cmd)
+    cli.add_command(federate_cmd)
     cli.add_command(plot_group)
     cli.add_command(report_group)
 

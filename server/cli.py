@@ -138,6 +138,11 @@ def server_group() -> None:
                    "addresses when they end; the SMTP password in a password_file or "
                    "$PILOTFISH_SMTP_PASSWORD, never in the YAML), beside the server and "
                    "stopped with it, with a reader key of its own. Its log: HOME/logs/mail.log.")
+@click.option("--federate", "federate", metavar="CONFIG.yaml",
+              help="Also run `pilotfish federate` with these settings: jobs of remote sites "
+                   "(other pilotfish servers, over RabbitMQ) are forwarded there and their "
+                   "status mirrored here. Restarted when it exits, stopped with the server, "
+                   "with an admin key of its own. Its log: HOME/logs/federate.log.")
 @click.option("--output-cap", metavar="SIZE", help="Task output kept for `job log`: at most "
               f"this much of each task's job.out and of its job.err (default "
               f"{settings.OUTPUT_CAP // 2**20}M, at most {settings.OUTPUT_MAX // 2**20}M; 0: "
@@ -148,8 +153,8 @@ def server_group() -> None:
 @click.option("-v", "--verbose", count=True, help="More log output.")
 @click.pass_context
 def server_start(ctx, foreground, db_url, bind, heartbeat, insecure, sites, site_poll,
-                 data_roots, events_keep, amqp, mail, output_cap, output_rate,
-                 verbose) -> None:
+                 data_roots, events_keep, amqp, mail, federate, output_cap,
+                 output_rate, verbose) -> None:
     """Start the job server (a daemon with a pid file and a log file, or -f).
 
     tcp:// is CurveZMQ-encrypted and admits only clients whose public key is in
@@ -184,6 +189,9 @@ def server_start(ctx, foreground, db_url, bind, heartbeat, insecure, sites, site
     if mail:
         mail = os.path.abspath(mail)
         check_bridge_config(home, mail, "mail")
+    if federate:
+        federate = os.path.abspath(federate)
+        check_bridge_config(home, federate, "federate")
     db_url = db_url or settings.default_db_url(home)
     if insecure and not keys.is_loopback_bind(bind):
         raise PilotfishError(f"--insecure is refused for {bind}: plain text is only served on "
@@ -195,11 +203,12 @@ def server_start(ctx, foreground, db_url, bind, heartbeat, insecure, sites, site
                                  f"(pid {daemon.running_pid(home)})")
         daemon.run_foreground(home, db_url, bind, heartbeat, insecure=insecure, sites=sites,
                               site_poll=site_poll, data_roots=roots, events_keep=events_keep,
-                              amqp=amqp, mail=mail)
+                              amqp=amqp, mail=mail, federate=federate)
         return
     info = daemon.start_background(home, db_url, bind, heartbeat, insecure=insecure,
                                    sites=sites, site_poll=site_poll, data_roots=roots,
-                                   events_keep=events_keep, amqp=amqp, mail=mail)
+                                   events_keep=events_keep, amqp=amqp, mail=mail,
+                                   federate=federate)
     console.out.print(f"server started: pid {info['pid']}, {info['address']}, db {info['db']}\n"
                       f"log: {settings.log_path(home)}")
     for site in sites:
@@ -208,6 +217,8 @@ def server_start(ctx, foreground, db_url, bind, heartbeat, insecure, sites, site
         console.out.print(f"AMQP bridge: log {site_agents.bridge_log_path(home)}")
     if mail:
         console.out.print(f"mail: log {site_agents.mail_log_path(home)}")
+    if federate:
+        console.out.print(f"federate: log {site_agents.federate_log_path(home)}")
     if info.get("curve"):
         console.out.print(f"CurveZMQ: server public key {info['public_key']}; authorized "
                           f"client keys in {keys.authorized_dir(home)}", markup=False)
@@ -220,7 +231,7 @@ def check_bridge_config(home: Path, config: str, what: str = "amqp") -> None:
     """Ask the bridge (or mail) command itself to check its config (the server room does not
     import the bridge): a one-line error now instead of a process that fails in its log."""
     import subprocess
-    cmd = ["bridge", "amqp"] if what == "amqp" else ["mail"]
+    cmd = {"amqp": ["bridge", "amqp"], "mail": ["mail"], "federate": ["federate"]}[what]
     r = subprocess.run([sys.executable, "-m", "pilotfish", "--home", str(home), *cmd,
                         "--config", config, "--check"], capture_output=True, text=True,
                        stdin=subprocess.DEVNULL, timeout=60)

@@ -11,7 +11,7 @@ from sqlalchemy.engine import Engine
 
 from pilotfish.errors import PilotfishError
 
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 #: Columns that bring a database from a version to the next: (table, column, SQL type).
 #: ADD COLUMN works on SQLite and PostgreSQL alike; a table that create_all has just made
 #: (it did not exist) has its new columns already, so only missing ones are added.
@@ -42,6 +42,10 @@ MIGRATIONS: dict[int, list[tuple[str, str, str]]] = {
     # "workflow" naming it
     9: [("jobs", "workflow_id", "BIGINT"), ("jobs", "subjob_index", "INTEGER"),
         ("server_events", "workflow_id", "BIGINT")],
+    # federation (server/remote_sites.py): a job's alternative sites (a JSON list, null for
+    # one site) and when the remote site it was forwarded to said it has the job (its first
+    # status message: from then on it is never routed elsewhere)
+    10: [("jobs", "site_choices", "TEXT"), ("jobs", "remote_accepted", "FLOAT")],
 }
 #: Statements run after a version's columns are added (idempotent: IF NOT EXISTS). A partial
 #: index: jobs without an intake key (nearly all) cost it nothing.
@@ -121,6 +125,8 @@ jobs = Table(
     Column("intake_key", String(255)),             # the producer's idempotency key (unique)
     Column("workflow_id", _ID),                    # the workflow of a subjob (else null)
     Column("subjob_index", Integer),               # its index in the workflow's subjobs
+    Column("site_choices", Text),                  # alternative sites, a JSON list (or null)
+    Column("remote_accepted", Float),              # when its remote site said it has it
     Index("ix_jobs_state_id", "state", "id"),
     Index("ix_jobs_group", "group_identifier"),
     Index("ix_jobs_app", "app_id"),
