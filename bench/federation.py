@@ -37,8 +37,10 @@ def pct(xs: list[float], p: float) -> float | None:
 def events(db: Path) -> dict[int, dict[str, float]]:
     con = sqlite3.connect(db)
     out: dict[int, dict[str, float]] = {}
-    for job, to, t in con.execute("SELECT job_id, to_state, time FROM job_events ORDER BY id"):
-        out.setdefault(job, {}).setdefault(to, t)
+    for job, via, to, t in con.execute("SELECT job_id, via, to_state, time FROM job_events "
+                                       "ORDER BY id"):
+        for state in [*(via.split(",") if via else []), to]:  # passed through at that time
+            out.setdefault(job, {}).setdefault(state, t)
     con.close()
     return out
 

@@ -290,3 +290,23 @@ def test_forward_ops_route_resend_refuse_and_reroute(server):
     j1d = c.job(j1)
     assert j1d["state"] == "RESTART_READY" and j1d["retries"] == 1
     c.close()
+
+
+def test_federate_cli_checks_its_config(tmp_path):
+    """`pilotfish federate --check` and `server start --federate` refuse a bad config in one
+    line, before anything starts; the password never comes from the config itself."""
+    from conftest import run_cli
+    home = tmp_path / "home"
+    good = {"name": "central", "exchange": "x", "status_queue": "q",
+            "status_routing_key": "fed.status", "site_beat_routing_key": "fed.beat",
+            "sites": {"A": {"jobs_queue": "a.jobs", "user": "a"}}}
+    (tmp_path / "good.yaml").write_text(json.dumps(good))
+    r = run_cli(home, "federate", "--config", str(tmp_path / "good.yaml"), "--check")
+    assert r.returncode == 0 and "ok: amqp://guest@127.0.0.1:5672/; sites A" in r.stdout, r
+    (tmp_path / "bad.yaml").write_text(json.dumps({**good, "password": "secret"}))
+    r = run_cli(home, "federate", "--config", str(tmp_path / "bad.yaml"), "--check")
+    assert r.returncode != 0 and r.stderr.count("\n") == 1 and "unknown key" in r.stderr
+    assert "secret" not in r.stderr
+    r = run_cli(home, "server", "start", "--federate", str(tmp_path / "bad.yaml"))
+    assert r.returncode != 0 and "--federate" in r.stderr and "unknown key" in r.stderr, r
+    assert not (home / "server.json").exists()
