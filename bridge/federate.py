@@ -41,6 +41,8 @@ from .config import _AMQP_NAME, _ROUTING_KEY, BridgeConfig, connection_parameter
 log = logging.getLogger("pilotfish.federate")
 #: Jobs taken from the server at once.
 TAKE = 200
+#: Seconds to finish after SIGTERM before leaving anyway.
+STOP_GRACE = 1.0
 
 
 @dataclass
@@ -359,6 +361,12 @@ def run(cfg: FederateConfig, new_client: Callable[[], Client]) -> int:
     def on_signal(signum, _frame) -> None:
         log.info("signal %d: stopping", signum)
         stop.set()
+        # a stopping server does not answer a request in flight: leave after a moment. Safe
+        # at any point: unacknowledged status is redelivered (repeats are skipped) and a
+        # forward not yet acknowledged by its site is handed out again (same message id).
+        t = threading.Timer(STOP_GRACE, lambda: (logging.shutdown(), os._exit(0)))
+        t.daemon = True
+        t.start()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)

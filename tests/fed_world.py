@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -65,8 +66,11 @@ class Federation:
         self.procs: list[subprocess.Popen] = []
         self.servers: list[FixedServer] = []
         self.user_b, self.pw_b = f"{self.tag}-b", uuid.uuid4().hex
-        rabbitmqctl("add_user", self.user_b, self.pw_b)
-        rabbitmqctl("set_permissions", "-p", "/", self.user_b, ".*", ".*", ".*")
+        # rabbitmqctl boots an Erlang VM each time (seconds): beside the servers' starts
+        self.user_made = threading.Thread(target=lambda: (
+            rabbitmqctl("add_user", self.user_b, self.pw_b),
+            rabbitmqctl("set_permissions", "-p", "/", self.user_b, ".*", ".*", ".*")))
+        self.user_made.start()
         (tmp / "b.pw").write_text(self.pw_b + "\n")
         os.chmod(tmp / "b.pw", 0o600)
         self.central_home = tmp / "central"
@@ -105,6 +109,8 @@ class Federation:
         path.write_text(json.dumps(cfg))
         _pub, key, _auth = keys.new_client(home, "bridge", keys.SUBMITTER)
         site = {"server": srv, "home": home, "config": path, "key": key, "bridge": None}
+        if name == "B":
+            self.user_made.join()
         self.start_bridge(site)
         self.start_agent(site)
         return site
@@ -142,20 +148,29 @@ class Federation:
         return p.read_text(errors="replace") if p.exists() else ""
 
     def close(self) -> None:
-        for p in self.procs:
+        self.user_made.join()
+        gone = subprocess.Popen(["rabbitmqctl", "-q", "delete_user", self.user_b],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        everyone = self.procs + [a for s in self.servers for a in s.agents]
+        for p in everyone:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
-        for p in self.procs:
+        for p in everyone:
             try:
-                p.wait(10)
+                p.wait(15)
             except subprocess.TimeoutExpired:
                 p.kill()
-        for s in self.servers:
-            s.stop_agents()
+
+        def stop(s) -> None:
             try:
                 s.stop()
             except Exception:  # a killed server: nothing to stop
                 pass
+        stops = [threading.Thread(target=stop, args=(s,)) for s in self.servers]
+        for t in stops:
+            t.start()
+        for t in stops:
+            t.join()
         try:
             import pika
             conn = pika.BlockingConnection(pika.ConnectionParameters(
@@ -167,7 +182,7 @@ class Federation:
             ch.exchange_delete(self.exchange)
             conn.close()
         finally:
-            rabbitmqctl("delete_user", self.user_b)
+            gone.wait(60)
 
 
 def until(pred, timeout: float = 60, what: str = "condition"):
