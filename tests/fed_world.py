@@ -39,15 +39,18 @@ def free_port() -> int:
 class FixedServer(ServerHandle):
     """A test server on a fixed port (a restarted site server is found at the same address)."""
 
-    def __init__(self, home: Path, data_roots=(), federate: str | None = None) -> None:
+    def __init__(self, home: Path, data_roots=(), federate: str | None = None,
+                 amqp: str | None = None) -> None:
         home.mkdir(parents=True, exist_ok=True)
         super().__init__(home, f"sqlite:///{home}/pilotfish.db", data_roots=data_roots)
         self.bind = f"tcp://127.0.0.1:{free_port()}"
         self.federate = federate
+        self.amqp = amqp
 
     def start(self) -> "FixedServer":
         self.info = daemon.start_background(self.home, self.db_url, self.bind, self.heartbeat,
-                                            data_roots=self.data_roots, federate=self.federate)
+                                            data_roots=self.data_roots, federate=self.federate,
+                                            amqp=self.amqp)
         SERVER_HOMES[self.info["address"]] = self.home
         return self
 
@@ -86,11 +89,46 @@ class Federation:
                          "B": {"jobs_queue": self.queues["B"], "user": self.user_b}}}
         self.fed_config = tmp / "federation.yaml"
         self.fed_config.write_text(json.dumps(fed))
-        self.central = FixedServer(self.central_home, federate=str(self.fed_config)).start()
+        # the central's own bridge publishes its workflows' status (on their routing keys)
+        central_amqp = tmp / "central-amqp.yaml"
+        central_amqp.write_text(json.dumps({"url": f"amqp://guest@{URL_HOST}/",
+                                            "exchange": self.exchange,
+                                            "routing_key": f"{self.tag}.central.default"}))
+        self.argo_key = f"{self.tag}.argo"
+        self.watch = self._watch(self.argo_key)
+        self.central = FixedServer(self.central_home, federate=str(self.fed_config),
+                                   amqp=str(central_amqp)).start()
         self.servers.append(self.central)
         with self.central.client() as c:
             c.add_app(STAMP_APP)
         self.sites = {s: self._site(s) for s in ("A", "B")}
+
+    def _watch(self, key: str) -> str:
+        """A queue of this test on the exchange, bound to ``key``."""
+        import pika
+        conn = pika.BlockingConnection(pika.ConnectionParameters(
+            "127.0.0.1", 5672, credentials=pika.PlainCredentials("guest", "guest")))
+        ch = conn.channel()
+        ch.exchange_declare(self.exchange, "topic", durable=True)
+        q = f"{self.tag}.watch"
+        ch.queue_declare(q, durable=True)
+        ch.queue_bind(q, self.exchange, key)
+        conn.close()
+        return q
+
+    def drain_watch(self) -> list[dict]:
+        import pika
+        conn = pika.BlockingConnection(pika.ConnectionParameters(
+            "127.0.0.1", 5672, credentials=pika.PlainCredentials("guest", "guest")))
+        ch = conn.channel()
+        out = []
+        while True:
+            m, _p, body = ch.basic_get(self.watch, auto_ack=True)
+            if m is None:
+                break
+            out.append(json.loads(body))
+        conn.close()
+        return out
 
     def _site(self, name: str) -> dict:
         home = self.tmp / f"site{name}"
@@ -177,7 +215,7 @@ class Federation:
                 "127.0.0.1", 5672, credentials=pika.PlainCredentials("guest", "guest")))
             ch = conn.channel()
             for q in [*self.queues.values(), *(f"{q}.dead" for q in self.queues.values()),
-                      f"{self.tag}.central.status"]:
+                      f"{self.tag}.central.status", f"{self.tag}.watch"]:
                 ch.queue_delete(q)
             ch.exchange_delete(self.exchange)
             conn.close()

@@ -128,6 +128,7 @@ def workflow(f, i: int, sites=("A", "B")) -> dict:
     (f.data / f"in{i}").mkdir(parents=True, exist_ok=True)
     (f.data / f"in{i}" / "input.dat").write_text(f"input {i}\n")
     return {"name": f"argo-{i}", "user_id": 7, "group_identifier": "atlas",
+            "job_status_routing_key": f.argo_key,
             "input_url": str(f.data / f"in{i}"), "output_url": str(f.data / f"out{i}"),
             "subjobs": [{"name": f"step{k}", "application": "stamp",
                          "parameters": {"msg": f"w{i}s{k}"}, "site": s}
@@ -171,6 +172,18 @@ def test_federation_two_sites_kill_and_reroute(fed):
         # the second subjob (at B) was handed the first one's workdir (from A), with the input
         listing = list((fed.data / f"out{wf_ids.index(w)}").rglob("listing-*s1.txt"))
         assert listing and "input.dat" in listing[0].read_text()
+    # the central's workflow status messages on their routing key, in order per workflow
+    got: list[dict] = []
+
+    def all_history() -> bool:
+        got.extend(m for m in fed.drain_watch() if m.get("kind") == "workflow")
+        return sum(m["to"] == "HISTORY" for m in got) == len(wf_ids)
+    until(all_history, 30, "every workflow's HISTORY on the routing key")
+    for w in wf_ids:
+        mine = [m for m in got if m["workflow_id"] == w]
+        assert [m["to"] for m in mine] == [e["to"] for e in c.workflow(w)["events"]]
+        for a, b in zip(mine, mine[1:]):
+            assert b["from"] == a["to"] and b["event_id"] > a["event_id"]
     # each site ran each of its subjobs once: one job per forwarded message
     for name in ("A", "B"):
         with fed.sites[name]["server"].client() as sc:
