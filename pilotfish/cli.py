@@ -58,11 +58,13 @@ def _register() -> None:
     from pilotfish.bridge.cli import bridge_group, federate_cmd, mail_cmd
     from pilotfish.server.events_cli import events_group
     from pilotfish.server.workflow_cli import workflow_group
+    from pilotfish.server.remote_cli import add_remote_option
     from pilotfish.web.usage_cli import plot_group, report_group
     for cmd in (pilot_ls, submit_cmd, cancel_cmd):
         pilot_group.add_command(cmd)
     for cmd in (site_agent_cmd, site_status_cmd):
         site_group.add_command(cmd)
+    add_remote_option(site_group.commands["ls"])
     for group in (server_group, app_group, job_group, pilot_group, site_group, keys_group,
                   demo_cmd):
         cli.add_command(group)

@@ -53,19 +53,14 @@ def site_group() -> None:
 
 
 @site_group.command("ls", context_settings=CTX)
-@click.option("--remote", is_flag=True, help="List the remote sites instead: sites served by "
-              "other pilotfish servers (federation), with their health as the server sees it "
-              "(last heartbeat, backlog, capacity, jobs forwarded there).")
 @json_option
 @click.pass_context
-def site_ls(ctx, remote, as_json) -> None:
-    """List the site profiles, bundled and yours (or, with --remote, the remote sites).
+def site_ls(ctx, as_json) -> None:
+    """List the site profiles, bundled and yours.
 
     Yours are those in $PILOTFISH_HOME/sites; a profile that does not validate is listed with
     its first problem.
     """
-    if remote:
-        return _remote_ls(ctx, as_json)
     from .loader import is_bundled, list_sites, validate_file
     from .schema import SiteError
     home = home_of(ctx)
@@ -85,26 +80,6 @@ def site_ls(ctx, remote, as_json) -> None:
     if as_json:
         return console.print_json(rows)
     console.table(rows, LS_COLUMNS)
-
-
-REMOTE_COLUMNS = [("site", "SITE"), ("health", "HEALTH"), ("heard", "LAST HEARTBEAT"),
-                  ("backlog", "BACKLOG"), ("capacity", "CAPACITY"), ("forwarded", "FORWARDED")]
-
-
-def _remote_ls(ctx, as_json: bool) -> None:
-    import os
-
-    from pilotfish.client import Client
-    server = (ctx.obj or {}).get("server") or os.environ.get("PILOTFISH_SERVER")
-    with Client(address=server, home=home_of(ctx)) as c:
-        r = c.call("remote_sites")
-    if as_json:
-        return console.print_json(r["sites"])
-    rows = [dict(s, health="healthy" if s["healthy"] else "SILENT" if s["last_heartbeat"]
-                 else "never heard",
-                 heard="-" if s["silent_seconds"] is None else f"{s['silent_seconds']:g} s ago")
-            for s in r["sites"]]
-    console.table(rows, REMOTE_COLUMNS)
 
 
 @site_group.command("show", context_settings=CTX)
