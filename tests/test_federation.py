@@ -323,3 +323,20 @@ def test_federate_cli_checks_its_config(tmp_path):
     r = run_cli(home, "server", "start", "--federate", str(tmp_path / "bad.yaml"))
     assert r.returncode != 0 and "--federate" in r.stderr and "unknown key" in r.stderr, r
     assert not (home / "server.json").exists()
+
+
+def test_job_add_site_alternatives(server):
+    """`job add --site B,A` stores the alternatives; a bad list is refused whole."""
+    from conftest import run_cli
+    with server.client() as c:
+        c.add_app(STAMP)
+    args = ("--server", server.address, "job", "add", "--name", "j", "--app", "stamp")
+    r = run_cli(server.home, *args, "--site", "B,A", check=True)
+    assert "added" in r.stdout
+    for bad, words in (("B,B", "named twice"), ("B,-oX", "not a valid name"),
+                       (",".join("s%d" % i for i in range(9)), "1..8")):
+        r = run_cli(server.home, *args, "--site", bad)
+        assert r.returncode != 0 and words in r.stderr, r.stderr
+    with server.client() as c:
+        jobs = c.jobs()
+        assert len(jobs) == 1 and jobs[0]["site"] == "B"
