@@ -277,7 +277,7 @@ class Remotes:
                 continue
             try:
                 target = S(to)
-            except ValueError:
+            except (ValueError, TypeError):  # not a state name (a list, a map: unhashable)
                 refused.append({"job": job, "attempt": attempt,
                                 "why": f"unknown state {echo(to)}"})
                 continue
@@ -320,10 +320,6 @@ class Remotes:
                              run_message=upd["msg"])
         srv._end_lease(lease, now, None)
         srv.failed.append(lease.job)
-
-    def forget(self, job: int) -> None:
-        self.handed.pop(job, None)
-        self.accepted.discard(job)
 
     # -- silence ----------------------------------------------------------------------------
     def expire(self, now: float) -> None:

@@ -273,6 +273,9 @@ def test_forward_ops_route_resend_refuse_and_reroute(server):
     assert r["applied"] == 0 and "not forwarded to site A" in r["refused"][0]["why"]
     r = c.call("forward_report", site="B", updates=[{"job": j1, "attempt": 7, "to": "READY"}])
     assert r["refused"]
+    r = c.call("forward_report", site="B", updates=[
+        {"job": j1, "attempt": 1, "to": bad} for bad in (["READY"], {"a": 1}, "NOPE", None)])
+    assert r["applied"] == 0 and len(r["refused"]) == 4  # no state: refused, nothing else
     with pytest.raises(Exception, match="no remote site"):
         c.call("forward_report", site="C", updates=[])
     # B has j2 (accepted) and starts it; then B goes silent: j1 (never acknowledged) goes to
