@@ -164,7 +164,17 @@ class Agent:
 
     # -- messages ---------------------------------------------------------------------------
     def _send(self, frame: bytes, useq: int | None = None) -> None:
-        self.sock.send(frame)
+        if self.welcomed:
+            self.sock.send(frame)
+        else:
+            # Not welcomed: a hello (sent again each heartbeat) or a goodbye. With no
+            # connection to queue it on -- the server refused our key, so libzmq dropped the
+            # pipe -- a blocking send would wait forever, deaf to SIGTERM.
+            try:
+                self.sock.send(frame, zmq.NOBLOCK)
+            except zmq.Again:
+                self.last_sent = time.time()
+                return
         self.last_sent = time.time()
         if self.link_up and self.welcomed:
             base = self.lease_base()
@@ -590,8 +600,11 @@ class Agent:
         self.useq += 1
         self._send(P.encode(P.BYE, agent=self.id, useq=self.useq, updates=updates,
                             released=released, epoch=self.epoch))
-        # no server to wait for when ours stopped on purpose and none came back
-        deadline = time.time() + (0.5 if self.leave_at is not None else 5)
+        # no server to wait for when ours stopped on purpose and none came back, nor when none
+        # welcomed us and we hold nothing (a refused key: nobody would answer)
+        idle_stranger = not self.welcomed and not released and not updates
+        deadline = time.time() + (0 if idle_stranger else 0.5 if self.leave_at is not None
+                                  else 5)
         acked = False
         while time.time() < deadline and self.sock.poll(int((deadline - time.time()) * 1000)):
             try:
@@ -605,7 +618,7 @@ class Agent:
         if not acked and self.leave_at is not None:
             log.info("the server is stopped: the %d tasks we held are taken back when it "
                      "starts again", len(released))
-        elif not acked:
+        elif not acked and not idle_stranger:
             log.warning("server did not acknowledge our goodbye; its lease timeout will "
                         "requeue %d held tasks", len(released))
         log.info("agent %s: %d tasks received, %d finished, handed back %d", self.id,

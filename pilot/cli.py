@@ -74,6 +74,9 @@ def key_options(f):
 
 
 def staging_options(f):
+    f = click.option("--staging-dir", metavar="DIR", help="The site stager's staging directory "
+                     "as this node sees it (shared with the login node): jobs whose remote "
+                     "input the site stager fetched find it there.")(f)
     f = click.option("--stage-max-bytes", metavar="BYTES", help="Bytes one stage-in or "
                      "stage-out may copy, e.g. 100G (default: $PILOTFISH_STAGE_MAX_BYTES, "
                      "else 100G).")(f)
@@ -119,8 +122,8 @@ def staging_options(f):
 @click.pass_context
 def agent_cmd(ctx, server, server_key, client_key, cores, walltime, work_root, site, pilot_id,
               prefetch, idle_timeout, max_tasks, mpi, launcher, node_name, container_runtime,
-              binds, strict_affinity, data_roots, stage_timeout, stage_max_bytes, fake_exec,
-              verbose, quiet) -> None:
+              binds, strict_affinity, data_roots, stage_timeout, stage_max_bytes, staging_dir,
+              fake_exec, verbose, quiet) -> None:
     """Run one node agent: pull tasks that fit this node and run them pinned to cores.
 
     A job's input_url and output_url must lie under a data root (--data-root,
@@ -154,6 +157,10 @@ def agent_cmd(ctx, server, server_key, client_key, cores, walltime, work_root, s
                                    gpus=res.gpu_kind)
     root = Path(_expand(work_root, "--work-root")) if work_root else settings.work_root(home)
     staging = _staging(home, root.resolve(), data_roots, stage_timeout, stage_max_bytes)
+    if staging_dir:
+        import dataclasses
+        staging = dataclasses.replace(staging, staged_dir=os.path.abspath(
+            _expand(staging_dir, "--staging-dir")))
     from pilotfish import keys
     curve = keys.client_curve(home, address, server_key, client_key)  # None: a plain ipc://
     node_name = node_name or os.environ.get("SLURMD_NODENAME") or socket.gethostname()

@@ -70,6 +70,16 @@ STAGED_OUT, JOB_FINISHED = "STAGED_OUT", "JOB_FINISHED"
 #: Everything a task passes through when every step succeeds at once (fake-exec mode).
 SUCCESS_PATH = [STAGED_IN, PREPROCESSED, RUNNING, EXECUTION_FINISHED, POSTPROCESSED,
                 STAGED_OUT, JOB_FINISHED]
+#: What places a staged input into a workdir (coreutils; see Executor._place).
+MV = "/bin/mv" if os.path.exists("/bin/mv") else "/usr/bin/mv"
+
+
+def _plain_name(name: object) -> bool:
+    """One plain path part (the name of a staged input, from the task message)."""
+    return isinstance(name, str) and 0 < len(name) <= 255 and name not in (".", "..") \
+        and "/" not in name and "\x00" not in name and not name.startswith((".", "-"))
+
+
 #: Seconds a task's progress may wait so that it can be reported together with its end.
 REPORT_DELAY = 0.2
 KILL_GRACE = 3.0
@@ -162,6 +172,9 @@ class Staging:
     home: str
     timeout: float
     max_bytes: int
+    #: The site stager's staging directory (shared with the login node): a task with
+    #: ``staged: NAME`` finds its input at ``<staged_dir>/<job>/NAME`` (None: none here).
+    staged_dir: str | None = None
 
 
 #: Variables of the agent's environment its stager keeps (see pilotfish.pilot.stage_remote).
@@ -312,6 +325,12 @@ class Executor:
                 t.created = True
             except FileExistsError:
                 pass  # a retry reuses its workdir (checked before anything runs in it)
+            if spec.get("staged"):  # a site stager fetched it: move it in, off the loop
+                why = self._enter(t)
+                if why:
+                    return self._fail(t, now, "STAGE_IN_FAILED", f"stage-in failed: {why}")
+                self._place(t, now, spec["staged"])
+                return
             if spec.get("input_url"):
                 why = self._enter(t)
                 if why:
@@ -375,6 +394,23 @@ class Executor:
                                self._root_prefix or "/", *st.roots]
         failure = "STAGE_IN_FAILED" if mode == "in" else "STAGE_OUT_FAILED"
         if self._spawn(t, now, f"stage_{mode}", argv, "", failure, timeout=st.timeout):
+            t.deadline = now + st.timeout
+
+    def _place(self, t: Task, now: float, name: str) -> None:
+        """Move the input a site stager staged (``<staged_dir>/<job>/<name>``) into the
+        workdir: ``mv -f -T`` as a child process, run like a stage step (off the loop, with
+        the staging deadline). A rename on the shared file system, a copy across devices;
+        ``mv`` moves a symlink as a symlink, never what it points to. (A Python child cost
+        each job 0.15-0.2 s of start-up on a loaded node: 15 % of a 1 s task.)"""
+        st = self.staging
+        if st is None or not st.staged_dir:
+            return self._fail(t, now, "STAGE_IN_FAILED", "stage-in failed: the site stager "
+                              "staged this job's input, but this agent has no --staging-dir")
+        if not _plain_name(name):
+            return self._fail(t, now, "STAGE_IN_FAILED", f"stage-in failed: staged file name "
+                              f"{name[:80]!r} is not one plain path part: refused")
+        argv = [MV, "-f", "-T", "--", f"{st.staged_dir}/{t.job}/{name}", f"{t.workdir}/{name}"]
+        if self._spawn(t, now, "stage_in", argv, "", "STAGE_IN_FAILED"):
             t.deadline = now + st.timeout
 
     def _enter(self, t: Task) -> str | None:

@@ -73,6 +73,9 @@ def build_spec(site: Site, *, nodes: int, walltime_minutes: float, home: Path, s
         head += ["--stage-timeout", f"{site.staging.timeout:g}"]
     if site.staging is not None and site.staging.max_bytes is not None:
         head += ["--stage-max-bytes", str(site.staging.max_bytes)]
+    if site.transfers is not None:  # where the site stager puts inputs, as nodes see it
+        head += ["--staging-dir", site.transfers.staging_dir or
+                 (f"{scratch}/pilotfish-staging" if scratch else str(home / "staging"))]
     if site.container != "none":  # apps that name an image run in it with the site's runtime
         head += ["--container-runtime", site.container]
         for bind in ([scratch] if scratch else []) + list(site.binds):
@@ -128,8 +131,11 @@ def policy_of(site: Site) -> Policy:
 class SiteAgent:
     def __init__(self, site: Site, client: Client, home: Path, server: str,
                  batch: BatchSystem | None = None, poll: float = 5.0,
-                 resume_after: float = 1800.0) -> None:
+                 resume_after: float = 1800.0, stager=None, provision: bool = True) -> None:
         self.site = site
+        #: the site stager (pilot/site_stager.py), a thread of its own; None: no staging here
+        self.stager = stager
+        self.provision = provision
         self.client = client
         self.home = home
         self.server = server
@@ -159,6 +165,9 @@ class SiteAgent:
 
     def round(self, now: float | None = None) -> Plan:
         now = now or time.time()
+        if not self.provision:
+            self.report()
+            return Plan()
         live = self.refresh()
         backlog = self.client.site_backlog(self.site.name)
         windows = []
@@ -224,6 +233,10 @@ class SiteAgent:
                  "%s nodes in all, a round every %g s", self.site.name, self.batch.name,
                  self.site.launcher, self.policy.nodes, self.policy.max_queued,
                  self.policy.max_nodes, self.poll)
+        thread = None
+        if self.stager is not None:
+            from .site_stager import start_thread
+            thread = start_thread(self.stager)
         rounds = 0
         while not self.stopping:
             try:
@@ -236,6 +249,9 @@ class SiteAgent:
             deadline = time.time() + self.poll
             while not self.stopping and time.time() < deadline:
                 time.sleep(min(0.2, self.poll))
+        if thread is not None:
+            self.stager.stop()
+            thread.join(10)
         log.info("site agent for %s stops after %d rounds, %d pilots submitted",
                  self.site.name, rounds, self.submitted)
         return 0

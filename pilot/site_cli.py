@@ -139,13 +139,20 @@ def cancel_cmd(ctx, pilot_ids) -> None:
               help="Seconds a paused site waits before trying to submit again.")
 @click.option("--once", is_flag=True, help="One round, then exit.")
 @click.option("--rounds", type=click.IntRange(1), help="Stop after this many rounds.")
+@click.option("--stage/--no-stage", default=None, help="Run the site stager (fetch jobs' remote "
+              "inputs before they queue). Default: when the profile has a transfers section.")
+@click.option("--stage-only", is_flag=True, help="Only stage; submit no pilots (a data-transfer "
+              "node beside the login node's site agent).")
 @click.option("-v", "--verbose", count=True)
 @click.option("-q", "--quiet", is_flag=True)
 @click.pass_context
-def site_agent_cmd(ctx, site, poll, resume_after, once, rounds, verbose, quiet) -> None:
+def site_agent_cmd(ctx, site, poll, resume_after, once, rounds, stage, stage_only, verbose,
+                   quiet) -> None:
     """Keep the right pilots queued for a site: submit for the backlog, within the profile's
     pilot policy (size, walltime, max queued/nodes, staggered submissions, backfill), and cancel
-    queued pilots nobody needs. Runs on the site's login node; a client of the server."""
+    queued pilots nobody needs; with the profile's ``transfers:`` section, also fetch jobs'
+    remote inputs before they queue (the site stager, limits from that section; see
+    ``pilotfish transfer ls``). Runs on the site's login node; a client of the server."""
     from pilotfish.site_configs.loader import load_site
 
     from .site_agent import SiteAgent
@@ -154,7 +161,12 @@ def site_agent_cmd(ctx, site, poll, resume_after, once, rounds, verbose, quiet) 
     s = load_site(site, home)
     client = _client(ctx)
     client.ping()
-    agent = SiteAgent(s, client, home, client.address, poll=poll, resume_after=resume_after)
+    stager = None
+    if stage or (stage is None and s.transfers is not None) or stage_only:
+        from .site_stager import SiteStager
+        stager = SiteStager(s, lambda: _client(ctx), home)
+    agent = SiteAgent(s, client, home, client.address, poll=poll, resume_after=resume_after,
+                      stager=stager, provision=not stage_only)
     ctx.exit(agent.run(once=once, max_rounds=rounds))
 
 

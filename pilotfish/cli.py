@@ -59,7 +59,9 @@ def _register() -> None:
     from pilotfish.server.events_cli import events_group
     from pilotfish.server.workflow_cli import workflow_group
     from pilotfish.server.remote_cli import add_remote_option
+    from pilotfish.pilot.transfer_cli import transfer_group
     from pilotfish.web.usage_cli import plot_group, report_group
+    from pilotfish.web.cli import token_cmd, web_cmd
     for cmd in (pilot_ls, submit_cmd, cancel_cmd):
         pilot_group.add_command(cmd)
     for cmd in (site_agent_cmd, site_status_cmd):
@@ -76,8 +78,11 @@ def _register() -> None:
     cli.add_command(workflow_group)
     cli.add_command(mail_cmd)
     cli.add_command(federate_cmd)
+    cli.add_command(transfer_group)
     cli.add_command(plot_group)
     cli.add_command(report_group)
+    keys_group.add_command(token_cmd)
+    cli.add_command(web_cmd)
 
 
 _register()

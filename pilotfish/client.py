@@ -305,9 +305,18 @@ class Client:
         return self.call("workflow_retry", ids=ids)
 
     def jobs(self, filter: dict | None = None, limit: int = 100, offset: int = 0,
-             newest: bool = False) -> list[dict]:
-        return self.call("job_ls", filter=filter or {}, limit=limit, offset=offset,
-                         newest=newest)
+             newest: bool = False, after: int | None = None) -> list[dict]:
+        """``after``: only jobs with ids past it (below it with ``newest``): keyset paging."""
+        args: dict[str, Any] = {"filter": filter or {}, "limit": limit, "offset": offset,
+                                "newest": newest}
+        if after is not None:
+            args["after"] = after
+        return self.call("job_ls", **args)
+
+    def groups(self, after: str = "", limit: int = 100) -> dict:
+        """Group identifiers in order after ``after``: {"groups": [...], "next": the one to
+        ask after next, or None at the end}."""
+        return self.call("job_groups", after=after, limit=limit)
 
     def job(self, job_id: int) -> dict:
         return self.call("job_show", id=job_id)

@@ -59,7 +59,9 @@ CLIENT_KEY_ENV = "PILOTFISH_CLIENT_KEY"
 LOCAL_TRANSPORTS = ("ipc://", "inproc://")
 #: What a key may do (see ROLE_HELP); the home's default client pair is admin.
 ADMIN, SUBMITTER, AGENT, READER = "admin", "submitter", "agent", "reader"
-ROLES = (ADMIN, SUBMITTER, AGENT, READER)
+#: A site agent: what a submitter may, and the site stager's ops (stage_poll).
+SITE = "site"
+ROLES = (ADMIN, SUBMITTER, AGENT, READER, SITE)
 #: The role of a key made by `keys init --client` or admitted by `keys authorize` without
 #: --role, and of a key with no entry in roles.json: least privilege that still lets a user
 #: submit; node agents need `--role agent`.
@@ -67,7 +69,8 @@ DEFAULT_ROLE = SUBMITTER
 ROLES_FILE = "roles.json"
 ROLE_HELP = ("admin: everything (apps, any job, server shutdown); submitter: add jobs and "
              "change its own, list and show all, record pilots and sites (site agents, pilot "
-             "submit); agent: node agents only (hello, update, bye); reader: list and show")
+             "submit); agent: node agents only (hello, update, bye); reader: list and show; "
+             "site: a site agent (a submitter that may also stage jobs' data)")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _Z85_RE = re.compile(r"[0-9A-Za-z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")
 _KEY_LINE = re.compile(rb'^\s*(public-key|secret-key)\s*=\s*["\']?([^"\'\s]+)["\']?\s*$')

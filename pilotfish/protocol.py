@@ -118,7 +118,9 @@ TASK_UPDATE = {"job": (int,), "attempt": (int,), "states": (list,), "exit": (int
 TASK = {"job": (int,), "attempt": (int,), "name": (str,), "argv": (list,), "env": (dict,),
         "workdir": (str,), "cores": (int,), "gpus": (int,), "timeout": (*_NUM, _NONE),
         "pre": (list, _NONE), "post": (list, _NONE), "input_url": (str, _NONE),
-        "output_url": (str, _NONE), "launch": (dict, _NONE), "container": (dict, _NONE)}
+        "output_url": (str, _NONE), "launch": (dict, _NONE), "container": (dict, _NONE),
+        # the input a site stager put in the staging directory (file name): placed, not staged
+        "staged": (str, _NONE)}
 
 #: A task's ``launch``: present when the task is several ranks (an MPI job); the agent starts it
 #: with its pilot's launcher on ``hosts`` (node names, this node first), ``cores`` per node.

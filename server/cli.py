@@ -143,6 +143,10 @@ def server_group() -> None:
                    "(other pilotfish servers, over RabbitMQ) are forwarded there and their "
                    "status mirrored here. Restarted when it exits, stopped with the server, "
                    "with an admin key of its own. Its log: HOME/logs/federate.log.")
+@click.option("--web", "web", metavar="HOST:PORT",
+              help="Also run the web dashboard and REST API there (see `pilotfish web -h`: open "
+                   "on loopback, tokens elsewhere), beside the server and stopped with it. Its "
+                   "log: HOME/logs/web.log.")
 @click.option("--output-cap", metavar="SIZE", help="Task output kept for `job log`: at most "
               f"this much of each task's job.out and of its job.err (default "
               f"{settings.OUTPUT_CAP // 2**20}M, at most {settings.OUTPUT_MAX // 2**20}M; 0: "
@@ -153,7 +157,7 @@ def server_group() -> None:
 @click.option("-v", "--verbose", count=True, help="More log output.")
 @click.pass_context
 def server_start(ctx, foreground, db_url, bind, heartbeat, insecure, sites, site_poll,
-                 data_roots, events_keep, amqp, mail, federate, output_cap,
+                 data_roots, events_keep, amqp, mail, web, federate, output_cap,
                  output_rate, verbose) -> None:
     """Start the job server (a daemon with a pid file and a log file, or -f).
 
@@ -192,6 +196,8 @@ def server_start(ctx, foreground, db_url, bind, heartbeat, insecure, sites, site
     if federate:
         federate = os.path.abspath(federate)
         check_bridge_config(home, federate, "federate")
+    if web:
+        check_web_bind(home, web)  # a bad address or missing fastapi stops here too
     db_url = db_url or settings.default_db_url(home)
     if insecure and not keys.is_loopback_bind(bind):
         raise PilotfishError(f"--insecure is refused for {bind}: plain text is only served on "
@@ -203,11 +209,11 @@ def server_start(ctx, foreground, db_url, bind, heartbeat, insecure, sites, site
                                  f"(pid {daemon.running_pid(home)})")
         daemon.run_foreground(home, db_url, bind, heartbeat, insecure=insecure, sites=sites,
                               site_poll=site_poll, data_roots=roots, events_keep=events_keep,
-                              amqp=amqp, mail=mail, federate=federate)
+                              amqp=amqp, mail=mail, web=web, federate=federate)
         return
     info = daemon.start_background(home, db_url, bind, heartbeat, insecure=insecure,
                                    sites=sites, site_poll=site_poll, data_roots=roots,
-                                   events_keep=events_keep, amqp=amqp, mail=mail,
+                                   events_keep=events_keep, amqp=amqp, mail=mail, web=web,
                                    federate=federate)
     console.out.print(f"server started: pid {info['pid']}, {info['address']}, db {info['db']}\n"
                       f"log: {settings.log_path(home)}")
@@ -219,6 +225,9 @@ def server_start(ctx, foreground, db_url, bind, heartbeat, insecure, sites, site
         console.out.print(f"mail: log {site_agents.mail_log_path(home)}")
     if federate:
         console.out.print(f"federate: log {site_agents.federate_log_path(home)}")
+    if web:
+        console.out.print(f"web dashboard: http://{web}/ (log {site_agents.web_log_path(home)})",
+                          markup=False)
     if info.get("curve"):
         console.out.print(f"CurveZMQ: server public key {info['public_key']}; authorized "
                           f"client keys in {keys.authorized_dir(home)}", markup=False)
@@ -239,6 +248,18 @@ def check_bridge_config(home: Path, config: str, what: str = "amqp") -> None:
         lines = (r.stderr or r.stdout).strip().splitlines()
         why = lines[-1].removeprefix("pilotfish: error: ") if lines else "invalid"
         raise PilotfishError(f"--{what} {config}: {why}")
+
+
+def check_web_bind(home: Path, bind: str) -> None:
+    """Ask the web command to check its options (the server room does not import the web)."""
+    import subprocess
+    r = subprocess.run([sys.executable, "-m", "pilotfish", "--home", str(home), "web", "--bind",
+                        bind, "--check"], capture_output=True, text=True,
+                       stdin=subprocess.DEVNULL, timeout=60)
+    if r.returncode != 0:
+        lines = (r.stderr or r.stdout).strip().splitlines()
+        why = lines[-1].removeprefix("pilotfish: error: ") if lines else "invalid"
+        raise PilotfishError(f"--web {bind}: {why}")
 
 
 @server_group.command("stop", context_settings=CTX)

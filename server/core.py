@@ -31,6 +31,7 @@ from .gangs import Gangs
 from .output import OutputStore
 from .queue import ReadyQueue, Shape
 from .remote_sites import PREFIX, Remotes
+from .staging import StagingBook
 from .states import State
 from .store import Batch, chunks
 from .workflows import Tracker
@@ -145,6 +146,9 @@ class JobServer:
         self.lease_timeout = lease_timeout
         self.batch = Batch()
         self.queue = ReadyQueue()
+        #: site stagers' books: jobs held for them, their leases (see .staging)
+        self.staging = StagingBook(self)
+        self.queue.hold = self.staging.hold
         self.gangs = Gangs(self)
         self.apps: dict[int, App] = {}
         self.app_names: dict[str, App] = {}
@@ -235,6 +239,7 @@ class JobServer:
                     self.batch.end_attempt(row.id, "LOST", now,
                                            f"agent {row.agent} was gone at server start")
                 self.queue.push(row.id, row.priority, shape)
+        self.staging.load(c)
         self.commit()
         log.info("epoch %d: loaded %d apps, %d queued jobs, %d leases, %d agents; next job id %d",
                  self.epoch, len(self.apps), len(self.queue), len(self.leases), len(self.agents),
@@ -545,7 +550,8 @@ class JobServer:
             self.failed.append(lease.job)
 
     def expire(self, now: float) -> None:
-        """Agents silent for a lease period lose their leases."""
+        """Agents silent for a lease period lose their leases (and stagers theirs)."""
+        self.staging.expire(now)
         limit = time.monotonic() - self.lease_timeout
         for a in self.agents.values():
             if a.state == "ALIVE" and a.seen < limit and not a.id.startswith(PREFIX):
@@ -657,6 +663,9 @@ class JobServer:
                 "timeout": None if wall is None else wall * 60.0,
                 "pre": app.preprocess, "post": app.postprocess,
                 "input_url": r.input_url, "output_url": r.output_url}
+        staged = self.staging.taken(r.id) if self.staging.staged else None
+        if staged is not None:  # a site stager fetched it: the agent places it, no stage-in
+            task["staged"] = staged
         if app.container is not None:
             task["container"] = {"runtime": app.container["runtime"],
                                  "image": r.image or app.container["image"]}

@@ -11,7 +11,7 @@ from sqlalchemy.engine import Engine
 
 from pilotfish.errors import PilotfishError
 
-SCHEMA_VERSION = 11
+SCHEMA_VERSION = 12
 #: Columns that bring a database from a version to the next: (table, column, SQL type).
 #: ADD COLUMN works on SQLite and PostgreSQL alike; a table that create_all has just made
 #: (it did not exist) has its new columns already, so only missing ones are added.
@@ -42,10 +42,13 @@ MIGRATIONS: dict[int, list[tuple[str, str, str]]] = {
     # "workflow" naming it
     9: [("jobs", "workflow_id", "BIGINT"), ("jobs", "subjob_index", "INTEGER"),
         ("server_events", "workflow_id", "BIGINT")],
+    # jobs.staged: a remote input the site stager placed in its site's staging directory,
+    # waiting for the agent that takes the job (JSON: site, name, bytes, sha256); NULL else
+    10: [("jobs", "staged", "TEXT")],
     # federation (server/remote_sites.py): a job's alternative sites (a JSON list, null for
     # one site) and when the remote site it was forwarded to said it has the job (its first
     # status message: from then on it is never routed elsewhere)
-    10: [("jobs", "site_choices", "TEXT"), ("jobs", "remote_accepted", "FLOAT")],
+    11: [("jobs", "site_choices", "TEXT"), ("jobs", "remote_accepted", "FLOAT")],
 }
 #: Statements run after a version's columns are added (idempotent: IF NOT EXISTS). A partial
 #: index: jobs without an intake key (nearly all) cost it nothing.
@@ -119,6 +122,7 @@ jobs = Table(
     Column("run_leased", Float),
     Column("run_state", String(24)),
     Column("run_message", Text),
+    Column("staged", Text),  # see MIGRATIONS[10] and server/staging.py
     Column("argo_job_id", String(128)),            # the producer's id of the job (kept as text)
     Column("scheduler_config", Text),              # the seed's scheduler config name (kept)
     Column("job_status_routing_key", String(255)),  # where the AMQP bridge sends its status

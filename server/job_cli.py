@@ -236,6 +236,7 @@ def job_show(ctx, job_id, as_json) -> None:
         return console.print_json(console.iso_times(d))
     events = d.pop("events")
     runs = d.pop("runs", None)
+    transfers, staging = d.pop("transfers", None), d.pop("staging", None)
     if d.get("waiting") is None:
         d.pop("waiting", None)
     for k, v in d.items():
@@ -253,6 +254,8 @@ def job_show(ctx, job_id, as_json) -> None:
     if runs is not None:
         for line in attempt_lines(runs):
             console.out.print(line, markup=False)
+    for line in transfer_lines(transfers, staging):
+        console.out.print(line, markup=False)
     console.out.print("history:")
     for e in events:
         path = [e["from_state"] or "·"] + (e["via"].split(",") if e["via"] else []) \
@@ -260,6 +263,23 @@ def job_show(ctx, job_id, as_json) -> None:
         console.out.print(f"  {console.local_time(e['time'])}  {' -> '.join(path)}"
                           + (f"  ({console.plain(e['message'])})" if e["message"] else ""),
                           markup=False)
+
+
+def transfer_lines(transfers: list[dict] | None, staging: dict | None) -> list[str]:
+    """The "transfers:" section of `job show`: each staging step that ended (staged, or the
+    scheme's one-line error) and a site stager's transfer in flight."""
+    if not transfers and not staging:
+        return []
+    lines = ["transfers:"]
+    for e in transfers or []:
+        msg = console.plain((e.get("message") or "").strip().splitlines()[0][:300]) \
+            if e.get("message") else ""
+        lines.append(f"  {console.local_time(e['time'])}  {e.get('step') or e['to_state']}"
+                     f"  {msg}")
+    if staging:
+        lines.append(f"  {console.local_time(staging['since'])}  STAGING now  by stager "
+                     f"{console.plain(staging['stager'])}: {console.plain(staging['url'][:300])}")
+    return lines
 
 
 def attempt_lines(runs: list[dict]) -> list[str]:

@@ -9,12 +9,12 @@ import os
 import time
 from typing import Any, Callable, NamedTuple
 
-from sqlalchemy import delete, func, or_, select
+from sqlalchemy import delete, func, or_, select, text
 
 from pilotfish import __version__, arrays
 from pilotfish.errors import (Forbidden, IllegalTransition, NotFound, PilotfishError,
                               ValidationError)
-from pilotfish.keys import ADMIN, AGENT, READER, SUBMITTER
+from pilotfish.keys import ADMIN, AGENT, READER, SITE, SUBMITTER
 from pilotfish.protocol import MAX_MESSAGE_BYTES
 from pilotfish.validate import check_int, check_name, echo, echo_keys, wire_safe
 
@@ -53,8 +53,9 @@ class Caller(NamedTuple):
 LOCAL_ADMIN = Caller(None, ADMIN, None)
 #: The roles each op's declared role admits: reader < submitter < admin; agents only speak
 #: the agent messages (hello, update, bye), never a request.
-ADMITS = {READER: frozenset({READER, SUBMITTER, ADMIN}), SUBMITTER: frozenset({SUBMITTER, ADMIN}),
-          ADMIN: frozenset({ADMIN})}
+ADMITS = {READER: frozenset({READER, SUBMITTER, SITE, ADMIN}),
+          SUBMITTER: frozenset({SUBMITTER, SITE, ADMIN}),
+          SITE: frozenset({SITE, ADMIN}), ADMIN: frozenset({ADMIN})}
 AGENT_ROLES = frozenset({AGENT, ADMIN})
 
 
@@ -81,7 +82,8 @@ def check_call(name: str, fn, args: dict, caller: Caller) -> None:
         if caller.role is None:
             raise Forbidden(f"{f'key {caller.name!r}' if caller.name else 'this key'} may do "
                             f"nothing: {caller.why or 'it has no role'}")
-        need = " or ".join(r for r in (READER, SUBMITTER, ADMIN) if r in fn.admits)
+        need = " or ".join(r for r in ((SITE, ADMIN) if fn.role == SITE else
+                                      (READER, SUBMITTER, ADMIN)) if r in fn.admits)
         raise Forbidden(f"{who(caller)} may not {name}: it needs the role {need}")
     unknown = args.keys() - fn.args
     if unknown:
@@ -320,6 +322,8 @@ def insert_jobs(srv: JobServer, rows: list[dict], now: float, owner: str | None,
         b.insert_job(row, path, msg)
         if chained:
             parent_state[job_id] = path[-1].value
+        if row.get("input_url"):
+            srv.staging.note_job(job_id, row["input_url"])
         if path[-1] is ready:
             srv.enqueue(job_id, row)
     return ids
@@ -489,6 +493,11 @@ def _job_dict(srv: JobServer, r) -> dict:
     d["group"] = d.pop("group_identifier")
     d["array"] = next((int(t[len(ARRAY_TAG):]) for t in d["tags"] if t.startswith(ARRAY_TAG)),
                       None)
+    if d.get("staged"):  # a staged input waiting for an agent (see .staging)
+        try:
+            d["staged"] = json.loads(d["staged"])
+        except ValueError:
+            pass
     # where the latest attempt ran (or runs); its full record is job show's "runs"
     if "run_agent" in d:
         d["last_agent"] = d["run_agent"]
@@ -498,11 +507,15 @@ def _job_dict(srv: JobServer, r) -> dict:
     return d
 
 
-@op(READER, args=("filter", "limit", "offset", "newest"))
+@op(READER, args=("filter", "limit", "offset", "newest", "after"))
 def job_ls(srv: JobServer, args: dict, now: float) -> list:
+    """``after``: only ids past this one (below it with ``newest``): keyset paging, which
+    costs the same on the last page of a million jobs as on the first (an OFFSET walks every
+    row it skips)."""
     limit = _arg(args, "limit", int, 100)
     offset = _arg(args, "offset", int, 0)
     newest = _arg(args, "newest", bool, False)
+    after = _arg(args, "after", int)
     srv.sync()
     q = select(jobs.c.id, jobs.c.name, jobs.c.app_id, jobs.c.state, jobs.c.attempts,
                jobs.c.site, jobs.c.group_identifier, jobs.c.tags, jobs.c.priority,
@@ -511,11 +524,40 @@ def job_ls(srv: JobServer, args: dict, now: float) -> list:
                jobs.c.argo_job_id, jobs.c.job_status_routing_key)
     for c in where_of(args.get("filter"), srv):
         q = q.where(c)
+    if after is not None:
+        q = q.where(jobs.c.id < after if newest else jobs.c.id > after)
     q = q.order_by(jobs.c.id.desc() if newest else jobs.c.id).offset(offset)
     if limit > 0:
         q = q.limit(limit)
     # (no wire_safe: these columns are SQL integers, which hold 64 bits at most)
     return [_job_dict(srv, r) for r in srv.conn.execute(q)]
+
+
+#: Groups per job_groups answer at most.
+MAX_GROUPS = 1000
+#: The next group name after one, by the index: a loose index scan (one index probe per group,
+#: whatever the groups hold), the same SQL on SQLite and PostgreSQL.
+_GROUPS_SQL = text("""
+WITH RECURSIVE g(x, n) AS (
+  SELECT (SELECT MIN(group_identifier) FROM jobs WHERE group_identifier > :after), 1
+  UNION ALL
+  SELECT (SELECT MIN(group_identifier) FROM jobs WHERE group_identifier > g.x), g.n + 1
+  FROM g WHERE g.x IS NOT NULL AND g.n < :limit
+) SELECT x FROM g WHERE x IS NOT NULL""")
+
+
+@op(READER, args=("after", "limit"))
+def job_groups(srv: JobServer, args: dict, now: float) -> dict:
+    """The group_identifiers jobs carry, in order, from the one after ``after`` on (at most
+    ``limit``): browsing groups costs a probe of the group index per group shown, however many
+    jobs they hold. ``next``: ask again from it, or None at the end."""
+    after = _arg(args, "after", str, "")
+    limit = _arg(args, "limit", int, 100)
+    if not 1 <= limit <= MAX_GROUPS:
+        raise ValidationError(f"limit must be 1..{MAX_GROUPS}")
+    srv.sync()
+    groups = [r[0] for r in srv.conn.execute(_GROUPS_SQL, {"after": after, "limit": limit})]
+    return {"groups": groups, "next": groups[-1] if len(groups) == limit else None}
 
 
 @op(READER, args=("filter",))
@@ -574,7 +616,30 @@ def job_show(srv: JobServer, args: dict, now: float) -> dict:
                job_events.c.time, job_events.c.message)
         .where(job_events.c.job_id == job_id).order_by(job_events.c.id))]
     d["runs"] = attempts_of(srv, job_id, r)  # ("attempts" is their count)
+    # its transfers: each staging step's event (how it went, or the scheme's error), and the
+    # stage lease of a site stager working on it now
+    d["transfers"] = transfers_of(d["events"], r.input_url, r.output_url)
+    d["staging"] = srv.staging.lease_of(job_id)
     return wire_safe(d)
+
+
+def transfers_of(events: list[dict], input_url: str | None,
+                 output_url: str | None) -> list[dict]:
+    """A job's staging steps from its events, each with ``step`` (the staging state it
+    reached, also when passed through on the way): stage-in steps when it has an input_url,
+    stage-out steps when it has an output_url, failures always."""
+    wanted = {S.STAGE_IN_FAILED.value, S.STAGE_OUT_FAILED.value}
+    if input_url:
+        wanted.add(S.STAGED_IN.value)
+    if output_url:
+        wanted.add(S.STAGED_OUT.value)
+    out = []
+    for e in events:
+        for step in [e["to_state"]] + (e["via"] or "").split(",")[::-1]:
+            if step in wanted:
+                out.append({**e, "step": step})
+                break
+    return out
 
 
 def attempts_of(srv: JobServer, job_id: int, r) -> list[dict]:
@@ -651,8 +716,8 @@ def _set_state(srv: JobServer, r, to: State, now: float, why: str) -> None:
         srv._end_lease(lease, now, to.value, message=why)
         cols["agent"] = None
     srv.batch.transition(r.id, frm, [to], now, why, **cols)
-    if frm in states.QUEUED:
-        srv.queue.remove(r.id)
+    srv.queue.remove(r.id)  # (a job staged by a site stager is queued in STAGED_IN)
+    srv.staging.forget(r.id)
     if to in states.QUEUED:
         srv.enqueue(r.id, r)
     if to in (S.FAILED, S.USER_KILLED):
@@ -717,6 +782,9 @@ def job_alter(srv: JobServer, args: dict, now: float, caller: Caller = LOCAL_ADM
         if r.id in srv.leases:
             raise ValidationError(f"job {r.id} is held by agent {srv.leases[r.id].agent}; "
                                   "kill it or wait before altering it")
+        if r.id in srv.staging.leases or r.id in srv.staging.staged:
+            raise ValidationError(f"job {r.id}: a site stager is staging (or has staged) its "
+                                  "input; kill it or wait before altering it")
         d = dict(r._mapping)
         new = dict(changes)
         if "parameters" in new:
@@ -746,8 +814,11 @@ def job_alter(srv: JobServer, args: dict, now: float, caller: Caller = LOCAL_ADM
     for r, new, d in updates:
         if new:
             srv.batch.update_job(r.id, **new)
-        if r.id in srv.queue:
+        if "input_url" in new:
+            srv.staging.note_job(r.id, d["input_url"])
+        if r.id in srv.queue or r.id in srv.staging.held:
             srv.queue.remove(r.id)
+            srv.staging.forget(r.id)
             srv.queue.push(r.id, d["priority"], shape_of(d))
     return {"changed": [r.id for r, _, _ in updates], "matched": len(rows)}
 
@@ -773,6 +844,7 @@ def job_rm(srv: JobServer, args: dict, now: float, caller: Caller = LOCAL_ADMIN)
             srv.cancel_on_agent(lease)
             srv._end_lease(lease, now, None)
         srv.queue.remove(job)
+        srv.staging.forget(job, removed=True)
     srv.sync()
     # children left waiting on a removed parent could never run: fail them, visibly
     gone = set(ids)

@@ -23,6 +23,9 @@ class ReadyQueue:
     def __init__(self) -> None:
         self._heaps: dict[Shape, list[tuple[int, int]]] = {}
         self._member: dict[int, Shape] = {}
+        #: ``hold(job, priority, shape) -> bool``: a job it keeps (its input is to be staged
+        #: by a site stager first, see .staging) does not enter the queue.
+        self.hold = None
 
     def __len__(self) -> int:
         return len(self._member)
@@ -31,6 +34,9 @@ class ReadyQueue:
         return job_id in self._member
 
     def push(self, job_id: int, priority: int, shape: Shape) -> None:
+        hold = self.hold
+        if hold is not None and hold(job_id, priority, shape):
+            return
         self._member[job_id] = shape
         heap = self._heaps.get(shape)
         if heap is None:
@@ -39,6 +45,9 @@ class ReadyQueue:
 
     def remove(self, job_id: int) -> bool:
         return self._member.pop(job_id, None) is not None
+
+    def items(self) -> list[tuple[int, Shape]]:
+        return list(self._member.items())
 
     def shape_of(self, job_id: int) -> Shape | None:
         return self._member.get(job_id)

@@ -1,12 +1,14 @@
 """Edge processes run beside the server: site agents (``server start --site S``, for a
-single-site setup), the AMQP bridge (``server start --amqp CONFIG.yaml``) and the mail process
-(``server start --mail CONFIG.yaml``).
+single-site setup), the AMQP bridge (``server start --amqp CONFIG.yaml``), the mail process
+(``server start --mail CONFIG.yaml``) and the web dashboard (``server start --web HOST:PORT``).
 
 Each is an ordinary command (``pilotfish site agent``, ``pilotfish bridge amqp``), a client of
 this server like any other (so the server room imports neither the pilot room nor the bridge),
 started once the server serves, restarted if it dies (at most once per ``RESTART_EVERY``
 seconds, so a profile or config that fails at once does not spin), and stopped with the server.
-Their output goes to ``HOME/logs/site-agent-<site>.log`` and ``HOME/logs/amqp-bridge.log``.
+Their output goes to ``HOME/logs/site-agent-<site>.log``, ``HOME/logs/amqp-bridge.log`` and
+``HOME/logs/web.log``. The web makes its own reader key at its first start (``web``) and, open
+on loopback, acts with the home's client key like the CLI; with tokens, with each token's key.
 """
 from __future__ import annotations
 
@@ -85,6 +87,15 @@ def mail_key(home: Path) -> Path:
     return secret
 
 
+def web_argv(home: Path, address: str, bind: str) -> list[str]:
+    return [sys.executable, "-m", "pilotfish", "--home", str(home), "--server", address,
+            "web", "--bind", bind]
+
+
+def web_log_path(home: Path) -> Path:
+    return settings.home(home) / "logs" / "web.log"
+
+
 def log_path(home: Path, site: str) -> Path:
     return settings.home(home) / "logs" / f"site-agent-{site}.log"
 
@@ -108,7 +119,8 @@ class SiteAgents:
     def __init__(self, home: Path, sites: list[str], poll: float,
                  amqp: str | None = None, bridge_client_key: Path | None = None,
                  mail: str | None = None, mail_client_key: Path | None = None,
-                 federate: str | None = None, federate_client_key: Path | None = None) -> None:
+                 web: str | None = None, federate: str | None = None,
+                 federate_client_key: Path | None = None) -> None:
         self.home = home
         self.children: dict[str, tuple[Callable[[str], list[str]], Path]] = {
             f"site agent for {s}": (lambda a, s=s: site_agent_argv(home, a, s, poll),
@@ -123,6 +135,9 @@ class SiteAgents:
             self.children["federate"] = (
                 lambda a: federate_argv(home, a, federate, federate_client_key),
                 federate_log_path(home))
+        if web:
+            self.children["web dashboard"] = (lambda a: web_argv(home, a, web),
+                                              web_log_path(home))
         self.procs: dict[str, subprocess.Popen] = {}
         self.started: dict[str, float] = {}
 

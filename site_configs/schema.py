@@ -292,6 +292,27 @@ class Transfers(_Model):
     #: By host (``data.example.org``), ``scheme://host`` or ``*``.
     credentials: dict[Annotated[str, _pattern(_HOSTKEY_RE, "a host, scheme://host or *")],
                       TransferCredential] = Field(default_factory=dict)
+    #: Seconds without a byte moved before a transfer is stopped (default 120).
+    stall: Optional[PositiveNumber] = None
+    #: Where the site stager puts staged inputs for the agents: a directory the login node
+    #: and the compute nodes share, at the same path ($VARS expand where used); null:
+    #: ``<scratch>/pilotfish-staging``, or the pilotfish home's ``staging/`` without scratch.
+    staging_dir: Optional[Annotated[str, _pattern(_ROOT_RE, "an absolute path (or $VAR/...) "
+                                                            "without ..")]] = None
+    #: The site stager computes each staged file's SHA-256 (kept with the job's events).
+    checksum: bool = False
+    #: Jobs whose inputs may be staged ahead of the site's agents at least (the window is
+    #: also the agents' cores plus their idle cores); default: max_concurrent.
+    lookahead: Optional[Count] = None
+
+    def limit_for(self, scheme: str, host: str) -> int:
+        """Transfers at once to one endpoint: ``per_endpoint`` by ``scheme://host``, else by
+        ``host``, else ``*``, else ``max_concurrent`` (default 8)."""
+        pe = self.per_endpoint
+        for key in (f"{scheme}://{host}", host, "*"):
+            if key in pe:
+                return pe[key]
+        return self.max_concurrent or 8
 
 
 class Site(_Model):

@@ -61,6 +61,14 @@ def torque_wrappers() -> bool:
                 and "slurm" in Path(qsub).read_text(errors="replace").lower())
 
 
+CHROMIUM = ("/usr/bin/chromium", "/usr/bin/chromedriver")
+
+
+def chromium_available() -> bool:
+    """Debian's chromium and its chromedriver (the web dashboard's browser tests)."""
+    return all(os.access(p, os.X_OK) for p in CHROMIUM)
+
+
 def _safe_url(url: str) -> str:
     """The URL without its password."""
     head, sep, tail = url.partition("@")
@@ -116,6 +124,11 @@ def report() -> list[tuple[str, str, str]]:
                  "not installable here: golden scripts and transcribed output"))
     rows.append(("Shifter, Apptainer, podman-hpc", "not run",
                  "not installed here: golden command lines"))
+    if chromium_available():
+        rows.append(("Chromium", "used", f"{CHROMIUM[0]} with {CHROMIUM[1]} (selenium)"))
+    else:
+        rows.append(("Chromium", "skipped", "no /usr/bin/chromium or /usr/bin/chromedriver "
+                     "(scripts/test_packages installs chromium and chromium-driver, as root)"))
     if rabbitmq_available():
         rows.append(("RabbitMQ", "used", f"amqp://guest@{RABBITMQ[0]}:{RABBITMQ[1]}/"))
     else:

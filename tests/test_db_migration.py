@@ -210,13 +210,13 @@ def test_version_9_gains_workflows(tmp_path):
     make_engine(f"sqlite:///{db}").dispose()
 
 
-def test_version_10_gains_the_federation_columns(tmp_path):
-    """Schema 11: jobs.site_choices (a job's alternative sites) and jobs.remote_accepted (when
-    the remote site it was forwarded to said it has it); old rows get NULLs."""
+def test_version_10_gains_the_staged_column(tmp_path):
+    """Schema 11: jobs.staged (a remote input the site stager placed); old rows get NULL."""
     db = tmp_path / "v10.db"
     make_engine(f"sqlite:///{db}").dispose()
     con = sqlite3.connect(db)  # make it look like version 10
-    for col in ("site_choices", "remote_accepted"):
+    con.execute("ALTER TABLE jobs DROP COLUMN staged")
+    for col in ("site_choices", "remote_accepted"):  # (11's columns: not there yet either)
         con.execute(f"ALTER TABLE jobs DROP COLUMN {col}")
     con.execute("INSERT INTO jobs (id, name, description, app_id, num_nodes, "
                 "processes_per_node, cpus_per_process, gpus_per_process, parameters, tags, "
@@ -228,8 +228,32 @@ def test_version_10_gains_the_federation_columns(tmp_path):
     con.close()
     make_engine(f"sqlite:///{db}").dispose()
     con = sqlite3.connect(db)
+    assert con.execute("SELECT id, staged FROM jobs").fetchall() == [(3, None)]
+    assert con.execute("SELECT value FROM pilotfish_meta WHERE key='schema_version'"
+                       ).fetchone()[0] == str(SCHEMA_VERSION)
+    con.close()
+
+
+def test_version_11_gains_the_federation_columns(tmp_path):
+    """Schema 12: jobs.site_choices (a job's alternative sites) and jobs.remote_accepted (when
+    the remote site it was forwarded to said it has it); old rows get NULLs."""
+    db = tmp_path / "v11.db"
+    make_engine(f"sqlite:///{db}").dispose()
+    con = sqlite3.connect(db)  # make it look like version 11
+    for col in ("site_choices", "remote_accepted"):
+        con.execute(f"ALTER TABLE jobs DROP COLUMN {col}")
+    con.execute("INSERT INTO jobs (id, name, description, app_id, num_nodes, "
+                "processes_per_node, cpus_per_process, gpus_per_process, parameters, tags, "
+                "priority, max_retries, retries, attempts, state, state_time, created, "
+                "workdir) VALUES (3, 'old', '', 1, 1, 1, 1, 0, '{}', '', 0, 3, 0, 0, 'READY', "
+                "0, 0, 'w')")
+    con.execute("UPDATE pilotfish_meta SET value='11' WHERE key='schema_version'")
+    con.commit()
+    con.close()
+    make_engine(f"sqlite:///{db}").dispose()
+    con = sqlite3.connect(db)
     assert con.execute("SELECT id, site_choices, remote_accepted FROM jobs").fetchall() == [
         (3, None, None)]
     assert con.execute("SELECT value FROM pilotfish_meta WHERE key='schema_version'"
-                       ).fetchone()[0] == str(SCHEMA_VERSION) == "11"
+                       ).fetchone()[0] == str(SCHEMA_VERSION) == "12"
     con.close()

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_report_names_every_external_system_once():
     rows = externals.report()
     names = [r[0] for r in rows]
-    for system in ("PostgreSQL", "Slurm", "Charliecloud", "MPI", "RabbitMQ"):
+    for system in ("PostgreSQL", "Slurm", "Charliecloud", "MPI", "RabbitMQ", "Chromium"):
         assert sum(n.startswith(system) for n in names) == 1, names
     assert all(status in ("used", "skipped", "not run", "not used") and why
                for _, status, why in rows)

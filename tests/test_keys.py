@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -242,8 +243,8 @@ def test_an_agent_with_a_wrong_key_gets_no_tasks(server, tmp_path):
         c.add_app(ECHO)
         jid = c.add_job(name="j", application="echo", parameters={"x": "hello"})
     rogue_log = tmp_path / "rogue.log"
-    server.agent("--client-key", str(other / "keys" / "rogue.key_secret"), log=rogue_log,
-                 work_root=tmp_path / "w1")
+    rogue = server.agent("--client-key", str(other / "keys" / "rogue.key_secret"),
+                         log=rogue_log, work_root=tmp_path / "w1")
     wait_for(lambda: "refused this key" in rogue_log.read_text(), 15,
              what="the rogue agent to log its refusal")
     time.sleep(1)
@@ -251,6 +252,10 @@ def test_an_agent_with_a_wrong_key_gets_no_tasks(server, tmp_path):
         assert c.job(jid)["state"] == "READY"
         assert c.agents(all=True) == []
     assert "ZAP: denied CURVE key" in server_log(server)
+    # a refused agent still hears SIGTERM (a blocking send with no connection to queue it on
+    # held it deaf until the test's 15 s kill)
+    rogue.send_signal(signal.SIGTERM)
+    assert rogue.wait(5) == 0
     # the right key (the home's own) gets the job done
     server.agent(work_root=tmp_path / "w2")
     with server.client() as c:

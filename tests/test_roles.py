@@ -23,7 +23,7 @@ from pilotfish import keys
 from pilotfish import protocol as P
 from pilotfish.client import Client
 from pilotfish.errors import Forbidden, PilotfishError, ValidationError
-from pilotfish.server import events, gc_ops, output_ops, pilot_ops  # noqa: F401  (they register ops)
+from pilotfish.server import events, gc_ops, output_ops, pilot_ops, staging_ops  # noqa: F401
 from pilotfish.server import workflow_ops  # noqa: F401  (registers the workflow ops)
 from pilotfish.server import federation_ops  # noqa: F401  (registers the federation ops)
 from pilotfish.server.ops import OPS
@@ -34,11 +34,11 @@ ECHO = {"name": "echo", "executable": "/bin/echo", "args": ["{x}"],
 HELLO = dict(host="h", pid=4242, site=None, pilot=None, cores=[0], gpus=[], memory=2**30,
              time_left=None, running=[], ack=0)
 NO_DEMAND = {"cores": 0, "gpus": 0, "max_cores": 1, "max_gpus": 0, "time_left": None}
-ROLES = ("admin", "submitter", "agent", "reader")
+ROLES = ("admin", "submitter", "agent", "reader", "site")
 
-READ = {"ping", "status", "agent_ls", "app_ls", "app_show", "job_ls", "job_counts",
+READ = {"ping", "status", "agent_ls", "app_ls", "app_show", "job_ls", "job_counts", "job_groups",
         "job_summary", "job_show", "job_log", "pilot_ls", "site_status", "events",
-        "workflow_ls", "workflow_show", "remote_sites"}
+        "workflow_ls", "workflow_show", "transfer_ls", "remote_sites"}
 SUBMIT = READ | {"workflow_add", "workflow_check", "workflow_kill", "workflow_retry",
                  "job_add", "job_add_array", "job_check", "job_kill", "job_retry", "job_alter",
                  "job_rm",
@@ -46,7 +46,10 @@ SUBMIT = READ | {"workflow_add", "workflow_check", "workflow_kill", "workflow_re
 ADMIN_ONLY = {"app_add", "app_alter", "app_rm", "shutdown", "gc", "events_prune",
               "forward_take", "forward_report", "site_beat"}
 #: What each role may call: written out here, not read from the server's declarations.
-ALLOWED = {"admin": SUBMIT | ADMIN_ONLY, "submitter": SUBMIT, "reader": READ, "agent": set()}
+#: The site stager's op: a site agent's key (role site) or an admin's.
+STAGE = {"stage_poll"}
+ALLOWED = {"admin": SUBMIT | ADMIN_ONLY | STAGE, "submitter": SUBMIT, "reader": READ,
+           "agent": set(), "site": SUBMIT | STAGE}
 
 
 def one_line_error(r: subprocess.CompletedProcess, words: str) -> None:
@@ -172,6 +175,7 @@ def _args(op: str, role: str) -> dict:
         "gc": {"before": 1.0}, "events": {"since": 0, "limit": 5},
         "events_prune": {"before": 1.0},
         "job_ls": {"filter": {}, "limit": 5}, "job_counts": {"filter": {}},
+        "job_groups": {"limit": 5},
         "job_summary": {"filter": {}}, "job_show": {"id": 1}, "job_log": {"id": 1},
         "job_kill": {"filter": {"ids": [999999]}}, "job_retry": {"filter": {"ids": [999999]}},
         "job_alter": {"filter": {"ids": [999999]}, "changes": {"priority": 1}},
@@ -180,6 +184,7 @@ def _args(op: str, role: str) -> dict:
         "pilot_update": {"id": f"p-{role}", "state": "RUNNING"},
         "pilot_ls": {"all": True}, "site_backlog": {"site": "s"},
         "site_report": {"site": "s", "pid": 1, "paused": False}, "site_status": {},
+        "stage_poll": {"stager": f"st-{role}", "site": "s", "want": 0}, "transfer_ls": {},
         "shutdown": {},
         "workflow_add": {"workflow": {"name": f"w-{role}", "subjobs": [
             {"name": f"s-{role}", "application": "echo", "parameters": {"x": "1"}}]}},
@@ -194,8 +199,8 @@ def _args(op: str, role: str) -> dict:
 
 
 def test_every_op_by_every_role(server):
-    assert set(OPS) == SUBMIT | ADMIN_ONLY, "a new op needs its place in this matrix"
-    for role in ("submitter", "agent", "reader"):
+    assert set(OPS) == SUBMIT | ADMIN_ONLY | STAGE, "a new op needs its place in this matrix"
+    for role in ("submitter", "agent", "reader", "site"):
         make_key(server, role, role)
     make_key(server, "boss", "admin")
     with server.client() as c:
@@ -204,7 +209,7 @@ def test_every_op_by_every_role(server):
     refused = {}
     ops = sorted(OPS, key=lambda o: o == "shutdown")  # the admin's shutdown last
     for role, name in (("agent", "agent"), ("reader", "reader"), ("submitter", "submitter"),
-                       ("admin", "boss")):
+                       ("site", "site"), ("admin", "boss")):
         with client(server, name) as c:
             for op in ops:
                 if op == "shutdown" and role == "admin":
@@ -224,13 +229,17 @@ def test_every_op_by_every_role(server):
         "key 'reader' (reader) may not job_add: it needs the role submitter or admin"
     assert refused[("submitter", "app_add")] == \
         "key 'submitter' (submitter) may not app_add: it needs the role admin"
-    # refusals changed nothing: only the admin's and the submitter's jobs and pilots exist
+    assert refused[("submitter", "stage_poll")] == \
+        "key 'submitter' (submitter) may not stage_poll: it needs the role site or admin"
+    # refusals changed nothing: only the admin's, the submitter's and the site's jobs and
+    # pilots exist
     with client(server, "boss") as c:
         assert sorted(j["name"] for j in c.jobs()) == [
-            "a-admin-1", "a-admin-2", "a-submitter-1", "a-submitter-2", "first", "j-admin",
-            "j-submitter", "s-admin", "s-submitter"]
-        assert sorted(w["name"] for w in c.workflows()) == ["w-admin", "w-submitter"]
-        assert sorted(p["id"] for p in c.pilots(all=True)) == ["p-admin", "p-submitter"]
+            "a-admin-1", "a-admin-2", "a-site-1", "a-site-2", "a-submitter-1", "a-submitter-2",
+            "first", "j-admin", "j-site", "j-submitter", "s-admin", "s-site", "s-submitter"]
+        assert sorted(w["name"] for w in c.workflows()) == ["w-admin", "w-site", "w-submitter"]
+        assert sorted(p["id"] for p in c.pilots(all=True)) == ["p-admin", "p-site",
+                                                              "p-submitter"]
         assert sorted(a["name"] for a in c.apps()) == ["e-admin", "echo"]
         assert c.app("echo")["description"] == "admin"
     # refusals are logged, once a minute per key and op

@@ -263,35 +263,34 @@ def test_byte_cap_stops_big_files_and_trees(server: ServerHandle, c, data, tmp_p
     assert not (work / f"t.{ds[1]['id']}" / "tree").exists()
 
 
-def _grow(path: Path, stop: threading.Event, step: int = 256 << 20) -> None:
-    """Make ``path`` longer and longer (sparse: no disk used) until ``stop``."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
-    try:
-        size = os.fstat(fd).st_size
-        while not stop.is_set() and size < 1 << 40:
-            size += step
-            os.ftruncate(fd, size)
-            time.sleep(0.002)
-    finally:
-        os.close(fd)
+def _grow(path: Path, stop: threading.Event, copies: Path) -> None:
+    """Once the stager has started copying ``path`` (its copy appears under ``copies``), make
+    it 1 TiB long (sparse: no disk used)."""
+    while not stop.is_set() and not any(copies.rglob(f"*{path.name}*")):
+        time.sleep(0.0005)
+    if not stop.is_set():
+        with open(path, "r+b") as fh:
+            fh.truncate(1 << 40)
 
 
 def test_growing_file_is_stopped_at_the_cap(server: ServerHandle, c, data, tmp_path):
     """A file under the cap when the stager looks, that grows while it is copied, is stopped
     at the cap (the cap counts what is read, not what stat said)."""
     f = data / "growing"
-    f.write_bytes(b"g" * (1 << 20))
+    with open(f, "wb") as fh:  # 200 MiB at the look (sparse), under the 256 MiB cap
+        fh.truncate(200 << 20)
     stop = threading.Event()
-    th = threading.Thread(target=_grow, args=(f, stop), daemon=True)
+    (tmp_path / "work").mkdir(exist_ok=True)
+    th = threading.Thread(target=_grow, args=(f, stop, tmp_path / "work"), daemon=True)
     th.start()
     try:
         [d] = run_jobs(server, c, tmp_path, [
             {"name": "g", "application": "echo", "input_url": str(f)}],
-            "--stage-max-bytes", "4G")
+            "--stage-max-bytes", str(256 << 20))
     finally:
         stop.set()
         th.join()
-    failed_with(d, "STAGE_IN_FAILED", "more than 4 GiB to copy")
+    failed_with(d, "STAGE_IN_FAILED", "more than 256 MiB to copy")
     assert not list((tmp_path / "work").rglob("growing"))
 
 

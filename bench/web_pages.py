@@ -1,0 +1,138 @@
+"""Web dashboard and REST API response times on a big job database (1M jobs by default).
+
+A fresh server and database get --total jobs (spread over 1,000 groups; --kill of them killed
+so USER_KILLED is a rare state), then a real `pilotfish web` process (open, on loopback) is
+asked each page and REST call --repeat-each times over HTTP (urllib, one connection per
+request); the time is from sending the request to the last byte of the answer. Baseline, in
+the same run: the server op the page needs most (job_ls with the same filter, 50 rows) called
+directly with pilotfish.Client, so the web's own share shows.
+
+Targets (issue 14): the jobs page p50 <= 100 ms; GET /api/jobs?state=...&limit=50 <= 50 ms.
+"""
+from __future__ import annotations
+
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+
+import common as C
+
+CHUNK = 100_000
+TARGET_PAGE = 0.100
+TARGET_REST = 0.050
+
+
+def fill(c, total: int, kill: int) -> None:
+    c.add_app({"name": "sleep", "executable": "/bin/sleep", "args": ["{t}"],
+               "parameters": {"t": {"type": "int", "default": 1}}})
+    for start in range(0, total, CHUNK):
+        n = min(CHUNK, total - start)
+        c.add_jobs([{"name": f"j{i}", "application": "sleep", "group_identifier": f"g{i % 1000}",
+                     "tags": ["bench"]} for i in range(start, start + n)])
+        C.log(f"{start + n:,} jobs")
+    step = max(1, total // kill) if kill else 0
+    if step:
+        ids = list(range(step, total + 1, step))[:kill]
+        c.kill_jobs({"ids": ids})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def timed_get(url: str) -> float:
+    t = time.perf_counter()
+    with urllib.request.urlopen(url, timeout=60) as r:
+        r.read()
+        assert r.status == 200
+    return time.perf_counter() - t
+
+
+def p(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def main() -> int:
+    ap = C.parser(__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("--total", type=int, default=1_000_000, help="Jobs in the database "
+                    "(default: %(default)s).")
+    ap.add_argument("--kill", type=int, default=1000, help="Jobs killed, spread over the "
+                    "table (default: %(default)s).")
+    ap.add_argument("--db", choices=("sqlite", "postgres"), default="sqlite")
+    ap.add_argument("--repeat-each", type=int, default=30, help="Requests per page "
+                    "(default: %(default)s).")
+    a = ap.parse_args()
+    C.set_bench("web_pages")
+    C.install_signal_handlers()
+    ctx = C.machine(a.tmp)
+    with C.Env(a.db, a.heartbeat, a.tmp, a.keep, label="web") as env:
+        fill(env.client, a.total, a.kill)
+        port = free_port()
+        log = open(env.home / "web.log", "ab")
+        web = subprocess.Popen([*C.pilotfish_cmd(), "--home", str(env.home), "--server",
+                                env.address, "web", "--bind", f"127.0.0.1:{port}"],
+                               stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    timed_get(base + "/api/openapi.json")
+                    break
+                except OSError:
+                    if time.monotonic() > deadline or web.poll() is not None:
+                        raise SystemExit("the web did not start; see web.log")
+                    time.sleep(0.1)
+            middle = a.total // 2
+            cases = [
+                ("jobs_page", "/jobs", {}, TARGET_PAGE),
+                ("jobs_page_state_READY", "/jobs?state=READY", {"state": "READY"}, TARGET_PAGE),
+                ("jobs_page_state_USER_KILLED", "/jobs?state=USER_KILLED",
+                 {"state": "USER_KILLED"}, TARGET_PAGE),
+                ("jobs_page_group", "/jobs?group=g17", {"group": "g17"}, TARGET_PAGE),
+                ("jobs_page_deep", f"/jobs?after={middle}", {}, TARGET_PAGE),
+                ("job_page", f"/jobs/{middle}", None, TARGET_PAGE),
+                ("groups_page", "/groups?after=g500", None, TARGET_PAGE),
+                ("rest_jobs_state_READY", "/api/jobs?state=READY&limit=50", {"state": "READY"},
+                 TARGET_REST),
+                ("rest_jobs_state_USER_KILLED", "/api/jobs?state=USER_KILLED&limit=50",
+                 {"state": "USER_KILLED"}, TARGET_REST),
+            ]
+            for figure, path, flt, target in cases:
+                timed_get(base + path)  # warm
+                times = [timed_get(base + path) for _ in range(a.repeat_each)]
+                fields = {}
+                if flt is not None:  # baseline: the op itself, from a Client
+                    newest = "/api/" not in path
+                    after = middle if "after=" in path else None
+                    bt = []
+                    for _ in range(a.repeat_each):
+                        t = time.perf_counter()
+                        env.client.jobs(flt, limit=50, newest=newest, after=after)
+                        bt.append(time.perf_counter() - t)
+                    fields = {"baseline_job_ls_p50": statistics.median(bt),
+                              "baseline": "Client.jobs(same filter, limit=50) direct"}
+                med = statistics.median(times)
+                C.emit(figure, med, unit="s", p95=p(times, 0.95), values=times, path=path,
+                       target=target, meets_target=med <= target, n=a.total, db=a.db,
+                       interval="urllib GET: request sent to the last byte read",
+                       loadavg_1m_now=round(__import__("os").getloadavg()[0], 2),
+                       **fields, **ctx)
+        finally:
+            web.terminate()
+            try:
+                web.wait(10)
+            except subprocess.TimeoutExpired:
+                web.kill()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(C.REPO / "bench"))
+    C.run(main)
