@@ -62,6 +62,9 @@ def run(cfg: BridgeConfig, home: Path, new_client: Callable[[], Client]) -> int:
         parts.append(("receiver", Receiver(cfg, new_client, stop).run))
     if cfg.exchange:
         parts.append(("publisher", Publisher(cfg, new_client, stop, state).run))
+    if cfg.site_name:
+        from .site_beat import SiteBeat
+        parts.append(("site heartbeat", SiteBeat(cfg, new_client, stop).run))
     failed: list[str] = []
 
     def guarded(name: str, fn: Callable[[], None]) -> None:

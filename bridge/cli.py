@@ -82,6 +82,45 @@ def amqp_cmd(ctx, config_file, url, password_file, jobs_queue, dead_letter_queue
     ctx.exit(run(cfg, home, new_client))
 
 
+@click.command("federate", context_settings=CTX)
+@click.option("--config", "config_file", required=True, metavar="YAML",
+              help="Settings: name, exchange, status_queue, status_routing_key, "
+              "site_beat_routing_key, sites (NAME: {jobs_queue, user}), url, password_file, "
+              "silent_after, resend_after, poll, data_url.")
+@click.option("--check", is_flag=True, help="Check the settings and the password source, "
+              "then exit (connects to nothing).")
+@click.option("-v", "--verbose", count=True, help="More log output.")
+@click.option("-q", "--quiet", is_flag=True, help="Warnings and errors only.")
+@click.pass_context
+def federate_cmd(ctx, config_file, check, verbose, quiet) -> None:
+    """Forward jobs of remote sites (other pilotfish servers) over RabbitMQ and mirror their
+    status here.
+
+    Takes the jobs the server routed to a remote site and publishes each to the site's jobs
+    queue (the site server's `bridge amqp` receiver); reads the sites' status messages and
+    heartbeats from its status queue, trusting only the broker-validated user_id of each site.
+    Its server key needs the role admin. `server start --federate YAML` runs it beside the
+    server. Example: pilotfish federate --config federation.yaml
+    """
+    from .config import parse_url, password
+    from .federate import from_yaml, run
+    cfg = from_yaml(config_file)
+    password(cfg.bridge(), parse_url(cfg.url).user)  # a missing password stops here
+    if check:
+        console.out.print(f"ok: {parse_url(cfg.url)}; sites {', '.join(sorted(cfg.sites))}",
+                          markup=False)
+        return
+    console.setup_logging(verbose, quiet)
+    home = settings.home(ctx.obj.get("home") if ctx.obj else None)
+    server = (ctx.obj.get("server") if ctx.obj else None) or os.environ.get("PILOTFISH_SERVER")
+
+    def new_client():
+        from pilotfish.client import Client
+        return Client(address=server, home=home, timeout=30)
+
+    ctx.exit(run(cfg, new_client))
+
+
 @click.command("mail", context_settings=CTX)
 @click.option("--config", "config_file", required=True, metavar="YAML",
               help="Settings: sender (From, required), host, port, tls (none, starttls, ssl), "

@@ -11,7 +11,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from pilotfish.errors import ValidationError
-from pilotfish.validate import echo
+from pilotfish.validate import check_name, echo
 from pilotfish.textfile import read_text
 
 PASSWORD_ENV = "PILOTFISH_AMQP_PASSWORD"
@@ -33,6 +33,11 @@ class BridgeConfig:
     max_body_bytes: int = 16 * 2**20
     batch_jobs: int = 10_000               # jobs of several messages added in one request
     heartbeat: int = 60                    # AMQP heartbeat seconds
+    # a site served by this server for another (federation, bridge/site_beat.py): the site's
+    # name and where its heartbeats (backlog and capacity) go on the exchange
+    site_name: str | None = None
+    site_beat_routing_key: str | None = None
+    site_beat_seconds: float = 5.0
 
     def check(self) -> "BridgeConfig":
         if not self.jobs_queue and not self.exchange:
@@ -52,6 +57,19 @@ class BridgeConfig:
             v = getattr(self, what)
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
                 raise ValidationError(f"{what} must be an integer {lo}..{hi}, got {echo(v)}")
+        if (self.site_name is None) != (self.site_beat_routing_key is None) or (
+                self.site_name is not None and not self.exchange):
+            raise ValidationError("site_name and site_beat_routing_key go together, with an "
+                                  "exchange (the site's heartbeats are published there)")
+        if self.site_name is not None:
+            check_name(self.site_name, "site_name")
+            if not _ROUTING_KEY.fullmatch(str(self.site_beat_routing_key)):
+                raise ValidationError(f"site_beat_routing_key "
+                                      f"{echo(self.site_beat_routing_key)}: use 1..255 "
+                                      "letters, digits and '_.:/@+-'")
+        v = self.site_beat_seconds
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.1 <= v <= 3600:
+            raise ValidationError(f"site_beat_seconds must be 0.1..3600, got {echo(v)}")
         parse_url(self.url)  # a URL with a password stops here
         return self
 

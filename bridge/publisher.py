@@ -241,6 +241,9 @@ class Publisher:
                              body, pika.BasicProperties(
                                  delivery_mode=2, content_type="application/json",
                                  message_id=f"pilotfish-event-{e['id']}",
+                                 # validated by RabbitMQ: who sent it (a federation's
+                                 # central server trusts a site's status by it)
+                                 user_id=self.addr.user,
                                  timestamp=int(time.time())))
             self.next_tag += 1
         self.stats["published"] += len(events)

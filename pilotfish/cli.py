@@ -55,9 +55,10 @@ def _register() -> None:
     from pilotfish.container.cli import container_group
     from pilotfish.server.gc_cli import gc_cmd
     from pilotfish.bridge.pg_cli import source_group
-    from pilotfish.bridge.cli import bridge_group, mail_cmd
+    from pilotfish.bridge.cli import bridge_group, federate_cmd, mail_cmd
     from pilotfish.server.events_cli import events_group
     from pilotfish.server.workflow_cli import workflow_group
+    from pilotfish.server.remote_cli import add_remote_option
     from pilotfish.pilot.transfer_cli import transfer_group
     from pilotfish.web.usage_cli import plot_group, report_group
     from pilotfish.web.cli import token_cmd, web_cmd
@@ -65,6 +66,7 @@ def _register() -> None:
         pilot_group.add_command(cmd)
     for cmd in (site_agent_cmd, site_status_cmd):
         site_group.add_command(cmd)
+    add_remote_option(site_group.commands["ls"])
     for group in (server_group, app_group, job_group, pilot_group, site_group, keys_group,
                   demo_cmd):
         cli.add_command(group)
@@ -75,6 +77,7 @@ def _register() -> None:
     cli.add_command(events_group)
     cli.add_command(workflow_group)
     cli.add_command(mail_cmd)
+    cli.add_command(federate_cmd)
     cli.add_command(transfer_group)
     cli.add_command(plot_group)
     cli.add_command(report_group)

@@ -138,6 +138,11 @@ def server_group() -> None:
                    "addresses when they end; the SMTP password in a password_file or "
                    "$PILOTFISH_SMTP_PASSWORD, never in the YAML), beside the server and "
                    "stopped with it, with a reader key of its own. Its log: HOME/logs/mail.log.")
+@click.option("--federate", "federate", metavar="CONFIG.yaml",
+              help="Also run `pilotfish federate` with these settings: jobs of remote sites "
+                   "(other pilotfish servers, over RabbitMQ) are forwarded there and their "
+                   "status mirrored here. Restarted when it exits, stopped with the server, "
+                   "with an admin key of its own. Its log: HOME/logs/federate.log.")
 @click.option("--web", "web", metavar="HOST:PORT",
               help="Also run the web dashboard and REST API there (see `pilotfish web -h`: open "
                    "on loopback, tokens elsewhere), beside the server and stopped with it. Its "
@@ -152,8 +157,8 @@ def server_group() -> None:
 @click.option("-v", "--verbose", count=True, help="More log output.")
 @click.pass_context
 def server_start(ctx, foreground, db_url, bind, heartbeat, insecure, sites, site_poll,
-                 data_roots, events_keep, amqp, mail, web, output_cap, output_rate,
-                 verbose) -> None:
+                 data_roots, events_keep, amqp, mail, web, federate, output_cap,
+                 output_rate, verbose) -> None:
     """Start the job server (a daemon with a pid file and a log file, or -f).
 
     tcp:// is CurveZMQ-encrypted and admits only clients whose public key is in
@@ -188,6 +193,9 @@ def server_start(ctx, foreground, db_url, bind, heartbeat, insecure, sites, site
     if mail:
         mail = os.path.abspath(mail)
         check_bridge_config(home, mail, "mail")
+    if federate:
+        federate = os.path.abspath(federate)
+        check_bridge_config(home, federate, "federate")
     if web:
         check_web_bind(home, web)  # a bad address or missing fastapi stops here too
     db_url = db_url or settings.default_db_url(home)
@@ -201,11 +209,12 @@ def server_start(ctx, foreground, db_url, bind, heartbeat, insecure, sites, site
                                  f"(pid {daemon.running_pid(home)})")
         daemon.run_foreground(home, db_url, bind, heartbeat, insecure=insecure, sites=sites,
                               site_poll=site_poll, data_roots=roots, events_keep=events_keep,
-                              amqp=amqp, mail=mail, web=web)
+                              amqp=amqp, mail=mail, web=web, federate=federate)
         return
     info = daemon.start_background(home, db_url, bind, heartbeat, insecure=insecure,
                                    sites=sites, site_poll=site_poll, data_roots=roots,
-                                   events_keep=events_keep, amqp=amqp, mail=mail, web=web)
+                                   events_keep=events_keep, amqp=amqp, mail=mail, web=web,
+                                   federate=federate)
     console.out.print(f"server started: pid {info['pid']}, {info['address']}, db {info['db']}\n"
                       f"log: {settings.log_path(home)}")
     for site in sites:
@@ -214,6 +223,8 @@ def server_start(ctx, foreground, db_url, bind, heartbeat, insecure, sites, site
         console.out.print(f"AMQP bridge: log {site_agents.bridge_log_path(home)}")
     if mail:
         console.out.print(f"mail: log {site_agents.mail_log_path(home)}")
+    if federate:
+        console.out.print(f"federate: log {site_agents.federate_log_path(home)}")
     if web:
         console.out.print(f"web dashboard: http://{web}/ (log {site_agents.web_log_path(home)})",
                           markup=False)
@@ -229,7 +240,7 @@ def check_bridge_config(home: Path, config: str, what: str = "amqp") -> None:
     """Ask the bridge (or mail) command itself to check its config (the server room does not
     import the bridge): a one-line error now instead of a process that fails in its log."""
     import subprocess
-    cmd = ["bridge", "amqp"] if what == "amqp" else ["mail"]
+    cmd = {"amqp": ["bridge", "amqp"], "mail": ["mail"], "federate": ["federate"]}[what]
     r = subprocess.run([sys.executable, "-m", "pilotfish", "--home", str(home), *cmd,
                         "--config", config, "--check"], capture_output=True, text=True,
                        stdin=subprocess.DEVNULL, timeout=60)

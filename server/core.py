@@ -30,6 +30,7 @@ from .db import event_ids, job_parents, jobs, max_job_id, next_epoch
 from .gangs import Gangs
 from .output import OutputStore
 from .queue import ReadyQueue, Shape
+from .remote_sites import PREFIX, Remotes
 from .staging import StagingBook, remote
 from .states import State
 from .store import Batch, chunks
@@ -173,6 +174,8 @@ class JobServer:
         self.output = OutputStore()
         #: workflows not yet done, derived from their subjobs before each commit
         self.workflows = Tracker(self.batch)
+        #: sites served by other servers (pseudo-agents ``site:NAME``; see .remote_sites)
+        self.remotes = Remotes(self)
 
     # -- start and turn boundaries ----------------------------------------------------------
     def load(self, epoch: int | None = None) -> None:
@@ -209,6 +212,7 @@ class JobServer:
                    .where(jobs.c.state.in_([S.AWAITING_PARENTS.value, S.CREATED.value])))
         self.waited_on = {r[0] for r in c.execute(waiting)}
         self.workflows.load(c)
+        self.remotes.load(c)
         queued = [s.value for s in states.QUEUED]
         for row in c.execute(select(*_SHAPE_COLS, jobs.c.state, jobs.c.agent, jobs.c.attempts,
                                     jobs.c.retries, jobs.c.max_retries, jobs.c.started)
@@ -317,6 +321,8 @@ class JobServer:
                                     f"({len(m[k])})")
         running = P.check_items(P.JOB_ATTEMPT, m["running"], "running")
         aid = m["agent"]
+        if Remotes.is_site_agent(aid):
+            raise ProtocolError(f"hello: agent ids starting {PREFIX!r} are remote sites'")
         a = self.agents.get(aid)
         if key is not None:
             self.bind_key(identity, aid, a, key, key_name, now)
@@ -578,7 +584,7 @@ class JobServer:
         self.staging.expire(now)
         limit = time.monotonic() - self.lease_timeout
         for a in self.agents.values():
-            if a.state == "ALIVE" and a.seen < limit:
+            if a.state == "ALIVE" and a.seen < limit and not a.id.startswith(PREFIX):
                 log.warning("agent %s on %s silent for %.1f s: lost; requeueing %d jobs",
                             a.id, a.host, now - a.last_seen, len(a.leases))
                 self.agent_event(a, "ALIVE", "LOST", now, f"silent {now - a.last_seen:.1f} s; "
@@ -590,6 +596,7 @@ class JobServer:
                     self.drop_lease(self.leases[job], now, f"agent {a.id} lost (silent "
                                     f"{now - a.last_seen:.1f} s)")
                 self.batch.update_agent(a.id, state="LOST")
+        self.remotes.expire(now)
 
     # -- dispatch ---------------------------------------------------------------------------
     def dispatch(self, now: float) -> int:

@@ -123,12 +123,13 @@ def run_foreground(home: Path, db_url: str, bind: str, heartbeat: float,
                    site_poll: float = 10.0, data_roots: Sequence[str] = (),
                    events_keep: str | None = None,
                    amqp: str | None = None, mail: str | None = None,
-                   web: str | None = None) -> None:
+                   web: str | None = None, federate: str | None = None) -> None:
     from .service import Service  # pulls in the database layer only when serving
     from .gc_files import parse_duration
     os.umask(0o077)  # everything the server writes (database, logs, ipc socket) is owner-only
     Service(db_url, bind, home, heartbeat=heartbeat, insecure=insecure, sites=list(sites),
             site_poll=site_poll, data_roots=list(data_roots), amqp=amqp, mail=mail, web=web,
+            federate=federate,
             events_keep=parse_duration(events_keep) if events_keep else None).run()
     # The server has stopped cleanly (database closed, sockets closed, site agents stopped):
     # leave now. Tearing down the interpreter's modules (sqlalchemy, zmq, ...) took 0.3 s, which
@@ -152,7 +153,7 @@ def start_background(home: Path, db_url: str, bind: str, heartbeat: float,
                      site_poll: float = 10.0, data_roots: Sequence[str] = (),
                      events_keep: str | None = None,
                      amqp: str | None = None, mail: str | None = None,
-                     web: str | None = None) -> dict:
+                     web: str | None = None, federate: str | None = None) -> dict:
     """Start a detached server; return its server.json once it answers a ping.
 
     A tcp:// server uses CurveZMQ unless ``insecure`` (loopback binds only); it makes the
@@ -178,6 +179,8 @@ def start_background(home: Path, db_url: str, bind: str, heartbeat: float,
         cmd += ["--amqp", amqp]
     if mail:
         cmd += ["--mail", mail]
+    if federate:
+        cmd += ["--federate", federate]
     if web:
         cmd += ["--web", web]
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,

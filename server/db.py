@@ -11,7 +11,7 @@ from sqlalchemy.engine import Engine
 
 from pilotfish.errors import PilotfishError
 
-SCHEMA_VERSION = 11
+SCHEMA_VERSION = 12
 #: Columns that bring a database from a version to the next: (table, column, SQL type).
 #: ADD COLUMN works on SQLite and PostgreSQL alike; a table that create_all has just made
 #: (it did not exist) has its new columns already, so only missing ones are added.
@@ -45,6 +45,10 @@ MIGRATIONS: dict[int, list[tuple[str, str, str]]] = {
     # jobs.staged: a remote input the site stager placed in its site's staging directory,
     # waiting for the agent that takes the job (JSON: site, name, bytes, sha256); NULL else
     10: [("jobs", "staged", "TEXT")],
+    # federation (server/remote_sites.py): a job's alternative sites (a JSON list, null for
+    # one site) and when the remote site it was forwarded to said it has the job (its first
+    # status message: from then on it is never routed elsewhere)
+    11: [("jobs", "site_choices", "TEXT"), ("jobs", "remote_accepted", "FLOAT")],
 }
 #: Statements run after a version's columns are added (idempotent: IF NOT EXISTS). A partial
 #: index: jobs without an intake key (nearly all) cost it nothing.
@@ -125,6 +129,8 @@ jobs = Table(
     Column("intake_key", String(255)),             # the producer's idempotency key (unique)
     Column("workflow_id", _ID),                    # the workflow of a subjob (else null)
     Column("subjob_index", Integer),               # its index in the workflow's subjobs
+    Column("site_choices", Text),                  # alternative sites, a JSON list (or null)
+    Column("remote_accepted", Float),              # when its remote site said it has it
     Index("ix_jobs_state_id", "state", "id"),
     Index("ix_jobs_group", "group_identifier"),
     Index("ix_jobs_app", "app_id"),

@@ -67,7 +67,8 @@ def make_filter(ids=(), states=(), app=None, site=None, group=None, tag=None, na
               "1-100:5 (step), 1,5,9, 1-3,10; {index} in --name/--param/--description is "
               f"filled in (at most {arrays.MAX_ELEMENTS:,} per array).")
 @click.option("--description")
-@click.option("--site")
+@click.option("--site", help="Site name, or alternatives separated by commas (B,A: the "
+              "healthy remote site with the shortest expected wait).")
 @click.option("--queue")
 @click.option("--project")
 @click.option("--wall-time", "wall_time_minutes", type=PLAIN_FLOAT,
@@ -114,6 +115,8 @@ def job_add(ctx, job_file, params, array_spec, as_json, **flags) -> None:
         for k in ("tags", "parents"):
             if k in job:
                 job[k] = list(job[k])
+        if "," in job.get("site", ""):  # alternatives (health-aware routing)
+            job["site"] = job["site"].split(",")
         if params:
             job["parameters"] = parse_kv(params, "--param")
         jobs = [job]

@@ -8,6 +8,8 @@ a job whose key is already stored is not added again (see ``ops.job_add``).
 """
 from __future__ import annotations
 
+import json
+
 import re
 from typing import Any, Callable
 
@@ -142,7 +144,7 @@ def build_job(msg: Any, app_by_name: Callable[[str], App], roots: DataRoots) -> 
         row[k] = msg[k] if msg.get(k) is not None else app.resources[k]
     check_resources(row, f"job {name!r}")
     row["description"] = check_description(msg.get("description"), name)
-    row["site"] = _opt_name(msg.get("site"), "site")
+    row["site"], row["site_choices"] = check_sites(msg.get("site"))
     row["queue"] = _opt_name(msg.get("queue"), "queue")
     row["project"] = _opt_name(msg.get("project"), "project")
     row["group_identifier"] = _opt_name(msg.get("group_identifier"), "group_identifier")
@@ -167,6 +169,24 @@ def build_job(msg: Any, app_by_name: Callable[[str], App], roots: DataRoots) -> 
                                                 "job_status_routing_key", _ROUTING_KEY_RE)
     row["intake_key"] = check_token(msg.get("intake_key"), "intake_key")
     return row
+
+
+#: Alternatives one job may name (``site: [mira, edison]``).
+MAX_SITE_CHOICES = 8
+
+
+def check_sites(value: Any) -> tuple[str | None, str | None]:
+    """A job's ``site``: one name, or a list of alternatives (health-aware routing picks one,
+    see server/routing.py). Returns the first site and the JSON list (None for one site)."""
+    if not isinstance(value, list):
+        return _opt_name(value, "site"), None
+    if not 1 <= len(value) <= MAX_SITE_CHOICES:
+        raise ValidationError(f"site: give 1..{MAX_SITE_CHOICES} alternative sites, "
+                              f"got {len(value)}")
+    names = [check_name(v, "site") for v in value]
+    if len(set(names)) != len(names):
+        raise ValidationError(f"site: a site is named twice in {echo(value)}")
+    return names[0], (json.dumps(names) if len(names) > 1 else None)
 
 
 def check_description(value: Any, name: str) -> str:

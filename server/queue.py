@@ -126,3 +126,23 @@ class ReadyQueue:
             cores -= best_shape.cores
             gpus -= best_shape.gpus
         return out
+
+    def take_sites(self, sites: set[str], limit: int) -> list[tuple[int, Shape]]:
+        """Pop up to ``limit`` of the best queued jobs whose site is one of ``sites`` (jobs for
+        remote sites, handed to the forwarder rather than to agents)."""
+        out: list[tuple[int, Shape]] = []
+        shapes = [s for s in list(self._heaps) if s.site in sites]
+        while shapes and len(out) < limit:
+            best, best_shape = None, None
+            for s in list(shapes):
+                head = self._head(s) if s in self._heaps else None
+                if head is None:
+                    shapes.remove(s)
+                elif best is None or head < best:
+                    best, best_shape = head, s
+            if best is None:
+                break
+            heapq.heappop(self._heaps[best_shape])
+            del self._member[best[1]]
+            out.append((best[1], best_shape))
+        return out

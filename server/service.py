@@ -27,7 +27,7 @@ from pilotfish.validate import cap, echo
 
 from .core import JobServer
 from .db import make_engine
-from .site_agents import SiteAgents, bridge_key, mail_key
+from .site_agents import SiteAgents, bridge_key, federate_key, mail_key
 from . import pilot_ops  # noqa: F401  (registers the pilot and site ops)
 from . import gc_ops  # noqa: F401  (registers the gc op)
 from . import events  # (registers the events ops)
@@ -35,6 +35,7 @@ from . import output_ops  # noqa: F401  (registers the job_log op)
 from . import workflow_ops  # noqa: F401  (registers the workflow ops)
 from . import staging_ops  # noqa: F401  (registers the site stager's ops, transfer_ls)
 from . import usage_ops  # noqa: F401  (registers the utilization and usage ops)
+from . import federation_ops  # noqa: F401  (registers the federation ops)
 from .ops import AGENT_ROLES, LOCAL_ADMIN, OPS, Caller, check_call, who
 
 log = logging.getLogger("pilotfish.server")
@@ -191,7 +192,7 @@ class Service:
                  sites: list[str] | None = None, site_poll: float = 10.0,
                  data_roots: list[str] | None = None, events_keep: float | None = None,
                  amqp: str | None = None, mail: str | None = None,
-                 web: str | None = None) -> None:
+                 web: str | None = None, federate: str | None = None) -> None:
         self.home = home
         #: prune events older than this many seconds as we run (None: keep them)
         self.events_keep = events_keep
@@ -218,7 +219,9 @@ class Service:
         # the bridge beside the server gets a submitter key of its own (not the home's admin)
         self.site_agents = SiteAgents(home, sites or [], site_poll, amqp, bridge_key(home)
                                       if amqp and self.curve else None, mail,
-                                      mail_key(home) if mail and self.curve else None, web=web)
+                                      mail_key(home) if mail and self.curve else None, web=web,
+                                      federate=federate, federate_client_key=federate_key(home)
+                                      if federate and self.curve else None)
         try:  # the task output limits (told to agents): a bad setting stops the start
             settings.output_limits()
         except ValueError as exc:

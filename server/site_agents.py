@@ -31,6 +31,9 @@ BRIDGE_KEY = "amqp-bridge"
 #: The client key of the mail process started beside the server (role reader: it reads
 #: events and workflows, nothing more).
 MAIL_KEY = "mail"
+#: The client key of the federation forwarder (role admin: it leases jobs to remote sites and
+#: reports their states, as agents do).
+FEDERATE_KEY = "federate"
 
 
 def site_agent_argv(home: Path, address: str, site: str, poll: float) -> list[str]:
@@ -50,6 +53,25 @@ def mail_argv(home: Path, address: str, config: str, client_key: Path | None) ->
     key = ["--client-key", str(client_key)] if client_key else []
     return [sys.executable, "-m", "pilotfish", "--home", str(home), "--server", address, *key,
             "mail", "--config", config]
+
+
+def federate_argv(home: Path, address: str, config: str, client_key: Path | None) -> list[str]:
+    key = ["--client-key", str(client_key)] if client_key else []
+    return [sys.executable, "-m", "pilotfish", "--home", str(home), "--server", address, *key,
+            "federate", "--config", config]
+
+
+def federate_log_path(home: Path) -> Path:
+    return settings.home(home) / "logs" / "federate.log"
+
+
+def federate_key(home: Path) -> Path:
+    """The forwarder's key pair (made with the role admin when missing)."""
+    from pilotfish import keys
+    secret = keys.keys_dir(home) / f"{FEDERATE_KEY}{keys.SECRET}"
+    if not secret.exists():
+        keys.new_client(home, FEDERATE_KEY, keys.ADMIN)
+    return secret
 
 
 def mail_log_path(home: Path) -> Path:
@@ -97,7 +119,8 @@ class SiteAgents:
     def __init__(self, home: Path, sites: list[str], poll: float,
                  amqp: str | None = None, bridge_client_key: Path | None = None,
                  mail: str | None = None, mail_client_key: Path | None = None,
-                 web: str | None = None) -> None:
+                 web: str | None = None, federate: str | None = None,
+                 federate_client_key: Path | None = None) -> None:
         self.home = home
         self.children: dict[str, tuple[Callable[[str], list[str]], Path]] = {
             f"site agent for {s}": (lambda a, s=s: site_agent_argv(home, a, s, poll),
@@ -108,6 +131,10 @@ class SiteAgents:
         if mail:
             self.children["mail"] = (
                 lambda a: mail_argv(home, a, mail, mail_client_key), mail_log_path(home))
+        if federate:
+            self.children["federate"] = (
+                lambda a: federate_argv(home, a, federate, federate_client_key),
+                federate_log_path(home))
         if web:
             self.children["web dashboard"] = (lambda a: web_argv(home, a, web),
                                               web_log_path(home))

@@ -84,6 +84,17 @@ def show_cmd(ctx, wf_id, as_json) -> None:
     out.print(f"subjobs: {d['done']} of {d['subjobs']} completed", markup=False)
     console.table([dict(s, parents=",".join(map(str, s["parents"] or [])) or "-")
                    for s in d["subjob_list"]], SUB_COLUMNS)
+    for s in d["subjob_list"]:
+        r = s.get("remote")
+        if r:  # forwarded to another server's site, not started there yet
+            since = console.local_time(r["since"]) if r.get("since") else "?"
+            heard = ("never heard from" if r["silent_seconds"] is None
+                     else f"last heartbeat {r['silent_seconds']:g} s ago")
+            state = ("accepted there" if r["accepted"] else "forwarded, not accepted yet"
+                     if r["forwarded"] else "not forwarded: no healthy site")
+            out.print(f"subjob {s['index']} (job {s['job']}) waits for remote site {r['site']} "
+                      f"since {since} ({state}"
+                      f"; {heard}{'' if r['healthy'] else ', not healthy'})", markup=False)
     out.print("events:", markup=False)
     for e in d["events"]:
         msg = f": {console.plain(e['message'])}" if e["message"] else ""

@@ -146,7 +146,8 @@ def workflow_show(srv: JobServer, args: dict, now: float) -> dict:
     subs = []
     rows = list(srv.conn.execute(select(jobs.c.id, jobs.c.subjob_index, jobs.c.name, jobs.c.app_id,
                                      jobs.c.state, jobs.c.site, jobs.c.input_url,
-                                     jobs.c.output_url, jobs.c.message)
+                                     jobs.c.output_url, jobs.c.message, jobs.c.run_leased,
+                                     jobs.c.state_time)
                                  .where(jobs.c.workflow_id == wf_id)
                                  .order_by(jobs.c.subjob_index)))
     index = {j.id: j.subjob_index for j in rows}
@@ -162,6 +163,10 @@ def workflow_show(srv: JobServer, args: dict, now: float) -> dict:
                      "site": j.site, "parents": sorted(parents[j.id]),
                      "input_url": j.input_url, "output_url": j.output_url,
                      "message": j.message})
+        if j.state in ("READY", "RESTART_READY"):  # waiting for another server's site?
+            remote = srv.remotes.waiting(j.id, j.site, j.run_leased, j.state_time, now)
+            if remote is not None:
+                subs[-1]["remote"] = remote
     d["subjob_list"] = subs
     e = server_events
     d["events"] = [{"id": x.id, "time": x.time, "from": x.from_state, "to": x.to_state,

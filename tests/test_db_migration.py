@@ -166,7 +166,7 @@ def test_version_7_gains_the_production_fields_and_the_intake_key_index(tmp_path
         (3, None, None)]
     assert "ux_jobs_intake_key" in [r[1] for r in con.execute("PRAGMA index_list(jobs)")]
     assert con.execute("SELECT value FROM pilotfish_meta WHERE key='schema_version'"
-                       ).fetchone()[0] == str(SCHEMA_VERSION) == "11"
+                       ).fetchone()[0] == str(SCHEMA_VERSION)
     con.execute("UPDATE jobs SET intake_key='k1'")
     with pytest.raises(sqlite3.IntegrityError):  # the index is unique
         con.execute("INSERT INTO jobs (id, name, description, app_id, num_nodes, "
@@ -216,6 +216,8 @@ def test_version_10_gains_the_staged_column(tmp_path):
     make_engine(f"sqlite:///{db}").dispose()
     con = sqlite3.connect(db)  # make it look like version 10
     con.execute("ALTER TABLE jobs DROP COLUMN staged")
+    for col in ("site_choices", "remote_accepted"):  # (11's columns: not there yet either)
+        con.execute(f"ALTER TABLE jobs DROP COLUMN {col}")
     con.execute("INSERT INTO jobs (id, name, description, app_id, num_nodes, "
                 "processes_per_node, cpus_per_process, gpus_per_process, parameters, tags, "
                 "priority, max_retries, retries, attempts, state, state_time, created, "
@@ -228,5 +230,30 @@ def test_version_10_gains_the_staged_column(tmp_path):
     con = sqlite3.connect(db)
     assert con.execute("SELECT id, staged FROM jobs").fetchall() == [(3, None)]
     assert con.execute("SELECT value FROM pilotfish_meta WHERE key='schema_version'"
-                       ).fetchone()[0] == str(SCHEMA_VERSION) == "11"
+                       ).fetchone()[0] == str(SCHEMA_VERSION)
+    con.close()
+
+
+def test_version_11_gains_the_federation_columns(tmp_path):
+    """Schema 12: jobs.site_choices (a job's alternative sites) and jobs.remote_accepted (when
+    the remote site it was forwarded to said it has it); old rows get NULLs."""
+    db = tmp_path / "v11.db"
+    make_engine(f"sqlite:///{db}").dispose()
+    con = sqlite3.connect(db)  # make it look like version 11
+    for col in ("site_choices", "remote_accepted"):
+        con.execute(f"ALTER TABLE jobs DROP COLUMN {col}")
+    con.execute("INSERT INTO jobs (id, name, description, app_id, num_nodes, "
+                "processes_per_node, cpus_per_process, gpus_per_process, parameters, tags, "
+                "priority, max_retries, retries, attempts, state, state_time, created, "
+                "workdir) VALUES (3, 'old', '', 1, 1, 1, 1, 0, '{}', '', 0, 3, 0, 0, 'READY', "
+                "0, 0, 'w')")
+    con.execute("UPDATE pilotfish_meta SET value='11' WHERE key='schema_version'")
+    con.commit()
+    con.close()
+    make_engine(f"sqlite:///{db}").dispose()
+    con = sqlite3.connect(db)
+    assert con.execute("SELECT id, site_choices, remote_accepted FROM jobs").fetchall() == [
+        (3, None, None)]
+    assert con.execute("SELECT value FROM pilotfish_meta WHERE key='schema_version'"
+                       ).fetchone()[0] == str(SCHEMA_VERSION) == "12"
     con.close()

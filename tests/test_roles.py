@@ -25,6 +25,7 @@ from pilotfish.client import Client
 from pilotfish.errors import Forbidden, PilotfishError, ValidationError
 from pilotfish.server import events, gc_ops, output_ops, pilot_ops, staging_ops  # noqa: F401
 from pilotfish.server import workflow_ops  # noqa: F401  (registers the workflow ops)
+from pilotfish.server import federation_ops  # noqa: F401  (registers the federation ops)
 from pilotfish.server.ops import OPS
 from pilotfish.server import pilot_ops  # noqa: F401  (registers the pilot ops)
 
@@ -37,12 +38,13 @@ ROLES = ("admin", "submitter", "agent", "reader", "site")
 
 READ = {"ping", "status", "agent_ls", "app_ls", "app_show", "job_ls", "job_counts", "job_groups",
         "job_summary", "job_show", "job_log", "pilot_ls", "site_status", "events",
-        "workflow_ls", "workflow_show", "transfer_ls"}
+        "workflow_ls", "workflow_show", "transfer_ls", "remote_sites"}
 SUBMIT = READ | {"workflow_add", "workflow_check", "workflow_kill", "workflow_retry",
                  "job_add", "job_add_array", "job_check", "job_kill", "job_retry", "job_alter",
                  "job_rm",
                  "pilot_add", "pilot_update", "site_backlog", "site_report"}
-ADMIN_ONLY = {"app_add", "app_alter", "app_rm", "shutdown", "gc", "events_prune"}
+ADMIN_ONLY = {"app_add", "app_alter", "app_rm", "shutdown", "gc", "events_prune",
+              "forward_take", "forward_report", "site_beat"}
 #: What each role may call: written out here, not read from the server's declarations.
 #: The site stager's op: a site agent's key (role site) or an admin's.
 STAGE = {"stage_poll"}
@@ -190,6 +192,9 @@ def _args(op: str, role: str) -> dict:
             {"name": "s", "application": "echo", "parameters": {"x": "1"}}]}},
         "workflow_ls": {"filter": {}}, "workflow_show": {"id": 1},
         "workflow_kill": {"ids": [999999]}, "workflow_retry": {"ids": [999999]},
+        "forward_take": {"sites": ["far"], "limit": 0},
+        "forward_report": {"site": "far", "updates": []},
+        "site_beat": {"site": "far", "backlog": 0, "capacity": 1}, "remote_sites": {},
     }[op]
 
 

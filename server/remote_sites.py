@@ -1,0 +1,374 @@
+"""Sites served by other pilotfish servers: the server's side of federation (no I/O here).
+
+A remote site is held as a pseudo-agent ``site:<name>`` (never a real agent's id: those are
+refused at hello). A job for a remote site is leased to that pseudo-agent exactly as a job is
+leased to an agent -- the same Lease, the same ``jobs.agent`` column, the same reload at server
+start -- but it is handed to the forwarder (``forward_take``), an edge process that publishes
+it to the site's queue, instead of to a node. The forwarder's mirror reports the remote
+states (``forward_report``); they are applied by ``JobServer.apply_updates``, the one
+validated-transition path agents use, so every mirrored state is an event row and workflows
+follow. A status for a job that is not leased to the reporting site (or for another attempt)
+is refused like an agent's stale update.
+
+Routing (:mod:`.routing`) happens when a job is taken: among its sites, the healthy one with
+the shortest expected wait. A job goes elsewhere only when its site has been silent (no
+heartbeat for ``silent_after`` seconds) while the job was still queued there and the site had
+not said it has the job (``jobs.remote_accepted``, set by its first status message); once
+accepted or started, it stays with its site, however long it is silent (no double runs).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+
+from pilotfish.errors import NotFound, ValidationError
+from pilotfish.validate import check_name, echo
+
+from . import routing, states
+from .db import agents as agents_t
+from .db import jobs
+from .states import State
+
+if TYPE_CHECKING:
+    from .core import AgentRec, JobServer
+
+log = logging.getLogger("pilotfish.server")
+S = State
+PREFIX = "site:"
+#: Seconds without a heartbeat after which a site counts as silent (until the forwarder says).
+SILENT_AFTER = 60.0
+#: A forwarded job the site has not acknowledged is handed to the forwarder again after this
+#: many seconds (the same message id: the site's intake key drops the copy).
+RESEND_AFTER = 30.0
+#: The forwarder counts as alive for this long after its last call (re-routing needs it: the
+#: site's last status messages must have been read before it is declared silent).
+FORWARDER_ALIVE = 30.0
+MAX_TAKE = 1000
+
+#: The failure a job in each state ends in when its site reports it failed without saying where.
+_FAIL_FROM = {S.READY: S.STAGE_IN_FAILED, S.RESTART_READY: S.STAGE_IN_FAILED,
+              S.STAGED_IN: S.PREPROCESS_FAILED, S.PREPROCESSED: S.RUN_FAILED,
+              S.RUNNING: S.RUN_FAILED, S.EXECUTION_FINISHED: S.POSTPROCESS_FAILED,
+              S.POSTPROCESSED: S.STAGE_OUT_FAILED}
+_STEP_OF_FAILURE = {f: s for s, f in states.FAILURE_OF.items()}
+_STEP_OF_FAILURE[S.RUN_TIMEOUT] = S.RUNNING
+#: Remote states that only say the site has the job.
+_ACCEPTED = frozenset({S.CREATED, S.AWAITING_PARENTS, S.READY, S.RESTART_READY})
+
+
+def mirror_path(cur: State, to: State) -> list[State] | None:
+    """The local path from ``cur`` to the remote's ``to`` along the pipeline (the steps a lost
+    or reordered message skipped are passed through); None: nothing to do (a repeat or an
+    older state). Pure."""
+    pipe = states.PIPELINE
+    at = -1 if cur in states.QUEUED else (pipe.index(cur) if cur in pipe else None)
+    if at is None:
+        return None  # the local job is past the pipeline (failed, killed): nothing to mirror
+    if to in pipe:
+        i = pipe.index(to)
+        return list(pipe[at + 1:i + 1]) if i > at else None
+    if to in _STEP_OF_FAILURE:
+        i = pipe.index(_STEP_OF_FAILURE[to])
+        return list(pipe[at + 1:i]) + [to] if i >= at else None
+    if to in (S.FAILED, S.USER_KILLED):
+        return [_FAIL_FROM[cur]] if cur in _FAIL_FROM else [S.FAILED]
+    return None
+
+
+@dataclass
+class RemoteSite:
+    name: str
+    last_beat: float | None = None   # time.time() at this server when its last beat came
+    backlog: int = 0
+    capacity: int = 0
+    silent_since: float | None = None  # when it was declared silent (None: it is not)
+
+    def health(self) -> routing.Health:
+        return routing.Health(self.last_beat, self.backlog, self.capacity)
+
+
+class Remotes:
+    def __init__(self, srv: "JobServer") -> None:
+        self.srv = srv
+        self.sites: dict[str, RemoteSite] = {}
+        self.handed: dict[int, float] = {}    # job -> when last given to the forwarder
+        self.accepted: set[int] = set()       # leased jobs their site said it has
+        self.silent_after = SILENT_AFTER
+        self.forwarder_seen: float | None = None
+
+    @staticmethod
+    def is_site_agent(aid: str) -> bool:
+        return aid.startswith(PREFIX)
+
+    # -- start ------------------------------------------------------------------------------
+    def load(self, conn) -> None:
+        """Known remote sites (their pseudo-agents' rows) and the accepted leased jobs."""
+        for r in conn.execute(select(agents_t.c.id, agents_t.c.last_seen, agents_t.c.cores)
+                              .where(agents_t.c.id.like(PREFIX + "%"))):
+            name = r.id[len(PREFIX):]
+            # the last beat as stored; the backlog is unknown until the next one
+            self.sites[name] = RemoteSite(name, r.last_seen, 0, r.cores)
+        for r in conn.execute(select(jobs.c.id, jobs.c.remote_accepted)
+                              .where(jobs.c.agent.like(PREFIX + "%"))):
+            if r.remote_accepted is not None:
+                self.accepted.add(r.id)
+            else:
+                self.handed[r.id] = 0.0  # published before this start, perhaps not: again
+
+    # -- sites ------------------------------------------------------------------------------
+    def register(self, name: str, now: float) -> "AgentRec":
+        """The pseudo-agent of a remote site, made at first mention."""
+        from .core import AgentRec
+        check_name(name, "site")
+        srv = self.srv
+        aid = PREFIX + name
+        a = srv.agents.get(aid)
+        if name not in self.sites:
+            self.sites[name] = RemoteSite(name)
+        if a is None:
+            a = AgentRec(id=aid, host="remote", pid=0, site=name, pilot=None, cores=0, gpus=0,
+                         memory=0, started=now, last_seen=now, launcher="remote")
+            srv.agents[aid] = a
+            if aid in srv._gone_agents or self._stored(aid):
+                srv.batch.update_agent(aid, state="ALIVE", last_seen=now)
+            else:
+                srv.batch.agent_inserts.append(
+                    {"id": aid, "host": "remote", "pid": 0, "site": name, "pilot": None,
+                     "cores": 0, "gpus": 0, "memory": 0, "started": now, "last_seen": now,
+                     "state": "ALIVE", "tasks_done": 0, "node": None, "node_cores": None,
+                     "launcher": "remote"})
+                srv.agent_event(a, None, "ALIVE", now, f"remote site {name} known")
+        return a
+
+    def _stored(self, aid: str) -> bool:
+        self.srv.sync()
+        return self.srv.conn.execute(select(agents_t.c.id).where(agents_t.c.id == aid)
+                                     ).first() is not None
+
+    def beat(self, name: str, backlog: int, capacity: int, now: float) -> None:
+        a = self.register(name, now)
+        s = self.sites[name]
+        if s.silent_since is not None:
+            self.srv.agent_event(a, "LOST", "ALIVE", now,
+                                 f"remote site {name} heard again after "
+                                 f"{now - s.silent_since:.0f} s of silence")
+            log.info("remote site %s heard again", name)
+            s.silent_since = None
+        s.last_beat, s.backlog, s.capacity = now, backlog, capacity
+        a.last_seen, a.seen, a.cores = now, time.monotonic(), capacity
+        self.srv.batch.update_agent(a.id, last_seen=now, cores=capacity, state="ALIVE")
+
+    def health(self) -> dict[str, routing.Health]:
+        return {n: s.health() for n, s in self.sites.items()}
+
+    def listing(self, now: float) -> list[dict]:
+        out = []
+        for n, s in sorted(self.sites.items()):
+            a = self.srv.agents.get(PREFIX + n)
+            out.append({"site": n, "healthy": routing.healthy(s.health(), now,
+                                                              self.silent_after),
+                        "last_heartbeat": s.last_beat,
+                        "silent_seconds": None if s.last_beat is None
+                        else round(now - s.last_beat, 1),
+                        "backlog": s.backlog, "capacity": s.capacity,
+                        "forwarded": len(a.leases) if a else 0})
+        return out
+
+    # -- forwarding -------------------------------------------------------------------------
+    def take(self, sites: list[str], limit: int, silent_after: float, resend_after: float,
+             now: float) -> list[dict]:
+        """Jobs for the forwarder to publish: new ones routed now, and unacknowledged ones
+        to publish again (same site, same attempt, so the same message id)."""
+        srv = self.srv
+        self.silent_after = silent_after
+        self.forwarder_seen = time.monotonic()
+        for n in sites:
+            self.register(n, now)
+        out: list[dict] = []
+        resend = [j for j, t in self.handed.items() if now - t >= resend_after]
+        for job in resend[:limit]:
+            lease = srv.leases.get(job)
+            if lease is None or not self.is_site_agent(lease.agent) \
+                    or lease.state not in states.QUEUED or job in self.accepted:
+                self.handed.pop(job, None)
+                continue
+            out.append((job, lease))
+        taken = srv.queue.take_sites(set(self.sites), max(0, limit - len(out)))
+        rows = self._rows([j for j, _ in taken] + [j for j, _ in out])
+        specs = [self._spec(rows[j], lease) for j, lease in out if j in rows]
+        health = self.health()
+        back = []
+        for job, shape in taken:
+            r = rows.get(job)
+            if r is None:
+                continue
+            choices = json.loads(r.site_choices) if r.site_choices else [r.site]
+            site = routing.choose([c for c in choices if c in self.sites], health, now,
+                                  silent_after)
+            if site is None:
+                back.append((job, r.priority, shape))  # no healthy site: it waits
+                continue
+            a = srv.agents[PREFIX + site]
+            attempt = r.attempts + 1
+            from .core import Lease
+            lease = Lease(job, a.id, attempt, S(r.state), r.retries, r.max_retries,
+                          r.priority, shape)
+            srv.leases[job] = lease
+            a.leases.add(job)
+            srv.batch.lease_job(job, attempt, a.id, None, now)
+            if site != r.site:
+                srv.batch.update_job(job, site=site)
+            specs.append(self._spec(r, lease))
+        for job, prio, shape in back:
+            srv.queue.push(job, prio, shape)
+        for s in specs:
+            self.handed[s["job"]] = now
+        return specs
+
+    def _rows(self, ids: list[int]) -> dict[int, Any]:
+        from .store import chunks
+        srv = self.srv
+        srv.sync()
+        rows = {}
+        cols = (jobs.c.id, jobs.c.name, jobs.c.app_id, jobs.c.parameters, jobs.c.site,
+                jobs.c.site_choices, jobs.c.wall_time_minutes, jobs.c.num_nodes,
+                jobs.c.processes_per_node, jobs.c.cpus_per_process, jobs.c.gpus_per_process,
+                jobs.c.input_url, jobs.c.output_url, jobs.c.group_identifier, jobs.c.priority,
+                jobs.c.attempts, jobs.c.retries, jobs.c.max_retries, jobs.c.state)
+        for part in chunks(ids, 900):
+            for r in srv.conn.execute(select(*cols).where(jobs.c.id.in_(part))):
+                rows[r.id] = r
+        return rows
+
+    def _spec(self, r: Any, lease) -> dict:
+        """What the forwarder publishes: the job as a job message for the site's receiver (the
+        site runs it once, with no retries of its own: retries are this server's)."""
+        app = self.srv.apps[r.app_id]
+        msg = {"name": r.name, "application": app.name, "parameters": r.parameters,
+               "num_nodes": r.num_nodes, "processes_per_node": r.processes_per_node,
+               "cpus_per_process": r.cpus_per_process, "gpus_per_process": r.gpus_per_process,
+               "wall_time_minutes": r.wall_time_minutes, "input_url": r.input_url,
+               "output_url": r.output_url, "group_identifier": r.group_identifier,
+               "max_retries": 0}
+        return {"job": r.id, "attempt": lease.attempt, "site": lease.agent[len(PREFIX):],
+                "message": {k: v for k, v in msg.items() if v is not None}}
+
+    # -- mirroring --------------------------------------------------------------------------
+    def report(self, site: str, items: list[dict], now: float) -> dict:
+        """Apply a site's status of jobs forwarded to it; refuse the others (logged)."""
+        srv = self.srv
+        a = srv.agents.get(PREFIX + site) if site in self.sites else None
+        if a is None:
+            raise NotFound(f"no remote site {echo(site)} is known here")
+        applied, refused = 0, []
+        for it in items:
+            job, attempt, to = it.get("job"), it.get("attempt"), it.get("to")
+            lease = srv.leases.get(job) if type(job) is int else None
+            if lease is None or lease.agent != a.id or lease.attempt != attempt:
+                why = (f"job {echo(job)} attempt {echo(attempt)} is not forwarded to site "
+                       f"{site}")
+                log.warning("remote site %s: status refused: %s", site, why)
+                refused.append({"job": job, "attempt": attempt, "why": why})
+                continue
+            try:
+                target = S(to)
+            except (ValueError, TypeError):  # not a state name (a list, a map: unhashable)
+                refused.append({"job": job, "attempt": attempt,
+                                "why": f"unknown state {echo(to)}"})
+                continue
+            if target in _ACCEPTED:
+                if job not in self.accepted:
+                    self.accepted.add(job)
+                    self.handed.pop(job, None)
+                    srv.batch.update_job(job, remote_accepted=now)
+                applied += 1
+                continue
+            path = mirror_path(lease.state, target)
+            if not path:
+                continue
+            self.accepted.discard(job)
+            self.handed.pop(job, None)
+            t = it.get("time") if isinstance(it.get("time"), (int, float)) else now
+            upd = {"job": job, "attempt": attempt, "states": [p.value for p in path],
+                   "msg": f"at site {site}" + (f": {it['msg']}" if it.get("msg") else "")}
+            if S.RUNNING in path:
+                upd["start"] = t
+            if path[-1] is S.JOB_FINISHED or path[-1] in states.FAILURES \
+                    or path[-1] is S.FAILED:
+                upd["end"] = t
+            if path[-1] is S.FAILED:  # not a pipeline failure: ends the lease by hand
+                self._fail(lease, upd, now)
+                applied += 1
+                continue
+            bad = srv.apply_updates(a, [upd], now)
+            if bad:
+                refused.append({"job": job, "attempt": attempt,
+                                "why": f"illegal change to {target.value}"})
+            else:
+                applied += 1
+        return {"applied": applied, "refused": refused}
+
+    def _fail(self, lease, upd: dict, now: float) -> None:
+        srv = self.srv
+        srv.batch.transition(lease.job, lease.state, [S.FAILED], now, upd["msg"], agent=None,
+                             ended=upd.get("end"), run_state="FAILED",
+                             run_message=upd["msg"])
+        srv._end_lease(lease, now, None)
+        srv.failed.append(lease.job)
+
+    # -- silence ----------------------------------------------------------------------------
+    def expire(self, now: float) -> None:
+        """Sites silent for ``silent_after``: their queued, unacknowledged jobs go back to the
+        queue (routed again at the next take); accepted or started ones stay. Only while the
+        forwarder is alive (it reads the sites' status: a stale status queue is no silence)."""
+        alive = (self.forwarder_seen is not None
+                 and time.monotonic() - self.forwarder_seen < FORWARDER_ALIVE)
+        for name, s in self.sites.items():
+            if not alive or s.last_beat is None or now - s.last_beat <= self.silent_after:
+                continue
+            a = self.srv.agents.get(PREFIX + name)
+            if a is None:
+                continue
+            if s.silent_since is None:
+                s.silent_since = now
+                self.srv.agent_event(a, "ALIVE", "LOST", now,
+                                     f"remote site {name} silent {now - s.last_beat:.0f} s")
+                log.warning("remote site %s silent %.0f s: its unacknowledged jobs are "
+                            "routed again", name, now - s.last_beat)
+            for job in list(a.leases):
+                lease = self.srv.leases[job]
+                if lease.state in states.QUEUED and job not in self.accepted:
+                    self.handed.pop(job, None)
+                    self.srv.drop_lease(lease, now, f"site {name} silent "
+                                        f"{now - s.last_beat:.0f} s before it had the job",
+                                        counts=False)
+
+    def waiting(self, job: int, site: str | None, leased: float | None, queued: float,
+                now: float) -> dict | None:
+        """Where a queued job of a remote site waits, for `workflow show`: its site (forwarded
+        there, or waiting for it to be healthy), since when, the site's silence."""
+        lease = self.srv.leases.get(job)
+        if lease is not None and self.is_site_agent(lease.agent):
+            name, since, forwarded = lease.agent[len(PREFIX):], leased, True
+        elif lease is None and site in self.sites:
+            name, since, forwarded = site, queued, False
+        else:
+            return None
+        s = self.sites.get(name)
+        return {"site": name, "forwarded": forwarded, "since": since,
+                "accepted": job in self.accepted,
+                "silent_seconds": None if s is None or s.last_beat is None
+                else round(now - s.last_beat, 1),
+                "healthy": s is not None and routing.healthy(s.health(), now,
+                                                             self.silent_after)}
+
+
+def check_site_name(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValidationError(f"site must be a name, got {echo(value)}")
+    return check_name(value, "site")
