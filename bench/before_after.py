@@ -84,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
                     "instead of --base")
     ap.add_argument("--bench", default="w2,dispatch",
                     help="comma list of: " + ", ".join(BENCHES) + " (default: %(default)s)")
+    ap.add_argument("--warmup", type=int, default=1, help="unmeasured runs of each version "
+                    "before the pairs (default: %(default)s): on a fresh disk the first W2 run "
+                    "was 2-3x faster than every later one, whichever version ran it")
     ap.add_argument("--pairs", type=int, default=6, help="pairs of runs per benchmark "
                     "(default: %(default)s)")
     ap.add_argument("--tmp", type=Path, default=Path(tempfile.gettempdir()),
@@ -108,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
             vals: dict[str, list[float]] = {"base": [], "head": []}
             cpu: dict[str, list[float]] = {"base": [], "head": []}
             ratios, cpu_ratios = [], []
+            for _ in range(a.warmup):
+                for who in ("base", "head"):
+                    run_one(trees[who], bench, [], a.tmp)
             for i in range(a.pairs):
                 order = ("base", "head") if i % 2 == 0 else ("head", "base")
                 got = {}
@@ -129,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({
                 "bench": "before_after", "figure": f"{bench}_head_over_base",
                 "value": round(geo, 3), "unit": "ratio",
-                "ratios": [round(r, 3) for r in ratios],
+                "ratios": [round(r, 3) for r in ratios], "warmup_runs": a.warmup,
                 "base": base_rev, "head": head_rev,
                 "base_values": vals["base"], "head_values": vals["head"],
                 "interval": f"bench/{BENCHES[bench][0]} --repeat 1 {' '.join(BENCHES[bench][1])}"

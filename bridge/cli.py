@@ -37,13 +37,17 @@ def bridge_group() -> None:
               "unacknowledged at once (default 16).")
 @click.option("--max-body-mb", type=click.IntRange(1, 128), help="Largest message body read; "
               "larger ones are dead-lettered unparsed (default 16).")
+@click.option("--nice", type=click.IntRange(0, 19), help="Lower the bridge's CPU priority by "
+              "this much, so it never takes a core from the server or a task beside it "
+              "(default: 10; 0: keep it).")
 @click.option("--check", is_flag=True, help="Check the settings and the password source, "
               "then exit (connects to nothing).")
 @click.option("-v", "--verbose", count=True, help="More log output.")
 @click.option("-q", "--quiet", is_flag=True, help="Warnings and errors only.")
 @click.pass_context
 def amqp_cmd(ctx, config_file, url, password_file, jobs_queue, dead_letter_queue, exchange,
-             routing_key, state_dir, prefetch, max_body_mb, check, verbose, quiet) -> None:
+             routing_key, state_dir, prefetch, max_body_mb, nice, check, verbose,
+             quiet) -> None:
     """Bridge a RabbitMQ broker and the server: job messages in, status messages out.
 
     Job messages on --jobs-queue become jobs (acknowledged once the server has committed them;
@@ -58,7 +62,7 @@ def amqp_cmd(ctx, config_file, url, password_file, jobs_queue, dead_letter_queue
     for k, v in (("url", url), ("password_file", password_file), ("jobs_queue", jobs_queue),
                  ("dead_letter_queue", dead_letter_queue), ("exchange", exchange),
                  ("routing_key", routing_key), ("state_dir", state_dir),
-                 ("prefetch", prefetch)):
+                 ("prefetch", prefetch), ("nice", nice)):
         if v is not None:
             setattr(cfg, k, v)
     if max_body_mb is not None:

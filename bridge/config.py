@@ -33,6 +33,9 @@ class BridgeConfig:
     max_body_bytes: int = 16 * 2**20
     batch_jobs: int = 10_000               # jobs of several messages added in one request
     heartbeat: int = 60                    # AMQP heartbeat seconds
+    # CPU priority (added to the process's niceness): the bridge yields the cores to the
+    # server and the agents beside it and catches up when they idle (0: as they are)
+    nice: int = 10
     # a site served by this server for another (federation, bridge/site_beat.py): the site's
     # name and where its heartbeats (backlog and capacity) go on the exchange
     site_name: str | None = None
@@ -53,7 +56,8 @@ class BridgeConfig:
         if self.jobs_queue and not self.dead_letter_queue:
             self.dead_letter_queue = f"{self.jobs_queue}.dead"
         for what, lo, hi in (("prefetch", 1, 10_000), ("max_body_bytes", 1024, 128 * 2**20),
-                             ("batch_jobs", 1, 100_000), ("heartbeat", 0, 3600)):
+                             ("batch_jobs", 1, 100_000), ("heartbeat", 0, 3600),
+                             ("nice", 0, 19)):
             v = getattr(self, what)
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
                 raise ValidationError(f"{what} must be an integer {lo}..{hi}, got {echo(v)}")

@@ -142,7 +142,8 @@ def parse_filter(args: dict) -> Filter:
 def _job_rows(conn, since: int, end: int, limit: int, f: Filter) -> list[dict]:
     e = job_events
     q = (select(e.c.id, e.c.time, e.c.job_id, jobs.c.name, jobs.c.group_identifier,
-                e.c.from_state, e.c.to_state, e.c.via, e.c.message, jobs.c.workflow_id)
+                e.c.from_state, e.c.to_state, e.c.via, e.c.message, jobs.c.workflow_id,
+                jobs.c.argo_job_id, jobs.c.job_status_routing_key)
          .select_from(e.outerjoin(jobs, jobs.c.id == e.c.job_id))
          .where(e.c.id > since, e.c.id <= end))
     if f.jobs:
@@ -158,7 +159,9 @@ def _job_rows(conn, since: int, end: int, limit: int, f: Filter) -> list[dict]:
     return [{"id": r.id, "time": r.time, "kind": "job", "job": r.job_id, "name": r.name,
              "group": r.group_identifier, "from": r.from_state, "to": r.to_state,
              "via": r.via.split(",") if r.via else [], "message": r.message, "agent": None,
-             "host": None, "pilot": None, "site": None, "workflow": r.workflow_id}
+             "host": None, "pilot": None, "site": None, "workflow": r.workflow_id,
+             # what a status publisher needs (it asked job_ls for them, a request a page)
+             "argo_job_id": r.argo_job_id, "routing_key": r.job_status_routing_key}
             for r in conn.execute(q.order_by(e.c.id).limit(limit))]
 
 
