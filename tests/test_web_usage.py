@@ -1,0 +1,214 @@
+"""The utilization and usage pages, their REST and their plots (issue 14): a real server, a
+real node agent running real short tasks, a real `pilotfish web` over loopback (urllib), and
+the pages in a real headless Chromium. The JSON must be what the CLI prints for the same
+range (`pilotfish report usage --json`, `pilotfish plot utilization --json`), the figures on
+the page what the Client says, the plots the drawings of that data."""
+from __future__ import annotations
+
+import json
+import time
+import xml.etree.ElementTree as ET
+from urllib.parse import urlencode
+
+import pytest
+
+from conftest import ServerHandle, run_cli, wait_for
+from test_web_browser import browser  # noqa: F401  (the fixture: a headless Chromium)
+from web_world import WebHandle
+
+SVG = "{http://www.w3.org/2000/svg}"
+EVIL = "<img src=x onerror=alert(1)>"  # (names are checked names: HTML comes in forms)
+NAP = {"name": "nap", "executable": "/bin/sleep", "args": ["{s}"],
+       "parameters": {"s": {"type": "float"}}}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """One agent of 2 cores (site s1, pilot pA) ran five jobs: two of group g-a, one of 2
+    cores in g-big, two in g-small. ``span``: an explicit range around all of them."""
+    home = tmp_path_factory.mktemp("webusage") / "home"
+    home.mkdir()
+    srv = ServerHandle(home, f"sqlite:///{home / 'pilotfish.db'}").start()
+    web = None
+    try:
+        c = srv.client()
+        c.add_app(NAP)
+        t0 = time.time()
+        ids = c.add_jobs(
+            [{"name": f"e{i}", "application": "nap", "parameters": {"s": 0.3},
+              "group_identifier": "g-a"} for i in range(2)]
+            + [{"name": "big", "application": "nap", "parameters": {"s": 0.6},
+                "cpus_per_process": 2, "group_identifier": "g-big", "priority": 5}]
+            + [{"name": f"s{i}", "application": "nap", "parameters": {"s": 0.4},
+                "group_identifier": "g-small"} for i in range(2)])
+        srv.agent("--site", "s1", "--pilot", "pA", "--node-name", "nA", cores="0-1",
+                  work_root=home / "work")
+        wait_for(lambda: set(c.counts({"ids": ids})) == {"JOB_FINISHED"}, 60,
+                 what="all finished")
+        span = (f"{t0 - 1:.3f}", f"{time.time() + 1:.3f}")
+        web = WebHandle(home, srv.address)
+        yield srv, c, web, span
+    finally:
+        if web:
+            web.stop()
+        srv.stop_agents()
+        srv.stop()
+
+
+def test_rest_is_the_cli_data(world):
+    srv, c, web, (since, until) = world
+    rng = {"since": since, "until": until}
+    # usage: the JSON is what `report usage --json` prints for the same range and keys
+    for by in ("site,day", "group,month", "site,app,group,day"):
+        r = web.get("/api/usage?" + urlencode({"by": by, **rng}))
+        assert r.status == 200, r.text
+        cli = run_cli(srv.home, "report", "usage", "--by", by, "--since", since, "--until",
+                      until, "--json", check=True)
+        assert r.json() == json.loads(cli.stdout)
+    rep = web.get("/api/usage?" + urlencode({"by": "group", **rng})).json()
+    got = {row["group"]: (row["jobs"], row["attempts"]) for row in rep["rows"]}
+    assert got == {"g-a": (2, 2), "g-big": (1, 1), "g-small": (2, 2)}
+    assert rep["totals"]["jobs"] == 5 and rep["totals"]["core_hours"] > 0
+    # utilization: Client.utilization's data, as `plot utilization --json` prints it
+    u = web.get("/api/utilization?" + urlencode(rng)).json()
+    cli = run_cli(srv.home, "plot", "utilization", "--since", since, "--until", until,
+                  "--json", check=True)
+    assert u == json.loads(cli.stdout)
+    assert u["attempts"] == 5 and u["max_busy"] == 2 and u["max_allocated"] == 2
+    assert web.get("/api/utilization?" + urlencode({"pilot": "pA", **rng})).json()[
+        "core_seconds"] == pytest.approx(u["core_seconds"], rel=1e-12)
+    assert web.get("/api/utilization?" + urlencode({"site": "s1", **rng})).json()[
+        "attempts"] == 5
+    assert web.get("/api/utilization?since=2h").json()["attempts"] == 5  # the CLI's times
+    # the plots: the drawings of that data (the busy step line; the group names as text)
+    png = web.get("/api/plots/utilization.png?" + urlencode(rng))
+    assert png.status == 200 and png.headers["Content-Type"] == "image/png"
+    assert png.body.startswith(b"\x89PNG\r\n\x1a\n")
+    svg = web.get("/api/plots/utilization.svg?" + urlencode(rng))
+    assert svg.headers["Content-Type"].startswith("image/svg+xml")
+    root = ET.fromstring(svg.body)
+    assert root.find(f".//{SVG}g[@id='busy']") is not None
+    assert root.find(f".//{SVG}g[@id='allocated']") is not None
+    bars = web.get("/api/plots/usage.svg?" + urlencode({"by": "group,day", **rng,
+                                                        "measure": "jobs"}))
+    assert bars.status == 200, bars.text
+    root = ET.fromstring(bars.body)
+    text = "".join(root.itertext())
+    assert all(g in text for g in ("g-a", "g-big", "g-small"))
+    # one bar per group (the jobs ran on one day, or two around midnight)
+    assert len([g for g in root.iter(f"{SVG}g") if (g.get("id") or "").startswith("usage-")]) \
+        == 3 * len({r["day"] for r in c.usage(by="day", since=float(since),
+                                             until=float(until))["rows"]})
+    assert web.get("/api/plots/usage.png").body.startswith(b"\x89PNG")
+    # the schema names them
+    paths = web.get("/api/openapi.json").json()["paths"]
+    assert {"/api/utilization", "/api/usage", "/api/plots/utilization.{fmt}",
+            "/api/plots/usage.{fmt}"} <= set(paths)
+
+
+def test_bad_parameters_get_one_line_errors(world):
+    _, _, web, (since, until) = world
+    cases = [
+        ("/api/usage?by=colour", 400, "unknown usage key 'colour'"),
+        ("/api/usage?by=site,day,month", 400, "per day or per month"),
+        ("/api/usage?by=site,site", 400, "named twice"),
+        (f"/api/usage?since={until}&until={since}", 400, "must be before until"),
+        ("/api/usage?since=yesterday", 400, "since 'yesterday' must be"),
+        ("/api/usage?since=1971-01-01", 400, "at most"),   # over the 20-year cap
+        ("/api/utilization?since=500d", 400, "at most 400 days"),
+        ("/api/utilization?since=2030-01-01", 400, "is not in the past"),
+        ("/api/utilization?until=99999999999999", 400, "until"),
+        ("/api/utilization?pilot=nosuch", 404, "no pilot 'nosuch'"),
+        ("/api/utilization?site=nowhere", 404, "nowhere"),
+        ("/api/utilization?step=abc", 400, "step must be a number"),
+        ("/api/utilization?step=nan", 400, "step"),
+        ("/api/utilization?step=0.000001&since=1d", 400, "step"),
+        ("/api/utilization?colour=red", 400, "unknown parameter(s) 'colour'"),
+        ("/api/usage?site=s1", 400, "unknown parameter(s) 'site'"),
+        ("/api/plots/usage.svg?measure=money", 400, "measure must be one of"),
+        ("/api/plots/utilization.gif", 404, "png or .svg"),
+        ("/api/plots/utilization.svg?since=%3Cb%3Ex", 400, "since"),
+    ]
+    for path, status, words in cases:
+        r = web.get(path)
+        assert r.status == status, (path, r.status, r.text)
+        msg = r.json()["error"]
+        assert words in msg and "\n" not in msg and len(msg) <= 2000, (path, msg)
+    # a page with a bad form keeps the form and says what is wrong, as text
+    r = web.get("/utilization?since=%3Cb%3Ebold", headers={"Accept": "text/html"})
+    assert r.status == 400 and 'id="error"' in r.text
+    assert "&lt;b&gt;bold" in r.text and "<b>bold" not in r.text
+    r = web.get("/usage?by=%3Cscript%3E", headers={"Accept": "text/html"})
+    assert r.status == 400 and "<script>" not in r.text and "&lt;script&gt;" in r.text
+
+
+def test_pages_in_chromium(world, browser, tmp_path):
+    from selenium.common.exceptions import NoAlertPresentException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+    from test_web_browser import Shots, text_of
+    _, c, web, (since, until) = world
+    shot = Shots(browser, tmp_path / "screenshots")
+    d = browser
+    d.get(web.url + "/jobs")
+    d.find_element(By.LINK_TEXT, "Utilization").click()
+    wait_for(lambda: d.current_url.endswith("/utilization"), 10, 0.1, "the nav link")
+    for box, value in (("f-since", since), ("f-until", until), ("f-pilot", "pA")):
+        d.find_element(By.ID, box).send_keys(value)
+    d.find_element(By.ID, "apply").click()
+    wait_for(lambda: "pilot=pA" in d.current_url, 10, 0.1, "the form")
+    img = d.find_element(By.ID, "plot")
+    wait_for(lambda: d.execute_script("return arguments[0].complete", img), 20, 0.1, "the img")
+    assert d.execute_script("return arguments[0].naturalWidth", img) > 0
+    u = c.utilization(pilot="pA", since=float(since), until=float(until))
+    assert float(d.find_element(By.ID, "core-hours").get_attribute("data-value")) == \
+        pytest.approx(u["core_seconds"] / 3600, rel=1e-12)
+    assert text_of(d, "#core-hours") == "%.4g" % (u["core_seconds"] / 3600)
+    assert text_of(d, "#max-busy") == str(u["max_busy"]) == "2"
+    assert text_of(d, "#max-allocated") == str(u["max_allocated"])
+    assert text_of(d, "#attempts") == "5"
+    shot("utilization")
+    # the SVG download, fetched by the page with its session: the busy step line
+    href = d.find_element(By.ID, "dl-svg").get_attribute("href")
+    svg = d.execute_async_script(
+        "const done = arguments[1]; fetch(arguments[0]).then(r => r.text()).then(done)"
+        ".catch(e => done('failed: ' + e));", href)
+    root = ET.fromstring(svg)
+    assert root.find(f".//{SVG}g[@id='busy']/{SVG}path") is not None
+
+    # usage by group and day: the table is the Client's report; EVIL is text
+    d.find_element(By.LINK_TEXT, "Usage").click()
+    wait_for(lambda: d.current_url.endswith("/usage"), 10, 0.1, "the nav link")
+    Select(d.find_element(By.ID, "f-by")).select_by_visible_text("group,day")
+    d.find_element(By.ID, "f-since").send_keys(since)
+    d.find_element(By.ID, "f-until").send_keys(until)
+    d.find_element(By.ID, "apply").click()
+    wait_for(lambda: "by=group" in d.current_url, 10, 0.1, "the form")
+    rep = c.usage(by="group,day", since=float(since), until=float(until))
+    rows = [[td.text for td in tr.find_elements(By.TAG_NAME, "td")]
+            for tr in d.find_elements(By.CSS_SELECTOR, "#usage tbody tr")]
+    assert rows == [[r["group"], r["day"], str(r["jobs"]), str(r["finished"]),
+                     str(r["attempts"]), "%.4g" % r["core_hours"]] for r in rep["rows"]]
+    assert {r[0] for r in rows} == {"g-a", "g-big", "g-small"}
+    assert text_of(d, "#totals").split()[1:4] == [str(rep["totals"][k]) for k in
+                                                 ("jobs", "finished", "attempts")]
+    img = d.find_element(By.ID, "plot")
+    wait_for(lambda: d.execute_script("return arguments[0].complete", img), 20, 0.1, "the img")
+    assert d.execute_script("return arguments[0].naturalWidth", img) > 0
+    shot("usage")
+
+    # what a user types is shown as text, and never runs (the server refuses the name)
+    box = d.find_element(By.ID, "f-since")
+    box.clear()
+    box.send_keys(EVIL)
+    d.find_element(By.ID, "apply").click()
+    wait_for(lambda: text_of(d, "#error"), 10, 0.1, "the error")
+    assert EVIL in text_of(d, "#error")
+    assert d.find_element(By.ID, "f-since").get_attribute("value") == EVIL
+    assert not d.find_elements(By.CSS_SELECTOR, "main script, main img")
+    try:
+        d.switch_to.alert.dismiss()
+        raise AssertionError("an alert ran")
+    except NoAlertPresentException:
+        pass
+    shot("usage-bad-form")
