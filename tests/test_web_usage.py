@@ -212,3 +212,47 @@ def test_pages_in_chromium(world, browser, tmp_path):
     except NoAlertPresentException:
         pass
     shot("usage-bad-form")
+
+
+def test_tokens_are_needed_beyond_the_open_mode(world):
+    srv, _, _, (since, until) = world
+    from pilotfish.web import tokens
+    reader = tokens.create(srv.home, "usage-reader", "reader")
+    web = WebHandle(srv.home, srv.address, "--token-required")
+    try:
+        q = "?" + urlencode({"since": since, "until": until})
+        for path in ("/api/utilization", "/api/usage", "/api/plots/utilization.png",
+                     "/api/plots/usage.svg"):
+            assert web.get(path + q).status == 401, path
+            r = web.get(path + q, token=reader)
+            assert r.status == 200, (path, r.text)
+        assert web.get("/api/usage" + q, token=reader).json()["totals"]["jobs"] == 5
+        page = web.get("/utilization", headers={"Accept": "text/html"})
+        assert page.status in (302, 303, 307) and page.headers["Location"].endswith("/login")
+    finally:
+        web.stop()
+
+
+def test_recent_answers_are_kept_for_fixed_ranges_only():
+    """web/reports.Recent, pure: the page, its image and a download ask the server once."""
+    from pilotfish.web.auth import User
+    from pilotfish.web.reports import Recent
+    asked = []
+
+    def ask(n):
+        return lambda: asked.append(n) or n
+    r = Recent(size=2, ttl=60)
+    alice, bob = User("alice", "reader", "web-alice"), User("bob", "reader", "web-bob")
+    past = {"since": 1.0, "until": time.time() - 10, "by": ["site", "day"]}
+    assert r.get(alice, "usage", past, ask(1)) == 1
+    assert r.get(alice, "usage", dict(past), ask(2)) == 1          # kept
+    assert r.get(bob, "usage", past, ask(3)) == 3                  # per user
+    assert r.get(alice, "utilization", past, ask(4)) == 4          # per kind
+    assert r.get(alice, "usage", past, ask(5)) == 5                # (size 2: dropped)
+    for moving in ({"since": 1.0, "until": None}, {"since": None, "until": 5.0},
+                   {"since": 1.0, "until": time.time() + 3600}):
+        assert r.get(alice, "usage", moving, ask(6)) == 6
+        assert r.get(alice, "usage", moving, ask(7)) == 7          # never kept
+    r.ttl = 0
+    assert r.get(alice, "usage", past, ask(8)) == 8                # expired
+    assert asked == [1, 3, 4, 5, 6, 7, 6, 7, 6, 7, 8]

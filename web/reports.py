@@ -10,12 +10,16 @@ A page resolves the range once (the server's answer says which since/until it us
 puts those epoch seconds in the image and download links, so "2h" means the same interval
 in the figures and in the picture beside them. Drawing runs in the threadpool (sync routes;
 matplotlib takes tens of milliseconds to a second and must not hold the event loop), one
-drawing at a time: pyplot's figure registry is not thread-safe.
+drawing at a time: pyplot's figure registry is not thread-safe. The answers for a fixed
+range (since and until both given, as the page's links give them) are kept a minute
+(:class:`Recent`), so the page, its image and a download ask the server once: on a million
+jobs one answer is seconds of chunked requests.
 """
 from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from typing import Any
 from urllib.parse import urlencode
 
@@ -41,6 +45,54 @@ MAX_TABLE_ROWS = 2000
 BY_CHOICES = ("site,day", "site,month", "app,day", "app,month", "group,day", "group,month",
               "site,app,month", "site", "app", "group", "day", "month")
 _DRAW = threading.Lock()
+
+
+class Recent:
+    """The last few answers for fixed ranges, each kept ``ttl`` seconds, per user key.
+
+    Only a range with both ends given, and over, is kept: "the last day" moves with the
+    clock, a range reaching into the future still fills. A few
+    entries only (a utilization answer is up to ~20,000 points)."""
+
+    def __init__(self, size: int = 4, ttl: float = 60.0) -> None:
+        self.size, self.ttl = size, ttl
+        self.items: OrderedDict = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, user, kind: str, args: dict, fn):
+        if args.get("since") is None or args.get("until") is None or \
+                args["until"] > time.time():  # (a range not over yet still changes)
+            return fn()
+        key = (user.key, user.name, kind,
+               tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
+                            for k, v in args.items())))
+        now = time.monotonic()
+        with self.lock:
+            hit = self.items.get(key)
+            if hit and now - hit[0] < self.ttl:
+                self.items.move_to_end(key)
+                return hit[1]
+        value = fn()
+        with self.lock:
+            self.items[key] = (now, value)
+            self.items.move_to_end(key)
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+        return value
+
+
+RECENT = Recent()
+
+
+def ask_utilization(request: Request, user, args: dict) -> dict:
+    web = web_of(request)
+    return RECENT.get(user, "utilization", args,
+                      lambda: web.call(user, lambda c: c.utilization(**args)))
+
+
+def ask_usage(request: Request, user, args: dict) -> dict:
+    web = web_of(request)
+    return RECENT.get(user, "usage", args, lambda: web.call(user, lambda c: c.usage(**args)))
 
 
 def _reader(request: Request):
@@ -113,7 +165,7 @@ def utilization(request: Request, site: str | None = None, pilot: str | None = N
     seconds; default the last day); at most 400 days."""
     only(request.query_params, UTIL_PARAMS)
     args = util_args(request.query_params)
-    return web_of(request).call(_reader(request), lambda c: c.utilization(**args))
+    return ask_utilization(request, _reader(request), args)
 
 
 @api.get("/usage", summary="Jobs and core-hours per site, app, group, day or month "
@@ -124,7 +176,7 @@ def usage(request: Request, by: str = "site,day", since: str | None = None,
     site,day); ``since``/``until`` as the CLI takes them (default the last 30 days)."""
     only(request.query_params, USAGE_PARAMS)
     args = usage_args(request.query_params)
-    return web_of(request).call(_reader(request), lambda c: c.usage(**args))
+    return ask_usage(request, _reader(request), args)
 
 
 @api.get("/plots/utilization.{fmt}", summary="The utilization plot (png or svg)",
@@ -135,7 +187,7 @@ def utilization_plot(request: Request, fmt: str, site: str | None = None,
     only(request.query_params, UTIL_PARAMS)
     fmt = _fmt(fmt)
     args = util_args(request.query_params)
-    u = web_of(request).call(_reader(request), lambda c: c.utilization(**args))
+    u = ask_utilization(request, _reader(request), args)
     from .plots import utilization_image
     return _image(_draw(utilization_image, u, fmt), fmt, "utilization")
 
@@ -148,7 +200,7 @@ def usage_plot(request: Request, fmt: str, by: str = "site,day", since: str | No
     fmt = _fmt(fmt)
     m = _measure(request.query_params)
     args = usage_args(request.query_params)
-    rep = web_of(request).call(_reader(request), lambda c: c.usage(**args))
+    rep = ask_usage(request, _reader(request), args)
     from .plots import usage_image
     return _image(_draw(usage_image, rep, fmt, measure=m), fmt, "usage")
 
@@ -168,7 +220,7 @@ def utilization_page(request: Request):
     form = {k: q.get(k, "") for k in ("site", "pilot", "since", "until")}
     try:
         args = util_args(q)
-        u = web_of(request).call(user, lambda c: c.utilization(**args))
+        u = ask_utilization(request, user, args)
     except (ValidationError, NotFound) as exc:
         return _page(request, "utilization.html", user, 404 if isinstance(exc, NotFound)
                      else 400, form=form, error=str(exc), u=None, links={})
@@ -196,7 +248,7 @@ def usage_page(request: Request):
     try:
         m = _measure(q)
         args = usage_args(q)
-        rep = web_of(request).call(user, lambda c: c.usage(**args))
+        rep = ask_usage(request, user, args)
     except (ValidationError, NotFound, WebError) as exc:
         return _page(request, "usage.html", user, getattr(exc, "status", 400), **ctx,
                      error=str(exc), rep=None, links={})
