@@ -6,6 +6,7 @@ the page what the Client says, the plots the drawings of that data."""
 from __future__ import annotations
 
 import json
+import re
 import time
 import xml.etree.ElementTree as ET
 from urllib.parse import urlencode
@@ -168,13 +169,19 @@ def test_pages_in_chromium(world, browser, tmp_path):
     assert text_of(d, "#max-allocated") == str(u["max_allocated"])
     assert text_of(d, "#attempts") == "5"
     shot("utilization")
-    # the SVG download, fetched by the page with its session: the busy step line
-    href = d.find_element(By.ID, "dl-svg").get_attribute("href")
-    svg = d.execute_async_script(
-        "const done = arguments[1]; fetch(arguments[0]).then(r => r.text()).then(done)"
-        ".catch(e => done('failed: ' + e));", href)
-    root = ET.fromstring(svg)
-    assert root.find(f".//{SVG}g[@id='busy']/{SVG}path") is not None
+    # download the SVG (a click on the link, as a person would): the busy step line
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    d.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow",
+                                                      "downloadPath": str(downloads)})
+    d.find_element(By.ID, "dl-svg").click()
+    wait_for(lambda: (downloads / "utilization.svg").exists(), 20, 0.1, "the download")
+    root = ET.fromstring((downloads / "utilization.svg").read_bytes())
+    busy = root.find(f".//{SVG}g[@id='busy']/{SVG}path")
+    # the steps of the Client's data: a corner and a point per change, a height per level
+    pts = re.findall(r"([-\d.]+) ([-\d.]+)", busy.get("d"))
+    assert len(pts) == 2 * len(u["busy"]) - 1
+    assert len({y for _, y in pts}) == len({v for _, v in u["busy"]})
 
     # usage by group and day: the table is the Client's report; EVIL is text
     d.find_element(By.LINK_TEXT, "Usage").click()
