@@ -8,6 +8,13 @@ the same run: the server op the page needs most (job_ls with the same filter, 50
 directly with pilotfish.Client, so the web's own share shows.
 
 Targets (issue 14): the jobs page p50 <= 100 ms; GET /api/jobs?state=...&limit=50 <= 50 ms.
+
+The utilization and usage pages (--repeat-reports times each; no target): the jobs here never
+ran, so each answer is the server's whole chunked scan (1M jobs: 200 requests of 5,000) with
+nothing to add up — the cost of reading the table, the worst case for a range the jobs were
+made in. Baseline, same run: Client.utilization() / Client.usage() direct. The plot routes are
+timed cold (a range of its own each time) and warm (the same range again: kept a minute).
+--reports-only skips the jobs pages.
 """
 from __future__ import annotations
 
@@ -58,6 +65,46 @@ def p(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
+def reports(c, base: str, a, ctx: dict) -> None:
+    """The utilization and usage pages, REST and plots, against the Client's own calls."""
+    import os
+    from urllib.parse import urlencode
+    n = a.repeat_reports
+    end = time.time()
+    direct = {"utilization": [], "usage": []}
+    for _ in range(n):
+        t = time.perf_counter()
+        c.utilization()
+        direct["utilization"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        c.usage(by="site,day")
+        direct["usage"].append(time.perf_counter() - t)
+    fixed = lambda i: urlencode({"since": repr(end - 86400), "until": repr(end - i * 1e-3)})  # noqa: E731
+    cases = [  # (figure, path of the i-th request, baseline)
+        ("utilization_page", lambda i: "/utilization", "utilization"),
+        ("usage_page", lambda i: "/usage?by=site,day", "usage"),
+        ("rest_utilization", lambda i: "/api/utilization", "utilization"),
+        ("rest_usage", lambda i: "/api/usage?by=site,day", "usage"),
+        ("plot_utilization_png_cold", lambda i: f"/api/plots/utilization.png?{fixed(i)}",
+         "utilization"),
+        ("plot_utilization_png_warm", lambda i: f"/api/plots/utilization.png?{fixed(0)}",
+         None),
+        ("plot_usage_svg_cold", lambda i: f"/api/plots/usage.svg?by=site,day&{fixed(i)}",
+         "usage"),
+    ]
+    timed_get(base + f"/api/plots/utilization.png?{fixed(0)}")  # (the warm case's answer)
+    for figure, path, baseline in cases:
+        times = [timed_get(base + path(i + 1)) for i in range(n)]
+        fields = {}
+        if baseline:
+            fields = {f"baseline_client_{baseline}_p50": statistics.median(direct[baseline]),
+                      "baseline": f"Client.{baseline}() direct, same run"}
+        C.emit(figure, statistics.median(times), unit="s", p95=p(times, 0.95), values=times,
+               path=path(1), n=a.total, db=a.db, jobs_ran=0,
+               interval="urllib GET: request sent to the last byte read",
+               loadavg_1m_now=round(os.getloadavg()[0], 2), **fields, **ctx)
+
+
 def main() -> int:
     ap = C.parser(__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--total", type=int, default=1_000_000, help="Jobs in the database "
@@ -67,6 +114,10 @@ def main() -> int:
     ap.add_argument("--db", choices=("sqlite", "postgres"), default="sqlite")
     ap.add_argument("--repeat-each", type=int, default=30, help="Requests per page "
                     "(default: %(default)s).")
+    ap.add_argument("--repeat-reports", type=int, default=3, help="Requests per utilization/"
+                    "usage figure (each a whole scan; default: %(default)s).")
+    ap.add_argument("--reports-only", action="store_true", help="Only the utilization and "
+                    "usage figures.")
     a = ap.parse_args()
     C.set_bench("web_pages")
     C.install_signal_handlers()
@@ -104,7 +155,7 @@ def main() -> int:
                 ("rest_jobs_state_USER_KILLED", "/api/jobs?state=USER_KILLED&limit=50",
                  {"state": "USER_KILLED"}, TARGET_REST),
             ]
-            for figure, path, flt, target in cases:
+            for figure, path, flt, target in ([] if a.reports_only else cases):
                 timed_get(base + path)  # warm
                 times = [timed_get(base + path) for _ in range(a.repeat_each)]
                 fields = {}
@@ -124,6 +175,7 @@ def main() -> int:
                        interval="urllib GET: request sent to the last byte read",
                        loadavg_1m_now=round(__import__("os").getloadavg()[0], 2),
                        **fields, **ctx)
+            reports(env.client, base, a, ctx)
         finally:
             web.terminate()
             try:

@@ -12,8 +12,9 @@ in the figures and in the picture beside them. Drawing runs in the threadpool (s
 matplotlib takes tens of milliseconds to a second and must not hold the event loop), one
 drawing at a time: pyplot's figure registry is not thread-safe. The answers for a fixed
 range (since and until both given, as the page's links give them) are kept a minute
-(:class:`Recent`), so the page, its image and a download ask the server once: on a million
-jobs one answer is seconds of chunked requests.
+(:class:`Recent`), and so are the images drawn from them, so the page, its image and a
+download ask the server once and draw once: on a million jobs one answer is seconds of
+chunked requests, and a drawing takes matplotlib about half a second.
 """
 from __future__ import annotations
 
@@ -52,9 +53,10 @@ class Recent:
 
     Only a range with both ends given, and over, is kept: "the last day" moves with the
     clock, a range reaching into the future still fills. A few
-    entries only (a utilization answer is up to ~20,000 points)."""
+    entries only (a utilization answer is up to ~20,000 points, an image up to a few
+    hundred kB)."""
 
-    def __init__(self, size: int = 4, ttl: float = 60.0) -> None:
+    def __init__(self, size: int = 8, ttl: float = 60.0) -> None:
         self.size, self.ttl = size, ttl
         self.items: OrderedDict = OrderedDict()
         self.lock = threading.Lock()
@@ -187,9 +189,11 @@ def utilization_plot(request: Request, fmt: str, site: str | None = None,
     only(request.query_params, UTIL_PARAMS)
     fmt = _fmt(fmt)
     args = util_args(request.query_params)
-    u = ask_utilization(request, _reader(request), args)
+    user = _reader(request)
     from .plots import utilization_image
-    return _image(_draw(utilization_image, u, fmt), fmt, "utilization")
+    data = RECENT.get(user, f"utilization.{fmt}", args, lambda: _draw(
+        utilization_image, ask_utilization(request, user, args), fmt))
+    return _image(data, fmt, "utilization")
 
 
 @api.get("/plots/usage.{fmt}", summary="The usage plot: stacked bars per period (png or svg)",
@@ -200,9 +204,11 @@ def usage_plot(request: Request, fmt: str, by: str = "site,day", since: str | No
     fmt = _fmt(fmt)
     m = _measure(request.query_params)
     args = usage_args(request.query_params)
-    rep = ask_usage(request, _reader(request), args)
+    user = _reader(request)
     from .plots import usage_image
-    return _image(_draw(usage_image, rep, fmt, measure=m), fmt, "usage")
+    data = RECENT.get(user, f"usage.{fmt}.{m}", args, lambda: _draw(
+        usage_image, ask_usage(request, user, args), fmt, measure=m))
+    return _image(data, fmt, "usage")
 
 
 # -- pages -------------------------------------------------------------------------------------
