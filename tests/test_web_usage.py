@@ -121,6 +121,10 @@ def test_bad_parameters_get_one_line_errors(world):
         ("/api/utilization?until=99999999999999", 400, "until"),
         ("/api/utilization?pilot=nosuch", 404, "no pilot 'nosuch'"),
         ("/api/utilization?site=nowhere", 404, "nowhere"),
+        ("/api/utilization?site=-oProxyCommand%3Dx", 404, "no site '-oProxyCommand=x'"),
+        ("/api/utilization?pilot=" + "p" * 3000, 400, "pilot"),
+        ("/api/utilization?site=..%2F..%2Fetc", 404, "no site '../../etc'"),  # a lookup only
+        ("/api/usage?by=" + "x" * 5000, 400, "unknown usage key"),
         ("/api/utilization?step=abc", 400, "step must be a number"),
         ("/api/utilization?step=nan", 400, "step"),
         ("/api/utilization?step=0.000001&since=1d", 400, "step"),

@@ -31,7 +31,7 @@ from pilotfish.errors import NotFound, ValidationError
 from pilotfish.timespec import parse_range
 from pilotfish.usage import MEASURES, parse_by, utc
 
-from .base import WebError, current_user, need, only, web_of
+from .base import WebError, current_user, need, one_line, only, web_of
 from .pages import page_user, render
 
 pages = APIRouter(include_in_schema=False)
@@ -229,7 +229,7 @@ def utilization_page(request: Request):
         u = ask_utilization(request, user, args)
     except (ValidationError, NotFound) as exc:
         return _page(request, "utilization.html", user, 404 if isinstance(exc, NotFound)
-                     else 400, form=form, error=str(exc), u=None, links={})
+                     else 400, form=form, error=one_line(str(exc)), u=None, links={})
     exact = {k: v for k, v in (("site", u["site"]), ("pilot", u["pilot"]),
                                ("since", _exact(u["since"])), ("until", _exact(u["until"])))
              if v is not None}
@@ -257,7 +257,7 @@ def usage_page(request: Request):
         rep = ask_usage(request, user, args)
     except (ValidationError, NotFound, WebError) as exc:
         return _page(request, "usage.html", user, getattr(exc, "status", 400), **ctx,
-                     error=str(exc), rep=None, links={})
+                     error=one_line(str(exc)), rep=None, links={})
     exact = {"by": ",".join(rep["by"]), "since": _exact(rep["since"]),
              "until": _exact(rep["until"])}
     qs = urlencode(exact)
