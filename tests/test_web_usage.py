@@ -90,16 +90,22 @@ def test_rest_is_the_cli_data(world):
     root = ET.fromstring(svg.body)
     assert root.find(f".//{SVG}g[@id='busy']") is not None
     assert root.find(f".//{SVG}g[@id='allocated']") is not None
-    bars = web.get("/api/plots/usage.svg?" + urlencode({"by": "group,day", **rng,
+    bars = web.get("/api/plots/usage.svg?" + urlencode({"by": "group", **rng,
                                                         "measure": "jobs"}))
     assert bars.status == 200, bars.text
     root = ET.fromstring(bars.body)
     text = "".join(root.itertext())
     assert all(g in text for g in ("g-a", "g-big", "g-small"))
-    # one bar per group (the jobs ran on one day, or two around midnight)
-    assert len([g for g in root.iter(f"{SVG}g") if (g.get("id") or "").startswith("usage-")]) \
-        == 3 * len({r["day"] for r in c.usage(by="day", since=float(since),
-                                             until=float(until))["rows"]})
+    # one bar per group, as tall as its jobs (2, 1, 2)
+    heights = []
+    for g in root.iter(f"{SVG}g"):
+        if (g.get("id") or "").startswith("usage-"):
+            ys = [float(y) for y in re.findall(r"[-\d.]+ ([-\d.]+)",
+                                               g.find(f"{SVG}path").get("d"))]
+            heights.append(max(ys) - min(ys))
+    assert len(heights) == 3
+    low, *high = sorted(heights)
+    assert high == pytest.approx([2 * low, 2 * low], rel=0.01)
     assert web.get("/api/plots/usage.png").body.startswith(b"\x89PNG")
     # the schema names them
     paths = web.get("/api/openapi.json").json()["paths"]
