@@ -230,6 +230,12 @@ def test_pages_in_chromium(world, browser, tmp_path):
         pass
     shot("usage-bad-form")
 
+    # from the pilots page, a pilot's plot (the last day: all five attempts)
+    d.get(web.url + "/pilots")
+    d.find_element(By.CSS_SELECTOR, "#pilots a.util").click()
+    wait_for(lambda: "/utilization?pilot=pA" in d.current_url, 10, 0.1, "the pilot's plot")
+    assert text_of(d, "#attempts") == "5" and "pilot pA" in text_of(d, "#span")
+
 
 def test_tokens_are_needed_beyond_the_open_mode(world):
     srv, _, _, (since, until) = world
