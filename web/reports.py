@@ -27,6 +27,7 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
 
+from pilotfish import keys
 from pilotfish.errors import NotFound, ValidationError
 from pilotfish.timespec import parse_range
 from pilotfish.usage import MEASURES, parse_by, utc
@@ -98,7 +99,6 @@ def ask_usage(request: Request, user, args: dict) -> dict:
 
 
 def _reader(request: Request):
-    from pilotfish import keys
     return need(current_user(request), keys.READER)
 
 
@@ -175,7 +175,8 @@ def utilization(request: Request, site: str | None = None, pilot: str | None = N
 def usage(request: Request, by: str = "site,day", since: str | None = None,
           until: str | None = None) -> dict:
     """``by``: any of site, app, group with day or month, comma-separated (default
-    site,day); ``since``/``until`` as the CLI takes them (default the last 30 days)."""
+    site,day; empty: one row of totals); ``since``/``until`` as the CLI takes them (default
+    the last 30 days)."""
     only(request.query_params, USAGE_PARAMS)
     args = usage_args(request.query_params)
     return ask_usage(request, _reader(request), args)
