@@ -70,6 +70,10 @@ def test_rest_is_the_cli_data(world):
     got = {row["group"]: (row["jobs"], row["attempts"]) for row in rep["rows"]}
     assert got == {"g-a": (2, 2), "g-big": (1, 1), "g-small": (2, 2)}
     assert rep["totals"]["jobs"] == 5 and rep["totals"]["core_hours"] > 0
+    everything = web.get("/api/usage?" + urlencode({"by": "", **rng})).json()  # no keys
+    assert [r["jobs"] for r in everything["rows"]] == [5] and everything["by"] == []
+    page = web.get("/usage?" + urlencode({"by": "", **rng}), headers={"Accept": "text/html"})
+    assert page.status == 200 and 'id="totals"' in page.text, page.text
     # utilization: Client.utilization's data, as `plot utilization --json` prints it
     u = web.get("/api/utilization?" + urlencode(rng)).json()
     cli = run_cli(srv.home, "plot", "utilization", "--since", since, "--until", until,

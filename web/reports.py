@@ -248,7 +248,7 @@ def usage_page(request: Request):
     user = page_user(request)
     q = request.query_params
     only(q, USAGE_PARAMS | {"measure"})
-    form = {"by": q.get("by") or "site,day", "since": q.get("since", ""),
+    form = {"by": q.get("by", "site,day"), "since": q.get("since", ""),
             "until": q.get("until", ""), "measure": q.get("measure") or "core_hours"}
     choices = BY_CHOICES if form["by"] in BY_CHOICES else (form["by"],) + BY_CHOICES
     ctx = dict(form=form, choices=choices, measures=MEASURES)
