@@ -283,3 +283,26 @@ def test_recent_answers_are_kept_for_fixed_ranges_only():
     r.ttl = 0
     assert r.get(alice, "usage", past, ask(8)) == 8                # expired
     assert asked == [1, 3, 4, 5, 6, 7, 6, 7, 6, 7, 8]
+
+
+def test_a_page_and_its_links_name_the_same_answer():
+    """The page keeps its answer under the range the server fixed; its image and download
+    links, read back as the routes read them, name that same entry (one scan per view)."""
+    from starlette.datastructures import QueryParams
+    from pilotfish.web.auth import OWNER
+    from pilotfish.web.reports import Recent, usage_args, usage_link, util_args, util_link
+    past = time.time() - 7 * 86400 + 0.123456789
+    for since in (past, float(int(past)), 86400.123456, 0.0):
+        u = {"site": "s1", "pilot": None, "since": since, "until": since + 3600.25}
+        page = util_args(QueryParams("site=s1&since=1h"))
+        page.update(since=u["since"], until=u["until"])
+        link = util_args(QueryParams(util_link(u)))
+        key = Recent._key(OWNER, "utilization", page)
+        assert key is not None and key == Recent._key(OWNER, "utilization", link) or \
+            since < 1e8 and abs(link["since"] - since) < 1e-6, (since, page, link)
+        rep = {"by": ["group", "day"], "since": since, "until": since + 86400}
+        page = usage_args(QueryParams("by=group,day"))
+        page.update(since=rep["since"], until=rep["until"])
+        link = usage_args(QueryParams(usage_link(rep)))
+        assert Recent._key(OWNER, "usage", page) == Recent._key(OWNER, "usage", link) or \
+            since < 1e8 and abs(link["since"] - since) < 1e-6

@@ -12,8 +12,9 @@ in the figures and in the picture beside them. Drawing runs in the threadpool (s
 matplotlib takes tens of milliseconds to a second and must not hold the event loop), one
 drawing at a time: pyplot's figure registry is not thread-safe. The answers for a fixed
 range (since and until both given, as the page's links give them) are kept a minute
-(:class:`Recent`), and so are the images drawn from them, so the page, its image and a
-download ask the server once and draw once: on a million jobs one answer is seconds of
+(:class:`Recent`; a page keeps its answer under the range the server fixed, which its links
+name), and so are the images drawn from them, so the page, its image and a download ask the
+server once and draw once: on a million jobs one answer is seconds of
 chunked requests, and a drawing takes matplotlib about half a second.
 """
 from __future__ import annotations
@@ -62,26 +63,38 @@ class Recent:
         self.items: OrderedDict = OrderedDict()
         self.lock = threading.Lock()
 
-    def get(self, user, kind: str, args: dict, fn):
+    @staticmethod
+    def _key(user, kind: str, args: dict):
         if args.get("since") is None or args.get("until") is None or \
                 args["until"] > time.time():  # (a range not over yet still changes)
+            return None
+        return (user.key, user.name, kind,
+                tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
+                             for k, v in args.items())))
+
+    def get(self, user, kind: str, args: dict, fn):
+        key = self._key(user, kind, args)
+        if key is None:
             return fn()
-        key = (user.key, user.name, kind,
-               tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
-                            for k, v in args.items())))
-        now = time.monotonic()
         with self.lock:
             hit = self.items.get(key)
-            if hit and now - hit[0] < self.ttl:
+            if hit and time.monotonic() - hit[0] < self.ttl:
                 self.items.move_to_end(key)
                 return hit[1]
         value = fn()
+        self.put(user, kind, args, value)
+        return value
+
+    def put(self, user, kind: str, args: dict, value) -> None:
+        """Keep ``value`` as the answer for ``args`` (when they are a fixed, past range)."""
+        key = self._key(user, kind, args)
+        if key is None:
+            return
         with self.lock:
-            self.items[key] = (now, value)
+            self.items[key] = (time.monotonic(), value)
             self.items.move_to_end(key)
             while len(self.items) > self.size:
                 self.items.popitem(last=False)
-        return value
 
 
 RECENT = Recent()
@@ -154,8 +167,24 @@ def _image(data: bytes, fmt: str, name: str) -> Response:
 
 
 def _exact(t: float) -> str:
-    """An epoch second for a link: repr keeps every bit, so the image asks the same range."""
-    return repr(float(t))
+    """An epoch second for a link: repr keeps every bit, so the image asks the same range
+    (before 1973 an epoch is too short for parse_when: an ISO time, to the microsecond)."""
+    if t >= 1e8:
+        return repr(float(t))
+    from datetime import datetime, timezone
+    return datetime.fromtimestamp(t, timezone.utc).isoformat()
+
+
+def util_link(u: dict) -> str:
+    """The query of an answer's own range (site, pilot, since, until)."""
+    return urlencode({k: v for k, v in (("site", u["site"]), ("pilot", u["pilot"]),
+                                        ("since", _exact(u["since"])),
+                                        ("until", _exact(u["until"]))) if v is not None})
+
+
+def usage_link(rep: dict) -> str:
+    return urlencode({"by": ",".join(rep["by"]), "since": _exact(rep["since"]),
+                      "until": _exact(rep["until"])})
 
 
 # -- REST --------------------------------------------------------------------------------------
@@ -228,13 +257,12 @@ def utilization_page(request: Request):
     try:
         args = util_args(q)
         u = ask_utilization(request, user, args)
+        # what the image and downloads will ask (the range the server fixed): asked once
+        RECENT.put(user, "utilization", {**args, "since": u["since"], "until": u["until"]}, u)
     except (ValidationError, NotFound) as exc:
         return _page(request, "utilization.html", user, 404 if isinstance(exc, NotFound)
                      else 400, form=form, error=one_line(str(exc)), u=None, links={})
-    exact = {k: v for k, v in (("site", u["site"]), ("pilot", u["pilot"]),
-                               ("since", _exact(u["since"])), ("until", _exact(u["until"])))
-             if v is not None}
-    qs = urlencode(exact)
+    qs = util_link(u)
     links = {"png": f"/api/plots/utilization.png?{qs}", "svg": f"/api/plots/utilization.svg?{qs}",
              "json": f"/api/utilization?{qs}"}
     return _page(request, "utilization.html", user, form=form, error="", u=u, links=links,
@@ -256,14 +284,12 @@ def usage_page(request: Request):
         m = _measure(q)
         args = usage_args(q)
         rep = ask_usage(request, user, args)
+        RECENT.put(user, "usage", {**args, "since": rep["since"], "until": rep["until"]}, rep)
     except (ValidationError, NotFound, WebError) as exc:
         return _page(request, "usage.html", user, getattr(exc, "status", 400), **ctx,
                      error=one_line(str(exc)), rep=None, links={})
-    exact = {"by": ",".join(rep["by"]), "since": _exact(rep["since"]),
-             "until": _exact(rep["until"])}
-    qs = urlencode(exact)
-    links = {fmt: f"/api/plots/usage.{fmt}?{urlencode({**exact, 'measure': m})}"
-             for fmt in MEDIA}
+    qs = usage_link(rep)
+    links = {fmt: f"/api/plots/usage.{fmt}?{qs}&{urlencode({'measure': m})}" for fmt in MEDIA}
     links["json"] = f"/api/usage?{qs}"
     return _page(request, "usage.html", user, **ctx, error="", rep=rep, links=links,
                  rows=rep["rows"][:MAX_TABLE_ROWS], cut=len(rep["rows"]) > MAX_TABLE_ROWS,
