@@ -56,7 +56,7 @@ def free_port() -> int:
 
 def timed_get(url: str) -> float:
     t = time.perf_counter()
-    with urllib.request.urlopen(url, timeout=60) as r:
+    with urllib.request.urlopen(url, timeout=600) as r:
         r.read()
         assert r.status == 200
     return time.perf_counter() - t
@@ -114,6 +114,20 @@ def reports(c, base: str, a, ctx: dict) -> None:
          "usage"),
     ]
     timed_get(base + f"/api/plots/utilization.png?{fixed(0)}")  # (the warm case's answer)
+    # a whole view: the page, then its <img> (the page's answer is kept: drawing only)
+    import html
+    import re
+    for page, fig in (("/utilization", "utilization_view_image"),
+                      ("/usage?by=site,day", "usage_view_image")):
+        img_times = []
+        for _ in range(n):
+            with urllib.request.urlopen(base + page, timeout=600) as r:
+                src = re.search(r'id="plot" src="([^"]+)"', r.read().decode()).group(1)
+            img_times.append(timed_get(base + html.unescape(src)))
+        C.emit(fig, statistics.median(img_times), unit="s", values=img_times, path=page,
+               n=a.total, db=a.db, jobs_ran=a.total if a.ran else 0,
+               interval="the page's <img> GET after the page: request sent to the last byte",
+               loadavg_1m_now=round(os.getloadavg()[0], 2), **ctx)
     for figure, path, baseline in cases:
         times = [timed_get(base + path(i + 1)) for i in range(n)]
         fields = {}
