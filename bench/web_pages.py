@@ -8,6 +8,15 @@ the same run: the server op the page needs most (job_ls with the same filter, 50
 directly with pilotfish.Client, so the web's own share shows.
 
 Targets (issue 14): the jobs page p50 <= 100 ms; GET /api/jobs?state=...&limit=50 <= 50 ms.
+
+The utilization and usage pages (--repeat-reports times each; no target): the jobs here never
+ran (unless --ran), so each answer is the server's whole chunked scan (1M jobs: 200 requests of 5,000) with
+nothing to add up — the cost of reading the table, the worst case for a range the jobs were
+made in. Baseline, same run: Client.utilization() / Client.usage() direct. The plot routes are
+timed cold (a range of its own each time) and warm (the same range again: kept a minute).
+--reports-only skips the jobs pages. --ran (SQLite): instead, the database of jobs that ran
+that bench/usage_queries.py builds (30 days, 10 sites, 200 agents, 5 % retried), so the
+pages add up real attempts; e.g. ``--ran --reports-only --repeat-reports 1``.
 """
 from __future__ import annotations
 
@@ -47,7 +56,7 @@ def free_port() -> int:
 
 def timed_get(url: str) -> float:
     t = time.perf_counter()
-    with urllib.request.urlopen(url, timeout=60) as r:
+    with urllib.request.urlopen(url, timeout=600) as r:
         r.read()
         assert r.status == 200
     return time.perf_counter() - t
@@ -56,6 +65,79 @@ def timed_get(url: str) -> float:
 def p(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def ran(env, a) -> None:
+    """The server stopped, usage_queries' database of jobs that ran, the server again."""
+    from pilotfish.client import Client
+    from pilotfish.server import daemon
+    from usage_queries import build
+    if a.db != "sqlite":
+        raise SystemExit("--ran builds a SQLite database only")
+    env.client.close()
+    daemon.stop(env.home, wait=60)
+    t = time.perf_counter()
+    build(env.db.url, env.home / "pilotfish.db", a.total, time.time())
+    C.log(f"database of {a.total:,} jobs that ran built in {time.perf_counter() - t:.0f} s")
+    env.info = daemon.start_background(env.home, env.db.url, "tcp://127.0.0.1:*",
+                                       a.heartbeat, wait=600)
+    env.client = Client(env.address, env.home, timeout=600)
+
+
+def reports(c, base: str, a, ctx: dict) -> None:
+    """The utilization and usage pages, REST and plots, against the Client's own calls."""
+    import os
+    from urllib.parse import urlencode
+    n = a.repeat_reports
+    end = time.time()
+    direct = {"utilization": [], "usage": []}
+    for _ in range(n):
+        t = time.perf_counter()
+        c.utilization()
+        direct["utilization"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        c.usage(by="site,day")
+        direct["usage"].append(time.perf_counter() - t)
+
+    def fixed(i: int) -> str:  # a range of its own for each i (0: the warm case's)
+        return urlencode({"since": repr(end - 86400), "until": repr(end - i * 1e-3)})
+    cases = [  # (figure, path of the i-th request, baseline)
+        ("utilization_page", lambda i: "/utilization", "utilization"),
+        ("usage_page", lambda i: "/usage?by=site,day", "usage"),
+        ("rest_utilization", lambda i: "/api/utilization", "utilization"),
+        ("rest_usage", lambda i: "/api/usage?by=site,day", "usage"),
+        ("plot_utilization_png_cold", lambda i: f"/api/plots/utilization.png?{fixed(i)}",
+         "utilization"),
+        ("plot_utilization_png_warm", lambda i: f"/api/plots/utilization.png?{fixed(0)}",
+         None),
+        ("plot_usage_svg_cold", lambda i: f"/api/plots/usage.svg?by=site,day&{fixed(i)}",
+         "usage"),
+    ]
+    timed_get(base + f"/api/plots/utilization.png?{fixed(0)}")  # (the warm case's answer)
+    # a whole view: the page, then its <img> (the page's answer is kept: drawing only)
+    import html
+    import re
+    for page, fig in (("/utilization", "utilization_view_image"),
+                      ("/usage?by=site,day", "usage_view_image")):
+        img_times = []
+        for _ in range(n):
+            with urllib.request.urlopen(base + page, timeout=600) as r:
+                src = re.search(r'id="plot" src="([^"]+)"', r.read().decode()).group(1)
+            img_times.append(timed_get(base + html.unescape(src)))
+        C.emit(fig, statistics.median(img_times), unit="s", values=img_times, path=page,
+               n=a.total, db=a.db, jobs_ran=a.total if a.ran else 0,
+               interval="the page's <img> GET after the page: request sent to the last byte",
+               loadavg_1m_now=round(os.getloadavg()[0], 2), **ctx)
+    for figure, path, baseline in cases:
+        times = [timed_get(base + path(i + 1)) for i in range(n)]
+        fields = {}
+        if baseline:
+            fields = {f"baseline_client_{baseline}_p50": statistics.median(direct[baseline]),
+                      "baseline": f"Client.{baseline}() direct, same run"}
+        C.emit(figure, statistics.median(times), unit="s", p95=p(times, 0.95), values=times,
+               path=path(1), n=a.total, db=a.db, jobs_ran=a.total if a.ran else 0,
+               interval="urllib GET: request sent to the last byte read",
+               loadavg_1m_now=round(os.getloadavg()[0], 2), **fields, **ctx)
 
 
 def main() -> int:
@@ -67,12 +149,21 @@ def main() -> int:
     ap.add_argument("--db", choices=("sqlite", "postgres"), default="sqlite")
     ap.add_argument("--repeat-each", type=int, default=30, help="Requests per page "
                     "(default: %(default)s).")
+    ap.add_argument("--repeat-reports", type=int, default=3, help="Requests per utilization/"
+                    "usage figure (each a whole scan; default: %(default)s).")
+    ap.add_argument("--reports-only", action="store_true", help="Only the utilization and "
+                    "usage figures.")
+    ap.add_argument("--ran", action="store_true", help="SQLite: jobs that ran (usage_queries' "
+                    "database) instead of READY ones.")
     a = ap.parse_args()
     C.set_bench("web_pages")
     C.install_signal_handlers()
     ctx = C.machine(a.tmp)
     with C.Env(a.db, a.heartbeat, a.tmp, a.keep, label="web") as env:
-        fill(env.client, a.total, a.kill)
+        if a.ran:
+            ran(env, a)
+        else:
+            fill(env.client, a.total, a.kill)
         port = free_port()
         log = open(env.home / "web.log", "ab")
         web = subprocess.Popen([*C.pilotfish_cmd(), "--home", str(env.home), "--server",
@@ -104,7 +195,7 @@ def main() -> int:
                 ("rest_jobs_state_USER_KILLED", "/api/jobs?state=USER_KILLED&limit=50",
                  {"state": "USER_KILLED"}, TARGET_REST),
             ]
-            for figure, path, flt, target in cases:
+            for figure, path, flt, target in ([] if a.reports_only else cases):
                 timed_get(base + path)  # warm
                 times = [timed_get(base + path) for _ in range(a.repeat_each)]
                 fields = {}
@@ -124,6 +215,7 @@ def main() -> int:
                        interval="urllib GET: request sent to the last byte read",
                        loadavg_1m_now=round(__import__("os").getloadavg()[0], 2),
                        **fields, **ctx)
+            reports(env.client, base, a, ctx)
         finally:
             web.terminate()
             try:

@@ -64,3 +64,18 @@ def parse_when(text: str, now: float, what: str = "time") -> float:
     raise ValidationError(f"{what} {echo(text)} must be 'now', a time ago (2h, 30m, 7d, 1d12h), "
                           "an ISO date or date-time (2026-12-01, 2026-12-01T10:30, UTC unless "
                           "it names a zone) or epoch seconds, after 1970")
+
+
+def parse_range(since: str | None, until: str | None, now: float,
+                names: tuple[str, str] = ("since", "until")) -> tuple[float | None, float | None]:
+    """``since``/``until`` as epoch seconds (None or "": the server's default), since before
+    until and, without an until, in the past. ``names``: what the errors call them (the CLI's
+    ``--since``, the web's ``since``). Shared by ``pilotfish plot``/``report`` and the web."""
+    from pilotfish.usage import utc
+    s = parse_when(since, now, names[0]) if since not in (None, "") else None
+    u = parse_when(until, now, names[1]) if until not in (None, "") else None
+    if s is not None and u is not None and s >= u:
+        raise ValidationError(f"{names[0]} ({utc(s)}) must be before {names[1]} ({utc(u)})")
+    if s is not None and u is None and s >= now:
+        raise ValidationError(f"{names[0]} ({utc(s)}) is not in the past")
+    return s, u

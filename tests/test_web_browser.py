@@ -208,6 +208,12 @@ def test_login_form_in_chromium(browser, tmp_path):
         wait_for(lambda: d.current_url == web.url + "/jobs", 10, 0.1, "the login")
         assert "viewer (reader)" in text_of(d, "header")
         shot("jobs-as-reader")
+        # the utilization page's image comes from /api/ with the same session
+        d.get(web.url + "/utilization")
+        img = d.find_element(By.ID, "plot")
+        wait_for(lambda: d.execute_script("return arguments[0].complete", img), 20, 0.1,
+                 "the plot")
+        assert d.execute_script("return arguments[0].naturalWidth", img) > 0
         # a reader sees no actions, and a confirm page is refused
         d.get(web.url + "/jobs/1")
         assert not d.find_elements(By.ID, "kill")

@@ -24,16 +24,8 @@ def _client(ctx):
 
 def _range(since: str | None, until: str | None) -> tuple[float | None, float | None]:
     """--since/--until as epoch seconds (None: the server's default), since before until."""
-    from pilotfish.timespec import parse_when
-    from pilotfish.usage import utc
-    now = time.time()
-    s = parse_when(since, now, "--since") if since is not None else None
-    u = parse_when(until, now, "--until") if until is not None else None
-    if s is not None and u is not None and s >= u:
-        raise ValidationError(f"--since ({utc(s)}) must be before --until ({utc(u)})")
-    if s is not None and u is None and s >= now:
-        raise ValidationError(f"--since ({utc(s)}) is not in the past")
-    return s, u
+    from pilotfish.timespec import parse_range
+    return parse_range(since, until, time.time(), ("--since", "--until"))
 
 
 def _write(path: str, data: bytes) -> None:
