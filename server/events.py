@@ -181,7 +181,8 @@ def _server_rows(conn, since: int, end: int, limit: int, f: Filter) -> list[dict
     return [{"id": r.id, "time": r.time, "kind": r.kind, "job": r.job_id, "name": r.name,
              "group": r.grp, "from": r.from_state, "to": r.to_state, "via": [],
              "message": r.message, "agent": r.agent, "host": r.host, "pilot": r.pilot,
-             "site": r.site, "workflow": r.workflow_id}
+             "site": r.site, "workflow": r.workflow_id, "argo_job_id": None,
+             "routing_key": None}
             for r in conn.execute(q.order_by(s.c.id).limit(limit))]
 
 

@@ -26,7 +26,7 @@ from pilotfish.server.events import SCAN_IDS
 TRUE = {"name": "true", "executable": "/bin/true", "args": [], "parameters": {}}
 FINAL = {"JOB_FINISHED", "FAILED", "USER_KILLED"}
 FIELDS = {"id", "time", "kind", "job", "name", "group", "from", "to", "via", "message", "agent",
-          "host", "pilot", "site", "workflow"}
+          "host", "pilot", "site", "workflow", "argo_job_id", "routing_key"}
 
 
 def all_events(c: Client, since: int = 0, **filters) -> list[dict]:
