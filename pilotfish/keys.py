@@ -267,17 +267,15 @@ def read_roles(home: Path) -> dict[str, str]:
     return parse_roles(data, p)
 
 
-def _write_roles(home: Path, roles: dict[str, str]) -> None:
-    """Write roles.json 0600 from its first byte and atomically (a server reading it never
-    sees half a file; its new inode tells the server to re-read it)."""
+def write_private_json(p: Path, obj: dict) -> None:
+    """Write ``obj`` (keys sorted) to ``p`` 0600 from its first byte and atomically (a reader
+    never sees half a file; the new inode tells a watcher to re-read it)."""
     import json
-    private_dir(keys_dir(home))
-    p = roles_path(home)
     tmp = p.with_name(f".{p.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(dict(sorted(roles.items())), f, indent=1)
+            json.dump(dict(sorted(obj.items())), f, indent=1)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
@@ -285,6 +283,13 @@ def _write_roles(home: Path, roles: dict[str, str]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _write_roles(home: Path, roles: dict[str, str]) -> None:
+    """roles.json, written by :func:`write_private_json` (a server reading it never sees
+    half a file)."""
+    private_dir(keys_dir(home))
+    write_private_json(roles_path(home), roles)
 
 
 def role_of(home: Path, name: str) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
 import secrets
 import threading
 import time
@@ -73,19 +72,7 @@ def read(home: Path) -> dict[str, dict]:
 def _write(home: Path, tokens: dict[str, dict]) -> None:
     """0600 from the first byte, replaced atomically (a web process never reads half)."""
     keys.private_dir(keys.keys_dir(home))
-    p = path(home)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(dict(sorted(tokens.items())), f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    keys.write_private_json(path(home), tokens)
 
 
 def create(home: Path, name: str, role: str) -> str:
