@@ -194,7 +194,9 @@ def test_sigterm_to_the_relays_hands_tasks_back(server: ServerHandle, tmp_path):
     counts = c.counts({"ids": ids})
     assert sum(counts.values()) == 4 and "RUNNING" not in counts and "FAILED" not in counts, counts
     assert {a["state"] for a in c.agents(all=True)} == {"EXITED"}, out
-    assert "passing signal" in out and "relay rank 1 of 2: done, agent exit 0" in out, out
+    # Rank 0's word for rank 1, not rank 1's own last line: mpiexec's output forwarding may
+    # drop what a rank prints as it exits (seen once in CI), while rank 0 logs before its barrier.
+    assert "passing signal" in out and "rank 1's agent exited with code 0" in out, out
 
 
 def test_an_agent_that_cannot_start_fails_every_rank_quickly(home: Path, tmp_path):
