@@ -348,11 +348,21 @@ class Worker:
         sys.stdout.write(json.dumps(out) + "\n")
         sys.stdout.flush()
         for ag in self.agents:
-            ag.sock.close(linger=500)
+            ag.sock.close(linger=200)
         self.ctx.term()
 
 
 # -- the driver ----------------------------------------------------------------------------
+def cpu_pressure() -> float | None:
+    """The share of the last 60 s in which some runnable task waited for a CPU (Linux PSI):
+    on this shared machine the server competes for its cores, which every figure shows."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            return float(f.readline().split()[2].split("=")[1]) / 100
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def pct(xs: list[float], q: float) -> float | None:
     if not xs:
         return None
@@ -415,6 +425,40 @@ class Workers:
                 p.wait()
 
 
+class Feeder:
+    """Open loop (``--rate``): a thread with a client of its own adds jobs at a steady rate in
+    small batches (a big add_jobs is one long server turn that every heartbeat waits for)."""
+
+    EVERY = 0.05
+
+    def __init__(self, env: C.Env, rate: float) -> None:
+        import threading
+        self.client = C.Client(env.address, env.home, timeout=600)
+        self.rate, self.fed = rate, 0
+        self.add_seconds: list[float] = []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        t0 = time.monotonic()
+        job = {"name": "t", "application": "noop"}
+        while not self.done.wait(self.EVERY):
+            due = int(self.rate * (time.monotonic() - t0)) - self.fed
+            if due > 0:
+                due = min(due, 20_000)
+                t = time.perf_counter()
+                self.client.add_jobs([job] * due)
+                self.add_seconds.append(time.perf_counter() - t)
+                self.fed += due
+
+    def stop(self) -> None:
+        if not self.done.is_set():
+            self.done.set()
+            self.thread.join(30)
+            self.client.close()
+
+
 def run(a) -> list[dict]:
     import psutil
     emitted = []
@@ -433,10 +477,11 @@ def run(a) -> list[dict]:
         c = env.client
         c.add_app({"name": "noop", "executable": "/bin/true"})
         rss_idle = server.memory_info().rss
-        C.log(f"adding {a.jobs:,} jobs")
+        initial = a.jobs if not a.rate else int(a.rate)  # --rate: a second's worth first
+        C.log(f"adding {initial:,} jobs")
         t = time.perf_counter()
         chunk = [{"name": "t", "application": "noop"}] * 50_000
-        left = a.jobs
+        left = initial
         while left > 0:
             c.add_jobs(chunk[:left])
             left -= 50_000
@@ -444,6 +489,7 @@ def run(a) -> list[dict]:
         rss_jobs = server.memory_info().rss
         _, sec, _ = keys.new_client(env.home, KEY_NAME, role="agent")
         workers = Workers(env, a.agents, a.procs, a.cores, a.task_seconds, sec)
+        feeder = Feeder(env, a.rate) if a.rate else None
         try:
             cpu0 = server.cpu_times()
             t_start = time.time()
@@ -473,8 +519,12 @@ def run(a) -> list[dict]:
                     cpu_busy0 = server.cpu_times()
                     spy = C.profile(a, "many_agents", {"server": env.server_pid})
                     steady_from = now
-                elif phase == "busy" and (st["queued"] == 0 or now - steady_from >= a.seconds):
+                elif phase == "busy" and ((st["queued"] == 0 and not feeder)
+                                          or now - steady_from >= a.seconds):
                     steady_to = now
+                    pressure = cpu_pressure()
+                    if feeder:
+                        feeder.stop()
                     cpu_busy1 = server.cpu_times()
                     spy.__exit__()
                     phase = "drain"
@@ -498,6 +548,9 @@ def run(a) -> list[dict]:
         except BaseException:
             workers.kill()
             raise
+        finally:
+            if feeder:
+                feeder.stop()
         lost_events = sum(1 for x in agents_ls if x["state"] == "LOST")
     win = [s for s in samples if steady_from <= s[0] <= steady_to]
     span = win[-1][0] - win[0][0] if len(win) > 1 else 0
@@ -507,13 +560,18 @@ def run(a) -> list[dict]:
     busy_cpu = (cpu_busy1.user + cpu_busy1.system - cpu_busy0.user - cpu_busy0.system) / span \
         if span else None
     say_hello = sum(r["say_hello"] for r in results)
-    rows = dict(common)
+    rows = dict(common, cpu_pressure_60s=pressure)
+    if feeder:
+        rows["offered_rate"] = a.rate
+        rows["fed"] = feeder.fed
+        rows["queued_at_window_end"] = win[-1][3] if win else None
+        rows["feed_add_p99_ms"] = ms(pct(feeder.add_seconds, 0.99))
     emitted.append(C.emit("dispatch_tasks_per_second", dispatch_tps, unit="tasks/s",
                           target=TARGETS["dispatch"],
                           meets_target=bool(dispatch_tps and dispatch_tps >= TARGETS["dispatch"]),
                           finished_tasks_per_second=finished_tps,
                           per_poll=[round(x) for x in per_sec],
-                          window_seconds=span, jobs=a.jobs, server_busy=busy_cpu,
+                          window_seconds=span, jobs=None if a.rate else a.jobs, server_busy=busy_cpu,
                           capacity_tasks_per_second=a.agents * a.cores / a.task_seconds,
                           interval="all agents joined + warmup -> queue empty or --seconds; "
                                    "the server's dispatched counter (status op, --poll s polls)",
@@ -575,6 +633,9 @@ def main() -> int:
                    "runs (default: %(default)s).")
     p.add_argument("--jobs", type=int, default=300_000, help="Jobs queued before the agents "
                    "connect (default: %(default)s).")
+    p.add_argument("--rate", type=float, default=0, help="Open loop: add jobs at this many "
+                   "per second during the run instead of queueing --jobs first (0: closed loop, "
+                   "the default: the agents' demand saturates the server).")
     p.add_argument("--seconds", type=float, default=30.0, help="Longest steady window "
                    "(default: %(default)s).")
     p.add_argument("--warmup", type=float, default=3.0, help="Seconds after the last agent "
@@ -600,8 +661,8 @@ def main() -> int:
     for name in ("agents", "procs", "cores", "jobs"):
         if getattr(a, name) < 1:
             p.error(f"--{name} must be at least 1")
-    if a.task_seconds <= 0 or a.seconds <= 0:
-        p.error("--task-seconds and --seconds must be positive")
+    if a.task_seconds <= 0 or a.seconds <= 0 or a.rate < 0:
+        p.error("--task-seconds and --seconds must be positive, --rate at least 0")
     C.set_bench("many_agents")
     C.install_signal_handlers()
     run(a)
