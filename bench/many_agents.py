@@ -48,7 +48,7 @@ from pilotfish import keys  # noqa: E402
 from pilotfish import protocol as P  # noqa: E402
 from pilotfish import settings  # noqa: E402
 from pilotfish.pilot.agent import (LINK_PING, LINK_TIMEOUT, PREFETCH_HORIZON,  # noqa: E402
-                                   PREFETCH_MAX, REPORT_INTERVAL)
+                                   PREFETCH_MAX, REPORT_INTERVAL, hello_every)
 from pilotfish.pilot.executor import REPORT_DELAY, SUCCESS_PATH  # noqa: E402
 
 START_STATES, END_STATES = SUCCESS_PATH[:3], SUCCESS_PATH[3:]
@@ -89,6 +89,8 @@ class SimAgent:
         self.last_demand = None
         self.avg_run: float | None = None
         self.received = self.finished = self.hellos = self.say_hello = 0
+        self.hello_useq = self.unanswered = 0
+        self.hello_wait = self.heartbeat
 
     # -- the fake executor ------------------------------------------------------------------
     def start_ready(self, now: float) -> None:
@@ -117,7 +119,7 @@ class SimAgent:
     def due(self, now: float) -> bool:
         """A heartbeat, a hello or a progress report is due without any message."""
         if not self.welcomed:
-            return now - self.last_sent > self.heartbeat
+            return now - self.last_sent > self.hello_wait
         return now - self.last_sent >= self.beat_every() or \
             bool(self.progress and self.progress[0][0] <= now and self.useq <= self.acked)
 
@@ -143,6 +145,10 @@ class SimAgent:
     def hello(self, now: float) -> None:
         self.useq += 1
         self.hellos += 1
+        self.hello_useq = self.useq
+        self.unanswered += 1
+        self.hello_wait = hello_every(self.heartbeat, self.unanswered) if self.w.backoff \
+            else self.heartbeat
         held = [{"job": j, "attempt": p[0]} for j, p in self.pending.items()] + \
             [{"job": j, "attempt": a} for j, a, _ in self.queue]
         self.send(P.encode(P.HELLO, agent=self.id, host=socket.gethostname(), pid=os.getpid(),
@@ -159,7 +165,7 @@ class SimAgent:
     def maybe_send(self, now: float) -> bool:
         """pilot/agent.py send_update: True when something was sent (or nothing is due)."""
         if not self.welcomed:
-            if now - self.last_sent > self.heartbeat:
+            if now - self.last_sent > self.hello_wait:
                 self.hello(now)
             return True
         beat = now - self.last_sent >= self.beat_every()
@@ -214,6 +220,10 @@ class SimAgent:
             sent = self.sent_at.pop(m.get("uack"), None)
             if sent is not None:
                 w.hello_rtt.append(time.perf_counter() - sent[0])
+            if m.get("uack") is not None and m["uack"] < self.hello_useq:
+                w.stale_welcomes += 1  # as pilot/agent.py: the answer to our newest follows
+                return
+            self.unanswered = 0
             self.epoch = m.get("epoch")
             self.welcomed = True
             self.heartbeat = min(self.heartbeat, float(m["heartbeat"]))
@@ -262,6 +272,8 @@ class Worker:
         self.dirty: set[int] = set()
         self.received = 0
         self.rewelcomed = 0
+        self.stale_welcomes = 0
+        self.backoff = not a.no_hello_backoff
         self.errors: list[str] = []
         self.hello_rtt: list[float] = []
         self.phase = "connect"
@@ -341,7 +353,9 @@ class Worker:
                "received": self.received, "finished": sum(a.finished for a in self.agents),
                "hellos": sum(a.hellos for a in self.agents),
                "say_hello": sum(a.say_hello for a in self.agents),
-               "rewelcomed": self.rewelcomed, "errors": self.errors[:20],
+               "rewelcomed": self.rewelcomed, "stale_welcomes": self.stale_welcomes,
+               "unwelcomed": sum(1 for a in self.agents if not a.welcomed),
+               "errors": self.errors[:20],
                "n_errors": len(self.errors), "hello_rtt": self.hello_rtt,
                "samples": self.samples, "loop_lag": self.loop_lag,
                "cpu_s": sum(resource.getrusage(resource.RUSAGE_SELF)[:2])}
@@ -378,7 +392,7 @@ class Workers:
     """The worker processes, started and stopped together."""
 
     def __init__(self, env: C.Env, n_agents: int, procs: int, cores: int, task_seconds: float,
-                 client_key: Path) -> None:
+                 client_key: Path, no_backoff: bool = False) -> None:
         self.procs: list[subprocess.Popen] = []
         per = [n_agents // procs + (1 if i < n_agents % procs else 0) for i in range(procs)]
         for i, count in enumerate(per):
@@ -388,7 +402,8 @@ class Workers:
                    "--index", str(i), "--count", str(count), "--address", env.address,
                    "--home", str(env.home), "--client-key", str(client_key),
                    "--cores", str(cores), "--task-seconds", str(task_seconds),
-                   "--heartbeat", str(env.heartbeat)]
+                   "--heartbeat", str(env.heartbeat)] + \
+                (["--no-hello-backoff"] if no_backoff else [])
             log = open(env.home / f"worker-{i}.log", "ab")
             self.procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE,
                                                stdout=subprocess.PIPE, stderr=log))
@@ -463,7 +478,7 @@ def run(a) -> list[dict]:
     import psutil
     emitted = []
     ctx = C.machine(a.tmp)
-    common = {"agents": a.agents, "procs": a.procs, "cores_per_agent": a.cores,
+    common = {"agents": a.agents, "procs": a.procs, "hello_backoff": not a.no_hello_backoff, "cores_per_agent": a.cores,
               "task_seconds": a.task_seconds, "heartbeat": a.heartbeat, "db": "sqlite",
               "curve": True, "mode": "FAKE EXECUTION (simulated agents, no process spawned)",
               **ctx}
@@ -488,13 +503,16 @@ def run(a) -> list[dict]:
         C.log(f"added in {time.perf_counter() - t:.1f} s")
         rss_jobs = server.memory_info().rss
         _, sec, _ = keys.new_client(env.home, KEY_NAME, role="agent")
-        workers = Workers(env, a.agents, a.procs, a.cores, a.task_seconds, sec)
+        workers = Workers(env, a.agents, a.procs, a.cores, a.task_seconds, sec,
+                          a.no_hello_backoff)
         feeder = Feeder(env, a.rate) if a.rate else None
         try:
             cpu0 = server.cpu_times()
             t_start = time.time()
             samples = []  # (time, dispatched, finished, queued, alive, rss)
             joined_at = rss_joined = None
+            joined_alive = a.agents
+            pressure = None
             steady_from = steady_to = None
             idle_to = None
             phase = "connect"
@@ -511,8 +529,11 @@ def run(a) -> list[dict]:
                     C.log(f"{a.agents} agents joined in {now - t_start:.1f} s")
                     steady_from = now + a.warmup
                 if joined_at is None and now - t_start > a.connect_timeout:
-                    raise RuntimeError(f"only {st['agents_alive']} of {a.agents} agents joined "
-                                       f"within {a.connect_timeout:.0f} s")
+                    # where it breaks: report what joined, the hellos and the server's size
+                    C.log(f"FAILED: only {st['agents_alive']} of {a.agents} agents joined "
+                          f"within {a.connect_timeout:.0f} s")
+                    joined_alive, pressure = st["agents_alive"], cpu_pressure()
+                    break
                 if phase == "connect" and steady_from is not None and now >= steady_from:
                     phase = "busy"
                     workers.tell("phase busy")
@@ -552,7 +573,9 @@ def run(a) -> list[dict]:
             if feeder:
                 feeder.stop()
         lost_events = sum(1 for x in agents_ls if x["state"] == "LOST")
-    win = [s for s in samples if steady_from <= s[0] <= steady_to]
+    if feeder:
+        feeder.stop()
+    win = [s for s in samples if steady_to and steady_from <= s[0] <= steady_to]
     span = win[-1][0] - win[0][0] if len(win) > 1 else 0
     dispatch_tps = (win[-1][1] - win[0][1]) / span if span else None
     finished_tps = (win[-1][2] - win[0][2]) / span if span else None
@@ -583,7 +606,7 @@ def run(a) -> list[dict]:
     def lag(phase: str) -> list[float]:
         return [x for r in results for x in r["loop_lag"].get(phase, [])]
 
-    for phase in ("busy", "idle"):
+    for phase in ("connect", "busy", "idle"):
         xs = merged(phase, "all")
         hb = merged(phase, "heartbeat_only")
         p99 = ms(pct(xs, 0.99))
@@ -604,10 +627,13 @@ def run(a) -> list[dict]:
                           target=TARGETS["lost"], meets_target=lost_events + say_hello == 0,
                           declared_lost=lost_events, told_say_hello=say_hello,
                           rewelcomed=sum(r["rewelcomed"] for r in results),
+                          stale_welcomes=sum(r["stale_welcomes"] for r in results),
+                          unwelcomed_at_end=sum(r["unwelcomed"] for r in results),
                           hellos=sum(r["hellos"] for r in results),
                           protocol_errors=sum(r["n_errors"] for r in results),
                           error_examples=[e for r in results for e in r["errors"]][:5],
                           join_seconds=(joined_at - t_start) if joined_at else None,
+                          joined=joined_alive, all_joined=joined_at is not None,
                           welcome_rtt_p99_ms=ms(pct(hello, 0.99)), **rows))
     emitted.append(C.emit("server_rss_mb", max(s[5] for s in samples) / 2**20, unit="MB",
                           measure="peak during the run (--poll s samples)",
@@ -642,6 +668,9 @@ def main() -> int:
                    "joined before the window starts (default: %(default)s).")
     p.add_argument("--idle", type=float, default=5.0, help="Seconds of idle heartbeats "
                    "measured after the work (default: %(default)s).")
+    p.add_argument("--no-hello-backoff", dest="no_hello_backoff", action="store_true",
+                   help="Re-send an unanswered hello every heartbeat, as agents did before "
+                        "pilot/agent.py hello_every (the baseline of the 10,000-agent join).")
     p.add_argument("--poll", type=float, default=1.0, help="Seconds between the driver's "
                    "status polls, which bound the window (default: %(default)s).")
     p.add_argument("--connect-timeout", type=float, default=120.0,
