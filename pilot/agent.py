@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import random
 import secrets
 import select
 import signal
@@ -56,19 +55,6 @@ PREFETCH_HORIZON = 0.02
 PREFETCH_MAX = 16
 #: Minimum seconds between updates while the agent has queued work (batches updates under load).
 REPORT_INTERVAL = 0.005
-
-
-#: Hellos that go unanswered are sent again after a heartbeat, then after twice as long each
-#: time, up to this many heartbeats (with jitter). A welcome to an older hello is ignored (see
-#: on_message), so when a swamped server (ten thousand agents joining at once) takes longer than
-#: a heartbeat to answer, a fixed period would re-send before every answer -- never welcomed,
-#: and each hello more work for the server. A reconnect says hello again at once.
-HELLO_BACKOFF_MAX = 8
-
-
-def hello_every(heartbeat: float, unanswered: int, rand=random.random) -> float:
-    """Seconds to wait for a welcome after ``unanswered`` hellos (1: the first one)."""
-    return heartbeat * min(2 ** max(0, unanswered - 1), HELLO_BACKOFF_MAX) * (0.75 + rand() / 2)
 
 
 #: ZMTP heartbeats of the agent's connection: a ping every LINK_PING seconds, and the link is
@@ -148,9 +134,6 @@ class Agent:
         self.renewed = 0.0
         self.hello_at: float | None = None
         self.hello_useq = 0     # the useq of our newest hello: a welcome to an older one is stale
-        self.unanswered = 0     # hellos sent since the last welcome (their resend backs off)
-        self.hello_wait = heartbeat  # seconds from the newest hello to the next (hello_every)
-        self.link_dropped = False  # the link went down since the newest hello
         #: time.monotonic() at which we leave because our server said it stops on purpose and no
         #: server has welcomed us since (None: not told)
         self.leave_at: float | None = None
@@ -251,13 +234,8 @@ class Agent:
             ev = parse_monitor_message(frames)
             if ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.link_up = True
-                # a new connection while we wait for a welcome: our hello may have gone with
-                # the old one, or we were backing off: say hello now
-                if not self.welcomed and (self.link_dropped or self.unanswered > 1):
-                    self.hello_wait = 0.0
             elif ev["event"] == zmq.EVENT_DISCONNECTED:
                 self.link_up = False
-                self.link_dropped = True
                 self.revoke_credit("the connection to the server dropped")
             elif ev["event"] in (zmq.EVENT_HANDSHAKE_FAILED_AUTH,
                                  zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
@@ -352,9 +330,6 @@ class Agent:
                             useq=self.useq + 1), self.useq + 1)
         self.useq += 1
         self.hello_useq = self.useq
-        self.unanswered += 1
-        self.hello_wait = hello_every(self.heartbeat, self.unanswered)
-        self.link_dropped = False
         if self.hello_at is None:
             self.hello_at = time.monotonic()
         self.last_demand = None
@@ -496,7 +471,6 @@ class Agent:
                        else "")
             self.epoch = m.get("epoch")
             self.welcomed = True
-            self.unanswered = 0
             self.heartbeat = min(self.heartbeat, beat)
             lease = lease or beat * settings.LEASE_HEARTBEATS
             self.fence_bound, self.fence_grace, self.fence_lag = settings.fence_timing(
@@ -556,7 +530,7 @@ class Agent:
         sock, ex, poll = self.sock, self.ex, self.poller.poll
         while not self.stopping:
             now = time.time()
-            wake = [self.last_sent + (self._beat_every() if self.welcomed else self.hello_wait)]
+            wake = [self.last_sent + self._beat_every()]
             base = self.lease_base()
             if self.fence_bound and base and self.fenced_for != base:
                 wake.append(now + self.fence_deadline(base) - time.monotonic())
@@ -599,7 +573,7 @@ class Agent:
             ex.start_ready(now)
             if self.welcomed:
                 self.send_update(now)
-            elif now - self.last_sent > self.hello_wait:
+            elif now - self.last_sent > self.heartbeat:
                 self.hello()
             if not ex.idle():
                 self.idle_since = now
