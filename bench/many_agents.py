@@ -4,14 +4,16 @@
 The server is what a user starts (``pilotfish server start`` on SQLite, tcp with CurveZMQ, as by
 default). Each simulated agent is one real DEALER socket with its own agent id, routing id and
 connection, under a CurveZMQ key with the role ``agent``, speaking the real agent protocol
-(:mod:`pilotfish.protocol`): hello -> welcome, updates with demand and state paths, answered by
-task batches, ZMTP link heartbeats as the real agent sets them (pilot/agent.py), a heartbeat
+(:mod:`pilotfish.protocol`): hello -> welcome (an unanswered hello is re-sent every heartbeat
+and a welcome to an older hello is ignored, as pilot/agent.py does), updates with demand and
+state paths, answered by task batches, ZMTP link heartbeats as the real agent sets them, a heartbeat
 every half period while it holds tasks, at most one update in flight, progress reported after
 the executor's REPORT_DELAY and ends at once. FAKE EXECUTION: no process is spawned; a task
 "runs" ``--task-seconds`` on its cores (the real agent's ``--fake-exec`` finishes at once).
 Not simulated: fencing and the guard, the link monitor, task output shipping.
 
-Phases: the jobs are added first (the server holds them queued); then the worker processes
+Phases: the jobs are added first (the server holds them queued; ``--rate``: a second's worth,
+then a feeder thread adds them at that rate, an open loop); then the worker processes
 connect their agents, which take work as they are welcomed; the steady window starts
 ``--warmup`` seconds after the last agent joined and ends when the queue runs dry or after
 ``--seconds``; then the agents stay connected idle for ``--idle`` seconds (the idle heartbeat
@@ -20,7 +22,7 @@ baseline), and leave with a goodbye.
 Figures (one JSON line each): dispatch_tasks_per_second (the server's ``dispatched`` counter
 over the steady window) and finished_tasks_per_second (JOB_FINISHED persisted), heartbeat_rtt
 p99 (send of an update -- every update is a heartbeat -- to the task batch that acknowledges
-it, seen by the simulated agent; busy and idle phases; the harness's own loop delay is
+it, seen by the simulated agent; connect, busy and idle phases; the harness's own loop delay is
 reported beside it, as it is inside the figure), agents_lost (agents the server declared LOST
 or told to say hello again: all were alive), server_rss_mb (idle before agents, peak).
 """
@@ -48,7 +50,7 @@ from pilotfish import keys  # noqa: E402
 from pilotfish import protocol as P  # noqa: E402
 from pilotfish import settings  # noqa: E402
 from pilotfish.pilot.agent import (LINK_PING, LINK_TIMEOUT, PREFETCH_HORIZON,  # noqa: E402
-                                   PREFETCH_MAX, REPORT_INTERVAL, hello_every)
+                                   PREFETCH_MAX, REPORT_INTERVAL)
 from pilotfish.pilot.executor import REPORT_DELAY, SUCCESS_PATH  # noqa: E402
 
 START_STATES, END_STATES = SUCCESS_PATH[:3], SUCCESS_PATH[3:]
@@ -89,8 +91,7 @@ class SimAgent:
         self.last_demand = None
         self.avg_run: float | None = None
         self.received = self.finished = self.hellos = self.say_hello = 0
-        self.hello_useq = self.unanswered = 0
-        self.hello_wait = self.heartbeat
+        self.hello_useq = 0
 
     # -- the fake executor ------------------------------------------------------------------
     def start_ready(self, now: float) -> None:
@@ -119,7 +120,7 @@ class SimAgent:
     def due(self, now: float) -> bool:
         """A heartbeat, a hello or a progress report is due without any message."""
         if not self.welcomed:
-            return now - self.last_sent > self.hello_wait
+            return now - self.last_sent > self.heartbeat
         return now - self.last_sent >= self.beat_every() or \
             bool(self.progress and self.progress[0][0] <= now and self.useq <= self.acked)
 
@@ -146,9 +147,6 @@ class SimAgent:
         self.useq += 1
         self.hellos += 1
         self.hello_useq = self.useq
-        self.unanswered += 1
-        self.hello_wait = hello_every(self.heartbeat, self.unanswered) if self.w.backoff \
-            else self.heartbeat
         held = [{"job": j, "attempt": p[0]} for j, p in self.pending.items()] + \
             [{"job": j, "attempt": a} for j, a, _ in self.queue]
         self.send(P.encode(P.HELLO, agent=self.id, host=socket.gethostname(), pid=os.getpid(),
@@ -165,7 +163,7 @@ class SimAgent:
     def maybe_send(self, now: float) -> bool:
         """pilot/agent.py send_update: True when something was sent (or nothing is due)."""
         if not self.welcomed:
-            if now - self.last_sent > self.hello_wait:
+            if now - self.last_sent > self.heartbeat:  # as pilot/agent.py: every heartbeat
                 self.hello(now)
             return True
         beat = now - self.last_sent >= self.beat_every()
@@ -223,7 +221,6 @@ class SimAgent:
             if m.get("uack") is not None and m["uack"] < self.hello_useq:
                 w.stale_welcomes += 1  # as pilot/agent.py: the answer to our newest follows
                 return
-            self.unanswered = 0
             self.epoch = m.get("epoch")
             self.welcomed = True
             self.heartbeat = min(self.heartbeat, float(m["heartbeat"]))
@@ -273,7 +270,6 @@ class Worker:
         self.received = 0
         self.rewelcomed = 0
         self.stale_welcomes = 0
-        self.backoff = not a.no_hello_backoff
         self.errors: list[str] = []
         self.hello_rtt: list[float] = []
         self.phase = "connect"
@@ -392,7 +388,7 @@ class Workers:
     """The worker processes, started and stopped together."""
 
     def __init__(self, env: C.Env, n_agents: int, procs: int, cores: int, task_seconds: float,
-                 client_key: Path, no_backoff: bool = False) -> None:
+                 client_key: Path) -> None:
         self.procs: list[subprocess.Popen] = []
         per = [n_agents // procs + (1 if i < n_agents % procs else 0) for i in range(procs)]
         for i, count in enumerate(per):
@@ -402,8 +398,7 @@ class Workers:
                    "--index", str(i), "--count", str(count), "--address", env.address,
                    "--home", str(env.home), "--client-key", str(client_key),
                    "--cores", str(cores), "--task-seconds", str(task_seconds),
-                   "--heartbeat", str(env.heartbeat)] + \
-                (["--no-hello-backoff"] if no_backoff else [])
+                   "--heartbeat", str(env.heartbeat)]
             log = open(env.home / f"worker-{i}.log", "ab")
             self.procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE,
                                                stdout=subprocess.PIPE, stderr=log))
@@ -478,7 +473,7 @@ def run(a) -> list[dict]:
     import psutil
     emitted = []
     ctx = C.machine(a.tmp)
-    common = {"agents": a.agents, "procs": a.procs, "hello_backoff": not a.no_hello_backoff, "cores_per_agent": a.cores,
+    common = {"agents": a.agents, "procs": a.procs, "cores_per_agent": a.cores,
               "task_seconds": a.task_seconds, "heartbeat": a.heartbeat, "db": "sqlite",
               "curve": True, "mode": "FAKE EXECUTION (simulated agents, no process spawned)",
               **ctx}
@@ -503,8 +498,7 @@ def run(a) -> list[dict]:
         C.log(f"added in {time.perf_counter() - t:.1f} s")
         rss_jobs = server.memory_info().rss
         _, sec, _ = keys.new_client(env.home, KEY_NAME, role="agent")
-        workers = Workers(env, a.agents, a.procs, a.cores, a.task_seconds, sec,
-                          a.no_hello_backoff)
+        workers = Workers(env, a.agents, a.procs, a.cores, a.task_seconds, sec)
         feeder = Feeder(env, a.rate) if a.rate else None
         try:
             cpu0 = server.cpu_times()
@@ -668,9 +662,6 @@ def main() -> int:
                    "joined before the window starts (default: %(default)s).")
     p.add_argument("--idle", type=float, default=5.0, help="Seconds of idle heartbeats "
                    "measured after the work (default: %(default)s).")
-    p.add_argument("--no-hello-backoff", dest="no_hello_backoff", action="store_true",
-                   help="Re-send an unanswered hello every heartbeat, as agents did before "
-                        "pilot/agent.py hello_every (the baseline of the 10,000-agent join).")
     p.add_argument("--poll", type=float, default=1.0, help="Seconds between the driver's "
                    "status polls, which bound the window (default: %(default)s).")
     p.add_argument("--connect-timeout", type=float, default=120.0,
