@@ -6,8 +6,8 @@ default). Each simulated agent is one real DEALER socket with its own agent id, 
 connection, under a CurveZMQ key with the role ``agent``, speaking the real agent protocol
 (:mod:`pilotfish.protocol`): hello -> welcome (an unanswered hello is re-sent every heartbeat
 and a welcome to an older hello is ignored, as pilot/agent.py does), updates with demand and
-state paths, answered by task batches, ZMTP link heartbeats as the real agent sets them, a heartbeat
-every half period while it holds tasks, at most one update in flight, progress reported after
+state paths, answered by task batches, ZMTP link heartbeats as the real agent sets them, a
+heartbeat every half period while it holds tasks, at most one update in flight, progress reported after
 the executor's REPORT_DELAY and ends at once. FAKE EXECUTION: no process is spawned; a task
 "runs" ``--task-seconds`` on its cores (the real agent's ``--fake-exec`` finishes at once).
 Not simulated: fencing and the guard, the link monitor, task output shipping.
@@ -588,7 +588,8 @@ def run(a) -> list[dict]:
                           meets_target=bool(dispatch_tps and dispatch_tps >= TARGETS["dispatch"]),
                           finished_tasks_per_second=finished_tps,
                           per_poll=[round(x) for x in per_sec],
-                          window_seconds=span, jobs=None if a.rate else a.jobs, server_busy=busy_cpu,
+                          window_seconds=span, jobs=None if a.rate else a.jobs,
+                          server_busy=busy_cpu,
                           capacity_tasks_per_second=a.agents * a.cores / a.task_seconds,
                           interval="all agents joined + warmup -> queue empty or --seconds; "
                                    "the server's dispatched counter (status op, --poll s polls)",
