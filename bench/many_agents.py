@@ -8,8 +8,8 @@ connection, under a CurveZMQ key with the role ``agent``, speaking the real agen
 and a welcome to an older hello is ignored, as pilot/agent.py does), updates with demand and
 state paths, answered by task batches, ZMTP link heartbeats as the real agent sets them, a
 heartbeat every half period while it holds tasks, at most one update in flight, progress
-reported after the executor's REPORT_DELAY and ends at once. FAKE EXECUTION: no process is spawned; a task
-"runs" ``--task-seconds`` on its cores (the real agent's ``--fake-exec`` finishes at once).
+reported after the executor's REPORT_DELAY and ends at once. FAKE EXECUTION: no process is
+spawned; a task "runs" ``--task-seconds`` on its cores (the real agent's ``--fake-exec`` finishes at once).
 Not simulated: fencing and the guard, the link monitor, task output shipping.
 
 Phases: the jobs are added first (the server holds them queued; ``--rate``: a second's worth,
