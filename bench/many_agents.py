@@ -9,8 +9,8 @@ and a welcome to an older hello is ignored, as pilot/agent.py does), updates wit
 state paths, answered by task batches, ZMTP link heartbeats as the real agent sets them, a
 heartbeat every half period while it holds tasks, at most one update in flight, progress
 reported after the executor's REPORT_DELAY and ends at once. FAKE EXECUTION: no process is
-spawned; a task "runs" ``--task-seconds`` on its cores (the real agent's ``--fake-exec`` finishes at once).
-Not simulated: fencing and the guard, the link monitor, task output shipping.
+spawned; a task "runs" ``--task-seconds`` on its cores (the real agent's ``--fake-exec``
+finishes at once). Not simulated: fencing and the guard, the link monitor, task output.
 
 Phases: the jobs are added first (the server holds them queued; ``--rate``: a second's worth,
 then a feeder thread adds them at that rate, an open loop); then the worker processes
