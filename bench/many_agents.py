@@ -469,11 +469,11 @@ class Feeder:
             self.client.close()
 
 
-def run(a) -> list[dict]:
+def run(a, repeat: int = 1) -> list[dict]:
     import psutil
     emitted = []
     ctx = C.machine(a.tmp)
-    common = {"agents": a.agents, "procs": a.procs, "cores_per_agent": a.cores,
+    common = {"repeat": repeat, "agents": a.agents, "procs": a.procs, "cores_per_agent": a.cores,
               "task_seconds": a.task_seconds, "heartbeat": a.heartbeat, "db": "sqlite",
               "curve": True, "mode": "FAKE EXECUTION (simulated agents, no process spawned)",
               **ctx}
@@ -643,7 +643,7 @@ def run(a) -> list[dict]:
 
 def main() -> int:
     p = C.parser(__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
-    p.set_defaults(repeat=1)
+    p.set_defaults(repeat=1)  # --repeat: runs, each printing its own lines
     p.add_argument("--agents", type=int, default=1000, help="Simulated agents "
                    "(default: %(default)s).")
     p.add_argument("--procs", type=int, default=4, help="Worker processes holding them "
@@ -686,7 +686,8 @@ def main() -> int:
         p.error("--task-seconds and --seconds must be positive, --rate at least 0")
     C.set_bench("many_agents")
     C.install_signal_handlers()
-    run(a)
+    for r in range(a.repeat):  # one line per figure and repeat: each run is a minute
+        run(a, r + 1)
     return 0
 
 
