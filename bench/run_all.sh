@@ -45,6 +45,7 @@ if [ "${FULL:-0}" = 1 ]; then
     run array.py
     run events.py
     run amqp.py
+    run many_agents.py
     if have_slurm; then
         run_slurm pilot_rampup.py
         run_slurm launch_overhead.py
@@ -60,6 +61,7 @@ else
     run array.py --n 50000 --big 0 --repeat 2
     run events.py --repeat 2 --rounds 6 --cli-rounds 2 --seconds 3
     run amqp.py --n 20000 --repeat 2 --seconds 5
+    run many_agents.py --agents 200 --jobs 50000 --seconds 10
     if have_slurm; then
         run_slurm pilot_rampup.py --repeat 3
         run_slurm launch_overhead.py --n 200 --repeat 3

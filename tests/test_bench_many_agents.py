@@ -1,0 +1,36 @@
+"""bench/many_agents.py at a tiny scale, so the thousand-node harness does not rot: twenty
+simulated agents in two processes against a real server (CurveZMQ), every figure printed, every
+task received and finished, no agent lost.
+
+Takes ~5 s, over the 3 s budget: it is a whole benchmark run (a server start, two worker
+processes that import the agent, half a second of steady window, the idle heartbeats, the
+teardown); each of those is what the test is for."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "many_agents.py"
+
+
+def test_many_agents_tiny(tmp_path):
+    r = subprocess.run([sys.executable, str(BENCH), "--tmp", str(tmp_path), "--agents", "20",
+                        "--procs", "2", "--cores", "2", "--task-seconds", "0.2", "--rate", "100",
+                        "--warmup", "0.1", "--seconds", "0.5", "--idle", "0.6", "--poll", "0.1",
+                        "--heartbeat", "0.5"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-3000:]
+    figs = {(d["figure"], d.get("phase")): d for d in map(json.loads, r.stdout.splitlines())}
+    assert set(figs) == {("dispatch_tasks_per_second", None), ("agents_lost", None),
+                         ("heartbeat_rtt_p99_ms", "connect"), ("heartbeat_rtt_p99_ms", "busy"),
+                         ("heartbeat_rtt_p99_ms", "idle"), ("server_rss_mb", None)}
+    lost = figs["agents_lost", None]
+    assert lost["value"] == 0 and lost["hellos"] == 20 and lost["protocol_errors"] == 0
+    rss = figs["server_rss_mb", None]
+    assert rss["received"] == rss["finished"] > 0
+    assert figs["dispatch_tasks_per_second", None]["value"] > 0
+    assert rss["value"] > 10
+    assert figs["heartbeat_rtt_p99_ms", "busy"]["samples"] > 0
+    assert figs["heartbeat_rtt_p99_ms", "idle"]["value"] is not None
