@@ -189,3 +189,15 @@ def slurm_job_state(job_id: str) -> str | None:
 
 def scancel(job_id: str) -> None:
     subprocess.run(["scancel", job_id], capture_output=True, timeout=20)
+
+
+#: Test files that submit to the one local Slurm (4 fake nodes): with two test processes
+#: (scripts/test), their jobs would wait for each other's nodes, so one process runs them all.
+SLURM_FILES = {"test_slurm.py", "test_relay.py", "test_site_agent.py", "test_batch.py",
+               "test_container_jobs.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in SLURM_FILES or "slurm" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
