@@ -160,6 +160,6 @@ def mail_cmd(ctx, config_file, check, verbose, quiet) -> None:
 
     def new_client():
         from pilotfish.client import Client
-        return Client(address=server, home=home, timeout=cfg.server_timeout)
+        return Client(address=server, home=home, timeout=30)
 
     ctx.exit(run(cfg, home, new_client))

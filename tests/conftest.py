@@ -198,6 +198,9 @@ SLURM_FILES = {"test_slurm.py", "test_relay.py", "test_site_agent.py", "test_bat
 
 
 def pytest_collection_modifyitems(config, items):
+    """With two test processes (--dist loadgroup), a file's tests stay together in one (some
+    share module fixtures or sum up what the file's earlier tests did, e.g. test_battery's
+    summary), and the Slurm files all go to the same one."""
     for item in items:
-        if item.path.name in SLURM_FILES or "slurm" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("slurm"))
+        slurm = item.path.name in SLURM_FILES or "slurm" in getattr(item, "fixturenames", ())
+        item.add_marker(pytest.mark.xdist_group("slurm" if slurm else item.path.name))
