@@ -10,6 +10,18 @@ from pilotfish import console, settings
 CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
+def _clients(ctx, timeout: float):
+    """This command's home, and how its process makes a client of the server (again after a
+    restart): the --server/$PILOTFISH_SERVER address, else the home's, waiting ``timeout``."""
+    home = settings.home(ctx.obj.get("home") if ctx.obj else None)
+    server = (ctx.obj.get("server") if ctx.obj else None) or os.environ.get("PILOTFISH_SERVER")
+
+    def new_client():
+        from pilotfish.client import Client
+        return Client(address=server, home=home, timeout=timeout)
+    return home, new_client
+
+
 @click.group("bridge", context_settings=CTX)
 def bridge_group() -> None:
     """Bridges to production systems (each its own process, a client of the server)."""
@@ -79,13 +91,7 @@ def amqp_cmd(ctx, config_file, url, password_file, jobs_queue, dead_letter_queue
         console.out.print(f"ok: {parse_url(cfg.url)}", markup=False)
         return
     console.setup_logging(verbose, quiet)
-    home = settings.home(ctx.obj.get("home") if ctx.obj else None)
-    server = (ctx.obj.get("server") if ctx.obj else None) or os.environ.get("PILOTFISH_SERVER")
-
-    def new_client():
-        from pilotfish.client import Client
-        return Client(address=server, home=home, timeout=cfg.server_timeout)
-
+    home, new_client = _clients(ctx, cfg.server_timeout)
     ctx.exit(run(cfg, home, new_client))
 
 
@@ -118,13 +124,7 @@ def federate_cmd(ctx, config_file, check, verbose, quiet) -> None:
                           markup=False)
         return
     console.setup_logging(verbose, quiet)
-    home = settings.home(ctx.obj.get("home") if ctx.obj else None)
-    server = (ctx.obj.get("server") if ctx.obj else None) or os.environ.get("PILOTFISH_SERVER")
-
-    def new_client():
-        from pilotfish.client import Client
-        return Client(address=server, home=home, timeout=30)
-
+    _home, new_client = _clients(ctx, 30)
     ctx.exit(run(cfg, new_client))
 
 
@@ -155,11 +155,5 @@ def mail_cmd(ctx, config_file, check, verbose, quiet) -> None:
         console.out.print(f"ok: SMTP {cfg.host}:{cfg.port} from {cfg.sender}", markup=False)
         return
     console.setup_logging(verbose, quiet)
-    home = settings.home(ctx.obj.get("home") if ctx.obj else None)
-    server = (ctx.obj.get("server") if ctx.obj else None) or os.environ.get("PILOTFISH_SERVER")
-
-    def new_client():
-        from pilotfish.client import Client
-        return Client(address=server, home=home, timeout=30)
-
+    home, new_client = _clients(ctx, 30)
     ctx.exit(run(cfg, home, new_client))
