@@ -48,11 +48,12 @@ def new_pilot_id(site: Site) -> str:
 def build_spec(site: Site, *, nodes: int, walltime_minutes: float, home: Path, server: str,
                queue: str | None = None, project: str | None = None,
                pilot_id: str | None = None, image: str | None = None,
-               runtime: str | None = None) -> PilotSpec:
+               runtime: str | None = None, leave_when_no_work: str | None = None) -> PilotSpec:
     """The batch job of one pilot of ``site``: its head command and the profile's extras.
 
     With ``image`` the whole pilot (head and agents) runs inside that image, with ``runtime``
     (default: the site's), as the LIGO glideins ran inside Shifter on Blue Waters.
+    ``leave_when_no_work`` (default: the profile's) is handed to the agents.
     """
     pid = pilot_id or new_pilot_id(site)
     head = [sys.executable, "-m", "pilotfish", "--home", str(home), "pilot", "run",
@@ -62,7 +63,8 @@ def build_spec(site: Site, *, nodes: int, walltime_minutes: float, home: Path, s
         head += ["--mpi", site.mpi]
     if site.pilot.relay:
         head += ["--relay", site.pilot.relay]
-    head += ["--", "--site", site.name, "--idle-timeout", f"{site.pilot.idle_timeout:g}"]
+    head += ["--", "--site", site.name, "--idle-timeout", f"{site.pilot.idle_timeout:g}",
+             "--leave-when-no-work", leave_when_no_work or site.pilot.leave_when_no_work]
     # $SCRATCH-style variables are the compute node's: the agent expands them there
     scratch = site.scratch
     if scratch:

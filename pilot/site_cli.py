@@ -42,11 +42,15 @@ def _walltime(text: str) -> float:
 @click.option("--image", help="Run the whole pilot inside this image (e.g. "
               "docker:repo/glidein:1.0 with Shifter); the image must provide pilotfish.")
 @click.option("--runtime", help="Container runtime for --image (default: the site's).")
+@click.option("--leave-when-no-work", type=click.Choice(["never", "after-work", "always"]),
+              default="after-work", show_default=True, help="When its agents leave on the "
+              "server's word that no queued or pending job fits them (after-work: once they "
+              "have run a task, so a pilot submitted before its jobs waits for them).")
 @click.option("--dry-run", is_flag=True, help="Print the exact batch script; submit nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @click.pass_context
-def submit_cmd(ctx, site, nodes, walltime, queue, project, image, runtime, dry_run,
-               as_json) -> None:
+def submit_cmd(ctx, site, nodes, walltime, queue, project, image, runtime, leave_when_no_work,
+               dry_run, as_json) -> None:
     """Submit one pilot batch job for a site, by hand.
 
     The script, its stdout/stderr and the batch id are kept in HOME/pilots/<pilot id>/.
@@ -75,7 +79,8 @@ def submit_cmd(ctx, site, nodes, walltime, queue, project, image, runtime, dry_r
     if image and (runtime or s.container) == "none":
         raise ValidationError(f"site {s.name} has no container runtime; give --runtime")
     spec = build_spec(s, nodes=nodes, walltime_minutes=minutes, home=home, server=server,
-                      queue=queue, project=project, image=image, runtime=runtime)
+                      queue=queue, project=project, image=image, runtime=runtime,
+                      leave_when_no_work=leave_when_no_work)
     if dry_run:
         script = batch.render(spec)
         if as_json:
