@@ -140,6 +140,9 @@ def cancel_cmd(ctx, pilot_ids) -> None:
 @click.option("--site", required=True, help="Site profile to provision for.")
 @click.option("--poll", type=click.FloatRange(0.1), default=10.0, show_default=True,
               help="Seconds between rounds (scheduler poll, backlog, decisions).")
+@click.option("--quick", type=click.FloatRange(0), default=1.0, show_default=True,
+              help="Seconds between quick rounds (the server's backlog only, no scheduler "
+              "query), so new work gets pilots at once; 0: none.")
 @click.option("--resume-after", type=click.FloatRange(0), default=1800.0, show_default=True,
               help="Seconds a paused site waits before trying to submit again.")
 @click.option("--once", is_flag=True, help="One round, then exit.")
@@ -151,7 +154,7 @@ def cancel_cmd(ctx, pilot_ids) -> None:
 @click.option("-v", "--verbose", count=True)
 @click.option("-q", "--quiet", is_flag=True)
 @click.pass_context
-def site_agent_cmd(ctx, site, poll, resume_after, once, rounds, stage, stage_only, verbose,
+def site_agent_cmd(ctx, site, poll, quick, resume_after, once, rounds, stage, stage_only, verbose,
                    quiet) -> None:
     """Keep the right pilots queued for a site: submit for the backlog, within the profile's
     pilot policy (size, walltime, max queued/nodes, staggered submissions, backfill), and cancel
@@ -171,7 +174,7 @@ def site_agent_cmd(ctx, site, poll, resume_after, once, rounds, stage, stage_onl
         from .site_stager import SiteStager
         stager = SiteStager(s, lambda: _client(ctx), home)
     agent = SiteAgent(s, client, home, client.address, poll=poll, resume_after=resume_after,
-                      stager=stager, provision=not stage_only)
+                      stager=stager, provision=not stage_only, quick=quick)
     ctx.exit(agent.run(once=once, max_rounds=rounds))
 
 
