@@ -28,7 +28,8 @@ Figures (8 allocated CPUs = 4 nodes x 2):
 
 ``--site-agent`` (what a user gets, issue 16 target 7): the pilots come from ``pilotfish site
 agent --site benchslurm`` (the localslurm profile, defaults as shipped: 2-node pilots, at most 4
-nodes, the agent's default poll), started on an empty queue; then the N jobs are added. Each
+nodes, the agent's default poll of 10 s), started on an empty queue; the N jobs are added a
+random 0..10 s after its first round (as a user's would come at any moment of its poll). Each
 repeat runs, each on a fresh server: the hand-submitted 4-node pilot above (the baseline), the
 site agent as it was before pilots left on the server's word (``--quick 0``, profile
 ``leave_when_no_work: never``: agents leave at the profile's 10 s idle timeout; "old"), and the
@@ -44,6 +45,7 @@ but everything else (agents, server, srun, slurmctld) shares 2 physical cores.
 """
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 import threading
@@ -55,6 +57,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402
 
 NODES = 4
+#: ``pilotfish site agent``'s default --poll (s): the jobs of a --site-agent run come a random
+#: 0..POLL s after its first round
+POLL = 10.0
 
 
 def run_once(a, nodes: list[str], r: int) -> dict:
@@ -154,7 +159,15 @@ def run_site_agent(a, nodes: list[str], old: bool) -> dict:
         agent = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         log.close()
         try:
-            time.sleep(1.0)  # it has started and found nothing to do
+            # from an empty queue: the site agent has done its first round and found nothing;
+            # the jobs come at a random moment of its poll, as a user's would
+            deadline = time.time() + 60
+            while not any(x["name"] == "benchslurm" for x in c.sites()):
+                if time.time() > deadline or agent.poll() is not None:
+                    raise RuntimeError(f"the site agent did not report; see {env.home}")
+                time.sleep(0.05)
+            delay = random.uniform(0, POLL)
+            time.sleep(delay)
             t0 = time.time()
             c.add_jobs([{"name": f"s{i}", "application": "sleep"} for i in range(a.n)])
             C.wait_final(c, a.n, timeout=a.timeout)
@@ -180,7 +193,7 @@ def run_site_agent(a, nodes: list[str], old: bool) -> dict:
             "t0": t0, "first_started": s["first_started"], "last_ended": s["last_ended"],
             "rampup": s["first_started"] - t0,
             "drain": max(sp[1] for sp in spans.values() if sp) - s["last_ended"],
-            "pilots": len(pilots), "ran": sum(1 for sp in spans.values() if sp),
+            "delay": delay, "pilots": len(pilots), "ran": sum(1 for sp in spans.values() if sp),
             "finished": counts.get("JOB_FINISHED", 0),
             "first_running": min(sp[0] for sp in spans.values() if sp) - t0}
 
@@ -308,9 +321,12 @@ def main_site_agent(a, nodes: list[str], ctx: dict) -> int:
     C.emit("site_agent_rampup_seconds", C.median(col(new, "rampup")), unit="s",
            values=col(new, "rampup"), old=C.median(col(old, "rampup")),
            first_pilot_running=col(new, "first_running"),
+           old_values=col(old, "rampup"), jobs_added_after_first_round=col(new, "delay"),
+           old_jobs_added_after_first_round=col(old, "delay"),
            interval="jobs added (site agent already running) -> first task started", **common)
     C.emit("site_agent_drain_seconds", C.median(col(new, "drain")), unit="s",
            values=col(new, "drain"), old=C.median(col(old, "drain")),
+           old_values=col(old, "drain"),
            interval="last task end -> the last pilot gone from squeue", **common)
     return 0
 

@@ -186,9 +186,10 @@ class SiteAgent:
             return Plan()
         if not scheduler:
             backlog = self.client.site_backlog(self.site.name)
-            if not backlog["queued"]:
-                return Plan()  # nothing to submit; cancelling waits for a full round
             live = self.live_known()
+            if not backlog["queued"] and not any(p["state"] == PilotState.QUEUED.value
+                                                 for p in live):
+                return Plan()  # nothing to submit, nothing to cancel
         else:
             live = self.refresh()
             backlog = self.client.site_backlog(self.site.name)
