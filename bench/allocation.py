@@ -193,7 +193,10 @@ def run_site_agent(a, nodes: list[str], old: bool) -> dict:
             "t0": t0, "first_started": s["first_started"], "last_ended": s["last_ended"],
             "rampup": s["first_started"] - t0,
             "drain": max(sp[1] for sp in spans.values() if sp) - s["last_ended"],
-            "delay": delay, "pilots": len(pilots), "ran": sum(1 for sp in spans.values() if sp),
+            "delay": delay, "pilots": len(pilots),
+            # other users' batch jobs that ran meanwhile (they may have held the nodes)
+            "others": sorted(j for j in watch.running if j not in spans),
+            "ran": sum(1 for sp in spans.values() if sp),
             "finished": counts.get("JOB_FINISHED", 0),
             "first_running": min(sp[0] for sp in spans.values() if sp) - t0}
 
@@ -299,7 +302,8 @@ def main_site_agent(a, nodes: list[str], ctx: dict) -> int:
                   f"({y['busy']:.0f} busy / {y['alloc']:.0f} allocated core-s; {y['pilots']} "
                   f"pilots, {y['ran']} ran), jobs added -> first pilot running "
                   f"{y['first_running']:.1f} s, -> first task {y['rampup']:.1f} s, drain "
-                  f"{y['drain']:.1f} s, {y['finished']} of {a.n} finished")
+                  f"{y['drain']:.1f} s, {y['finished']} of {a.n} finished"
+                  + (f"; other Slurm jobs ran meanwhile: {y['others']}" if y["others"] else ""))
     common = dict(n=a.n, duration=a.duration, idle_timeout_hand=a.idle_timeout,
                   site="localslurm profile as shipped (2-node pilots, 4 nodes at most, idle "
                        "timeout 10 s)", repeat=a.repeat, slurm_nodes="fake: slurmd processes "
@@ -317,7 +321,9 @@ def main_site_agent(a, nodes: list[str], ctx: dict) -> int:
            interval="each pilot's batch job RUNNING -> gone in squeue (0.1 s polls) x nodes x "
                     "CPUs; busy: the agents' task times (Client.summary)",
            busy_core_seconds=col(new, "busy"), allocated_core_seconds=col(new, "alloc"),
-           pilots=col(new, "pilots"), finished=col(new, "finished"), **common)
+           pilots=col(new, "pilots"), finished=col(new, "finished"),
+           other_slurm_jobs=[len(y["others"]) for y in new],
+           old_other_slurm_jobs=[len(y["others"]) for y in old], **common)
     C.emit("site_agent_rampup_seconds", C.median(col(new, "rampup")), unit="s",
            values=col(new, "rampup"), old=C.median(col(old, "rampup")),
            first_pilot_running=col(new, "first_running"),
