@@ -126,8 +126,8 @@ def staging_options(f):
 @click.pass_context
 def agent_cmd(ctx, server, server_key, client_key, cores, walltime, work_root, site, pilot_id,
               prefetch, idle_timeout, max_tasks, leave_when_no_work, mpi, launcher, node_name,
-              container_runtime, binds, strict_affinity, data_roots, stage_timeout, stage_max_bytes, staging_dir,
-              fake_exec, verbose, quiet) -> None:
+              container_runtime, binds, strict_affinity, data_roots, stage_timeout,
+              stage_max_bytes, staging_dir, fake_exec, verbose, quiet) -> None:
     """Run one node agent: pull tasks that fit this node and run them pinned to cores.
 
     A job's input_url and output_url must lie under a data root (--data-root,

@@ -383,6 +383,10 @@ class Service:
             return self.srv.drain.check(now)
         except Exception:  # a bug of ours: agents then leave at their idle timeout
             log.exception("internal error telling idle agents no work is left")
+            try:  # its query may have left the transaction failed; nothing else is in it
+                self.srv.conn.rollback()
+            except Exception:
+                log.exception("rollback failed")
             return 0
 
     def poll_ms(self) -> int:
