@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 
 import pytest
-from conftest import run_cli, slurm_job_state, wait_for
+import zmq
+from conftest import curve_socket, run_cli, slurm_job_state, wait_for
+
+from pilotfish import protocol as P
 
 
 def _exited(c, pilot: str | None = None) -> list[dict]:
@@ -68,3 +72,50 @@ def test_an_agent_that_waits_for_work_leaves_after_it_has_run_some(server):
     waits.wait(5)
     assert time.time() - done < 1.5
     assert [a["tasks_done"] for a in _exited(c)] == [4], c.agents(all=True)
+
+
+def _recv(s, kinds: tuple, timeout: float = 3.0):
+    """The next message of one of ``kinds`` (bare acknowledgements skipped), or None."""
+    deadline = time.monotonic() + timeout
+    while s.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+        kind, m = P.decode(s.recv(), (P.WELCOME, P.TASKS, P.NOWORK, P.ERROR, P.CANCEL))
+        if kind in kinds and not (kind == P.TASKS and not m["tasks"]):
+            return kind, m
+    return None
+
+
+def test_nowork_on_the_wire_and_a_batch_sent_as_the_agent_left_is_not_counted(server):
+    """A raw agent (the protocol itself): told ``nowork`` naming the last batch when nothing
+    fits it, and only if its hello asked; a batch it never saw (its bye says so with ``ack``)
+    goes back to the queue without counting an attempt."""
+    c = server.client()
+    c.add_app({"name": "nap", "executable": "/bin/sleep", "args": ["0.1"]})
+    hello = dict(host="h", pid=1, site=None, pilot=None, cores=[0], gpus=[], memory=2**30,
+                 time_left=None, running=[], ack=0)
+    idle = {"cores": 0, "gpus": 0, "max_cores": 1, "max_gpus": 0, "time_left": None}
+    socks = []
+    for asks in (True, False):
+        s = zmq.Context.instance().socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        curve_socket(s, server.address)
+        s.connect(server.address)
+        aid = uuid.uuid4().hex
+        s.send(P.encode(P.HELLO, agent=aid, **hello, **({"leave_idle": True} if asks else {})))
+        assert _recv(s, (P.WELCOME,))[0] == P.WELCOME
+        s.send(P.encode(P.UPDATE, agent=aid, useq=2, updates=[], demand=idle, ack=0))
+        socks.append((aid, s))
+    (aid, s), (_, deaf) = socks
+    kind, m = _recv(s, (P.NOWORK,))
+    assert m["seq"] == 0
+    assert _recv(deaf, (P.NOWORK,), 0.6) is None  # it did not ask
+    deaf.close()
+    [job] = c.add_jobs([{"name": "j", "application": "nap"}])
+    s.send(P.encode(P.UPDATE, agent=aid, useq=3, updates=[], ack=0,
+                    demand={**idle, "cores": 1}))
+    kind, m = _recv(s, (P.TASKS,))
+    assert [t["job"] for t in m["tasks"]] == [job] and m["seq"] == 1
+    s.send(P.encode(P.BYE, agent=aid, useq=4, updates=[], released=[], ack=0))
+    wait_for(lambda: c.job(job)["state"] in ("READY", "RESTART_READY"), 5, 0.05, "requeued")
+    d = c.job(job)
+    assert d["retries"] == 0 and d["runs"][-1]["state"] == "HANDED_BACK", d
+    s.close()
