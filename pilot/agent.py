@@ -632,7 +632,9 @@ class Agent:
         updates = [u for _, ups in self.unacked for u in ups] + self.ex.take_updates(now, True)
         self.useq += 1
         self._send(P.encode(P.BYE, agent=self.id, useq=self.useq, updates=updates,
-                            released=released, epoch=self.epoch, ack=self.ack))
+                            released=released, epoch=self.epoch,
+                            # (only to a server we asked for nowork: an older one refuses it)
+                            **({"ack": self.ack} if self._hello_extra else {})))
         # no server to wait for when ours stopped on purpose and none came back, nor when none
         # welcomed us and we hold nothing (a refused key: nobody would answer)
         idle_stranger = not self.welcomed and not released and not updates
