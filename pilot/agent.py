@@ -2,7 +2,8 @@
 
 It says hello with its resources, keeps a small prefetch of leased tasks so its cores never wait
 for a round trip, reports progress in batches (also its heartbeat), keeps every update until the
-server acknowledges it, and resends after a reconnect. It exits after an idle timeout, and on
+server acknowledges it, and resends after a reconnect. It exits after an idle timeout, or (with
+``leave_when_no_work``) as soon as the server says no queued or pending job fits it, and on
 SIGTERM stops its tasks and hands them back so they are retried elsewhere.
 
 **Fencing.** Each acknowledgement (``uack`` of a task batch or of a welcome) names the newest
@@ -55,6 +56,10 @@ PREFETCH_HORIZON = 0.02
 PREFETCH_MAX = 16
 #: Minimum seconds between updates while the agent has queued work (batches updates under load).
 REPORT_INTERVAL = 0.005
+#: When the agent leaves on the server's word that no work fits it (``nowork``): never (only the
+#: idle timeout), only once it has run some task (a pilot started before its jobs were added
+#: waits for them), or always (a pilot the site agent submitted for a backlog).
+LEAVE_WHEN_NO_WORK = ("never", "after-work", "always")
 
 
 #: ZMTP heartbeats of the agent's connection: a ping every LINK_PING seconds, and the link is
@@ -74,7 +79,14 @@ class Agent:
                  max_tasks: int | None = None, node: str | None = None,
                  node_cores: int | None = None, launcher: TaskLauncher | None = None,
                  container=None, curve: keys.Curve | None = None,
-                 staging: Staging | None = None) -> None:
+                 staging: Staging | None = None, leave_when_no_work: str = "never") -> None:
+        if leave_when_no_work not in LEAVE_WHEN_NO_WORK:
+            raise ValueError(f"leave_when_no_work: expected one of {LEAVE_WHEN_NO_WORK}")
+        self.leave_when_no_work = leave_when_no_work
+        #: why the main loop should end now (the server said no work is left for us)
+        self.no_work: str | None = None
+        #: only when asked for: a server without the field refuses a hello that has it
+        self._hello_extra = {"leave_idle": True} if leave_when_no_work != "never" else {}
         self.id = uuid.uuid4().hex
         #: The node as the pilot's launcher names it (srun -w), its CPU count (for the
         #: affinity self-check on the server's side) and how multi-rank tasks start here.
@@ -327,7 +339,7 @@ class Agent:
                             node=self.node, node_cores=self.node_cores,
                             launcher=self.launcher.launcher if self.launcher else None,
                             mpi=self.launcher.mpi if self.launcher else None,
-                            useq=self.useq + 1), self.useq + 1)
+                            useq=self.useq + 1, **self._hello_extra), self.useq + 1)
         self.useq += 1
         self.hello_useq = self.useq
         if self.hello_at is None:
@@ -412,7 +424,8 @@ class Agent:
 
     def on_message(self, frame: bytes, now: float) -> None:
         try:
-            kind, m = P.decode(frame, (P.WELCOME, P.TASKS, P.CANCEL, P.ERROR, P.STOPPING))
+            kind, m = P.decode(frame, (P.WELCOME, P.TASKS, P.CANCEL, P.ERROR, P.STOPPING,
+                                       P.NOWORK))
             if kind == P.TASKS:
                 P.check_items(P.TASK, m["tasks"], "tasks")
                 P.check_items(P.JOB_ATTEMPT, m["refused"], "refused")
@@ -505,6 +518,8 @@ class Agent:
                 self.welcomed = False
                 self.acked = self.useq  # that server will never answer what we sent it
                 self.hello()
+        elif kind == P.NOWORK:
+            self.on_no_work(m)
         elif kind == P.STOPPING:
             if m.get("epoch") is not None and self.epoch is not None and m["epoch"] < self.epoch:
                 return  # an earlier start of the server, left in a socket buffer
@@ -514,6 +529,19 @@ class Agent:
             self.leave_at = time.monotonic() + grace
             log.info("the server is stopping on purpose: leaving in %.0f s unless a server "
                      "welcomes us again (running tasks keep running until then)", grace)
+
+    def on_no_work(self, m: dict) -> None:
+        """The server says no queued or pending job fits us: leave, if we are idle and saw every
+        task batch it sent before saying so (a later batch, if any, it takes back unseen)."""
+        if self.leave_when_no_work == "never" or not self.welcomed or self.stopping:
+            return
+        if m.get("epoch") is not None and m["epoch"] != self.epoch:
+            return
+        if self.leave_when_no_work == "after-work" and not self.received:
+            return
+        if m["seq"] != self.ack or not self.ex.idle():
+            return
+        self.no_work = f"the server has no work that fits it ({self.finished} tasks finished)"
 
     # -- main loop --------------------------------------------------------------------------
     def _on_signal(self, signum, _frame) -> None:
@@ -575,6 +603,11 @@ class Agent:
                 self.send_update(now)
             elif now - self.last_sent > self.heartbeat:
                 self.hello()
+            if self.no_work is not None:
+                if ex.idle():
+                    log.info("agent %s: %s: leaving", self.id, self.no_work)
+                    break
+                self.no_work = None  # work came in the same read: stay
             if not ex.idle():
                 self.idle_since = now
             elif self._quota_reached() and not ex.reportable and not self.unacked:
@@ -599,7 +632,9 @@ class Agent:
         updates = [u for _, ups in self.unacked for u in ups] + self.ex.take_updates(now, True)
         self.useq += 1
         self._send(P.encode(P.BYE, agent=self.id, useq=self.useq, updates=updates,
-                            released=released, epoch=self.epoch))
+                            released=released, epoch=self.epoch,
+                            # (only to a server we asked for nowork: an older one refuses it)
+                            **({"ack": self.ack} if self._hello_extra else {})))
         # no server to wait for when ours stopped on purpose and none came back, nor when none
         # welcomed us and we hold nothing (a refused key: nobody would answer)
         idle_stranger = not self.welcomed and not released and not updates

@@ -105,6 +105,10 @@ def staging_options(f):
 @click.option("--idle-timeout", type=PLAIN_FLOAT, default=300.0, show_default=True,
               help="Leave after this many seconds without work (0: never).")
 @click.option("--max-tasks", type=PLAIN_INT, help="Leave after running this many tasks.")
+@click.option("--leave-when-no-work", type=click.Choice(["never", "after-work", "always"]),
+              default="never", show_default=True,
+              help="Leave as soon as the server says no queued or pending job fits this agent "
+              "(after-work: only once it has run a task; the idle timeout still applies).")
 @launcher_options
 @click.option("--node-name", help="This node's name as the launcher knows it (default: "
               "$SLURMD_NODENAME, else the host name).")
@@ -121,9 +125,9 @@ def staging_options(f):
 @click.option("-q", "--quiet", is_flag=True)
 @click.pass_context
 def agent_cmd(ctx, server, server_key, client_key, cores, walltime, work_root, site, pilot_id,
-              prefetch, idle_timeout, max_tasks, mpi, launcher, node_name, container_runtime,
-              binds, strict_affinity, data_roots, stage_timeout, stage_max_bytes, staging_dir,
-              fake_exec, verbose, quiet) -> None:
+              prefetch, idle_timeout, max_tasks, leave_when_no_work, mpi, launcher, node_name,
+              container_runtime, binds, strict_affinity, data_roots, stage_timeout,
+              stage_max_bytes, staging_dir, fake_exec, verbose, quiet) -> None:
     """Run one node agent: pull tasks that fit this node and run them pinned to cores.
 
     A job's input_url and output_url must lie under a data root (--data-root,
@@ -171,7 +175,8 @@ def agent_cmd(ctx, server, server_key, client_key, cores, walltime, work_root, s
     agent = Agent(address, res, root.resolve(), site=site, pilot=pilot_id, prefetch=prefetch,
                   idle_timeout=idle_timeout, fake_exec=fake_exec, max_tasks=max_tasks,
                   node=node_name, node_cores=len(node), launcher=task_launcher,
-                  container=task_container, curve=curve, staging=staging)
+                  container=task_container, curve=curve, staging=staging,
+                  leave_when_no_work=leave_when_no_work)
     ctx.exit(agent.run())
 
 

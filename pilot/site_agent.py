@@ -2,7 +2,10 @@
 
 Every round it (1) asks the scheduler about this site's pilots and tells the server what changed,
 (2) asks the server for the site's backlog, (3) decides with :mod:`.provision` what to submit or
-cancel, and (4) does it. Being a client, one server can feed many sites. After
+cancel, and (4) does it. Between those rounds (``poll`` seconds apart: the scheduler is asked no
+more often than that), quick rounds every ``quick`` seconds skip step (1) and the backfill query,
+so a backlog that appears gets its pilots within a second, not a poll later (the policy's
+stagger and caps still apply). Being a client, one server can feed many sites. After
 ``MAX_FAILURES`` submissions in a row fail, provisioning pauses with the error reported to the
 server (``pilotfish site status``) instead of looping; it tries again after ``resume_after``.
 """
@@ -48,11 +51,12 @@ def new_pilot_id(site: Site) -> str:
 def build_spec(site: Site, *, nodes: int, walltime_minutes: float, home: Path, server: str,
                queue: str | None = None, project: str | None = None,
                pilot_id: str | None = None, image: str | None = None,
-               runtime: str | None = None) -> PilotSpec:
+               runtime: str | None = None, leave_when_no_work: str | None = None) -> PilotSpec:
     """The batch job of one pilot of ``site``: its head command and the profile's extras.
 
     With ``image`` the whole pilot (head and agents) runs inside that image, with ``runtime``
     (default: the site's), as the LIGO glideins ran inside Shifter on Blue Waters.
+    ``leave_when_no_work`` (default: the profile's) is handed to the agents.
     """
     pid = pilot_id or new_pilot_id(site)
     head = [sys.executable, "-m", "pilotfish", "--home", str(home), "pilot", "run",
@@ -62,7 +66,8 @@ def build_spec(site: Site, *, nodes: int, walltime_minutes: float, home: Path, s
         head += ["--mpi", site.mpi]
     if site.pilot.relay:
         head += ["--relay", site.pilot.relay]
-    head += ["--", "--site", site.name, "--idle-timeout", f"{site.pilot.idle_timeout:g}"]
+    head += ["--", "--site", site.name, "--idle-timeout", f"{site.pilot.idle_timeout:g}",
+             "--leave-when-no-work", leave_when_no_work or site.pilot.leave_when_no_work]
     # $SCRATCH-style variables are the compute node's: the agent expands them there
     scratch = site.scratch
     if scratch:
@@ -131,7 +136,8 @@ def policy_of(site: Site) -> Policy:
 class SiteAgent:
     def __init__(self, site: Site, client: Client, home: Path, server: str,
                  batch: BatchSystem | None = None, poll: float = 5.0,
-                 resume_after: float = 1800.0, stager=None, provision: bool = True) -> None:
+                 resume_after: float = 1800.0, stager=None, provision: bool = True,
+                 quick: float = 1.0) -> None:
         self.site = site
         #: the site stager (pilot/site_stager.py), a thread of its own; None: no staging here
         self.stager = stager
@@ -142,6 +148,8 @@ class SiteAgent:
         self.batch = batch or get_batch(site.scheduler)
         self.policy = policy_of(site)
         self.poll = poll
+        self.quick = quick
+        self.windows: list = []
         self.resume_after = resume_after
         self.recent: list[float] = []
         self.failures = 0
@@ -163,17 +171,32 @@ class SiteAgent:
                     if p["batch_id"] and p["scheduler"] == self.batch.name]
         return [p for p in mine if not PilotState(p["state"]).final]
 
-    def round(self, now: float | None = None) -> Plan:
+    def live_known(self) -> list[dict]:
+        """This site's pilots that have not ended, by the server's word alone (quick rounds)."""
+        return [p for p in self.client.pilots(site=self.site.name)
+                if p["batch_id"] and p["scheduler"] == self.batch.name
+                and not PilotState(p["state"]).final]
+
+    def round(self, now: float | None = None, scheduler: bool = True) -> Plan:
+        """One round; ``scheduler=False``: a quick one (no scheduler query, no report)."""
         now = now or time.time()
         if not self.provision:
-            self.report()
+            if scheduler:
+                self.report()
             return Plan()
-        live = self.refresh()
-        backlog = self.client.site_backlog(self.site.name)
-        windows = []
-        if self.policy.prefer_backfill and backlog["queued"]:
+        if not scheduler:
+            backlog = self.client.site_backlog(self.site.name)
+            live = self.live_known()
+            if not backlog["queued"] and not any(p["state"] == PilotState.QUEUED.value
+                                                 for p in live):
+                return Plan()  # nothing to submit, nothing to cancel
+        else:
+            live = self.refresh()
+            backlog = self.client.site_backlog(self.site.name)
+        windows = self.windows if not scheduler else []
+        if scheduler and self.policy.prefer_backfill and backlog["queued"]:
             try:
-                windows = self.batch.windows()
+                windows = self.windows = self.batch.windows()
             except BatchError as exc:
                 log.warning("site %s: no backfill windows: %s", self.site.name, exc)
         self.recent = [t for t in self.recent if now - t < self.policy.submit_interval]
@@ -215,7 +238,8 @@ class SiteAgent:
             self.error = None
             self.recent.append(now)
             self.submitted += 1
-        self.report()
+        if scheduler:
+            self.report()
         return plan
 
     def report(self) -> None:
@@ -247,8 +271,16 @@ class SiteAgent:
             if once or (max_rounds is not None and rounds >= max_rounds):
                 break
             deadline = time.time() + self.poll
+            quick = time.time() + self.quick if self.quick else deadline
             while not self.stopping and time.time() < deadline:
-                time.sleep(min(0.2, self.poll))
+                time.sleep(max(0.0, min(0.2, self.poll, deadline - time.time(),
+                                        quick - time.time())))
+                if self.quick and time.time() >= quick and time.time() < deadline:
+                    quick = time.time() + self.quick
+                    try:
+                        self.round(scheduler=False)
+                    except PilotfishError as exc:
+                        log.warning("site %s: quick round failed: %s", self.site.name, exc)
         if thread is not None:
             self.stager.stop()
             thread.join(10)

@@ -42,11 +42,15 @@ def _walltime(text: str) -> float:
 @click.option("--image", help="Run the whole pilot inside this image (e.g. "
               "docker:repo/glidein:1.0 with Shifter); the image must provide pilotfish.")
 @click.option("--runtime", help="Container runtime for --image (default: the site's).")
+@click.option("--leave-when-no-work", type=click.Choice(["never", "after-work", "always"]),
+              default="after-work", show_default=True, help="When its agents leave on the "
+              "server's word that no queued or pending job fits them (after-work: once they "
+              "have run a task, so a pilot submitted before its jobs waits for them).")
 @click.option("--dry-run", is_flag=True, help="Print the exact batch script; submit nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @click.pass_context
-def submit_cmd(ctx, site, nodes, walltime, queue, project, image, runtime, dry_run,
-               as_json) -> None:
+def submit_cmd(ctx, site, nodes, walltime, queue, project, image, runtime, leave_when_no_work,
+               dry_run, as_json) -> None:
     """Submit one pilot batch job for a site, by hand.
 
     The script, its stdout/stderr and the batch id are kept in HOME/pilots/<pilot id>/.
@@ -75,7 +79,8 @@ def submit_cmd(ctx, site, nodes, walltime, queue, project, image, runtime, dry_r
     if image and (runtime or s.container) == "none":
         raise ValidationError(f"site {s.name} has no container runtime; give --runtime")
     spec = build_spec(s, nodes=nodes, walltime_minutes=minutes, home=home, server=server,
-                      queue=queue, project=project, image=image, runtime=runtime)
+                      queue=queue, project=project, image=image, runtime=runtime,
+                      leave_when_no_work=leave_when_no_work)
     if dry_run:
         script = batch.render(spec)
         if as_json:
@@ -135,6 +140,9 @@ def cancel_cmd(ctx, pilot_ids) -> None:
 @click.option("--site", required=True, help="Site profile to provision for.")
 @click.option("--poll", type=click.FloatRange(0.1), default=10.0, show_default=True,
               help="Seconds between rounds (scheduler poll, backlog, decisions).")
+@click.option("--quick", type=click.FloatRange(0), default=1.0, show_default=True,
+              help="Seconds between quick rounds (the server's backlog only, no scheduler "
+              "query), so new work gets pilots at once; 0: none.")
 @click.option("--resume-after", type=click.FloatRange(0), default=1800.0, show_default=True,
               help="Seconds a paused site waits before trying to submit again.")
 @click.option("--once", is_flag=True, help="One round, then exit.")
@@ -146,7 +154,7 @@ def cancel_cmd(ctx, pilot_ids) -> None:
 @click.option("-v", "--verbose", count=True)
 @click.option("-q", "--quiet", is_flag=True)
 @click.pass_context
-def site_agent_cmd(ctx, site, poll, resume_after, once, rounds, stage, stage_only, verbose,
+def site_agent_cmd(ctx, site, poll, quick, resume_after, once, rounds, stage, stage_only, verbose,
                    quiet) -> None:
     """Keep the right pilots queued for a site: submit for the backlog, within the profile's
     pilot policy (size, walltime, max queued/nodes, staggered submissions, backfill), and cancel
@@ -166,7 +174,7 @@ def site_agent_cmd(ctx, site, poll, resume_after, once, rounds, stage, stage_onl
         from .site_stager import SiteStager
         stager = SiteStager(s, lambda: _client(ctx), home)
     agent = SiteAgent(s, client, home, client.address, poll=poll, resume_after=resume_after,
-                      stager=stager, provision=not stage_only)
+                      stager=stager, provision=not stage_only, quick=quick)
     ctx.exit(agent.run(once=once, max_rounds=rounds))
 
 

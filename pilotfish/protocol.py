@@ -17,6 +17,9 @@ Conversation, agent side (DEALER, routing id = agent id)::
     agent  -> bye     {useq, updates, leases handed back}
     server -> stopping {epoch, grace}      (the server stops on purpose: leave after ``grace``
                                             seconds unless a server welcomes you again)
+    server -> nowork  {seq, epoch}         (to an agent that asked for it in its hello: it holds
+                                            nothing and no queued or pending job fits it; it
+                                            may leave now if it saw task batch ``seq``)
 
 An agent keeps its updates until a ``tasks`` message acknowledges their ``useq``, and resends
 them after a reconnect; the server applies an update for (job, attempt, state) at most once.
@@ -55,6 +58,8 @@ REPLY = "reply"
 ERROR = "error"
 #: Server -> agent, optional: an older agent logs one "bad message" line for it and carries on.
 STOPPING = "stopping"
+#: Server -> agent, only to agents whose hello set ``leave_idle`` (see server/drain.py).
+NOWORK = "nowork"
 
 _NONE = type(None)
 _NUM = (int, float)
@@ -71,7 +76,9 @@ SCHEMAS: dict[str, dict[str, tuple]] = {
             "mpi": (str, _NONE),
             # optional: a number from the agent's update sequence, echoed in the welcome, so the
             # agent knows which of its hellos renewed its leases (fencing)
-            "useq": (int, _NONE)},
+            "useq": (int, _NONE),
+            # optional: tell me when no work is left for me (``nowork``): I leave then
+            "leave_idle": (bool, _NONE)},
     # optional "epoch": the server start that welcomed the agent (the fencing token's first
     # part); a server of another epoch answers "say hello"
     UPDATE: {"agent": (str,), "useq": (int,), "updates": (list,), "demand": (dict,),
@@ -80,7 +87,10 @@ SCHEMAS: dict[str, dict[str, tuple]] = {
              # each; see pilotfish.pilot.output), acknowledged with the update's useq
              "output": (list, _NONE)},
     BYE: {"agent": (str,), "useq": (int,), "updates": (list,), "released": (list,),
-          "epoch": (int, _NONE)},
+          "epoch": (int, _NONE),
+          # optional: the last task batch the agent saw; leases of later batches never reached
+          # it (sent as it left) and go back to the queue without counting an attempt
+          "ack": (int, _NONE)},
     REQUEST: {"rid": (int,), "op": (str,), "args": (dict,)},
     WELCOME: {"agent": (str,), "heartbeat": _NUM, "revoke": (list,),
               # optional: seconds of silence after which the server requeues the agent's jobs
@@ -103,6 +113,8 @@ SCHEMAS: dict[str, dict[str, tuple]] = {
     # the server is stopping on purpose (`server stop`, SIGTERM): its epoch, and the seconds
     # after which the agent leaves unless a server welcomes it again (a restart)
     STOPPING: {"epoch": (int, _NONE), "grace": (*_NUM, _NONE)},
+    # no queued or pending job fits you and you hold nothing: the last task batch we sent you
+    NOWORK: {"seq": (int,), "epoch": (int, _NONE)},
 }
 
 #: The agent's wish list: room for more work, in cores and GPUs, with the largest task shape it

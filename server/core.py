@@ -27,6 +27,7 @@ from .db import agent_keys
 from .db import agents as agents_t
 from .db import apps as apps_t
 from .db import event_ids, job_parents, jobs, max_job_id, next_epoch
+from .drain import Drain
 from .gangs import Gangs
 from .output import OutputStore
 from .queue import ReadyQueue, Shape
@@ -118,6 +119,11 @@ class AgentRec:
     #: time.monotonic() of its last hello or update: leases are counted out on this clock, so a
     #: step of the wall clock never expires them early (agents fence on their own monotonic one)
     seen: float = field(default_factory=time.monotonic)
+    #: its hello asked to be told when no work fits it (server/drain.py), and when we told it
+    #: last: our task batch seq then, and the time
+    leave_idle: bool = False
+    nowork_seq: int = -1
+    nowork_at: float = 0.0
 
     def budget(self) -> tuple[int, int]:
         cores = self.demand["cores"] - sum(c for _, c, _ in self.inflight)
@@ -176,6 +182,8 @@ class JobServer:
         self.workflows = Tracker(self.batch)
         #: sites served by other servers (pseudo-agents ``site:NAME``; see .remote_sites)
         self.remotes = Remotes(self)
+        #: telling idle agents that no work fits them, so their pilots leave (see .drain)
+        self.drain = Drain(self)
 
     # -- start and turn boundaries ----------------------------------------------------------
     def load(self, epoch: int | None = None) -> None:
@@ -363,6 +371,7 @@ class JobServer:
             (log.debug if crossed else log.info)(
                 "agent %s said hello again (%d tasks held)", aid, len(m["running"]))
         a.hello_useq = m.get("useq")
+        a.leave_idle, a.nowork_seq = bool(m.get("leave_idle")), -1
         a.identity = identity
         self.routes[identity] = aid
         a.demand = None
@@ -447,8 +456,12 @@ class JobServer:
             lease = self.leases.get(item["job"])
             if lease is not None and lease.agent == a.id and lease.attempt == item["attempt"]:
                 self.drop_lease(lease, now, f"agent {a.id} stopped", counts=False)
+        # leases of task batches the agent never saw (sent as it left, e.g. after we said no
+        # work was left for it) go back without counting an attempt
+        unseen = m.get("ack") is not None and a.seq > m["ack"]
         for job in list(a.leases):
-            self.drop_lease(self.leases[job], now, f"agent {a.id} left without it")
+            self.drop_lease(self.leases[job], now, f"agent {a.id} left without it"
+                            + (" (sent as it left)" if unseen else ""), counts=not unseen)
         self.agent_event(a, a.state, "EXITED", now, f"left after {a.tasks_done} tasks")
         a.state = "EXITED"
         a.demand = None

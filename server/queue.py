@@ -56,6 +56,10 @@ class ReadyQueue:
         """Shapes of queued multi-node jobs (they are scheduled by reserving whole nodes)."""
         return [s for s in list(self._heaps) if s.nodes > 1 and self._head(s) is not None]
 
+    def live_shapes(self) -> list[Shape]:
+        """The shapes with a queued job (one look per shape, not per job: for server/drain.py)."""
+        return [s for s in list(self._heaps) if self._head(s) is not None]
+
     def best(self, shape: Shape, skip: set[int]) -> tuple[int, int] | None:
         """The best queued (-priority, job) of ``shape`` not in ``skip``, without popping it."""
         heap = self._heaps.get(shape)

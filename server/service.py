@@ -337,6 +337,10 @@ class Service:
                 if self.waiters.due():  # a parked events request's time is up
                     self.finish_turn(sock)
                 now = time.time()
+                # a few times a second, off the dispatch path: idle agents no job fits are told
+                # so, and their pilots leave (server/drain.py)
+                if self._drain(now) and not self.finish_turn(sock):
+                    self.reload()
                 if now >= next_expire and self.caught_up(sock, read_all):
                     next_expire = now + min(0.5, self.heartbeat / 2)
                     self.srv.expire(now)
@@ -374,6 +378,17 @@ class Service:
             log.info("pruned %d events older than %.0f s; the stream starts at id %d",
                      r["pruned"], self.events_keep, r["oldest"])
         self.next_prune = now + (0.5 if r["more"] else min(3600.0, self.events_keep / 10))
+
+    def _drain(self, now: float) -> int:
+        try:
+            return self.srv.drain.check(now)
+        except Exception:  # a bug of ours: agents then leave at their idle timeout
+            log.exception("internal error telling idle agents no work is left")
+            try:  # its query may have left the transaction failed; nothing else is in it
+                self.srv.conn.rollback()
+            except Exception:
+                log.exception("rollback failed")
+            return 0
 
     def poll_ms(self) -> int:
         """How long the loop may sleep: 250 ms, or less when a parked request is due sooner."""

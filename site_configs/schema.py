@@ -211,6 +211,10 @@ class Pilot(_Model):
     max_submits_per_interval: Count = 1
     #: Seconds an agent waits without work before it leaves (and gives its node back).
     idle_timeout: PositiveNumber = 600
+    #: When an agent leaves on the server's word that no queued or pending job fits it (before
+    #: its idle timeout): always (the site agent submits again when work comes), after-work
+    #: (only once it has run a task), never (only the idle timeout).
+    leave_when_no_work: Literal["never", "after-work", "always"] = "always"
     #: null: every agent talks to the server; "mpi": only rank 0 does, for the others.
     relay: Optional[Literal["mpi"]] = None
     prefer_backfill: bool = False
