@@ -270,6 +270,10 @@ def server_stop(ctx) -> None:
     console.out.print("no server running" if pid is None else f"server {pid} stopped")
 
 
+#: after "queued: N" while a server that just started still reads its queued jobs
+LOADING = " so far (reading the queue; dispatch starts when it is read)"
+
+
 @server_group.command("status", context_settings=CTX)
 @json_option
 @click.pass_context
@@ -306,7 +310,8 @@ def server_status(ctx, as_json) -> None:
     console.out.print(f"running: pid {st['pid']} at {st['address']}, up {st['uptime']:.0f} s, "
                       f"db {st['db']}")
     console.out.print(f"agents alive: {st['agents_alive']} ({st['cores_alive']} cores); "
-                      f"queued: {st['queued']}; leased: {st['leases']}")
+                      f"queued: {st['queued']}{LOADING if st.get('loading') else ''}; "
+                      f"leased: {st['leases']}")
     console.table([{"state": k, "jobs": v} for k, v in sorted(st["counts"].items())],
                   [("state", "STATE"), ("jobs", "JOBS")])
 

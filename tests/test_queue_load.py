@@ -19,6 +19,25 @@ from pilotfish.server.db import make_engine
 N = 200
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request, home):
+    """Both databases. (Setting up a PostgreSQL database and a server on it takes ~2-3 s on a
+    busy machine.)"""
+    if request.param == "sqlite":
+        return f"sqlite:///{home / 'pilotfish.db'}"
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def opened():
+    """JobServers of this process, closed after the test (before its database is dropped)."""
+    srvs: list[JobServer] = []
+    yield srvs
+    for srv in srvs:
+        srv.conn.close()
+        srv.engine.dispose()
+
+
 @pytest.fixture
 def filled(server, home):
     """N READY jobs of several priorities and shapes (some for site s1), every 17th killed."""
@@ -38,8 +57,10 @@ def filled(server, home):
     return ids
 
 
-def open_srv(server, home) -> JobServer:
-    return JobServer(make_engine(server.db_url), 1.0, 3.0, dataroots.make(home))
+def open_srv(server, home, opened) -> JobServer:
+    srv = JobServer(make_engine(server.db_url), 1.0, 3.0, dataroots.make(home))
+    opened.append(srv)
+    return srv
 
 
 def drain(srv: JobServer, site: str | None) -> list[int]:
@@ -61,9 +82,9 @@ def read_all(srv: JobServer) -> int:
     return steps
 
 
-def full_load(server, home) -> JobServer:
+def full_load(server, home, opened) -> JobServer:
     """The queue read at once (as before ranges)."""
-    srv = open_srv(server, home)
+    srv = open_srv(server, home, opened)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(core, "LOAD_FIRST_IDS", 10**9)
         srv.load()
@@ -71,18 +92,19 @@ def full_load(server, home) -> JobServer:
     return srv
 
 
-def test_ranges_give_the_same_queue_and_order(filled, server, home, monkeypatch):
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # PostgreSQL: the next test
+def test_ranges_give_the_same_queue_and_order(filled, server, home, monkeypatch, opened):
     monkeypatch.setattr(core, "LOAD_FIRST_IDS", 40)
     monkeypatch.setattr(core, "LOAD_PAGE_IDS", 25)
-    srv = open_srv(server, home)
+    srv = open_srv(server, home, opened)
     srv.load()
     assert srv.loading is not None and 0 < len(srv.queue) < N
-    whole = full_load(server, home).queued_shapes()
+    whole = full_load(server, home, opened).queued_shapes()
     assert srv.queued_shapes() == whole  # the ids not yet read are counted in the database
     assert srv.dispatch(time.time()) == 0
     assert read_all(srv) == 7  # ids 41..200 in ranges of 25
     assert srv.queued_shapes() == whole
-    ref = full_load(server, home)
+    ref = full_load(server, home, opened)
     assert sorted(srv.queue.items()) == sorted(ref.queue.items())
     assert len(srv.queue) == N - len(range(0, N, 17))
     for site in ("s1", None):
@@ -90,13 +112,13 @@ def test_ranges_give_the_same_queue_and_order(filled, server, home, monkeypatch)
     assert len(srv.queue) == len(ref.queue) == 0
 
 
-def test_changes_between_ranges_are_kept(filled, server, home, monkeypatch):
+def test_changes_between_ranges_are_kept(filled, server, home, monkeypatch, opened):
     """A job killed, retried or altered before its range is read is read as it is now, and
     read once."""
     monkeypatch.setattr(core, "LOAD_FIRST_IDS", 40)
     monkeypatch.setattr(core, "LOAD_PAGE_IDS", 25)
     ids = filled
-    srv = open_srv(server, home)
+    srv = open_srv(server, home, opened)
     srv.load()
     now = time.time()
     killed, retried, altered = ids[150], ids[153], ids[161]   # not yet read
@@ -108,7 +130,7 @@ def test_changes_between_ranges_are_kept(filled, server, home, monkeypatch):
     assert retried in srv.queue  # queued again now; its range must not add it twice
     read_all(srv)
     assert killed not in srv.queue and retried in srv.queue
-    ref = full_load(server, home)
+    ref = full_load(server, home, opened)
     assert sorted(srv.queue.items()) == sorted(ref.queue.items())
     order = drain(srv, None)
     assert order == drain(ref, None)
