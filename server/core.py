@@ -48,7 +48,7 @@ MAX_TASKS_PER_MESSAGE = 1000
 #: Queued jobs are read at start a range of ids at a time: the first range before the server
 #: serves, the rest between turns (see JobServer.load_more), so a restart with a million queued
 #: jobs answers requests within a second. Dispatch waits until the last range is read.
-LOAD_FIRST_IDS = 50_000
+LOAD_FIRST_IDS = 20_000
 LOAD_PAGE_IDS = 20_000
 
 _DISPATCH_COLS = (jobs.c.id, jobs.c.name, jobs.c.app_id, jobs.c.parameters, jobs.c.workdir,
