@@ -124,9 +124,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def one_run(tree: Path, world: Path, tmp: str | None, total: int, dispatch: int) -> dict:
+def one_run(tree: Path, world: Path, a) -> dict:
     """Start the version in ``tree`` on a copy of ``world``; its figures."""
-    home = Path(tempfile.mkdtemp(prefix="pilotfish-bench-million-", dir=tmp))
+    total, dispatch = a.total, a.dispatch
+    home = Path(tempfile.mkdtemp(prefix="pilotfish-bench-million-", dir=a.tmp))
     server = agent = None
     try:
         shutil.copytree(world, home, dirs_exist_ok=True, symlinks=True)
@@ -138,8 +139,8 @@ def one_run(tree: Path, world: Path, tmp: str | None, total: int, dispatch: int)
         log = open(home / "bench-server.out", "wb")
         t0 = time.perf_counter()
         server = subprocess.Popen([str(exe), "--home", str(home), "server", "start", "-f",
-                                   "--bind", addr], stdout=log, stderr=log,
-                                  stdin=subprocess.DEVNULL)
+                                   "--bind", addr, "--heartbeat", str(a.heartbeat)],
+                                  stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         with Client(addr, home, timeout=120) as c:
             c.counts()
             t_answer = time.perf_counter() - t0
@@ -206,7 +207,10 @@ def one_run(tree: Path, world: Path, tmp: str | None, total: int, dispatch: int)
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
-        shutil.rmtree(home, ignore_errors=True)
+        if a.keep:
+            C.log(f"kept {home}")
+        else:
+            shutil.rmtree(home, ignore_errors=True)
 
 
 FIGURES = {"restart_to_first_answer": ("s", TARGET_SERVING),
@@ -236,6 +240,9 @@ def main() -> int:
     C.install_signal_handlers()
     if not 0 < a.seed <= a.total or a.total > 10_000_000:
         p.error("need 0 < --seed <= --total <= 10,000,000")
+    if a.py_spy:
+        p.error("--py-spy is not supported here (profile a start with py-spy record -- "
+                "pilotfish server start -f on a copy of --world)")
     ctx = C.machine(a.tmp)
     if a.world:
         world = Path(a.world).resolve()
@@ -254,7 +261,7 @@ def main() -> int:
         for r in range(a.repeat):
             order = list(trees) if r % 2 == 0 else list(reversed(trees))
             for k in order:
-                runs[k].append(one_run(trees[k], world, a.tmp, a.total, a.dispatch))
+                runs[k].append(one_run(trees[k], world, a))
                 C.log(f"{k} run {r + 1}: " + ", ".join(
                     f"{f}={v:.2f}" for f, v in runs[k][-1].items() if v is not None))
         for fig, (unit, target) in FIGURES.items():
