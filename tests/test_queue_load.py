@@ -3,7 +3,7 @@ same dispatch order as reading it at once; what changes between ranges is kept; 
 and whole counts for the provisioner, while it reads.
 
 The jobs are made by a real server process; the reading is then watched step by step in a
-JobServer of this process on the same SQLite file (ranges of 25 ids instead of 20,000).
+JobServer of this process on the same database (ranges of 25 ids instead of 20,000).
 """
 from __future__ import annotations
 
