@@ -270,6 +270,10 @@ def server_stop(ctx) -> None:
     console.out.print("no server running" if pid is None else f"server {pid} stopped")
 
 
+#: after "queued: N" while a server that just started still reads its queued jobs
+LOADING = " so far (reading the queue; dispatch starts when it is read)"
+
+
 @server_group.command("status", context_settings=CTX)
 @click.option("--wait", "wait", type=click.FloatRange(0.1, 3600), default=STATUS_WAIT,
               show_default=True, metavar="SECONDS", help="How long to wait for an answer "
@@ -309,7 +313,8 @@ def server_status(ctx, wait, as_json) -> None:
     console.out.print(f"running: pid {st['pid']} at {st['address']}, up {st['uptime']:.0f} s, "
                       f"db {st['db']}")
     console.out.print(f"agents alive: {st['agents_alive']} ({st['cores_alive']} cores); "
-                      f"queued: {st['queued']}; leased: {st['leases']}")
+                      f"queued: {st['queued']}{LOADING if st.get('loading') else ''}; "
+                      f"leased: {st['leases']}")
     console.table([{"state": k, "jobs": v} for k, v in sorted(st["counts"].items())],
                   [("state", "STATE"), ("jobs", "JOBS")])
 

@@ -26,6 +26,7 @@ from .apps import App, app_from_row
 from .db import agent_keys
 from .db import agents as agents_t
 from .db import apps as apps_t
+from .db import SQLITE_CACHE_KIB, SQLITE_LOAD_CACHE_KIB
 from .db import event_ids, job_parents, jobs, max_job_id, next_epoch
 from .drain import Drain
 from .gangs import Gangs
@@ -45,6 +46,11 @@ S = State
 BY_NAME = {s.value: s for s in State}  # faster than State(name) on the update path
 #: At most this many tasks in one message to an agent.
 MAX_TASKS_PER_MESSAGE = 1000
+#: Queued jobs are read at start a range of ids at a time: the first range before the server
+#: serves, the rest between turns (see JobServer.load_more), so a restart with a million queued
+#: jobs answers requests within a second. Dispatch waits until the last range is read.
+LOAD_FIRST_IDS = 20_000
+LOAD_PAGE_IDS = 20_000
 
 _DISPATCH_COLS = (jobs.c.id, jobs.c.name, jobs.c.app_id, jobs.c.parameters, jobs.c.workdir,
                   jobs.c.wall_time_minutes, jobs.c.attempts, jobs.c.retries, jobs.c.max_retries,
@@ -55,6 +61,10 @@ _DISPATCH_SELECT = select(*_DISPATCH_COLS).where(
 _SHAPE_COLS = (jobs.c.id, jobs.c.priority, jobs.c.site, jobs.c.num_nodes,
                jobs.c.processes_per_node, jobs.c.cpus_per_process, jobs.c.gpus_per_process,
                jobs.c.wall_time_minutes)
+#: The queued jobs of a range of ids (JobServer.load_more): an index range (state, id).
+_LOAD_SELECT = select(*_SHAPE_COLS).where(
+    jobs.c.state.in_([s.value for s in states.QUEUED]), jobs.c.agent.is_(None),
+    jobs.c.id > bindparam("lo"), jobs.c.id <= bindparam("top"))
 
 
 def _text(msg: str | None) -> str | None:
@@ -66,10 +76,28 @@ def _text(msg: str | None) -> str | None:
 def shape_of(row: Any) -> Shape:
     """A job's queue shape from a row or dict with the resource columns."""
     get = row.__getitem__ if isinstance(row, dict) else row._mapping.__getitem__
-    ppn = get("processes_per_node")
-    wall = get("wall_time_minutes")
-    return Shape(get("site"), get("num_nodes"), ppn * get("cpus_per_process"),
-                 ppn * get("gpus_per_process"), None if wall is None else wall * 60.0, ppn)
+    return make_shape(get("site"), get("num_nodes"), get("processes_per_node"),
+                      get("cpus_per_process"), get("gpus_per_process"),
+                      get("wall_time_minutes"))
+
+
+#: Shapes made so far, by their columns: a million queued jobs have a handful of shapes, and
+#: one shared (immutable) Shape each instead of a tuple per job saves ~100 bytes a job.
+_SHAPES: dict[tuple, Shape] = {}
+
+
+def make_shape(site: str | None, nodes: int, ppn: int, cpus: int, gpus: int,
+               wall_minutes: float | None) -> Shape:
+    """The queue shape of a job's resource columns (one object per distinct shape)."""
+    key = (site, nodes, ppn, cpus, gpus, wall_minutes)
+    shape = _SHAPES.get(key)
+    if shape is None:
+        if len(_SHAPES) >= 10_000:  # many distinct shapes: bound the cache, stay correct
+            _SHAPES.clear()
+        shape = _SHAPES[key] = Shape(site, nodes, ppn * cpus, ppn * gpus,
+                                     None if wall_minutes is None else wall_minutes * 60.0,
+                                     ppn)
+    return shape
 
 
 @dataclass(slots=True)
@@ -174,6 +202,9 @@ class JobServer:
         #: The newest event id pruned: cursors older than it are refused (see .events).
         self.events_pruned = 0
         self.stopping = False
+        #: [ids read up to, last id to read, time.monotonic() of the start] while the queued
+        #: jobs are still being read (see load_more); None once all are in the queue
+        self.loading: list | None = None
         self.started = time.time()
         self.stats = {"dispatched": 0, "updates": 0, "refused": 0, "bad_messages": 0}
         #: tasks' output shipped by agents (job log): its limits, caches and checks
@@ -190,6 +221,7 @@ class JobServer:
         """Rebuild the in-memory indexes from the database; ``epoch``: keep this start's epoch
         (a rebuild after an internal error is no new start: agents keep their welcome)."""
         c = self.conn
+        self._cache_size(SQLITE_LOAD_CACHE_KIB)  # until the queue is read (see .db)
         self.epoch = next_epoch(c) if epoch is None else epoch
         for row in c.execute(select(apps_t)):
             app = app_from_row(row)
@@ -222,9 +254,10 @@ class JobServer:
         self.workflows.load(c)
         self.remotes.load(c)
         queued = [s.value for s in states.QUEUED]
+        # first the jobs an agent holds (few, whatever the queue's length), then the queue
         for row in c.execute(select(*_SHAPE_COLS, jobs.c.state, jobs.c.agent, jobs.c.attempts,
                                     jobs.c.retries, jobs.c.max_retries, jobs.c.started)
-                             .where(jobs.c.agent.is_not(None) | jobs.c.state.in_(queued))):
+                             .where(jobs.c.agent.is_not(None))):
             shape = shape_of(row)
             agent = self.agents.get(row.agent) if row.agent else None
             # jobs.started is this attempt's start once it ran (it is set from the update that
@@ -247,11 +280,65 @@ class JobServer:
                     self.batch.end_attempt(row.id, "LOST", now,
                                            f"agent {row.agent} was gone at server start")
                 self.queue.push(row.id, row.priority, shape)
+        self.loading = [0, self.next_id - 1, time.monotonic()]
+        self.load_more(LOAD_FIRST_IDS)
         self.staging.load(c)
         self.commit()
-        log.info("epoch %d: loaded %d apps, %d queued jobs, %d leases, %d agents; next job id %d",
-                 self.epoch, len(self.apps), len(self.queue), len(self.leases), len(self.agents),
-                 self.next_id)
+        log.info("epoch %d: loaded %d apps, %d queued jobs%s, %d leases, %d agents; next job id "
+                 "%d", self.epoch, len(self.apps), len(self.queue),
+                 " so far (the rest between turns)" if self.loading else "", len(self.leases),
+                 len(self.agents), self.next_id)
+
+    def load_more(self, span: int | None = None) -> None:
+        """Read the next ``span`` ids of the queued jobs that were in the database at start
+        into the queue (what dispatch needs: id, priority, shape), until none are left.
+
+        Called between turns, after a commit, so the rows read say what every change made
+        since the start did to them: a job killed or altered before its range was read is read
+        as it is now, and one already queued again (a retry, a lease given back), leased or
+        held by a stager is skipped."""
+        lo, hi, t0 = self.loading
+        top = min(hi, lo + (LOAD_PAGE_IDS if span is None else span))
+        queue, leases, held = self.queue, self.leases, self.staging.held
+        push = queue.push
+        self.sync()  # (nothing should be pending between turns; if it were, read it too)
+        # rows unpacked as tuples: a row's ._mapping (shape_of) cost more than reading it
+        rows = self.conn.execute(_LOAD_SELECT, {"lo": lo, "top": top})
+        for jid, priority, site, nodes, ppn, cpus, gpus, wall in rows:
+            if jid in queue or jid in leases or jid in held:
+                continue
+            push(jid, priority, make_shape(site, nodes, ppn, cpus, gpus, wall))
+        if top < hi:
+            self.loading[0] = top
+            return
+        self.loading = None
+        self._cache_size(SQLITE_CACHE_KIB)
+        if lo > 0:  # done between turns: say so (a short queue is read before serving)
+            log.info("epoch %d: queue loaded in %.1f s: %d queued jobs", self.epoch,
+                     time.monotonic() - t0, len(self.queue))
+
+    def _cache_size(self, kib: int) -> None:
+        if self.engine.dialect.name == "sqlite":
+            self.conn.exec_driver_sql(f"PRAGMA cache_size=-{int(kib)}")
+
+    def queued_shapes(self) -> dict[Shape, int]:
+        """Queued job counts per shape, also while the queue is still being read at start
+        (the ids not yet read are counted in the database, where they are as they are now)."""
+        if self.loading is None:
+            return self.queue.shapes()
+        lo, hi, _ = self.loading
+        self.sync()  # this turn's changes so far, seen by the count
+        counts = self.queue.shapes(outside=(lo, hi))
+        cols = (jobs.c.site, jobs.c.num_nodes, jobs.c.processes_per_node,
+                jobs.c.cpus_per_process, jobs.c.gpus_per_process, jobs.c.wall_time_minutes)
+        q = (select(*cols, func.count())
+             .where(jobs.c.state.in_([s.value for s in states.QUEUED]),
+                    jobs.c.agent.is_(None), jobs.c.id > lo, jobs.c.id <= hi)
+             .group_by(*cols))
+        for *key, n in self.conn.execute(q):
+            shape = make_shape(*key)
+            counts[shape] = counts.get(shape, 0) + n
+        return counts
 
     def agent_where(self, aid: str) -> dict:
         """Host, node and pilot of an agent, alive or long gone: where an attempt ran (they
@@ -614,6 +701,8 @@ class JobServer:
     # -- dispatch ---------------------------------------------------------------------------
     def dispatch(self, now: float) -> int:
         """Hand queued jobs to hungry agents as leases; returns the number of tasks sent."""
+        if self.loading is not None:
+            return 0  # a job not yet read may come first: dispatch in order once all are in
         sent = self.dispatch_gangs(now)
         if not self.hungry or not self.queue:
             return sent

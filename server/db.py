@@ -318,6 +318,13 @@ meta = Table(
 )
 
 
+#: SQLite's page cache per connection (KiB). The server reads its queued jobs at start with a
+#: small one instead (see JobServer.load), so that pass over the whole table does not leave
+#: the cache full of pages no request needs (64 MB of the server's memory).
+SQLITE_CACHE_KIB = 65536
+SQLITE_LOAD_CACHE_KIB = 2048
+
+
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur = dbapi_conn.cursor()
     # WAL: readers never block the writer. NORMAL: durable across a process crash (our failure
@@ -325,7 +332,7 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA busy_timeout=10000")
-    cur.execute("PRAGMA cache_size=-65536")
+    cur.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
     cur.close()
 
 

@@ -131,6 +131,8 @@ def status(srv: JobServer, args: dict, now: float) -> dict:
     return {"version": __version__, "pid": os.getpid(), "db": srv.engine.url.render_as_string(
         hide_password=True), "uptime": round(now - srv.started, 1), "counts": srv.counts(),
         "queued": len(srv.queue), "leases": len(srv.leases), "agents_alive": len(alive),
+        # still reading the queued jobs at start ("queued" counts those read so far)
+        "loading": srv.loading is not None,
         "cores_alive": sum(a.cores for a in alive), "stats": dict(srv.stats),
         "epoch": srv.epoch,
         # the event stream's ends: `events --since newest` follows from now

@@ -154,7 +154,7 @@ def site_backlog(srv: JobServer, args: dict, now: float) -> dict:
     """What a site agent provisions for: queued jobs this site may run, by shape."""
     site = check_name(_arg(args, "site", str, required=True), "site")
     shapes = []
-    for s, n in srv.queue.shapes().items():
+    for s, n in srv.queued_shapes().items():
         if s.site is None or s.site == site:
             shapes.append({"nodes": s.nodes, "cores": s.cores, "gpus": s.gpus,
                            "wall_seconds": s.wall_seconds, "ranks": s.ranks, "count": n,

@@ -75,11 +75,18 @@ class ReadyQueue:
                 return None
             k *= 4
 
-    def shapes(self) -> dict[Shape, int]:
-        """Queued job counts per shape (for status and, later, the provisioner)."""
+    def shapes(self, outside: tuple[int, int] | None = None) -> dict[Shape, int]:
+        """Queued job counts per shape (for status and the provisioner); ``outside=(lo, hi)``:
+        only of the jobs whose id is not in lo < id <= hi."""
         counts: dict[Shape, int] = {}
-        for shape in self._member.values():
-            counts[shape] = counts.get(shape, 0) + 1
+        if outside is None:
+            for shape in self._member.values():
+                counts[shape] = counts.get(shape, 0) + 1
+            return counts
+        lo, hi = outside
+        for job, shape in self._member.items():
+            if not lo < job <= hi:
+                counts[shape] = counts.get(shape, 0) + 1
         return counts
 
     def _head(self, shape: Shape) -> tuple[int, int] | None:

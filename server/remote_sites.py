@@ -198,7 +198,9 @@ class Remotes:
                 self.handed.pop(job, None)
                 continue
             out.append((job, lease))
-        taken = srv.queue.take_sites(set(self.sites), max(0, limit - len(out)))
+        # (none while the queue is still being read at start: a job not yet read may come first)
+        taken = [] if srv.loading is not None else \
+            srv.queue.take_sites(set(self.sites), max(0, limit - len(out)))
         rows = self._rows([j for j, _ in taken] + [j for j, _ in out])
         specs = [self._spec(rows[j], lease) for j, lease in out if j in rows]
         health = self.health()

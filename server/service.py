@@ -332,8 +332,11 @@ class Service:
         next_expire = time.time() + self.heartbeat
         try:
             while not self.stopping:
-                poller.poll(self.poll_ms())
+                # while the queue is still being read, read a range between turns, no sleep
+                poller.poll(0 if self.srv.loading is not None else self.poll_ms())
                 read_all = self.turn(sock)
+                if self.srv.loading is not None:
+                    self.load_step(sock)
                 if self.waiters.due():  # a parked events request's time is up
                     self.finish_turn(sock)
                 now = time.time()
@@ -360,6 +363,23 @@ class Service:
             self.srv.conn.close()
             self.engine.dispose()
             log.info("stopped")
+
+    def load_step(self, sock: zmq.Socket) -> None:
+        """Read the next range of queued jobs in a turn of its own (after the last turn's
+        commit); once all are read, dispatch to the agents that waited."""
+        srv = self.srv
+        try:
+            srv.load_more()
+            if srv.loading is None:
+                now = time.time()
+                srv.resolve_children(now)
+                srv.dispatch(now)
+        except Exception:
+            log.exception("internal error reading the queue")
+            self.reload()
+            return
+        if not self.finish_turn(sock):
+            self.reload()
 
     def prune_events(self, sock: zmq.Socket, now: float) -> None:
         """One bounded chunk of ``--events-keep`` pruning in a turn of its own; the next chunk
