@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from pilotfish.bridge.federate import (FederateConfig, Site, check_config, forward_body,
-                                       parse_argo_id, to_url)
+from pilotfish.bridge.federate import (FederateConfig, Site, check_config, control_body,
+                                       forward_body, parse_argo_id, to_url)
 from pilotfish.bridge.site_beat import beat_message
 from pilotfish.errors import ValidationError
 from pilotfish.server.remote_sites import mirror_path
@@ -76,8 +76,11 @@ def test_forward_message_golden():
         "processes_per_node": 1, "cpus_per_process": 1, "gpus_per_process": 0,
         "input_url": "sftp://central.example.org/data/in.tgz",
         "output_url": "sftp://central.example.org/data/out/sim.17", "max_retries": 0,
-        "argo_job_id": "fwd:central:17:2", "intake_key": "fwd:central:17:2",
+        "argo_job_id": "fwd:central:17:2", "intake_key": "fwd:central:17:2", "held": True,
         "job_status_routing_key": "fed.status.mira"}
+    assert control_body(cfg, {"action": "cancel", "job": 17, "attempt": 2, "site": "mira"}) \
+        == {"pilotfish_control": "cancel", "argo_job_id": "fwd:central:17:2",
+            "job_status_routing_key": "fed.status.mira"}
     assert parse_argo_id("central", "fwd:central:17:2") == (17, 2)
     for bad in ("fwd:other:17:2", "fwd:central:x:2", "fwd:central:0:1", 4711, None,
                 "fwd:central:17:2:3", f"fwd:central:{2**63}:1"):
