@@ -236,8 +236,8 @@ class Receiver:
     def _add(self, ch, group: list[tuple[Delivery, list[dict]]]) -> None:
         jobs = [j for _, js in group for j in js]
         try:
-            r = self._call(lambda c: c.call("job_add", jobs=jobs,
-                                            timeout=max(c.timeout, len(jobs) / 1000)))
+            r = self._call(lambda c: _again_safe(c, "job_add", {"jobs": jobs},
+                                                 max(c.timeout, len(jobs) / 1000)))
         except ServerUnavailable as exc:
             self._drop_client()
             raise ServerPaused(f"the server does not answer ({exc})") from None
@@ -261,7 +261,7 @@ class Receiver:
 
     def _add_workflow(self, ch, d: Delivery, workflow: dict) -> None:
         try:
-            r = self._call(lambda c: c.call("workflow_add", workflow=workflow))
+            r = self._call(lambda c: _again_safe(c, "workflow_add", {"workflow": workflow}))
         except ServerUnavailable as exc:
             self._drop_client()
             raise ServerPaused(f"the server does not answer ({exc})") from None
@@ -288,7 +288,8 @@ class Receiver:
             return
         action, mid = msg["pilotfish_control"], msg["argo_job_id"]
         try:
-            r = self._call(lambda c: c.call("forward_control", action=action, intake_key=mid))
+            r = self._call(lambda c: _again_safe(c, "forward_control",
+                                                 {"action": action, "intake_key": mid}))
         except ServerUnavailable as exc:
             self._drop_client()
             raise ServerPaused(f"the server does not answer ({exc})") from None
@@ -353,6 +354,13 @@ class Receiver:
         self.stats["dead"] += 1
         log.warning("receiver: message %s to %s: %s", _shown_id(p.message_id),
                     self.cfg.dead_letter_queue, error)
+
+
+def _again_safe(c: Client, op: str, args: dict, timeout: float | None = None) -> Any:
+    """A request the receiver may repeat (every job it adds carries an intake key; starts
+    and cancels are idempotent): a server that dies with it fails it at once, not at its
+    timeout (30 s of a stalled intake after a site server's kill -9)."""
+    return c._call(op, args, timeout, lost_fails=True)
 
 
 def _shown_id(message_id) -> str:

@@ -266,18 +266,27 @@ class Remotes:
             if lease is None or not self.is_site_agent(lease.agent)                     or lease.state not in states.QUEUED:
                 self.starting.pop(job, None)
                 continue
-            if now - t >= resend_after:
+            site = lease.agent[len(PREFIX):]
+            if now - t >= resend_after and (t == 0.0 or self._heard(site, now)):
                 out.append({"action": "start", "job": job, "attempt": lease.attempt,
-                            "site": lease.agent[len(PREFIX):]})
+                            "site": site})
                 self.starting[job] = now
         for (job, attempt), entry in self.cancels.items():
             if len(out) >= limit:
                 break
-            if now - entry[1] >= resend_after:
+            # sent once, again only while the site beats (a silent site's queue keeps the
+            # first; copies would pile up there)
+            if now - entry[1] >= resend_after and (entry[1] == 0.0
+                                                   or self._heard(entry[0], now)):
                 out.append({"action": "cancel", "job": job, "attempt": attempt,
                             "site": entry[0]})
                 entry[1] = now
         return out
+
+    def _heard(self, site: str, now: float) -> bool:
+        s = self.sites.get(site)
+        return s is not None and s.last_beat is not None \
+            and now - s.last_beat <= self.silent_after
 
     def cancel(self, lease, now: float) -> None:
         """A forwarded attempt is taken back (killed here, or routed elsewhere): its site is
