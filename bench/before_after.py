@@ -54,16 +54,19 @@ def checkout(rev: str, where: Path) -> Path:
     return tree
 
 
+#: Homes of finished runs, removed at the end: removing a run's 10,000 workdirs just before
+#: the next run starts taxed that run (ext4 skips recently freed inodes; the deletes' writeback)
+_USED_HOMES: list[Path] = []
+
+
 def run_one(tree: Path, bench: str, extra: list[str], tmp: Path) -> dict:
     """One run of ``bench`` by the version in ``tree``; its figure's JSON line."""
     script, args, figure = BENCHES[bench]
     home = Path(tempfile.mkdtemp(prefix=f"ba-{bench}-", dir=tmp))
-    try:
-        out = subprocess.run([str(tree / ".venv/bin/python"), str(tree / "bench" / script),
-                              "--repeat", "1", "--tmp", str(home), *args,
-                              *extra], cwd=tree, capture_output=True, text=True, timeout=1800)
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
+    _USED_HOMES.append(home)
+    out = subprocess.run([str(tree / ".venv/bin/python"), str(tree / "bench" / script),
+                          "--repeat", "1", "--tmp", str(home), "--keep", *args,
+                          *extra], cwd=tree, capture_output=True, text=True, timeout=1800)
     for line in out.stdout.splitlines():
         try:
             r = json.loads(line)
@@ -148,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                 "loadavg_1m": os.getloadavg()[0], "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
             }), flush=True)
     finally:
+        for home in _USED_HOMES:
+            shutil.rmtree(home, ignore_errors=True)
         if a.base and not a.base_dir:
             subprocess.run(["git", "worktree", "remove", "--force", str(scratch / "base")],
                            cwd=ROOT, capture_output=True)

@@ -612,6 +612,26 @@ def env_pids(env: Env) -> dict[str, int]:
     return pids
 
 
+def settle_disk(timeout: float = 20.0) -> None:
+    """Write back what earlier runs left dirty before a timed run starts: the kernel flushing
+    a previous run's tens of thousands of workdir inodes during the next one made W2 swing
+    2-3x between repeats. (``sync`` and wait for Dirty + Writeback in /proc/meminfo to fall.)"""
+    t0 = time.monotonic()
+    os.sync()
+    while time.monotonic() - t0 < timeout:
+        kb = 0
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith(("Dirty:", "Writeback:")):
+                        kb += int(line.split()[1])
+        except OSError:
+            return
+        if kb < 4096:
+            return
+        time.sleep(0.1)
+
+
 def machine(tmp: str | None = None) -> dict:
     """Context for the result lines: the code measured, the cores we may use, the load, and the
     file system of the temporary homes (which hold the SQLite file and the task workdirs)."""

@@ -42,12 +42,14 @@ def run_pilotfish(a, layout: list[list[int]], prefetch: int | None, label: str) 
         if a.start == "agents-first":
             env.start_agents(layout, prefetch)
             env.wait_agents(len(layout))
+            C.settle_disk()
             with C.profile(a, label, C.env_pids(env)), C.CpuMeter(env) as cpu:
                 t0 = time.perf_counter()
                 add_jobs(c, jobs)
                 t1 = time.perf_counter()
                 t2, counts = C.wait_final(c, n, check=env.check_agents)
         else:
+            C.settle_disk()
             t0 = time.perf_counter()
             add_jobs(c, jobs)
             with C.profile(a, label, {"server": env.server_pid}), C.CpuMeter(env) as cpu:
@@ -83,6 +85,7 @@ def main() -> int:
     res: dict[int, list[dict]] = {i: [] for i in range(len(configs))}
     for r in range(a.repeat):
         if not a.no_baseline:
+            C.settle_disk()
             dt = C.run_xargs(["/bin/true"], ["x"] * a.n, len(cores))
             base.append(a.n / dt)
             C.log(f"repeat {r + 1}/{a.repeat}: xargs -P{len(cores)}: {a.n / dt:,.0f} tasks/s")

@@ -18,7 +18,7 @@ def bridge_group() -> None:
 @bridge_group.command("amqp", context_settings=CTX)
 @click.option("--config", "config_file", metavar="YAML", help="Settings from a YAML map (url, "
               "jobs_queue, exchange, dead_letter_queue, routing_key, password_file, state_dir, "
-              "prefetch, max_body_mb, batch_jobs); flags given here win.")
+              "prefetch, max_body_mb, batch_jobs, nice, server_timeout); flags given here win.")
 @click.option("--url", help="The broker, WITHOUT a password: amqp://user@host:5672/vhost "
               "(default amqp://guest@127.0.0.1:5672/).")
 @click.option("--password-file", metavar="FILE", help="The broker password (its first line). "
@@ -40,14 +40,17 @@ def bridge_group() -> None:
 @click.option("--nice", type=click.IntRange(0, 19), help="Lower the bridge's CPU priority by "
               "this much, so it never takes a core from the server or a task beside it "
               "(default: 10; 0: keep it).")
+@click.option("--server-timeout", type=click.FloatRange(1, 3600), metavar="SECONDS",
+              help="How long a request may wait for the server before intake pauses and the "
+              "messages go back to the queue (default 30).")
 @click.option("--check", is_flag=True, help="Check the settings and the password source, "
               "then exit (connects to nothing).")
 @click.option("-v", "--verbose", count=True, help="More log output.")
 @click.option("-q", "--quiet", is_flag=True, help="Warnings and errors only.")
 @click.pass_context
 def amqp_cmd(ctx, config_file, url, password_file, jobs_queue, dead_letter_queue, exchange,
-             routing_key, state_dir, prefetch, max_body_mb, nice, check, verbose,
-             quiet) -> None:
+             routing_key, state_dir, prefetch, max_body_mb, nice, server_timeout, check,
+             verbose, quiet) -> None:
     """Bridge a RabbitMQ broker and the server: job messages in, status messages out.
 
     Job messages on --jobs-queue become jobs (acknowledged once the server has committed them;
@@ -62,7 +65,7 @@ def amqp_cmd(ctx, config_file, url, password_file, jobs_queue, dead_letter_queue
     for k, v in (("url", url), ("password_file", password_file), ("jobs_queue", jobs_queue),
                  ("dead_letter_queue", dead_letter_queue), ("exchange", exchange),
                  ("routing_key", routing_key), ("state_dir", state_dir),
-                 ("prefetch", prefetch), ("nice", nice)):
+                 ("prefetch", prefetch), ("nice", nice), ("server_timeout", server_timeout)):
         if v is not None:
             setattr(cfg, k, v)
     if max_body_mb is not None:
@@ -81,7 +84,7 @@ def amqp_cmd(ctx, config_file, url, password_file, jobs_queue, dead_letter_queue
 
     def new_client():
         from pilotfish.client import Client
-        return Client(address=server, home=home, timeout=30)
+        return Client(address=server, home=home, timeout=cfg.server_timeout)
 
     ctx.exit(run(cfg, home, new_client))
 
@@ -157,6 +160,6 @@ def mail_cmd(ctx, config_file, check, verbose, quiet) -> None:
 
     def new_client():
         from pilotfish.client import Client
-        return Client(address=server, home=home, timeout=30)
+        return Client(address=server, home=home, timeout=cfg.server_timeout)
 
     ctx.exit(run(cfg, home, new_client))

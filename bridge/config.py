@@ -33,6 +33,9 @@ class BridgeConfig:
     max_body_bytes: int = 16 * 2**20
     batch_jobs: int = 10_000               # jobs of several messages added in one request
     heartbeat: int = 60                    # AMQP heartbeat seconds
+    # how long a request to the server may go unanswered before intake pauses (the messages
+    # go back to the queue until the server answers again)
+    server_timeout: float = 30.0
     # CPU priority (added to the process's niceness): the bridge yields the cores to the
     # server and the agents beside it and catches up when they idle (0: as they are)
     nice: int = 10
@@ -78,6 +81,9 @@ class BridgeConfig:
                 isinstance(self.central_user, str) and _AMQP_NAME.fullmatch(self.central_user)):
             raise ValidationError(f"central_user {echo(self.central_user)}: a broker user name "
                                   "(letters, digits and '_.:-')")
+        v = self.server_timeout
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 1 <= v <= 3600:
+            raise ValidationError(f"server_timeout must be 1..3600 seconds, got {echo(v)}")
         v = self.site_beat_seconds
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.1 <= v <= 3600:
             raise ValidationError(f"site_beat_seconds must be 0.1..3600, got {echo(v)}")

@@ -62,6 +62,8 @@ from pilotfish.envpolicy import refused_env_name, task_base_env
 from pilotfish.errors import ValidationError
 from pilotfish.validate import check_relpath
 
+from .prepare import Preparer, plain
+
 log = logging.getLogger("pilotfish.agent")
 
 STAGED_IN, PREPROCESSED, RUNNING = "STAGED_IN", "PREPROCESSED", "RUNNING"
@@ -164,6 +166,8 @@ class Task:
     handoff: bool = False                 # its stage-out step hands outputs to a site stager
     handed: bool = False                  # ... and it did: reported with "handed"
     errfd: int | None = None              # the stager's standard error (read end)
+    prep: str | None = None               # its workdir made ahead? (see pilot/prepare.py)
+    prepared: object = None               # ... the Prepared: workdir, open job.out/job.err
 
 
 @dataclass(frozen=True)
@@ -243,13 +247,20 @@ class Executor:
         #: task starts and before each process spawns: past it the server may soon give the
         #: job to another agent, so nothing new starts (see :meth:`start_ready`, :meth:`_spawn`).
         self.spawn_deadline: Callable[[], float | None] = lambda: None
+        self._made_dirs: set[str] = set()
+        #: Makes queued tasks' workdirs and output files on a thread (None in fake-exec mode).
+        self.preparer: Preparer | None = None
         if not fake:
             self._start_guard()
-        self._made_dirs: set[str] = set()
+            self.preparer = Preparer(self._root_prefix, self._made_dirs,
+                                     min(256, 2 * len(self.all_cores) + 2))
 
     # -- bookkeeping ------------------------------------------------------------------------
     def add(self, spec: dict) -> None:
-        self.queue.append(Task(spec, spec["job"], spec["attempt"], spec["cores"], spec["gpus"]))
+        t = Task(spec, spec["job"], spec["attempt"], spec["cores"], spec["gpus"])
+        self.queue.append(t)
+        if self.preparer is not None and plain(spec):
+            self.preparer.submit(t)
 
     def queued_cores(self) -> int:
         return sum(t.ncores for t in self.queue)
@@ -315,6 +326,12 @@ class Executor:
             self._finish(t, now)
             return
         spec = t.spec
+        p = self.preparer.take(t) if self.preparer is not None else None
+        if p is not None:  # made ahead on the preparer's thread
+            if p.error:
+                return self._fail(t, now, "STAGE_IN_FAILED", p.error)
+            t.workdir, t.created, t.prepared = p.workdir, p.created, p
+            return self._staged_in(t, now)
         try:
             check_relpath(spec["workdir"], "workdir")
             t.workdir = f"{self._root_prefix}/{spec['workdir']}"
@@ -466,6 +483,16 @@ class Executor:
         environment and its standard error on a pipe; the others run in the workdir."""
         t.step = step
         stage = step.startswith("stage_")
+        # the run step's output files, opened ahead (pilot/prepare.py): the child gets them
+        made, t.prepared = (t.prepared, None) if stem == "job" else (None, t.prepared)
+        try:
+            return self._spawn_in(t, now, step, argv, stem, failure, timeout, stage, made)
+        finally:
+            if made is not None:
+                made.close()
+
+    def _spawn_in(self, t: Task, now: float, step: str, argv: list[str], stem: str,
+                  failure: str, timeout: float | None, stage: bool, made) -> bool:
         errw = None
         if stage:
             t.errfd, errw = os.pipe()  # both close-on-exec; the child gets errw as its fd 2
@@ -478,9 +505,14 @@ class Executor:
             if why:
                 self._fail(t, now, failure, why)
                 return False
-            actions = [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-                       (os.POSIX_SPAWN_OPEN, 1, f"{stem}.out", _WRITE, 0o644),
-                       (os.POSIX_SPAWN_OPEN, 2, f"{stem}.err", _WRITE, 0o644)]
+            if made is not None and made.out_fd is not None:
+                actions = [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                           (os.POSIX_SPAWN_DUP2, made.out_fd, 1),
+                           (os.POSIX_SPAWN_DUP2, made.err_fd, 2)]
+            else:
+                actions = [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                           (os.POSIX_SPAWN_OPEN, 1, f"{stem}.out", _WRITE, 0o644),
+                           (os.POSIX_SPAWN_OPEN, 2, f"{stem}.err", _WRITE, 0o644)]
         until = self.spawn_deadline()
         if until is not None and time.monotonic() >= until:
             # the lease may be counted out before this process could be stopped again: never
@@ -679,6 +711,9 @@ class Executor:
         self._release(t, now)
 
     def _release(self, t: Task, now: float) -> None:
+        if t.prepared is not None:  # it ended before its run step (a container refused...)
+            t.prepared.close()
+            t.prepared = None
         self.active.pop(t.job, None)
         self.free_cores.extend(t.cores)
         self.free_gpus.extend(t.gpus)
@@ -727,6 +762,8 @@ class Executor:
         for t in list(self.queue):
             if t.job == job and t.attempt == attempt:
                 self.queue.remove(t)
+                if self.preparer is not None:
+                    self.preparer.drop(t)
                 return True
         t = self.active.get(job)
         if t is None or t.attempt != attempt:
@@ -744,6 +781,9 @@ class Executor:
     def stop_all(self, grace: float = KILL_GRACE) -> list[dict]:
         """Stop every task (SIGTERM, then SIGKILL after ``grace``); return what was held."""
         held = self.held()
+        if self.preparer is not None:
+            for t in self.queue:
+                self.preparer.drop(t)
         self.queue.clear()
         if self.fence_at:
             self.set_fence(0, 0)  # we are stopping them ourselves, with our own grace
@@ -767,7 +807,8 @@ class Executor:
         return held
 
 
-_WRITE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+# never through a symlink: a task of an earlier attempt may have planted one as job.out
+_WRITE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
 _STOP_SIGNALS = frozenset(-s for s in (signal.SIGTERM, signal.SIGKILL, signal.SIGINT,
                                        signal.SIGHUP))
 

@@ -11,7 +11,78 @@ from pilotfish.errors import PilotfishError
 CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
-@click.group(context_settings=CTX)
+def _pilot():
+    from pilotfish.pilot.cli import pilot_group
+    from pilotfish.pilot.ls_cli import pilot_ls
+    from pilotfish.pilot.site_cli import cancel_cmd, submit_cmd
+    for cmd in (pilot_ls, submit_cmd, cancel_cmd):
+        pilot_group.add_command(cmd)
+    return pilot_group
+
+
+def _site():
+    from pilotfish.pilot.site_cli import site_agent_cmd, site_status_cmd
+    from pilotfish.server.remote_cli import add_remote_option
+    from pilotfish.site_configs.cli import site_group
+    for cmd in (site_agent_cmd, site_status_cmd):
+        site_group.add_command(cmd)
+    add_remote_option(site_group.commands["ls"])
+    return site_group
+
+
+def _keys():
+    from pilotfish.keys import keys_group
+    from pilotfish.web.cli import token_cmd
+    keys_group.add_command(token_cmd)
+    return keys_group
+
+
+#: Each top-level command: where it lives ("module:name"), or a function that gathers a group
+#: from several rooms. Imported when used, so `pilotfish pilot agent` loads the agent's modules
+#: and not the server's, the web's or the bridges' (every command starts faster).
+_COMMANDS = {
+    "app": "pilotfish.server.cli:app_group",
+    "bridge": "pilotfish.bridge.cli:bridge_group",
+    "container": "pilotfish.container.cli:container_group",
+    "demo": "pilotfish.demo:demo_cmd",
+    "events": "pilotfish.server.events_cli:events_group",
+    "federate": "pilotfish.bridge.cli:federate_cmd",
+    "gc": "pilotfish.server.gc_cli:gc_cmd",
+    "job": "pilotfish.server.job_cli:job_group",
+    "keys": _keys,
+    "mail": "pilotfish.bridge.cli:mail_cmd",
+    "pilot": _pilot,
+    "plot": "pilotfish.web.usage_cli:plot_group",
+    "report": "pilotfish.web.usage_cli:report_group",
+    "server": "pilotfish.server.cli:server_group",
+    "site": _site,
+    "source": "pilotfish.bridge.pg_cli:source_group",
+    "transfer": "pilotfish.pilot.transfer_cli:transfer_group",
+    "web": "pilotfish.web.cli:web_cmd",
+    "workflow": "pilotfish.server.workflow_cli:workflow_group",
+}
+
+
+class _LazyGroup(click.Group):
+    """The umbrella group: a command's module is imported the first time it is asked for."""
+
+    def list_commands(self, ctx) -> list[str]:
+        return sorted(set(self.commands) | set(_COMMANDS))
+
+    def get_command(self, ctx, name):
+        if name not in self.commands and name in _COMMANDS:
+            where = _COMMANDS[name]
+            if callable(where):
+                cmd = where()
+            else:
+                import importlib
+                module, attr = where.split(":")
+                cmd = getattr(importlib.import_module(module), attr)
+            self.add_command(cmd, name)
+        return self.commands.get(name)
+
+
+@click.group(cls=_LazyGroup, context_settings=CTX)
 @click.version_option(__version__, "-V", "--version")
 @click.option("--home", envvar="PILOTFISH_HOME", metavar="DIR",
               help="The pilotfish home (default: $PILOTFISH_HOME, else ~/.pilotfish).")
@@ -41,51 +112,6 @@ def cli(ctx, home, server, server_key, client_key) -> None:
     for value, var in ((server_key, "PILOTFISH_SERVER_KEY"), (client_key, "PILOTFISH_CLIENT_KEY")):
         if value:
             os.environ[var] = value if not os.path.exists(value) else os.path.abspath(value)
-
-
-def _register() -> None:
-    from pilotfish.demo import demo_cmd
-    from pilotfish.keys import keys_group
-    from pilotfish.pilot.cli import pilot_group
-    from pilotfish.server.cli import app_group, server_group
-    from pilotfish.server.job_cli import job_group
-    from pilotfish.pilot.ls_cli import pilot_ls
-    from pilotfish.pilot.site_cli import cancel_cmd, site_agent_cmd, site_status_cmd, submit_cmd
-    from pilotfish.site_configs.cli import site_group
-    from pilotfish.container.cli import container_group
-    from pilotfish.server.gc_cli import gc_cmd
-    from pilotfish.bridge.pg_cli import source_group
-    from pilotfish.bridge.cli import bridge_group, federate_cmd, mail_cmd
-    from pilotfish.server.events_cli import events_group
-    from pilotfish.server.workflow_cli import workflow_group
-    from pilotfish.server.remote_cli import add_remote_option
-    from pilotfish.pilot.transfer_cli import transfer_group
-    from pilotfish.web.usage_cli import plot_group, report_group
-    from pilotfish.web.cli import token_cmd, web_cmd
-    for cmd in (pilot_ls, submit_cmd, cancel_cmd):
-        pilot_group.add_command(cmd)
-    for cmd in (site_agent_cmd, site_status_cmd):
-        site_group.add_command(cmd)
-    add_remote_option(site_group.commands["ls"])
-    for group in (server_group, app_group, job_group, pilot_group, site_group, keys_group,
-                  demo_cmd):
-        cli.add_command(group)
-    cli.add_command(container_group)
-    cli.add_command(gc_cmd)
-    cli.add_command(source_group)
-    cli.add_command(bridge_group)
-    cli.add_command(events_group)
-    cli.add_command(workflow_group)
-    cli.add_command(mail_cmd)
-    cli.add_command(federate_cmd)
-    cli.add_command(transfer_group)
-    cli.add_command(plot_group)
-    cli.add_command(report_group)
-    keys_group.add_command(token_cmd)
-    cli.add_command(web_cmd)
-
-
-_register()
 
 
 def main(argv: list[str] | None = None) -> int:

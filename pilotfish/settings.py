@@ -17,6 +17,22 @@ LEASE_HEARTBEATS = 3.0
 #: Seconds an agent stays after its server said it stops on purpose (at least three heartbeats):
 #: a restart within them (``server stop; server start``) keeps it and its tasks.
 AGENT_STOP_GRACE = 10.0
+AGENT_STOP_GRACE_ENV = "PILOTFISH_AGENT_STOP_GRACE"
+
+
+def agent_stop_grace(environ: dict | None = None) -> float:
+    """The stop grace the server tells its agents: $PILOTFISH_AGENT_STOP_GRACE (seconds, 1 to
+    a day), else AGENT_STOP_GRACE; ValueError with what is expected for anything else."""
+    text = (os.environ if environ is None else environ).get(AGENT_STOP_GRACE_ENV, "").strip()
+    if not text:
+        return AGENT_STOP_GRACE
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not 1 <= v <= 86400:  # (nan fails too)
+        raise ValueError(f"{AGENT_STOP_GRACE_ENV}={text[:40]!r}: give seconds, 1 to 86400")
+    return v
 
 
 #: Stage-in and stage-out (one child process per step, see pilotfish.pilot.stage): a step is

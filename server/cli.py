@@ -271,9 +271,12 @@ def server_stop(ctx) -> None:
 
 
 @server_group.command("status", context_settings=CTX)
+@click.option("--wait", "wait", type=click.FloatRange(0.1, 3600), default=STATUS_WAIT,
+              show_default=True, metavar="SECONDS", help="How long to wait for an answer "
+              "before calling a live server stuck.")
 @json_option
 @click.pass_context
-def server_status(ctx, as_json) -> None:
+def server_status(ctx, wait, as_json) -> None:
     """Is the server up; jobs by state; agents. Exit code 1 when it is not running."""
     home = home_of(ctx)
     # a server named by --server or $PILOTFISH_SERVER may be elsewhere: only asking tells
@@ -285,12 +288,12 @@ def server_status(ctx, as_json) -> None:
         if not explicit and pid is None:
             dead_server(home)
             raise PilotfishError(f"no server is running for {home}")
-        with Client(address=explicit, home=home, timeout=STATUS_WAIT) as c:
+        with Client(address=explicit, home=home, timeout=wait) as c:
             st = c.status()
     except PilotfishError as exc:
         if isinstance(exc, ServerUnavailable) and pid is not None:
             msg = (f"not answering: server pid {pid} is alive but did not answer within "
-                   f"{STATUS_WAIT:g} s (busy or stuck? see {settings.log_path(home)})")
+                   f"{wait:g} s (busy or stuck? see {settings.log_path(home)})")
         else:
             msg = f"not running: {exc}"
         if as_json:

@@ -222,8 +222,9 @@ class Service:
                                       mail_key(home) if mail and self.curve else None, web=web,
                                       federate=federate, federate_client_key=federate_key(home)
                                       if federate and self.curve else None)
-        try:  # the task output limits (told to agents): a bad setting stops the start
-            settings.output_limits()
+        try:  # the task output limits and the stop grace (told to agents): a bad setting
+            settings.output_limits()  # stops the start
+            self.stop_grace = settings.agent_stop_grace()
         except ValueError as exc:
             raise PilotfishError(str(exc)) from None
         self.engine = make_engine(db_url)
@@ -385,7 +386,7 @@ class Service:
         """We stop on purpose (the shutdown op, SIGTERM, SIGINT): tell the agents, so they
         leave after a grace unless a server welcomes them again (``server stop; server start``
         keeps them). Not on a crash: this runs only when the loop ended by itself."""
-        grace = max(settings.AGENT_STOP_GRACE, 3 * self.heartbeat)
+        grace = max(self.stop_grace, 3 * self.heartbeat)
         told = self.srv.tell_stopping(grace)
         if told:
             log.info("told %d agents we are stopping: they leave in %.0f s unless a server "

@@ -140,7 +140,7 @@ def test_poison_goes_to_the_dead_letter_queue_with_its_error(world, case):
 def test_server_down_pauses_intake_and_it_resumes(world):
     """The server stops while messages arrive: the bridge adds and acknowledges nothing, holds
     the messages in the queue, and takes them all once a server (at a new address) is back."""
-    world.bridge(status=False)
+    world.bridge("--server-timeout", "2", status=False)  # pause after 2 s, not the default 30
     world.publish(seed("first"), message_id="first")
     world.wait_jobs(1)
     world.server.stop()

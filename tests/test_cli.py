@@ -58,9 +58,10 @@ def ids_of(rows) -> list[int]:
 # -- -h everywhere ---------------------------------------------------------------------------
 def _walk(cmd: click.Command, path: tuple[str, ...] = ()):
     yield path, cmd
-    if isinstance(cmd, click.Group):
-        for name in sorted(cmd.commands):
-            yield from _walk(cmd.commands[name], path + (name,))
+    if isinstance(cmd, click.Group):  # (the umbrella imports its commands when asked)
+        ctx = click.Context(cmd)
+        for name in cmd.list_commands(ctx):
+            yield from _walk(cmd.get_command(ctx, name), path + (name,))
 
 
 COMMANDS = list(_walk(cli))

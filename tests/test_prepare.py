@@ -1,0 +1,117 @@
+"""Workdirs made ahead on the agent's preparer thread (pilot/prepare.py): real directories,
+files and descriptors on the real disk; the executor around it is tested by every agent test."""
+from __future__ import annotations
+
+import os
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from pilotfish.errors import ValidationError
+from pilotfish.pilot.prepare import DONE, TAKEN, Preparer, make_workdir, plain
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def task(rel: str, **spec) -> SimpleNamespace:
+    return SimpleNamespace(spec={"workdir": rel, **spec}, prep=None, prepared=None)
+
+
+def wait_prepared(t, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while t.prep != DONE and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert t.prep == DONE
+
+
+def test_a_workdir_and_its_open_output_files(tmp_path):
+    root = str(tmp_path.resolve())
+    p = make_workdir(root, "ab/job1", set())
+    try:
+        assert p.workdir == f"{root}/ab/job1" and p.created and p.error is None
+        os.write(p.out_fd, b"out")
+        os.write(p.err_fd, b"err")
+        assert (tmp_path / "ab/job1/job.out").read_bytes() == b"out"
+        assert (tmp_path / "ab/job1/job.err").read_bytes() == b"err"
+        assert os.get_inheritable(p.out_fd) is False  # the spawn's DUP2 gives it to the child
+    finally:
+        p.close()
+    # a retry reuses its workdir; its files start empty again
+    p = make_workdir(root, "ab/job1", set())
+    p.close()
+    assert not p.created and (tmp_path / "ab/job1/job.out").read_bytes() == b""
+
+
+def test_symlinks_planted_by_a_task_are_never_followed(tmp_path):
+    root = str(tmp_path.resolve())
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w/j1").symlink_to(target)          # the workdir itself
+    assert make_workdir(root, "w/j1", set()) is None
+    (tmp_path / "v").symlink_to(target)             # a directory on the way
+    assert make_workdir(root, "v/j2", set()) is None
+    assert list(target.iterdir()) == []  # the directory made through it was taken back
+    (tmp_path / "w/j3").mkdir()                     # an earlier attempt's job.out
+    secret = tmp_path / "secret"
+    secret.write_text("keep me")
+    (tmp_path / "w/j3/job.out").symlink_to(secret)
+    with pytest.raises(OSError):
+        make_workdir(root, "w/j3", set())
+    assert secret.read_text() == "keep me"
+    with pytest.raises(ValidationError):
+        make_workdir(root, "../x", set())
+
+
+def test_plain_tasks_only():
+    assert plain({"workdir": "a"})
+    assert not plain({"workdir": "a", "input_url": "/x"})
+    assert not plain({"workdir": "a", "staged": "in.dat"})
+    assert not plain({"workdir": "a", "pre": ["/bin/true"]})
+
+
+def test_the_thread_prepares_in_order_at_most_ahead_and_drops_cleanly(tmp_path):
+    root = str(tmp_path.resolve())
+    before = open_fds()
+    pr = Preparer(root, set(), ahead=3)
+    try:
+        ts = [task(f"d/{i}") for i in range(6)]
+        for t in ts:
+            pr.submit(t)
+        for t in ts[:3]:
+            wait_prepared(t)
+        time.sleep(0.1)
+        assert [t.prep for t in ts[3:]] == ["todo"] * 3  # held at 3 until one is taken
+        assert not (tmp_path / "d/3").exists()
+        p = pr.take(ts[0])
+        assert p.workdir == f"{root}/d/0" and ts[0].prep == TAKEN
+        p.close()
+        wait_prepared(ts[3])
+        pr.drop(ts[1])                                   # cancelled while queued
+        pr.drop(ts[5])                                   # ... before the thread got to it
+        assert pr.take(ts[5]) is None
+        for t in (ts[2], ts[3], ts[4]):
+            wait_prepared(t)
+            pr.take(t).close()
+        assert not (tmp_path / "d/5").exists()
+        assert open_fds() == before
+    finally:
+        pr.stop()
+
+
+def test_a_failure_is_the_tasks_not_the_threads(tmp_path):
+    (tmp_path / "file").write_text("")
+    pr = Preparer(str(tmp_path.resolve()), set(), ahead=2)
+    try:
+        bad, good = task("file/j"), task("ok/j")
+        pr.submit(bad)
+        pr.submit(good)
+        wait_prepared(bad)
+        wait_prepared(good)
+        assert "stage-in failed" in pr.take(bad).error
+        pr.take(good).close()
+    finally:
+        pr.stop()
