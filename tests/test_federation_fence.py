@@ -72,7 +72,8 @@ def test_refusal_kill_cancel_and_the_fence_against_double_runs(fed):
     """One federation for three phases (a federation costs ~9 s to start and stop; the phases
     take ~10 s together, most of it the 3 s of silence before re-routing):
     1. a forward site B's intake refuses (an app B lacks) fails the central job with B's reason;
-    2. a kill at the central of a job running at B kills it at B (cancel, confirmed), kills
+    2. a kill (job kill, workflow kill) at the central of a job running at B kills it at B
+       (cancel, confirmed), kills
        again and cancels of jobs B does not hold are harmless, a control message without a
        validated user is dead-lettered;
     3. the race: B stores a forwarded job and is killed -9 before its first status reaches
@@ -121,6 +122,14 @@ def test_refusal_kill_cancel_and_the_fence_against_double_runs(fed):
     until(lambda: ch.queue_declare(fed.queues["B"] + ".dead", passive=True)
           .method.message_count >= 2, 20, "the refused forward and the bad control dead")
     assert _site_job(fed, "B", "nap1")["state"] == "USER_KILLED"
+    # `workflow kill` of a workflow whose subjob runs at B: killed at B too
+    wf = c.add_workflow({"name": "wfnap", "subjobs": [
+        {"name": "nap2", "application": "nap", "parameters": {"secs": "60"}, "site": "B"}]})
+    sub = c.workflow(wf["id"])["subjob_list"][0]["job"]
+    until(lambda: c.job(sub)["state"] == "RUNNING", 20, "nap2 running at B")
+    c.kill_workflows([wf["id"]])
+    until(lambda: _site_job(fed, "B", "nap2")["state"] == "USER_KILLED", 20,
+          "nap2 killed at B")
 
     # 3. the race: stored at B, B killed -9 before its first status reached the central
     status_q, status_key = f"{fed.tag}.central.status", f"{fed.tag}.status.*"
@@ -149,3 +158,112 @@ def test_refusal_kill_cancel_and_the_fence_against_double_runs(fed):
     conn.close()
     c.close()
     print(f"kill at the central -> killed at site B: {kill_s:.2f} s")
+
+
+# -- the central's and the site's sides alone, on real servers (no broker) -------------------
+STAMP = {"name": "stamp", "executable": "/bin/true"}
+
+
+def test_central_starts_accepted_cancels_killed_across_a_restart(server):
+    """The central's fence bookkeeping through the forwarder's ops: a start is handed out
+    once the site says it has the job (and again until confirmed, only while the site beats);
+    a kill hands out a cancel, kept across a server restart until the site confirms; the
+    status of a cancelled attempt is ignored, not refused; a refusal fails the job, once.
+    (~3 s: a server restart.)"""
+    c = server.client()
+    c.add_app(STAMP)
+    take = lambda: c.call("forward_take", sites=["B"], silent_after=60,  # noqa: E731
+                          resend_after=0.2)
+    j1 = c.add_job(name="j1", application="stamp", site="B")
+    j2 = c.add_job(name="j2", application="stamp", site="B")
+    j3 = c.add_job(name="j3", application="stamp", site="B")
+    c.call("site_beat", site="B", backlog=0, capacity=4)
+    r = take()
+    assert {f["job"] for f in r["forwards"]} == {j1, j2, j3} and r["controls"] == []
+    # j1: B has it -> a start; the start again until B's bridge confirms it
+    c.call("forward_report", site="B", updates=[{"job": j1, "attempt": 1, "to": "READY"}])
+    assert take()["controls"] == [{"action": "start", "job": j1, "attempt": 1, "site": "B"}]
+    time.sleep(0.25)
+    assert [x["action"] for x in take()["controls"]] == ["start"]
+    c.call("forward_report", site="B", updates=[
+        {"job": j1, "attempt": 1, "control": "start", "result": "started"}])
+    time.sleep(0.25)
+    assert take()["controls"] == []
+    # j3: B's intake refused it: FAILED here with B's reason, not retried; a second refusal
+    # (a redelivered one) changes nothing
+    bad = {"job": j3, "attempt": 1, "to": "FAILED", "refused": True,
+           "msg": "refused at site B's intake: no app named 'stamp'"}
+    assert c.call("forward_report", site="B", updates=[bad])["applied"] == 1
+    d = c.job(j3)
+    assert d["state"] == "FAILED" and "no app named" in d["events"][-1]["message"]
+    assert c.call("forward_report", site="B", updates=[bad])["refused"]  # no longer B's
+    # kill j1 and j2 here: cancels for B
+    assert set(c.kill_jobs({"ids": [j1, j2]})["changed"]) == {j1, j2}
+    got = take()["controls"]
+    assert sorted((x["action"], x["job"]) for x in got) == [("cancel", j1), ("cancel", j2)]
+    assert c.job(j1)["remote_cancel"] == [["B", 1]]
+    # B's late status of a killed attempt: ignored (its cancel is on the way), not refused
+    r = c.call("forward_report", site="B", updates=[{"job": j2, "attempt": 1, "to": "READY"}])
+    assert r == {"applied": 1, "refused": []}
+    # the server restarts: the unconfirmed cancels are handed out again
+    c.close()
+    server.stop()
+    server.start()
+    c = server.client()
+    c.call("site_beat", site="B", backlog=0, capacity=4)
+    got = take()["controls"]
+    assert sorted((x["action"], x["job"]) for x in got) == [("cancel", j1), ("cancel", j2)]
+    c.call("forward_report", site="B", updates=[
+        {"job": j1, "attempt": 1, "control": "cancel", "result": "killed"},
+        {"job": j2, "attempt": 1, "control": "cancel", "result": "unknown"}])
+    assert c.job(j1)["remote_cancel"] is None and c.job(j2)["remote_cancel"] is None
+    time.sleep(0.25)
+    assert take()["controls"] == []
+    with pytest.raises(Exception, match="control must be"):
+        c.call("forward_report", site="B", updates=[{"job": j1, "attempt": 1,
+                                                     "control": "rm"}])
+    c.close()
+
+
+def test_site_holds_a_forwarded_job_until_started(server):
+    """At a site: a job added ``held`` is READY but not dispatched (also after a restart)
+    until ``forward_control`` starts it; a cancel kills it; both idempotent; an unknown key
+    is no error; bad input refused in one line."""
+    from conftest import wait_for
+    c = server.client()
+    c.add_app(STAMP)
+    ids = c.add_jobs([{"name": f"h{i}", "application": "stamp", "held": True,
+                       "intake_key": f"fwd:central:{i}:1"} for i in range(2)])
+    server.agent(cores="0")
+    wait_for(lambda: c.agents(), 10, 0.05, "the agent")
+    time.sleep(0.3)  # (it asked for work: none of these)
+    assert [c.job(j)["state"] for j in ids] == ["READY", "READY"]
+    c.close()
+    server.stop_agents()
+    server.stop()
+    server.start()
+    c = server.client()
+    server.agent(cores="0")
+    wait_for(lambda: c.agents(), 10, 0.05, "the agent")
+    time.sleep(0.3)
+    assert c.job(ids[0])["state"] == "READY" and c.job(ids[0])["fenced"] is not None
+    r = c.call("forward_control", action="start", intake_key="fwd:central:0:1")
+    assert r["result"] == "started" and r["job"] == ids[0]
+    wait_for(lambda: c.job(ids[0])["state"] == "JOB_FINISHED", 20, 0.1, "h0 ran")
+    assert c.call("forward_control", action="start",
+                  intake_key="fwd:central:0:1")["result"] == "not held"
+    assert c.call("forward_control", action="cancel",
+                  intake_key="fwd:central:0:1")["result"] == "final"
+    assert c.call("forward_control", action="cancel",
+                  intake_key="fwd:central:1:1")["result"] == "killed"
+    assert c.job(ids[1])["state"] == "USER_KILLED" and c.job(ids[1])["fenced"] is None
+    assert c.call("forward_control", action="cancel",
+                  intake_key="fwd:central:9:1")["result"] == "unknown"
+    for args, words in (({"action": "rm", "intake_key": "k"}, "one of start, cancel"),
+                        ({"action": "start", "intake_key": "a b"}, "intake_key"),
+                        ({"action": "start"}, "intake_key")):
+        with pytest.raises(Exception, match=words):
+            c.call("forward_control", **args)
+    with pytest.raises(Exception, match="held must be true or false"):
+        c.add_job(name="x", application="stamp", held="yes")
+    c.close()
