@@ -293,6 +293,11 @@ class Receiver:
         except ServerUnavailable as exc:
             self._drop_client()
             raise ServerPaused(f"the server does not answer ({exc})") from None
+        except Forbidden as exc:
+            if "may change only" not in str(exc):  # the key's role: no message can pass
+                raise ServerPaused(f"the server refuses this bridge's key ({exc})") from None
+            self.dead_letter(ch, d, str(exc))
+            return
         except PilotfishError as exc:
             self.dead_letter(ch, d, str(exc))
             return

@@ -263,7 +263,8 @@ class Remotes:
             if len(out) >= limit:
                 break
             lease = srv.leases.get(job)
-            if lease is None or not self.is_site_agent(lease.agent)                     or lease.state not in states.QUEUED:
+            if lease is None or not self.is_site_agent(lease.agent) \
+                    or lease.state not in states.QUEUED:
                 self.starting.pop(job, None)
                 continue
             site = lease.agent[len(PREFIX):]
