@@ -63,6 +63,9 @@ MIGRATION_SQL: dict[int, list[str]] = {
         "WHERE intake_key IS NOT NULL"],
     9: ["CREATE INDEX IF NOT EXISTS ix_jobs_workflow ON jobs (workflow_id) "
         "WHERE workflow_id IS NOT NULL"],
+    13: ["CREATE INDEX IF NOT EXISTS ix_jobs_fenced ON jobs (id) WHERE fenced IS NOT NULL",
+         "CREATE INDEX IF NOT EXISTS ix_jobs_remote_cancel ON jobs (id) "
+         "WHERE remote_cancel IS NOT NULL"],
 }
 metadata = MetaData()
 
@@ -147,6 +150,11 @@ jobs = Table(
           postgresql_where=text("intake_key IS NOT NULL")),
     Index("ix_jobs_workflow", "workflow_id", sqlite_where=text("workflow_id IS NOT NULL"),
           postgresql_where=text("workflow_id IS NOT NULL")),
+    # read at every server start; nearly every row is NULL in both, so they cost nothing
+    Index("ix_jobs_fenced", "id", sqlite_where=text("fenced IS NOT NULL"),
+          postgresql_where=text("fenced IS NOT NULL")),
+    Index("ix_jobs_remote_cancel", "id", sqlite_where=text("remote_cancel IS NOT NULL"),
+          postgresql_where=text("remote_cancel IS NOT NULL")),
 )
 
 #: Workflows: the seed's Argo jobs, ordered (or DAG-shaped) subjobs that are jobs of their own

@@ -266,6 +266,8 @@ def test_version_12_gains_the_fence_columns(tmp_path):
     db = tmp_path / "v12.db"
     make_engine(f"sqlite:///{db}").dispose()
     con = sqlite3.connect(db)  # make it look like version 12
+    for ix in ("ix_jobs_fenced", "ix_jobs_remote_cancel"):
+        con.execute(f"DROP INDEX {ix}")
     for col in ("fenced", "remote_cancel"):
         con.execute(f"ALTER TABLE jobs DROP COLUMN {col}")
     con.execute("INSERT INTO jobs (id, name, description, app_id, num_nodes, "
@@ -281,6 +283,8 @@ def test_version_12_gains_the_fence_columns(tmp_path):
     con = sqlite3.connect(db)
     assert con.execute("SELECT id, fenced, remote_cancel FROM jobs").fetchall() == [
         (3, None, None)]
+    assert {"ix_jobs_fenced", "ix_jobs_remote_cancel"} <= {
+        r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='index'")}
     assert con.execute("SELECT value FROM pilotfish_meta WHERE key='schema_version'"
                        ).fetchone()[0] == str(SCHEMA_VERSION) == "14"
     con.close()
