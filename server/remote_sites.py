@@ -23,8 +23,9 @@ the forwards, again every ``resend_after`` until the site's bridge confirms). A 
 forwarded job, or the re-routing of an unaccepted one, queues a ``cancel`` of that attempt
 instead (kept in ``jobs.remote_cancel`` until confirmed, so a restart sends it again). A site
 that refuses a forward at its intake (dead-lettered: an app it lacks, a bad value) says so in
-a status message with ``refused``; the job fails here with the site's reason, not retried
-(the same forward would be refused again).
+a status message with ``refused``: the job goes to its other alternatives that have not
+refused it (a refusal is usually the site's: an app it does not have), and fails here with
+the sites' reasons, not retried, when none is left (the same forward would be refused again).
 """
 from __future__ import annotations
 
@@ -109,6 +110,9 @@ class Remotes:
         self.handed: dict[int, float] = {}    # job -> when last given to the forwarder
         self.accepted: set[int] = set()       # leased jobs their site said it has
         self.starting: dict[int, float] = {}  # accepted jobs -> when a start was last handed
+        #: jobs -> the sites that refused them, with why (not routed there again; in memory
+        #: only: after a restart a site may refuse a job once more)
+        self.refused_by: dict[int, dict[str, str]] = {}
         #: (job, attempt) -> [site, when last handed]: cancels the site has not confirmed
         self.cancels: dict[tuple[int, int], list] = {}
         self.silent_after = SILENT_AFTER
@@ -232,8 +236,9 @@ class Remotes:
             if r is None:
                 continue
             choices = json.loads(r.site_choices) if r.site_choices else [r.site]
-            site = routing.choose([c for c in choices if c in self.sites], health, now,
-                                  silent_after)
+            refused = self.refused_by.get(job, {})
+            site = routing.choose([c for c in choices if c in self.sites and c not in refused],
+                                  health, now, silent_after)
             if site is None:
                 back.append((job, r.priority, shape))  # no healthy site: it waits
                 continue
@@ -365,16 +370,16 @@ class Remotes:
                 continue
             if it.get("refused") is True and lease.state in states.QUEUED \
                     and job not in self.accepted:  # (a site that has the job refuses none)
-                # the site's intake refused the forward: the same forward would be refused
-                # again, so the job fails here with the site's reason (no retry)
+                # the site's intake refused the forward: its other sites, else it fails here
+                # with the sites' reasons (no retry: the same forward would be refused again)
                 why = f"refused by site {site}" + (f": {it['msg']}" if it.get("msg") else "")
                 log.warning("job %s: %s", job, why)
                 self.handed.pop(job, None)
-                self._fail(lease, {"msg": why, "end": now}, now,
-                           [S.STAGE_IN_FAILED, S.FAILED])
+                self._refused(lease, site, why, now)
                 applied += 1
                 continue
             if target in _ACCEPTED:
+                self.refused_by.pop(job, None)
                 if job not in self.accepted:
                     # the fence: accepted and confirmed in this one turn; from now on it is
                     # never routed elsewhere, and its site may start it
@@ -409,6 +414,24 @@ class Remotes:
             else:
                 applied += 1
         return {"applied": applied, "refused": refused}
+
+    def _refused(self, lease, site: str, why: str, now: float) -> None:
+        """A site refused the job: to its other alternatives, else FAILED."""
+        srv = self.srv
+        job = lease.job
+        refused = self.refused_by.setdefault(job, {})
+        refused[site] = why
+        srv.sync()
+        r = srv.conn.execute(select(jobs.c.site_choices).where(jobs.c.id == job)).first()
+        choices = json.loads(r.site_choices) if r is not None and r.site_choices else []
+        left = [c for c in choices if c not in refused]
+        if left:
+            srv.drop_lease(lease, now, f"{why}; routed to its other sites ({', '.join(left)})",
+                           counts=False)
+            return
+        self.refused_by.pop(job, None)
+        self._fail(lease, {"msg": "; ".join(refused.values()), "end": now}, now,
+                   [S.STAGE_IN_FAILED, S.FAILED])
 
     def _control_done(self, site: str, lease, job: int, attempt: int, it: dict) -> int:
         """A site's bridge confirms a start or a cancel: it is not sent again."""

@@ -16,6 +16,8 @@ NAP_APP = {"name": "nap", "executable": "/bin/sleep", "args": ["{secs}"],
            "parameters": {"secs": {"type": "str", "default": "30"}}}
 #: registered at the central only: site B's intake refuses a job of it
 CENTRAL_ONLY = {"name": "central_only", "executable": "/bin/true"}
+#: registered at the central and site A, not B: B refuses it, A runs it
+NOT_AT_B = {"name": "not_at_b", "executable": "/bin/true"}
 
 
 def test_control_messages_are_checked():
@@ -71,7 +73,8 @@ def _amqp():
 def test_refusal_kill_cancel_and_the_fence_against_double_runs(fed):
     """One federation for three phases (a federation costs ~9 s to start and stop; the phases
     take ~10 s together, most of it the 3 s of silence before re-routing):
-    1. a forward site B's intake refuses (an app B lacks) fails the central job with B's reason;
+    1. a forward site B's intake refuses (an app B lacks) fails the central job with B's reason,
+       or, when the job names A as its alternative, goes to A and runs there;
     2. a kill (job kill, workflow kill) at the central of a job running at B kills it at B
        (cancel, confirmed), kills
        again and cancels of jobs B does not hold are harmless, a control message without a
@@ -82,20 +85,30 @@ def test_refusal_kill_cancel_and_the_fence_against_double_runs(fed):
        runs it (it was held) and kills it on the central's cancel."""
     from fed_world import until
     c = fed.central.client()
-    for app in (NAP_APP, CENTRAL_ONLY):
+    for app in (NAP_APP, CENTRAL_ONLY, NOT_AT_B):
         c.add_app(app)
     with fed.sites["B"]["server"].client() as sc:
         sc.add_app(NAP_APP)
+    with fed.sites["A"]["server"].client() as sa:
+        sa.add_app(NOT_AT_B)
     fed.wait_healthy(["A", "B"])
 
     # 1. refused at B's intake: the central job fails with the reason, not retried
     bad = c.add_job(name="refused", application="central_only", site="B")
+    # refused by B, with A as its alternative: it goes to A and runs there
+    alt = c.add_job(name="alt", application="not_at_b", site=["B", "A"])
     nap = c.add_job(name="nap1", application="nap", parameters={"secs": "60"}, site="B")
     until(lambda: c.job(bad)["state"] == "FAILED", 20, "the refused job FAILED")
     j = c.job(bad)
     assert j["attempts"] == 1 and j["retries"] == 0
     why = j["events"][-1]["message"]
     assert "refused by site B" in why and "central_only" in why, why
+    until(lambda: c.job(alt)["state"] == "JOB_FINISHED", 20, "alt routed to A, finished")
+    a = c.job(alt)
+    assert a["site"] == "A" and a["attempts"] == 2, a
+    first = a["runs"][0]  # its attempt at B: handed back with B's reason
+    assert first["agent"] == "site:B" and first["state"] == "HANDED_BACK", first
+    assert "refused by site B" in first["message"] and "not_at_b" in first["message"]
 
     # 2. kill at the central of a job running at B
     until(lambda: c.job(nap)["state"] == "RUNNING", 20, "nap1 running at B")
