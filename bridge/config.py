@@ -44,6 +44,9 @@ class BridgeConfig:
     site_name: str | None = None
     site_beat_routing_key: str | None = None
     site_beat_seconds: float = 5.0
+    # the broker user of the server that forwards jobs here: when set, its start and cancel
+    # messages (and the refusal answers to its forwards) need that validated user_id
+    central_user: str | None = None
 
     def check(self) -> "BridgeConfig":
         if not self.jobs_queue and not self.exchange:
@@ -74,6 +77,10 @@ class BridgeConfig:
                 raise ValidationError(f"site_beat_routing_key "
                                       f"{echo(self.site_beat_routing_key)}: use 1..255 "
                                       "letters, digits and '_.:/@+-'")
+        if self.central_user is not None and not (
+                isinstance(self.central_user, str) and _AMQP_NAME.fullmatch(self.central_user)):
+            raise ValidationError(f"central_user {echo(self.central_user)}: a broker user name "
+                                  "(letters, digits and '_.:-')")
         v = self.server_timeout
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 1 <= v <= 3600:
             raise ValidationError(f"server_timeout must be 1..3600 seconds, got {echo(v)}")

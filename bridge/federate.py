@@ -7,7 +7,12 @@ queue -- the queue the site server's AMQP receiver consumes -- with a stable mes
 intake key ``fwd:<name>:<job>:<attempt>``: a job published twice (the forwarder died before
 the site acknowledged it, so the server hands it out again) is added once at the site. The
 message expires in the site's queue after ``silent_after`` seconds: a site that was down that
-long never runs a job the server has routed elsewhere meanwhile.
+long never runs a job the server has routed elsewhere meanwhile. A forward is stored ``held``
+at the site, and runs only once a ``start`` control message follows it (the fence, see
+server/fence.py); a job killed here, or routed elsewhere, gets a ``cancel`` instead. Control
+messages go to the same queue, after the forward (FIFO), authenticated the same way (the
+broker-validated ``user_id`` of this forwarder's login, which a site may require:
+``central_user`` in its bridge config); the site's bridge confirms each on the status key.
 
 Mirror: it consumes its status queue, bound on the exchange to the sites' status and heartbeat
 routing keys. A message's sender is its ``user_id`` property, which RabbitMQ validates against
@@ -185,9 +190,16 @@ def forward_body(cfg: FederateConfig, f: dict) -> dict:
     mid = message_id(cfg.name, f["job"], f["attempt"])
     msg["input_url"] = to_url(cfg.data_url, msg.get("input_url"))
     msg["output_url"] = to_url(cfg.data_url, output_folder(msg, f["job"]))
-    msg.update(argo_job_id=mid, intake_key=mid,
+    msg.update(argo_job_id=mid, intake_key=mid, held=True,
                job_status_routing_key=f"{cfg.status_routing_key}.{f['site']}")
     return {k: v for k, v in msg.items() if v is not None}
+
+
+def control_body(cfg: FederateConfig, c: dict) -> dict:
+    """A start or cancel of a forwarded attempt, for the site's receiver (pure)."""
+    return {"pilotfish_control": c["action"],
+            "argo_job_id": message_id(cfg.name, c["job"], c["attempt"]),
+            "job_status_routing_key": f"{cfg.status_routing_key}.{c['site']}"}
 
 
 def _make_output_parent(url: str | None) -> None:
@@ -282,6 +294,7 @@ class Federate:
         cfg = self.cfg
         r = self._client().call("forward_take", sites=sorted(cfg.sites), limit=TAKE,
                                 silent_after=cfg.silent_after, resend_after=cfg.resend_after)
+        user = parse_url(cfg.url).user
         for f in r["forwards"]:
             site = cfg.sites.get(f["site"])
             if site is None:  # a site this config no longer names: the server resends it
@@ -293,11 +306,25 @@ class Federate:
             body = json.dumps(forward_body(cfg, f), separators=(",", ":")).encode()
             ch.basic_publish("", site.jobs_queue, body, pika.BasicProperties(
                 delivery_mode=2, content_type="application/json", message_id=mid,
-                expiration=str(int(cfg.silent_after * 1000)), timestamp=int(time.time())),
+                expiration=str(int(cfg.silent_after * 1000)), timestamp=int(time.time()),
+                user_id=user, reply_to=f"{cfg.status_routing_key}.{site.name}"),
                 mandatory=True)
             self.stats["forwarded"] += 1
             log.info("federate: job %s attempt %s forwarded to site %s (%s)", f["job"],
                      f["attempt"], site.name, mid)
+        for c in r.get("controls", ()):
+            site = cfg.sites.get(c["site"])
+            if site is None:
+                continue
+            body = json.dumps(control_body(cfg, c), separators=(",", ":")).encode()
+            # no expiration: a cancel must reach a site that was down for long
+            ch.basic_publish("", site.jobs_queue, body, pika.BasicProperties(
+                delivery_mode=2, content_type="application/json",
+                message_id=f"{c['action']}:{message_id(cfg.name, c['job'], c['attempt'])}",
+                timestamp=int(time.time()), user_id=user), mandatory=True)
+            self.stats[c["action"]] = self.stats.get(c["action"], 0) + 1
+            log.info("federate: %s of job %s attempt %s sent to site %s", c["action"],
+                     c["job"], c["attempt"], site.name)
 
     # -- mirror -----------------------------------------------------------------------------
     def _mirror(self, batch: list) -> None:
@@ -331,11 +358,21 @@ class Federate:
                     log.warning("federate: heartbeat of site %s refused: %s", site, exc)
                 continue
             key = parse_argo_id(self.cfg.name, msg.get("argo_job_id"))
-            if msg.get("kind") != "job" or key is None:
+            if key is None:
                 continue  # not one of ours (a workflow event, another server's job)
-            by_site.setdefault(site, []).append(
-                {"job": key[0], "attempt": key[1], "to": msg.get("to"),
-                 "time": _epoch(msg.get("time")), "msg": msg.get("message")})
+            if msg.get("kind") == "control" and msg.get("action") in ("start", "cancel"):
+                by_site.setdefault(site, []).append(
+                    {"job": key[0], "attempt": key[1], "control": msg["action"],
+                     "result": msg.get("result") if isinstance(msg.get("result"), str)
+                     else None})
+                continue
+            if msg.get("kind") != "job":
+                continue
+            item = {"job": key[0], "attempt": key[1], "to": msg.get("to"),
+                    "time": _epoch(msg.get("time")), "msg": msg.get("message")}
+            if msg.get("refused") is True:
+                item["refused"] = True
+            by_site.setdefault(site, []).append(item)
         for site, items in by_site.items():
             r = self._client().call("forward_report", site=site, updates=items)
             self.stats["status"] += r["applied"]

@@ -1,5 +1,11 @@
 """The job receiver: job messages from a durable queue become jobs on the server.
 
+A message whose body is one map with ``pilotfish_control`` is a federation control message
+from the server that forwarded jobs here (``start`` a held forwarded job, ``cancel`` one; see
+server/fence.py): done through ``forward_control`` in its turn, and confirmed on its job's
+status routing key. A forward this site refuses (dead-lettered) is answered there too, as a
+``FAILED`` status with ``refused`` and the reason, so that the forwarder does not wait forever.
+
 A message whose body is one map with ``subjobs`` is a workflow (the seed's Argo job): it is
 added alone with ``workflow_add``, under the same rules.
 
@@ -14,6 +20,7 @@ server answers; when the broker goes away, it reconnects with a growing wait.
 """
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -26,7 +33,7 @@ from pilotfish.errors import Forbidden, PilotfishError, ServerUnavailable
 from pilotfish.validate import cap
 
 from .backoff import Backoff
-from .config import BridgeConfig, connection_parameters, parse_url
+from .config import _ROUTING_KEY, BridgeConfig, connection_parameters, parse_url
 from .intake import (Poison, add_intake_keys, add_workflow_key, message_key, parse_body,
                      workflow_of)
 
@@ -34,6 +41,39 @@ log = logging.getLogger("pilotfish.bridge.receiver")
 ERROR_HEADER = "x-pilotfish-error"
 #: The longest error text put in a header (the server's errors are one line, at most 2,000).
 MAX_HEADER_CHARS = 1000
+#: A control message is small: a bigger body is a job message (or poison).
+MAX_CONTROL_BYTES = 2048
+CONTROL_KEYS = frozenset({"pilotfish_control", "argo_job_id", "job_status_routing_key"})
+
+
+def control_of(body: bytes) -> dict | None:
+    """The control message a body holds (a map with ``pilotfish_control``), else None."""
+    if len(body) > MAX_CONTROL_BYTES or b"pilotfish_control" not in body:
+        return None
+    try:
+        msg = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    return msg if isinstance(msg, dict) and "pilotfish_control" in msg else None
+
+
+def check_control(msg: dict, user: str | None, central_user: str | None) -> str | None:
+    """Why a control message is refused (None: it is good). Pure."""
+    if set(msg) - CONTROL_KEYS:
+        return f"control message with unknown keys {sorted(map(str, set(msg) - CONTROL_KEYS))}"
+    if msg.get("pilotfish_control") not in ("start", "cancel"):
+        return "control must be start or cancel"
+    mid, key = msg.get("argo_job_id"), msg.get("job_status_routing_key")
+    if not (isinstance(mid, str) and mid.startswith("fwd:") and len(mid) <= 255
+            and mid.isascii() and mid.isprintable() and " " not in mid):
+        return "control message without a forwarded job's argo_job_id"
+    if not (isinstance(key, str) and _ROUTING_KEY.fullmatch(key)):
+        return "control message without a valid job_status_routing_key"
+    if not user:
+        return "control message without a broker-validated user_id"
+    if central_user is not None and user != central_user:
+        return f"control message from broker user {user!r}, not the central's"
+    return None
 
 
 class Delivery(NamedTuple):
@@ -156,8 +196,12 @@ class Receiver:
         """Parse each message (poison goes to the dead-letter queue), then add the jobs of
         several messages in one request of at most ``batch_jobs`` jobs (a message is never
         split: its jobs are added all or none)."""
-        good: list[tuple[Delivery, list[dict] | dict]] = []
+        good: list[tuple[Delivery, Any]] = []
         for d in batch:
+            ctl = control_of(d.body)
+            if ctl is not None:
+                good.append((d, ("control", ctl)))
+                continue
             try:
                 jobs = parse_body(d.body, self.cfg.max_body_bytes)
                 key = message_key(d.props.message_id, d.body)
@@ -169,6 +213,12 @@ class Receiver:
         group: list[tuple[Delivery, list[dict]]] = []
         size = 0
         for item in good:
+            if isinstance(item[1], tuple):  # a control message: in its turn, after the adds
+                if group:
+                    self._add(ch, group)
+                    group, size = [], 0
+                self._control(ch, item[0], item[1][1])
+                continue
             if isinstance(item[1], dict):  # a workflow: alone, in its turn
                 if group:
                     self._add(ch, group)
@@ -186,8 +236,8 @@ class Receiver:
     def _add(self, ch, group: list[tuple[Delivery, list[dict]]]) -> None:
         jobs = [j for _, js in group for j in js]
         try:
-            r = self._call(lambda c: c.call("job_add", jobs=jobs,
-                                            timeout=max(c.timeout, len(jobs) / 1000)))
+            r = self._call(lambda c: _again_safe(c, "job_add", {"jobs": jobs},
+                                                 max(c.timeout, len(jobs) / 1000)))
         except ServerUnavailable as exc:
             self._drop_client()
             raise ServerPaused(f"the server does not answer ({exc})") from None
@@ -211,7 +261,7 @@ class Receiver:
 
     def _add_workflow(self, ch, d: Delivery, workflow: dict) -> None:
         try:
-            r = self._call(lambda c: c.call("workflow_add", workflow=workflow))
+            r = self._call(lambda c: _again_safe(c, "workflow_add", {"workflow": workflow}))
         except ServerUnavailable as exc:
             self._drop_client()
             raise ServerPaused(f"the server does not answer ({exc})") from None
@@ -229,6 +279,59 @@ class Receiver:
         if r.get("known"):
             log.info("receiver: workflow %s was already added (a redelivered message): not "
                      "added again", r["id"])
+
+    def _control(self, ch, d: Delivery, msg: dict) -> None:
+        """Start or cancel a forwarded job here; the answer goes on its status key."""
+        why = check_control(msg, getattr(d.props, "user_id", None), self.cfg.central_user)
+        if why is not None:
+            self.dead_letter(ch, d, why)
+            return
+        action, mid = msg["pilotfish_control"], msg["argo_job_id"]
+        try:
+            r = self._call(lambda c: _again_safe(c, "forward_control",
+                                                 {"action": action, "intake_key": mid}))
+        except ServerUnavailable as exc:
+            self._drop_client()
+            raise ServerPaused(f"the server does not answer ({exc})") from None
+        except Forbidden as exc:
+            if "may change only" not in str(exc):  # the key's role: no message can pass
+                raise ServerPaused(f"the server refuses this bridge's key ({exc})") from None
+            self.dead_letter(ch, d, str(exc))
+            return
+        except PilotfishError as exc:
+            self.dead_letter(ch, d, str(exc))
+            return
+        self._answer(ch, msg["job_status_routing_key"], {
+            "kind": "control", "action": action, "argo_job_id": mid, "result": r["result"],
+            "job_id": r["job"], "state": r["state"], "time": now_iso()})
+        ch.basic_ack(d.tag)
+        self.stats[action] = self.stats.get(action, 0) + 1
+        log.info("receiver: %s of %s: %s", action, mid, r["result"])
+
+    def _answer(self, ch, key: str, body: dict) -> None:
+        """A message to the forwarding server on its status key (with our validated user)."""
+        import pika
+        if not self.cfg.exchange:
+            log.warning("receiver: no exchange configured: cannot answer on %s", key)
+            return
+        ch.basic_publish(self.cfg.exchange, key, json.dumps(body).encode(),
+                         pika.BasicProperties(delivery_mode=2, content_type="application/json",
+                                              user_id=self.addr.user))
+
+    def _refusal(self, ch, d: Delivery, error: str) -> None:
+        """A forward refused here is answered as a failure with the reason (its forwarder
+        would wait for it forever otherwise): only a forward's (message id ``fwd:...``,
+        reply_to its status key, a validated user, the central's when configured)."""
+        p = d.props
+        mid, key, user = p.message_id, p.reply_to, getattr(p, "user_id", None)
+        if not (isinstance(mid, str) and mid.startswith("fwd:") and len(mid) <= 255
+                and isinstance(key, str) and _ROUTING_KEY.fullmatch(key) and user
+                and (self.cfg.central_user is None or user == self.cfg.central_user)):
+            return
+        where = f"site {self.cfg.site_name}" if self.cfg.site_name else "the site"
+        self._answer(ch, key, {"kind": "job", "argo_job_id": mid, "to": "FAILED",
+                               "refused": True, "time": now_iso(),
+                               "message": f"refused at {where}'s intake: {error}"})
 
     def _refused(self, ch, group, exc: PilotfishError) -> None:
         """A request refused: alone, its message is poison; in a group, each message is tried
@@ -251,10 +354,18 @@ class Receiver:
             delivery_mode=2, headers=headers, message_id=p.message_id,
             correlation_id=p.correlation_id, content_type=p.content_type,
             timestamp=p.timestamp, app_id=p.app_id), mandatory=True)
+        self._refusal(ch, d, error)
         ch.basic_ack(d.tag)
         self.stats["dead"] += 1
         log.warning("receiver: message %s to %s: %s", _shown_id(p.message_id),
                     self.cfg.dead_letter_queue, error)
+
+
+def _again_safe(c: Client, op: str, args: dict, timeout: float | None = None) -> Any:
+    """A request the receiver may repeat (every job it adds carries an intake key; starts
+    and cancels are idempotent): a server that dies with it fails it at once, not at its
+    timeout (30 s of a stalled intake after a site server's kill -9)."""
+    return c._call(op, args, timeout, lost_fails=True)
 
 
 def _shown_id(message_id) -> str:

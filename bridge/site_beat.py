@@ -63,7 +63,11 @@ class SiteBeat:
         try:
             if self.client is None:
                 self.client = self.new_client()
-            status = self.client.status()
+            # a read: a server that dies with it fails it at once (no beat: the site is
+            # silent), and a few seconds bound it, not the client's 30 (a restarted server
+            # beats again at once)
+            status = self.client._call("status", {}, max(2.0, 2 * self.cfg.site_beat_seconds),
+                                       lost_fails=True)
         except PilotfishError as exc:  # the server is down: no beat (the site is silent)
             log.warning("site beat: the server does not answer (%s): no heartbeat", exc)
             if self.client is not None:

@@ -29,6 +29,7 @@ from .db import apps as apps_t
 from .db import SQLITE_CACHE_KIB, SQLITE_LOAD_CACHE_KIB
 from .db import event_ids, job_parents, jobs, max_job_id, next_epoch
 from .drain import Drain
+from .fence import Fence
 from .gangs import Gangs
 from .output import OutputStore
 from .queue import ReadyQueue, Shape
@@ -182,7 +183,9 @@ class JobServer:
         self.queue = ReadyQueue()
         #: site stagers' books: jobs held for them, their leases (see .staging)
         self.staging = StagingBook(self)
-        self.queue.hold = self.staging.hold
+        #: forwarded jobs held until their forwarder's start (federation, see .fence)
+        self.fence = Fence(self)
+        self.queue.hold = self._hold
         self.gangs = Gangs(self)
         self.apps: dict[int, App] = {}
         self.app_names: dict[str, App] = {}
@@ -253,6 +256,7 @@ class JobServer:
         self.waited_on = {r[0] for r in c.execute(waiting)}
         self.workflows.load(c)
         self.remotes.load(c)
+        self.fence.load(c)
         queued = [s.value for s in states.QUEUED]
         # first the jobs an agent holds (few, whatever the queue's length), then the queue
         for row in c.execute(select(*_SHAPE_COLS, jobs.c.state, jobs.c.agent, jobs.c.attempts,
@@ -835,7 +839,14 @@ class JobServer:
             a.refused = []
         self.ack_due.clear()
 
+    def _hold(self, job: int, priority: int, shape: Shape) -> bool:
+        """The queue's hook: jobs held by the fence, or for a site stager, stay out of it."""
+        return self.fence.hold(job) or self.staging.hold(job, priority, shape)
+
     def cancel_on_agent(self, lease: Lease) -> None:
+        if lease.agent.startswith(PREFIX):  # a remote site: a cancel on its queue
+            self.remotes.cancel(lease, time.time())
+            return
         a = self.agents.get(lease.agent)
         if a is not None and a.identity is not None and a.state == "ALIVE":
             self.send(a.identity, P.encode(P.CANCEL, jobs=[{"job": lease.job,

@@ -11,7 +11,7 @@ from sqlalchemy.engine import Engine
 
 from pilotfish.errors import PilotfishError
 
-SCHEMA_VERSION = 12
+SCHEMA_VERSION = 14
 #: Columns that bring a database from a version to the next: (table, column, SQL type).
 #: ADD COLUMN works on SQLite and PostgreSQL alike; a table that create_all has just made
 #: (it did not exist) has its new columns already, so only missing ones are added.
@@ -49,6 +49,12 @@ MIGRATIONS: dict[int, list[tuple[str, str, str]]] = {
     # one site) and when the remote site it was forwarded to said it has the job (its first
     # status message: from then on it is never routed elsewhere)
     11: [("jobs", "site_choices", "TEXT"), ("jobs", "remote_accepted", "FLOAT")],
+    12: [],  # (version 13: another change's; this one is independent of it)
+    # the federation fence (server/remote_sites.py, server/fence.py): at a site, when a
+    # forwarded job was stored held until its forwarder's start (NULL: free to run); at the
+    # central, the cancels of forwarded attempts its sites have not confirmed yet (a JSON
+    # list of [site, attempt]; NULL: none), sent again after a restart
+    13: [("jobs", "fenced", "FLOAT"), ("jobs", "remote_cancel", "TEXT")],
 }
 #: Statements run after a version's columns are added (idempotent: IF NOT EXISTS). A partial
 #: index: jobs without an intake key (nearly all) cost it nothing.
@@ -57,6 +63,9 @@ MIGRATION_SQL: dict[int, list[str]] = {
         "WHERE intake_key IS NOT NULL"],
     9: ["CREATE INDEX IF NOT EXISTS ix_jobs_workflow ON jobs (workflow_id) "
         "WHERE workflow_id IS NOT NULL"],
+    13: ["CREATE INDEX IF NOT EXISTS ix_jobs_fenced ON jobs (id) WHERE fenced IS NOT NULL",
+         "CREATE INDEX IF NOT EXISTS ix_jobs_remote_cancel ON jobs (id) "
+         "WHERE remote_cancel IS NOT NULL"],
 }
 metadata = MetaData()
 
@@ -131,6 +140,8 @@ jobs = Table(
     Column("subjob_index", Integer),               # its index in the workflow's subjobs
     Column("site_choices", Text),                  # alternative sites, a JSON list (or null)
     Column("remote_accepted", Float),              # when its remote site said it has it
+    Column("fenced", Float),                       # held for its forwarder's start, since
+    Column("remote_cancel", Text),                 # unconfirmed cancels at sites (JSON)
     Index("ix_jobs_state_id", "state", "id"),
     Index("ix_jobs_group", "group_identifier"),
     Index("ix_jobs_app", "app_id"),
@@ -139,6 +150,11 @@ jobs = Table(
           postgresql_where=text("intake_key IS NOT NULL")),
     Index("ix_jobs_workflow", "workflow_id", sqlite_where=text("workflow_id IS NOT NULL"),
           postgresql_where=text("workflow_id IS NOT NULL")),
+    # read at every server start; nearly every row is NULL in both, so they cost nothing
+    Index("ix_jobs_fenced", "id", sqlite_where=text("fenced IS NOT NULL"),
+          postgresql_where=text("fenced IS NOT NULL")),
+    Index("ix_jobs_remote_cancel", "id", sqlite_where=text("remote_cancel IS NOT NULL"),
+          postgresql_where=text("remote_cancel IS NOT NULL")),
 )
 
 #: Workflows: the seed's Argo jobs, ordered (or DAG-shaped) subjobs that are jobs of their own

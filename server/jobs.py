@@ -26,7 +26,7 @@ JOB_KEYS = frozenset({
     "processes_per_node", "application", "config_file", "parameters", "input_url", "output_url",
     "group_identifier", "tags", "priority", "max_retries", "cpus_per_process",
     "gpus_per_process", "parents", "image", "argo_job_id", "scheduler_config",
-    "job_status_routing_key", "intake_key"})
+    "job_status_routing_key", "intake_key", "held"})
 #: Fields ``job alter`` may change on a job that no agent holds.
 ALTERABLE = frozenset({"description", "site", "queue", "project", "wall_time_minutes",
                        "num_nodes", "processes_per_node", "cpus_per_process", "gpus_per_process",
@@ -168,6 +168,13 @@ def build_job(msg: Any, app_by_name: Callable[[str], App], roots: DataRoots) -> 
     row["job_status_routing_key"] = check_token(msg.get("job_status_routing_key"),
                                                 "job_status_routing_key", _ROUTING_KEY_RE)
     row["intake_key"] = check_token(msg.get("intake_key"), "intake_key")
+    # held: stored, but not run before ``forward_control`` starts it (a forwarded job waits
+    # for its forwarder's start: the federation fence, server/fence.py); the time is set when
+    # the job is inserted
+    held = msg.get("held", False)
+    if type(held) is not bool:
+        raise ValidationError(f"job {name!r}: held must be true or false, got {echo(held)}")
+    row["fenced"] = True if held else None
     return row
 
 

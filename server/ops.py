@@ -317,6 +317,9 @@ def insert_jobs(srv: JobServer, rows: list[dict], now: float, owner: str | None,
                 srv.waited_on.update(parents)
             for p in parents:
                 b.parent_inserts.append({"job_id": job_id, "parent_id": p})
+        if row.get("fenced"):
+            row["fenced"] = now
+            srv.fence.held.add(job_id)
         row.update(id=job_id, state_time=now, created=now, retries=0, attempts=0,
                    workdir=workdir_for(job_id, row["name"], row["group_identifier"]),
                    started=None, ended=None, exit_code=None, message=msg, agent=None,
@@ -498,6 +501,11 @@ def _job_dict(srv: JobServer, r) -> dict:
     if d.get("staged"):  # a staged input waiting for an agent (see .staging)
         try:
             d["staged"] = json.loads(d["staged"])
+        except ValueError:
+            pass
+    if d.get("remote_cancel"):  # cancels its remote sites have not confirmed yet
+        try:
+            d["remote_cancel"] = json.loads(d["remote_cancel"])
         except ValueError:
             pass
     # where the latest attempt ran (or runs); its full record is job show's "runs"
@@ -720,6 +728,7 @@ def _set_state(srv: JobServer, r, to: State, now: float, why: str) -> None:
     srv.batch.transition(r.id, frm, [to], now, why, **cols)
     srv.queue.remove(r.id)  # (a job staged by a site stager is queued in STAGED_IN)
     srv.staging.forget(r.id)
+    srv.fence.forget(r.id)
     if to in states.QUEUED:
         srv.enqueue(r.id, r)
     if to in (S.FAILED, S.USER_KILLED):

@@ -15,6 +15,17 @@ the shortest expected wait. A job goes elsewhere only when its site has been sil
 heartbeat for ``silent_after`` seconds) while the job was still queued there and the site had
 not said it has the job (``jobs.remote_accepted``, set by its first status message); once
 accepted or started, it stays with its site, however long it is silent (no double runs).
+
+The fence (see :mod:`.fence`): a forwarded job is stored held at its site; the site's first
+status message makes it accepted here, and in that same turn the job is queued for a
+``start`` control message to the site (``forward_take`` hands controls to the forwarder with
+the forwards, again every ``resend_after`` until the site's bridge confirms). A kill here of a
+forwarded job, or the re-routing of an unaccepted one, queues a ``cancel`` of that attempt
+instead (kept in ``jobs.remote_cancel`` until confirmed, so a restart sends it again). A site
+that refuses a forward at its intake (dead-lettered: an app it lacks, a bad value) says so in
+a status message with ``refused``: the job goes to its other alternatives that have not
+refused it (a refusal is usually the site's: an app it does not have), and fails here with
+the sites' reasons, not retried, when none is left (the same forward would be refused again).
 """
 from __future__ import annotations
 
@@ -98,6 +109,12 @@ class Remotes:
         self.sites: dict[str, RemoteSite] = {}
         self.handed: dict[int, float] = {}    # job -> when last given to the forwarder
         self.accepted: set[int] = set()       # leased jobs their site said it has
+        self.starting: dict[int, float] = {}  # accepted jobs -> when a start was last handed
+        #: jobs -> the sites that refused them, with why (not routed there again; in memory
+        #: only: after a restart a site may refuse a job once more)
+        self.refused_by: dict[int, dict[str, str]] = {}
+        #: (job, attempt) -> [site, when last handed]: cancels the site has not confirmed
+        self.cancels: dict[tuple[int, int], list] = {}
         self.silent_after = SILENT_AFTER
         self.forwarder_seen: float | None = None
 
@@ -113,12 +130,23 @@ class Remotes:
             name = r.id[len(PREFIX):]
             # the last beat as stored; the backlog is unknown until the next one
             self.sites[name] = RemoteSite(name, r.last_seen, 0, r.cores)
-        for r in conn.execute(select(jobs.c.id, jobs.c.remote_accepted)
+        queued = {s.value for s in states.QUEUED}
+        for r in conn.execute(select(jobs.c.id, jobs.c.remote_accepted, jobs.c.state)
                               .where(jobs.c.agent.like(PREFIX + "%"))):
             if r.remote_accepted is not None:
                 self.accepted.add(r.id)
+                if r.state in queued:
+                    self.starting[r.id] = 0.0  # its start may not have left: again
             else:
                 self.handed[r.id] = 0.0  # published before this start, perhaps not: again
+        for r in conn.execute(select(jobs.c.id, jobs.c.remote_cancel)
+                              .where(jobs.c.remote_cancel.is_not(None))):
+            try:
+                for site, attempt in json.loads(r.remote_cancel):
+                    self.cancels[(r.id, attempt)] = [site, 0.0]
+            except (ValueError, TypeError):
+                log.warning("job %d: unreadable remote_cancel %r: dropped", r.id,
+                            r.remote_cancel)
 
     # -- sites ------------------------------------------------------------------------------
     def register(self, name: str, now: float) -> "AgentRec":
@@ -181,7 +209,7 @@ class Remotes:
 
     # -- forwarding -------------------------------------------------------------------------
     def take(self, sites: list[str], limit: int, silent_after: float, resend_after: float,
-             now: float) -> list[dict]:
+             now: float) -> dict[str, list[dict]]:
         """Jobs for the forwarder to publish: new ones routed now, and unacknowledged ones
         to publish again (same site, same attempt, so the same message id)."""
         srv = self.srv
@@ -210,8 +238,9 @@ class Remotes:
             if r is None:
                 continue
             choices = json.loads(r.site_choices) if r.site_choices else [r.site]
-            site = routing.choose([c for c in choices if c in self.sites], health, now,
-                                  silent_after)
+            refused = self.refused_by.get(job, {})
+            site = routing.choose([c for c in choices if c in self.sites and c not in refused],
+                                  health, now, silent_after)
             if site is None:
                 back.append((job, r.priority, shape))  # no healthy site: it waits
                 continue
@@ -230,7 +259,57 @@ class Remotes:
             srv.queue.push(job, prio, shape)
         for s in specs:
             self.handed[s["job"]] = now
-        return specs
+        return {"forwards": specs, "controls": self._controls(limit, resend_after, now)}
+
+    def _controls(self, limit: int, resend_after: float, now: float) -> list[dict]:
+        """Start and cancel messages due: new ones, and those not confirmed after
+        ``resend_after`` (the site does each at most once: they are idempotent there)."""
+        srv = self.srv
+        out: list[dict] = []
+        for job, t in list(self.starting.items()):
+            if len(out) >= limit:
+                break
+            lease = srv.leases.get(job)
+            if lease is None or not self.is_site_agent(lease.agent) \
+                    or lease.state not in states.QUEUED:
+                self.starting.pop(job, None)
+                continue
+            site = lease.agent[len(PREFIX):]
+            if now - t >= resend_after and (t == 0.0 or self._heard(site, now)):
+                out.append({"action": "start", "job": job, "attempt": lease.attempt,
+                            "site": site})
+                self.starting[job] = now
+        for (job, attempt), entry in self.cancels.items():
+            if len(out) >= limit:
+                break
+            # sent once, again only while the site beats (a silent site's queue keeps the
+            # first; copies would pile up there)
+            if now - entry[1] >= resend_after and (entry[1] == 0.0
+                                                   or self._heard(entry[0], now)):
+                out.append({"action": "cancel", "job": job, "attempt": attempt,
+                            "site": entry[0]})
+                entry[1] = now
+        return out
+
+    def _heard(self, site: str, now: float) -> bool:
+        s = self.sites.get(site)
+        return s is not None and s.last_beat is not None \
+            and now - s.last_beat <= self.silent_after
+
+    def cancel(self, lease, now: float) -> None:
+        """A forwarded attempt is taken back (killed here, or routed elsewhere): its site is
+        told to cancel it; until it confirms, the cancel is sent again (and kept in the job's
+        row across restarts)."""
+        job = lease.job
+        self.handed.pop(job, None)
+        self.starting.pop(job, None)
+        self.accepted.discard(job)
+        self.cancels[(job, lease.attempt)] = [lease.agent[len(PREFIX):], 0.0]
+        self._store_cancels(job)
+
+    def _store_cancels(self, job: int) -> None:
+        mine = [[e[0], a] for (j, a), e in self.cancels.items() if j == job]
+        self.srv.batch.update_job(job, remote_cancel=json.dumps(mine) if mine else None)
 
     def _rows(self, ids: list[int]) -> dict[int, Any]:
         from .store import chunks
@@ -271,6 +350,14 @@ class Remotes:
         for it in items:
             job, attempt, to = it.get("job"), it.get("attempt"), it.get("to")
             lease = srv.leases.get(job) if type(job) is int else None
+            if type(job) is int and type(attempt) is int and it.get("control") is not None:
+                applied += self._control_done(site, lease, job, attempt, it)
+                continue
+            entry = self.cancels.get((job, attempt)) if type(job) is int \
+                and type(attempt) is int else None
+            if entry is not None and entry[0] == site:
+                applied += 1  # the status of an attempt taken back: its cancel is on its way
+                continue
             if lease is None or lease.agent != a.id or lease.attempt != attempt:
                 why = (f"job {echo(job)} attempt {echo(attempt)} is not forwarded to site "
                        f"{site}")
@@ -283,10 +370,24 @@ class Remotes:
                 refused.append({"job": job, "attempt": attempt,
                                 "why": f"unknown state {echo(to)}"})
                 continue
+            if it.get("refused") is True and lease.state in states.QUEUED \
+                    and job not in self.accepted:  # (a site that has the job refuses none)
+                # the site's intake refused the forward: its other sites, else it fails here
+                # with the sites' reasons (no retry: the same forward would be refused again)
+                why = f"refused by site {site}" + (f": {it['msg']}" if it.get("msg") else "")
+                log.warning("job %s: %s", job, why)
+                self.handed.pop(job, None)
+                self._refused(lease, site, why, now)
+                applied += 1
+                continue
             if target in _ACCEPTED:
+                self.refused_by.pop(job, None)
                 if job not in self.accepted:
+                    # the fence: accepted and confirmed in this one turn; from now on it is
+                    # never routed elsewhere, and its site may start it
                     self.accepted.add(job)
                     self.handed.pop(job, None)
+                    self.starting[job] = 0.0
                     srv.batch.update_job(job, remote_accepted=now)
                 applied += 1
                 continue
@@ -295,6 +396,7 @@ class Remotes:
                 continue
             self.accepted.discard(job)
             self.handed.pop(job, None)
+            self.starting.pop(job, None)
             t = it.get("time") if isinstance(it.get("time"), (int, float)) else now
             upd = {"job": job, "attempt": attempt, "states": [p.value for p in path],
                    "msg": f"at site {site}" + (f": {it['msg']}" if it.get("msg") else "")}
@@ -315,9 +417,43 @@ class Remotes:
                 applied += 1
         return {"applied": applied, "refused": refused}
 
-    def _fail(self, lease, upd: dict, now: float) -> None:
+    def _refused(self, lease, site: str, why: str, now: float) -> None:
+        """A site refused the job: to its other alternatives, else FAILED."""
         srv = self.srv
-        srv.batch.transition(lease.job, lease.state, [S.FAILED], now, upd["msg"], agent=None,
+        job = lease.job
+        refused = self.refused_by.setdefault(job, {})
+        refused[site] = why
+        srv.sync()
+        r = srv.conn.execute(select(jobs.c.site_choices).where(jobs.c.id == job)).first()
+        choices = json.loads(r.site_choices) if r is not None and r.site_choices else []
+        left = [c for c in choices if c not in refused]
+        if left:
+            srv.drop_lease(lease, now, f"{why}; routed to its other sites ({', '.join(left)})",
+                           counts=False)
+            return
+        self.refused_by.pop(job, None)
+        self._fail(lease, {"msg": "; ".join(refused.values()), "end": now}, now,
+                   [S.STAGE_IN_FAILED, S.FAILED])
+
+    def _control_done(self, site: str, lease, job: int, attempt: int, it: dict) -> int:
+        """A site's bridge confirms a start or a cancel: it is not sent again."""
+        if it["control"] == "start":
+            if lease is not None and lease.agent == PREFIX + site and lease.attempt == attempt:
+                self.starting.pop(job, None)
+            return 1
+        if it["control"] == "cancel":
+            entry = self.cancels.get((job, attempt))
+            if entry is not None and entry[0] == site:
+                del self.cancels[(job, attempt)]
+                self._store_cancels(job)
+                log.info("job %d attempt %d: cancel confirmed by site %s (%s)", job, attempt,
+                         site, it.get("result"))
+            return 1
+        return 0
+
+    def _fail(self, lease, upd: dict, now: float, path=(S.FAILED,)) -> None:
+        srv = self.srv
+        srv.batch.transition(lease.job, lease.state, list(path), now, upd["msg"], agent=None,
                              ended=upd.get("end"), run_state="FAILED",
                              run_message=upd["msg"])
         srv._end_lease(lease, now, None)
@@ -345,7 +481,9 @@ class Remotes:
             for job in list(a.leases):
                 lease = self.srv.leases[job]
                 if lease.state in states.QUEUED and job not in self.accepted:
-                    self.handed.pop(job, None)
+                    # the site may still hold it, stored and never confirmed: held there
+                    # until this cancel reaches it (the fence: it never runs it)
+                    self.cancel(lease, now)
                     self.srv.drop_lease(lease, now, f"site {name} silent "
                                         f"{now - s.last_beat:.0f} s before it had the job",
                                         counts=False)

@@ -2,13 +2,16 @@
 SQLite database, agent and AMQP bridge), all over the real RabbitMQ with names of a random
 prefix. Site B's broker user is its own (made with rabbitmqctl, removed afterwards); site A
 logs in as guest. The site servers take the central's data directory as a data root (the
-shared file system stand-in: the subjobs' hand-on folders are the central's). Used by
-tests/test_federation.py and bench/federation.py.
+shared file system stand-in: the subjobs' hand-on folders are the central's). With
+``slurm_b``, site B's agents are a pilot of the local Slurm (scripts/slurm_up: 4 fake nodes,
+one agent each), as in the paper's Figure 1; else a local agent. Used by
+tests/test_federation*.py and bench/federation.py.
 """
 from __future__ import annotations
 
 import json
 import os
+import sys
 import signal
 import socket
 import subprocess
@@ -62,8 +65,11 @@ def rabbitmqctl(*args: str) -> None:
 
 
 class Federation:
-    def __init__(self, tmp: Path, silent_after: float = SILENT_AFTER) -> None:
+    def __init__(self, tmp: Path, silent_after: float = SILENT_AFTER,
+                 slurm_b: bool = False, slurm_nodes: int = 4) -> None:
         self.tmp = tmp
+        self.slurm_b, self.slurm_nodes = slurm_b, slurm_nodes
+        self.slurm_jobs: list[str] = []
         self.tag = f"pffed.{uuid.uuid4().hex[:10]}"
         self.exchange = f"{self.tag}.x"
         self.procs: list[subprocess.Popen] = []
@@ -150,8 +156,29 @@ class Federation:
         if name == "B":
             self.user_made.join()
         self.start_bridge(site)
-        self.start_agent(site)
+        if name == "B" and self.slurm_b:
+            self.start_slurm_pilot(site)
+        else:
+            self.start_agent(site)
         return site
+
+    def start_slurm_pilot(self, site: dict) -> str:
+        """Site B's agents as a Slurm batch job: one agent per node (its Slurm job id)."""
+        from conftest import sbatch
+        home, srv = site["home"], site["server"]
+        script = f"""#!/bin/bash
+#SBATCH -N {self.slurm_nodes}
+#SBATCH --exclusive
+#SBATCH -t 10
+#SBATCH -J pilotfish-fed-B
+#SBATCH -o {home}/pilot-%j.out
+exec {sys.executable} -m pilotfish --home {home} pilot run --server {srv.address} \\
+    --data-root {self.data} -- --idle-timeout 0 --work-root {home}/work
+"""
+        jid = sbatch(script)
+        self.slurm_jobs.append(jid)
+        site["slurm_job"] = jid
+        return jid
 
     def start_agent(self, site: dict) -> None:
         site["agent"] = site["server"].agent("--data-root", str(self.data), cores="0,1",
@@ -187,6 +214,10 @@ class Federation:
 
     def close(self) -> None:
         self.user_made.join()
+        if self.slurm_jobs:
+            from conftest import scancel, slurm_job_state
+            for jid in self.slurm_jobs:
+                scancel(jid)
         gone = subprocess.Popen(["rabbitmqctl", "-q", "delete_user", self.user_b],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         everyone = self.procs + [a for s in self.servers for a in s.agents]
@@ -209,6 +240,10 @@ class Federation:
             t.start()
         for t in stops:
             t.join()
+        for jid in self.slurm_jobs:  # (the pilot's agents hand their work back, then leave)
+            deadline = time.monotonic() + 30
+            while slurm_job_state(jid) is not None and time.monotonic() < deadline:
+                time.sleep(0.2)
         try:
             import pika
             conn = pika.BlockingConnection(pika.ConnectionParameters(

@@ -255,5 +255,36 @@ def test_version_11_gains_the_federation_columns(tmp_path):
     assert con.execute("SELECT id, site_choices, remote_accepted FROM jobs").fetchall() == [
         (3, None, None)]
     assert con.execute("SELECT value FROM pilotfish_meta WHERE key='schema_version'"
-                       ).fetchone()[0] == str(SCHEMA_VERSION) == "12"
+                       ).fetchone()[0] == str(SCHEMA_VERSION)
+    con.close()
+
+
+def test_version_12_gains_the_fence_columns(tmp_path):
+    """Schema 14: jobs.fenced (a forwarded job held at its site until its forwarder's start)
+    and jobs.remote_cancel (cancels a central has not had confirmed); old rows get NULLs.
+    Independent of version 13's change: only these two columns are added, when missing."""
+    db = tmp_path / "v12.db"
+    make_engine(f"sqlite:///{db}").dispose()
+    con = sqlite3.connect(db)  # make it look like version 12
+    for ix in ("ix_jobs_fenced", "ix_jobs_remote_cancel"):
+        con.execute(f"DROP INDEX {ix}")
+    for col in ("fenced", "remote_cancel"):
+        con.execute(f"ALTER TABLE jobs DROP COLUMN {col}")
+    con.execute("INSERT INTO jobs (id, name, description, app_id, num_nodes, "
+                "processes_per_node, cpus_per_process, gpus_per_process, parameters, tags, "
+                "priority, max_retries, retries, attempts, state, state_time, created, "
+                "workdir) VALUES (3, 'old', '', 1, 1, 1, 1, 0, '{}', '', 0, 3, 0, 0, 'READY', "
+                "0, 0, 'w')")
+    con.execute("UPDATE pilotfish_meta SET value='12' WHERE key='schema_version'")
+    con.commit()
+    con.close()
+    make_engine(f"sqlite:///{db}").dispose()
+    make_engine(f"sqlite:///{db}").dispose()  # and again: nothing more to do
+    con = sqlite3.connect(db)
+    assert con.execute("SELECT id, fenced, remote_cancel FROM jobs").fetchall() == [
+        (3, None, None)]
+    assert {"ix_jobs_fenced", "ix_jobs_remote_cancel"} <= {
+        r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert con.execute("SELECT value FROM pilotfish_meta WHERE key='schema_version'"
+                       ).fetchone()[0] == str(SCHEMA_VERSION) == "14"
     con.close()

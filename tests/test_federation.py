@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from pilotfish.bridge.federate import (FederateConfig, Site, check_config, forward_body,
-                                       parse_argo_id, to_url)
+from pilotfish.bridge.federate import (FederateConfig, Site, check_config, control_body,
+                                       forward_body, parse_argo_id, to_url)
 from pilotfish.bridge.site_beat import beat_message
 from pilotfish.errors import ValidationError
 from pilotfish.server.remote_sites import mirror_path
@@ -76,8 +76,11 @@ def test_forward_message_golden():
         "processes_per_node": 1, "cpus_per_process": 1, "gpus_per_process": 0,
         "input_url": "sftp://central.example.org/data/in.tgz",
         "output_url": "sftp://central.example.org/data/out/sim.17", "max_retries": 0,
-        "argo_job_id": "fwd:central:17:2", "intake_key": "fwd:central:17:2",
+        "argo_job_id": "fwd:central:17:2", "intake_key": "fwd:central:17:2", "held": True,
         "job_status_routing_key": "fed.status.mira"}
+    assert control_body(cfg, {"action": "cancel", "job": 17, "attempt": 2, "site": "mira"}) \
+        == {"pilotfish_control": "cancel", "argo_job_id": "fwd:central:17:2",
+            "job_status_routing_key": "fed.status.mira"}
     assert parse_argo_id("central", "fwd:central:17:2") == (17, 2)
     for bad in ("fwd:other:17:2", "fwd:central:x:2", "fwd:central:0:1", 4711, None,
                 "fwd:central:17:2:3", f"fwd:central:{2**63}:1"):
@@ -135,9 +138,32 @@ def workflow(f, i: int, sites=("A", "B")) -> dict:
                         for k, s in enumerate(sites)]}
 
 
+@pytest.fixture
+def fed_slurm(tmp_path, slurm):
+    """The federation with site B's agents a pilot of the local Slurm (4 fake nodes)."""
+    from conftest import require
+    from externals import rabbitmq_available
+    require(rabbitmq_available(), "RabbitMQ at 127.0.0.1:5672 (guest/guest)")
+    from fed_world import Federation
+    f = Federation(tmp_path, slurm_b=True)
+    try:
+        yield f
+    finally:
+        f.close()
+
+
 @pytest.mark.slow
-def test_federation_two_sites_kill_and_reroute(fed):
+def test_federation_two_sites_kill_and_reroute(fed_slurm):
+    """The paper's Figure 1: site B is the local Slurm (a 4-node pilot), site A local agents.
+    ~15 s with Slurm idle (the pilot's start, B's kill -9 and restart, 3 s of silence)."""
     from fed_world import until
+    fed = fed_slurm
+    from conftest import wait_for
+    with fed.sites["B"]["server"].client() as sc:
+        wait_for(lambda: len(sc.agents()) >= fed.slurm_nodes, 120, 0.2,
+                 "the Slurm pilot's agents at site B")
+        assert all(a["pilot"] == f"slurm-{fed.sites['B']['slurm_job']}"
+                   for a in sc.agents())
     fed.wait_healthy(["A", "B"])
     c = fed.central.client()
     wf_ids = [c.add_workflow(workflow(fed, i))["id"] for i in range(4)]

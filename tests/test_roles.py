@@ -41,7 +41,7 @@ READ = {"ping", "status", "agent_ls", "app_ls", "app_show", "job_ls", "job_count
         "workflow_ls", "workflow_show", "transfer_ls", "remote_sites"}
 SUBMIT = READ | {"workflow_add", "workflow_check", "workflow_kill", "workflow_retry",
                  "job_add", "job_add_array", "job_check", "job_kill", "job_retry", "job_alter",
-                 "job_rm",
+                 "job_rm", "forward_control",
                  "pilot_add", "pilot_update", "site_backlog", "site_report"}
 ADMIN_ONLY = {"app_add", "app_alter", "app_rm", "shutdown", "gc", "events_prune",
               "forward_take", "forward_report", "site_beat"}
@@ -194,6 +194,7 @@ def _args(op: str, role: str) -> dict:
         "workflow_kill": {"ids": [999999]}, "workflow_retry": {"ids": [999999]},
         "forward_take": {"sites": ["far"], "limit": 0},
         "forward_report": {"site": "far", "updates": []},
+        "forward_control": {"action": "cancel", "intake_key": "fwd:central:9:1"},
         "site_beat": {"site": "far", "backlog": 0, "capacity": 1}, "remote_sites": {},
     }[op]
 
