@@ -12,6 +12,9 @@ unseen by it, it is not reserved for a multi-node job, and no job that could fit
 * waiting for its parents (AWAITING_PARENTS: a workflow's subjob that becomes ready when its
   parents finish, perhaps on this very pilot).
 
+Nobody is told while the server is still reading its queue at start, nor while forwarded jobs
+wait for their central server's start (see .fence).
+
 Jobs running elsewhere do not keep an agent: one that fails goes back to the queue and, if no
 agent is left for it, the site agent provisions again. Checked a few times a second on the
 server's timer, never on the dispatch path; an agent is told again only after it was sent new
@@ -53,6 +56,10 @@ class Drain:
             return 0
         self.last = now
         srv = self.srv
+        if srv.loading is not None or srv.fence.held:
+            # the queue is still being read at start, or forwarded jobs wait for their
+            # central's start (federation): work may be there that the shapes do not show yet
+            return 0
         idle = [a for a in srv.agents.values() if self._idle(a, now)]
         if not idle:
             return 0
