@@ -82,8 +82,10 @@ def _first(srv: JobServer, since: float) -> int:
     its latest was leased, and its row's ``ended`` is cleared when it is leased again and
     written whenever an attempt ends (a state change, a lost or handed-back lease, a kill),
     so such a job has ``ended >= since`` (the (ended, id) index, a range of recent ends) or
-    ``ended`` null; of the latter only those not in a final state can hold a running attempt
-    (a probe of the (state, id) index per state)."""
+    ``ended`` null; of the latter only those not in a final state can hold a running attempt:
+    a READY one only while leased (a lease lost or handed back ends the attempt and makes
+    the job RESTART_READY), so the leases in memory, and a probe of the (state, id) index per
+    other state. Old jobs queued and never run do not hold the scan back."""
     # a wide range: often one of the oldest jobs is in it (a look at CHUNK rows); else the
     # ended index's range [since, ...) (min(id + 0): not SQLite's walk of the primary key
     # in id order, which for a recent range reads nearly every row before the first match)
@@ -92,8 +94,8 @@ def _first(srv: JobServer, since: float) -> int:
     if first is None:
         first = srv.conn.execute(select(func.min(jobs.c.id + 0))
                                  .where(jobs.c.ended >= since)).scalar()
-    firsts = [first]
-    for st in states.ALL - states.FINAL:
+    firsts = [first, min(srv.leases, default=None)]  # leased now (READY until the agent says)
+    for st in states.ALL - states.FINAL - {states.S.READY}:
         firsts.append(srv.conn.execute(select(func.min(jobs.c.id))
                                        .where(jobs.c.state == st.value)).scalar())
     firsts = [f for f in firsts if f is not None]
