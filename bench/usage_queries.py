@@ -7,7 +7,9 @@ written straight into the tables (the server stopped), then starts the server on
 measures, each one JSON line:
 
 - ``utilization_s``, ``usage_s``: one Client.utilization / Client.usage call, all its chunked
-  requests, for several ranges and groupings (with the requests count);
+  requests, for several ranges and groupings (with the requests count), and beside it the
+  baseline, same run: the same call with ``scan_all`` (every job read from the first, the
+  path before schema 13 bounded a scan by the (ended, id) index), and whether both agree;
 - ``chunk_request_ms``: the slowest single request (one chunk of jobs): how long the server's
   loop is held at most;
 - ``ping_ms``: p50/p99/max latency of a second client's pings, alone (the baseline, same run)
@@ -120,28 +122,43 @@ def queries(c: Client, pinger: Pinger, now: float, chunk: int, base: list, ctx: 
     """Every query with ``chunk`` jobs per request, a second client pinging meanwhile."""
     mark = len(pinger.lat)
     todo = [
-        ("utilization", "last day", lambda: c.utilization(chunk=chunk)),
-        ("utilization", "30 days", lambda: c.utilization(since=now - 30 * DAY, until=now,
-                                                         chunk=chunk)),
-        ("utilization", "7 days, one site", lambda: c.utilization(
-            site="site3", since=now - 7 * DAY, until=now, chunk=chunk)),
-        ("utilization", "30 days, one pilot", lambda: c.utilization(
-            pilot="pilot7", since=now - 30 * DAY, until=now, chunk=chunk)),
-        ("usage", "by site,day, 30 days", lambda: c.usage("site,day", since=now - 31 * DAY,
-                                                          chunk=chunk)),
-        ("usage", "by app,group,month, 30 days", lambda: c.usage(
-            "app,group,month", since=now - 31 * DAY, chunk=chunk)),
-        ("usage", "by day, 30 days", lambda: c.usage("day", since=now - 31 * DAY,
-                                                     chunk=chunk)),
+        ("utilization", "last day", lambda sa: c.utilization(chunk=chunk, scan_all=sa)),
+        ("utilization", "last hour", lambda sa: c.utilization(since=now - 3600, until=now,
+                                                              chunk=chunk, scan_all=sa)),
+        ("utilization", "30 days", lambda sa: c.utilization(since=now - 30 * DAY, until=now,
+                                                            chunk=chunk, scan_all=sa)),
+        ("utilization", "7 days, one site", lambda sa: c.utilization(
+            site="site3", since=now - 7 * DAY, until=now, chunk=chunk, scan_all=sa)),
+        ("utilization", "30 days, one pilot", lambda sa: c.utilization(
+            pilot="pilot7", since=now - 30 * DAY, until=now, chunk=chunk, scan_all=sa)),
+        ("usage", "by site,day, last day", lambda sa: c.usage("site,day", since=now - DAY,
+                                                              chunk=chunk, scan_all=sa)),
+        ("usage", "by site,day, 7 days", lambda sa: c.usage("site,day", since=now - 7 * DAY,
+                                                            chunk=chunk, scan_all=sa)),
+        ("usage", "by site,day, 30 days", lambda sa: c.usage("site,day", since=now - 31 * DAY,
+                                                             chunk=chunk, scan_all=sa)),
+        ("usage", "by app,group,month, 30 days", lambda sa: c.usage(
+            "app,group,month", since=now - 31 * DAY, chunk=chunk, scan_all=sa)),
+        ("usage", "by day, 30 days", lambda sa: c.usage("day", since=now - 31 * DAY,
+                                                        chunk=chunk, scan_all=sa)),
     ]
     for kind, what, fn in todo:
+        # baseline first, same run: every job read from the first (the path before schema 13)
         t = time.perf_counter()
-        r = fn()
+        rb = fn(True)
+        base_dt = time.perf_counter() - t
+        t = time.perf_counter()
+        r = fn(False)
         dt = time.perf_counter() - t
+        same = (r["busy"] == rb["busy"] and r["core_seconds"] == rb["core_seconds"]) \
+            if kind == "utilization" else r["rows"] == rb["rows"]
         extra = ({"attempts": r["attempts"], "max_busy": r["max_busy"],
                   "points": len(r["busy"])} if kind == "utilization"
                  else {"groups": len(r["rows"]), "jobs": r["totals"]["jobs"]})
         C.emit(f"{kind}_s", dt, unit="s", query=what, requests=r["requests"], chunk=chunk,
+               baseline_scan_all_s=base_dt, baseline_requests=rb["requests"],
+               baseline="the same call reading every job from the first (scan_all: the "
+               "path before schema 13), same run", same_answer=same,
                interval=f"one Client.{kind} call: every chunk request and the sums", **extra,
                **ctx)
     during = pinger.lat[mark:]

@@ -86,11 +86,12 @@ def _first(srv: JobServer, since: float) -> int:
     a READY one only while leased (a lease lost or handed back ends the attempt and makes
     the job RESTART_READY), so the leases in memory, and a probe of the (state, id) index per
     other state. Old jobs queued and never run do not hold the scan back."""
-    # a wide range: often one of the oldest jobs is in it (a look at CHUNK rows); else the
-    # ended index's range [since, ...) (min(id + 0): not SQLite's walk of the primary key
+    # a wide range: often one of the oldest jobs is in it (a look at the first 500 ids); else
+    # the ended index's range [since, ...) (min(id + 0): not SQLite's walk of the primary key
     # in id order, which for a recent range reads nearly every row before the first match)
-    head = select(jobs.c.id, jobs.c.ended).order_by(jobs.c.id).limit(CHUNK).subquery()
-    first = srv.conn.execute(select(func.min(head.c.id)).where(head.c.ended >= since)).scalar()
+    low = srv.conn.execute(select(func.min(jobs.c.id))).scalar() or 0
+    first = srv.conn.execute(select(func.min(jobs.c.id)).where(
+        jobs.c.id <= low + 500, jobs.c.ended >= since)).scalar()
     if first is None:
         first = srv.conn.execute(select(func.min(jobs.c.id + 0))
                                  .where(jobs.c.ended >= since)).scalar()
@@ -106,7 +107,7 @@ def _first(srv: JobServer, since: float) -> int:
 def _cursor(srv: JobServer, args: dict, until: float,
             since: float) -> tuple[int, int | None, int | None]:
     """(after, last, next): this request reads the jobs with after < id <= last (None: to the
-    end) and the next one goes on after ``next`` (None: done). ``chunk``: fewer jobs than
+    end) and the next one goes on after ``next`` (None: done). ``chunk``: fewer ids than
     ``CHUNK`` per request (tests; a server to spare further).
 
     The server gives ids in the order it creates jobs, and no attempt starts before its job
@@ -120,9 +121,11 @@ def _cursor(srv: JobServer, args: dict, until: float,
     chunk = _arg(args, "chunk", int, CHUNK)
     if not 1 <= chunk <= CHUNK:
         raise ValidationError(f"chunk must be 1..{CHUNK} jobs")
-    last = srv.conn.execute(select(jobs.c.id).where(jobs.c.id > after).order_by(jobs.c.id)
-                            .limit(1).offset(chunk - 1)).scalar()
-    if last is None:
+    # a chunk is a range of ``chunk`` ids (fewer jobs where some were removed): counting
+    # ``chunk`` rows off the primary key instead (OFFSET) walked every row's page, a third
+    # of a request's time
+    last = after + chunk
+    if last >= srv.next_id - 1:
         return after, None, None
     created = srv.conn.execute(select(jobs.c.created).where(jobs.c.id > last)
                                .order_by(jobs.c.id).limit(1)).scalar()

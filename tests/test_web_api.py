@@ -365,7 +365,7 @@ def test_rest_and_page_sort_with_keyset_cursors(world):
     # anything off the whitelist, or a cursor without its value: one line, 400
     for q in ("sort=priority", "sort=id%3BDROP", "sort=--id", "sort=name&after=3",
               "sort=ended&after=3&at=soon", "sort=ended&after=3&at=nan",
-              "sort=updated&after=3&at=1e999"):
+              "sort=updated&after=3&at=1e999", "at=x", "sort=name&newest=true"):
         r = web.get("/api/jobs?" + q)
         assert r.status == 400 and "\n" not in r.json()["error"], (q, r.text)
     r = web.get("/jobs?sort=priority", headers={"Accept": "text/html"})

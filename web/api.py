@@ -90,6 +90,8 @@ def list_jobs(request: Request, state: str | None = None, app: str | None = None
         flt["array"] = array
     if sort is not None:
         cur = cursor_arg(sort, None if after is None else str(after), at)
+    elif at is not None:
+        raise WebError(400, "at is the cursor's value of a sort: give sort too", "invalid")
     else:
         cur = after
     return web_of(request).call(user, lambda c: c.jobs(flt, limit=_limit(limit), offset=offset,
