@@ -463,7 +463,7 @@ def where_of(f: dict | None, srv: JobServer, walk_state: bool = False) -> list:
         st = f["state"] if isinstance(f["state"], list) else [f["state"]]
         if not all(isinstance(s, str) for s in st):
             raise ValidationError("filter 'state' must be state names")
-        # (job_ls's plan may ask for the state unindexed: see _sort_plan)
+        # (job_ls may ask for the state unindexed: see _sort_walks)
         col = jobs.c.state + "" if walk_state else jobs.c.state
         conds.append(col.in_([states.parse(s).value for s in st]))
     if f.get("app"):
