@@ -1,7 +1,7 @@
 """job_ls's sorted queries: ORDER BY (column, id) with a keyset cursor, on an index each.
 
 Every sortable column has an index ending in the id (schema 13: state, name, state_time,
-ended, app_id), so a page is one index seek whatever its depth. By ``app`` jobs are listed by
+ended, app_id), so a page is one or two index seeks whatever its depth. By ``app`` jobs are listed by
 the app's *name*: one query per app, apps in name order (the registry is in memory), each a
 range of (app_id, id). By ``ended``: only jobs that have ended (NULL has no place in a keyset).
 """
@@ -10,8 +10,6 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-from sqlalchemy import tuple_
-
 from pilotfish.errors import ValidationError
 from pilotfish.job_sort import parse
 
@@ -19,7 +17,7 @@ from .db import jobs
 
 COLUMNS = {"state": jobs.c.state, "name": jobs.c.name, "updated": jobs.c.state_time,
            "ended": jobs.c.ended}
-MAX_ID = 2**63 - 1
+MAX_ID = 2**63 - 1  # (ops.MAX_ID: ops imports this module)
 
 
 def _value(name: str, v: Any) -> Any:
