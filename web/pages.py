@@ -161,8 +161,8 @@ def jobs_page(request: Request):
     pages = {"first": link() if (after is not None or before is not None) else "",
              "prev": link(**at(rows[0], "before")) if rows and (after is not None or
                                                                 before is not None) else "",
-             "next": link(**at(rows[-1], "after")) if len(rows) == per or before is not None
-             else ""}
+             "next": link(**at(rows[-1], "after")) if rows and (len(rows) == per or
+                                                                 before is not None) else ""}
     states = sorted(counts, key=lambda s: (s in FINAL_STATES, s))
     heads = {k: "/jobs?" + urlencode({**keep, "sort": f"-{k}" if k == name and not desc
                                       else k}) for k in job_sort.SORTS}
