@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 
-from sqlalchemy import BigInteger, Float, case, cast, func, or_, select
+from sqlalchemy import BigInteger, Float, case, cast, func, literal, or_, select
 
 from pilotfish.errors import NotFound, ValidationError
 from pilotfish.keys import READER
@@ -89,16 +89,21 @@ def _first(srv: JobServer, since: float) -> int:
     # a wide range: often one of the oldest jobs is in it (a look at the first 500 ids); else
     # the ended index's range [since, ...) (min(id + 0): not SQLite's walk of the primary key
     # in id order, which for a recent range reads nearly every row before the first match)
+    # Values are written into the SQL (literal_execute): PostgreSQL's driver prepares a
+    # statement run five times, and a generic plan of "state = $1" or "ended >= $1" cannot
+    # see that the value is rare and walks the primary key (seconds on a million jobs)
+    since_ = literal(since, Float, literal_execute=True)
     low = srv.conn.execute(select(func.min(jobs.c.id))).scalar() or 0
     first = srv.conn.execute(select(func.min(jobs.c.id)).where(
-        jobs.c.id <= low + 500, jobs.c.ended >= since)).scalar()
+        jobs.c.id <= low + 500, jobs.c.ended >= since_)).scalar()
     if first is None:
         first = srv.conn.execute(select(func.min(jobs.c.id + 0))
-                                 .where(jobs.c.ended >= since)).scalar()
+                                 .where(jobs.c.ended >= since_)).scalar()
     firsts = [first, min(srv.leases, default=None)]  # leased now (READY until the agent says)
     for st in states.ALL - states.FINAL - {states.S.READY}:
-        firsts.append(srv.conn.execute(select(func.min(jobs.c.id))
-                                       .where(jobs.c.state == st.value)).scalar())
+        firsts.append(srv.conn.execute(  # (ORDER BY the (state, id) index's own order)
+            select(jobs.c.id).where(jobs.c.state == literal(st.value, literal_execute=True))
+            .order_by(jobs.c.state, jobs.c.id).limit(1)).scalar())
     firsts = [f for f in firsts if f is not None]
     return min(firsts) - 1 if firsts else srv.conn.execute(
         select(func.coalesce(func.max(jobs.c.id), 0))).scalar()
