@@ -7,7 +7,9 @@ written straight into the tables (the server stopped), then starts the server on
 measures, each one JSON line:
 
 - ``utilization_s``, ``usage_s``: one Client.utilization / Client.usage call, all its chunked
-  requests, for several ranges and groupings (with the requests count);
+  requests, for several ranges and groupings (with the requests count), and beside it the
+  baseline, same run: the same call with ``scan_all`` (every job read from the first, the
+  path before schema 13 bounded a scan by the (ended, id) index), and whether both agree;
 - ``chunk_request_ms``: the slowest single request (one chunk of jobs): how long the server's
   loop is held at most;
 - ``ping_ms``: p50/p99/max latency of a second client's pings, alone (the baseline, same run)
@@ -20,6 +22,7 @@ Usage: bench/usage_queries.py [--total 1000000] [--tmp /dev/shm]
 from __future__ import annotations
 
 import json
+import math
 import random
 import sqlite3
 import statistics
@@ -116,32 +119,57 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(p * len(xs)))] * 1000
 
 
+def _rows(r: dict) -> list[list]:
+    """A usage answer's rows as lists, the core-hours last, in a stable order."""
+    return sorted([[str(x.get(k)) for k in r["by"]] + [x["jobs"], x["finished"],
+                                                       x["attempts"], x["core_hours"]]
+                   for x in r["rows"]])
+
+
 def queries(c: Client, pinger: Pinger, now: float, chunk: int, base: list, ctx: dict) -> None:
     """Every query with ``chunk`` jobs per request, a second client pinging meanwhile."""
     mark = len(pinger.lat)
+    # every range has both ends, so the two paths are asked the same question
     todo = [
-        ("utilization", "last day", lambda: c.utilization(chunk=chunk)),
-        ("utilization", "30 days", lambda: c.utilization(since=now - 30 * DAY, until=now,
-                                                         chunk=chunk)),
-        ("utilization", "7 days, one site", lambda: c.utilization(
-            site="site3", since=now - 7 * DAY, until=now, chunk=chunk)),
-        ("utilization", "30 days, one pilot", lambda: c.utilization(
-            pilot="pilot7", since=now - 30 * DAY, until=now, chunk=chunk)),
-        ("usage", "by site,day, 30 days", lambda: c.usage("site,day", since=now - 31 * DAY,
-                                                          chunk=chunk)),
-        ("usage", "by app,group,month, 30 days", lambda: c.usage(
-            "app,group,month", since=now - 31 * DAY, chunk=chunk)),
-        ("usage", "by day, 30 days", lambda: c.usage("day", since=now - 31 * DAY,
-                                                     chunk=chunk)),
+        ("utilization", "last hour", dict(since=now - 3600, until=now)),
+        ("utilization", "last day", dict(since=now - DAY, until=now)),
+        ("utilization", "7 days, one site", dict(site="site3", since=now - 7 * DAY,
+                                                 until=now)),
+        ("utilization", "30 days", dict(since=now - 30 * DAY, until=now)),
+        ("usage", "by site,day, last day", dict(by="site,day", since=now - DAY, until=now)),
+        ("usage", "by site,day, 7 days", dict(by="site,day", since=now - 7 * DAY, until=now)),
+        ("usage", "by site,day, 30 days", dict(by="site,day", since=now - 31 * DAY,
+                                               until=now)),
+        ("usage", "by app,group,month, 30 days", dict(by="app,group,month",
+                                                      since=now - 31 * DAY, until=now)),
     ]
-    for kind, what, fn in todo:
-        t = time.perf_counter()
-        r = fn()
-        dt = time.perf_counter() - t
+    for kind, what, kw in todo:
+        fn = getattr(c, kind)
+        # baseline, same run: every job read from the first (scan_all, the path before
+        # schema 13); the two alternate (ABBA) so a neighbour's load falls on both alike
+        runs: dict[bool, list] = {True: [], False: []}
+        for sa in (True, False, False, True):
+            t = time.perf_counter()
+            r = fn(chunk=chunk, scan_all=sa, **kw)
+            runs[sa].append((time.perf_counter() - t, r))
+        rb, r = runs[True][0][1], runs[False][0][1]
+        if kind == "utilization":
+            same = r["busy"] == rb["busy"] and r["attempts"] == rb["attempts"] and \
+                math.isclose(r["core_seconds"], rb["core_seconds"], rel_tol=1e-9)
+        else:  # (sums over other chunk boundaries: the last bits of a float may differ)
+            same = [x[:-1] for x in _rows(r)] == [x[:-1] for x in _rows(rb)] and all(
+                math.isclose(x[-1], y[-1], rel_tol=1e-9) for x, y in zip(_rows(r), _rows(rb)))
         extra = ({"attempts": r["attempts"], "max_busy": r["max_busy"],
                   "points": len(r["busy"])} if kind == "utilization"
                  else {"groups": len(r["rows"]), "jobs": r["totals"]["jobs"]})
-        C.emit(f"{kind}_s", dt, unit="s", query=what, requests=r["requests"], chunk=chunk,
+        new_t = [dt for dt, _ in runs[False]]
+        base_t = [dt for dt, _ in runs[True]]
+        C.emit(f"{kind}_s", statistics.median(new_t), unit="s", query=what,
+               requests=r["requests"], chunk=chunk, values=new_t,
+               baseline_scan_all_s=statistics.median(base_t), baseline_values=base_t,
+               baseline_requests=rb["requests"],
+               baseline="the same call reading every job from the first (scan_all: the "
+               "path before schema 13), same run, ABBA", same_answer=same,
                interval=f"one Client.{kind} call: every chunk request and the sums", **extra,
                **ctx)
     during = pinger.lat[mark:]

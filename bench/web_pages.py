@@ -90,14 +90,25 @@ def reports(c, base: str, a, ctx: dict) -> None:
     from urllib.parse import urlencode
     n = a.repeat_reports
     end = time.time()
-    direct = {"utilization": [], "usage": []}
+    direct = {"utilization": [], "usage": [], "utilization_scan_all": [],
+              "usage_scan_all": []}
     for _ in range(n):
-        t = time.perf_counter()
-        c.utilization()
-        direct["utilization"].append(time.perf_counter() - t)
-        t = time.perf_counter()
-        c.usage(by="site,day")
-        direct["usage"].append(time.perf_counter() - t)
+        for scan_all in (True, False):  # before schema 13: every job read from the first
+            tail = "_scan_all" if scan_all else ""
+            t = time.perf_counter()
+            c.utilization(scan_all=scan_all)
+            direct["utilization" + tail].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            c.usage(by="site,day", scan_all=scan_all)
+            direct["usage" + tail].append(time.perf_counter() - t)
+    for k in ("utilization", "usage"):
+        C.emit(f"client_{k}", statistics.median(direct[k]), unit="s", values=direct[k],
+               baseline_scan_all_p50=statistics.median(direct[k + "_scan_all"]),
+               baseline_values=direct[k + "_scan_all"],
+               baseline="the same call reading every job from the first (scan_all: the path "
+               "before schema 13), same run", n=a.total, db=a.db,
+               jobs_ran=a.total if a.ran else 0, interval=f"one Client.{k}() call, default "
+               "range (utilization: the last day; usage: 30 days)", **ctx)
 
     def fixed(i: int) -> str:  # a range of its own for each i (0: the warm case's)
         return urlencode({"since": repr(end - 86400), "until": repr(end - i * 1e-3)})
@@ -133,11 +144,40 @@ def reports(c, base: str, a, ctx: dict) -> None:
         fields = {}
         if baseline:
             fields = {f"baseline_client_{baseline}_p50": statistics.median(direct[baseline]),
-                      "baseline": f"Client.{baseline}() direct, same run"}
+                      "baseline": f"Client.{baseline}() direct, same run",
+                      "before_scan_all_client_p50": statistics.median(
+                          direct[baseline + "_scan_all"])}
         C.emit(figure, statistics.median(times), unit="s", p95=p(times, 0.95), values=times,
                path=path(1), n=a.total, db=a.db, jobs_ran=a.total if a.ran else 0,
                interval="urllib GET: request sent to the last byte read",
                loadavg_1m_now=round(os.getloadavg()[0], 2), **fields, **ctx)
+
+
+def sort_cases(c, middle: int, ran: bool) -> list[tuple]:
+    """The job table and /api/jobs sorted by each column (schema 13's indexes), first pages
+    and a page from the middle row's cursor, and a big state sorted by time (job_ls walks the
+    time index): (figure, path, filter, target, sort, cursor)."""
+    from urllib.parse import urlencode
+
+    from pilotfish.job_sort import cursor_of
+    row = c.jobs({"ids": [middle]}, limit=1)[0]
+    big = "JOB_FINISHED" if ran else "READY"
+    out = []
+    for sort in ("name", "-updated", "-ended", "state", "app"):
+        out.append((f"jobs_page_sort_{sort}", "/jobs?" + urlencode({"sort": sort}), {},
+                    TARGET_PAGE, sort, None))
+        if sort == "-ended" and row["ended"] is None:
+            continue  # (jobs that never ran: no end to start from)
+        cur = cursor_of(row, sort)
+        q = {"sort": sort, "after": cur[1], "at": cur[0]}
+        out.append((f"jobs_page_sort_{sort}_deep", "/jobs?" + urlencode(q), {}, TARGET_PAGE,
+                    sort, cur))
+    for sort in ("-updated", "name"):
+        out.append((f"jobs_page_state_{big}_sort_{sort}", "/jobs?" + urlencode(
+            {"state": big, "sort": sort}), {"state": big}, TARGET_PAGE, sort, None))
+        out.append((f"rest_jobs_state_{big}_sort_{sort}", "/api/jobs?" + urlencode(
+            {"state": big, "sort": sort, "limit": 50}), {"state": big}, TARGET_REST, sort, None))
+    return out
 
 
 def main() -> int:
@@ -164,6 +204,14 @@ def main() -> int:
             ran(env, a)
         else:
             fill(env.client, a.total, a.kill)
+            if a.db == "postgres":
+                # what autovacuum does within a minute of a bulk load: without statistics
+                # PostgreSQL's first plans for a sorted page read half the table (~1 s)
+                from sqlalchemy import create_engine, text
+                eng = create_engine(env.db.url)
+                with eng.begin() as conn:
+                    conn.execute(text("ANALYZE jobs"))
+                eng.dispose()
         port = free_port()
         log = open(env.home / "web.log", "ab")
         web = subprocess.Popen([*C.pilotfish_cmd(), "--home", str(env.home), "--server",
@@ -195,17 +243,19 @@ def main() -> int:
                 ("rest_jobs_state_USER_KILLED", "/api/jobs?state=USER_KILLED&limit=50",
                  {"state": "USER_KILLED"}, TARGET_REST),
             ]
-            for figure, path, flt, target in ([] if a.reports_only else cases):
+            cases = [(f, p, fl, t, None, None) for f, p, fl, t in cases]
+            cases += sort_cases(env.client, middle, a.db == "sqlite" and a.ran)
+            for figure, path, flt, target, sort, cursor in ([] if a.reports_only else cases):
                 timed_get(base + path)  # warm
                 times = [timed_get(base + path) for _ in range(a.repeat_each)]
                 fields = {}
                 if flt is not None:  # baseline: the op itself, from a Client
-                    newest = "/api/" not in path
-                    after = middle if "after=" in path else None
+                    newest = "/api/" not in path and sort is None
+                    after = middle if "after=" in path and sort is None else cursor
                     bt = []
                     for _ in range(a.repeat_each):
                         t = time.perf_counter()
-                        env.client.jobs(flt, limit=50, newest=newest, after=after)
+                        env.client.jobs(flt, limit=50, newest=newest, after=after, sort=sort)
                         bt.append(time.perf_counter() - t)
                     fields = {"baseline_job_ls_p50": statistics.median(bt),
                               "baseline": "Client.jobs(same filter, limit=50) direct"}
@@ -214,7 +264,7 @@ def main() -> int:
                        target=target, meets_target=med <= target, n=a.total, db=a.db,
                        interval="urllib GET: request sent to the last byte read",
                        loadavg_1m_now=round(__import__("os").getloadavg()[0], 2),
-                       **fields, **ctx)
+                       **({"sort": sort} if sort else {}), **fields, **ctx)
             reports(env.client, base, a, ctx)
         finally:
             web.terminate()

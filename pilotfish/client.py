@@ -305,12 +305,16 @@ class Client:
         return self.call("workflow_retry", ids=ids)
 
     def jobs(self, filter: dict | None = None, limit: int = 100, offset: int = 0,
-             newest: bool = False, after: int | None = None) -> list[dict]:
-        """``after``: only jobs with ids past it (below it with ``newest``): keyset paging."""
+             newest: bool = False, after: Any = None, sort: str | None = None) -> list[dict]:
+        """``after``: only jobs with ids past it (below it with ``newest``): keyset paging.
+        ``sort``: see :mod:`pilotfish.job_sort` (``after`` then ``job_sort.cursor_of`` the
+        last row)."""
         args: dict[str, Any] = {"filter": filter or {}, "limit": limit, "offset": offset,
                                 "newest": newest}
         if after is not None:
             args["after"] = after
+        if sort is not None:
+            args["sort"] = sort
         return self.call("job_ls", **args)
 
     def groups(self, after: str = "", limit: int = 100) -> dict:
@@ -338,7 +342,8 @@ class Client:
 
     def utilization(self, site: str | None = None, pilot: str | None = None,
                     since: float | None = None, until: float | None = None,
-                    step: float | None = None, chunk: int | None = None) -> dict:
+                    step: float | None = None, chunk: int | None = None,
+                    scan_all: bool = False) -> dict:
         """Busy cores against time (the attempts that ran; a job's cores are num_nodes ×
         processes_per_node × cpus_per_process), of one site and/or pilot, in [since, until]
         (epoch seconds; default: the last day up to now). Asks the server one chunk of jobs
@@ -347,12 +352,16 @@ class Client:
         agents alive), each a step function [[time, cores], ...] from since to until (a value
         holds until the next point's time), ``core_seconds`` (exact), ``attempts``,
         ``max_busy``, ``max_allocated``, ``agents``, ``agents_cut`` and ``requests``.
-        ``chunk``: jobs per request, fewer than the server's 5,000 (tests)."""
+        ``chunk``: jobs per request, fewer than the server's 5,000 (tests); ``scan_all``: read
+        every job from the first, not from the first that can have run in the range (the
+        path before schema 13, for benchmarks and tests)."""
         from pilotfish import usage as U
         args: dict[str, Any] = {k: v for k, v in (("site", site), ("pilot", pilot),
                                                   ("since", since), ("until", until),
                                                   ("step", step), ("chunk", chunk))
                 if v is not None}
+        if scan_all:
+            args["scan_all"] = True
         busy: dict[int, int] = {}
         after, n, secs, attempts, first = 0, 0, 0.0, 0, None
         while after is not None:
@@ -377,7 +386,8 @@ class Client:
                 "agents_cut": first["agents_cut"], "requests": n}
 
     def usage(self, by: str | list[str] = ("site", "day"), since: float | None = None,
-              until: float | None = None, chunk: int | None = None) -> dict:
+              until: float | None = None, chunk: int | None = None,
+              scan_all: bool = False) -> dict:
         """Jobs and core-hours grouped by any of site, app, group (group_identifier) and day
         or month (UTC), in [since, until) (epoch seconds; default: the 30 days up to now).
         An attempt counts at the site where it ran and the day it ended. Returns ``by``,
@@ -388,6 +398,8 @@ class Client:
         keys = U.parse_by(by)
         args: dict[str, Any] = {k: v for k, v in (("since", since), ("until", until),
                                                   ("chunk", chunk)) if v is not None}
+        if scan_all:  # (see utilization)
+            args["scan_all"] = True
         sums = U.UsageSums(keys)
         after, n = 0, 0
         while after is not None:

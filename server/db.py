@@ -49,7 +49,7 @@ MIGRATIONS: dict[int, list[tuple[str, str, str]]] = {
     # one site) and when the remote site it was forwarded to said it has the job (its first
     # status message: from then on it is never routed elsewhere)
     11: [("jobs", "site_choices", "TEXT"), ("jobs", "remote_accepted", "FLOAT")],
-    12: [],  # (version 13: another change's; this one is independent of it)
+    12: [],  # indexes only (MIGRATION_SQL[12]): sorting the job table, bounding usage scans
     # the federation fence (server/remote_sites.py, server/fence.py): at a site, when a
     # forwarded job was stored held until its forwarder's start (NULL: free to run); at the
     # central, the cancels of forwarded attempts its sites have not confirmed yet (a JSON
@@ -63,6 +63,15 @@ MIGRATION_SQL: dict[int, list[str]] = {
         "WHERE intake_key IS NOT NULL"],
     9: ["CREATE INDEX IF NOT EXISTS ix_jobs_workflow ON jobs (workflow_id) "
         "WHERE workflow_id IS NOT NULL"],
+    # keyset paging of `job ls --sort` and the web's job table by each sortable column (the id
+    # breaks ties, so a page boundary is one index seek), and the utilization and usage scans'
+    # lower bound (the first job that ended after a range starts: ix_jobs_ended). (app_id, id)
+    # replaces (app_id): on PostgreSQL equal keys are not in id order.
+    12: ["CREATE INDEX IF NOT EXISTS ix_jobs_app_id ON jobs (app_id, id)",
+         "DROP INDEX IF EXISTS ix_jobs_app",
+         "CREATE INDEX IF NOT EXISTS ix_jobs_name_id ON jobs (name, id)",
+         "CREATE INDEX IF NOT EXISTS ix_jobs_state_time_id ON jobs (state_time, id)",
+         "CREATE INDEX IF NOT EXISTS ix_jobs_ended_id ON jobs (ended, id)"],
     13: ["CREATE INDEX IF NOT EXISTS ix_jobs_fenced ON jobs (id) WHERE fenced IS NOT NULL",
          "CREATE INDEX IF NOT EXISTS ix_jobs_remote_cancel ON jobs (id) "
          "WHERE remote_cancel IS NOT NULL"],
@@ -144,7 +153,10 @@ jobs = Table(
     Column("remote_cancel", Text),                 # unconfirmed cancels at sites (JSON)
     Index("ix_jobs_state_id", "state", "id"),
     Index("ix_jobs_group", "group_identifier"),
-    Index("ix_jobs_app", "app_id"),
+    Index("ix_jobs_app_id", "app_id", "id"),  # (see MIGRATION_SQL[12] for these four)
+    Index("ix_jobs_name_id", "name", "id"),
+    Index("ix_jobs_state_time_id", "state_time", "id"),
+    Index("ix_jobs_ended_id", "ended", "id"),
     Index("ux_jobs_intake_key", "intake_key", unique=True,
           sqlite_where=text("intake_key IS NOT NULL"),
           postgresql_where=text("intake_key IS NOT NULL")),

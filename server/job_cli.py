@@ -8,6 +8,7 @@ import click
 import yaml
 
 from pilotfish import arrays, console, settings
+from pilotfish.job_sort import SORTS
 from pilotfish.errors import PilotfishError, ValidationError
 
 from .cli import (CTX, JOB_COLUMNS, PLAIN_FLOAT, PLAIN_INT, client_of, home_of, json_option,
@@ -182,9 +183,13 @@ def _add_array(c, template: dict, what: dict, t0: float, as_json: bool) -> None:
 @click.option("--all", "all_", is_flag=True, help="Every matching job (same as --limit 0).")
 @click.option("--oldest", is_flag=True, help="Oldest first.")
 @click.option("--newest", is_flag=True, help="Newest first (the default).")
+@click.option("--sort", type=click.Choice([p + s for s in SORTS for p in ("", "-")]),
+              metavar="[-]" + "|".join(SORTS),
+              help="Sort by this (a leading - for descending; ties by id). --sort ended lists "
+              "only jobs that have ended.")
 @json_option
 @click.pass_context
-def job_ls(ctx, limit, page, offset, all_, oldest, newest, as_json, **f) -> None:
+def job_ls(ctx, limit, page, offset, all_, oldest, newest, sort, as_json, **f) -> None:
     """List jobs, newest first (--oldest to turn it round), a page of --limit at a time.
 
     AGENT is the agent holding the job now, else the one its last attempt ran on; NODE is
@@ -201,7 +206,9 @@ def job_ls(ctx, limit, page, offset, all_, oldest, newest, as_json, **f) -> None
         offset = (page - 1) * limit
     flt = make_filter(**f)
     c = client_of(ctx)
-    rows = c.jobs(flt, limit=limit, offset=offset, newest=not oldest)
+    if sort and (oldest or newest):
+        raise click.UsageError("give --sort or --oldest/--newest, not both")
+    rows = c.jobs(flt, limit=limit, offset=offset, newest=not oldest and not sort, sort=sort)
     if as_json:
         return console.print_json(console.iso_times(rows))
     # AGENT: the holder now, else where the last attempt ran; NODE: that attempt's node
@@ -215,13 +222,13 @@ def job_ls(ctx, limit, page, offset, all_, oldest, newest, as_json, **f) -> None
             console.err.print(f"no jobs past the first {min(offset, total):,}: {total:,} match")
         elif total > len(rows):
             first = offset + 1
-            order = "oldest" if oldest else "newest"
+            order = f"by {sort}" if sort else "oldest first" if oldest else "newest first"
             more = ""
             if offset + len(rows) < total:
                 more = (f"; --page {offset // limit + 2} for the next {limit:,}, --all for all"
                         if offset % limit == 0 else "; --all for all")
             console.err.print(f"showing {first:,}-{offset + len(rows):,} of {total:,} "
-                              f"({order} first){more}")
+                              f"({order}){more}")
 
 
 @job_group.command("show", context_settings=CTX)

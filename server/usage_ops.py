@@ -10,7 +10,9 @@ earlier attempts), else the site the job asked for.
 Bounded work per request: the server's loop answers everyone, so a request reads one chunk
 of at most ``CHUNK`` jobs (by id, on the primary key) and their earlier attempts, and returns
 partial sums with the cursor to ask from next (``after``); the client adds the chunks up
-(``pilotfish.usage``). No index is added: a chunk is a range of the primary key. Time ranges
+(``pilotfish.usage``). A chunk is a range of the primary key; the first starts at the first
+job that can have run in the range (:func:`_first`, on the (ended, id) index of schema 13), so
+a recent window does not scan a million old jobs. Time ranges
 are capped, and utilization is binned to at most ``MAX_BINS`` steps, so no reply and no
 client's sum grows with the number of jobs.
 """
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import math
 
-from sqlalchemy import BigInteger, Float, case, cast, func, or_, select
+from sqlalchemy import BigInteger, Float, case, cast, func, literal, or_, select
 
 from pilotfish.errors import NotFound, ValidationError
 from pilotfish.keys import READER
@@ -74,21 +76,61 @@ def time_range(args: dict, now: float, default_days: float, max_days: int) -> tu
     return since, until
 
 
-def _cursor(srv: JobServer, args: dict, until: float) -> tuple[int, int | None, int | None]:
+def _first(srv: JobServer, since: float) -> int:
+    """The id before the first job that can have an attempt ending at or after ``since`` (or
+    not ended): where a scan of the range may start. A job's earlier attempts ended before
+    its latest was leased, and its row's ``ended`` is cleared when it is leased again and
+    written whenever an attempt ends (a state change, a lost or handed-back lease, a kill),
+    so such a job has ``ended >= since`` (the (ended, id) index, a range of recent ends) or
+    ``ended`` null; of the latter only those not in a final state can hold a running attempt:
+    a READY one only while leased (a lease lost or handed back ends the attempt and makes
+    the job RESTART_READY), so the leases in memory, and a probe of the (state, id) index per
+    other state. Old jobs queued and never run do not hold the scan back."""
+    # a wide range: often one of the oldest jobs is in it (a look at the first 500 ids); else
+    # the ended index's range [since, ...) (min(id + 0): not SQLite's walk of the primary key
+    # in id order, which for a recent range reads nearly every row before the first match)
+    # Values are written into the SQL (literal_execute): PostgreSQL's driver prepares a
+    # statement run five times, and a generic plan of "state = $1" or "ended >= $1" cannot
+    # see that the value is rare and walks the primary key (seconds on a million jobs)
+    since_ = literal(since, Float, literal_execute=True)
+    low = srv.conn.execute(select(func.min(jobs.c.id))).scalar() or 0
+    first = srv.conn.execute(select(func.min(jobs.c.id)).where(
+        jobs.c.id <= low + 500, jobs.c.ended >= since_)).scalar()
+    if first is None:
+        first = srv.conn.execute(select(func.min(jobs.c.id + 0))
+                                 .where(jobs.c.ended >= since_)).scalar()
+    firsts = [first, min(srv.leases, default=None)]  # leased now (READY until the agent says)
+    for st in states.ALL - states.FINAL - {states.S.READY}:
+        firsts.append(srv.conn.execute(  # (ORDER BY the (state, id) index's own order)
+            select(jobs.c.id).where(jobs.c.state == literal(st.value, literal_execute=True))
+            .order_by(jobs.c.state, jobs.c.id).limit(1)).scalar())
+    firsts = [f for f in firsts if f is not None]
+    return min(firsts) - 1 if firsts else srv.conn.execute(
+        select(func.coalesce(func.max(jobs.c.id), 0))).scalar()
+
+
+def _cursor(srv: JobServer, args: dict, until: float,
+            since: float) -> tuple[int, int | None, int | None]:
     """(after, last, next): this request reads the jobs with after < id <= last (None: to the
-    end) and the next one goes on after ``next`` (None: done). ``chunk``: fewer jobs than
+    end) and the next one goes on after ``next`` (None: done). ``chunk``: fewer ids than
     ``CHUNK`` per request (tests; a server to spare further).
 
     The server gives ids in the order it creates jobs, and no attempt starts before its job
     exists: once the next job was created after ``until`` (an hour's slack for a clock set
-    back), no later job ran in the range, and an old range does not scan the newer jobs."""
+    back), no later job ran in the range, and an old range does not scan the newer jobs. The
+    first request (after 0) starts at :func:`_first` unless ``scan_all`` (the path before
+    schema 13: every job from the first; benchmarks and tests compare the two)."""
     after = _arg(args, "after", int, 0)
+    if after == 0 and not _arg(args, "scan_all", bool, False):
+        after = _first(srv, since)
     chunk = _arg(args, "chunk", int, CHUNK)
     if not 1 <= chunk <= CHUNK:
         raise ValidationError(f"chunk must be 1..{CHUNK} jobs")
-    last = srv.conn.execute(select(jobs.c.id).where(jobs.c.id > after).order_by(jobs.c.id)
-                            .limit(1).offset(chunk - 1)).scalar()
-    if last is None:
+    # a chunk is a range of ``chunk`` ids (fewer jobs where some were removed): counting
+    # ``chunk`` rows off the primary key instead (OFFSET) walked every row's page, a third
+    # of a request's time
+    last = after + chunk
+    if last >= srv.next_id - 1:
         return after, None, None
     created = srv.conn.execute(select(jobs.c.created).where(jobs.c.id > last)
                                .order_by(jobs.c.id).limit(1)).scalar()
@@ -148,7 +190,7 @@ def _busy(srv: JobServer, src, start, end, conds: list, since: float, until: flo
     return secs, n
 
 
-@op(READER, args=("site", "pilot", "since", "until", "step", "after", "chunk"))
+@op(READER, args=("site", "pilot", "since", "until", "step", "after", "chunk", "scan_all"))
 def utilization(srv: JobServer, args: dict, now: float) -> dict:
     """Busy cores against time, one chunk of jobs per request: ``deltas`` [[bin, change]]
     (time = since + bin × step, each attempt's start and end at its nearest step; a start
@@ -165,7 +207,8 @@ def utilization(srv: JobServer, args: dict, now: float) -> dict:
     step = float(step)
     srv.sync()
     _check_where(srv, site, pilot)
-    after, last, nxt = _cursor(srv, args, until)
+    first = _arg(args, "after", int, 0) == 0
+    after, last, nxt = _cursor(srv, args, until, since)
     end_now = min(now, until)
     deltas: dict[int, int] = {}
     # the latest attempts, in the jobs' rows (ended null: it runs now)
@@ -197,7 +240,7 @@ def utilization(srv: JobServer, args: dict, now: float) -> dict:
     out = {"since": since, "until": until, "step": step, "now": now,
            "deltas": sorted([k, d] for k, d in deltas.items() if d),
            "core_seconds": busy, "attempts": n, "after": nxt}
-    if after == 0:
+    if first:
         out.update(_allocated(srv, site, pilot, since, until, step, now))
     return out
 
@@ -249,7 +292,7 @@ def _day(srv: JobServer, col):
     return _floor(srv, col / DAY)
 
 
-@op(READER, args=("by", "since", "until", "after", "chunk"))
+@op(READER, args=("by", "since", "until", "after", "chunk", "scan_all"))
 def usage(srv: JobServer, args: dict, now: float) -> dict:
     """Jobs and core-seconds grouped by ``by`` (site, app, group; day: its UTC day number
     since 1970 — a month is made of days by the client) for one chunk of jobs: ``rows``
@@ -259,7 +302,7 @@ def usage(srv: JobServer, args: dict, now: float) -> dict:
     by = parse_by(_arg(args, "by", list, []))
     since, until = time_range(args, now, 30, MAX_USAGE_DAYS)
     srv.sync()
-    after, last, nxt = _cursor(srv, args, until)
+    after, last, nxt = _cursor(srv, args, until, since)
     keys = [k if k != "month" else "day" for k in by]
     sums: dict[tuple, list] = {}
 

@@ -288,3 +288,41 @@ def test_version_12_gains_the_fence_columns(tmp_path):
     assert con.execute("SELECT value FROM pilotfish_meta WHERE key='schema_version'"
                        ).fetchone()[0] == str(SCHEMA_VERSION) == "14"
     con.close()
+
+
+SORT_INDEXES = {"ix_jobs_app_id", "ix_jobs_name_id", "ix_jobs_state_time_id", "ix_jobs_ended_id"}
+
+
+def _indexes(con) -> set[str]:
+    return {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='index' "
+                                      "AND tbl_name='jobs'")}
+
+
+def test_version_12_gains_the_sort_and_range_indexes(tmp_path):
+    """Schema 13: indexes only: (app_id, id) replaces (app_id); (name, id), (state_time, id)
+    and (ended, id) for sorting the job table and bounding usage scans; rows kept."""
+    db = tmp_path / "v12.db"
+    make_engine(f"sqlite:///{db}").dispose()
+    con = sqlite3.connect(db)  # make it look like version 12
+    for ix in SORT_INDEXES:
+        con.execute(f"DROP INDEX {ix}")
+    con.execute("CREATE INDEX ix_jobs_app ON jobs (app_id)")
+    con.execute("INSERT INTO jobs (id, name, description, app_id, num_nodes, "
+                "processes_per_node, cpus_per_process, gpus_per_process, parameters, tags, "
+                "priority, max_retries, retries, attempts, state, state_time, created, "
+                "workdir, ended) VALUES (3, 'old', '', 1, 1, 1, 1, 0, '{}', '', 0, 3, 0, 1, "
+                "'JOB_FINISHED', 5, 0, 'w', 4)")
+    con.execute("UPDATE pilotfish_meta SET value='12' WHERE key='schema_version'")
+    con.commit()
+    con.close()
+    make_engine(f"sqlite:///{db}").dispose()
+    con = sqlite3.connect(db)
+    assert SORT_INDEXES <= _indexes(con) and "ix_jobs_app" not in _indexes(con)
+    assert con.execute("SELECT id, name, ended FROM jobs").fetchall() == [(3, "old", 4.0)]
+    assert con.execute("SELECT value FROM pilotfish_meta WHERE key='schema_version'"
+                       ).fetchone()[0] == str(SCHEMA_VERSION) == "13"
+    plan = " ".join(r[3] for r in con.execute(
+        "EXPLAIN QUERY PLAN SELECT id FROM jobs ORDER BY ended DESC, id DESC LIMIT 5"))
+    assert "ix_jobs_ended_id" in plan
+    con.close()
+    make_engine(f"sqlite:///{db}").dispose()  # and opening it again changes nothing

@@ -349,3 +349,58 @@ def test_tokens_over_a_plain_server(tmp_path):
         if web:
             web.stop()
         daemon.stop(home, wait=15)
+
+
+def test_rest_and_page_sort_with_keyset_cursors(world):
+    srv, web, _, _ = world
+    names = web.get("/api/jobs?sort=-name&limit=4&group=g1").json()
+    assert [j["name"] for j in names] == sorted((j["name"] for j in names), reverse=True)
+    nxt = web.get(f"/api/jobs?sort=-name&limit=4&group=g1&after={names[-1]['id']}"
+                  f"&at={names[-1]['name']}").json()
+    assert nxt and nxt[0]["name"] < names[-1]["name"]
+    upd = web.get("/api/jobs?sort=updated&limit=3").json()
+    more = web.get(f"/api/jobs?sort=updated&limit=3&after={upd[-1]['id']}"
+                   f"&at={upd[-1]['state_time']!r}").json()
+    assert (more[0]["state_time"], more[0]["id"]) > (upd[-1]["state_time"], upd[-1]["id"])
+    # anything off the whitelist, or a cursor without its value: one line, 400
+    for q in ("sort=priority", "sort=id%3BDROP", "sort=--id", "sort=name&after=3",
+              "sort=ended&after=3&at=soon", "sort=ended&after=3&at=nan",
+              "sort=updated&after=3&at=1e999", "at=x", "sort=name&newest=true"):
+        r = web.get("/api/jobs?" + q)
+        assert r.status == 400 and "\n" not in r.json()["error"], (q, r.text)
+    r = web.get("/jobs?sort=priority", headers={"Accept": "text/html"})
+    assert r.status == 400 and "unknown sort" in r.text
+    page = web.get("/jobs?sort=-name&per=20").text
+    assert 'id="sort-name"' in page and "▼" in page
+    assert "sort=-name" in page and "at=" in page  # the next page's link carries the cursor
+
+
+def test_workflows_rest_and_pages_escape_what_users_wrote(world):
+    srv, web, _, tokens = world
+    evil = "<script>alert(1)</script><img src=x onerror=alert(2)>"
+    with srv.client() as c:
+        r = c.add_workflow({"name": "wf-one", "description": evil, "group_identifier": "gw",
+                            "job_status_routing_key": "wf.status.one",
+                            "subjobs": [{"name": "s0", "application": "sleep"},
+                                        {"name": "s1", "application": "sleep"}]})
+    wf, jobs = r["id"], r["jobs"]
+    lst = web.get("/api/workflows?group=gw").json()
+    assert [(w["id"], w["subjobs"], w["done"], w["job_status_routing_key"]) for w in lst] == \
+        [(wf, 2, 0, "wf.status.one")]
+    one = web.get(f"/api/workflows/{wf}").json()
+    assert [s["job"] for s in one["subjob_list"]] == jobs and one["description"] == evil
+    assert web.get("/api/workflows/999999").status == 404
+    for q in ("state=NOPE", "limit=0", "limit=5000", "bogus=1", "group=%00"):
+        r = web.get("/api/workflows?" + q)
+        assert r.status == 400 and "\n" not in r.json()["error"], (q, r.text)
+    page = web.get("/workflows").text
+    assert f'href="/workflows/{wf}"' in page and "wf.status.one" in page and "0/2" in page
+    assert 'href="/workflows"' in page  # in the nav
+    page = web.get(f"/workflows/{wf}").text
+    assert evil not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert all(f'href="/jobs/{j}"' in page for j in jobs)
+    assert f'data-jobs="{jobs[0]},{jobs[1]}"' in page and f'data-live="workflow:{wf}"' in page
+    # with a token (token mode) anyone may look; without one nobody may
+    strict = world[2]
+    assert strict.get("/api/workflows").status == 401
+    assert strict.get("/api/workflows", token=tokens["submitter2"]).status == 200

@@ -234,3 +234,94 @@ def test_login_form_in_chromium(browser, tmp_path):
         if web:
             web.stop()
         srv.stop()
+
+
+def test_sort_workflows_and_live_pages_in_chromium(browser, tmp_path):
+    """The job table sorted by a header click and paged by its cursor; the workflows list
+    and a workflow's page (HTML in its description shown as text, subjobs linking to their
+    job pages) following a kill made elsewhere without reloading; the pilots page gaining an
+    agent and the sites page a backlog, live. About 10 s: starting the server, the web
+    process and Chromium is 6 of them, the browsing 4; one test, not four, pays that once."""
+    from selenium.webdriver.common.by import By
+    home = tmp_path / "home"
+    home.mkdir()
+    srv = ServerHandle(home, f"sqlite:///{home / 'pilotfish.db'}").start()
+    web = None
+    try:
+        with srv.client() as c:
+            c.add_app(SLEEP)
+            c.site_report("site-b", pid=4343, host="login2", paused=False)
+            c.add_jobs([{"name": f"n{i % 7}-{i:02d}", "application": "sleep"}
+                        for i in range(25)])
+            wf = c.add_workflow({"name": "wf-live", "description": "<b>bold</b><script>"
+                                 "alert(3)</script>", "job_status_routing_key": "wf.live",
+                                 "subjobs": [{"name": "first", "application": "sleep"},
+                                             {"name": "second", "application": "sleep"}]})
+        web = WebHandle(home, srv.address)
+        shot = Shots(browser, tmp_path / "screenshots")
+        d = browser
+
+        # sort by name: a header click, then the next page from the last row's cursor
+        d.get(web.url + "/jobs?per=20")
+        d.find_element(By.ID, "sort-name").click()
+        wait_for(lambda: "sort=name" in d.current_url, 10, 0.1, "the sort")
+        names = [e.text for e in d.find_elements(By.CSS_SELECTOR, "#jobs td.name")]
+        assert names == sorted(names) and len(names) == 20
+        d.find_element(By.ID, "next").click()
+        wait_for(lambda: "at=" in d.current_url, 10, 0.1, "the next page")
+        rest = [e.text for e in d.find_elements(By.CSS_SELECTOR, "#jobs td.name")]
+        assert rest == sorted(rest) and rest[0] > names[-1] and len(names + rest) == 27
+        shot("jobs-sorted-by-name")
+
+        # the workflows list, then a workflow's page
+        d.get(web.url + "/workflows")
+        row = f"#workflows tr[data-workflow='{wf['id']}']"
+        assert "wf.live" in text_of(d, row) and "0/2" in text_of(d, row)
+        d.execute_script("window.__same_page = 51;")
+        with srv.client() as c:
+            c.kill_workflows([wf["id"]])
+        wait_for(lambda: "USER_KILLED" in text_of(d, row + " td[data-field=state]"), 20, 0.1,
+                 "the list's live state")
+        assert d.execute_script("return window.__same_page;") == 51
+        shot("workflows")
+        with srv.client() as c:
+            c.retry_workflows([wf["id"]])
+        d.find_element(By.CSS_SELECTOR, row + " td.name a").click()
+        wait_for(lambda: text_of(d, "#wf-state") not in ("", "USER_KILLED"), 10, 0.1,
+                 "the workflow's page")
+        assert "<b>bold</b><script>alert(3)</script>" in text_of(d, "#wf-fields")
+        assert not d.find_elements(By.CSS_SELECTOR, "main script, #wf-fields b")
+        d.execute_script("window.__same_page = 52;")
+        with srv.client() as c:  # a subjob changed elsewhere: its row changes in place
+            c.kill_jobs({"ids": [wf["jobs"][1]]})
+        cell = f"#subjobs tr[data-job='{wf['jobs'][1]}'] td[data-field=state]"
+        wait_for(lambda: text_of(d, cell) == "USER_KILLED", 20, 0.1, "the subjob's live state")
+        assert d.execute_script("return window.__same_page;") == 52
+        shot("workflow")
+        d.find_element(By.CSS_SELECTOR, f"#subjobs a[href='/jobs/{wf['jobs'][0]}']").click()
+        wait_for(lambda: d.current_url.endswith(f"/jobs/{wf['jobs'][0]}"), 10, 0.1,
+                 "the subjob's job page")
+
+        # pilots and agents: an agent that joins appears without a reload
+        d.get(web.url + "/pilots")
+        d.execute_script("window.__same_page = 53;")
+        srv.agent("--pilot", "p-live", cores="0")
+        wait_for(lambda: "p-live" in text_of(d, "#agents"), 20, 0.1, "the agent, live")
+        assert d.execute_script("return window.__same_page;") == 53
+        shot("pilots-live")
+
+        # sites: jobs queued for a site change its backlog without a reload
+        d.get(web.url + "/sites")
+        assert "login2 pid 4343" in text_of(d, "#sites")
+        d.execute_script("window.__same_page = 54;")
+        before = text_of(d, "#sites")
+        with srv.client() as c:
+            c.add_jobs([{"name": "for-b", "application": "sleep", "site": "site-b"}] * 3)
+        wait_for(lambda: text_of(d, "#sites") not in ("", before), 20, 0.1, "the backlog")
+        assert d.execute_script("return window.__same_page;") == 54
+        shot("sites-live")
+    finally:
+        if web:
+            web.stop()
+        srv.stop_agents()
+        srv.stop()

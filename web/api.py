@@ -16,7 +16,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from pilotfish import keys
 
-from .base import MAX_BODY, WebError, current_user, need, only, web_of
+from .base import MAX_BODY, WebError, current_user, cursor_arg, need, only, web_of
 
 router = APIRouter(prefix="/api", tags=["api"])
 FILTER_PARAMS = {"state", "app", "site", "group", "tag", "name", "owner", "array"}
@@ -71,21 +71,31 @@ async def act(request: Request, role: str, fn, *args):
 
 
 # -- read ------------------------------------------------------------------------------------
-@router.get("/jobs", summary="List jobs (filters, keyset paging)")
+@router.get("/jobs", summary="List jobs (filters, sort, keyset paging)")
 def list_jobs(request: Request, state: str | None = None, app: str | None = None,
               site: str | None = None, group: str | None = None, tag: str | None = None,
               name: str | None = None, owner: str | None = None, array: int | None = None,
-              limit: int = 50, after: int | None = None, offset: int = 0,
-              newest: bool = False) -> list[dict]:
-    """``state`` may list several, comma-separated. ``after``: ids past this one (below it
-    with ``newest``): pages stay as fast at the millionth job as at the first."""
-    only(request.query_params, FILTER_PARAMS | {"limit", "after", "offset", "newest"})
+              limit: int = 50, after: int | None = None, at: str | None = None,
+              offset: int = 0, newest: bool = False, sort: str | None = None) -> list[dict]:
+    """``state`` may list several, comma-separated. ``sort``: id, state, app, name, updated
+    or ended, ``-`` first for descending (ended: only jobs that have ended). ``after``: the
+    last row's id, and with a sort other than id ``at``: that row's value of the sorted
+    field (state, application, name, state_time or ended): pages stay as fast at the
+    millionth job as at the first."""
+    only(request.query_params, FILTER_PARAMS | {"limit", "after", "at", "offset", "newest",
+                                                "sort"})
     user = reader(request)
     flt = job_filter(dict(request.query_params))
     if array is not None:
         flt["array"] = array
+    if sort is not None:
+        cur = cursor_arg(sort, None if after is None else str(after), at)
+    elif at is not None:
+        raise WebError(400, "at is the cursor's value of a sort: give sort too", "invalid")
+    else:
+        cur = after
     return web_of(request).call(user, lambda c: c.jobs(flt, limit=_limit(limit), offset=offset,
-                                                       newest=newest, after=after))
+                                                       newest=newest, after=cur, sort=sort))
 
 
 @router.get("/jobs/counts", summary="Jobs by state (with the same filters)")

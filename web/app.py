@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pilotfish import __version__
 from pilotfish.errors import PilotfishError
 
-from . import api, pages, reports
+from . import api, pages, reports, workflows
 from .auth import COOKIE, is_loopback_host, split_hostport
 from .base import HERE, Web, WebError, one_line, status_of
 
@@ -113,6 +113,8 @@ def create_app(home: Path, open_mode: bool, address: str | None = None,
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.include_router(api.router)
     app.include_router(reports.api)
+    app.include_router(workflows.api)
     app.include_router(pages.router)
     app.include_router(reports.pages)
+    app.include_router(workflows.pages)
     return app

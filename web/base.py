@@ -14,7 +14,7 @@ from typing import Any, Callable
 import jinja2
 from fastapi import Request
 
-from pilotfish import errors, keys
+from pilotfish import errors, job_sort, keys
 from pilotfish.validate import echo
 
 from .auth import COOKIE, Auth, User
@@ -150,3 +150,35 @@ def only(params, allowed: set[str]) -> None:
     if unknown:
         raise WebError(400, f"unknown parameter(s) {', '.join(sorted(map(echo, unknown)))}; "
                        f"this takes {', '.join(sorted(allowed)) or 'none'}", "invalid")
+
+
+def sort_of(sort: str) -> tuple[str, bool]:
+    try:
+        return job_sort.parse(sort)
+    except errors.ValidationError as exc:
+        raise WebError(400, str(exc), "invalid") from None
+
+
+def flip(sort: str) -> str:
+    return sort[1:] if sort.startswith("-") else "-" + sort
+
+
+def cursor_arg(sort: str, job_id: str | None, at: str | None) -> Any:
+    """A keyset cursor from a query: the id alone when sorting by id, else [at, id] (at:
+    the sort column's value of that row, a number for the times)."""
+    i = int_arg(job_id, "after/before")
+    name, _ = sort_of(sort)
+    if i is None or name == "id":
+        return i
+    if at is None:
+        raise WebError(400, f"sorting by {name}, a page cursor needs at= (its value)",
+                       "invalid")
+    if name in ("updated", "ended"):
+        try:
+            value: Any = float(at)
+        except ValueError:
+            raise WebError(400, "at must be a time (epoch seconds) for this sort",
+                           "invalid") from None
+    else:
+        value = at
+    return [value, i]

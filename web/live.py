@@ -32,10 +32,16 @@ LIMIT = 5000
 
 def summary(events: list[dict]) -> dict:
     """What pages need of a helping of events to know whether what they show changed: the
-    kinds, and which jobs (a page draws its data from the server again, escaped, itself)."""
+    kinds, which jobs and which workflows (a page draws its data from the server again,
+    escaped, itself)."""
     jobs = sorted({e["job"] for e in events if e.get("kind") == "job" and e.get("job")})
     out: dict = {"kinds": sorted({e.get("kind") or "" for e in events}),
                  "cursor": events[-1]["id"]}
+    # the workflows whose state moved (a workflow page also follows its subjobs' ids)
+    wfs = sorted({e["workflow"] for e in events
+                  if e.get("kind") == "workflow" and type(e.get("workflow")) is int})
+    if len(wfs) <= MAX_JOBS:
+        out["workflows"] = wfs
     if len(jobs) > MAX_JOBS:
         out["many"] = True
     else:

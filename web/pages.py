@@ -17,12 +17,12 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse
 
-from pilotfish import keys
+from pilotfish import job_sort, keys
 from pilotfish.client import FINAL_STATES
 from pilotfish.errors import Forbidden, PilotfishError
 
 from .auth import COOKIE, User
-from .base import WebError, current_user, int_arg, need, web_of
+from .base import WebError, current_user, cursor_arg, flip, int_arg, need, sort_of, web_of
 
 router = APIRouter(include_in_schema=False)
 PER_PAGE = (20, 50, 100, 200)
@@ -45,6 +45,7 @@ def render(request: Request, template: str, user: User | None = None, **ctx: Any
     sid = _sid(request)
     ctx.setdefault("live", "")
     ctx.setdefault("poll", 0)
+    ctx.setdefault("live_jobs", "")
     return web.templates.get_template(template).render(
         request=request, user=user, open_mode=web.open_mode,
         fragment=request.headers.get("x-live") == "1",
@@ -134,29 +135,44 @@ def jobs_page(request: Request):
     per = int_arg(q.get("per"), "per", 50)
     if per not in PER_PAGE:
         raise WebError(400, f"per must be one of {', '.join(map(str, PER_PAGE))}", "invalid")
-    oldest = q.get("order") == "oldest"
-    after, before = int_arg(q.get("after"), "after"), int_arg(q.get("before"), "before")
+    # sort: a whitelisted column (pilotfish.job_sort), newest first by default; the older
+    # order=oldest|newest still works
+    sort = q.get("sort") or ("id" if q.get("order") == "oldest" else "-id")
+    name, desc = sort_of(sort)
+    after = cursor_arg(sort, q.get("after"), q.get("at"))
+    before = cursor_arg(sort, q.get("before"), q.get("at"))
 
     def read(c):
         counts = c.counts(scope)
         if before is not None:  # the page before: ask the other way from its first row
-            rows = c.jobs(flt, limit=per, newest=oldest, after=before)[::-1]
+            rows = c.jobs(flt, limit=per, sort=flip(sort), after=before)[::-1]
         else:
-            rows = c.jobs(flt, limit=per, newest=not oldest, after=after)
+            rows = c.jobs(flt, limit=per, sort=sort, after=after)
         return counts, rows
 
     counts, rows = web_of(request).call(user, read)
-    keep = {k: v for k, v in q.items() if k in FILTERS + ("per", "order")}
+    keep = {k: v for k, v in q.items() if k in FILTERS + ("per",)}
+    keep["sort"] = sort
     link = lambda **extra: "/jobs?" + urlencode({**keep, **extra})  # noqa: E731
-    pages = {"first": link() if (after or before) else "",
-             "prev": link(before=rows[0]["id"]) if rows and (after or before) else "",
-             "next": link(after=rows[-1]["id"]) if len(rows) == per or before else ""}
+
+    def at(row: dict, key: str) -> dict:
+        cur = job_sort.cursor_of(row, sort)
+        return {key: cur} if name == "id" else {key: cur[1], "at": cur[0]}
+    pages = {"first": link() if (after is not None or before is not None) else "",
+             "prev": link(**at(rows[0], "before")) if rows and (after is not None or
+                                                                before is not None) else "",
+             "next": link(**at(rows[-1], "after")) if rows and (len(rows) == per or
+                                                                 before is not None) else ""}
     states = sorted(counts, key=lambda s: (s in FINAL_STATES, s))
+    heads = {k: "/jobs?" + urlencode({**keep, "sort": f"-{k}" if k == name and not desc
+                                      else k}) for k in job_sort.SORTS}
     return render(request, "jobs.html", user, rows=rows, counts=counts, states=states,
                   total=sum(counts.values()), flt=flt,
                   matching=counts.get(flt["state"], 0) if "state" in flt else
-                  sum(counts.values()), per=per, oldest=oldest, pages=pages,
-                  state_link=lambda s: "/jobs?" + urlencode({**scope, "state": s}),
+                  sum(counts.values()), per=per, sort=sort, sort_name=name, desc=desc,
+                  heads=heads, pages=pages,
+                  state_link=lambda s: "/jobs?" + urlencode({**scope, "state": s,
+                                                             "sort": sort}),
                   live="jobs")
 
 
@@ -248,7 +264,7 @@ def pilots_page(request: Request):
                                a.get("started") or 0))
     pinned = [a for a in agents if a.get("node_cores") is not None and not a["affinity_ok"]]
     return render(request, "pilots.html", user, pilots=pilots, agents=agents, pinned=pinned,
-                  show_all=show_all, live="pilots")
+                  show_all=show_all, live="pilots", poll=10)  # (silent: as sites)
 
 
 @router.get("/sites", response_class=HTMLResponse)
@@ -267,7 +283,10 @@ def sites_page(request: Request):
         return sites, c.status()
 
     sites, status = web_of(request).call(user, read)
-    return render(request, "sites.html", user, sites=sites, status=status, live="sites")
+    # live: backlogs change with job events; a site agent's silence grows with no event at
+    # all, so the page also asks again every 10 s (its main part, not a reload)
+    return render(request, "sites.html", user, sites=sites, status=status, live="sites",
+                  poll=10)
 
 
 @router.get("/events/stream")

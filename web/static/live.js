@@ -7,6 +7,8 @@
   if (!main || !main.dataset.live || !window.EventSource) { return; }
   var what = main.dataset.live, poll = parseFloat(main.dataset.poll || "0");
   var status = document.getElementById("live-status");
+  var subjobs = {};  // a workflow page's subjob ids (data-jobs)
+  (main.dataset.jobs || "").split(",").forEach(function (j) { if (j) { subjobs[parseInt(j, 10)] = true; } });
   var due = null, busy = false, last = 0;
 
   // a message says what changed: {kinds: [...], jobs: [ids] or many: true}
@@ -17,7 +19,16 @@
     if (what.indexOf("job:") === 0) {
       return ch.many === true || (ch.jobs || []).indexOf(parseInt(what.slice(4), 10)) >= 0;
     }
-    if (what === "pilots") { return kinds.indexOf("agent") >= 0 || kinds.indexOf("pilot") >= 0; }
+    // pilots and agents: their states, and the tasks they hold and have done
+    if (what === "pilots") { return kinds.length > 0; }
+    if (what === "workflows") { return kinds.indexOf("workflow") >= 0; }
+    if (what.indexOf("workflow:") === 0) {  // its own state, or one of its subjobs'
+      if ((ch.workflows || []).indexOf(parseInt(what.slice(9), 10)) >= 0) { return true; }
+      if (ch.many === true && kinds.indexOf("job") >= 0) { return true; }
+      var jobs = ch.jobs || [];
+      for (var i = 0; i < jobs.length; i++) { if (subjobs[jobs[i]]) { return true; } }
+      return false;
+    }
     return true;  // sites: anything may change a backlog
   }
 
@@ -33,6 +44,7 @@
     fetch(window.location.href, {headers: {"X-Live": "1"}, credentials: "same-origin"})
       .then(function (r) {
         if (r.status === 404 && what.indexOf("job:") === 0) { return "<p class=\"notice\">this job was deleted</p>"; }
+        if (r.status === 404 && what.indexOf("workflow:") === 0) { return "<p class=\"notice\">this workflow was deleted</p>"; }
         return r.ok ? r.text() : null;
       })
       .then(function (html) {
