@@ -1,6 +1,7 @@
 """server/store.py Batch: a turn with thousands of changes writes exactly the same rows on
-SQLite (row-by-row executemany) and PostgreSQL (one ``UPDATE ... FROM unnest`` per run of
-updates, one ``INSERT ... SELECT FROM unnest`` for the events, all in one pipeline)."""
+SQLite (row-by-row executemany) and PostgreSQL (new jobs by COPY, one ``UPDATE ... FROM
+unnest`` per run of updates, one ``INSERT ... SELECT FROM unnest`` for the events, all in one
+pipeline)."""
 from __future__ import annotations
 
 import pytest
@@ -17,7 +18,8 @@ FAIL = [S.STAGED_IN, S.PREPROCESSED, S.RUNNING, S.RUN_FAILED, S.RESTART_READY]
 
 
 def job_row(i: int, now: float) -> dict:
-    return {"id": i, "name": f"j{i}", "description": "", "app_id": 1, "num_nodes": 1,
+    return {"id": i, "name": f"j{i}", "description": f"tab\t back\\slash \\N\nline {i}",
+            "app_id": 1, "num_nodes": 1,
             "processes_per_node": 1, "cpus_per_process": 1, "gpus_per_process": 0,
             "parameters": {"x": i, "s": "it's \"q\""}, "tags": "", "priority": i % 3,
             "max_retries": 2, "retries": 0, "attempts": 0, "state_time": now,
@@ -36,8 +38,9 @@ def turns(engine) -> dict[str, list[tuple]]:
     b = Batch()
     now = 1_700_000_000.25
     with engine.connect() as conn:
+        # new jobs: on PostgreSQL one COPY per turn (an int where a float goes)
         for i in range(1, N + 1):
-            b.insert_job(job_row(i, now), [S.CREATED, S.READY], None)
+            b.insert_job(job_row(i, now if i % 3 else int(now)), [S.CREATED, S.READY], None)
         b.agent_inserts += [agent_row("a1", now), agent_row("a2", now)]
         b.execute(conn)
         conn.commit()
