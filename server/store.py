@@ -151,7 +151,7 @@ class Batch:
     # -- writing ----------------------------------------------------------------------------
     def execute(self, conn: Connection) -> None:
         """Write everything recorded so far on ``conn`` (inside the caller's transaction)."""
-        if conn.dialect.name == "postgresql":
+        if _psycopg(conn):
             self._execute_pg(conn)
             return
         if self.job_inserts:
@@ -291,7 +291,7 @@ class Batch:
         100,000-job add. Other databases, or rows of different shapes, take the Core path."""
         cols = tuple(rows[0])
         if conn.dialect.name != "sqlite" or any(len(r) != len(cols) for r in rows):
-            if conn.dialect.name != "postgresql" or not self._copy_jobs(conn, cols, rows):
+            if not _psycopg(conn) or not self._copy_jobs(conn, cols, rows):
                 conn.execute(jobs.insert(), rows)
             return
         key = ("jobs", cols, "insert")
@@ -404,6 +404,12 @@ class Batch:
                     .values({c: bindparam(c) for c in cols}))
             self._stmts[key] = stmt
         return stmt
+
+
+def _psycopg(conn: Connection) -> bool:
+    """PostgreSQL through psycopg 3 (pipelines, binary arrays, COPY): the bulk path; any
+    other driver keeps the row-by-row one."""
+    return conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg"
 
 
 def _run_pg(conn: Connection, ops: list[tuple]) -> None:
