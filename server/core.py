@@ -279,7 +279,8 @@ class JobServer:
         if self.batch.wf_moves:
             self.workflows.derive(now)
         self.flush_acks()
-        self.sync()
+        if self.batch:  # the writes and, on PostgreSQL, the COMMIT: one round trip
+            self.batch.execute(self.conn, commit=True)
         self.conn.commit()
 
     def send(self, identity: bytes, frame: bytes) -> None:

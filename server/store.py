@@ -149,10 +149,14 @@ class Batch:
         self.update_job(job_id, run_state=state, ended=ended, run_message=message)
 
     # -- writing ----------------------------------------------------------------------------
-    def execute(self, conn: Connection) -> None:
-        """Write everything recorded so far on ``conn`` (inside the caller's transaction)."""
+    def execute(self, conn: Connection, commit: bool = False) -> None:
+        """Write everything recorded so far on ``conn`` (inside the caller's transaction).
+        ``commit``: the caller commits right after, so on PostgreSQL the COMMIT rides in the
+        same pipeline as the writes (one round trip for the turn); the caller's
+        ``conn.commit()`` still ends SQLAlchemy's transaction (the driver has nothing left to
+        send then). SQLite ignores it."""
         if _psycopg(conn):
-            self._execute_pg(conn)
+            self._execute_pg(conn, commit)
             return
         if self.job_inserts:
             self._insert_jobs(conn, self.job_inserts)
@@ -182,12 +186,12 @@ class Batch:
             self._run(conn, server_events, SERVER_EVENT_COLS, self.server_events)
             self.server_events = []
 
-    def _execute_pg(self, conn: Connection) -> None:
+    def _execute_pg(self, conn: Connection, commit: bool = False) -> None:
         """:meth:`execute` on PostgreSQL, in the same order, with a turn's changes in as few
         statements and round trips as it takes: each run of updates is ONE ``UPDATE ... FROM
         unnest(arrays)`` (not a statement per row), the events ONE ``INSERT ... SELECT FROM
         unnest``, the archived attempts one ``INSERT ... SELECT``, all sent in one psycopg
-        pipeline: one round trip for what a busy turn writes (the commit is one more). Rarer
+        pipeline, with the COMMIT when the caller commits next: one round trip. Rarer
         writes (new jobs, parents, agents, JSON columns) keep the Core path, in their place."""
         if self.job_inserts:
             self._insert_jobs(conn, self.job_inserts)
@@ -220,6 +224,8 @@ class Batch:
                                        self.server_events))
             self.server_events = []
         if ops:
+            if commit:
+                ops.append(("raw", "COMMIT", None))
             _run_pg(conn, ops)
 
     def _pg_sql(self, conn: Connection, table, cols: tuple[str, ...], kind: str):

@@ -70,9 +70,10 @@ def turns(engine) -> dict[str, list[tuple]]:
         b.execute(conn)  # as the server's sync() before it leases: the same transaction
         for i in range(2, N + 1, 2):
             b.lease_job(i, 2, "a1", '["n1", "n2"]', now + 4)
-        b.execute(conn)
+        b.execute(conn, commit=True)  # as the server's commit(): PostgreSQL's in the pipeline
         conn.commit()
-        out = {}
+    out = {}
+    with engine.connect() as conn:  # another connection: what was committed
         for t in (db.jobs, db.job_events, db.job_attempts, db.agents, db.server_events):
             out[t.name] = sorted(tuple(r) for r in conn.execute(select(t)))
     assert b.counts == {"READY": 0, "JOB_FINISHED": N // 2, "RESTART_READY": N // 2}
@@ -115,7 +116,7 @@ def test_a_bad_row_fails_the_whole_turn_on_postgresql(pg_url):
             b.transition(1, S.READY, DONE, 2.0)
             b.update_job(1, exit_code=1 << 70)  # past 64 bits: PostgreSQL refuses it
             with pytest.raises(Exception):
-                b.execute(conn)
+                b.execute(conn, commit=True)  # the COMMIT in the pipeline is skipped too
                 conn.commit()
             conn.rollback()
             assert conn.execute(select(db.jobs.c.state)).scalar_one() == "READY"
