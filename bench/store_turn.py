@@ -9,11 +9,12 @@ update of the row, and its event), and
 the agent's row touched; then ``Batch.execute`` and the commit. Reported per configuration
 (medians over --repeat runs of --turns turns): tasks/s (K per turn), the writer's CPU and, on
 PostgreSQL, its backend's CPU per task (from /proc: robust on a loaded machine, where wall
-time is not), and the round trips of one turn (libpq's protocol trace: each Sync or simple
-Query is one wait for the server).
+time is not), and the round trips of one turn (libpq's protocol trace: each burst of
+messages to the server followed by a wait for its answer).
 """
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import tempfile
@@ -65,6 +66,9 @@ def one_run(url: str, k: int, turns: int) -> dict:
             conn.commit()
             trace = None
             nxt = 1
+            # (a Batch older than execute(commit=...) measures without it)
+            commit_kw = ({"commit": True} if "commit" in
+                         inspect.signature(Batch.execute).parameters else {})
             cpu0, wall0 = time.process_time(), time.perf_counter()
             be0 = proc_cpu(backend) if pg else 0.0
             for t in range(turns + 1):
@@ -79,7 +83,7 @@ def one_run(url: str, k: int, turns: int) -> dict:
                     b.lease_job(i, 1, "a1", None, now)
                 nxt += k
                 b.update_agent("a1", last_seen=now, tasks_done=nxt)
-                b.execute(conn)
+                b.execute(conn, **commit_kw)  # as the server's commit() does
                 conn.commit()
             wall = time.perf_counter() - wall0
             cpu = time.process_time() - cpu0
@@ -88,11 +92,13 @@ def one_run(url: str, k: int, turns: int) -> dict:
             if trace is not None:
                 conn.connection.dbapi_connection.pgconn.untrace()
                 trace.seek(0)
-                lines = [ln for ln in trace if "\tF\t" in ln]
+                lines = [ln.split("\t")[1:4] for ln in trace if ln.count("\t") >= 3]
                 if os.environ.get("STORE_TURN_TRACE"):
-                    sys.stderr.write("".join(ln[:150] + "\n" for ln in lines))
-                trips = sum(1 for line in lines if
-                            ("\tSync" in line or "\tQuery\t" in line))
+                    sys.stderr.write("".join(" ".join(x)[:150] + "\n" for x in lines))
+                # a round trip: a burst of messages to the server, then its answer awaited
+                # (pipelined statements are one burst however many Syncs they carry)
+                trips = sum(1 for prev, cur in zip([["B"]] + lines, lines)
+                            if cur[0] == "F" and prev[0] == "B")
         tasks = k * (turns + 1)
         return {"tps": tasks / wall, "client_us_per_task": cpu / tasks * 1e6,
                 "backend_us_per_task": be / tasks * 1e6 if be is not None else None,
