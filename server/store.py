@@ -186,7 +186,34 @@ class Batch:
             self._run(conn, server_events, SERVER_EVENT_COLS, self.server_events)
             self.server_events = []
 
-    def _execute_pg(self, conn: Connection, commit: bool = False) -> None:
+    def execute_and_read(self, conn: Connection, stmt, columns: tuple, ids: list[int]
+                         ) -> dict[int, Any]:
+        """Write what is batched (as :meth:`execute`), then read the jobs ``ids``: {id: row}.
+        ``stmt`` selects ``columns`` (jobs columns, the id first) with an expanding bind
+        parameter ``ids``. On psycopg the read is one ``= ANY(array)`` SELECT sent in the
+        writes' pipeline (one round trip for both, rows as named tuples); elsewhere the
+        statement runs in chunks after the writes."""
+        if not _psycopg(conn):
+            if self:
+                self.execute(conn)
+            rows = {}
+            for part in chunks(ids, 900):
+                for r in conn.execute(stmt, {"ids": part}):
+                    rows[r.id] = r
+            return rows
+        key = ("read", tuple(c.name for c in columns))
+        sql = self._stmts.get(key)
+        if sql is None:
+            q = conn.dialect.identifier_preparer.quote
+            sql = (f"SELECT {', '.join(q(c.name) for c in columns)} FROM jobs WHERE "
+                   f"id = ANY(%b::{jobs.c.id.type.compile(dialect=conn.dialect)}[])")
+            self._stmts[key] = sql
+        out: list = []
+        self._execute_pg(conn, read=(sql, ([int(i) for i in ids],), out))
+        return {r.id: r for r in out}
+
+    def _execute_pg(self, conn: Connection, commit: bool = False,
+                    read: tuple | None = None) -> None:
         """:meth:`execute` on PostgreSQL, in the same order, with a turn's changes in as few
         statements and round trips as it takes: each run of updates is ONE ``UPDATE ... FROM
         unnest(arrays)`` (not a statement per row), the events ONE ``INSERT ... SELECT FROM
@@ -223,9 +250,11 @@ class Batch:
             ops.append(self._pg_insert(conn, server_events, SERVER_EVENT_COLS,
                                        self.server_events))
             self.server_events = []
+        if commit and ops:
+            ops.append(("raw", "COMMIT", None))
+        if read is not None:
+            ops.append(("read",) + read)
         if ops:
-            if commit:
-                ops.append(("raw", "COMMIT", None))
             _run_pg(conn, ops)
 
     def _pg_sql(self, conn: Connection, table, cols: tuple[str, ...], kind: str):
@@ -412,6 +441,11 @@ class Batch:
         return stmt
 
 
+def namedtuple_row(cursor):
+    from psycopg.rows import namedtuple_row as factory  # psycopg only: imported when used
+    return factory(cursor)
+
+
 def _psycopg(conn: Connection) -> bool:
     """PostgreSQL through psycopg 3 (pipelines, binary arrays, COPY): the bulk path; any
     other driver keeps the row-by-row one."""
@@ -432,8 +466,14 @@ def _run_pg(conn: Connection, ops: list[tuple]) -> None:
             i += 1
             continue
         with dbapi.pipeline(), dbapi.cursor() as cur:
-            while i < len(ops) and ops[i][0] == "raw":
-                cur.execute(ops[i][1], ops[i][2])
+            while i < len(ops) and ops[i][0] != "core":
+                if ops[i][0] == "read":  # (the last op) its rows, fetched after the writes
+                    _, sql, args, out = ops[i]
+                    with dbapi.cursor(row_factory=namedtuple_row) as rcur:
+                        rcur.execute(sql, args)
+                        out.extend(rcur.fetchall())
+                else:
+                    cur.execute(ops[i][1], ops[i][2])
                 i += 1
 
 

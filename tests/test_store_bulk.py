@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import select
 
-from pilotfish.server import db
+from pilotfish.server import core, db
 from pilotfish.server.states import State as S
 from pilotfish.server.store import Batch
 
@@ -67,12 +67,17 @@ def turns(engine) -> dict[str, list[tuple]]:
             b.transition(i, S.READY, FAIL, now + 3, "exit 1", ended=now + 3, exit_code=1,
                          agent=None, retries=1, run_state="RUN_FAILED", run_message="exit 1")
         b.end_attempt(2, "LOST", now + 3, "gone")
-        b.execute(conn)  # as the server's sync() before it leases: the same transaction
+        # as the server's dispatch before it leases: the writes so far, then the rows to
+        # lease read in the same transaction (on PostgreSQL in the same pipeline)
+        read = b.execute_and_read(conn, core._DISPATCH_SELECT, core._DISPATCH_COLS,
+                                  list(range(2, N + 1, 2)) + [N + 7])
+        assert len(read) == N // 2 and read[2].state == "RESTART_READY"
+        assert read[4].parameters == {"x": 4, "s": "it's \"q\""}
         for i in range(2, N + 1, 2):
             b.lease_job(i, 2, "a1", '["n1", "n2"]', now + 4)
         b.execute(conn, commit=True)  # as the server's commit(): PostgreSQL's in the pipeline
         conn.commit()
-    out = {}
+    out = {"read": sorted(tuple(r) for r in read.values())}
     with engine.connect() as conn:  # another connection: what was committed
         for t in (db.jobs, db.job_events, db.job_attempts, db.agents, db.server_events):
             out[t.name] = sorted(tuple(r) for r in conn.execute(select(t)))
