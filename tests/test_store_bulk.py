@@ -128,3 +128,16 @@ def test_a_bad_row_fails_the_whole_turn_on_postgresql(pg_url):
             assert len(conn.execute(select(db.job_events)).all()) == 1
     finally:
         engine.dispose()
+
+
+def test_postgresql_commits_asynchronously_unless_the_url_says_otherwise(pg_url):
+    """The server's sessions run synchronous_commit=off (SQLite WAL/NORMAL durability); a URL
+    that sets it keeps its own."""
+    from sqlalchemy import text
+    for url, want in ((pg_url, "off"), (pg_url + "?options=-csynchronous_commit%3Don", "on")):
+        engine = db.make_engine(url)
+        try:
+            with engine.connect() as conn:
+                assert conn.execute(text("SHOW synchronous_commit")).scalar_one() == want
+        finally:
+            engine.dispose()
