@@ -489,11 +489,13 @@ def _converter(sqltype):
     if py not in (float, int, str):
         return _same
     ok = {py, type(None)}
+    # a str subclass (a State) as the string it is, as psycopg sends it (str() may differ)
+    make = (lambda v: str.__str__(v) if isinstance(v, str) else str(v)) if py is str else py
 
     def conv(vals: list) -> list:
         if set(map(type, vals)) <= ok:
             return vals
-        return [v if v is None else py(v) for v in vals]
+        return [v if v is None else make(v) for v in vals]
     return conv
 
 

@@ -51,7 +51,7 @@ def turns(engine) -> dict[str, list[tuple]]:
         for i in range(1, N + 1, 2):
             b.transition(i, S.READY, DONE, now + 2, None if i % 4 else "done: 'ok'",
                          started=now + 1, ended=int(now) + 3, exit_code=0, agent=None,
-                         run_state="JOB_FINISHED", run_message=None)
+                         run_state=S.JOB_FINISHED, run_message=None)  # a str subclass
         for i in range(1, N + 1, 2):
             b.update_job(i, run_message="first")
             b.update_job(i, run_message=f"last {i}")  # twice in one run: the last wins
@@ -101,6 +101,7 @@ def test_a_big_turn_writes_the_same_rows_on_sqlite_and_postgresql(home, pg_url):
     assert len(lite["server_events"]) == 1
     cols = [c.name for c in db.jobs.columns]
     assert jobs[3][cols.index("run_message")] == "last 3"
+    assert jobs[1][cols.index("run_state")] == "JOB_FINISHED"
     assert jobs[2][cols.index("attempts")] == 2 and jobs[2][cols.index("run_state")] is None
     acols = [c.name for c in db.job_attempts.columns]
     first = {r[0]: dict(zip(acols, r)) for r in lite["job_attempts"]}
