@@ -378,7 +378,8 @@ class JobServer:
         if self.batch.wf_moves:
             self.workflows.derive(now)
         self.flush_acks()
-        self.sync()
+        if self.batch:  # the writes and, on PostgreSQL, the COMMIT: one round trip
+            self.batch.execute(self.conn, commit=True)
         self.conn.commit()
 
     def send(self, identity: bytes, frame: bytes) -> None:
@@ -767,12 +768,8 @@ class JobServer:
         return sent
 
     def _dispatch_rows(self, ids: list[int]) -> dict[int, Any]:
-        self.sync()
-        rows = {}
-        for part in chunks(ids, 900):
-            for r in self.conn.execute(_DISPATCH_SELECT, {"ids": part}):
-                rows[r.id] = r
-        return rows
+        # the turn's writes so far, then the rows (on PostgreSQL: one round trip for both)
+        return self.batch.execute_and_read(self.conn, _DISPATCH_SELECT, _DISPATCH_COLS, ids)
 
     def _lease_or_fail(self, r: Any, shape: Shape, a: AgentRec, now: float) -> dict | None:
         """Lease a job, or fail it alone when its task cannot be built (a row an older version

@@ -149,8 +149,15 @@ class Batch:
         self.update_job(job_id, run_state=state, ended=ended, run_message=message)
 
     # -- writing ----------------------------------------------------------------------------
-    def execute(self, conn: Connection) -> None:
-        """Write everything recorded so far on ``conn`` (inside the caller's transaction)."""
+    def execute(self, conn: Connection, commit: bool = False) -> None:
+        """Write everything recorded so far on ``conn`` (inside the caller's transaction).
+        ``commit``: the caller commits right after, so on PostgreSQL the COMMIT rides in the
+        same pipeline as the writes (one round trip for the turn); the caller's
+        ``conn.commit()`` still ends SQLAlchemy's transaction (the driver has nothing left to
+        send then). SQLite ignores it."""
+        if _psycopg(conn):
+            self._execute_pg(conn, commit)
+            return
         if self.job_inserts:
             self._insert_jobs(conn, self.job_inserts)
             self.job_inserts = []
@@ -179,6 +186,139 @@ class Batch:
             self._run(conn, server_events, SERVER_EVENT_COLS, self.server_events)
             self.server_events = []
 
+    def execute_and_read(self, conn: Connection, stmt, columns: tuple, ids: list[int]
+                         ) -> dict[int, Any]:
+        """Write what is batched (as :meth:`execute`), then read the jobs ``ids``: {id: row}.
+        ``stmt`` selects ``columns`` (jobs columns, the id first) with an expanding bind
+        parameter ``ids``. On psycopg the read is one ``= ANY(array)`` SELECT sent in the
+        writes' pipeline (one round trip for both, rows as named tuples); elsewhere the
+        statement runs in chunks after the writes."""
+        if not _psycopg(conn):
+            if self:
+                self.execute(conn)
+            rows = {}
+            for part in chunks(ids, 900):
+                for r in conn.execute(stmt, {"ids": part}):
+                    rows[r.id] = r
+            return rows
+        key = ("read", tuple(c.name for c in columns))
+        sql = self._stmts.get(key)
+        if sql is None:
+            q = conn.dialect.identifier_preparer.quote
+            sql = (f"SELECT {', '.join(q(c.name) for c in columns)} FROM jobs WHERE "
+                   f"id = ANY(%b::{jobs.c.id.type.compile(dialect=conn.dialect)}[])")
+            self._stmts[key] = sql
+        out: list = []
+        self._execute_pg(conn, read=(sql, ([int(i) for i in ids],), out))
+        return {r.id: r for r in out}
+
+    def _execute_pg(self, conn: Connection, commit: bool = False,
+                    read: tuple | None = None) -> None:
+        """:meth:`execute` on PostgreSQL, in the same order, with a turn's changes in as few
+        statements and round trips as it takes: each run of updates is ONE ``UPDATE ... FROM
+        unnest(arrays)`` (not a statement per row), the events ONE ``INSERT ... SELECT FROM
+        unnest``, the archived attempts one ``INSERT ... SELECT``, all sent in one psycopg
+        pipeline, with the COMMIT when the caller commits next: one round trip. Rarer
+        writes (new jobs, parents, agents, JSON columns) keep the Core path, in their place."""
+        if self.job_inserts:
+            self._insert_jobs(conn, self.job_inserts)
+            self.job_inserts = []
+        if self.parent_inserts:
+            conn.execute(job_parents.insert(), self.parent_inserts)
+            self.parent_inserts = []
+        if self.agent_inserts:
+            conn.execute(agents.insert(), self.agent_inserts)
+            self.agent_inserts = []
+        ops: list[tuple] = []   # ("raw", sql, args) or ("core", statement, params), in order
+        for cols, params in self._agent_updates:
+            ops.append(self._pg_update(conn, agents, cols, params))
+        self._agent_updates = []
+        if self.archived:  # before the updates that start the next attempt in the row
+            ops.append(("raw", self._pg_archive_sql(conn),
+                        ([p["_id"] for p in self.archived],)))
+            self.archived = []
+        for cols, params in self._updates:
+            ops.append(self._pg_update(conn, jobs, cols, params))
+        self._updates = []
+        for cols, params in self._wf_updates:
+            ops.append(self._pg_update(conn, workflows, cols, params))
+        self._wf_updates = []
+        if self.events:
+            ops.append(self._pg_insert(conn, job_events, _EVENT_COLS, self.events))
+            self.events = []
+        if self.server_events:
+            ops.append(self._pg_insert(conn, server_events, SERVER_EVENT_COLS,
+                                       self.server_events))
+            self.server_events = []
+        if commit and ops:
+            ops.append(("raw", "COMMIT", None))
+        if read is not None:
+            ops.append(("read",) + read)
+        if ops:
+            _run_pg(conn, ops)
+
+    def _pg_sql(self, conn: Connection, table, cols: tuple[str, ...], kind: str):
+        """(SQL, column converters) of an unnest statement, compiled once per table and
+        columns; None if a column is JSON (those keep SQLAlchemy's serialization)."""
+        key = (table.name, cols, kind)
+        if key in self._stmts:
+            return self._stmts[key]
+        out = None
+        if not any(isinstance(table.c[c].type, JSON) for c in cols):
+            q = conn.dialect.identifier_preparer.quote
+            name = q(table.name)
+            keys = ("id",) + cols if kind == "update" else cols
+            # binary arrays (%b): psycopg's text format quotes each item, 4x the client's CPU
+            arrays = ", ".join(f"%b::{table.c[c].type.compile(dialect=conn.dialect)}[]"
+                               for c in keys)
+            alias = ", ".join(q(c) for c in keys)
+            if kind == "update":
+                sets = ", ".join(f"{q(c)} = v.{q(c)}" for c in cols)
+                sql = (f"UPDATE {name} SET {sets} FROM unnest({arrays}) AS v({alias}) "
+                       f"WHERE {name}.{q('id')} = v.{q('id')}")
+            else:
+                sql = f"INSERT INTO {name} ({alias}) SELECT * FROM unnest({arrays})"
+            out = (sql, tuple(_converter(table.c[c].type) for c in keys))
+        self._stmts[key] = out
+        return out
+
+    def _pg_update(self, conn: Connection, table, cols: tuple[str, ...],
+                   params: list[dict]) -> tuple:
+        """One run of updates (same columns, in order) as one statement. A row updated twice
+        in a run keeps its last values, as the row-by-row updates left it (one UPDATE ...
+        FROM updates a row once, from an unpredictable one of its matches: so one each)."""
+        compiled = self._pg_sql(conn, table, cols, "update")
+        if compiled is None:
+            return ("core", self._stmt(table, cols), params)
+        sql, conv = compiled
+        last = {p["_id"]: p for p in params}
+        rows = last.values() if len(last) != len(params) else params
+        keys = ("_id",) + cols
+        return ("raw", sql, tuple(f([p[k] for p in rows]) for f, k in zip(conv, keys)))
+
+    def _pg_insert(self, conn: Connection, table, cols: tuple[str, ...],
+                   rows: list[dict]) -> tuple:
+        compiled = self._pg_sql(conn, table, cols, "insert")
+        if compiled is None:
+            return ("core", table.insert(), rows)
+        sql, conv = compiled
+        return ("raw", sql, tuple(f([r[k] for r in rows]) for f, k in zip(conv, cols)))
+
+    def _pg_archive_sql(self, conn: Connection) -> str:
+        """The archive statement (:meth:`_archive_stmt`) for a list of job ids at once."""
+        sql = self._stmts.get("archive-pg")
+        if sql is None:
+            q = conn.dialect.identifier_preparer.quote
+            into = ", ".join(q(a) for a, _ in ATTEMPT_FROM_JOB) + ", host, node, pilot"
+            sel = ", ".join(f"j.{q(c)}" for _, c in ATTEMPT_FROM_JOB)
+            sql = (f"INSERT INTO job_attempts ({into}) SELECT {sel}, a.host, a.node, a.pilot "
+                   f"FROM unnest(%b::{jobs.c.id.type.compile(dialect=conn.dialect)}[]) "
+                   "AS v(id) JOIN jobs j ON j.id = v.id "
+                   "LEFT OUTER JOIN agents a ON a.id = j.run_agent "
+                   "WHERE j.run_agent IS NOT NULL")
+            self._stmts["archive-pg"] = sql
+        return sql
+
     def _insert_jobs(self, conn: Connection, rows: list[dict]) -> None:
         """New jobs. On SQLite: one compiled INSERT and plain tuples to the driver, the JSON
         column serialized here as SQLAlchemy's SQLite JSON type does (``json.dumps``):
@@ -186,7 +326,8 @@ class Batch:
         100,000-job add. Other databases, or rows of different shapes, take the Core path."""
         cols = tuple(rows[0])
         if conn.dialect.name != "sqlite" or any(len(r) != len(cols) for r in rows):
-            conn.execute(jobs.insert(), rows)
+            if not _psycopg(conn) or not self._copy_jobs(conn, cols, rows):
+                conn.execute(jobs.insert(), rows)
             return
         key = ("jobs", cols, "insert")
         sql = self._stmts.get(key)
@@ -208,6 +349,37 @@ class Batch:
             cur.executemany(text, params)
         finally:
             cur.close()
+
+    def _copy_jobs(self, conn: Connection, cols: tuple[str, ...], rows: list[dict]) -> bool:
+        """New jobs on PostgreSQL: one ``COPY jobs FROM STDIN`` (psycopg formats the rows in
+        C) instead of an INSERT per row. The JSON column is serialized as SQLAlchemy does
+        (``json.dumps``, None as JSON null); a Float column's ints are made floats (text COPY
+        would take them, but then the converters stay the one place for that rule). False
+        (nothing written) if the rows have different columns or lack a column that has a
+        default: the caller takes the Core path."""
+        q = conn.dialect.identifier_preparer.quote
+        convs = [_converter(jobs.c[c].type) for c in cols]
+        if any(len(r) != len(cols) for r in rows):
+            return False
+        try:
+            columns = [[r[c] for r in rows] for c in cols]
+        except KeyError:
+            return False
+        # column defaults are SQLAlchemy's (Python side), which COPY would not apply
+        if any(c.default is not None and c.name not in cols for c in jobs.columns):
+            return False
+        for k, c in enumerate(cols):
+            if isinstance(jobs.c[c].type, JSON):
+                columns[k] = list(map(json.dumps, columns[k]))
+            else:
+                columns[k] = convs[k](columns[k])
+        if not conn.in_transaction():
+            conn.begin()
+        with conn.connection.dbapi_connection.cursor() as cur, cur.copy(
+                f"COPY jobs ({', '.join(q(c) for c in cols)}) FROM STDIN") as copy:
+            for row in zip(*columns):
+                copy.write_row(row)
+        return True
 
     def _run(self, conn: Connection, table, cols: tuple[str, ...], params: list[dict]) -> None:
         """An update (cols + ``_id``) or, for job_events, an insert: executemany on the
@@ -267,6 +439,64 @@ class Batch:
                     .values({c: bindparam(c) for c in cols}))
             self._stmts[key] = stmt
         return stmt
+
+
+def namedtuple_row(cursor):
+    from psycopg.rows import namedtuple_row as factory  # psycopg only: imported when used
+    return factory(cursor)
+
+
+def _psycopg(conn: Connection) -> bool:
+    """PostgreSQL through psycopg 3 (pipelines, binary arrays, COPY): the bulk path; any
+    other driver keeps the row-by-row one."""
+    return conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg"
+
+
+def _run_pg(conn: Connection, ops: list[tuple]) -> None:
+    """Run ``ops`` in order: consecutive raw statements in one psycopg pipeline (one round
+    trip; an error raises at the pipeline's end, and the caller's transaction is rolled
+    back), Core statements through SQLAlchemy between them."""
+    if not conn.in_transaction():
+        conn.begin()  # so that conn.commit() commits what the driver cursor writes
+    dbapi = conn.connection.dbapi_connection
+    i = 0
+    while i < len(ops):
+        if ops[i][0] == "core":
+            conn.execute(ops[i][1], ops[i][2])
+            i += 1
+            continue
+        with dbapi.pipeline(), dbapi.cursor() as cur:
+            while i < len(ops) and ops[i][0] != "core":
+                if ops[i][0] == "read":  # (the last op) its rows, fetched after the writes
+                    _, sql, args, out = ops[i]
+                    with dbapi.cursor(row_factory=namedtuple_row) as rcur:
+                        rcur.execute(sql, args)
+                        out.extend(rcur.fetchall())
+                else:
+                    cur.execute(ops[i][1], ops[i][2])
+                i += 1
+
+
+def _same(vals: list) -> list:
+    return vals
+
+
+def _converter(sqltype):
+    """A function making a column's values one Python type, as psycopg needs to send them as
+    one array (it refuses a list of ints and floats): ints to float for a Float column, bools
+    to int for an Integer one, anything else to str for a string one; None stays None."""
+    py = sqltype.python_type if not isinstance(sqltype, JSON) else None
+    if py not in (float, int, str):
+        return _same
+    ok = {py, type(None)}
+    # a str subclass (a State) as the string it is, as psycopg sends it (str() may differ)
+    make = (lambda v: str.__str__(v) if isinstance(v, str) else str(v)) if py is str else py
+
+    def conv(vals: list) -> list:
+        if set(map(type, vals)) <= ok:
+            return vals
+        return [v if v is None else make(v) for v in vals]
+    return conv
 
 
 def _append_run(runs: list, key_id: Any, cols: dict) -> None:
