@@ -364,18 +364,6 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.close()
 
 
-def _pg_session(dbapi_conn, _record) -> None:
-    # The durability SQLite's WAL with synchronous=NORMAL gives (above): what a turn committed
-    # survives the server's crash, and only a crash of the database server or the OS can lose
-    # the last turns (PostgreSQL's WAL writer flushes within 3 x wal_writer_delay, 0.6 s by
-    # default); the database is consistent after either. Waiting for the WAL flush at every
-    # commit costs the one-threaded server ~5 ms per turn on a plain disk, its loop idle. A URL
-    # that sets synchronous_commit itself (options=-csynchronous_commit%3Don) keeps its own.
-    with dbapi_conn.cursor() as cur:
-        cur.execute("SET synchronous_commit = off")
-    dbapi_conn.commit()
-
-
 def make_engine(url: str) -> Engine:
     """An engine with the tables created; a clear error if the database cannot be reached."""
     kwargs: dict = {}
@@ -387,9 +375,10 @@ def make_engine(url: str) -> Engine:
         raise PilotfishError(f"bad database URL {url!r}: {exc}") from None
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
-    elif (engine.dialect.name == "postgresql" and engine.dialect.driver == "psycopg"
-          and "synchronous_commit" not in str(engine.url.query.get("options", ""))):
-        event.listen(engine, "connect", _pg_session)
+    # PostgreSQL keeps its own durability: every commit waits for the WAL flush (~5 ms a turn
+    # on a plain disk), so an acknowledged job survives a crash of the database server too. A
+    # URL may trade that for speed: ?options=-csynchronous_commit%3Doff (the last turns may
+    # be lost when PostgreSQL or the OS crashes; the database stays consistent).
     try:
         metadata.create_all(engine)
         with engine.begin() as conn:

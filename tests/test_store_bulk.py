@@ -131,11 +131,11 @@ def test_a_bad_row_fails_the_whole_turn_on_postgresql(pg_url):
         engine.dispose()
 
 
-def test_postgresql_commits_asynchronously_unless_the_url_says_otherwise(pg_url):
-    """The server's sessions run synchronous_commit=off (SQLite WAL/NORMAL durability); a URL
-    that sets it keeps its own."""
+def test_postgresql_keeps_synchronous_commit_unless_the_url_says_otherwise(pg_url):
+    """Acknowledged means durable on PostgreSQL too (synchronous_commit on, its default); a URL
+    may choose speed instead."""
     from sqlalchemy import text
-    for url, want in ((pg_url, "off"), (pg_url + "?options=-csynchronous_commit%3Don", "on")):
+    for url, want in ((pg_url, "on"), (pg_url + "?options=-csynchronous_commit%3Doff", "off")):
         engine = db.make_engine(url)
         try:
             with engine.connect() as conn:
