@@ -85,16 +85,26 @@ def run(url, version: int, target: int | None = None) -> int:
     cfg = Config()
     cfg.set_main_option("script_location", str(HERE))
     engine = _engine(url)
+    goal = head() if target is None else target
     try:
         with engine.begin() as conn:
+            if version:
+                # another process may have upgraded it since the caller looked: read the
+                # version again under a lock (SQLite: BEGIN IMMEDIATE holds the write lock)
+                if conn.dialect.name == "postgresql":
+                    conn.exec_driver_sql("LOCK TABLE pilotfish_meta IN ACCESS EXCLUSIVE MODE")
+                from pilotfish.server.db import check_version, schema_version
+                version = schema_version(conn)
+                check_version(version)
+            if version == goal:
+                return goal
             cfg.attributes["connection"] = conn
             command.stamp(cfg, rev(version), purge=True)
-            goal = "heads" if target is None else rev(target)
-            if target is not None and target < version:
-                command.downgrade(cfg, goal)
+            if goal < version:
+                command.downgrade(cfg, rev(goal))
             else:
-                command.upgrade(cfg, goal)
+                command.upgrade(cfg, rev(goal))
             conn.execute(text("DROP TABLE alembic_version"))
     finally:
         engine.dispose()
-    return head() if target is None else target
+    return goal
