@@ -316,7 +316,15 @@ def make_engine(url: str) -> Engine:
             from pilotfish.server import migrations
             log.warning("upgrading database schema from version %s to %s", version,
                         SCHEMA_VERSION)
-            migrations.run(engine.url, version)
+            try:
+                migrations.run(engine.url, version)
+            except PilotfishError:
+                raise
+            except Exception as exc:  # one transaction: rolled back, nothing changed
+                raise PilotfishError(
+                    f"cannot upgrade database {engine.url!r} from schema version {version} to "
+                    f"{SCHEMA_VERSION} (nothing was changed): {str(exc).splitlines()[0]}"
+                ) from None
     except PilotfishError:
         raise
     except Exception as exc:

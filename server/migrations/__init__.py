@@ -12,6 +12,7 @@ leaves DDL outside; :func:`_engine` takes it over), so a failed step changes not
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from sqlalchemy import create_engine, event, text
@@ -80,6 +81,8 @@ def _engine(url):
 def run(url, version: int, target: int | None = None) -> int:
     """Bring the database at ``url`` (now at ``version``, 0 for empty) to ``target`` (default:
     the newest), up or down, in one transaction; return the version reached."""
+    # the server log keeps alembic's "Running upgrade vNN -> vMM" lines, not its plugin setup
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     from alembic import command
     from alembic.config import Config
     cfg = Config()

@@ -13,6 +13,8 @@ context.configure(connection=config.attributes["connection"],
                   # each step writes pilotfish_meta.schema_version, in the same transaction
                   on_version_apply=on_step,
                   # SQLite changes other than ADD COLUMN recreate the table (batch mode)
-                  render_as_batch=True)
+                  render_as_batch=True,
+                  # SQLite's DDL is inside our transaction too (see _engine in __init__.py)
+                  transactional_ddl=True)
 with context.begin_transaction():
     context.run_migrations()
