@@ -163,11 +163,10 @@ def test_every_version_upgrades_to_the_newest_and_back(empty_url, heads, version
     assert migrations.run(empty_url, 0, version) == version
     old = snapshot(empty_url)
     assert "alembic_version" not in old and version_row(empty_url) == str(version)
-    assert {"jobs", "agents", "pilotfish_meta"} <= set(old)
-    assert len(heads("sqlite" if empty_url.startswith("sqlite") else "postgresql")) >= 13
+    dialect = "sqlite" if empty_url.startswith("sqlite") else "postgresql"
+    assert {"jobs", "agents", "pilotfish_meta"} <= set(old) and len(heads(dialect)) >= 13
     add_old_rows(empty_url)
     make_engine(empty_url).dispose()
-    dialect = "sqlite" if empty_url.startswith("sqlite") else "postgresql"
     assert snapshot(empty_url) == heads(dialect)
     assert version_row(empty_url) == str(SCHEMA_VERSION)
     rows = [(7, "old", ",a,", "JOB_FINISHED", "w/7"), ("a1", 5)]
