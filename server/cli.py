@@ -319,6 +319,37 @@ def server_status(ctx, wait, as_json) -> None:
                   [("state", "STATE"), ("jobs", "JOBS")])
 
 
+@server_group.command("db-status", context_settings=CTX)
+@click.option("--db", "db_url", help="Database URL (default: as `server start`: "
+              "$PILOTFISH_DB or the SQLite file in the home).")
+@json_option
+@click.pass_context
+def server_db_status(ctx, db_url, as_json) -> None:
+    """The database's schema version and the migrations the next server start applies.
+
+    Reads only (a missing SQLite file is not created). Exit code 1 when the database is newer
+    than this pilotfish or not one it can use.
+    """
+    from .db_status import db_status
+    st = db_status(db_url or settings.default_db_url(home_of(ctx)))
+    usable = st["up_to_date"] or st["pending"] or st["version"] is None
+    if as_json:
+        console.print_json(st)
+    else:
+        version = "none" if st["version"] is None else st["version"]
+        console.out.print(f"db {st['db']}\nschema version: {version} (this pilotfish: "
+                          f"{st['head']})", markup=False)
+        if st["pending"]:
+            console.out.print(f"pending migrations: {len(st['pending'])}", markup=False)
+            console.table(st["pending"], [("version", "VERSION"), ("summary", "SUMMARY")])
+        elif st["up_to_date"]:
+            console.out.print("up to date", markup=False)
+        if st["note"]:
+            console.out.print(st["note"], markup=False)
+    if not usable:
+        ctx.exit(1)
+
+
 # -- apps ------------------------------------------------------------------------------------
 @click.group("app", context_settings=CTX)
 def app_group() -> None:

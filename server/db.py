@@ -5,77 +5,21 @@ Written with SQLAlchemy Core (no ORM): the hot paths are bulk ``executemany`` st
 """
 from __future__ import annotations
 
+import logging
+
 from sqlalchemy import (JSON, BigInteger, Column, Float, Index, Integer, LargeBinary, MetaData,
-                        String, Table, Text, create_engine, event, func, select, text)
+                        String, Table, Text, create_engine, event, func, inspect, select, text)
 from sqlalchemy.engine import Engine
 
 from pilotfish.errors import PilotfishError
 
+log = logging.getLogger(__name__)
+
+#: The newest schema: the head of the alembic revisions in server/migrations/versions/ (vNN.py
+#: makes version NN; a test holds the two equal). The database's own version is
+#: pilotfish_meta's "schema_version" row; make_engine upgrades an older one in place.
+#: To change the schema: see the recipe in server/migrations/README.
 SCHEMA_VERSION = 14
-#: Columns that bring a database from a version to the next: (table, column, SQL type).
-#: ADD COLUMN works on SQLite and PostgreSQL alike; a table that create_all has just made
-#: (it did not exist) has its new columns already, so only missing ones are added.
-MIGRATIONS: dict[int, list[tuple[str, str, str]]] = {
-    1: [("agents", "node", "VARCHAR(255)"), ("agents", "node_cores", "INTEGER"),
-        ("agents", "launcher", "VARCHAR(32)")],
-    2: [],  # pilots and sites tables: new tables are made by create_all
-    3: [("apps", "container", "JSON"), ("jobs", "image", "VARCHAR(512)")],
-    # jobs.owner: the key that added the job (older rows: NULL, which only an admin may
-    # change); the agent_keys table (which key an agent id belongs to) is made by create_all
-    4: [("jobs", "owner", "VARCHAR(64)")],
-    # the latest attempt of a job lives in its row (where and when it was leased, how it
-    # ended: no extra write per job); earlier attempts are moved to job_attempts, a new
-    # table made by create_all, when a job is leased again
-    5: [("jobs", "run_agent", "VARCHAR(64)"), ("jobs", "run_hosts", "TEXT"),
-        ("jobs", "run_leased", "FLOAT"),
-        ("jobs", "run_state", "VARCHAR(24)"), ("jobs", "run_message", "TEXT")],
-    6: [],  # server_events: a new table, made by create_all (event ids: see server/events.py)
-    # what a production system sends with a job and wants back in its status messages (the
-    # seed's argo_job_id, scheduler_config, job_status_routing_key), and the producer's
-    # idempotency key of an intake (a redelivered AMQP message adds nothing twice)
-    7: [("jobs", "argo_job_id", "VARCHAR(128)"), ("jobs", "scheduler_config", "TEXT"),
-        ("jobs", "job_status_routing_key", "VARCHAR(255)"), ("jobs", "intake_key",
-                                                             "VARCHAR(255)")],
-    8: [],  # job_output: a new table, made by create_all (task output for `job log`)
-    # workflows (the seed's Argo jobs): a new table made by create_all; a subjob's job names
-    # its workflow and its index there; a workflow's events are server_events rows of kind
-    # "workflow" naming it
-    9: [("jobs", "workflow_id", "BIGINT"), ("jobs", "subjob_index", "INTEGER"),
-        ("server_events", "workflow_id", "BIGINT")],
-    # jobs.staged: a remote input the site stager placed in its site's staging directory,
-    # waiting for the agent that takes the job (JSON: site, name, bytes, sha256); NULL else
-    10: [("jobs", "staged", "TEXT")],
-    # federation (server/remote_sites.py): a job's alternative sites (a JSON list, null for
-    # one site) and when the remote site it was forwarded to said it has the job (its first
-    # status message: from then on it is never routed elsewhere)
-    11: [("jobs", "site_choices", "TEXT"), ("jobs", "remote_accepted", "FLOAT")],
-    12: [],  # indexes only (MIGRATION_SQL[12]): sorting the job table, bounding usage scans
-    # the federation fence (server/remote_sites.py, server/fence.py): at a site, when a
-    # forwarded job was stored held until its forwarder's start (NULL: free to run); at the
-    # central, the cancels of forwarded attempts its sites have not confirmed yet (a JSON
-    # list of [site, attempt]; NULL: none), sent again after a restart
-    13: [("jobs", "fenced", "FLOAT"), ("jobs", "remote_cancel", "TEXT")],
-}
-#: Statements run after a version's columns are added (idempotent: IF NOT EXISTS). A partial
-#: index: jobs without an intake key (nearly all) cost it nothing.
-MIGRATION_SQL: dict[int, list[str]] = {
-    7: ["CREATE UNIQUE INDEX IF NOT EXISTS ux_jobs_intake_key ON jobs (intake_key) "
-        "WHERE intake_key IS NOT NULL"],
-    9: ["CREATE INDEX IF NOT EXISTS ix_jobs_workflow ON jobs (workflow_id) "
-        "WHERE workflow_id IS NOT NULL"],
-    # keyset paging of `job ls --sort` and the web's job table by each sortable column (the id
-    # breaks ties, so a page boundary is one index seek), and the utilization and usage scans'
-    # lower bound (the first job that ended after a range starts: ix_jobs_ended). (app_id, id)
-    # replaces (app_id): on PostgreSQL equal keys are not in id order.
-    12: ["CREATE INDEX IF NOT EXISTS ix_jobs_app_id ON jobs (app_id, id)",
-         "DROP INDEX IF EXISTS ix_jobs_app",
-         "CREATE INDEX IF NOT EXISTS ix_jobs_name_id ON jobs (name, id)",
-         "CREATE INDEX IF NOT EXISTS ix_jobs_state_time_id ON jobs (state_time, id)",
-         "CREATE INDEX IF NOT EXISTS ix_jobs_ended_id ON jobs (ended, id)"],
-    13: ["CREATE INDEX IF NOT EXISTS ix_jobs_fenced ON jobs (id) WHERE fenced IS NOT NULL",
-         "CREATE INDEX IF NOT EXISTS ix_jobs_remote_cancel ON jobs (id) "
-         "WHERE remote_cancel IS NOT NULL"],
-}
 metadata = MetaData()
 
 # SQLite's INTEGER PRIMARY KEY is the rowid; BigInteger keeps PostgreSQL ids 64-bit.
@@ -140,7 +84,7 @@ jobs = Table(
     Column("run_leased", Float),
     Column("run_state", String(24)),
     Column("run_message", Text),
-    Column("staged", Text),  # see MIGRATIONS[10] and server/staging.py
+    Column("staged", Text),  # see migrations/versions/v11.py and server/staging.py
     Column("argo_job_id", String(128)),            # the producer's id of the job (kept as text)
     Column("scheduler_config", Text),              # the seed's scheduler config name (kept)
     Column("job_status_routing_key", String(255)),  # where the AMQP bridge sends its status
@@ -153,7 +97,7 @@ jobs = Table(
     Column("remote_cancel", Text),                 # unconfirmed cancels at sites (JSON)
     Index("ix_jobs_state_id", "state", "id"),
     Index("ix_jobs_group", "group_identifier"),
-    Index("ix_jobs_app_id", "app_id", "id"),  # (see MIGRATION_SQL[12] for these four)
+    Index("ix_jobs_app_id", "app_id", "id"),  # (see migrations/versions/v13.py for these four)
     Index("ix_jobs_name_id", "name", "id"),
     Index("ix_jobs_state_time_id", "state_time", "id"),
     Index("ix_jobs_ended_id", "ended", "id"),
@@ -365,7 +309,8 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
 
 
 def make_engine(url: str) -> Engine:
-    """An engine with the tables created; a clear error if the database cannot be reached."""
+    """An engine with the tables created, or upgraded to SCHEMA_VERSION; a clear error if the
+    database cannot be reached or is newer than this pilotfish."""
     kwargs: dict = {}
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"check_same_thread": False}
@@ -380,13 +325,27 @@ def make_engine(url: str) -> Engine:
     # URL may trade that for speed: ?options=-csynchronous_commit%3Doff (the last turns may
     # be lost when PostgreSQL or the OS crashes; the database stays consistent).
     try:
-        metadata.create_all(engine)
         with engine.begin() as conn:
-            row = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).first()
-            if row is None:
+            version = schema_version(conn)
+            if version is None:  # a new database: made at the newest schema at once
+                metadata.create_all(conn)
                 conn.execute(meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
-            else:
-                _migrate(conn, int(row[0]))
+                return engine
+        if version != SCHEMA_VERSION:
+            check_version(version)
+            # only now alembic is imported: an up-to-date database costs one query above
+            from pilotfish.server import migrations
+            log.warning("upgrading database schema from version %s to %s", version,
+                        SCHEMA_VERSION)
+            try:
+                migrations.run(engine.url, version)
+            except PilotfishError:
+                raise
+            except Exception as exc:  # one transaction: rolled back, nothing changed
+                raise PilotfishError(
+                    f"cannot upgrade database {engine.url!r} from schema version {version} to "
+                    f"{SCHEMA_VERSION} (nothing was changed): {str(exc).splitlines()[0]}"
+                ) from None
     except PilotfishError:
         raise
     except Exception as exc:
@@ -395,21 +354,24 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
-def _migrate(conn, version: int) -> None:
-    if version > SCHEMA_VERSION or not all(v in MIGRATIONS for v in range(version,
-                                                                          SCHEMA_VERSION)):
-        raise PilotfishError(f"database schema version {version} is not {SCHEMA_VERSION}; "
+def schema_version(conn) -> int | str | None:
+    """The database's schema version (pilotfish_meta's row; the raw text if it is not a
+    number), or None for a database pilotfish has not made yet."""
+    if not inspect(conn).has_table(meta.name):
+        return None
+    row = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).first()
+    if row is None:
+        return None
+    value = row[0]
+    return int(value) if value.isascii() and value.isdigit() and len(value) < 10 else value
+
+
+def check_version(version) -> None:
+    """Refuse a database this pilotfish has no upgrade for (newer, or not a version)."""
+    if not isinstance(version, int) or not 1 <= version <= SCHEMA_VERSION:
+        shown = str(version) if len(str(version)) <= 24 else f"{str(version)[:24]}..."
+        raise PilotfishError(f"database schema version {shown} is not {SCHEMA_VERSION}; "
                              "this pilotfish cannot use it")
-    from sqlalchemy import inspect
-    insp = inspect(conn)
-    for v in range(version, SCHEMA_VERSION):
-        for table, column, sqltype in MIGRATIONS[v]:
-            if column not in {c["name"] for c in insp.get_columns(table)}:
-                conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {sqltype}")
-        for sql in MIGRATION_SQL.get(v, ()):
-            conn.exec_driver_sql(sql)
-    conn.execute(meta.update().where(meta.c.key == "schema_version")
-                 .values(value=str(SCHEMA_VERSION)))
 
 
 def max_job_id(conn) -> int:

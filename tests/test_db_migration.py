@@ -1,4 +1,5 @@
-"""A database made by the previous schema is brought up to date in place, data kept."""
+"""A database made by an earlier schema is brought up to date in place, data kept: what each
+version's rows become (test_db_alembic.py checks every version's schema on both dialects)."""
 from __future__ import annotations
 
 import sqlite3
@@ -6,18 +7,12 @@ import sqlite3
 import pytest
 
 from pilotfish.errors import PilotfishError
+from pilotfish.server import migrations
 from pilotfish.server.db import SCHEMA_VERSION, make_engine
 
-V1_AGENTS = """CREATE TABLE agents (id VARCHAR(64) PRIMARY KEY, host VARCHAR(255) NOT NULL,
-    pid INTEGER NOT NULL, site VARCHAR(128), pilot VARCHAR(128), cores INTEGER NOT NULL,
-    gpus INTEGER NOT NULL, memory BIGINT NOT NULL, started FLOAT NOT NULL,
-    last_seen FLOAT NOT NULL, state VARCHAR(16) NOT NULL, tasks_done INTEGER NOT NULL)"""
 
-
-def _v1(path, version="1"):
+def _meta_only(path, version):
     con = sqlite3.connect(path)
-    con.execute(V1_AGENTS)
-    con.execute("INSERT INTO agents VALUES ('a1','h',1,NULL,NULL,2,0,1,0,0,'EXITED',5)")
     con.execute("CREATE TABLE pilotfish_meta (key VARCHAR(64) PRIMARY KEY, value TEXT NOT NULL)")
     con.execute("INSERT INTO pilotfish_meta VALUES ('schema_version', ?)", (version,))
     con.commit()
@@ -26,7 +21,11 @@ def _v1(path, version="1"):
 
 def test_version_1_gains_the_agent_node_columns(tmp_path):
     db = tmp_path / "v1.db"
-    _v1(db)
+    migrations.run(f"sqlite:///{db}", 0, 1)  # as version 1 made it
+    con = sqlite3.connect(db)
+    con.execute("INSERT INTO agents VALUES ('a1','h',1,NULL,NULL,2,0,1,0,0,'EXITED',5)")
+    con.commit()
+    con.close()
     make_engine(f"sqlite:///{db}").dispose()
     con = sqlite3.connect(db)
     cols = [r[1] for r in con.execute("PRAGMA table_info(agents)")]
@@ -39,20 +38,14 @@ def test_version_1_gains_the_agent_node_columns(tmp_path):
 
 def test_a_newer_schema_is_refused(tmp_path):
     db = tmp_path / "v99.db"
-    _v1(db, "99")
+    _meta_only(db, "99")
     with pytest.raises(PilotfishError, match="schema version 99"):
         make_engine(f"sqlite:///{db}")
 
 
 def test_version_3_with_old_apps_and_jobs_tables_gains_the_container_columns(tmp_path):
     db = tmp_path / "v3.db"
-    make_engine(f"sqlite:///{db}").dispose()
-    con = sqlite3.connect(db)  # make it look like version 3: drop the new columns
-    con.execute("ALTER TABLE apps DROP COLUMN container")
-    con.execute("ALTER TABLE jobs DROP COLUMN image")
-    con.execute("UPDATE pilotfish_meta SET value='3'")
-    con.commit()
-    con.close()
+    migrations.run(f"sqlite:///{db}", 0, 3)  # as version 3 made it
     make_engine(f"sqlite:///{db}").dispose()
     con = sqlite3.connect(db)
     assert "container" in [r[1] for r in con.execute("PRAGMA table_info(apps)")]
@@ -62,16 +55,13 @@ def test_version_3_with_old_apps_and_jobs_tables_gains_the_container_columns(tmp
 def test_version_4_gains_job_owners_and_agent_keys(tmp_path):
     """Schema 5: jobs.owner (old rows NULL: only an admin may change them) and agent_keys."""
     db = tmp_path / "v4.db"
-    make_engine(f"sqlite:///{db}").dispose()
-    con = sqlite3.connect(db)  # make it look like version 4
-    con.execute("ALTER TABLE jobs DROP COLUMN owner")
-    con.execute("DROP TABLE agent_keys")
+    migrations.run(f"sqlite:///{db}", 0, 4)  # as version 4 made it
+    con = sqlite3.connect(db)
     con.execute("INSERT INTO jobs (id, name, description, app_id, num_nodes, "
                 "processes_per_node, cpus_per_process, gpus_per_process, parameters, tags, "
                 "priority, max_retries, retries, attempts, state, state_time, created, "
                 "workdir) VALUES (7, 'old', '', 1, 1, 1, 1, 0, '{}', '', 0, 3, 0, 0, 'READY', "
                 "0, 0, 'w')")
-    con.execute("UPDATE pilotfish_meta SET value='4'")
     con.commit()
     con.close()
     make_engine(f"sqlite:///{db}").dispose()
@@ -88,9 +78,8 @@ def test_version_4_gains_job_owners_and_agent_keys(tmp_path):
 def test_version_5_gains_the_job_attempts_table(tmp_path):
     """Schema 6: job_attempts (where and when each attempt ran); jobs and agents kept."""
     db = tmp_path / "v5.db"
-    make_engine(f"sqlite:///{db}").dispose()
-    con = sqlite3.connect(db)  # make it look like version 5
-    con.execute("DROP TABLE job_attempts")
+    migrations.run(f"sqlite:///{db}", 0, 5)  # as version 5 made it
+    con = sqlite3.connect(db)
     con.execute("INSERT INTO jobs (id, name, description, app_id, num_nodes, "
                 "processes_per_node, cpus_per_process, gpus_per_process, parameters, tags, "
                 "priority, max_retries, retries, attempts, state, state_time, created, "
@@ -98,7 +87,6 @@ def test_version_5_gains_the_job_attempts_table(tmp_path):
                 "0, 1, 'JOB_FINISHED', 0, 0, 'w', NULL, 'alice')")
     con.execute("INSERT INTO agents (id, host, pid, cores, gpus, memory, started, last_seen, "
                 "state, tasks_done) VALUES ('a5', 'h', 1, 2, 0, 1, 0, 0, 'EXITED', 1)")
-    con.execute("UPDATE pilotfish_meta SET value='5'")
     con.commit()
     con.close()
     make_engine(f"sqlite:///{db}").dispose()
@@ -121,12 +109,10 @@ def test_version_6_gains_the_server_events_table(tmp_path):
     """Schema 7: server_events (agents, pilots and removed jobs on the event stream); the job
     events kept, and the stream's ids go on after the highest one."""
     db = tmp_path / "v6.db"
-    make_engine(f"sqlite:///{db}").dispose()
-    con = sqlite3.connect(db)  # make it look like version 6
-    con.execute("DROP TABLE server_events")
+    migrations.run(f"sqlite:///{db}", 0, 6)  # as version 6 made it
+    con = sqlite3.connect(db)
     con.execute("INSERT INTO job_events (id, job_id, from_state, to_state, time) "
                 "VALUES (41, 9, NULL, 'READY', 0)")
-    con.execute("UPDATE pilotfish_meta SET value='6' WHERE key='schema_version'")
     con.commit()
     con.close()
     engine = make_engine(f"sqlite:///{db}")
@@ -147,17 +133,13 @@ def test_version_7_gains_the_production_fields_and_the_intake_key_index(tmp_path
     """Schema 8: jobs.argo_job_id, scheduler_config, job_status_routing_key and intake_key
     (unique where given); old rows keep their values and get NULLs."""
     db = tmp_path / "v7.db"
-    make_engine(f"sqlite:///{db}").dispose()
-    con = sqlite3.connect(db)  # make it look like version 7
-    con.execute("DROP INDEX ux_jobs_intake_key")
-    for col in ("argo_job_id", "scheduler_config", "job_status_routing_key", "intake_key"):
-        con.execute(f"ALTER TABLE jobs DROP COLUMN {col}")
+    migrations.run(f"sqlite:///{db}", 0, 7)  # as version 7 made it
+    con = sqlite3.connect(db)
     con.execute("INSERT INTO jobs (id, name, description, app_id, num_nodes, "
                 "processes_per_node, cpus_per_process, gpus_per_process, parameters, tags, "
                 "priority, max_retries, retries, attempts, state, state_time, created, "
                 "workdir) VALUES (3, 'old', '', 1, 1, 1, 1, 0, '{}', '', 0, 3, 0, 0, 'READY', "
                 "0, 0, 'w')")
-    con.execute("UPDATE pilotfish_meta SET value='7' WHERE key='schema_version'")
     con.commit()
     con.close()
     make_engine(f"sqlite:///{db}").dispose()
@@ -182,19 +164,13 @@ def test_version_9_gains_workflows(tmp_path):
     """Schema 10: the workflows table, jobs.workflow_id and subjob_index (indexed where
     given), server_events.workflow_id; old rows get NULLs."""
     db = tmp_path / "v9.db"
-    make_engine(f"sqlite:///{db}").dispose()
-    con = sqlite3.connect(db)  # make it look like version 9
-    con.execute("DROP TABLE workflows")
-    con.execute("DROP INDEX ix_jobs_workflow")
-    for col in ("workflow_id", "subjob_index"):
-        con.execute(f"ALTER TABLE jobs DROP COLUMN {col}")
-    con.execute("ALTER TABLE server_events DROP COLUMN workflow_id")
+    migrations.run(f"sqlite:///{db}", 0, 9)  # as version 9 made it
+    con = sqlite3.connect(db)
     con.execute("INSERT INTO jobs (id, name, description, app_id, num_nodes, "
                 "processes_per_node, cpus_per_process, gpus_per_process, parameters, tags, "
                 "priority, max_retries, retries, attempts, state, state_time, created, "
                 "workdir) VALUES (3, 'old', '', 1, 1, 1, 1, 0, '{}', '', 0, 3, 0, 0, 'READY', "
                 "0, 0, 'w')")
-    con.execute("UPDATE pilotfish_meta SET value='9' WHERE key='schema_version'")
     con.commit()
     con.close()
     make_engine(f"sqlite:///{db}").dispose()
@@ -213,17 +189,13 @@ def test_version_9_gains_workflows(tmp_path):
 def test_version_10_gains_the_staged_column(tmp_path):
     """Schema 11: jobs.staged (a remote input the site stager placed); old rows get NULL."""
     db = tmp_path / "v10.db"
-    make_engine(f"sqlite:///{db}").dispose()
-    con = sqlite3.connect(db)  # make it look like version 10
-    con.execute("ALTER TABLE jobs DROP COLUMN staged")
-    for col in ("site_choices", "remote_accepted"):  # (11's columns: not there yet either)
-        con.execute(f"ALTER TABLE jobs DROP COLUMN {col}")
+    migrations.run(f"sqlite:///{db}", 0, 10)  # as version 10 made it
+    con = sqlite3.connect(db)
     con.execute("INSERT INTO jobs (id, name, description, app_id, num_nodes, "
                 "processes_per_node, cpus_per_process, gpus_per_process, parameters, tags, "
                 "priority, max_retries, retries, attempts, state, state_time, created, "
                 "workdir) VALUES (3, 'old', '', 1, 1, 1, 1, 0, '{}', '', 0, 3, 0, 0, 'READY', "
                 "0, 0, 'w')")
-    con.execute("UPDATE pilotfish_meta SET value='10' WHERE key='schema_version'")
     con.commit()
     con.close()
     make_engine(f"sqlite:///{db}").dispose()
@@ -238,16 +210,13 @@ def test_version_11_gains_the_federation_columns(tmp_path):
     """Schema 12: jobs.site_choices (a job's alternative sites) and jobs.remote_accepted (when
     the remote site it was forwarded to said it has it); old rows get NULLs."""
     db = tmp_path / "v11.db"
-    make_engine(f"sqlite:///{db}").dispose()
-    con = sqlite3.connect(db)  # make it look like version 11
-    for col in ("site_choices", "remote_accepted"):
-        con.execute(f"ALTER TABLE jobs DROP COLUMN {col}")
+    migrations.run(f"sqlite:///{db}", 0, 11)  # as version 11 made it
+    con = sqlite3.connect(db)
     con.execute("INSERT INTO jobs (id, name, description, app_id, num_nodes, "
                 "processes_per_node, cpus_per_process, gpus_per_process, parameters, tags, "
                 "priority, max_retries, retries, attempts, state, state_time, created, "
                 "workdir) VALUES (3, 'old', '', 1, 1, 1, 1, 0, '{}', '', 0, 3, 0, 0, 'READY', "
                 "0, 0, 'w')")
-    con.execute("UPDATE pilotfish_meta SET value='11' WHERE key='schema_version'")
     con.commit()
     con.close()
     make_engine(f"sqlite:///{db}").dispose()
@@ -259,23 +228,17 @@ def test_version_11_gains_the_federation_columns(tmp_path):
     con.close()
 
 
-def test_version_12_gains_the_fence_columns(tmp_path):
+def test_version_13_gains_the_fence_columns(tmp_path):
     """Schema 14: jobs.fenced (a forwarded job held at its site until its forwarder's start)
-    and jobs.remote_cancel (cancels a central has not had confirmed); old rows get NULLs.
-    Independent of version 13's change: only these two columns are added, when missing."""
-    db = tmp_path / "v12.db"
-    make_engine(f"sqlite:///{db}").dispose()
-    con = sqlite3.connect(db)  # make it look like version 12
-    for ix in ("ix_jobs_fenced", "ix_jobs_remote_cancel"):
-        con.execute(f"DROP INDEX {ix}")
-    for col in ("fenced", "remote_cancel"):
-        con.execute(f"ALTER TABLE jobs DROP COLUMN {col}")
+    and jobs.remote_cancel (cancels a central has not had confirmed); old rows get NULLs."""
+    db = tmp_path / "v13.db"
+    migrations.run(f"sqlite:///{db}", 0, 13)  # as version 13 made it
+    con = sqlite3.connect(db)
     con.execute("INSERT INTO jobs (id, name, description, app_id, num_nodes, "
                 "processes_per_node, cpus_per_process, gpus_per_process, parameters, tags, "
                 "priority, max_retries, retries, attempts, state, state_time, created, "
                 "workdir) VALUES (3, 'old', '', 1, 1, 1, 1, 0, '{}', '', 0, 3, 0, 0, 'READY', "
                 "0, 0, 'w')")
-    con.execute("UPDATE pilotfish_meta SET value='12' WHERE key='schema_version'")
     con.commit()
     con.close()
     make_engine(f"sqlite:///{db}").dispose()
@@ -302,17 +265,14 @@ def test_version_12_gains_the_sort_and_range_indexes(tmp_path):
     """Schema 13: indexes only: (app_id, id) replaces (app_id); (name, id), (state_time, id)
     and (ended, id) for sorting the job table and bounding usage scans; rows kept."""
     db = tmp_path / "v12.db"
-    make_engine(f"sqlite:///{db}").dispose()
-    con = sqlite3.connect(db)  # make it look like version 12
-    for ix in SORT_INDEXES:
-        con.execute(f"DROP INDEX {ix}")
-    con.execute("CREATE INDEX ix_jobs_app ON jobs (app_id)")
+    migrations.run(f"sqlite:///{db}", 0, 12)  # as version 12 made it
+    con = sqlite3.connect(db)
+    assert "ix_jobs_app" in _indexes(con)
     con.execute("INSERT INTO jobs (id, name, description, app_id, num_nodes, "
                 "processes_per_node, cpus_per_process, gpus_per_process, parameters, tags, "
                 "priority, max_retries, retries, attempts, state, state_time, created, "
                 "workdir, ended) VALUES (3, 'old', '', 1, 1, 1, 1, 0, '{}', '', 0, 3, 0, 1, "
                 "'JOB_FINISHED', 5, 0, 'w', 4)")
-    con.execute("UPDATE pilotfish_meta SET value='12' WHERE key='schema_version'")
     con.commit()
     con.close()
     make_engine(f"sqlite:///{db}").dispose()
@@ -320,7 +280,7 @@ def test_version_12_gains_the_sort_and_range_indexes(tmp_path):
     assert SORT_INDEXES <= _indexes(con) and "ix_jobs_app" not in _indexes(con)
     assert con.execute("SELECT id, name, ended FROM jobs").fetchall() == [(3, "old", 4.0)]
     assert con.execute("SELECT value FROM pilotfish_meta WHERE key='schema_version'"
-                       ).fetchone()[0] == str(SCHEMA_VERSION) == "13"
+                       ).fetchone()[0] == str(SCHEMA_VERSION)
     plan = " ".join(r[3] for r in con.execute(
         "EXPLAIN QUERY PLAN SELECT id FROM jobs ORDER BY ended DESC, id DESC LIMIT 5"))
     assert "ix_jobs_ended_id" in plan
