@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -191,16 +192,20 @@ def scancel(job_id: str) -> None:
     subprocess.run(["scancel", job_id], capture_output=True, timeout=20)
 
 
-#: Test files that submit to the one local Slurm (4 fake nodes): with two test processes
-#: (scripts/test), their jobs would wait for each other's nodes, so one process runs them all.
+#: Test files that submit to the one local Slurm (4 fake nodes). With two test processes
+#: (scripts/test: --dist loadfile, each file's tests in one process), their tests take turns:
+#: a lock file held for each such test (jobs of the other process would take the nodes).
 SLURM_FILES = {"test_slurm.py", "test_relay.py", "test_site_agent.py", "test_batch.py",
                "test_container_jobs.py"}
+SLURM_LOCK = Path(tempfile.gettempdir()) / "pilotfish-tests-slurm.lock"
 
 
-def pytest_collection_modifyitems(config, items):
-    """With two test processes (--dist loadgroup), a file's tests stay together in one (some
-    share module fixtures or sum up what the file's earlier tests did, e.g. test_battery's
-    summary), and the Slurm files all go to the same one."""
-    for item in items:
-        slurm = item.path.name in SLURM_FILES or "slurm" in getattr(item, "fixturenames", ())
-        item.add_marker(pytest.mark.xdist_group("slurm" if slurm else item.path.name))
+@pytest.fixture(autouse=True)
+def _one_slurm_user_at_a_time(request):
+    if request.node.path.name not in SLURM_FILES and "slurm" not in request.fixturenames:
+        yield
+        return
+    import fcntl
+    with open(SLURM_LOCK, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+        yield
