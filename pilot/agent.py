@@ -419,8 +419,17 @@ class Agent:
         self.useq += 1
         if items:
             self.unacked.append((self.useq, items))
-        self._send(P.encode(P.UPDATE, agent=self.id, useq=self.useq, updates=items,
-                            demand=self.demand(), ack=self.ack, epoch=self.epoch), self.useq)
+        # the output of ended tasks goes again with their ends (rewound at the welcome): a job
+        # seen final has all its output stored, also across a server restart
+        output = self.out.collect(self.ex.active, [], time.monotonic(), ended_only=True)
+        if output:
+            self.out.sent(self.useq, output)
+            frame = P.encode(P.UPDATE, agent=self.id, useq=self.useq, updates=items,
+                             demand=self.demand(), ack=self.ack, epoch=self.epoch, output=output)
+        else:
+            frame = P.encode(P.UPDATE, agent=self.id, useq=self.useq, updates=items,
+                             demand=self.demand(), ack=self.ack, epoch=self.epoch)
+        self._send(frame, self.useq)
 
     def on_message(self, frame: bytes, now: float) -> None:
         try:

@@ -90,10 +90,19 @@ class OutputShipper:
         self.filled = mono
         return int(min(self.tokens, MAX_PER_MESSAGE))
 
-    def collect(self, active: dict, ended: list, mono: float) -> list[dict]:
+    def collect(self, active: dict, ended: list, mono: float,
+                ended_only: bool = False) -> list[dict]:
         """Pieces to send now: of ``ended`` tasks (executor Tasks whose end goes in this
-        update) first, then, at a tick, of ``active`` tasks (job -> Task) in their run step."""
-        tick = mono >= self.next_tick
+        update) first, then, at a tick, of ``active`` tasks (job -> Task) in their run step.
+        ``ended_only``: the rest of every ended task's output, now (the resend after a welcome,
+        which carries their ends again), and nothing of running tasks."""
+        if ended_only:
+            if not self.cap:
+                return []
+            ended = []
+            tick = False
+        else:
+            tick = mono >= self.next_tick
         if not self.cap or not (ended or tick or self.streams):
             return []
         for t in ended:
@@ -127,7 +136,7 @@ class OutputShipper:
         out: list[dict] = []
         fresh = {t.job for t in ended}
         for s in sorted(self.streams.values(), key=lambda s: not s.ended):
-            if not tick and s.job not in fresh:
+            if not tick and s.job not in fresh and not (ended_only and s.ended):
                 continue  # the rest of earlier ends, and running tasks: at the tick
             for name, f in s.files.items():
                 if f.done or (f.eof_sent and s.ended):
