@@ -6,6 +6,7 @@ import os
 import click
 
 from pilotfish import console, settings
+from pilotfish.clitypes import plain_float
 
 CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -52,7 +53,7 @@ def bridge_group() -> None:
 @click.option("--nice", type=click.IntRange(0, 19), help="Lower the bridge's CPU priority by "
               "this much, so it never takes a core from the server or a task beside it "
               "(default: 10; 0: keep it).")
-@click.option("--server-timeout", type=click.FloatRange(1, 3600), metavar="SECONDS",
+@click.option("--server-timeout", type=plain_float(1, 3600), metavar="SECONDS",
               help="How long a request may wait for the server before intake pauses and the "
               "messages go back to the queue (default 30).")
 @click.option("--check", is_flag=True, help="Check the settings and the password source, "

@@ -8,6 +8,7 @@ import logging
 import click
 
 from pilotfish import console, settings
+from pilotfish.clitypes import plain_float
 from pilotfish.errors import NotFound, PilotfishError, ValidationError
 
 CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -140,10 +141,10 @@ def cancel_cmd(ctx, pilot_ids) -> None:
 @click.option("--site", required=True, help="Site profile to provision for.")
 @click.option("--poll", type=click.FloatRange(0.1), default=10.0, show_default=True,
               help="Seconds between rounds (scheduler poll, backlog, decisions).")
-@click.option("--quick", type=click.FloatRange(0), default=1.0, show_default=True,
+@click.option("--quick", type=plain_float(0), default=1.0, show_default=True,
               help="Seconds between quick rounds (the server's backlog only, no scheduler "
               "query), so new work gets pilots at once; 0: none.")
-@click.option("--resume-after", type=click.FloatRange(0), default=1800.0, show_default=True,
+@click.option("--resume-after", type=plain_float(0), default=1800.0, show_default=True,
               help="Seconds a paused site waits before trying to submit again.")
 @click.option("--once", is_flag=True, help="One round, then exit.")
 @click.option("--rounds", type=click.IntRange(1), help="Stop after this many rounds.")

@@ -11,7 +11,7 @@ import click
 import yaml
 
 from pilotfish import console, settings
-from pilotfish.clitypes import PLAIN_FLOAT, PLAIN_INT  # noqa: F401  (job_cli imports them here)
+from pilotfish.clitypes import PLAIN_FLOAT, PLAIN_INT, plain_float  # noqa: F401  (job_cli imports them here)
 from pilotfish.errors import PilotfishError, ServerUnavailable, ValidationError
 
 from . import daemon, site_agents
@@ -275,7 +275,7 @@ LOADING = " so far (reading the queue; dispatch starts when it is read)"
 
 
 @server_group.command("status", context_settings=CTX)
-@click.option("--wait", "wait", type=click.FloatRange(0.1, 3600), default=STATUS_WAIT,
+@click.option("--wait", "wait", type=plain_float(0.1, 3600), default=STATUS_WAIT,
               show_default=True, metavar="SECONDS", help="How long to wait for an answer "
               "before calling a live server stuck.")
 @json_option

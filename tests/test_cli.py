@@ -623,3 +623,19 @@ def test_refused_str_values_are_explained_in_words(server):
                     f"msg={value}")
         assert r.returncode == 1 and words in r.stderr, r.stderr
         assert "(?!" not in r.stderr and "declare a pattern to allow more" in r.stderr
+
+
+@pytest.mark.parametrize("args, option", [
+    (["server", "status", "--wait", "nan"], "--wait"),
+    (["server", "status", "--wait", "0.01"], "--wait"),
+    (["site", "agent", "--site", "local", "--quick", "inf"], "--quick"),
+    (["site", "agent", "--site", "local", "--resume-after", "-1"], "--resume-after"),
+    (["bridge", "amqp", "--jobs-queue", "q", "--server-timeout", "nan", "--check"],
+     "--server-timeout"),
+])
+def test_seconds_options_take_plain_finite_numbers_in_range(tmp_path, args, option):
+    """click's FloatRange takes nan and inf (every comparison with nan is false): these
+    options use clitypes.plain_float, refused in one line before anything runs."""
+    r = run_cli(tmp_path, *args)
+    assert r.returncode == 2 and f"Invalid value for '{option}'" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
