@@ -637,8 +637,12 @@ class Agent:
     def leave(self) -> int:
         """Stop tasks, hand back what we hold, and say goodbye (waiting briefly for the ack)."""
         now = time.time()
+        # progress not yet due (a start moments ago) goes too: stop_all forgets it, and the
+        # server would take a task it never saw start for one that never ran
+        pending = self.ex.take_updates(now, True)
         released = self.ex.stop_all()
-        updates = [u for _, ups in self.unacked for u in ups] + self.ex.take_updates(now, True)
+        updates = [u for _, ups in self.unacked for u in ups] + pending \
+            + self.ex.take_updates(now, True)
         self.useq += 1
         self._send(P.encode(P.BYE, agent=self.id, useq=self.useq, updates=updates,
                             released=released, epoch=self.epoch,

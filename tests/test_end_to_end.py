@@ -222,6 +222,26 @@ def test_sigterm_hands_tasks_back_without_using_retries(server: ServerHandle, tm
     assert max(c.job(j)["attempts"] for j in ids) == 2
 
 
+def test_a_task_stopped_just_after_its_start_is_handed_back_as_started(server: ServerHandle,
+                                                                       tmp_path):
+    """SIGTERM moments after a task starts (before its start is due for reporting): the
+    goodbye still says it ran, so the job goes back as RESTART_READY with its attempt counted,
+    not to the queue as if it never started (it has run: it may have written output)."""
+    c = server.client()
+    marker = tmp_path / "started"
+    c.add_app({"name": "mark", "executable": "/bin/sh",
+               "args": ["-c", f"touch {marker}; exec sleep 60"]})
+    job = c.add_job(name="m", application="mark")
+    a = server.agent(work_root=tmp_path / "w")
+    wait_for(marker.exists, 30, interval=0.002, what="the task to start")
+    a.send_signal(signal.SIGTERM)
+    assert a.wait(15) == 0
+    d = c.job(job)
+    assert d["state"] == "RESTART_READY" and d["attempts"] == 1, d
+    assert any("RUNNING" in [e["to_state"], *(e["via"] or "").split(",")]
+               for e in d["events"]), d["events"]
+
+
 def test_lost_agent_leases_expire_and_jobs_are_requeued(server: ServerHandle, tmp_path):
     """kill -9 of an agent: its leases expire after the lease period and the jobs run again."""
     c = server.client()
