@@ -172,44 +172,72 @@ def check_fields(schema: dict[str, tuple], data: Any, where: str) -> dict:
 
     Integers are range-checked too, so no value off the wire can overflow a database column.
     """
-    if not isinstance(data, dict):
-        raise ProtocolError(f"{where}: expected a map, got {type(data).__name__}")
-    for key in data:
-        if key not in schema:
-            raise ProtocolError(f"{where}: unknown field {key!r}")
-    for key, types in schema.items():
-        if key not in data:
-            if _NONE in types or _ANY in types:
-                continue
-            raise ProtocolError(f"{where}: missing field {key!r}")
-        value = data[key]
-        if _ANY in types:
-            continue
-        # bool is an int in Python; a protocol int must not be a bool and vice versa
-        if isinstance(value, bool) and bool not in types:
-            raise ProtocolError(f"{where}: field {key!r} must be {_names(types)}, got bool")
-        if not isinstance(value, types):
-            raise ProtocolError(f"{where}: field {key!r} must be {_names(types)}, "
-                                f"got {type(value).__name__}")
-        if type(value) is int:
-            limit = _INT64 if key in INT64_FIELDS else _INT32
-            if not -limit <= value < limit:
-                raise ProtocolError(f"{where}: field {key!r} is out of range")
-        # nan and inf: JSON has no such numbers, comparisons with them are always false
-        elif type(value) is float and not math.isfinite(value):
-            raise ProtocolError(f"{where}: field {key!r} must be a finite number")
-        # PostgreSQL refuses NUL in text: one in an agent's host name made the server's next
-        # write fail (and a failed write outside a handler ended the server)
-        elif type(value) is str and "\x00" in value and key not in FREE_TEXT_FIELDS:
-            raise ProtocolError(f"{where}: field {key!r} must not contain a NUL byte")
+    problem = _problem(schema, data)
+    if problem is not None:
+        raise ProtocolError(f"{where}: {problem}")
     return data
 
 
 def check_items(schema: dict[str, tuple], items: list, where: str) -> list[dict]:
     """Check every map of a list field against a schema."""
     for i, item in enumerate(items):
-        check_fields(schema, item, f"{where}[{i}]")
+        problem = _problem(schema, item)
+        if problem is not None:
+            raise ProtocolError(f"{where}[{i}]: {problem}")
     return items
+
+
+#: schema -> (the schema, its keys, one tuple per field): see _compiled
+_COMPILED: dict[int, tuple] = {}
+
+
+def _compiled(schema: dict[str, tuple]) -> tuple:
+    """A schema's checks worked out once (schemas are module constants; every task update of a
+    busy server goes through here): per field its key, its types, whether it may be missing,
+    whether anything goes, whether bool is allowed, its integer limit, whether NUL may occur."""
+    c = _COMPILED.get(id(schema))
+    if c is None or c[0] is not schema:
+        c = (schema, frozenset(schema), tuple(
+            (key, types, _NONE in types or _ANY in types, _ANY in types, bool in types,
+             _INT64 if key in INT64_FIELDS else _INT32, key in FREE_TEXT_FIELDS)
+            for key, types in schema.items()))
+        _COMPILED[id(schema)] = c
+    return c
+
+
+def _problem(schema: dict[str, tuple], data: Any) -> str | None:
+    """What is wrong with ``data`` against ``schema`` (plain words), or None."""
+    if not isinstance(data, dict):
+        return f"expected a map, got {type(data).__name__}"
+    _, keys, fields = _compiled(schema)
+    if not keys.issuperset(data):
+        return f"unknown field {next(k for k in data if k not in keys)!r}"
+    for key, types, optional, anything, bool_ok, limit, free in fields:
+        if key not in data:
+            if optional:
+                continue
+            return f"missing field {key!r}"
+        if anything:
+            continue
+        value = data[key]
+        t = type(value)
+        # bool is an int in Python; a protocol int must not be a bool and vice versa
+        if t is bool and not bool_ok:
+            return f"field {key!r} must be {_names(types)}, got bool"
+        if not isinstance(value, types):
+            return f"field {key!r} must be {_names(types)}, got {t.__name__}"
+        if t is int:
+            if not -limit <= value < limit:
+                return f"field {key!r} is out of range"
+        # nan and inf: JSON has no such numbers, comparisons with them are always false
+        elif t is float:
+            if not math.isfinite(value):
+                return f"field {key!r} must be a finite number"
+        # PostgreSQL refuses NUL in text: one in an agent's host name made the server's next
+        # write fail (and a failed write outside a handler ended the server)
+        elif t is str and not free and "\x00" in value:
+            return f"field {key!r} must not contain a NUL byte"
+    return None
 
 
 def _names(types: tuple) -> str:

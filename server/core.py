@@ -596,13 +596,13 @@ class JobServer:
             # an ended attempt: how, in the same update of the job's row as its new state
             if last is S.JOB_FINISHED:
                 cols.update(ended=it.get("end") or now, exit_code=it.get("exit"), agent=None,
-                            run_state=last.value, run_message=_text(it.get("msg")))
+                            run_state=last._value_, run_message=_text(it.get("msg")))
             elif last in states.FAILURES:
                 nxt = states.after_failure(lease.retries, lease.max_retries)
                 path.append(nxt)
                 cols.update(ended=it.get("end") or now, exit_code=it.get("exit"), agent=None,
                             retries=lease.retries + (nxt is S.RESTART_READY),
-                            run_state=last.value, run_message=_text(it.get("msg")))
+                            run_state=last._value_, run_message=_text(it.get("msg")))
             else:
                 done = False
             try:
@@ -809,7 +809,7 @@ class JobServer:
                               "cpus_per_rank": shape.cores // shape.ranks,
                               "gpus_per_rank": shape.gpus // shape.ranks,
                               "hosts": hosts or []}
-        self.leases[r.id] = Lease(r.id, a.id, attempt, S(r.state), r.retries,
+        self.leases[r.id] = Lease(r.id, a.id, attempt, BY_NAME[r.state], r.retries,
                                   r.max_retries, r.priority, shape)
         a.leases.add(r.id)
         self.batch.lease_job(r.id, attempt, a.id, json.dumps(hosts) if hosts else None,

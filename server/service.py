@@ -6,6 +6,7 @@ silence) -> commit -> send the replies. Nothing is sent before it is committed.
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -185,6 +186,22 @@ class ZapHandler:
                 f"; {quiet} more refusals since" if quiet else "")
 
 
+#: Allocations between two young collections of the cyclic garbage collector (Python's default
+#: is 700). A server turn allocates tens of thousands of short-lived dicts and rows, nearly none
+#: in cycles: at 700, collections took 7 % of the server's CPU in the dispatch bench.
+GC_YOUNG = 50_000
+
+
+def settle_heap(loaded: bool) -> None:
+    """Tune the garbage collector for serving: young collections far less often, and (once the
+    queue is read) what start-up made -- the queue, the apps, the modules -- moved out of the
+    collector's sight, so full collections no longer walk it (``gc.freeze``)."""
+    gc.set_threshold(GC_YOUNG, 20, 20)
+    if loaded:
+        gc.collect()
+        gc.freeze()
+
+
 class Service:
     def __init__(self, db_url: str, bind: str, home: Path,
                  heartbeat: float = settings.HEARTBEAT_SECONDS,
@@ -319,6 +336,7 @@ class Service:
 
     def run(self) -> None:
         self.srv.load()
+        settle_heap(self.srv.loading is None)
         self._write_info()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
@@ -371,6 +389,7 @@ class Service:
         try:
             srv.load_more()
             if srv.loading is None:
+                settle_heap(True)
                 now = time.time()
                 srv.resolve_children(now)
                 srv.dispatch(now)
