@@ -319,9 +319,22 @@ def server_status(ctx, wait, as_json) -> None:
                   [("state", "STATE"), ("jobs", "JOBS")])
 
 
+def _status_db(home: Path) -> tuple[str, str | None]:
+    """The database ``db-status`` reads without --db, and where that choice came from:
+    $PILOTFISH_DB; else the running server's (it may have been started with --db); else the
+    home's SQLite file. A running server's URL with a hidden password cannot be used."""
+    if os.environ.get("PILOTFISH_DB"):
+        return os.environ["PILOTFISH_DB"], "$PILOTFISH_DB"
+    info = settings.read_server_info(home) or {}
+    db, pid = info.get("db"), info.get("pid")
+    if isinstance(db, str) and "***" not in db and isinstance(pid, int) and daemon.alive(pid):
+        return db, f"the running server's (pid {pid})"
+    return settings.default_db_url(home), None
+
+
 @server_group.command("db-status", context_settings=CTX)
-@click.option("--db", "db_url", help="Database URL (default: as `server start`: "
-              "$PILOTFISH_DB or the SQLite file in the home).")
+@click.option("--db", "db_url", help="Database URL (default: $PILOTFISH_DB, else the running "
+              "server's database, else the SQLite file in the home).")
 @json_option
 @click.pass_context
 def server_db_status(ctx, db_url, as_json) -> None:
@@ -331,13 +344,19 @@ def server_db_status(ctx, db_url, as_json) -> None:
     than this pilotfish or not one it can use.
     """
     from .db_status import db_status
-    st = db_status(db_url or settings.default_db_url(home_of(ctx)))
+    source = None
+    if not db_url:
+        db_url, source = _status_db(home_of(ctx))
+    st = db_status(db_url)
+    if source:
+        st["source"] = source
     usable = st["up_to_date"] or st["pending"] or st["version"] is None
     if as_json:
         console.print_json(st)
     else:
         version = "none" if st["version"] is None else st["version"]
-        console.out.print(f"db {st['db']}\nschema version: {version} (this pilotfish: "
+        console.out.print(f"db {st['db']}" + (f" ({source})" if source else "")
+                          + f"\nschema version: {version} (this pilotfish: "
                           f"{st['head']})", markup=False)
         if st["pending"]:
             console.out.print(f"pending migrations: {len(st['pending'])}", markup=False)

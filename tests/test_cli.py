@@ -530,6 +530,26 @@ def test_server_start_status_stop_round_trip(tmp_path):
         daemon.stop(home, wait=10)
 
 
+def test_db_status_reads_the_database_the_running_server_was_given(tmp_path):
+    """`server start --db X` then `server db-status` without --db: the running server's database
+    (it said "no database yet" about the home's SQLite file); once stopped, the home's file."""
+    home = tmp_path / "fresh"
+    other = tmp_path / "elsewhere.db"
+    try:
+        r = run_cli(home, "server", "start", "--db", f"sqlite:///{other}")
+        assert r.returncode == 0, r.stderr
+        pid = daemon.running_pid(home)
+        st = ok_json(home, "server", "db-status")
+        assert st["up_to_date"] and str(other) in st["db"], st
+        assert st["source"] == f"the running server's (pid {pid})"
+        assert f"({st['source']})" in ok(home, "server", "db-status")
+        ok(home, "server", "stop")
+        st = json.loads(run_cli(home, "server", "db-status", "--json").stdout)
+        assert st["version"] is None and "source" not in st and "pilotfish.db" in st["db"]
+    finally:
+        daemon.stop(home, wait=10)
+
+
 def test_server_stop_returns_once_the_server_has_exited(tmp_path):
     """`server stop` of an idle server returns in well under a second (it took 2.2 s: it waited
     for init to reap the exited server, and for the interpreter to tear its modules down)."""
