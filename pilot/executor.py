@@ -259,8 +259,9 @@ class Executor:
         self.preparer: Preparer | None = None
         if not fake:
             self._start_guard()
+            # (three descriptors each held: at most 510, half the usual soft limit of 1024)
             self.preparer = Preparer(self._root_prefix, self._made_dirs,
-                                     min(256, 2 * len(self.all_cores) + 2))
+                                     min(170, 2 * len(self.all_cores) + 2))
 
     # -- bookkeeping ------------------------------------------------------------------------
     def add(self, spec: dict) -> None:
@@ -466,6 +467,15 @@ class Executor:
         return (f"workdir {t.workdir} is not a real directory under the work root (a symlink "
                 "on the way?): refused")
 
+    @staticmethod
+    def _enter_fd(t: Task, dir_fd: int) -> str | None:
+        """fchdir into a workdir the preparer opened and checked; why not."""
+        try:
+            os.fchdir(dir_fd)
+        except OSError as exc:
+            return f"workdir {t.workdir}: {exc.strerror or exc}"
+        return None
+
     def _env(self, t: Task) -> dict:
         env = dict(self.base_env)
         app_env = t.spec.get("env")
@@ -496,7 +506,10 @@ class Executor:
             return self._spawn_in(t, now, step, argv, stem, failure, timeout, stage, made)
         finally:
             if made is not None:
-                made.close()
+                if self.preparer is not None:
+                    self.preparer.close_later(made)  # the preparer's thread closes them
+                else:
+                    made.close()
 
     def _spawn_in(self, t: Task, now: float, step: str, argv: list[str], stem: str,
                   failure: str, timeout: float | None, stage: bool, made) -> bool:
@@ -508,7 +521,12 @@ class Executor:
                        (os.POSIX_SPAWN_OPEN, 1, "/dev/null", os.O_WRONLY, 0),
                        (os.POSIX_SPAWN_DUP2, errw, 2)]
         else:
-            why = self._enter(t)
+            if made is not None and made.dir_fd is not None:
+                # checked on the preparer's thread (opened without following a symlink, its
+                # /proc path compared): entered by descriptor, no path walk, no getcwd
+                why = self._enter_fd(t, made.dir_fd)
+            else:
+                why = self._enter(t)
             if why:
                 self._fail(t, now, failure, why)
                 return False
