@@ -43,7 +43,9 @@ heartbeats go on. Jobs without URLs pay nothing for it.
 **Workdirs** must be real directories below the work root: before each spawn the agent chdirs
 into the workdir and compares ``getcwd()`` with the path it built from the (resolved) work root,
 one syscall; a task that replaced a workdir or its parent with a symlink (to the keys, say)
-fails the step instead of having its files written there.
+fails the step instead of having its files written there. A workdir made ahead on the preparer's
+thread was opened without following a symlink and checked there the same way (its
+``/proc/self/fd`` path): the spawn enters it with ``fchdir`` on that descriptor.
 """
 from __future__ import annotations
 
