@@ -112,3 +112,38 @@ def test_a_failure_is_the_tasks_not_the_threads(tmp_path):
         pr.take(good).close()
     finally:
         pr.stop()
+
+
+def test_spawned_tasks_run_in_their_workdir_and_leave_no_descriptor_open(tmp_path):
+    """The spawn enters a prepared workdir by its open descriptor (fchdir) and hands the
+    descriptors to the preparer's thread to close: the task runs in its workdir, writes its
+    job.out, and once the thread has closed them no descriptor is left (a real Executor)."""
+    import select
+    from pilotfish.pilot.executor import Executor
+    fds = lambda: set(os.listdir("/proc/self/fd"))  # noqa: E731
+    watched: dict = {}
+    ex = Executor([sorted(os.sched_getaffinity(0))[0]], [], tmp_path / "work",
+                  watch=lambda fd, t: watched.__setitem__(fd, t),
+                  unwatch=lambda fd: watched.pop(fd, None))
+    before = fds()
+    try:
+        for i in range(5):
+            ex.add({"job": i, "attempt": 1, "name": f"t{i}", "argv": ["/bin/pwd"], "env": {},
+                    "workdir": f"w/{i}", "cores": 1, "gpus": 0})
+        done = 0
+        while done < 5:
+            ex.start_ready(time.time())
+            ready = select.select(list(watched), [], [], 5)[0]
+            assert ready, "no task ended"
+            for fd in ready:
+                ex.on_exit(watched[fd], time.time())
+                done += 1
+        ups = ex.take_updates(time.time(), True)
+        assert [u["exit"] for u in ups] == [0] * 5
+        work = (tmp_path / "work").resolve()
+        for i in range(5):
+            assert (work / f"w/{i}/job.out").read_text().strip() == str(work / f"w/{i}")
+        ex.preparer.stop()  # closes what it was handed
+        assert fds() - before <= {str(ex._guard_fd)}
+    finally:
+        ex.stop_all()
