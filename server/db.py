@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 #: makes version NN; a test holds the two equal). The database's own version is
 #: pilotfish_meta's "schema_version" row; make_engine upgrades an older one in place.
 #: To change the schema: see the recipe in server/migrations/README.
-SCHEMA_VERSION = 14
+SCHEMA_VERSION = 15
 metadata = MetaData()
 
 # SQLite's INTEGER PRIMARY KEY is the rowid; BigInteger keeps PostgreSQL ids 64-bit.
@@ -111,6 +111,34 @@ jobs = Table(
           postgresql_where=text("fenced IS NOT NULL")),
     Index("ix_jobs_remote_cancel", "id", sqlite_where=text("remote_cancel IS NOT NULL"),
           postgresql_where=text("remote_cancel IS NOT NULL")),
+    # the job table filtered by site (schema 15); jobs without a site are not in it, and a
+    # state change never writes it
+    Index("ix_jobs_site_id", "site", "id", sqlite_where=text("site IS NOT NULL"),
+          postgresql_where=text("site IS NOT NULL")),
+)
+
+#: Usage of closed UTC days (schema 15), written by the usage query itself
+#: (server/usage_cache.py), never by the job server's dispatch: a day once summed is read
+#: back instead of its jobs. usage_days: the days summed and the ids of jobs then not final
+#: (summed from their rows at each query: their counts can still change); usage_sums: per
+#: day, the sums of each (site, app, group).
+usage_days = Table(
+    "usage_days", metadata,
+    Column("day", Integer, primary_key=True, autoincrement=False),  # UTC days since 1970
+    Column("built", Float, nullable=False),
+    Column("pending", Text, nullable=False),  # a JSON list of job ids
+)
+usage_sums = Table(
+    "usage_sums", metadata,
+    Column("day", Integer, nullable=False),
+    Column("site", String(128)),
+    Column("app_id", Integer),
+    Column("group_identifier", String(128)),
+    Column("jobs", Integer, nullable=False),
+    Column("finished", Integer, nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("core_seconds", Float, nullable=False),
+    Index("ix_usage_sums_day", "day"),
 )
 
 #: Workflows: the seed's Argo jobs, ordered (or DAG-shaped) subjobs that are jobs of their own

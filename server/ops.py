@@ -18,7 +18,7 @@ from pilotfish.keys import ADMIN, AGENT, READER, SITE, SUBMITTER
 from pilotfish.protocol import MAX_MESSAGE_BYTES
 from pilotfish.validate import check_int, check_name, echo, echo_keys, wire_safe
 
-from . import job_sort, states
+from . import job_sort, states, usage_cache
 from .apps import App, app_from_spec, check_resources
 from .core import JobServer, shape_of
 from .db import apps as apps_t
@@ -602,9 +602,22 @@ def job_groups(srv: JobServer, args: dict, now: float) -> dict:
     return {"groups": groups, "next": groups[-1] if len(groups) == limit else None}
 
 
-@op(READER, args=("filter",))
+#: The most jobs a bounded count reads (job_counts with ``limit``).
+MAX_COUNT_LIMIT = 100_000
+
+
+@op(READER, args=("filter", "limit"))
 def job_counts(srv: JobServer, args: dict, now: float) -> dict:
+    """Jobs by state matching ``filter``. With ``limit`` (the web's job table): the counts of
+    the newest ``limit`` matching jobs only, as {"counts": {...}, "more": whether more match}:
+    an exact count of a group of 20,000 jobs reads 20,000 rows for their states (~0.3 s on
+    1M jobs), one of an app or a tag every matching row; a bounded one at most ``limit``."""
     f = args.get("filter")
+    limit = _arg(args, "limit", int, 0)
+    if limit:
+        if not 1 <= limit <= MAX_COUNT_LIMIT:
+            raise ValidationError(f"limit must be 1..{MAX_COUNT_LIMIT}")
+        return _bounded_counts(srv, f, limit)
     if not f:
         return srv.counts()  # kept in memory: no scan of a million rows per `job wait` poll
     conds = where_of(f, srv)  # checks the filter
@@ -617,6 +630,20 @@ def job_counts(srv: JobServer, args: dict, now: float) -> dict:
     for c in conds:
         q = q.where(c)
     return {r[0]: r[1] for r in srv.conn.execute(q.group_by(jobs.c.state))}
+
+
+def _bounded_counts(srv: JobServer, f: dict | None, limit: int) -> dict:
+    if not f:  # (from memory: exact whatever the number)
+        return {"counts": srv.counts(), "more": False}
+    conds = where_of(f, srv)
+    srv.sync()
+    # the newest first, on the filter's index (group, app, name, site) or the primary key
+    found = [r[0] for r in srv.conn.execute(select(jobs.c.state).where(*conds)
+                                            .order_by(jobs.c.id.desc()).limit(limit + 1))]
+    counts: dict[str, int] = {}
+    for st in found[:limit]:
+        counts[st] = counts.get(st, 0) + 1
+    return {"counts": counts, "more": len(found) > limit}
 
 
 @op(READER, args=("filter",))
@@ -783,6 +810,7 @@ def _change_states(srv: JobServer, args: dict, now: float, to: State, why: str,
                                     "can change its state now")
         if to is not S.USER_KILLED or lease is None:
             states.check_path(frm, [to])
+    usage_cache.forget_jobs(srv, [r.id for r in todo])  # (a kill or retry changes usage)
     for r in todo:
         _set_state(srv, r, to, now, why)
     return {"changed": [r.id for r in todo], "matched": len(rows)}
@@ -857,6 +885,7 @@ def job_alter(srv: JobServer, args: dict, now: float, caller: Caller = LOCAL_ADM
         d.update(new)
         check_resources(d, f"job {r.id}")
         updates.append((r, new, d))
+    usage_cache.forget_jobs(srv, [r.id for r, new, _ in updates if new])  # (cores, site...)
     for r, new, d in updates:
         if new:
             srv.batch.update_job(r.id, **new)
@@ -905,6 +934,7 @@ def job_rm(srv: JobServer, args: dict, now: float, caller: Caller = LOCAL_ADMIN)
                 srv.batch.transition(r.id, S.AWAITING_PARENTS, [S.FAILED], now,
                                      f"parent job {r.parent_id} was removed")
                 srv.failed.append(r.id)
+    usage_cache.forget_jobs(srv, ids)  # (their usage goes with them)
     _delete_jobs(srv, ids)
     # its history goes with the job; the stream tells its followers that it went
     by = f"removed by key {caller.name!r}" if caller.name else "removed"

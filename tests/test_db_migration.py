@@ -249,7 +249,7 @@ def test_version_13_gains_the_fence_columns(tmp_path):
     assert {"ix_jobs_fenced", "ix_jobs_remote_cancel"} <= {
         r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='index'")}
     assert con.execute("SELECT value FROM pilotfish_meta WHERE key='schema_version'"
-                       ).fetchone()[0] == str(SCHEMA_VERSION) == "14"
+                       ).fetchone()[0] == str(SCHEMA_VERSION) == "15"
     con.close()
 
 

@@ -1,0 +1,38 @@
+"""Schema 15: the usage cache and the site filter's index. usage_days/usage_sums hold the
+usage of closed UTC days (server/usage_cache.py), so a report over months reads a row per day
+and (site, app, group) instead of every job; ix_jobs_site_id (partial: jobs with a site) lets
+the job table filtered by site seek instead of reading every job."""
+import sqlalchemy as sa
+from alembic import op
+
+revision = "v15"
+down_revision = "v14"
+
+
+def upgrade() -> None:
+    op.create_table(
+        "usage_days",
+        sa.Column("day", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("built", sa.Float, nullable=False),
+        sa.Column("pending", sa.Text, nullable=False))
+    op.create_table(
+        "usage_sums",
+        sa.Column("day", sa.Integer, nullable=False),
+        sa.Column("site", sa.String(128)),
+        sa.Column("app_id", sa.Integer),
+        sa.Column("group_identifier", sa.String(128)),
+        sa.Column("jobs", sa.Integer, nullable=False),
+        sa.Column("finished", sa.Integer, nullable=False),
+        sa.Column("attempts", sa.Integer, nullable=False),
+        sa.Column("core_seconds", sa.Float, nullable=False))
+    op.create_index("ix_usage_sums_day", "usage_sums", ["day"])
+    where = sa.text("site IS NOT NULL")
+    op.create_index("ix_jobs_site_id", "jobs", ["site", "id"], sqlite_where=where,
+                    postgresql_where=where)
+
+
+def downgrade() -> None:
+    op.drop_index("ix_jobs_site_id", table_name="jobs")
+    op.drop_index("ix_usage_sums_day", table_name="usage_sums")
+    op.drop_table("usage_sums")
+    op.drop_table("usage_days")
