@@ -71,45 +71,62 @@ def _t(x: float):
     return literal(x, Float, literal_execute=True)
 
 
-def grain_sums(srv: JobServer, d0: int, d1: int, job_conds: list, att_conds: list,
-               finals_only: bool) -> dict[Key, list]:
-    """Usage of days [d0, d1) at the cache's grain: {(day, site, app_id, group): [jobs,
-    finished, attempts, core_seconds]}, by the same rules as usage_ops.usage. ``finals_only``:
-    of the latest attempts only those of final jobs (the rest are a day's pending)."""
-    lo, hi = _t(d0 * DAY), _t(d1 * DAY)
-    out: dict[Key, list] = {}
+def _add(out: dict, key: Key, vals: list) -> None:
+    acc = out.setdefault(key, [0, 0, 0, 0.0])
+    for i, v in enumerate(vals):
+        acc[i] += v or 0
 
-    def add(rows, latest: bool) -> None:
-        for r in rows:
-            key = (int(r[0]), r[1], r[2], r[3])
-            vals = list(r[4:]) if latest else [0, 0] + list(r[4:])
-            acc = out.setdefault(key, [0, 0, 0, 0.0])
-            for i, v in enumerate(vals):
-                acc[i] += v or 0
 
+def latest_sums(srv: JobServer, d0: int, d1: int, conds: list, split: bool,
+                out: dict[Key, list]) -> dict[int, list[int]]:
+    """Add the latest attempts (the jobs' rows) that ended in days [d0, d1) to ``out`` at the
+    cache's grain, by the same rules as usage_ops.usage. ``split``: only those of final jobs;
+    the others' ids are returned by day (the day's pending), in the same pass (each is a group
+    of its own: ``id`` in the GROUP BY for them, NULL for the final ones)."""
     ended, started = jobs.c.ended, jobs.c.started
     day = _floor(srv, ended / DAY)
     site = func.coalesce(agents_t.c.site, jobs.c.site)
     secs = func.sum(func.coalesce((ended - started) * cast(CORES, Float), 0.0))
-    conds = [ended >= lo, ended < hi, *job_conds]
-    if finals_only:
-        conds.append(jobs.c.state.in_(FINAL))
-    add(srv.conn.execute(
-        select(day, site, jobs.c.app_id, jobs.c.group_identifier,
-               func.sum(case((jobs.c.state.in_(FINAL), 1), else_=0)),
-               func.sum(case((jobs.c.state == "JOB_FINISHED", 1), else_=0)),
-               func.sum(case((jobs.c.run_agent.is_not(None), 1), else_=0)), secs)
-        .select_from(jobs.outerjoin(agents_t, agents_t.c.id == jobs.c.run_agent))
-        .where(*conds).group_by(day, site, jobs.c.app_id, jobs.c.group_identifier)), True)
+    final = jobs.c.state.in_(FINAL)
+    keys = [day, site, jobs.c.app_id, jobs.c.group_identifier]
+    if split:
+        keys.append(case((final, None), else_=jobs.c.id))
+    pending: dict[int, list[int]] = {}
+    for r in srv.conn.execute(
+            select(*keys, func.sum(case((final, 1), else_=0)),
+                   func.sum(case((jobs.c.state == "JOB_FINISHED", 1), else_=0)),
+                   func.sum(case((jobs.c.run_agent.is_not(None), 1), else_=0)), secs)
+            .select_from(jobs.outerjoin(agents_t, agents_t.c.id == jobs.c.run_agent))
+            .where(ended >= _t(d0 * DAY), ended < _t(d1 * DAY), *conds).group_by(*keys)):
+        if split and r[4] is not None:
+            pending.setdefault(int(r[0]), []).append(r[4])
+            continue
+        _add(out, (int(r[0]), r[1], r[2], r[3]), list(r[len(keys):]))
+    return pending
+
+
+def earlier_sums(srv: JobServer, d0: int, d1: int, conds: list, out: dict[Key, list]) -> None:
+    """Add the earlier attempts (job_attempts) that ended in days [d0, d1) to ``out``."""
     ended, started = att_t.c.ended, att_t.c.started
     day = _floor(srv, ended / DAY)
+    site = func.coalesce(agents_t.c.site, jobs.c.site)
     secs = func.sum(func.coalesce((ended - started) * cast(CORES, Float), 0.0))
-    add(srv.conn.execute(
-        select(day, site, jobs.c.app_id, jobs.c.group_identifier, func.count(), secs)
-        .select_from(att_t.join(jobs, jobs.c.id == att_t.c.job_id)
-                     .outerjoin(agents_t, agents_t.c.id == att_t.c.agent))
-        .where(ended >= lo, ended < hi, *att_conds)
-        .group_by(day, site, jobs.c.app_id, jobs.c.group_identifier)), False)
+    for r in srv.conn.execute(
+            select(day, site, jobs.c.app_id, jobs.c.group_identifier, func.count(), secs)
+            .select_from(att_t.join(jobs, jobs.c.id == att_t.c.job_id)
+                         .outerjoin(agents_t, agents_t.c.id == att_t.c.agent))
+            .where(ended >= _t(d0 * DAY), ended < _t(d1 * DAY), *conds)
+            .group_by(day, site, jobs.c.app_id, jobs.c.group_identifier)):
+        _add(out, (int(r[0]), r[1], r[2], r[3]), [0, 0] + list(r[4:]))
+
+
+def grain_sums(srv: JobServer, d0: int, d1: int, job_conds: list,
+               att_conds: list) -> dict[Key, list]:
+    """Usage of days [d0, d1) at the cache's grain: {(day, site, app_id, group): [jobs,
+    finished, attempts, core_seconds]}."""
+    out: dict[Key, list] = {}
+    latest_sums(srv, d0, d1, job_conds, False, out)
+    earlier_sums(srv, d0, d1, att_conds, out)
     return out
 
 
@@ -126,24 +143,20 @@ def pending_sums(srv: JobServer, pending: dict[int, list[int]]) -> dict[Key, lis
         return {}
     d0, d1 = min(pending), max(pending) + 1
     return grain_sums(srv, d0, d1, [_of_pending(srv, pending, jobs.c.id, jobs.c.ended)],
-                      [_of_pending(srv, pending, att_t.c.job_id, att_t.c.ended)], False)
+                      [_of_pending(srv, pending, att_t.c.job_id, att_t.c.ended)])
 
 
 def build(srv: JobServer, days: list[int], now: float) -> None:
     """Sum ``days`` (consecutive, not cached) into the cache."""
     d0, d1 = days[0], days[-1] + 1
-    pending: dict[int, list[int]] = {d: [] for d in days}
-    day = _floor(srv, jobs.c.ended / DAY)
-    for d, i in srv.conn.execute(select(day, jobs.c.id).where(
-            jobs.c.ended >= _t(d0 * DAY), jobs.c.ended < _t(d1 * DAY),
-            jobs.c.state.not_in(FINAL))):
-        pending[int(d)].append(i)
+    sums: dict[Key, list] = {}
+    pending = latest_sums(srv, d0, d1, [], True, sums)
     live = {d for d, ids in pending.items() if len(ids) > MAX_PENDING}
-    keep = {d: ids for d, ids in pending.items() if d not in live}
+    keep = {d: pending.get(d, []) for d in days if d not in live}
     att_conds = []
     if any(keep.values()):
         att_conds.append(~_of_pending(srv, keep, att_t.c.job_id, att_t.c.ended))
-    sums = grain_sums(srv, d0, d1, [], att_conds, True)
+    earlier_sums(srv, d0, d1, att_conds, sums)
     rows = [{"day": k[0], "site": k[1], "app_id": k[2], "group_identifier": k[3],
              "jobs": v[0], "finished": v[1], "attempts": v[2], "core_seconds": v[3]}
             for k, v in sums.items() if k[0] not in live]

@@ -376,7 +376,7 @@ def usage_days(srv: JobServer, args: dict, now: float) -> dict:
     rows, pending = usage_cache.cached(srv, c0, c1, keys)
     live: dict[tuple, list] = {}
     for d in [d for d, ids in pending.items() if ids is None]:  # too unsettled to keep
-        live.update(usage_cache.grain_sums(srv, d, d + 1, [], [], False))
+        live.update(usage_cache.grain_sums(srv, d, d + 1, [], []))
     for k, v in usage_cache.pending_sums(
             srv, {d: ids for d, ids in pending.items() if ids}).items():
         acc = live.setdefault(k, [0, 0, 0, 0.0])

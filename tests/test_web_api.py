@@ -11,6 +11,7 @@ import pytest
 
 from conftest import ServerHandle, run_cli, wait_for
 from web_world import WebHandle
+from pilotfish.errors import ValidationError
 
 SLEEP = {"name": "sleep", "executable": "/bin/sleep", "args": ["{t}"],
          "parameters": {"t": {"type": "int", "default": 60}}}
@@ -404,3 +405,19 @@ def test_workflows_rest_and_pages_escape_what_users_wrote(world):
     strict = world[2]
     assert strict.get("/api/workflows").status == 401
     assert strict.get("/api/workflows", token=tokens["submitter2"]).status == 200
+
+
+def test_job_table_counts_are_bounded_and_say_so(world):
+    """A filter's counts by state read at most the newest `limit` matching jobs; the answer
+    says whether more match (the job table of a group of 20,000 jobs: see bench/web_pages)."""
+    srv, web, _, _ = world
+    with srv.client() as c:
+        few = c.counts_bounded({"group": "g1", "tag": "t1"}, limit=5)
+        assert sum(few["counts"].values()) == 5 and few["more"] is True
+        exact = c.counts({"group": "g1"})
+        assert c.counts_bounded({"group": "g1"}, limit=1000) == {"counts": exact, "more": False}
+        assert c.counts_bounded({}, limit=1)["more"] is False  # (all: from memory, exact)
+        with pytest.raises(ValidationError, match="limit must be 1..100000"):
+            c.counts_bounded({"group": "g1"}, limit=10**6)
+    page = web.get("/jobs?group=g1").text
+    assert "More than" not in page and f"<b>{sum(exact.values())}</b>" in page
