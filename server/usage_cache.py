@@ -43,6 +43,8 @@ SETTLE = 2 * 3600.0
 MAX_PENDING = 1000
 #: Job rows one request sums into the cache, at most (but at least one day's).
 BUILD_ROWS = 50_000
+#: Days ahead whose sizes a request looks at to fill BUILD_ROWS.
+LOOK_DAYS = 4
 #: A day with too many jobs not final is tried again this long after.
 RETRY_LIVE = 3600.0
 FINAL = tuple(s.value for s in states.FINAL)
@@ -180,10 +182,10 @@ def missing(srv: JobServer, c0: int, c1: int, now: float) -> list[int]:
 
 def build_some(srv: JobServer, todo: list[int], now: float) -> None:
     """Sum the first of ``todo``'s days (ascending) that fit in BUILD_ROWS job rows (one day
-    at least; sizes from the (ended, id) index, 60 days at most looked at), in runs of
-    consecutive days."""
+    at least; sizes from the (ended, id) index, of the next LOOK_DAYS days: counting further
+    read a million index entries per request), in runs of consecutive days."""
     day = _floor(srv, jobs.c.ended / DAY)
-    head = [d for d in todo if d < todo[0] + 60]
+    head = [d for d in todo if d < todo[0] + LOOK_DAYS]
     sizes = dict(srv.conn.execute(select(day, func.count()).where(
         jobs.c.ended >= _t(head[0] * DAY), jobs.c.ended < _t((head[-1] + 1) * DAY))
         .group_by(day)).all())
