@@ -44,14 +44,84 @@ def _key(r: dict) -> list:
                    x["attempts"], round(x["core_hours"], 6)] for x in r["rows"]])
 
 
+def measure(c, proc, a, ctx: dict) -> None:
+    rng = {"since": NOW - 30 * DAY, "until": NOW}
+
+    def timed(**kw) -> tuple[float, float, dict]:
+        cpu = sum(proc.cpu_times()[:2])
+        t = time.perf_counter()
+        r = c.usage(**rng, **kw)
+        return time.perf_counter() - t, sum(proc.cpu_times()[:2]) - cpu, r
+
+    base = [timed(by="site,day", cache=False) for _ in range(a.repeat)]
+    C.emit("usage_nocache_s", statistics.median(x[0] for x in base), unit="s",
+           values=[x[0] for x in base], server_cpu_s=[x[1] for x in base],
+           requests=base[0][2]["requests"], by="site,day", n=a.total, days=30,
+           baseline="the same call with cache=False: the jobs read in 5,000-id chunks "
+           "(the path before schema 15)", **ctx)
+    cold = timed(by="site,day")
+    C.emit("usage_cold_s", cold[0], unit="s", server_cpu_s=cold[1],
+           requests=cold[2]["requests"], by="site,day", n=a.total, days=30,
+           equal_to_nocache=_key(cold[2]) == _key(base[0][2]),
+           baseline_nocache_p50=statistics.median(x[0] for x in base), **ctx)
+    for by in ("site,day", "app,month", "group", "site,app,group,day"):
+        ref = c.usage(**rng, by=by, cache=False)
+        warm = [timed(by=by) for _ in range(max(5, a.repeat))]
+        C.emit("usage_warm_s", statistics.median(x[0] for x in warm), unit="s",
+               values=[x[0] for x in warm], server_cpu_s=[x[1] for x in warm],
+               requests=warm[0][2]["requests"], by=by, n=a.total, days=30,
+               rows=len(warm[0][2]["rows"]),
+               equal_to_nocache=all(_key(x[2]) == _key(ref) for x in warm),
+               baseline_nocache_p50=statistics.median(x[0] for x in base), **ctx)
+    # one job removed per day: its day dropped and summed again at the next report
+    ids = [int(1 + (d + 0.5) * a.total / 30) for d in range(30)]
+    c.remove_jobs({"ids": ids})
+    after = timed(by="site,day")
+    ref = c.usage(**rng, by="site,day", cache=False)
+    C.emit("usage_after_rm_s", after[0], unit="s", server_cpu_s=after[1],
+           requests=after[2]["requests"], removed=len(ids), n=a.total,
+           equal_to_nocache=_key(after[2]) == _key(ref), **ctx)
+    # the longest single request of a cold build (one build request's work)
+    c.remove_jobs({"ids": [ids[15] + 1]})  # (a day in the middle: cached)
+    times = []
+    args = {**rng, "by": ["site", "day"]}
+    more = True
+    while more:
+        t = time.perf_counter()
+        r = c.call("usage_days", **args)
+        times.append(time.perf_counter() - t)
+        more = r["more"]
+    C.emit("usage_days_request_max_ms", max(times) * 1000, unit="ms", n=a.total,
+           requests_ms=[x * 1000 for x in times],
+           interval="the longest usage_days request (one day summed again after an rm, "
+           "then the answer)", **ctx)
+
+
 def main() -> int:
     ap = C.parser(__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--total", type=int, default=1_000_000)
     ap.add_argument("--db-file", default="/dev/shm/pilotfish_usage_1m.db")
     ap.add_argument("--build", action="store_true")
+    ap.add_argument("--db", choices=("sqlite", "postgres"), default="sqlite", help="postgres: "
+                    "usage_queries_pg's jobs (one agent, one site; generate_series) in a fresh "
+                    "database")
     a = ap.parse_args()
     C.set_bench("usage_cache")
     ctx = C.machine(a.tmp)
+    if a.db == "postgres":
+        from pilotfish.server import daemon as d
+        from usage_queries_pg import fill
+        with C.Env("postgres", a.heartbeat, a.tmp, a.keep, label="usagecache") as env:
+            env.client.close()
+            d.stop(env.home, wait=60)
+            t = time.perf_counter()
+            fill(env.db.url, a.total, NOW)
+            C.log(f"{a.total:,} jobs written and analyzed in {time.perf_counter() - t:.0f} s")
+            env.info = d.start_background(env.home, env.db.url, "tcp://127.0.0.1:*",
+                                          a.heartbeat, wait=600)
+            c = env.client = Client(env.address, env.home, timeout=600)
+            measure(c, psutil.Process(env.info["pid"]), a, {**ctx, "db": "postgresql"})
+        return 0
     src = Path(a.db_file)
     if a.build or not src.exists():
         from usage_queries import build
@@ -63,58 +133,8 @@ def main() -> int:
         shutil.copy(src, home / "pilotfish.db")
         url = f"sqlite:///{home / 'pilotfish.db'}"
         info = daemon.start_background(home, url, "tcp://127.0.0.1:*", a.heartbeat, wait=600)
-        proc = psutil.Process(info["pid"])
         c = Client(info["address"], home, timeout=600)
-        rng = {"since": NOW - 30 * DAY, "until": NOW}
-
-        def timed(**kw) -> tuple[float, float, dict]:
-            cpu = sum(proc.cpu_times()[:2])
-            t = time.perf_counter()
-            r = c.usage(**rng, **kw)
-            return time.perf_counter() - t, sum(proc.cpu_times()[:2]) - cpu, r
-
-        base = [timed(by="site,day", cache=False) for _ in range(a.repeat)]
-        C.emit("usage_nocache_s", statistics.median(x[0] for x in base), unit="s",
-               values=[x[0] for x in base], server_cpu_s=[x[1] for x in base],
-               requests=base[0][2]["requests"], by="site,day", n=a.total, days=30,
-               baseline="the same call with cache=False: the jobs read in 5,000-id chunks "
-               "(the path before schema 15)", **ctx)
-        cold = timed(by="site,day")
-        C.emit("usage_cold_s", cold[0], unit="s", server_cpu_s=cold[1],
-               requests=cold[2]["requests"], by="site,day", n=a.total, days=30,
-               equal_to_nocache=_key(cold[2]) == _key(base[0][2]),
-               baseline_nocache_p50=statistics.median(x[0] for x in base), **ctx)
-        for by in ("site,day", "app,month", "group", "site,app,group,day"):
-            ref = c.usage(**rng, by=by, cache=False)
-            warm = [timed(by=by) for _ in range(max(5, a.repeat))]
-            C.emit("usage_warm_s", statistics.median(x[0] for x in warm), unit="s",
-                   values=[x[0] for x in warm], server_cpu_s=[x[1] for x in warm],
-                   requests=warm[0][2]["requests"], by=by, n=a.total, days=30,
-                   rows=len(warm[0][2]["rows"]),
-                   equal_to_nocache=all(_key(x[2]) == _key(ref) for x in warm),
-                   baseline_nocache_p50=statistics.median(x[0] for x in base), **ctx)
-        # one job removed per day: its day dropped and summed again at the next report
-        ids = [int(1 + (d + 0.5) * a.total / 30) for d in range(30)]
-        c.remove_jobs({"ids": ids})
-        after = timed(by="site,day")
-        ref = c.usage(**rng, by="site,day", cache=False)
-        C.emit("usage_after_rm_s", after[0], unit="s", server_cpu_s=after[1],
-               requests=after[2]["requests"], removed=len(ids), n=a.total,
-               equal_to_nocache=_key(after[2]) == _key(ref), **ctx)
-        # the longest single request of a cold build (one build request's work)
-        c.remove_jobs({"ids": [ids[15] + 1]})  # (a day in the middle: cached)
-        times = []
-        args = {**rng, "by": ["site", "day"]}
-        more = True
-        while more:
-            t = time.perf_counter()
-            r = c.call("usage_days", **args)
-            times.append(time.perf_counter() - t)
-            more = r["more"]
-        C.emit("usage_days_request_max_ms", max(times) * 1000, unit="ms", n=a.total,
-               requests_ms=[x * 1000 for x in times],
-               interval="the longest usage_days request (one day summed again after an rm, "
-               "then the answer)", **ctx)
+        measure(c, psutil.Process(info["pid"]), a, {**ctx, "db": "sqlite"})
         c.close()
         daemon.stop(home, wait=60)
     finally:
