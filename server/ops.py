@@ -604,6 +604,8 @@ def job_groups(srv: JobServer, args: dict, now: float) -> dict:
 
 #: The most jobs a bounded count reads (job_counts with ``limit``).
 MAX_COUNT_LIMIT = 100_000
+#: A bounded count of a tag (no index) looks at the newest this many jobs only.
+COUNT_SCAN = 100_000
 
 
 @op(READER, args=("filter", "limit"))
@@ -634,16 +636,25 @@ def job_counts(srv: JobServer, args: dict, now: float) -> dict:
 
 def _bounded_counts(srv: JobServer, f: dict | None, limit: int) -> dict:
     if not f:  # (from memory: exact whatever the number)
-        return {"counts": srv.counts(), "more": False}
+        return {"counts": srv.counts(), "more": False, "scanned": None}
     conds = where_of(f, srv)
     srv.sync()
+    scanned = None
+    if f.get("tag") and not f.get("array"):
+        # a tag has no index (a LIKE on the tags text): a rare one reads every row; count
+        # among the newest COUNT_SCAN jobs only, and say so
+        top = srv.conn.execute(select(func.max(jobs.c.id))).scalar() or 0
+        if top > COUNT_SCAN:
+            conds.append(jobs.c.id > top - COUNT_SCAN)
+            scanned = COUNT_SCAN
     # the newest first, on the filter's index (group, app, name, site) or the primary key
     found = [r[0] for r in srv.conn.execute(select(jobs.c.state).where(*conds)
                                             .order_by(jobs.c.id.desc()).limit(limit + 1))]
     counts: dict[str, int] = {}
     for st in found[:limit]:
         counts[st] = counts.get(st, 0) + 1
-    return {"counts": counts, "more": len(found) > limit}
+    return {"counts": counts, "more": len(found) > limit or scanned is not None,
+            "scanned": scanned}
 
 
 @op(READER, args=("filter",))

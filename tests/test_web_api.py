@@ -415,9 +415,31 @@ def test_job_table_counts_are_bounded_and_say_so(world):
         few = c.counts_bounded({"group": "g1", "tag": "t1"}, limit=5)
         assert sum(few["counts"].values()) == 5 and few["more"] is True
         exact = c.counts({"group": "g1"})
-        assert c.counts_bounded({"group": "g1"}, limit=1000) == {"counts": exact, "more": False}
+        assert c.counts_bounded({"group": "g1"}, limit=1000) == {"counts": exact, "more": False,
+                                                                   "scanned": None}
         assert c.counts_bounded({}, limit=1)["more"] is False  # (all: from memory, exact)
         with pytest.raises(ValidationError, match="limit must be 1..100000"):
             c.counts_bounded({"group": "g1"}, limit=10**6)
     page = web.get("/jobs?group=g1").text
     assert "More than" not in page and f"<b>{sum(exact.values())}</b>" in page
+
+
+@pytest.mark.parametrize("more,scanned,text", [
+    (False, None, "all <b>3</b>"),
+    (True, None, "More than 10,000 jobs match: the counts by state are of the newest 10,000"),
+    (True, 100_000, "Counted among the newest 100,000 jobs only (a tag has no index)")])
+def test_job_table_says_how_its_counts_were_bounded(more, scanned, text):
+    """The three ways the job table's counts come (exact, the newest 10,000 matching, a tag's
+    newest 100,000 jobs), rendered as the page does (pure: a real table of >100,000 jobs is
+    bench/web_pages.py's)."""
+    from pilotfish.web.base import make_templates
+    env = make_templates()
+    tpl = env.get_template("jobs.html")
+    html = tpl.render(
+        fragment=True, notice="", poll=0, live_jobs="", open_mode=True, csrf="", rows=[],
+        counts={"READY": 3}, states=["READY"], total=3, flt={}, more=more, count_limit=10_000,
+        scanned=scanned, matching=3, per=50, sort="-id", sort_name="id", desc=True,
+        heads={k: "/" for k in ("id", "name", "app", "state", "updated", "ended")},
+        pages={"first": "", "prev": "", "next": ""}, state_link=lambda s: "/", live="jobs",
+        user=None)
+    assert text in html

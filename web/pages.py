@@ -155,7 +155,7 @@ def jobs_page(request: Request):
         return counts, rows
 
     got, rows = web_of(request).call(user, read)
-    counts, more = got["counts"], got["more"]
+    counts, more, scanned = got["counts"], got["more"], got.get("scanned")
     keep = {k: v for k, v in q.items() if k in FILTERS + ("per",)}
     keep["sort"] = sort
     link = lambda **extra: "/jobs?" + urlencode({**keep, **extra})  # noqa: E731
@@ -172,7 +172,7 @@ def jobs_page(request: Request):
     heads = {k: "/jobs?" + urlencode({**keep, "sort": f"-{k}" if k == name and not desc
                                       else k}) for k in job_sort.SORTS}
     return render(request, "jobs.html", user, rows=rows, counts=counts, states=states,
-                  total=sum(counts.values()), flt=flt, more=more, count_limit=COUNT_LIMIT,
+                  total=sum(counts.values()), flt=flt, more=more, count_limit=COUNT_LIMIT, scanned=scanned,
                   matching=counts.get(flt["state"], 0) if "state" in flt else
                   sum(counts.values()), per=per, sort=sort, sort_name=name, desc=desc,
                   heads=heads, pages=pages,
