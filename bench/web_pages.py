@@ -159,7 +159,8 @@ def reports(c, base: str, a, ctx: dict) -> None:
 
 def filter_counts(c, a, ctx: dict) -> None:
     """The job table's counts by state of each filter: exact (job_counts; the page before
-    schema 15, 261-473 ms for the group of 20,000) against bounded to the newest 10,000
+    schema 15, 261-473 ms for the group of 20,000) against bounded to the newest 1,000
+    (the page's COUNT_LIMIT)
     (job_counts with limit; the page now), same run, Client direct."""
     for key, value in (("group", "g17"), ("app", "sleep"), ("tag", "bench"), ("tag", "rare"),
                        ("site", "s7"), ("name", "j17")):
@@ -170,13 +171,13 @@ def filter_counts(c, a, ctx: dict) -> None:
             exact = c.counts(flt)
             old.append(time.perf_counter() - t)
             t = time.perf_counter()
-            got = c.counts_bounded(flt, 10_000)
+            got = c.counts_bounded(flt, 1_000)
             new.append(time.perf_counter() - t)
         C.emit(f"job_counts_{key}_{value}", statistics.median(new), unit="s", values=new,
                baseline_exact_p50=statistics.median(old), baseline_values=old,
                baseline="job_counts exact (every matching row read), same run",
                matching=sum(exact.values()), more=got["more"], n=a.total, db=a.db,
-               interval="one Client call: bounded to the newest 10,000 matching", **ctx)
+               interval="one Client call: bounded to the newest 1,000 matching", **ctx)
 
 
 def plans(url: str, a, ctx: dict) -> None:
@@ -185,7 +186,7 @@ def plans(url: str, a, ctx: dict) -> None:
     from sqlalchemy import create_engine, text
     exact = "SELECT state, count(*) FROM jobs WHERE group_identifier = 'g17' GROUP BY state"
     bounded = ("SELECT state FROM jobs WHERE group_identifier = 'g17' ORDER BY id DESC "
-               "LIMIT 10001")
+               "LIMIT 1001")
     eng = create_engine(url)
     with eng.connect() as conn:
         for name, sql in (("exact", exact), ("bounded", bounded)):

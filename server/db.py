@@ -96,7 +96,9 @@ jobs = Table(
     Column("fenced", Float),                       # held for its forwarder's start, since
     Column("remote_cancel", Text),                 # unconfirmed cancels at sites (JSON)
     Index("ix_jobs_state_id", "state", "id"),
-    Index("ix_jobs_group", "group_identifier"),
+    # (group, id) since schema 15: a group's newest jobs in order on PostgreSQL too (SQLite's
+    # index ends in the rowid anyway), for its page and its bounded counts
+    Index("ix_jobs_group_id", "group_identifier", "id"),
     Index("ix_jobs_app_id", "app_id", "id"),  # (see migrations/versions/v13.py for these four)
     Index("ix_jobs_name_id", "name", "id"),
     Index("ix_jobs_state_time_id", "state_time", "id"),

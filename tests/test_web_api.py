@@ -426,10 +426,10 @@ def test_job_table_counts_are_bounded_and_say_so(world):
 
 @pytest.mark.parametrize("more,scanned,text", [
     (False, None, "all <b>3</b>"),
-    (True, None, "More than 10,000 jobs match: the counts by state are of the newest 10,000"),
+    (True, None, "More than 1,000 jobs match: the counts by state are of the newest 1,000"),
     (True, 100_000, "Counted among the newest 100,000 jobs only (a tag has no index)")])
 def test_job_table_says_how_its_counts_were_bounded(more, scanned, text):
-    """The three ways the job table's counts come (exact, the newest 10,000 matching, a tag's
+    """The three ways the job table's counts come (exact, the newest 1,000 matching, a tag's
     newest 100,000 jobs), rendered as the page does (pure: a real table of >100,000 jobs is
     bench/web_pages.py's)."""
     from pilotfish.web.base import make_templates
@@ -437,7 +437,7 @@ def test_job_table_says_how_its_counts_were_bounded(more, scanned, text):
     tpl = env.get_template("jobs.html")
     html = tpl.render(
         fragment=True, notice="", poll=0, live_jobs="", open_mode=True, csrf="", rows=[],
-        counts={"READY": 3}, states=["READY"], total=3, flt={}, more=more, count_limit=10_000,
+        counts={"READY": 3}, states=["READY"], total=3, flt={}, more=more, count_limit=1_000,
         scanned=scanned, matching=3, per=50, sort="-id", sort_name="id", desc=True,
         heads={k: "/" for k in ("id", "name", "app", "state", "updated", "ended")},
         pages={"first": "", "prev": "", "next": ""}, state_link=lambda s: "/", live="jobs",

@@ -1,7 +1,9 @@
 """Schema 15: the usage cache and the site filter's index. usage_days/usage_sums hold the
 usage of closed UTC days (server/usage_cache.py), so a report over months reads a row per day
 and (site, app, group) instead of every job; ix_jobs_site_id (partial: jobs with a site) lets
-the job table filtered by site seek instead of reading every job."""
+the job table filtered by site seek instead of reading every job; ix_jobs_group becomes
+ix_jobs_group_id (group, id), so PostgreSQL reads a group's newest jobs in order (SQLite's
+index held the rowid already) instead of every job of the group."""
 import sqlalchemy as sa
 from alembic import op
 
@@ -26,6 +28,8 @@ def upgrade() -> None:
         sa.Column("attempts", sa.Integer, nullable=False),
         sa.Column("core_seconds", sa.Float, nullable=False))
     op.create_index("ix_usage_sums_day", "usage_sums", ["day"])
+    op.drop_index("ix_jobs_group", table_name="jobs")
+    op.create_index("ix_jobs_group_id", "jobs", ["group_identifier", "id"])
     where = sa.text("site IS NOT NULL")
     op.create_index("ix_jobs_site_id", "jobs", ["site", "id"], sqlite_where=where,
                     postgresql_where=where)
@@ -33,6 +37,8 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_index("ix_jobs_site_id", table_name="jobs")
+    op.drop_index("ix_jobs_group_id", table_name="jobs")
+    op.create_index("ix_jobs_group", "jobs", ["group_identifier"])
     op.drop_index("ix_usage_sums_day", table_name="usage_sums")
     op.drop_table("usage_sums")
     op.drop_table("usage_days")
