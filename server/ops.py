@@ -788,6 +788,8 @@ def _set_state(srv: JobServer, r, to: State, now: float, why: str) -> None:
             raise IllegalTransition(f"job {r.id} is held by agent {lease.agent}; only a kill "
                                     "can change its state now")
     states.check_path(frm, [to])
+    if frm in states.FINAL:  # (a final job's day counted it as a job: the count changes)
+        usage_cache.forget_jobs(srv, [r.id])
     cols: dict[str, Any] = {}
     if to is S.RESTART_READY and frm in states.FINAL:
         cols["retries"] = 0
