@@ -174,7 +174,8 @@ def jobs_page(request: Request):
     heads = {k: "/jobs?" + urlencode({**keep, "sort": f"-{k}" if k == name and not desc
                                       else k}) for k in job_sort.SORTS}
     return render(request, "jobs.html", user, rows=rows, counts=counts, states=states,
-                  total=sum(counts.values()), flt=flt, more=more, count_limit=COUNT_LIMIT, scanned=scanned,
+                  total=sum(counts.values()), flt=flt, more=more, count_limit=COUNT_LIMIT,
+                  scanned=scanned,
                   matching=counts.get(flt["state"], 0) if "state" in flt else
                   sum(counts.values()), per=per, sort=sort, sort_name=name, desc=desc,
                   heads=heads, pages=pages,
