@@ -438,9 +438,10 @@ class Client:
     def counts(self, filter: dict | None = None) -> dict[str, int]:
         return self.call("job_counts", filter=filter or {})
 
-    def counts_bounded(self, filter: dict | None = None, limit: int = 10_000) -> dict:
+    def counts_bounded(self, filter: dict | None = None, limit: int = 1_000) -> dict:
         """Jobs by state among the newest ``limit`` that match: {"counts": {state: n},
-        "more": whether more jobs match} (the web's job table: bounded work per page)."""
+        "more": whether more jobs match, "scanned": None, or N when only the newest N jobs
+        were looked at (a tag: no index)} (the web's job table: bounded work per page)."""
         return self.call("job_counts", filter=filter or {}, limit=limit)
 
     def alter_jobs(self, filter: dict, /, **changes: Any) -> dict:
