@@ -119,6 +119,15 @@ jobs = Table(
           postgresql_where=text("site IS NOT NULL")),
 )
 
+#: Each job's tags, a row per (tag, job) (schema 15; server/job_tags.py): a tag filter held
+#: by few jobs is a seek here, where ``jobs.tags LIKE '%,t,%'`` read every row to find them.
+#: Written at submit and when a user alters tags or removes jobs; never by the dispatch.
+job_tags = Table(
+    "job_tags", metadata,
+    Column("tag", String(128), primary_key=True),
+    Column("job_id", _ID, primary_key=True, autoincrement=False),
+)
+
 #: Usage of closed UTC days (schema 15), written by the usage query itself
 #: (server/usage_cache.py), never by the job server's dispatch: a day once summed is read
 #: back instead of its jobs. usage_days: the days summed and the ids of jobs then not final

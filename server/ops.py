@@ -18,7 +18,7 @@ from pilotfish.keys import ADMIN, AGENT, READER, SITE, SUBMITTER
 from pilotfish.protocol import MAX_MESSAGE_BYTES
 from pilotfish.validate import check_int, check_name, echo, echo_keys, wire_safe
 
-from . import job_sort, states, usage_cache
+from . import job_sort, job_tags, states, usage_cache
 from .apps import App, app_from_spec, check_resources
 from .core import JobServer, shape_of
 from .db import apps as apps_t
@@ -300,6 +300,7 @@ def insert_jobs(srv: JobServer, rows: list[dict], now: float, owner: str | None,
     ids = []
     b = srv.batch
     created, ready, waiting = S.CREATED, S.READY, S.AWAITING_PARENTS
+    tag_rows: list[dict] = []
     for row in rows:
         job_id = srv.next_id
         srv.next_id += 1
@@ -325,12 +326,14 @@ def insert_jobs(srv: JobServer, rows: list[dict], now: float, owner: str | None,
                    started=None, ended=None, exit_code=None, message=msg, agent=None,
                    owner=owner)
         b.insert_job(row, path, msg)
+        tag_rows += job_tags.pairs(job_id, row.get("tags"))
         if chained:
             parent_state[job_id] = path[-1].value
         if row.get("input_url"):
             srv.staging.note_job(job_id, row["input_url"])
         if path[-1] is ready:
             srv.enqueue(job_id, row)
+    job_tags.add(srv.conn, tag_rows)  # (the tag filter's index: see job_tags)
     return ids
 
 
@@ -477,8 +480,8 @@ def where_of(f: dict | None, srv: JobServer, walk_state: bool = False) -> list:
         conds.append(jobs.c.site == f["site"])
     if f.get("group"):
         conds.append(jobs.c.group_identifier == f["group"])
-    if f.get("tag"):
-        conds.append(jobs.c.tags.contains("," + check_tags([f["tag"]]).strip(",") + ","))
+    if f.get("tag"):  # (a seek in job_tags when few jobs hold it, else a LIKE)
+        conds.append(job_tags.condition(srv.conn, check_tags([f["tag"]]).strip(",")))
     if f.get("name"):
         conds.append(jobs.c.name == f["name"])
     if f.get("owner"):
@@ -640,9 +643,10 @@ def _bounded_counts(srv: JobServer, f: dict | None, limit: int) -> dict:
     conds = where_of(f, srv)
     srv.sync()
     scanned = None
-    if f.get("tag") and not f.get("array"):
-        # a tag has no index (a LIKE on the tags text): a rare one reads every row; count
-        # among the newest COUNT_SCAN jobs only, and say so
+    if f.get("tag") and not f.get("array") and job_tags.held(
+            srv.conn, check_tags([f["tag"]]).strip(",")) > job_tags.SEEK_MAX:
+        # a tag of many jobs is a LIKE on the tags text (see job_tags): when few of the
+        # newest match, it reads far; count among the newest COUNT_SCAN jobs only, say so
         top = srv.conn.execute(select(func.max(jobs.c.id))).scalar() or 0
         if top > COUNT_SCAN:
             conds.append(jobs.c.id > top - COUNT_SCAN)
@@ -900,6 +904,9 @@ def job_alter(srv: JobServer, args: dict, now: float, caller: Caller = LOCAL_ADM
         updates.append((r, new, d))
     usage_cache.forget_jobs(srv, [r.id for r, new, _ in updates if new])  # (cores, site...)
     for r, new, d in updates:
+        if "tags" in new:
+            job_tags.remove(srv.conn, job_tags.pairs(r.id, r.tags))
+            job_tags.add(srv.conn, job_tags.pairs(r.id, new["tags"]))
         if new:
             srv.batch.update_job(r.id, **new)
         if "input_url" in new:
@@ -924,7 +931,7 @@ def _delete_jobs(srv: JobServer, ids: list[int]) -> None:
 @op(SUBMITTER, args=("filter",), caller=True)
 def job_rm(srv: JobServer, args: dict, now: float, caller: Caller = LOCAL_ADMIN) -> dict:
     rows = _select_jobs(srv, args, caller, jobs.c.id, jobs.c.state, jobs.c.name,
-                        jobs.c.group_identifier)
+                        jobs.c.group_identifier, jobs.c.tags)
     ids = [r.id for r in rows]
     for job in ids:
         lease = srv.leases.get(job)
@@ -948,6 +955,7 @@ def job_rm(srv: JobServer, args: dict, now: float, caller: Caller = LOCAL_ADMIN)
                                      f"parent job {r.parent_id} was removed")
                 srv.failed.append(r.id)
     usage_cache.forget_jobs(srv, ids)  # (their usage goes with them)
+    job_tags.remove(srv.conn, [p for r in rows for p in job_tags.pairs(r.id, r.tags)])
     _delete_jobs(srv, ids)
     # its history goes with the job; the stream tells its followers that it went
     by = f"removed by key {caller.name!r}" if caller.name else "removed"

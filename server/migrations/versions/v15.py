@@ -1,9 +1,10 @@
-"""Schema 15: the usage cache and the site filter's index. usage_days/usage_sums hold the
+"""Schema 15: the usage cache, job_tags and the site filter's index. usage_days/usage_sums hold the
 usage of closed UTC days (server/usage_cache.py), so a report over months reads a row per day
 and (site, app, group) instead of every job; ix_jobs_site_id (partial: jobs with a site) lets
 the job table filtered by site seek instead of reading every job; ix_jobs_group becomes
 ix_jobs_group_id (group, id), so PostgreSQL reads a group's newest jobs in order (SQLite's
-index held the rowid already) instead of every job of the group."""
+index held the rowid already) instead of every job of the group; job_tags (tag, job_id), filled
+from the jobs' tags, so a rare tag's jobs are a seek instead of a LIKE on every row."""
 import sqlalchemy as sa
 from alembic import op
 
@@ -12,6 +13,26 @@ down_revision = "v14"
 
 
 def upgrade() -> None:
+    op.create_table(
+        "job_tags",
+        sa.Column("tag", sa.String(128), primary_key=True),
+        sa.Column("job_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+                  primary_key=True, autoincrement=False))
+    # the tags of the jobs there are (stored ",a,b,"), a batch at a time
+    conn = op.get_bind()
+    t = sa.table("job_tags", sa.column("tag"), sa.column("job_id"))
+    last = 0
+    while True:
+        rows = conn.execute(sa.text(
+            "SELECT id, tags FROM jobs WHERE id > :last AND tags IS NOT NULL AND tags != '' "
+            "ORDER BY id LIMIT 10000"), {"last": last}).all()
+        if not rows:
+            break
+        pairs = [{"tag": tag, "job_id": i} for i, tags in rows
+                 for tag in dict.fromkeys(x for x in tags.split(",") if x)]
+        if pairs:
+            conn.execute(t.insert(), pairs)
+        last = rows[-1][0]
     op.create_table(
         "usage_days",
         sa.Column("day", sa.Integer, primary_key=True, autoincrement=False),
@@ -36,6 +57,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.drop_table("job_tags")
     op.drop_index("ix_jobs_site_id", table_name="jobs")
     op.drop_index("ix_jobs_group_id", table_name="jobs")
     op.create_index("ix_jobs_group", "jobs", ["group_identifier"])
