@@ -2,6 +2,7 @@
 through submit, alter of tags, rm and kill, on the seek (few jobs) and the LIKE (many)."""
 from __future__ import annotations
 
+from conftest import ServerHandle
 from pilotfish.server.job_tags import SEEK_MAX
 
 SLEEP = {"name": "sleep", "executable": "/bin/sleep", "args": ["60"]}
@@ -12,7 +13,18 @@ def _ids(c, tag):
 
 
 def test_tag_filter_follows_submit_alter_rm_and_kill(server):
-    c = server.client()
+    _check(server.client())
+
+
+def test_tag_filter_on_postgresql(pg_url, home):
+    s = ServerHandle(home, pg_url).start()
+    try:
+        _check(s.client())
+    finally:
+        s.stop()
+
+
+def _check(c):
     c.add_app(SLEEP)
     ids = c.add_jobs([{"name": f"j{i}", "application": "sleep",
                        "tags": ["r"] if i % 3 == 0 else ["s", "r2"]} for i in range(9)])
