@@ -427,7 +427,7 @@ def test_job_table_counts_are_bounded_and_say_so(world):
 @pytest.mark.parametrize("more,scanned,text", [
     (False, None, "all <b>3</b>"),
     (True, None, "More than 1,000 jobs match: the counts by state are of the newest 1,000"),
-    (True, 100_000, "Counted among the newest 100,000 jobs only (a tag has no index)")])
+    (True, 100_000, "Counted among the newest 100,000 jobs only (a tag of many jobs is read row by row)")])
 def test_job_table_says_how_its_counts_were_bounded(more, scanned, text):
     """The three ways the job table's counts come (exact, the newest 1,000 matching, a tag's
     newest 100,000 jobs), rendered as the page does (pure: a real table of >100,000 jobs is
