@@ -10,6 +10,11 @@ columns the new indexes hold. One JSON line: the median time per job of each and
 (without / with: 1.0 costs nothing; 0.8: the indexes add 25 %). The database only, not the
 server's Python: an upper bound on what W2 can lose to them.
 
+``--schema 15``: instead, "with" is schema 15 (ix_jobs_site_id (site, id) where a site is set,
+ix_jobs_group_id (group, id)) and "without" schema 14's shape (ix_jobs_group (group)), the jobs
+inserted with a site and a group (the case the two indexes cost something). Figure
+``db_write_ms_per_job_schema15``.
+
 Usage: bench/index_write_cost.py [--total 1000000] [--jobs 20000] [--rounds 3] [--tmp DIR]
 """
 from __future__ import annotations
@@ -37,8 +42,9 @@ def connect(path: Path) -> sqlite3.Connection:
     return con
 
 
-def life(con: sqlite3.Connection, first: int, n: int) -> float:
-    """Seconds for n jobs' writes from id ``first``, a transaction per TURN jobs per step."""
+def life(con: sqlite3.Connection, first: int, n: int, placed: bool = False) -> float:
+    """Seconds for n jobs' writes from id ``first``, a transaction per TURN jobs per step.
+    ``placed``: the jobs have a site and a group (schema 15's indexes hold them)."""
     t0 = time.perf_counter()
     now = time.time()
     for base in range(first, first + n, TURN):
@@ -47,9 +53,10 @@ def life(con: sqlite3.Connection, first: int, n: int) -> float:
         con.executemany(
             "INSERT INTO jobs (id, name, description, app_id, num_nodes, processes_per_node, "
             "cpus_per_process, gpus_per_process, parameters, tags, priority, max_retries, "
-            "retries, attempts, state, state_time, created, workdir) VALUES "
-            "(?, ?, '', 1, 1, 1, 1, 0, '{}', '', 0, 3, 0, 0, 'READY', ?, ?, ?)",
-            [(i, f"job{i}", now, now, f"w/{i}") for i in ids])
+            "retries, attempts, state, state_time, created, workdir, site, group_identifier) "
+            "VALUES (?, ?, '', 1, 1, 1, 1, 0, '{}', '', 0, 3, 0, 0, 'READY', ?, ?, ?, ?, ?)",
+            [(i, f"job{i}", now, now, f"w/{i}", f"s{i % 10}" if placed else None,
+              f"g{i % 50}" if placed else None) for i in ids])
         con.execute("COMMIT")
         con.execute("BEGIN")
         con.executemany("UPDATE jobs SET attempts=1, agent='a1', run_agent='a1', "
@@ -73,6 +80,8 @@ def main() -> int:
     p.add_argument("--total", type=int, default=1_000_000)
     p.add_argument("--jobs", type=int, default=20_000, help="Jobs per measured run.")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--schema", type=int, choices=(13, 15), default=13, help="The indexes "
+                   "compared: schema 13's sort indexes (default) or schema 15's site/group.")
     a = p.parse_args()
     C.set_bench("index_write_cost")
     from usage_queries import build
@@ -83,19 +92,27 @@ def main() -> int:
         build(f"sqlite:///{with_db}", with_db, a.total, time.time())
         shutil.copy(with_db, without_db)
         con = connect(without_db)
-        for ix in NEW:
-            con.execute(f"DROP INDEX {ix}")
-        con.execute("CREATE INDEX ix_jobs_app ON jobs (app_id)")
+        if a.schema == 15:
+            con.execute("DROP INDEX ix_jobs_site_id")
+            con.execute("DROP INDEX ix_jobs_group_id")
+            con.execute("CREATE INDEX ix_jobs_group ON jobs (group_identifier)")
+        else:
+            for ix in NEW:
+                con.execute(f"DROP INDEX {ix}")
+            con.execute("CREATE INDEX ix_jobs_app ON jobs (app_id)")
         con.close()
         cons = {"with": connect(with_db), "without": connect(without_db)}
         times: dict[str, list[float]] = {"with": [], "without": []}
         first = a.total + 1
         for r in range(a.rounds):
             for name in (("with", "without") if r % 2 == 0 else ("without", "with")):
-                times[name].append(life(cons[name], first, a.jobs) / a.jobs)
+                times[name].append(life(cons[name], first, a.jobs, a.schema == 15) / a.jobs)
             first += a.jobs
         w, wo = statistics.median(times["with"]), statistics.median(times["without"])
-        C.emit("db_write_ms_per_job", w * 1000, unit="ms", baseline_without_ms=wo * 1000,
+        C.emit("db_write_ms_per_job" + ("_schema15" if a.schema == 15 else ""), w * 1000,
+               compared="schema 15 (site, group indexes) vs schema 14's shape" if a.schema == 15
+               else "schema 13's sort indexes vs schema 12's shape", unit="ms",
+               baseline_without_ms=wo * 1000,
                ratio_without_over_with=wo / w, values_ms=[x * 1000 for x in times["with"]],
                baseline_values_ms=[x * 1000 for x in times["without"]], n=a.total,
                jobs=a.jobs, rounds=a.rounds, db="sqlite",

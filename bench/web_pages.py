@@ -1,6 +1,7 @@
 """Web dashboard and REST API response times on a big job database (1M jobs by default).
 
-A fresh server and database get --total jobs (spread over 1,000 groups; --kill of them killed
+A fresh server and database get --total jobs (spread over 1,000 groups, g17 of 2 % of them:
+20,000 of 1M; 50 sites; tag "bench" on all, "rare" on one in 10,000; --kill of them killed
 so USER_KILLED is a rare state), then a real `pilotfish web` process (open, on loopback) is
 asked each page and REST call --repeat-each times over HTTP (urllib, one connection per
 request); the time is from sending the request to the last byte of the answer. Baseline, in
@@ -39,8 +40,11 @@ def fill(c, total: int, kill: int) -> None:
                "parameters": {"t": {"type": "int", "default": 1}}})
     for start in range(0, total, CHUNK):
         n = min(CHUNK, total - start)
-        c.add_jobs([{"name": f"j{i}", "application": "sleep", "group_identifier": f"g{i % 1000}",
-                     "tags": ["bench"]} for i in range(start, start + n)])
+        # g17: 20,000 jobs (every 50th), spread over the table; the other groups ~1,000
+        c.add_jobs([{"name": f"j{i}", "application": "sleep",
+                     "group_identifier": "g17" if i % 50 == 17 else f"g{i % 1000}",
+                     "tags": ["bench"] + (["rare"] if i % 10_000 == 5 else []),
+                     "site": f"s{i % 50}"} for i in range(start, start + n)])
         C.log(f"{start + n:,} jobs")
     step = max(1, total // kill) if kill else 0
     if step:
@@ -153,6 +157,46 @@ def reports(c, base: str, a, ctx: dict) -> None:
                loadavg_1m_now=round(os.getloadavg()[0], 2), **fields, **ctx)
 
 
+def filter_counts(c, a, ctx: dict) -> None:
+    """The job table's counts by state of each filter: exact (job_counts; the page before
+    schema 15, 261-473 ms for the group of 20,000) against bounded to the newest 1,000
+    (the page's COUNT_LIMIT)
+    (job_counts with limit; the page now), same run, Client direct."""
+    for key, value in (("group", "g17"), ("app", "sleep"), ("tag", "bench"), ("tag", "rare"),
+                       ("site", "s7"), ("name", "j17")):
+        flt = {key: value}
+        old, new = [], []
+        for _ in range(max(3, a.repeat_each // 3)):
+            t = time.perf_counter()
+            exact = c.counts(flt)
+            old.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            got = c.counts_bounded(flt, 1_000)
+            new.append(time.perf_counter() - t)
+        C.emit(f"job_counts_{key}_{value}", statistics.median(new), unit="s", values=new,
+               baseline_exact_p50=statistics.median(old), baseline_values=old,
+               baseline="job_counts exact (every matching row read), same run",
+               matching=sum(exact.values()), more=got["more"], n=a.total, db=a.db,
+               interval="one Client call: bounded to the newest 1,000 matching", **ctx)
+
+
+def plans(url: str, a, ctx: dict) -> None:
+    """The database's plan of the group's counts, exact (before) and bounded (now): EXPLAIN
+    QUERY PLAN on SQLite, EXPLAIN ANALYZE on PostgreSQL (its time too)."""
+    from sqlalchemy import create_engine, text
+    exact = "SELECT state, count(*) FROM jobs WHERE group_identifier = 'g17' GROUP BY state"
+    bounded = ("SELECT state FROM jobs WHERE group_identifier = 'g17' ORDER BY id DESC "
+               "LIMIT 1001")
+    eng = create_engine(url)
+    with eng.connect() as conn:
+        for name, sql in (("exact", exact), ("bounded", bounded)):
+            pre = "EXPLAIN QUERY PLAN " if a.db == "sqlite" else "EXPLAIN ANALYZE "
+            rows = [str(r[-1]) for r in conn.execute(text(pre + sql))]
+            C.emit(f"plan_group_counts_{name}", len(rows), unit="plan lines", sql=sql,
+                   plan=rows, n=a.total, db=a.db, **ctx)
+    eng.dispose()
+
+
 def sort_cases(c, middle: int, ran: bool) -> list[tuple]:
     """The job table and /api/jobs sorted by each column (schema 13's indexes), first pages
     and a page from the middle row's cursor, and a big state sorted by time (job_ls walks the
@@ -193,6 +237,8 @@ def main() -> int:
                     "usage figure (each a whole scan; default: %(default)s).")
     ap.add_argument("--reports-only", action="store_true", help="Only the utilization and "
                     "usage figures.")
+    ap.add_argument("--no-reports", action="store_true", help="Only the jobs pages (no "
+                    "utilization/usage figures).")
     ap.add_argument("--ran", action="store_true", help="SQLite: jobs that ran (usage_queries' "
                     "database) instead of READY ones.")
     a = ap.parse_args()
@@ -243,6 +289,15 @@ def main() -> int:
                 ("rest_jobs_state_USER_KILLED", "/api/jobs?state=USER_KILLED&limit=50",
                  {"state": "USER_KILLED"}, TARGET_REST),
             ]
+            # the other filters (schema 15: site has an index; tag never can: a LIKE)
+            for key, value in (("group", "g17"), ("app", "sleep"), ("tag", "bench"),
+                               ("tag", "rare"), ("name", f"j{middle}"), ("site", "s7")):
+                tail = "" if (key, value) == ("group", "g17") else f"_{key}_{value}"
+                if tail:
+                    cases.append((f"jobs_page{tail}", f"/jobs?{key}={value}", {key: value},
+                                  TARGET_PAGE))
+                cases.append((f"rest_jobs_{key}_{value}", f"/api/jobs?{key}={value}&limit=50",
+                              {key: value}, TARGET_REST))
             cases = [(f, p, fl, t, None, None) for f, p, fl, t in cases]
             cases += sort_cases(env.client, middle, a.db == "sqlite" and a.ran)
             for figure, path, flt, target, sort, cursor in ([] if a.reports_only else cases):
@@ -265,7 +320,11 @@ def main() -> int:
                        interval="urllib GET: request sent to the last byte read",
                        loadavg_1m_now=round(__import__("os").getloadavg()[0], 2),
                        **({"sort": sort} if sort else {}), **fields, **ctx)
-            reports(env.client, base, a, ctx)
+            if not a.reports_only:
+                filter_counts(env.client, a, ctx)
+                plans(env.db.url, a, ctx)
+            if not a.no_reports:
+                reports(env.client, base, a, ctx)
         finally:
             web.terminate()
             try:

@@ -387,13 +387,15 @@ class Client:
 
     def usage(self, by: str | list[str] = ("site", "day"), since: float | None = None,
               until: float | None = None, chunk: int | None = None,
-              scan_all: bool = False) -> dict:
+              scan_all: bool = False, cache: bool = True) -> dict:
         """Jobs and core-hours grouped by any of site, app, group (group_identifier) and day
         or month (UTC), in [since, until) (epoch seconds; default: the 30 days up to now).
         An attempt counts at the site where it ran and the day it ended. Returns ``by``,
         ``since``, ``until``, ``rows`` (dicts: the keys in ``by`` — a name or None; day
         ``YYYY-MM-DD``, month ``YYYY-MM`` — and jobs (ended there in a final state),
-        finished (JOB_FINISHED), attempts, core_hours), ``totals`` and ``requests``."""
+        finished (JOB_FINISHED), attempts, core_hours), ``totals`` and ``requests``.
+        The closed whole days come from the server's cache of them (``cache=False``: every
+        day from the jobs, the way before schema 15)."""
         from pilotfish import usage as U
         keys = U.parse_by(by)
         args: dict[str, Any] = {k: v for k, v in (("since", since), ("until", until),
@@ -401,19 +403,46 @@ class Client:
         if scan_all:  # (see utilization)
             args["scan_all"] = True
         sums = U.UsageSums(keys)
-        after, n = 0, 0
-        while after is not None:
-            r = self.call("usage", by=keys, after=after, **args)
-            args.update(since=r["since"], until=r["until"])
-            sums.add(r["rows"])
-            n += 1
-            after = r["after"]
+        n = 0
+        windows: list[dict] = [{}]  # the ranges read from the jobs: all of it by default
+        if cache and not scan_all and _may_hold_a_day(since, until):
+            # the closed whole days from the server's cache (summed there first if need be:
+            # "more"), the rest of the range (its edges, today) from the jobs
+            more = True
+            while more:
+                r = self.call("usage_days", by=keys, **{k: v for k, v in args.items()
+                                                        if k in ("since", "until")})
+                args.update(since=r["since"], until=r["until"])
+                n += 1
+                more = r["more"]
+            if r["span"] is not None:
+                sums.add(r["rows"])
+                lo, hi = r["span"][0] * 86400.0, r["span"][1] * 86400.0
+                windows = [{"since": a, "until": b} for a, b in
+                           ((args["since"], lo), (hi, args["until"])) if a < b]
+        for window in windows:
+            wargs = {**args, **window}
+            after = 0
+            while after is not None:
+                r = self.call("usage", by=keys, after=after, **wargs)
+                wargs.update(since=r["since"], until=r["until"])
+                if not window:
+                    args.update(since=r["since"], until=r["until"])
+                sums.add(r["rows"])
+                n += 1
+                after = r["after"]
         rows = sums.rows()
         return {"by": keys, "since": args["since"], "until": args["until"], "rows": rows,
                 "totals": U.totals(rows), "requests": n}
 
     def counts(self, filter: dict | None = None) -> dict[str, int]:
         return self.call("job_counts", filter=filter or {})
+
+    def counts_bounded(self, filter: dict | None = None, limit: int = 1_000) -> dict:
+        """Jobs by state among the newest ``limit`` that match: {"counts": {state: n},
+        "more": whether more jobs match, "scanned": None, or N when only the newest N jobs
+        were looked at (a tag: no index)} (the web's job table: bounded work per page)."""
+        return self.call("job_counts", filter=filter or {}, limit=limit)
 
     def alter_jobs(self, filter: dict, /, **changes: Any) -> dict:
         return self.call("job_alter", filter=filter, changes=changes)
@@ -528,3 +557,13 @@ class Client:
                     # many still to end: take their events in bigger helpings (none is lost,
                     # the cursor keeps them) instead of one request per server turn
                     time.sleep(0.05)
+
+
+def _may_hold_a_day(since: float | None, until: float | None) -> bool:
+    """Whether [since, until) may hold a whole UTC day (the server's cache is of whole
+    closed days: a shorter range is not worth asking it about)."""
+    import math
+    if since is None:
+        return True
+    hi = until if until is not None else time.time() + 3600  # (a server clock ahead)
+    return math.floor(hi / 86400) > math.ceil(since / 86400)

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 #: makes version NN; a test holds the two equal). The database's own version is
 #: pilotfish_meta's "schema_version" row; make_engine upgrades an older one in place.
 #: To change the schema: see the recipe in server/migrations/README.
-SCHEMA_VERSION = 14
+SCHEMA_VERSION = 15
 metadata = MetaData()
 
 # SQLite's INTEGER PRIMARY KEY is the rowid; BigInteger keeps PostgreSQL ids 64-bit.
@@ -96,7 +96,9 @@ jobs = Table(
     Column("fenced", Float),                       # held for its forwarder's start, since
     Column("remote_cancel", Text),                 # unconfirmed cancels at sites (JSON)
     Index("ix_jobs_state_id", "state", "id"),
-    Index("ix_jobs_group", "group_identifier"),
+    # (group, id) since schema 15: a group's newest jobs in order on PostgreSQL too (SQLite's
+    # index ends in the rowid anyway), for its page and its bounded counts
+    Index("ix_jobs_group_id", "group_identifier", "id"),
     Index("ix_jobs_app_id", "app_id", "id"),  # (see migrations/versions/v13.py for these four)
     Index("ix_jobs_name_id", "name", "id"),
     Index("ix_jobs_state_time_id", "state_time", "id"),
@@ -111,6 +113,43 @@ jobs = Table(
           postgresql_where=text("fenced IS NOT NULL")),
     Index("ix_jobs_remote_cancel", "id", sqlite_where=text("remote_cancel IS NOT NULL"),
           postgresql_where=text("remote_cancel IS NOT NULL")),
+    # the job table filtered by site (schema 15); jobs without a site are not in it, and a
+    # state change never writes it
+    Index("ix_jobs_site_id", "site", "id", sqlite_where=text("site IS NOT NULL"),
+          postgresql_where=text("site IS NOT NULL")),
+)
+
+#: Each job's tags, a row per (tag, job) (schema 15; server/job_tags.py): a tag filter held
+#: by few jobs is a seek here, where ``jobs.tags LIKE '%,t,%'`` read every row to find them.
+#: Written at submit and when a user alters tags or removes jobs; never by the dispatch.
+job_tags = Table(
+    "job_tags", metadata,
+    Column("tag", String(128), primary_key=True),
+    Column("job_id", _ID, primary_key=True, autoincrement=False),
+)
+
+#: Usage of closed UTC days (schema 15), written by the usage query itself
+#: (server/usage_cache.py), never by the job server's dispatch: a day once summed is read
+#: back instead of its jobs. usage_days: the days summed and the ids of jobs then not final
+#: (summed from their rows at each query: their counts can still change); usage_sums: per
+#: day, the sums of each (site, app, group).
+usage_days = Table(
+    "usage_days", metadata,
+    Column("day", Integer, primary_key=True, autoincrement=False),  # UTC days since 1970
+    Column("built", Float, nullable=False),
+    Column("pending", Text, nullable=False),  # a JSON list of job ids
+)
+usage_sums = Table(
+    "usage_sums", metadata,
+    Column("day", Integer, nullable=False),
+    Column("site", String(128)),
+    Column("app_id", Integer),
+    Column("group_identifier", String(128)),
+    Column("jobs", Integer, nullable=False),
+    Column("finished", Integer, nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("core_seconds", Float, nullable=False),
+    Index("ix_usage_sums_day", "day"),
 )
 
 #: Workflows: the seed's Argo jobs, ordered (or DAG-shaped) subjobs that are jobs of their own

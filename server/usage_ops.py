@@ -26,7 +26,7 @@ from pilotfish.errors import NotFound, ValidationError
 from pilotfish.keys import READER
 from pilotfish.validate import echo
 
-from . import states
+from . import states, usage_cache
 from .core import JobServer
 from .db import agents as agents_t
 from .db import job_attempts as att_t
@@ -349,3 +349,46 @@ def usage(srv: JobServer, args: dict, now: float) -> dict:
             key[i] = app.name if app else f"#{key[i]}"
         rows.append(key + vals)
     return {"by": by, "since": since, "until": until, "rows": rows, "after": nxt}
+
+
+@op(READER, args=("by", "since", "until"))
+def usage_days(srv: JobServer, args: dict, now: float) -> dict:
+    """The usage of the closed whole days in [since, until) from the cache (see
+    :mod:`.usage_cache`): ``span`` [c0, c1] (days c0 <= day < c1) or None when the range
+    holds no closed whole day, and ``rows`` as :func:`usage`'s. ``more``: days had to be
+    summed first (a bounded number per request): ask again. The rest of the range (its
+    partial first and last days, the days not closed yet) is :func:`usage`'s, asked with
+    the range cut to it (pilotfish.Client.usage does both)."""
+    by = parse_by(_arg(args, "by", list, []))
+    since, until = time_range(args, now, 30, MAX_USAGE_DAYS)
+    out = {"by": by, "since": since, "until": until, "span": None, "rows": [], "more": False}
+    span = usage_cache.closed_span(since, until, now)
+    if span is None:
+        return out
+    srv.sync()
+    c0, c1 = span
+    todo = usage_cache.missing(srv, c0, c1, now)
+    if todo:
+        usage_cache.build_some(srv, todo, now)
+        out["more"] = True
+        return out
+    keys = [k if k != "month" else "day" for k in by]
+    rows, pending = usage_cache.cached(srv, c0, c1, keys)
+    live: dict[tuple, list] = {}
+    for d in [d for d, ids in pending.items() if ids is None]:  # too unsettled to keep
+        live.update(usage_cache.grain_sums(srv, d, d + 1, [], []))
+    for k, v in usage_cache.pending_sums(
+            srv, {d: ids for d, ids in pending.items() if ids}).items():
+        acc = live.setdefault(k, [0, 0, 0, 0.0])
+        for i, x in enumerate(v):
+            acc[i] += x
+    at = {"day": 0, "site": 1, "app": 2, "group": 3}
+    for k, v in live.items():
+        rows.append([k[at[c]] for c in keys] + v)
+    for r in rows:
+        if "app" in keys:  # names, not ids: the registry is in memory
+            i = keys.index("app")
+            app = srv.apps.get(r[i])
+            r[i] = app.name if app else f"#{r[i]}"
+    out.update(span=[c0, c1], rows=rows)
+    return out

@@ -13,7 +13,7 @@ from pilotfish.errors import Forbidden, IllegalTransition, NotFound, ValidationE
 from pilotfish.keys import ADMIN, READER, SUBMITTER
 from pilotfish.validate import echo, wire_safe
 
-from . import states
+from . import states, usage_cache
 from .core import JobServer
 from .db import job_parents, jobs, server_events, workflows
 from .ops import LOCAL_ADMIN, MAX_ID, Caller, _arg, _set_state, check_owner, insert_jobs, op
@@ -241,6 +241,7 @@ def workflow_retry(srv: JobServer, args: dict, now: float,
         for part in chunks([f.jobs[i] for i in back], 900):
             rows.update({r.id: r for r in srv.conn.execute(select(jobs)
                                                            .where(jobs.c.id.in_(part)))})
+        usage_cache.forget_jobs(srv, [f.jobs[i] for i in back])  # (their usage changes)
         for i in back:
             r = rows[f.jobs[i]]
             waits = [f.jobs[p] for p in f.parents[i] if f.states[p] is not S.JOB_FINISHED]

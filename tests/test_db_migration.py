@@ -249,7 +249,31 @@ def test_version_13_gains_the_fence_columns(tmp_path):
     assert {"ix_jobs_fenced", "ix_jobs_remote_cancel"} <= {
         r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='index'")}
     assert con.execute("SELECT value FROM pilotfish_meta WHERE key='schema_version'"
-                       ).fetchone()[0] == str(SCHEMA_VERSION) == "14"
+                       ).fetchone()[0] == str(SCHEMA_VERSION) == "15"
+    con.close()
+
+
+def test_version_14_gains_job_tags_from_the_jobs_tags(tmp_path):
+    """Schema 15: job_tags is filled from the jobs' stored tags (",a,b,"), a row per tag and
+    job; the usage cache's tables start empty; ix_jobs_group becomes (group, id)."""
+    db = tmp_path / "v14.db"
+    migrations.run(f"sqlite:///{db}", 0, 14)
+    con = sqlite3.connect(db)
+    con.executemany(
+        "INSERT INTO jobs (id, name, description, app_id, num_nodes, processes_per_node, "
+        "cpus_per_process, gpus_per_process, parameters, tags, priority, max_retries, retries, "
+        "attempts, state, state_time, created, workdir) VALUES (?, 'old', '', 1, 1, 1, 1, 0, "
+        "'{}', ?, 0, 3, 0, 0, 'READY', 0, 0, 'w')",
+        [(1, ",a,b,"), (2, ""), (3, ","), (4, ",b,array:4,"), (5, ",a,a,")])
+    con.commit()
+    con.close()
+    make_engine(f"sqlite:///{db}").dispose()
+    con = sqlite3.connect(db)
+    assert con.execute("SELECT tag, job_id FROM job_tags ORDER BY tag, job_id").fetchall() == [
+        ("a", 1), ("a", 5), ("array:4", 4), ("b", 1), ("b", 4)]
+    assert con.execute("SELECT count(*) FROM usage_days").fetchone()[0] == 0
+    names = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert {"ix_jobs_group_id", "ix_jobs_site_id"} <= names and "ix_jobs_group" not in names
     con.close()
 
 

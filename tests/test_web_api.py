@@ -11,6 +11,7 @@ import pytest
 
 from conftest import ServerHandle, run_cli, wait_for
 from web_world import WebHandle
+from pilotfish.errors import ValidationError
 
 SLEEP = {"name": "sleep", "executable": "/bin/sleep", "args": ["{t}"],
          "parameters": {"t": {"type": "int", "default": 60}}}
@@ -404,3 +405,41 @@ def test_workflows_rest_and_pages_escape_what_users_wrote(world):
     strict = world[2]
     assert strict.get("/api/workflows").status == 401
     assert strict.get("/api/workflows", token=tokens["submitter2"]).status == 200
+
+
+def test_job_table_counts_are_bounded_and_say_so(world):
+    """A filter's counts by state read at most the newest `limit` matching jobs; the answer
+    says whether more match (the job table of a group of 20,000 jobs: see bench/web_pages)."""
+    srv, web, _, _ = world
+    with srv.client() as c:
+        few = c.counts_bounded({"group": "g1", "tag": "t1"}, limit=5)
+        assert sum(few["counts"].values()) == 5 and few["more"] is True
+        exact = c.counts({"group": "g1"})
+        assert c.counts_bounded({"group": "g1"}, limit=1000) == {"counts": exact, "more": False,
+                                                                   "scanned": None}
+        assert c.counts_bounded({}, limit=1)["more"] is False  # (all: from memory, exact)
+        with pytest.raises(ValidationError, match="limit must be 1..100000"):
+            c.counts_bounded({"group": "g1"}, limit=10**6)
+    page = web.get("/jobs?group=g1").text
+    assert "More than" not in page and f"<b>{sum(exact.values())}</b>" in page
+
+
+@pytest.mark.parametrize("more,scanned,text", [
+    (False, None, "all <b>3</b>"),
+    (True, None, "More than 1,000 jobs match: the counts by state are of the newest 1,000"),
+    (True, 100_000, "Counted among the newest 100,000 jobs only (a tag of many jobs is read row by row)")])
+def test_job_table_says_how_its_counts_were_bounded(more, scanned, text):
+    """The three ways the job table's counts come (exact, the newest 1,000 matching, a tag's
+    newest 100,000 jobs), rendered as the page does (pure: a real table of >100,000 jobs is
+    bench/web_pages.py's)."""
+    from pilotfish.web.base import make_templates
+    env = make_templates()
+    tpl = env.get_template("jobs.html")
+    html = tpl.render(
+        fragment=True, notice="", poll=0, live_jobs="", open_mode=True, csrf="", rows=[],
+        counts={"READY": 3}, states=["READY"], total=3, flt={}, more=more, count_limit=1_000,
+        scanned=scanned, matching=3, per=50, sort="-id", sort_name="id", desc=True,
+        heads={k: "/" for k in ("id", "name", "app", "state", "updated", "ended")},
+        pages={"first": "", "prev": "", "next": ""}, state_link=lambda s: "/", live="jobs",
+        user=None)
+    assert text in html
