@@ -328,7 +328,7 @@ def _status_db(home: Path) -> tuple[str, str | None]:
     info = settings.read_server_info(home) or {}
     db, pid = info.get("db"), info.get("pid")
     if isinstance(db, str) and "***" not in db and isinstance(pid, int) and daemon.alive(pid):
-        return db, f"the running server's (pid {pid})"
+        return db, f"the running server's, pid {pid}"
     return settings.default_db_url(home), None
 
 

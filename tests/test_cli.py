@@ -541,7 +541,7 @@ def test_db_status_reads_the_database_the_running_server_was_given(tmp_path):
         pid = daemon.running_pid(home)
         st = ok_json(home, "server", "db-status")
         assert st["up_to_date"] and str(other) in st["db"], st
-        assert st["source"] == f"the running server's (pid {pid})"
+        assert st["source"] == f"the running server's, pid {pid}"
         assert f"({st['source']})" in ok(home, "server", "db-status")
         ok(home, "server", "stop")
         st = json.loads(run_cli(home, "server", "db-status", "--json").stdout)
