@@ -247,7 +247,6 @@ class Publisher:
             self.wf_meta.setdefault(w, {})
 
     def _publish(self, events: list[dict]) -> None:
-        import pika
         ch, default = self.ch, self.cfg.routing_key
         with self.conn.batch():  # one write for the page, not three per message
             self._publish_each(ch, default, events)

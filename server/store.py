@@ -42,6 +42,7 @@ def via(path: list[State]) -> str | None:
             _VIA[key] = v
     return v
 
+
 class Batch:
     """Rows waiting to be written, flushed in an order that keeps foreign facts consistent:
     new jobs, their parents, agent rows, job updates in the order they were made, events."""
