@@ -19,7 +19,6 @@ Usage: bench/usage_cache.py [--total 1000000] [--db-file /dev/shm/usage_1m.db] [
 """
 from __future__ import annotations
 
-import math
 import shutil
 import statistics
 import sys
@@ -109,17 +108,9 @@ def main() -> int:
     C.set_bench("usage_cache")
     ctx = C.machine(a.tmp)
     if a.db == "postgres":
-        from pilotfish.server import daemon as d
-        from usage_queries_pg import fill
+        from usage_queries_pg import refill
         with C.Env("postgres", a.heartbeat, a.tmp, a.keep, label="usagecache") as env:
-            env.client.close()
-            d.stop(env.home, wait=60)
-            t = time.perf_counter()
-            fill(env.db.url, a.total, NOW)
-            C.log(f"{a.total:,} jobs written and analyzed in {time.perf_counter() - t:.0f} s")
-            env.info = d.start_background(env.home, env.db.url, "tcp://127.0.0.1:*",
-                                          a.heartbeat, wait=600)
-            c = env.client = Client(env.address, env.home, timeout=600)
+            c = refill(env, a.total, NOW, a.heartbeat)
             measure(c, psutil.Process(env.info["pid"]), a, {**ctx, "db": "postgresql"})
         return 0
     src = Path(a.db_file)

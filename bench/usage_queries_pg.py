@@ -48,24 +48,31 @@ def fill(url: str, total: int, now: float) -> None:
         c.execute("ANALYZE jobs")
 
 
+
+def refill(env, total: int, now: float, heartbeat: float):
+    """Stop ``env``'s server, fill its database with ``total`` jobs (see :func:`fill`), start it
+    again and give ``env`` a client to it (10-minute timeouts: a million rows); the client."""
+    from pilotfish.client import Client
+    from pilotfish.server import daemon
+    env.client.close()
+    daemon.stop(env.home, wait=60)
+    t = time.perf_counter()
+    fill(env.db.url, total, now)
+    C.log(f"{total:,} jobs written and analyzed in {time.perf_counter() - t:.0f} s")
+    env.info = daemon.start_background(env.home, env.db.url, "tcp://127.0.0.1:*", heartbeat,
+                                       wait=600)
+    env.client = Client(env.address, env.home, timeout=600)
+    return env.client
+
 def main() -> int:
     p = C.parser(__doc__.split("\n")[0])
     p.add_argument("--total", type=int, default=1_000_000)
     a = p.parse_args()
     C.set_bench("usage_queries_pg")
-    from pilotfish.client import Client
-    from pilotfish.server import daemon
     ctx = {"n": a.total, "db": "postgresql", "machine": C.machine(a.tmp)}
     with C.Env("postgres", a.heartbeat, a.tmp, a.keep, label="usagepg") as env:
-        env.client.close()
-        daemon.stop(env.home, wait=60)
         now = time.time()
-        t = time.perf_counter()
-        fill(env.db.url, a.total, now)
-        C.log(f"{a.total:,} jobs written and analyzed in {time.perf_counter() - t:.0f} s")
-        env.info = daemon.start_background(env.home, env.db.url, "tcp://127.0.0.1:*",
-                                           a.heartbeat, wait=600)
-        c = env.client = Client(env.address, env.home, timeout=600)
+        c = refill(env, a.total, now, a.heartbeat)
         todo = [("utilization", "last hour", dict(since=now - 3600, until=now)),
                 ("utilization", "last day", dict(since=now - DAY, until=now)),
                 ("utilization", "30 days", dict(since=now - 30 * DAY, until=now)),
