@@ -51,4 +51,5 @@ def condition(conn, tag: str):
     """The SQL condition "the job has this tag", by the cheaper road for it."""
     if held(conn, tag) <= SEEK_MAX:
         return jobs.c.id.in_(select(job_tags.c.job_id).where(job_tags.c.tag == tag))
-    return jobs.c.tags.contains("," + tag + ",")
+    # autoescape: '_' is a name character and a LIKE wildcard ("m_x" found "mAx" too)
+    return jobs.c.tags.contains("," + tag + ",", autoescape=True)

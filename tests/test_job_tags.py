@@ -47,3 +47,10 @@ def _check(c):
     assert c.counts({"tag": "many"}) == {"READY": SEEK_MAX + 1}
     newest = c.jobs({"tag": "many"}, limit=3, newest=True)
     assert [j["id"] for j in newest] == many[::-1][:3]
+    # '_' is a name character, and a LIKE wildcard: on the LIKE road too, "m_x" is that tag
+    # only, not "maxx"'s look-alike "mAx"
+    under = c.add_jobs([{"name": f"u{i}", "application": "sleep", "tags": ["m_x"]}
+                        for i in range(SEEK_MAX + 1)])
+    [alike] = c.add_jobs([{"name": "alike", "application": "sleep", "tags": ["mAx"]}])
+    assert _ids(c, "m_x") == under and _ids(c, "mAx") == [alike]
+    assert c.counts({"tag": "m_x"}) == {"READY": SEEK_MAX + 1}
