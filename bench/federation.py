@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import common as C  # noqa: E402
+from pilotfish.server.states import via_names  # noqa: E402
 
 
 def pct(xs: list[float], p: float) -> float | None:
@@ -52,7 +53,7 @@ def events(db: Path) -> dict[int, dict[str, float]]:
     out: dict[int, dict[str, float]] = {}
     for job, via, to, t in con.execute("SELECT job_id, via, to_state, time FROM job_events "
                                        "ORDER BY id"):
-        for state in [*(via.split(",") if via else []), to]:  # passed through at that time
+        for state in [*via_names(via), to]:  # passed through at that time
             out.setdefault(job, {}).setdefault(state, t)
     con.close()
     return out

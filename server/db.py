@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 #: makes version NN; a test holds the two equal). The database's own version is
 #: pilotfish_meta's "schema_version" row; make_engine upgrades an older one in place.
 #: To change the schema: see the recipe in server/migrations/README.
-SCHEMA_VERSION = 15
+SCHEMA_VERSION = 16
 metadata = MetaData()
 
 # SQLite's INTEGER PRIMARY KEY is the rowid; BigInteger keeps PostgreSQL ids 64-bit.
@@ -102,7 +102,9 @@ jobs = Table(
     Index("ix_jobs_app_id", "app_id", "id"),  # (see migrations/versions/v13.py for these four)
     Index("ix_jobs_name_id", "name", "id"),
     Index("ix_jobs_state_time_id", "state_time", "id"),
-    Index("ix_jobs_ended_id", "ended", "id"),
+    # partial (schema 16): a job's end adds an entry and removes none; ended NULL sorts nowhere
+    Index("ix_jobs_ended_id", "ended", "id", sqlite_where=text("ended IS NOT NULL"),
+          postgresql_where=text("ended IS NOT NULL")),
     Index("ux_jobs_intake_key", "intake_key", unique=True,
           sqlite_where=text("intake_key IS NOT NULL"),
           postgresql_where=text("intake_key IS NOT NULL")),
@@ -191,7 +193,7 @@ job_events = Table(
     Column("job_id", _ID, nullable=False),
     Column("from_state", String(24)),
     Column("to_state", String(24), nullable=False),
-    Column("via", Text),                           # states passed straight through, comma-joined
+    Column("via", Text),                           # states passed straight through, a letter each
     Column("time", Float, nullable=False),
     Column("message", Text),
     Index("ix_job_events_job", "job_id"),

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, delete, exists, func, literal, or_, select
+from sqlalchemy import and_, delete, exists, or_, select
 
 from pilotfish import protocol as P
 from pilotfish.errors import PilotfishError, Pruned, ValidationError
@@ -153,12 +153,13 @@ def _job_rows(conn, since: int, end: int, limit: int, f: Filter) -> list[dict]:
     if f.group:
         q = q.where(jobs.c.group_identifier == f.group)
     if f.states:
-        padded = literal(",") + func.coalesce(e.c.via, "") + literal(",")
+        # a job state passed through is a letter of via (states.VIA_CODE)
+        code = states.VIA_LETTER
         q = q.where(or_(e.c.to_state.in_(f.states),
-                        *(padded.like(f"%,{s},%") for s in f.states)))
+                        *(e.c.via.contains(code[s]) for s in f.states if s in code)))
     return [{"id": r.id, "time": r.time, "kind": "job", "job": r.job_id, "name": r.name,
              "group": r.group_identifier, "from": r.from_state, "to": r.to_state,
-             "via": r.via.split(",") if r.via else [], "message": r.message, "agent": None,
+             "via": states.via_names(r.via), "message": r.message, "agent": None,
              "host": None, "pilot": None, "site": None, "workflow": r.workflow_id,
              # what a status publisher needs (it asked job_ls for them, a request a page)
              "argo_job_id": r.argo_job_id, "routing_key": r.job_status_routing_key}
@@ -280,7 +281,7 @@ class _TurnIndex:
                 self.job[e["job_id"]] = i
             self.state[e["to_state"]] = i
             if e.get("via"):
-                for s in e["via"].split(","):
+                for s in states.via_names(e["via"]):
                     self.state[s] = i
 
     def groups(self, conn) -> dict[str, int]:

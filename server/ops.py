@@ -695,7 +695,7 @@ def job_show(srv: JobServer, args: dict, now: float) -> dict:
         select(job_parents.c.parent_id).where(job_parents.c.job_id == job_id))]
     d["children"] = [x[0] for x in srv.conn.execute(
         select(job_parents.c.job_id).where(job_parents.c.parent_id == job_id))]
-    d["events"] = [dict(e._mapping) for e in srv.conn.execute(
+    d["events"] = [{**e._mapping, "via": states.via_text(e.via)} for e in srv.conn.execute(
         select(job_events.c.from_state, job_events.c.to_state, job_events.c.via,
                job_events.c.time, job_events.c.message)
         .where(job_events.c.job_id == job_id).order_by(job_events.c.id))]

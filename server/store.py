@@ -28,16 +28,18 @@ ATTEMPT_FROM_JOB = (("job_id", "id"), ("attempt", "attempts"), ("agent", "run_ag
                     ("message", "run_message"))
 
 
-#: The ``via`` text of each state path seen (a handful: the agents' usual paths).
+#: The stored ``via`` of each state path seen (a handful: the agents' usual paths).
 _VIA: dict[tuple, str | None] = {}
 
 
 def via(path: list[State]) -> str | None:
-    """The states a path passes before its last, comma-separated (None for a single step)."""
+    """The states a path passes before its last, as stored (a letter each, see
+    states.VIA_CODE; None for a single step)."""
     key = tuple(path)
     v = _VIA.get(key)
     if v is None and key not in _VIA:
-        v = ",".join([p._value_ for p in key[:-1]]) or None
+        code = states.VIA_CODE
+        v = "".join([code[p] for p in key[:-1]]) or None
         if len(_VIA) < 1000:
             _VIA[key] = v
     return v

@@ -7,7 +7,7 @@ import sqlite3
 import pytest
 
 from pilotfish.errors import PilotfishError
-from pilotfish.server import migrations
+from pilotfish.server import migrations, states
 from pilotfish.server.db import SCHEMA_VERSION, make_engine
 
 
@@ -249,7 +249,7 @@ def test_version_13_gains_the_fence_columns(tmp_path):
     assert {"ix_jobs_fenced", "ix_jobs_remote_cancel"} <= {
         r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='index'")}
     assert con.execute("SELECT value FROM pilotfish_meta WHERE key='schema_version'"
-                       ).fetchone()[0] == str(SCHEMA_VERSION) == "15"
+                       ).fetchone()[0] == str(SCHEMA_VERSION)
     con.close()
 
 
@@ -306,7 +306,42 @@ def test_version_12_gains_the_sort_and_range_indexes(tmp_path):
     assert con.execute("SELECT value FROM pilotfish_meta WHERE key='schema_version'"
                        ).fetchone()[0] == str(SCHEMA_VERSION)
     plan = " ".join(r[3] for r in con.execute(
-        "EXPLAIN QUERY PLAN SELECT id FROM jobs ORDER BY ended DESC, id DESC LIMIT 5"))
+        "EXPLAIN QUERY PLAN SELECT id FROM jobs WHERE ended IS NOT NULL "
+        "ORDER BY ended DESC, id DESC LIMIT 5"))
     assert "ix_jobs_ended_id" in plan
     con.close()
     make_engine(f"sqlite:///{db}").dispose()  # and opening it again changes nothing
+
+
+def test_version_15_stores_via_as_letters_and_indexes_only_ended_jobs(tmp_path):
+    """Schema 16: every event's via (comma-joined names) becomes a letter per state, and back
+    on a downgrade; (ended, id) holds only jobs that have ended, and the ended sort and a
+    range on ended still use it."""
+    db = tmp_path / "v15.db"
+    migrations.run(f"sqlite:///{db}", 0, 15)
+    con = sqlite3.connect(db)
+    done = "STAGED_IN,PREPROCESSED,RUNNING,EXECUTION_FINISHED,POSTPROCESSED,STAGED_OUT"
+    con.executemany("INSERT INTO job_events (id, job_id, from_state, to_state, via, time) "
+                    "VALUES (?, 1, ?, ?, ?, 1)",
+                    [(1, None, "READY", "CREATED"), (2, "READY", "JOB_FINISHED", done),
+                     (3, "RUNNING", "RESTART_READY", "RUN_FAILED"), (4, "READY", "STAGED_IN",
+                                                                      None)])
+    con.commit()
+    con.close()
+    make_engine(f"sqlite:///{db}").dispose()
+    con = sqlite3.connect(db)
+    got = con.execute("SELECT id, via FROM job_events ORDER BY id").fetchall()
+    assert got == [(1, "A"), (2, "DEFGHI"), (3, "M"), (4, None)]
+    assert [states.via_text(v) for _, v in got] == ["CREATED", done, "RUN_FAILED", None]
+    sql = con.execute("SELECT sql FROM sqlite_master WHERE name='ix_jobs_ended_id'").fetchone()
+    assert "ended IS NOT NULL" in sql[0]
+    for q in ("SELECT id FROM jobs WHERE ended IS NOT NULL ORDER BY ended DESC, id DESC "
+              "LIMIT 5", "SELECT count(*) FROM jobs WHERE ended >= 7"):
+        plan = " ".join(r[3] for r in con.execute("EXPLAIN QUERY PLAN " + q))
+        assert "ix_jobs_ended_id" in plan, (q, plan)
+    con.close()
+    migrations.run(f"sqlite:///{db}", 16, 15)
+    con = sqlite3.connect(db)
+    assert con.execute("SELECT via FROM job_events ORDER BY id").fetchall() == [
+        ("CREATED",), (done,), ("RUN_FAILED",), (None,)]
+    con.close()
