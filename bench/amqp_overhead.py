@@ -54,7 +54,8 @@ def w2(a, bridge: bool) -> dict:
         try:
             jobs = [{"name": f"t{i}", "application": "true"} for i in range(a.n)]
             before = others(p)
-            with C.CpuMeter(env) as cpu:
+            pids = {**C.env_pids(env), **({"bridge": p.pid} if p is not None else {})}
+            with C.profile(a, "w2-bridge" if bridge else "w2", pids), C.CpuMeter(env) as cpu:
                 c.add_jobs(jobs)
                 t1 = time.perf_counter()
                 t2, counts = C.wait_final(c, a.n, check=env.check_agents)
