@@ -150,7 +150,10 @@ def via_names(stored: str | None) -> list[str]:
     """The states an event passed through, first first, from its stored ``via``."""
     if not stored:
         return []
-    return [_VIA_STATE[c] for c in stored]
+    try:
+        return [_VIA_STATE[c] for c in stored]
+    except KeyError:  # a text no state path (schema 16 leaves one as it was): as stored
+        return stored.split(",")
 
 
 def via_text(stored: str | None) -> str | None:

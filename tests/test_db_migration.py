@@ -333,6 +333,7 @@ def test_version_15_stores_via_as_letters_and_indexes_only_ended_jobs(tmp_path):
     got = con.execute("SELECT id, via FROM job_events ORDER BY id").fetchall()
     assert got == [(1, "A"), (2, "DEFGHI"), (3, "M"), (4, None)]
     assert [states.via_text(v) for _, v in got] == ["CREATED", done, "RUN_FAILED", None]
+    assert states.via_names("no,path") == ["no", "path"]  # a text no path: shown as stored
     sql = con.execute("SELECT sql FROM sqlite_master WHERE name='ix_jobs_ended_id'").fetchone()
     assert "ended IS NOT NULL" in sql[0]
     for q in ("SELECT id FROM jobs WHERE ended IS NOT NULL ORDER BY ended DESC, id DESC "
