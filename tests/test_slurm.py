@@ -73,7 +73,10 @@ def test_four_node_pilot_runs_single_core_tasks_and_two_node_mpi_jobs(slurm, ser
     wait_for(lambda: len([a for a in c.agents() if a["pilot"] == pilot]) == 4, 60, 0.1,
              "4 agents of the pilot")
     # A job larger than every pilot stays queued, with the reason, and hangs nothing.
-    reason = wait_for(lambda: c.job(big)["waiting"], 10, 0.1, "a waiting reason")
+    # (an agent counts once its first update has said what it offers: a moment after its
+    # hello, so the reason may first say fewer nodes)
+    reason = wait_for(lambda: (r := c.job(big)["waiting"]) and "pilot has 4" in r and r, 10,
+                      0.1, "a waiting reason that counts the pilot's 4 nodes")
     assert "needs 8 nodes" in reason and "largest connected pilot has 4" in reason, reason
     ids = singles + mpis + packed
     wait_for(lambda: counts(c, ids).get("JOB_FINISHED") == len(ids), 180, 0.2,
