@@ -4,10 +4,11 @@
 The server is what a user starts (``pilotfish server start`` on SQLite, tcp with CurveZMQ, as by
 default). Each simulated agent is one real DEALER socket with its own agent id, routing id and
 connection, under a CurveZMQ key with the role ``agent``, speaking the real agent protocol
-(:mod:`pilotfish.protocol`): hello -> welcome (an unanswered hello is re-sent every heartbeat
-and a welcome to an older hello is ignored, as pilot/agent.py does), updates with demand and
-state paths, answered by task batches, ZMTP link heartbeats as the real agent sets them, a
-heartbeat every half period while it holds tasks, at most one update in flight, progress
+(:mod:`pilotfish.protocol`): hello -> welcome (an unanswered hello is re-sent after 1, 2, 4,
+then every 8 heartbeats, and a welcome to an older hello is ignored, as pilot/agent.py does),
+updates with demand and state paths, answered by task batches, ZMTP link heartbeats as the
+real agent sets them, a heartbeat every half period while it holds tasks (each up to 20 %
+early, drawn at random, as the real agent's), at most one update in flight, progress
 reported after the executor's REPORT_DELAY and ends at once. FAKE EXECUTION: no process is
 spawned; a task "runs" ``--task-seconds`` on its cores (the real agent's ``--fake-exec``
 finishes at once). Not simulated: fencing and the guard, the link monitor, task output.
@@ -31,6 +32,7 @@ from __future__ import annotations
 import heapq
 import json
 import os
+import random
 import resource
 import secrets
 import socket
@@ -49,8 +51,9 @@ import zmq  # noqa: E402
 from pilotfish import keys  # noqa: E402
 from pilotfish import protocol as P  # noqa: E402
 from pilotfish import settings  # noqa: E402
-from pilotfish.pilot.agent import (LINK_PING, LINK_TIMEOUT, PREFETCH_HORIZON,  # noqa: E402
-                                   PREFETCH_MAX, REPORT_INTERVAL)
+from pilotfish.pilot.agent import (BEAT_JITTER, HELLO_BACKOFF, LINK_PING,  # noqa: E402
+                                   LINK_TIMEOUT, PREFETCH_HORIZON, PREFETCH_MAX,
+                                   REPORT_INTERVAL)
 from pilotfish.pilot.executor import REPORT_DELAY, SUCCESS_PATH  # noqa: E402
 
 START_STATES, END_STATES = SUCCESS_PATH[:3], SUCCESS_PATH[3:]
@@ -88,6 +91,8 @@ class SimAgent:
         self.welcomed = False
         self.heartbeat = w.heartbeat
         self.last_sent = 0.0
+        self.beat_factor = 1.0
+        self.hellos_unanswered = 0
         self.last_demand = None
         self.avg_run: float | None = None
         self.received = self.finished = self.hellos = self.say_hello = 0
@@ -120,7 +125,7 @@ class SimAgent:
     def due(self, now: float) -> bool:
         """A heartbeat, a hello or a progress report is due without any message."""
         if not self.welcomed:
-            return now - self.last_sent > self.heartbeat
+            return now - self.last_sent > self.hello_every()
         return now - self.last_sent >= self.beat_every() or \
             bool(self.progress and self.progress[0][0] <= now and self.useq <= self.acked)
 
@@ -141,11 +146,13 @@ class SimAgent:
         except zmq.Again:
             return
         self.last_sent = now
+        self.beat_factor = random.uniform(1.0 - BEAT_JITTER, 1.0)
         self.sent_at[self.useq] = (time.perf_counter(), heartbeat_only)
 
     def hello(self, now: float) -> None:
         self.useq += 1
         self.hellos += 1
+        self.hellos_unanswered += 1
         self.hello_useq = self.useq
         held = [{"job": j, "attempt": p[0]} for j, p in self.pending.items()] + \
             [{"job": j, "attempt": a} for j, a, _ in self.queue]
@@ -157,13 +164,18 @@ class SimAgent:
                   False, now)
         self.last_demand = None
 
-    def beat_every(self) -> float:
-        return self.heartbeat / 2 if (self.queue or self.pending) else self.heartbeat
+    def hello_every(self) -> float:  # pilot/agent.py's backoff (no reconnects here)
+        return self.heartbeat * min(HELLO_BACKOFF, 2 ** max(0, self.hellos_unanswered - 1)) \
+            * self.beat_factor
+
+    def beat_every(self) -> float:  # with pilot/agent.py's jitter
+        return (self.heartbeat / 2 if (self.queue or self.pending) else self.heartbeat) \
+            * self.beat_factor
 
     def maybe_send(self, now: float) -> bool:
         """pilot/agent.py send_update: True when something was sent (or nothing is due)."""
         if not self.welcomed:
-            if now - self.last_sent > self.heartbeat:  # as pilot/agent.py: every heartbeat
+            if now - self.last_sent > self.hello_every():  # as pilot/agent.py
                 self.hello(now)
             return True
         beat = now - self.last_sent >= self.beat_every()
@@ -223,6 +235,7 @@ class SimAgent:
                 return
             self.epoch = m.get("epoch")
             self.welcomed = True
+            self.hellos_unanswered = 0
             self.heartbeat = min(self.heartbeat, float(m["heartbeat"]))
             self.acked = self.useq
             for r in m["revoke"]:  # never in this harness: nothing is lost or restarted
@@ -315,7 +328,9 @@ class Worker:
                         cmd = line.decode().split()
                         if cmd and cmd[0] == "phase":
                             self.phase = cmd[1]
-                            self.dirty.update(range(len(self.agents)))  # tell the demand
+                            if self.phase != "idle":  # the demand is 0 since "drain": idle
+                                # heartbeats come due on their own, not all in one burst
+                                self.dirty.update(range(len(self.agents)))  # tell the demand
                         elif cmd and cmd[0] == "stop":
                             return self.stop()
                     continue

@@ -434,7 +434,13 @@ def test_agent_ignores_stale_task_batches_and_fences_when_renewals_stop(tmp_path
         srv.pump(1.0)
         again = srv.hellos[n_hellos:]
         srv.answering = srv.welcome = True
-        srv.pump(1.5)
+        # its next hello comes after its backoff: up to 8 heartbeats on a connection that
+        # stays up (a real server answers every hello it reads; this one dropped them)
+        n_hellos = len(srv.hellos)
+        t0 = time.monotonic()
+        while len(srv.hellos) == n_hellos and time.monotonic() - t0 < 0.5 * 8 + 2:
+            srv.pump(0.1)
+        srv.pump(1.0)
         srv.tasks([spec(4, 0.1)])
         t0 = time.monotonic()
         while not attempts_of(tlog, 4).get(1, {}).get("end") and time.monotonic() - t0 < 10:
