@@ -4,7 +4,7 @@
 The server is what a user starts (``pilotfish server start`` on SQLite, tcp with CurveZMQ, as by
 default). Each simulated agent is one real DEALER socket with its own agent id, routing id and
 connection, under a CurveZMQ key with the role ``agent``, speaking the real agent protocol
-(:mod:`pilotfish.protocol`): hello -> welcome (an unanswered hello is re-sent after 1, 2, 4,
+(:mod:`pilotfish.protocol`): hello -> welcome (an unanswered hello is re-sent after 2, 4,
 then every 8 heartbeats, and a welcome to an older hello is ignored, as pilot/agent.py does),
 updates with demand and state paths, answered by task batches, ZMTP link heartbeats as the
 real agent sets them, a heartbeat every half period while it holds tasks (each up to 20 %
@@ -165,7 +165,7 @@ class SimAgent:
         self.last_demand = None
 
     def hello_every(self) -> float:  # pilot/agent.py's backoff (no reconnects here)
-        return self.heartbeat * min(HELLO_BACKOFF, 2 ** max(0, self.hellos_unanswered - 1)) \
+        return self.heartbeat * min(HELLO_BACKOFF, 2 ** self.hellos_unanswered) \
             * self.beat_factor
 
     def beat_every(self) -> float:  # with pilot/agent.py's jitter

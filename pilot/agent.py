@@ -69,11 +69,11 @@ LEAVE_WHEN_NO_WORK = ("never", "after-work", "always")
 #: burst each period that the last in line waits through (measured: p50 60 ms at 1,000 idle
 #: agents in step, bench/many_agents.py).
 BEAT_JITTER = 0.2
-#: An unanswered hello is sent again after 1, 2, 4, then every 8 heartbeats while the
-#: connection stays up (at once on a new connection). The server answers every hello it
-#: reads and the agent waits for the answer to its newest, so re-sending one every heartbeat
-#: to a server that is slow to welcome only adds to its backlog (1,000 agents joining at once
-#: sent 1,401 hellos; see bench/many_agents.py).
+#: An unanswered hello is sent again after 2, 4, then every 8 heartbeats while the connection
+#: stays up, and at once on a new connection (the one way a hello is lost). The server answers
+#: every hello it reads and the agent waits for the answer to its newest, so a hello every
+#: heartbeat to a server slow to welcome only added to its backlog (1,000 agents joining at
+#: once: 2,300-3,300 hellos before, 1,000-1,400 now; bench/many_agents.py).
 HELLO_BACKOFF = 8
 #: ZMTP heartbeats of the agent's connection: a ping every LINK_PING seconds, and the link is
 #: dropped (and the agent's credit with it) after LINK_TIMEOUT seconds without traffic. Both
@@ -344,9 +344,9 @@ class Agent:
         return self.heartbeat * self.beat_factor
 
     def _hello_every(self) -> float:
-        """Seconds before an unanswered hello is sent again: a heartbeat, doubled for each
-        unanswered one up to HELLO_BACKOFF heartbeats (a new connection sends one at once)."""
-        return self.heartbeat * min(HELLO_BACKOFF, 2 ** max(0, self.hellos_unanswered - 1)) \
+        """Seconds before an unanswered hello is sent again: two heartbeats, doubled for each
+        one unanswered, up to HELLO_BACKOFF heartbeats (a new connection sends one at once)."""
+        return self.heartbeat * min(HELLO_BACKOFF, 2 ** self.hellos_unanswered) \
             * self.beat_factor
 
     def hello(self) -> None:
