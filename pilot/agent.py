@@ -195,7 +195,7 @@ class Agent:
         if self.welcomed:
             self.sock.send(frame)
         else:
-            # Not welcomed: a hello (sent again each heartbeat) or a goodbye. With no
+            # Not welcomed: a hello (sent again after a backoff) or a goodbye. With no
             # connection to queue it on -- the server refused our key, so libzmq dropped the
             # pipe -- a blocking send would wait forever, deaf to SIGTERM.
             try:
@@ -548,7 +548,7 @@ class Agent:
             elif not self.welcomed and self.hello_at is not None:
                 # the answer to a message we sent before our hello (the server restarted with
                 # several of ours queued): that hello is on its way, its welcome follows; if it
-                # was lost, the main loop says hello again after a heartbeat
+                # was lost, the main loop says hello again after its backoff
                 log.debug("server says: %s (a hello is on its way)", m["error"])
             else:
                 # "unknown agent": the server restarted or lost us; the welcome says which
