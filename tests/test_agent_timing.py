@@ -99,9 +99,10 @@ def test_heartbeats_come_up_to_a_fifth_early_never_late_and_not_in_step(tmp_path
     print([round(g, 3) for g in gaps])
     # Arrival times carry the test's own wake-up delays, so the period is judged by the
     # mean (the whole span over the count) and the draw by the spread. Up to BEAT_JITTER
-    # early, uniformly: a mean of 0.9 BEAT; never late: a loaded machine may add a few ms
+    # early, uniformly: a mean of 0.9 BEAT, never above the period (a loaded machine may wake
+    # the agent a few ms late: that is the margin up to BEAT)
     mean = statistics.mean(gaps)
-    assert BEAT * (1 - BEAT_JITTER) <= mean <= BEAT * 0.97, (mean, gaps)
+    assert BEAT * (1 - BEAT_JITTER) <= mean <= BEAT, (mean, gaps)
     # drawn anew each time: not one fixed period (agents started together would stay in step)
     assert statistics.stdev(gaps) > 0.005, gaps
 
@@ -131,7 +132,7 @@ def test_an_unanswered_hello_is_sent_again_ever_later_and_at_once_on_a_new_conne
         for got in gaps[-2:]:  # the backoff's longest step, drawn up to a fifth early
             # (the arrival times carry the test's own wake-up delays: a few ms either way)
             assert BEAT * HELLO_BACKOFF * (1 - BEAT_JITTER) - 0.03 <= got \
-                <= BEAT * HELLO_BACKOFF + 0.15, gaps
+                <= BEAT * HELLO_BACKOFF + 0.3, gaps
         # a new connection (the server process restarted): a hello at once, not after the
         # backoff of 8 heartbeats
         srv.rebind()
