@@ -161,6 +161,9 @@ class Agent:
         self.hello_useq = 0     # the useq of our newest hello: a welcome to an older one is stale
         self.hellos_unanswered = 0  # since the last welcome or reconnect (HELLO_BACKOFF)
         self.link_was_up = False
+        #: time.monotonic() at which we connect again after the server refused our key
+        #: (libzmq does not redial after a refused handshake; the key may be authorized later)
+        self.redial_at: float | None = None
         #: time.monotonic() at which we leave because our server said it stops on purpose and no
         #: server has welcomed us since (None: not told)
         self.leave_at: float | None = None
@@ -273,6 +276,8 @@ class Agent:
                 self.revoke_credit("the connection to the server dropped")
             elif ev["event"] in (zmq.EVENT_HANDSHAKE_FAILED_AUTH,
                                  zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
+                if self.redial_at is None:
+                    self.redial_at = time.monotonic() + self.heartbeat
                 # a refused key is the agent's to tell: its server says no more (once a minute)
                 self.link_errors += 1
                 if time.monotonic() - self.link_error_logged >= 60:
@@ -343,6 +348,16 @@ class Agent:
             return self.heartbeat / 2 * self.beat_factor
         return self.heartbeat * self.beat_factor
 
+    def redial(self) -> None:
+        """The server refused our handshake (our key, say) and libzmq gave the connection up:
+        connect again, once a heartbeat, with a hello on the new connection, so a key that is
+        authorized later is taken without restarting the agent."""
+        self.redial_at = None
+        self.sock.disconnect(self.server)
+        self.sock.connect(self.server)
+        self.hellos_unanswered = 0
+        self.hello()
+
     def _hello_every(self) -> float:
         """Seconds before an unanswered hello is sent again: two heartbeats, doubled for each
         one unanswered, up to HELLO_BACKOFF heartbeats (a new connection sends one at once)."""
@@ -360,14 +375,15 @@ class Agent:
             if job not in seen:
                 seen.add(job)
                 held.append({"job": job, "attempt": attempt})
-        self._send(P.encode(P.HELLO, agent=self.id, host=socket.gethostname(), pid=os.getpid(),
-                            site=self.site, pilot=self.pilot, cores=self.res.cores,
-                            gpus=self.res.gpus, memory=self.res.memory,
-                            time_left=self.res.time_left(), running=held, ack=self.ack,
-                            node=self.node, node_cores=self.node_cores,
-                            launcher=self.launcher.launcher if self.launcher else None,
-                            mpi=self.launcher.mpi if self.launcher else None,
-                            useq=self.useq + 1, **self._hello_extra), self.useq + 1)
+        frame = P.encode(P.HELLO, agent=self.id, host=socket.gethostname(), pid=os.getpid(),
+                         site=self.site, pilot=self.pilot, cores=self.res.cores,
+                         gpus=self.res.gpus, memory=self.res.memory,
+                         time_left=self.res.time_left(), running=held, ack=self.ack,
+                         node=self.node, node_cores=self.node_cores,
+                         launcher=self.launcher.launcher if self.launcher else None,
+                         mpi=self.launcher.mpi if self.launcher else None,
+                         useq=self.useq + 1, **self._hello_extra)
+        self._send(frame, self.useq + 1)
         self.useq += 1
         self.hello_useq = self.useq
         self.hellos_unanswered += 1
@@ -613,6 +629,8 @@ class Agent:
                 wake.append(nd)
             if self.leave_at is not None:
                 wake.append(now + self.leave_at - time.monotonic())
+            if self.redial_at is not None and not self.welcomed:
+                wake.append(now + self.redial_at - time.monotonic())
             timeout = max(0, min(wake) - now)
             events = poll(timeout * 1000)
             now = time.time()
@@ -641,6 +659,8 @@ class Agent:
             ex.start_ready(now)
             if self.welcomed:
                 self.send_update(now)
+            elif self.redial_at is not None and time.monotonic() >= self.redial_at:
+                self.redial()
             elif now - self.last_sent > self._hello_every():
                 self.hello()
             if self.no_work is not None:

@@ -262,6 +262,26 @@ def test_an_agent_with_a_wrong_key_gets_no_tasks(server, tmp_path):
         assert c.wait({"ids": [jid]}, timeout=30) == {"JOB_FINISHED": 1}
 
 
+def test_an_agent_whose_key_is_authorized_late_joins_at_once(server, tmp_path):
+    """An agent started with a key the server does not know yet joins soon after the key is
+    authorized, without a restart: libzmq gives a refused connection up, so the agent
+    connects again once a heartbeat (2 s before a welcome) and says hello on it."""
+    node = tmp_path / "node"
+    run_cli(node, "keys", "init", "--client", "late", check=True)
+    log = tmp_path / "late.log"
+    server.agent("--client-key", str(node / "keys" / "late.key_secret"), log=log,
+                 work_root=tmp_path / "w")
+    wait_for(lambda: "refused this key" in log.read_text(), 15,
+             what="the agent to log its refusal")
+    time.sleep(1.5)
+    run_cli(server.home, "keys", "authorize", "--role", "agent",
+            str(node / "keys" / "late.key"), check=True)
+    authorized = time.monotonic()
+    with server.client() as c:
+        wait_for(lambda: c.agents(), 10, what="the agent to be welcomed")
+    assert time.monotonic() - authorized < 4, time.monotonic() - authorized
+
+
 def test_a_revoked_key_stops_working_at_its_next_message(server, tmp_path):
     run_cli(server.home, "keys", "init", "--client", "temp", check=True)
     other = tmp_path / "t"
