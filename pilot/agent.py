@@ -266,6 +266,7 @@ class Agent:
             ev = parse_monitor_message(frames)
             if ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.link_up = True
+                self.redial_at = None  # connected: a refusal before this needs no redial
                 if self.link_was_up and not self.welcomed and self.hellos_unanswered:
                     # a new connection: what was queued on the old one may be gone
                     self.hellos_unanswered = 0
@@ -353,7 +354,10 @@ class Agent:
         connect again, once a heartbeat, with a hello on the new connection, so a key that is
         authorized later is taken without restarting the agent."""
         self.redial_at = None
-        self.sock.disconnect(self.server)
+        try:
+            self.sock.disconnect(self.server)
+        except zmq.ZMQError:  # libzmq had dropped the endpoint already
+            pass
         self.sock.connect(self.server)
         self.hellos_unanswered = 0
         self.hello()
