@@ -9,15 +9,15 @@ hello"), so the times between messages are the agent's own.
 from __future__ import annotations
 
 import statistics
-import subprocess
 import time
+from contextlib import contextmanager
 
 import zmq
 
 from pilotfish import protocol as P
 from pilotfish.pilot.agent import BEAT_JITTER, HELLO_BACKOFF
 
-from conftest import pilotfish_cmd
+from test_partition import start_agent, stop
 
 BEAT = 0.2  # the heartbeat our welcome sets
 
@@ -60,31 +60,25 @@ class FakeServer:
         self.sock.close(linger=0)
 
 
-def start_agent(tmp_path, address: str) -> subprocess.Popen:
-    home = tmp_path / "home"
-    home.mkdir(exist_ok=True)
-    return subprocess.Popen(pilotfish_cmd(home, "pilot", "agent", "--server", address,
-                                          "--work-root", str(tmp_path / "work"),
-                                          "--idle-timeout", "0", "--cores", "0"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
-def stop(p: subprocess.Popen) -> None:
-    p.terminate()
-    try:
-        p.wait(10)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait()
-
-
-def test_heartbeats_come_up_to_a_fifth_early_never_late_and_not_in_step(tmp_path):
+@contextmanager
+def welcomed_agent(tmp_path):
+    """A real agent on cores 0, said hello to the stand-in and welcomed with heartbeat BEAT:
+    (the stand-in, the agent's routing id); the agent is stopped after."""
     srv = FakeServer(f"ipc://{tmp_path}/srv")
-    agent = start_agent(tmp_path, srv.address)
+    agent = start_agent(tmp_path / "home", srv.address, "0", tmp_path / "work",
+                        tmp_path / "agent.log")
     try:
         _, ident, kind, m = srv.recv(30)
         assert kind == P.HELLO
         srv.welcome(ident, m)
+        yield srv, ident
+    finally:
+        stop([agent])
+        srv.close()
+
+
+def test_heartbeats_come_up_to_a_fifth_early_never_late_and_not_in_step(tmp_path):
+    with welcomed_agent(tmp_path) as (srv, ident):
         times = []
         while len(times) < 25:
             t, ident, kind, m = srv.recv(5)
@@ -93,9 +87,6 @@ def test_heartbeats_come_up_to_a_fifth_early_never_late_and_not_in_step(tmp_path
             if not m["updates"]:  # an idle agent: each update is a heartbeat
                 times.append(t)
         gaps = [b - a for a, b in zip(times[1:], times[2:])]  # after the first, due at once
-    finally:
-        stop(agent)
-        srv.close()
     print([round(g, 3) for g in gaps])
     # Arrival times carry the test's own wake-up delays, so the period is judged by the
     # mean (the whole span over the count) and the draw by the spread. Up to BEAT_JITTER
@@ -108,12 +99,7 @@ def test_heartbeats_come_up_to_a_fifth_early_never_late_and_not_in_step(tmp_path
 
 
 def test_an_unanswered_hello_is_sent_again_ever_later_and_at_once_on_a_new_connection(tmp_path):
-    srv = FakeServer(f"ipc://{tmp_path}/srv")
-    agent = start_agent(tmp_path, srv.address)
-    try:
-        _, ident, kind, m = srv.recv(30)
-        assert kind == P.HELLO
-        srv.welcome(ident, m)  # heartbeat BEAT from now on
+    with welcomed_agent(tmp_path) as (srv, ident):  # heartbeat BEAT from now on
         _, ident, kind, m = srv.recv(5)
         assert kind == P.UPDATE
         # a restarted server does not know the agent: it says hello again, and we never answer
@@ -146,6 +132,3 @@ def test_an_unanswered_hello_is_sent_again_ever_later_and_at_once_on_a_new_conne
         srv.welcome(ident, m)
         _, ident, kind, m = srv.recv(5)
         assert kind == P.UPDATE
-    finally:
-        stop(agent)
-        srv.close()
