@@ -262,7 +262,7 @@ def test_an_agent_with_a_wrong_key_gets_no_tasks(server, tmp_path):
         assert c.wait({"ids": [jid]}, timeout=30) == {"JOB_FINISHED": 1}
 
 
-def test_an_agent_whose_key_is_authorized_late_joins_at_once(server, tmp_path):
+def test_an_agent_whose_key_is_authorized_late_joins_without_a_restart(server, tmp_path):
     """An agent started with a key the server does not know yet joins soon after the key is
     authorized, without a restart: libzmq gives a refused connection up, so the agent
     connects again once a heartbeat (2 s before a welcome) and says hello on it."""
