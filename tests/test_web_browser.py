@@ -202,7 +202,9 @@ def test_login_form_in_chromium(browser, tmp_path):
         assert d.current_url == web.url + "/login"
         d.find_element(By.ID, "token").send_keys("pft_not-a-token")
         d.find_element(By.ID, "login").click()
-        assert "unknown or revoked token" in text_of(d, "#error")
+        # the page asks the server, then writes the error: wait for it
+        wait_for(lambda: "unknown or revoked token" in text_of(d, "#error"), 10, 0.05,
+                 "the login error")
         d.find_element(By.ID, "token").send_keys(reader)
         d.find_element(By.ID, "login").click()
         wait_for(lambda: d.current_url == web.url + "/jobs", 10, 0.1, "the login")
