@@ -55,8 +55,11 @@ log = logging.getLogger("pilotfish.agent")
 #: Seconds of work per core the automatic prefetch aims to hold, and its cap in tasks per core.
 PREFETCH_HORIZON = 0.02
 PREFETCH_MAX = 16
-#: Minimum seconds between updates while the agent has queued work (batches updates under load).
-REPORT_INTERVAL = 0.005
+#: Minimum seconds between updates while the agent has queued work: what ends meanwhile waits
+#: and goes in one update (an agent with free cores and nothing queued asks at once). Each
+#: update is a server turn with its own commit: in W2 (10k x /bin/true, 2 cores) the server
+#: spent 230 us of CPU a task at 5 ms, 164 us at 20 ms and 136 us at 50 ms.
+REPORT_INTERVAL = 0.05
 #: When the agent leaves on the server's word that no work fits it (``nowork``): never (only the
 #: idle timeout), only once it has run some task (a pilot started before its jobs were added
 #: waits for them), or always (a pilot the site agent submitted for a backlog).
