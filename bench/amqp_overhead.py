@@ -126,7 +126,7 @@ def main() -> int:
     except Exception as exc:
         print(f"skipped: no RabbitMQ at 127.0.0.1:5672 for guest ({exc})", file=sys.stderr)
         return 2
-    ctx = C.machine(a.tmp)
+    ctx = C.machine(a.tmp, workdirs=True)
     pairs = []
     for k in range(a.pairs):
         order = (False, True) if k % 2 == 0 else (True, False)

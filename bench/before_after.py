@@ -69,7 +69,8 @@ def run_one(tree: Path, bench: str, extra: list[str], tmp: Path) -> dict:
     _USED_HOMES.append(home)
     out = subprocess.run([str(tree / ".venv/bin/python"), str(tree / "bench" / script),
                           "--repeat", "1", "--tmp", str(home), "--keep", *args,
-                          *extra], cwd=tree, capture_output=True, text=True, timeout=1800)
+                          *extra], cwd=tree, capture_output=True, text=True, timeout=1800,
+                         env={**os.environ, "PILOTFISH_BENCH_REMOVAL_WAIT": "0"})
     for line in out.stdout.splitlines():
         try:
             r = json.loads(line)

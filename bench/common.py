@@ -49,7 +49,9 @@ _REMOVED_STAMP = "pilotfish-bench-removed"
 
 
 def _remove_deferred() -> None:
-    parents = {str(p.parent) for p in _DEFERRED_RM}
+    # the create probe's 300 inodes slow nothing: only homes with workdirs mark the directory
+    parents = {str(p.parent) for p in _DEFERRED_RM
+               if not p.name.startswith("pilotfish-bench-probe-")}
     while _DEFERRED_RM:
         shutil.rmtree(_DEFERRED_RM.pop(), ignore_errors=True)
     for parent in parents:  # the next benchmark on this disk waits (wait_for_removals)
@@ -57,7 +59,8 @@ def _remove_deferred() -> None:
             Path(parent, _REMOVED_STAMP).touch()
         except OSError:
             pass
-    os.sync()
+    if parents:
+        os.sync()
 
 
 def wait_for_removals(tmp: str) -> float:
@@ -69,8 +72,10 @@ def wait_for_removals(tmp: str) -> float:
     new inodes next to them keeps it dirty -- testing each one in turn. After a W2 run removed
     its 30,000 workdir inodes, a workdir and its two files cost 0.7-2 ms instead of 0.1 ms for
     about two minutes, and the next run measured the disk, not pilotfish (W2 swung 2x between
-    back-to-back runs). Within one benchmark process, homes are removed only at its end."""
-    if fs_type(tmp) in ("tmpfs", "ramfs"):
+    back-to-back runs). Within one benchmark process, homes are removed only at its end.
+    ``PILOTFISH_BENCH_REMOVAL_WAIT=0`` skips the wait (``before_after.py`` sets it: its runs
+    alternate, so what one run's removal costs the next falls on both sides)."""
+    if fs_type(tmp) in ("tmpfs", "ramfs") or os.environ.get("PILOTFISH_BENCH_REMOVAL_WAIT") == "0":
         return 0.0
     try:
         since = time.time() - Path(tmp, _REMOVED_STAMP).stat().st_mtime
@@ -672,11 +677,13 @@ def settle_disk(timeout: float = 20.0) -> None:
         time.sleep(0.1)
 
 
-def machine(tmp: str | None = None) -> dict:
+def machine(tmp: str | None = None, workdirs: bool = False) -> dict:
     """Context for the result lines: the code measured, the cores we may use, the load, and the
-    file system of the temporary homes (which hold the SQLite file and the task workdirs)."""
+    file system of the temporary homes (which hold the SQLite file and the task workdirs).
+    ``workdirs``: the benchmark times thousands of tasks' workdirs on that disk; wait out an
+    earlier benchmark's removals first (:func:`wait_for_removals`)."""
     tmp = tmp or tempfile.gettempdir()
-    waited = wait_for_removals(tmp)
+    waited = wait_for_removals(tmp) if workdirs else 0.0
     return {"git": git_version(), "cores_available": len(os.sched_getaffinity(0)),
             "loadavg_1m": round(os.getloadavg()[0], 2), "tmp_fs": fs_type(tmp),
             "tmp_create_us": create_probe(tmp), "waited_for_removals_s": waited}

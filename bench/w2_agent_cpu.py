@@ -129,7 +129,7 @@ def main() -> int:
     C.set_bench("w2_agent_cpu")
     C.install_signal_handlers()
     cores = len(os.sched_getaffinity(0))
-    ctx = C.machine(a.tmp)
+    ctx = C.machine(a.tmp, workdirs=True)
     scratch = Path(tempfile.mkdtemp(prefix="pilotfish-bench-base-"))
     try:
         variants = [("head", None)]

@@ -80,7 +80,7 @@ def main() -> int:
     C.set_bench("w2")
     C.install_signal_handlers()
     cores, configs = C.sweep(a)
-    ctx = C.machine(a.tmp)
+    ctx = C.machine(a.tmp, workdirs=True)
     base: list[float] = []
     res: dict[int, list[dict]] = {i: [] for i in range(len(configs))}
     for r in range(a.repeat):

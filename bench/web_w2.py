@@ -135,7 +135,7 @@ def main() -> int:
     if not all(os.access(x, os.X_OK) for x in CHROMIUM):
         print(f"skipped: no {' or '.join(CHROMIUM)} (scripts/test_packages)", file=sys.stderr)
         return 2
-    ctx = C.machine(a.tmp)
+    ctx = C.machine(a.tmp, workdirs=True)
     pairs = []
     for k in range(a.pairs):
         order = (False, True) if k % 2 == 0 else (True, False)
