@@ -46,12 +46,13 @@ _DEFERRED_RM: list[Path] = []
 REMOVAL_SETTLE = 150.0
 #: Its stamp file, in the directory of the homes: modified when they were removed.
 _REMOVED_STAMP = "pilotfish-bench-removed"
+#: How :func:`create_probe`'s directories are named (their 300 inodes mark nothing).
+PROBE_PREFIX = "pilotfish-bench-probe-"
 
 
 def _remove_deferred() -> None:
     # the create probe's 300 inodes slow nothing: only homes with workdirs mark the directory
-    parents = {str(p.parent) for p in _DEFERRED_RM
-               if not p.name.startswith("pilotfish-bench-probe-")}
+    parents = {str(p.parent) for p in _DEFERRED_RM if not p.name.startswith(PROBE_PREFIX)}
     while _DEFERRED_RM:
         shutil.rmtree(_DEFERRED_RM.pop(), ignore_errors=True)
     for parent in parents:  # the next benchmark on this disk waits (wait_for_removals)
@@ -59,8 +60,6 @@ def _remove_deferred() -> None:
             Path(parent, _REMOVED_STAMP).touch()
         except OSError:
             pass
-    if parents:
-        os.sync()
 
 
 def wait_for_removals(tmp: str) -> float:
@@ -694,7 +693,7 @@ def create_probe(tmp: str, n: int = 300) -> float | None:
     task's workdir costs the agent. Tens of microseconds is normal; hundreds mean a file system
     slowed by many recent deletions (ext4 inode allocation), which shows in W2."""
     try:
-        base = tempfile.mkdtemp(prefix="pilotfish-bench-probe-", dir=tmp)
+        base = tempfile.mkdtemp(prefix=PROBE_PREFIX, dir=tmp)
     except OSError:
         return None
     try:
