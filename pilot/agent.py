@@ -143,7 +143,7 @@ class Agent:
         self.poller = zmq.Poller()
         self.poller.register(self.sock, zmq.POLLIN)
         self.poller.register(self.link, zmq.POLLIN)
-        self.fd_tasks: dict[int, Task] = {}
+        self.fd_tasks: dict[int, Task | None] = {}  # None: the spawner's (see Executor.on_fd)
         self.ex = Executor(resources.cores, resources.gpus, work_root, self._watch, self._unwatch,
                            fake=fake_exec, launch=launcher, contain=container, staging=staging,
                            gpu_env=resources.gpu_kind.task_env if resources.gpu_kind.vendor
@@ -656,10 +656,8 @@ class Agent:
                         except zmq.Again:
                             break
                         self.on_message(frame, now)
-                else:
-                    t = self.fd_tasks.get(what)
-                    if t is not None:
-                        ex.on_exit(t, now)
+                elif what in self.fd_tasks:  # a task's pidfd, or the spawner's eventfd
+                    ex.on_fd(what, self.fd_tasks[what], now)
             if self.fence_due(time.monotonic()):  # tasks just received on an old renewal
                 self.fence(time.monotonic())
             ex.check_timeouts(now)

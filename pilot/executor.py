@@ -1,17 +1,17 @@
 """Runs leased tasks on this node: stage-in, preprocess, run, postprocess, stage-out.
 
-Each task gets its own cores (and GPUs). Processes start with ``posix_spawn`` (glibc's vfork
-path, about twice as fast as ``subprocess.Popen`` here) in the task's workdir (the agent chdirs
-there first; it only uses absolute paths itself) and open their own stdout/stderr files. The
-child is born pinned: the agent pins its own thread to the task's cores just before
-``posix_spawn`` and restores its mask right after, so the child inherits the mask before its
-first instruction. (Pinning the child after ``posix_spawn`` returned was a race: the vfork
-child keeps the CPU after its exec, the agent waits behind it, and under load a task read, or
-an OpenMP runtime bound its threads to, the agent's whole mask -- seen once in CI. ``taskset``
-as an exec shim is race-free too but costs each task another exec, 0.65 ms here; pinning the
-agent's thread costs it a migration to the task's core, which is idle at that moment.) Process
-exits arrive as readable pidfds in the agent's poll loop, so a finished task is noticed at
-once. Nothing runs through a shell.
+Each task gets its own cores (and GPUs). Processes start with glibc's ``posix_spawn`` (its
+vfork path, about twice as fast as ``subprocess.Popen`` here) on a spawner thread pinned to the
+task's cores (:mod:`pilotfish.pilot.spawn`), so the child is born pinned: it inherits the mask
+before its first instruction. (Pinning the child after ``posix_spawn`` returned was a race: the
+vfork child keeps the CPU after its exec, and under load a task read, or an OpenMP runtime
+bound its threads to, the agent's whole mask -- seen once in CI. ``taskset`` as an exec shim is
+race-free too but costs each task another exec, 0.65 ms here. Pinning the loop's own thread, as
+the agent did before, cost the loop a migration to the task's core and a wait behind the
+child there.) The workdir is a file action of the spawn (``fchdir`` on a descriptor), never a
+process-wide ``chdir``. A task is "starting" (``spawning``, no pid) until its thread returns;
+process exits arrive as readable pidfds in the agent's poll loop, so a finished task is
+noticed at once. Nothing runs through a shell.
 
 Tasks start in their own session (``setsid``), so they outlive an agent that dies without
 stopping them (kill -9, the OOM killer, a crash) -- and the server requeues such an agent's
@@ -40,15 +40,16 @@ like a task at its wall time, by ``stop_all`` and by a cancel. A hostile or slow
 device, a FIFO, a huge or growing file, a hung file server) so never holds the agent's loop:
 heartbeats go on. Jobs without URLs pay nothing for it.
 
-**Workdirs** must be real directories below the work root: before each spawn the agent chdirs
-into the workdir and compares ``getcwd()`` with the path it built from the (resolved) work root,
-one syscall; a task that replaced a workdir or its parent with a symlink (to the keys, say)
-fails the step instead of having its files written there. A workdir made ahead on the preparer's
-thread was opened without following a symlink and checked there the same way (its
-``/proc/self/fd`` path): the spawn enters it with ``fchdir`` on that descriptor.
+**Workdirs** must be real directories below the work root: before each spawn the agent opens
+the workdir without following a symlink as its last part and compares its ``/proc/self/fd``
+path with the path it built from the (resolved) work root; a task that replaced a workdir or
+its parent with a symlink (to the keys, say) fails the step instead of having its files written
+there. A workdir made ahead on the preparer's thread was opened and checked there the same way.
+The spawn enters it with ``fchdir`` on that descriptor.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
@@ -64,7 +65,8 @@ from pilotfish.envpolicy import refused_env_name, task_base_env
 from pilotfish.errors import ValidationError
 from pilotfish.validate import check_relpath
 
-from .prepare import Preparer, plain
+from .prepare import _DIR, Preparer, plain
+from .spawn import Request, Spawner, TooLate
 
 log = logging.getLogger("pilotfish.agent")
 
@@ -177,6 +179,19 @@ class Task:
     errfd: int | None = None              # the stager's standard error (read end)
     prep: str | None = None               # its workdir made ahead? (see pilot/prepare.py)
     prepared: object = None               # ... the Prepared: workdir, open job.out/job.err
+    spawning: bool = False                # a process of it is being started (no pid yet)
+
+
+class _Ctx:
+    """What the loop keeps about one process being started: how its step fails, its deadline
+    (seconds after the start), the Prepared whose descriptors it gets, the stager's standard
+    error (write end), the opened workdir, the argv (for messages)."""
+    __slots__ = ("failure", "deadline", "made", "errw", "dir_fd", "argv")
+
+    def __init__(self, failure: str, deadline: float | None, made, argv) -> None:
+        self.failure, self.deadline, self.made, self.argv = failure, deadline, made, argv
+        self.errw: int | None = None
+        self.dir_fd: int | None = None
 
 
 @dataclass(frozen=True)
@@ -206,8 +221,6 @@ class Executor:
                  staging: Staging | None = None,
                  gpu_env: Callable[[list[str]], dict] | None = None) -> None:
         self.all_cores = list(cores)
-        #: This thread's mask, restored after each spawn (tasks get subsets of it).
-        self._own_mask = os.sched_getaffinity(0)
         self.free_cores = list(cores)
         self.all_gpus = list(gpus)
         self.free_gpus = list(gpus)
@@ -247,7 +260,7 @@ class Executor:
         #: the site whose profile holds credentials, the stall bound, an ssh agent).
         self.stage_env = {**self.base_env, **{k: os.environ[k] for k in STAGE_ENV
                                               if k in os.environ}}
-        # We chdir into task workdirs to spawn: never import from the current directory.
+        # Never import from the current directory (the agent's start directory may be anyone's).
         sys.path[:] = [p for p in sys.path if p not in ("", ".")]
         self.avg_run: float | None = None    # moving average of run-step seconds
         self._guard_fd: int | None = None    # write end of the guard's pipe (see module doc)
@@ -259,8 +272,13 @@ class Executor:
         self._made_dirs: set[str] = set()
         #: Makes queued tasks' workdirs and output files on a thread (None in fake-exec mode).
         self.preparer: Preparer | None = None
+        #: Starts processes on threads pinned to tasks' cores (None in fake-exec mode); its
+        #: eventfd is watched with the task None (see :meth:`on_fd`).
+        self.spawner: Spawner | None = None
         if not fake:
             self._start_guard()
+            self.spawner = Spawner(os.sched_getaffinity(0), self._guard_fd)
+            self.watch(self.spawner.fd, None)
             # (three descriptors each held: at most 510, half the usual soft limit of 1024)
             self.preparer = Preparer(self._root_prefix, self._made_dirs,
                                      min(170, 2 * len(self.all_cores) + 2))
@@ -355,13 +373,13 @@ class Executor:
             except FileExistsError:
                 pass  # a retry reuses its workdir (checked before anything runs in it)
             if spec.get("staged"):  # a site stager fetched it: move it in, off the loop
-                why = self._enter(t)
+                why = self._check_workdir(t)
                 if why:
                     return self._fail(t, now, "STAGE_IN_FAILED", f"stage-in failed: {why}")
                 self._place(t, now, spec["staged"])
                 return
             if spec.get("input_url"):
-                why = self._enter(t)
+                why = self._check_workdir(t)
                 if why:
                     return self._fail(t, now, "STAGE_IN_FAILED", f"stage-in failed: {why}")
                 self._stage(t, now, "in", spec["input_url"])
@@ -395,11 +413,8 @@ class Executor:
                 argv = self.launch(t, argv)
             except ValidationError as exc:
                 return self._fail(t, now, "RUN_FAILED", f"cannot launch: {exc}")
-        if self._spawn(t, now, "run", argv, "job", "RUN_FAILED"):
-            t.start = now
-            self._report(t, now, RUNNING)
-            timeout = t.spec.get("timeout")
-            t.deadline = now + timeout if timeout else None
+        # (started, reported RUNNING and given its wall time in _spawned)
+        self._spawn(t, now, "run", argv, "job", "RUN_FAILED", deadline=t.spec.get("timeout"))
 
     def _post(self, t: Task, now: float) -> None:
         if t.spec.get("post"):
@@ -430,8 +445,7 @@ class Executor:
         failure = "STAGE_IN_FAILED" if mode == "in" else "STAGE_OUT_FAILED"
         step = "stage_out" if mode == "handoff" else f"stage_{mode}"
         t.handoff = mode == "handoff"
-        if self._spawn(t, now, step, argv, "", failure, timeout=st.timeout):
-            t.deadline = now + st.timeout
+        self._spawn(t, now, step, argv, "", failure, timeout=st.timeout, deadline=st.timeout)
 
     def _place(self, t: Task, now: float, name: str) -> None:
         """Move the input a site stager staged (``<staged_dir>/<job>/<name>``) into the
@@ -447,36 +461,41 @@ class Executor:
             return self._fail(t, now, "STAGE_IN_FAILED", f"stage-in failed: staged file name "
                               f"{name[:80]!r} is not one plain path part: refused")
         argv = [MV, "-f", "-T", "--", f"{st.staged_dir}/{t.job}/{name}", f"{t.workdir}/{name}"]
-        if self._spawn(t, now, "stage_in", argv, "", "STAGE_IN_FAILED"):
-            t.deadline = now + st.timeout
+        self._spawn(t, now, "stage_in", argv, "", "STAGE_IN_FAILED", deadline=st.timeout)
 
-    def _enter(self, t: Task) -> str | None:
-        """chdir into the task's workdir; why not, when it is not a real directory at the path
-        built from the work root (a symlink on the way: a task could have planted one)."""
+    def _open_workdir(self, t: Task) -> tuple[int | None, str | None]:
+        """The task's workdir, opened (close-on-exec) when it is a real directory at the path
+        built from the work root; else (None, why): a symlink on the way or as the workdir
+        itself (a task could have planted one), or not a directory at all."""
         try:
-            os.chdir(t.workdir)
-            if os.getcwd() == t.workdir:
-                return None
+            fd = os.open(t.workdir, _DIR)
         except OSError as exc:
-            return f"workdir {t.workdir}: {exc.strerror or exc}"
-        os.chdir("/")
-        if t.created:  # made through the symlink: take back the empty directory we made
-            t.created = False
+            # (the workdir itself a symlink: ELOOP, or ENOTDIR with O_DIRECTORY)
+            if exc.errno != errno.ELOOP and not os.path.islink(t.workdir):
+                return None, f"workdir {t.workdir}: {exc.strerror or exc}"
+            fd = None
+        if fd is not None:
             try:
-                os.rmdir(t.workdir)
+                if os.readlink(f"/proc/self/fd/{fd}") == t.workdir:
+                    return fd, None
             except OSError:
                 pass
-        return (f"workdir {t.workdir} is not a real directory under the work root (a symlink "
-                "on the way?): refused")
+            os.close(fd)
+            if t.created:  # made through the symlink: take back the empty directory we made
+                t.created = False
+                try:
+                    os.rmdir(t.workdir)
+                except OSError:
+                    pass
+        return None, (f"workdir {t.workdir} is not a real directory under the work root (a "
+                      "symlink on the way?): refused")
 
-    @staticmethod
-    def _enter_fd(t: Task, dir_fd: int) -> str | None:
-        """fchdir into a workdir the preparer opened and checked; why not."""
-        try:
-            os.fchdir(dir_fd)
-        except OSError as exc:
-            return f"workdir {t.workdir}: {exc.strerror or exc}"
-        return None
+    def _check_workdir(self, t: Task) -> str | None:
+        """Why the task's workdir cannot be used (see :meth:`_open_workdir`); None: it can."""
+        fd, why = self._open_workdir(t)
+        if fd is not None:
+            os.close(fd)
+        return why
 
     def _env(self, t: Task) -> dict:
         env = dict(self.base_env)
@@ -495,102 +514,151 @@ class Executor:
         return env
 
     def _spawn(self, t: Task, now: float, step: str, argv: list[str], stem: str,
-               failure: str, timeout: float | None = None) -> bool:
-        """Start one process of the task, pinned to its cores; False if it could not start.
+               failure: str, timeout: float | None = None,
+               deadline: float | None = None) -> None:
+        """Have one process of the task started on its cores (see the module doc); it is
+        watched, and the step's ``deadline`` (seconds) set, in :meth:`_spawned`, or the task
+        fails with ``failure`` there or here.
 
         A stage step (``stage_in``/``stage_out``) runs the stager from ``/`` with the agent's
-        environment and its standard error on a pipe; the others run in the workdir."""
+        environment (``timeout``: its step's timeout, in its environment) and its standard
+        error on a pipe; the others run in the workdir."""
         t.step = step
         stage = step.startswith("stage_")
         # the run step's output files, opened ahead (pilot/prepare.py): the child gets them
         made, t.prepared = (t.prepared, None) if stem == "job" else (None, t.prepared)
+        req = None
         try:
-            return self._spawn_in(t, now, step, argv, stem, failure, timeout, stage, made)
+            req = self._request(t, now, step, argv, stem, failure, timeout, deadline, stage,
+                                made)
         finally:
-            if made is not None:
-                if self.preparer is not None:
-                    self.preparer.close_later(made)  # the preparer's thread closes them
-                else:
-                    made.close()
+            if req is None and made is not None:
+                self._done_with(made)
+        if req is not None:
+            t.spawning = True
+            self.spawner.submit(req)
 
-    def _spawn_in(self, t: Task, now: float, step: str, argv: list[str], stem: str,
-                  failure: str, timeout: float | None, stage: bool, made) -> bool:
-        errw = None
+    def _request(self, t: Task, now: float, step: str, argv: list[str], stem: str,
+                 failure: str, timeout: float | None, deadline: float | None, stage: bool,
+                 made) -> Request | None:
+        """The spawner's request for one process, or None when the task failed already."""
+        ctx = _Ctx(failure, deadline, made, argv)
         if stage:
-            t.errfd, errw = os.pipe()  # both close-on-exec; the child gets errw as its fd 2
+            t.errfd, ctx.errw = os.pipe()  # both close-on-exec; the child gets errw as its fd 2
             os.set_blocking(t.errfd, False)
-            actions = [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-                       (os.POSIX_SPAWN_OPEN, 1, "/dev/null", os.O_WRONLY, 0),
-                       (os.POSIX_SPAWN_DUP2, errw, 2)]
+            actions = [("chdir", "/"), ("open", 0, "/dev/null", os.O_RDONLY, 0),
+                       ("open", 1, "/dev/null", os.O_WRONLY, 0), ("dup2", ctx.errw, 2)]
         else:
             if made is not None and made.dir_fd is not None:
                 # checked on the preparer's thread (opened without following a symlink, its
-                # /proc path compared): entered by descriptor, no path walk, no getcwd
-                why = self._enter_fd(t, made.dir_fd)
+                # /proc path compared): entered by that descriptor
+                dir_fd = made.dir_fd
             else:
-                why = self._enter(t)
-            if why:
-                self._fail(t, now, failure, why)
-                return False
+                dir_fd, why = self._open_workdir(t)
+                if why:
+                    self._fail(t, now, failure, why)
+                    return None
+                ctx.dir_fd = dir_fd
+            actions = [("fchdir", dir_fd), ("open", 0, "/dev/null", os.O_RDONLY, 0)]
             if made is not None and made.out_fd is not None:
-                actions = [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-                           (os.POSIX_SPAWN_DUP2, made.out_fd, 1),
-                           (os.POSIX_SPAWN_DUP2, made.err_fd, 2)]
+                actions += [("dup2", made.out_fd, 1), ("dup2", made.err_fd, 2)]
             else:
-                actions = [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-                           (os.POSIX_SPAWN_OPEN, 1, f"{stem}.out", _WRITE, 0o644),
-                           (os.POSIX_SPAWN_OPEN, 2, f"{stem}.err", _WRITE, 0o644)]
+                actions += [("open", 1, f"{stem}.out", _WRITE, 0o644),
+                            ("open", 2, f"{stem}.err", _WRITE, 0o644)]
         until = self.spawn_deadline()
         if until is not None and time.monotonic() >= until:
-            # the lease may be counted out before this process could be stopped again: never
-            # start it (the agent fences next); the attempt fails and is retried elsewhere
-            if errw is not None:
-                os.close(errw)
-                self._close_err(t)
-            self._fail(t, now, failure, "not started: no lease renewal from the server in time "
-                       "(this agent stops its tasks)")
-            return False
-        pinned = self._pin_self(t)
+            self._spawn_failed(t, ctx, now, TooLate())
+            return None
         try:
-            if stage:
-                os.chdir("/")
             # a stager learns its step's timeout (remote transfers bound themselves by it)
             env = {**self.stage_env, "PILOTFISH_STAGE_TIMEOUT": f"{timeout:g}"} \
                 if stage and timeout else self.stage_env if stage else self._env(t)
-            t.pid = os.posix_spawn(argv[0], argv, env,
-                                   file_actions=actions, setsid=True)
-        except OSError as exc:
-            self._fail(t, now, failure, f"cannot start {argv[0]}: {exc.strerror or exc}")
-            return False
-        except (TypeError, ValueError, IndexError) as exc:
+        except (TypeError, ValueError) as exc:  # a malformed name or environment
+            self._spawn_failed(t, ctx, now, exc)
+            return None
+        # the spawner's thread checks ``until`` again just before it starts the process: past
+        # it the server may soon count the lease out and the process could not be stopped
+        # again in time
+        return Request(t, ctx, argv, env, actions, frozenset(t.cores) or None, until)
+
+    def started(self, timeout: float = 10.0) -> bool:
+        """Wait until every process being started has its pid (or failed), and take them in;
+        False after ``timeout`` seconds. The agent's loop never waits: it polls the spawner's
+        eventfd (:meth:`on_fd`); this is for stopping, and for tests."""
+        if self.spawner is None:
+            return True
+        ok = self.spawner.wait(timeout)
+        for req in self.spawner.done():
+            self._spawned(req, time.time())
+        return ok
+
+    def on_fd(self, fd: int, task: Task | None, now: float) -> None:
+        """A watched descriptor is readable: a task's process ended, or (task None) the
+        spawner has results."""
+        if task is not None:
+            self.on_exit(task, now)
+        elif self.spawner is not None and fd == self.spawner.fd:
+            for req in self.spawner.done():
+                self._spawned(req, now)
+
+    def _spawned(self, req: Request, now: float) -> None:
+        """A spawner thread is back with the task's process, or with why it did not start."""
+        t, ctx = req.task, req.ctx
+        t.spawning = False
+        if ctx.dir_fd is not None:
+            os.close(ctx.dir_fd)
+            ctx.dir_fd = None
+        if ctx.made is not None:
+            self._done_with(ctx.made)
+        if req.pin_error is not None:
+            log.warning("job %d: could not pin to cores %s: %s; it runs on %s", t.job,
+                        sorted(req.cores or ()), req.pin_error, sorted(self.spawner.own_mask))
+        if req.error is not None:
+            return self._spawn_failed(t, ctx, now, req.error)
+        if ctx.errw is not None:
+            os.close(ctx.errw)
+        t.pid, t.pidfd = req.pid, req.pidfd
+        self.watch(t.pidfd, t)
+        if t.cancelled:  # taken back while it was starting: on_exit releases it
+            _killpg(t.pid, signal.SIGKILL)
+            return
+        if ctx.deadline:
+            t.deadline = req.at + ctx.deadline
+        if t.step == "run":
+            t.start = req.at
+            self._report(t, now, RUNNING)
+
+    def _spawn_failed(self, t: Task, ctx: "_Ctx", now: float, exc: BaseException) -> None:
+        """The task's process did not start: its step fails with why (a cancelled task is
+        only released)."""
+        for fd in (ctx.errw, ctx.dir_fd):
+            if fd is not None:
+                os.close(fd)
+        ctx.errw = ctx.dir_fd = None
+        if t.errfd is not None:
+            self._close_err(t)
+        if t.cancelled:
+            return self._release(t, now)
+        argv = ctx.argv
+        if isinstance(exc, TooLate):
+            # the lease may be counted out before this process could be stopped again: never
+            # start it (the agent fences next); the attempt fails and is retried elsewhere
+            msg = ("not started: no lease renewal from the server in time (this agent stops "
+                   "its tasks)")
+        elif isinstance(exc, OSError):
+            msg = f"cannot start {argv[0] if argv else argv}: {exc.strerror or exc}"
+        else:
             # a malformed task (argv or env items not strings, a NUL byte, no argv): it fails,
             # the agent and its other tasks go on
-            self._fail(t, now, failure, f"cannot start {str(argv)[:200]}: {exc}")
-            return False
-        finally:
-            if pinned:
-                os.sched_setaffinity(0, self._own_mask)
-            if errw is not None:
-                os.close(errw)
-                if t.pid is None:
-                    self._close_err(t)
-        self._guard(b"+%d\n" % t.pid)
-        t.pidfd = os.pidfd_open(t.pid)
-        self.watch(t.pidfd, t)
-        return True
+            msg = f"cannot start {str(argv)[:200]}: {exc}"
+        self._fail(t, now, ctx.failure, msg)
 
-    def _pin_self(self, t: Task) -> bool:
-        """Pin this thread to the task's cores so that the process it spawns inherits them;
-        True if the caller must restore ``_own_mask`` afterwards."""
-        if set(t.cores) == self._own_mask:
-            return False
-        try:
-            os.sched_setaffinity(0, t.cores)  # 0: the calling thread only, not the ZeroMQ threads
-        except OSError as exc:
-            log.warning("job %d: could not pin to cores %s: %s; it runs on %s", t.job, t.cores,
-                        exc, sorted(self._own_mask))
-            return False
-        return True
+    def _done_with(self, made) -> None:
+        """The spawn is done with a Prepared's descriptors (the child has its copies)."""
+        if self.preparer is not None:
+            self.preparer.close_later(made)  # the preparer's thread closes them
+        else:
+            made.close()
 
     def _start_guard(self) -> None:
         """Start the guard (see the module doc) with the read end of a new pipe as its stdin."""
@@ -639,7 +707,8 @@ class Executor:
         except OSError as exc:
             log.error("the task guard is gone (%s): tasks of this agent would outlive it if "
                       "it were killed", exc)
-            os.close(self._guard_fd)
+            # not closed: a spawner thread may write its "+pid" lines to it at any time (they
+            # fail the same way); a closed number could be reused by another file
             self._guard_fd = None
 
     # -- ending -----------------------------------------------------------------------------
@@ -801,12 +870,17 @@ class Executor:
             self.reportable.remove(t)
         if t.pid is not None:
             _killpg(t.pid, signal.SIGKILL)
-        else:
+        elif not t.spawning:  # (a starting one is killed when its pid comes, see _spawned)
             self._release(t, time.time())
         return True
 
     def stop_all(self, grace: float = KILL_GRACE) -> list[dict]:
         """Stop every task (SIGTERM, then SIGKILL after ``grace``); return what was held."""
+        # processes being started: their pids first (a spawn returns within milliseconds; one
+        # stuck in an exec on a hung file system is killed when it comes back: see _spawned)
+        if not self.started(max(grace, 1.0)):
+            log.error("%d task processes still starting after %.0f s", self.spawner.in_flight,
+                      max(grace, 1.0))
         held = self.held()
         if self.preparer is not None:
             for t in self.queue:
@@ -815,8 +889,9 @@ class Executor:
         if self.fence_at:
             self.set_fence(0, 0)  # we are stopping them ourselves, with our own grace
         procs = [t for t in self.active.values() if t.pid is not None]
+        for t in self.active.values():
+            t.cancelled = True  # (one still starting is killed when its pid comes: _spawned)
         for t in procs:
-            t.cancelled = True
             _killpg(t.pid, signal.SIGTERM)
         deadline = time.time() + grace
         for t in procs:

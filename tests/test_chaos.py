@@ -102,6 +102,7 @@ def test_guard_fences_the_tasks_of_a_silent_agent_only(tmp_path):
     ex.add({"job": 1, "attempt": 1, "name": "t", "argv": ["/bin/sleep", "60"], "env": {},
             "workdir": "t.1", "cores": 1, "gpus": 0})
     ex.start_ready(time.time())
+    assert ex.started()  # its pid is back from the spawner thread
     [t] = ex.active.values()
     end = time.time() + 4.5  # three bounds, renewed every 0.5 s
     while time.time() < end:
@@ -137,6 +138,7 @@ def test_a_passed_fencing_deadline_is_never_moved(tmp_path):
     ex.add({"job": 1, "attempt": 1, "name": "t", "argv": ["/bin/sleep", "60"], "env": {},
             "workdir": "t.1", "cores": 1, "gpus": 0})
     ex.start_ready(time.time())
+    assert ex.started()  # its pid is back from the spawner thread
     [t] = ex.active.values()
     time.sleep(0.1)  # the guard has read the task's pid
     guard.suspend()
@@ -267,6 +269,7 @@ def test_hello_claims_tasks_whose_final_update_is_not_sent_yet(tmp_path):
         ex.add({"job": 7, "attempt": 1, "name": "t", "argv": ["/bin/true"], "env": {},
                 "workdir": "g/t.7", "cores": 1, "gpus": 0})
         ex.start_ready(time.time())
+        assert ex.started()
         [t] = ex.active.values()
         assert select.select([t.pidfd], [], [], 10)[0], "the task did not end"
         ex.on_exit(t, time.time())

@@ -1,0 +1,194 @@
+"""Starting task processes on pinned spawner threads (pilotfish.pilot.spawn), and the
+executor's tasks while their process is being started: real processes, real /proc."""
+from __future__ import annotations
+
+import os
+import select
+import signal
+import time
+
+import pytest
+
+from pilotfish.pilot.executor import Executor
+from pilotfish.pilot.spawn import Request, Spawner, TooLate, spawn
+
+ENV = {"PATH": "/usr/bin:/bin", "ONE": "1"}
+
+
+def status(pid: int) -> dict[str, str]:
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            out[k] = v.strip()
+    return out
+
+
+def wait(pid: int) -> int:
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def test_spawn_runs_in_its_directory_with_its_files_argv_and_environment(tmp_path):
+    d = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        pid = spawn("/usr/bin/env", ["/usr/bin/env"], ENV,
+                    [("fchdir", d), ("open", 0, "/dev/null", os.O_RDONLY, 0),
+                     ("open", 1, "out", os.O_WRONLY | os.O_CREAT, 0o644)])
+    finally:
+        os.close(d)
+    assert wait(pid) == 0
+    assert sorted((tmp_path / "out").read_text().split()) == ["ONE=1", "PATH=/usr/bin:/bin"]
+    pid = spawn("/bin/pwd", ["/bin/pwd"], ENV, [("chdir", str(tmp_path)),
+                                                ("open", 1, "pwd", os.O_WRONLY | os.O_CREAT,
+                                                 0o644)])
+    assert wait(pid) == 0
+    assert (tmp_path / "pwd").read_text().strip() == str(tmp_path)
+    assert os.getcwd() != str(tmp_path)  # never the agent's own directory
+
+
+def test_spawn_gives_a_new_session_default_sigpipe_and_no_blocked_signals():
+    """Python ignores SIGPIPE (and SIGXFSZ); a task must not inherit that -- `yes | head` in a
+    task's script would spin on EPIPE. os.posix_spawn without setsigdef passes it on."""
+    pid = spawn("/bin/sleep", ["/bin/sleep", "5"], ENV, [])
+    try:
+        st = status(pid)
+        ignored, blocked = int(st["SigIgn"], 16), int(st["SigBlk"], 16)
+        assert not ignored & (1 << (signal.SIGPIPE - 1)), st["SigIgn"]
+        assert not ignored & (1 << (signal.SIGXFSZ - 1)), st["SigIgn"]
+        assert blocked == 0
+        assert os.getsid(pid) == pid
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        wait(pid)
+
+
+@pytest.mark.parametrize("argv,env,actions,exc,words", [
+    (["/nonexistent/prog"], ENV, [], OSError, "No such file"),
+    (["/bin/true", "a\x00b"], ENV, [], ValueError, "null byte in argv"),
+    (["/bin/true", 5], ENV, [], TypeError, "int"),
+    ([], ENV, [], ValueError, "must not be empty"),
+    (["/bin/true"], {"A=B": "1"}, [], ValueError, "illegal environment variable name"),
+    (["/bin/true"], {"": "1"}, [], ValueError, "illegal environment variable name"),
+    (["/bin/true"], {"A": "x\x00y"}, [], ValueError, "null byte in env"),
+    (["/bin/true"], {"A": 1}, [], TypeError, "int"),
+    (["/bin/true"], ENV, [("fchdir", 987)], OSError, "Bad file descriptor"),
+    ("/bin/true", ENV, [], TypeError, "argv must be a list, not str"),
+    (7, ENV, [], TypeError, "argv must be a list, not int"),
+])
+def test_spawn_refuses_what_cannot_start(argv, env, actions, exc, words):
+    with pytest.raises(exc, match=words):
+        spawn(None, argv, env, actions)
+
+
+def test_spawner_children_are_born_on_the_requested_cores(tmp_path):
+    """The child reads its own mask before anything else could change it: grep of
+    /proc/self/status, run on each core in turn."""
+    own = os.sched_getaffinity(0)
+    sp = Spawner(own, None)
+    try:
+        for core in sorted(own):
+            out = tmp_path / f"mask.{core}"
+            sp.submit(Request(None, core, ["/bin/grep", "Cpus_allowed_list", "/proc/self/status"],
+                              ENV, [("open", 1, str(out), os.O_WRONLY | os.O_CREAT, 0o644)],
+                              frozenset([core]), None))
+            assert sp.wait(10)
+            [req] = sp.done()
+            assert req.error is None and req.pid and req.pidfd is not None
+            assert wait(req.pid) == 0
+            os.close(req.pidfd)
+            assert out.read_text().split()[-1] == str(core)
+        assert os.sched_getaffinity(0) == own  # the caller's thread is never pinned
+    finally:
+        sp.stop()
+
+
+def test_spawner_tells_the_guard_and_refuses_a_start_past_its_deadline(tmp_path):
+    r, w = os.pipe()
+    sp = Spawner(os.sched_getaffinity(0), w)
+    try:
+        sp.submit(Request("late", None, ["/bin/true"], ENV, [], None, time.monotonic() - 1))
+        sp.submit(Request("ok", None, ["/bin/true"], ENV, [], None, time.monotonic() + 60))
+        assert sp.wait(10)
+        assert select.select([sp.fd], [], [], 0)[0]  # the loop is woken
+        done = {q.task: q for q in sp.done()}
+        assert not select.select([sp.fd], [], [], 0)[0] and sp.pending == 0
+        assert isinstance(done["late"].error, TooLate) and done["late"].pid is None
+        ok = done["ok"]
+        assert wait(ok.pid) == 0
+        os.close(ok.pidfd)
+        assert os.read(r, 100) == b"+%d\n" % ok.pid  # the late one was never started
+    finally:
+        sp.stop()
+        os.close(r)
+        os.close(w)
+
+
+def _executor(tmp_path, ncores=1):
+    watched: dict = {}
+    ex = Executor(sorted(os.sched_getaffinity(0))[:ncores], [], tmp_path / "work",
+                  watch=lambda fd, t: watched.__setitem__(fd, t),
+                  unwatch=lambda fd: watched.pop(fd, None))
+    return ex, watched
+
+
+def _task(job, argv, **kw):
+    return {"job": job, "attempt": 1, "name": f"t{job}", "argv": argv, "env": {},
+            "workdir": f"w/t.{job}", "cores": 1, "gpus": 0, **kw}
+
+
+def test_a_task_cancelled_while_starting_is_killed_and_frees_its_core(tmp_path):
+    """start_ready only asks a spawner thread; the pid comes back at the next look at the
+    eventfd. A cancel in between cannot kill a pid it does not have: the process is killed
+    as it comes back, and the core is freed only once it has been reaped."""
+    ex, watched = _executor(tmp_path)
+    try:
+        ex.add(_task(1, ["/bin/sleep", "60"]))
+        ex.start_ready(time.time())
+        [t] = ex.active.values()
+        assert t.spawning and t.pid is None
+        assert ex.cancel(1, 1)
+        assert ex.active and not ex.free_cores  # not freed: its process may be starting
+        assert ex.started()
+        assert t.pid is not None and t.pidfd in watched
+        assert select.select([t.pidfd], [], [], 5)[0], "not killed"
+        ex.on_fd(t.pidfd, t, time.time())
+        assert not ex.active and len(ex.free_cores) == 1
+        assert ex.take_updates(time.time(), True) == []  # a cancelled task reports nothing
+    finally:
+        ex.stop_all()
+
+
+def test_stop_all_stops_tasks_still_starting(tmp_path):
+    ex, watched = _executor(tmp_path, ncores=2)
+    try:
+        for j in (1, 2):
+            ex.add(_task(j, ["/bin/sleep", "60"]))
+        ex.start_ready(time.time())
+        ts = list(ex.active.values())
+        assert all(t.spawning for t in ts)
+        held = ex.stop_all(grace=1.0)
+        assert sorted(h["job"] for h in held) == [1, 2]
+        assert not ex.active and sorted(ex.free_cores) == sorted(os.sched_getaffinity(0))[:2]
+        assert all(t.pid is None for t in ts)
+        assert set(watched) == {ex.spawner.fd}
+    finally:
+        ex.stop_all()
+
+
+def test_a_task_that_cannot_start_fails_with_why(tmp_path):
+    ex, watched = _executor(tmp_path)
+    try:
+        ex.add(_task(1, ["/nonexistent/prog"]))
+        ex.add(_task(2, ["/bin/true", "a\x00b"]))
+        ex.start_ready(time.time())
+        assert ex.started()
+        ex.start_ready(time.time())
+        assert ex.started()
+        ups = {u["job"]: u for u in ex.take_updates(time.time(), True)}
+        assert ups[1]["states"][-1] == "RUN_FAILED" and "RUNNING" not in ups[1]["states"]
+        assert ups[1]["msg"] == "cannot start /nonexistent/prog: No such file or directory"
+        assert ups[2]["states"][-1] == "RUN_FAILED"
+        assert "null byte" in ups[2]["msg"]
+        assert len(ex.free_cores) == 1 and not ex.active
+    finally:
+        ex.stop_all()
