@@ -65,7 +65,7 @@ from pilotfish.envpolicy import refused_env_name, task_base_env
 from pilotfish.errors import ValidationError
 from pilotfish.validate import check_relpath
 
-from .prepare import _DIR, Preparer, plain
+from .prepare import OPEN_DIR, Preparer, plain
 from .spawn import Request, Spawner, TooLate
 
 log = logging.getLogger("pilotfish.agent")
@@ -468,7 +468,7 @@ class Executor:
         built from the work root; else (None, why): a symlink on the way or as the workdir
         itself (a task could have planted one), or not a directory at all."""
         try:
-            fd = os.open(t.workdir, _DIR)
+            fd = os.open(t.workdir, OPEN_DIR)
         except OSError as exc:
             # (the workdir itself a symlink: ELOOP, or ENOTDIR with O_DIRECTORY)
             if exc.errno != errno.ELOOP and not os.path.islink(t.workdir):

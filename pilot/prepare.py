@@ -32,7 +32,7 @@ from pilotfish.validate import check_relpath
 #: made, made (descriptors held), taken by the loop (or dropped).
 TODO, BUSY, DONE, TAKEN = "todo", "busy", "done", "taken"
 _WRITE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class Prepared:
@@ -81,7 +81,7 @@ def make_workdir(root_prefix: str, rel: str, made_dirs: set[str]) -> Prepared | 
     except FileExistsError:
         pass
     try:
-        dfd = os.open(workdir, _DIR)
+        dfd = os.open(workdir, OPEN_DIR)
     except OSError:
         return None  # a symlink planted as the workdir (ELOOP), a file: the loop refuses it
     try:

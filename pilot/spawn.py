@@ -45,8 +45,6 @@ for _name, _args in (("posix_spawn_file_actions_init", [_P]),
                      ("posix_spawn_file_actions_addopen", [_P, ctypes.c_int, ctypes.c_char_p,
                                                            ctypes.c_int, ctypes.c_uint]),
                      ("posix_spawn_file_actions_adddup2", [_P, ctypes.c_int, ctypes.c_int]),
-                     ("posix_spawn_file_actions_addfchdir_np", [_P, ctypes.c_int]),
-                     ("posix_spawn_file_actions_addchdir_np", [_P, ctypes.c_char_p]),
                      ("posix_spawnattr_init", [_P]),
                      ("posix_spawnattr_setflags", [_P, ctypes.c_short]),
                      ("posix_spawnattr_setsigdefault", [_P, _P]),
@@ -57,6 +55,29 @@ for _name, _args in (("posix_spawn_file_actions_init", [_P]),
                      ("eventfd_write", [ctypes.c_int, ctypes.c_uint64])):
     _f = getattr(_libc, _name)
     _f.argtypes, _f.restype = _args, ctypes.c_int
+#: glibc 2.29+ (2019) has the working-directory file actions; with an older one the spawning
+#: thread takes a working directory of its own (``unshare(CLONE_FS)``: its cwd is no other
+#: thread's) and enters the directory itself before the spawn (see :func:`_enter`).
+_NP = hasattr(_libc, "posix_spawn_file_actions_addfchdir_np")
+if _NP:
+    _libc.posix_spawn_file_actions_addfchdir_np.argtypes = [_P, ctypes.c_int]
+    _libc.posix_spawn_file_actions_addchdir_np.argtypes = [_P, ctypes.c_char_p]
+CLONE_FS = 0x200
+_own_cwd = threading.local()
+
+
+def _enter(kind: str, where) -> None:
+    """Without the _np file actions: enter the child's working directory in this thread,
+    whose working directory is its own (unshared once; never the process's)."""
+    if not getattr(_own_cwd, "done", False):
+        if _libc.unshare(CLONE_FS) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, f"unshare(CLONE_FS): {os.strerror(e)}")
+        _own_cwd.done = True
+    if kind == "fchdir":
+        os.fchdir(where)
+    else:
+        os.chdir(where)
 
 # <spawn.h>
 SETSIGDEF, SETSIGMASK, SETSID = 0x04, 0x08, 0x80
@@ -151,8 +172,14 @@ def spawn(path: str | None, argv: list, env: dict, actions: list, setsid: bool =
     fa = ctypes.create_string_buffer(_FA_SIZE)
     _libc.posix_spawn_file_actions_init(fa)
     try:
-        for a in actions:
+        for i, a in enumerate(actions):
             kind = a[0]
+            if not _NP and kind in ("fchdir", "chdir"):
+                if i:
+                    raise ValueError("without glibc 2.29 a working directory must be the "
+                                     "first spawn action")
+                _enter(kind, a[1])
+                continue
             if kind == "open":
                 rc = _libc.posix_spawn_file_actions_addopen(fa, a[1], os.fsencode(a[2]), a[3],
                                                             a[4])

@@ -192,3 +192,36 @@ def test_a_task_that_cannot_start_fails_with_why(tmp_path):
         assert len(ex.free_cores) == 1 and not ex.active
     finally:
         ex.stop_all()
+
+
+def test_without_glibc_2_29_the_spawning_thread_enters_the_directory_alone(tmp_path,
+                                                                           monkeypatch):
+    """glibc before 2.29 has no posix_spawn_file_actions_addfchdir_np: the spawning thread
+    takes a working directory of its own (unshare(CLONE_FS)) and enters the workdir itself.
+    The process's -- every other thread's -- working directory does not move."""
+    import threading
+    from pilotfish.pilot import spawn as S
+    monkeypatch.setattr(S, "_NP", False)
+    before = os.getcwd()
+    out: dict = {}
+
+    def run():
+        d = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            out["pid"] = S.spawn(None, ["/bin/pwd"], ENV, [
+                ("fchdir", d), ("open", 1, "pwd", os.O_WRONLY | os.O_CREAT, 0o644)])
+            with pytest.raises(ValueError, match="first spawn action"):
+                S.spawn(None, ["/bin/pwd"], ENV, [("open", 0, "/dev/null", os.O_RDONLY, 0),
+                                                  ("chdir", "/")])
+        except BaseException as exc:  # noqa: BLE001 -- reported by the test's thread
+            out["error"] = exc
+        finally:
+            os.close(d)
+
+    th = threading.Thread(target=run)
+    th.start()
+    th.join(10)
+    assert "error" not in out, out.get("error")
+    assert wait(out["pid"]) == 0
+    assert (tmp_path / "pwd").read_text().strip() == str(tmp_path)
+    assert os.getcwd() == before
