@@ -79,6 +79,7 @@ def _enter(kind: str, where) -> None:
     else:
         os.chdir(where)
 
+
 # <spawn.h>
 SETSIGDEF, SETSIGMASK, SETSID = 0x04, 0x08, 0x80
 #: Opaque glibc structures, with room to spare (x86_64: 80, 336 and 128 bytes).
