@@ -49,7 +49,6 @@ The spawn enters it with ``fchdir`` on that descriptor.
 """
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import select
@@ -65,7 +64,7 @@ from pilotfish.envpolicy import refused_env_name, task_base_env
 from pilotfish.errors import ValidationError
 from pilotfish.validate import check_relpath
 
-from .prepare import OPEN_DIR, Preparer, plain
+from .prepare import Preparer, open_real_dir, plain
 from .spawn import Request, Spawner, TooLate
 
 log = logging.getLogger("pilotfish.agent")
@@ -468,25 +467,17 @@ class Executor:
         built from the work root; else (None, why): a symlink on the way or as the workdir
         itself (a task could have planted one), or not a directory at all."""
         try:
-            fd = os.open(t.workdir, OPEN_DIR)
+            fd = open_real_dir(t.workdir)
         except OSError as exc:
-            # (the workdir itself a symlink: ELOOP, or ENOTDIR with O_DIRECTORY)
-            if exc.errno != errno.ELOOP and not os.path.islink(t.workdir):
-                return None, f"workdir {t.workdir}: {exc.strerror or exc}"
-            fd = None
+            return None, f"workdir {t.workdir}: {exc.strerror or exc}"
         if fd is not None:
+            return fd, None
+        if t.created:  # made through the symlink: take back the empty directory we made
+            t.created = False
             try:
-                if os.readlink(f"/proc/self/fd/{fd}") == t.workdir:
-                    return fd, None
+                os.rmdir(t.workdir)
             except OSError:
                 pass
-            os.close(fd)
-            if t.created:  # made through the symlink: take back the empty directory we made
-                t.created = False
-                try:
-                    os.rmdir(t.workdir)
-                except OSError:
-                    pass
         return None, (f"workdir {t.workdir} is not a real directory under the work root (a "
                       "symlink on the way?): refused")
 

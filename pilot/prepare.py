@@ -21,6 +21,7 @@ to that open directory. Anything unexpected and the task is left to the loop's o
 """
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from collections import deque
@@ -64,6 +65,27 @@ def plain(spec: dict) -> bool:
     return not (spec.get("input_url") or spec.get("staged") or spec.get("pre"))
 
 
+def open_real_dir(path: str) -> int | None:
+    """``path`` opened (close-on-exec) when it is the real directory at that path: no symlink
+    as its last part, and ``/proc/self/fd`` names the path (no symlink on the way). None when a
+    symlink is on the way or is the path itself; OSError for anything else (missing, not a
+    directory)."""
+    try:
+        fd = os.open(path, OPEN_DIR)
+    except OSError as exc:
+        # (the path itself a symlink: ELOOP, or ENOTDIR with O_DIRECTORY)
+        if exc.errno == errno.ELOOP or os.path.islink(path):
+            return None
+        raise
+    try:
+        if os.readlink(f"/proc/self/fd/{fd}") == path:
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
 def make_workdir(root_prefix: str, rel: str, made_dirs: set[str]) -> Prepared | None:
     """Create ``root_prefix/rel`` (a retry's may exist) and open ``job.out`` and ``job.err``
     in it. None: the directory is not what the path says (leave it to the loop's checks).
@@ -81,18 +103,17 @@ def make_workdir(root_prefix: str, rel: str, made_dirs: set[str]) -> Prepared | 
     except FileExistsError:
         pass
     try:
-        dfd = os.open(workdir, OPEN_DIR)
+        dfd = open_real_dir(workdir)
     except OSError:
-        return None  # a symlink planted as the workdir (ELOOP), a file: the loop refuses it
+        return None  # a file planted as the workdir: the loop refuses it with its own words
+    if dfd is None:
+        if created:  # made through a symlink on the way: take the empty directory back
+            try:
+                os.rmdir(workdir)
+            except OSError:
+                pass
+        return None  # the loop refuses it with its own words
     try:
-        if os.readlink(f"/proc/self/fd/{dfd}") != workdir:
-            if created:  # made through a symlink on the way: take the empty directory back
-                try:
-                    os.rmdir(workdir)
-                except OSError:
-                    pass
-            os.close(dfd)
-            return None  # the loop refuses it with its own words
         out = os.open("job.out", _WRITE, 0o644, dir_fd=dfd)
         try:
             err = os.open("job.err", _WRITE, 0o644, dir_fd=dfd)

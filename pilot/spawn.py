@@ -126,10 +126,6 @@ def _attr(flags: int):
 _ATTRS = {True: _attr(SETSID), False: _attr(0)}
 
 
-def _encode(s) -> bytes:
-    return s.encode("utf-8", "surrogateescape") if type(s) is str else os.fsencode(s)
-
-
 def _cstrings(items: list[bytes], what: str):
     """A NULL-terminated ``char *[]`` pointing into one joined bytes object, and that object
     (keep it alive until the call returns). One join and one array constructor: the per-item
@@ -158,16 +154,16 @@ def spawn(path: str | None, argv: list, env: dict, actions: list, setsid: bool =
         raise ValueError("argv must not be empty")
     if path is None:
         path = argv[0]
-    c_argv, keep_argv = _cstrings([_encode(a) for a in argv], "argv")
+    c_argv, keep_argv = _cstrings([os.fsencode(a) for a in argv], "argv")
     try:
         envs = [(k + "=" + v).encode("utf-8", "surrogateescape") for k, v in env.items()]
     except TypeError:  # not strings: os.fsencode says which type it got
-        envs = [_encode(k) + b"=" + _encode(v) for k, v in env.items()]
+        envs = [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in env.items()]
     for k in env:
         if not k or "=" in k:
             raise ValueError("illegal environment variable name")
     c_env, keep_env = _cstrings(envs, "env")
-    c_path = _encode(path)
+    c_path = os.fsencode(path)
     if b"\0" in c_path:
         raise ValueError("embedded null byte in the program")
     fa = ctypes.create_string_buffer(_FA_SIZE)
@@ -210,13 +206,12 @@ class Request:
     until when it may start at all (``time.monotonic()``; None: no bound). The thread fills in
     ``pid``/``pidfd`` or ``error`` (an exception), and ``at`` (``time.time()``). ``task`` and
     ``ctx`` are the caller's."""
-    __slots__ = ("task", "ctx", "path", "argv", "env", "actions", "cores", "until", "pid",
-                 "pidfd", "error", "at", "pin_error")
+    __slots__ = ("task", "ctx", "argv", "env", "actions", "cores", "until", "pid", "pidfd",
+                 "error", "at", "pin_error")
 
     def __init__(self, task, ctx, argv: list, env: dict, actions: list,
                  cores: frozenset | None, until: float | None) -> None:
         self.task, self.ctx = task, ctx
-        self.path = None  # argv[0] (checked on the thread: a malformed task fails there)
         self.argv, self.env, self.actions = argv, env, actions
         self.cores, self.until = cores, until
         self.pid = self.pidfd = self.error = self.pin_error = None
@@ -314,7 +309,8 @@ class Spawner:
             try:
                 if req.until is not None and time.monotonic() >= req.until:
                     raise TooLate()
-                req.pid = spawn(req.path, req.argv, req.env, req.actions)
+                # (argv[0] is the program, checked here: a malformed task fails, not the loop)
+                req.pid = spawn(None, req.argv, req.env, req.actions)
                 if self.guard is not None:
                     try:
                         _write(self.guard, b"+%d\n" % req.pid)
