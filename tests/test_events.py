@@ -127,6 +127,32 @@ def test_ids_increase_over_jobs_and_agents(srv, tmp_path):
     assert left[0]["from"] == "ALIVE" and left[0]["id"] > got[-1]
 
 
+def test_plain_and_filtered_reads_agree(srv, tmp_path):
+    """An unfiltered read runs the driver's SQL (server/events.py _plain_rows), a filtered one
+    SQLAlchemy's: every kind of event comes out the same both ways, in pages of any size."""
+    with srv.client() as c:
+        c.add_app(TRUE)
+        ids = add(c, 6, group="g")
+        c.kill_jobs({"ids": [ids[0]]})
+        c.remove_jobs({"ids": [ids[1]]})
+        c.add_pilot(id="p1", nodes=1, site="s1")
+        srv.agent(work_root=tmp_path / "work")
+        assert c.wait({"ids": ids[2:]}, timeout=120) == {"JOB_FINISHED": 4}
+        plain = all_events(c)
+        assert {e["kind"] for e in plain} == {"job", "agent", "pilot"}
+        assert plain == all_events(c, kind=["job", "agent", "pilot", "workflow"])
+        assert any(e["via"] for e in plain) and any(e["to"] == "REMOVED" for e in plain)
+        paged, since = [], 0
+        while True:
+            r = c.events(since=since, limit=3)
+            if not r["events"]:
+                break
+            assert len(r["events"]) <= 3
+            paged += r["events"]
+            since = r["cursor"]
+        assert paged == plain
+
+
 # -- pushed, not polled --------------------------------------------------------------------------
 def test_a_parked_request_is_answered_by_the_commit(server):
     with server.client() as c:
