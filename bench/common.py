@@ -42,8 +42,12 @@ _DEFERRED_RM: list[Path] = []
 
 
 #: Seconds after a benchmark removed its temporary homes during which the next one waits
-#: before it measures (see :func:`wait_for_removals`).
+#: before it measures (see :func:`wait_for_removals`) at least; then it waits on until the
+#: create probe reads at most REMOVAL_QUIET_US, or REMOVAL_MOST seconds have passed.
 REMOVAL_SETTLE = 150.0
+REMOVAL_QUIET_US = 150.0
+REMOVAL_MOST = 420.0
+REMOVAL_POLL = 10.0
 #: Its stamp file, in the directory of the homes: modified when they were removed.
 _REMOVED_STAMP = "pilotfish-bench-removed"
 #: How :func:`create_probe`'s directories are named (their 300 inodes mark nothing).
@@ -63,31 +67,49 @@ def _remove_deferred() -> None:
 
 
 def wait_for_removals(tmp: str) -> float:
-    """Wait until :data:`REMOVAL_SETTLE` seconds have passed since an earlier benchmark removed
-    its homes under ``tmp``; the seconds waited.
+    """Wait until an earlier benchmark's removal of its homes under ``tmp`` no longer slows
+    inode creation there; the seconds waited.
 
     On an ext4 file system without a journal (this machine's disk), the inode allocator skips
     inodes freed in the last 60 s -- 360 s while their inode-table block is dirty, and creating
     new inodes next to them keeps it dirty -- testing each one in turn. After a W2 run removed
     its 30,000 workdir inodes, a workdir and its two files cost 0.7-2 ms instead of 0.1 ms for
     about two minutes, and the next run measured the disk, not pilotfish (W2 swung 2x between
-    back-to-back runs). Within one benchmark process, homes are removed only at its end.
-    ``PILOTFISH_BENCH_REMOVAL_WAIT=0`` skips the wait (``before_after.py`` sets it: its runs
-    alternate, so what one run's removal costs the next falls on both sides)."""
+    back-to-back runs). How long that lasts depends on how many were removed: after 50,000-80,000
+    the probe still read 445-558 us at 90 s and 79 us later, and two W2 runs that started at
+    150 s measured 0.6 x xargs where others measured 0.86. So: at least REMOVAL_SETTLE seconds,
+    then until :func:`create_probe` reads at most REMOVAL_QUIET_US (every REMOVAL_POLL s), at most
+    REMOVAL_MOST seconds after the removal. Within one benchmark process, homes are removed
+    only at its end. ``PILOTFISH_BENCH_REMOVAL_WAIT=0`` skips the wait (``before_after.py``
+    sets it: its runs alternate, so what one run's removal costs the next falls on both
+    sides)."""
     if fs_type(tmp) in ("tmpfs", "ramfs") or os.environ.get("PILOTFISH_BENCH_REMOVAL_WAIT") == "0":
         return 0.0
     try:
-        since = time.time() - Path(tmp, _REMOVED_STAMP).stat().st_mtime
+        removed = Path(tmp, _REMOVED_STAMP).stat().st_mtime
     except OSError:
         return 0.0
-    wait = REMOVAL_SETTLE - since
-    if wait <= 0:
+    now = time.time()
+    if now - removed >= REMOVAL_MOST:
         return 0.0
-    log(f"waiting {wait:.0f} s: an earlier benchmark removed its homes under {tmp} "
-        f"{since:.0f} s ago, and inode creation there is slow for ~2 min after that "
-        "(ext4 without a journal; see bench/common.py wait_for_removals)")
-    time.sleep(wait)
-    return round(wait, 1)
+    waited = 0.0
+    wait = REMOVAL_SETTLE - (now - removed)
+    if wait > 0:
+        log(f"waiting {wait:.0f} s at least: an earlier benchmark removed its homes under "
+            f"{tmp} {now - removed:.0f} s ago, and inode creation there is slow for minutes "
+            "after that (ext4 without a journal; see bench/common.py wait_for_removals)")
+        time.sleep(wait)
+        waited += wait
+    while True:
+        us = create_probe(tmp)
+        since = time.time() - removed
+        if us is None or us <= REMOVAL_QUIET_US or since >= REMOVAL_MOST:
+            return round(waited, 1)
+        log(f"creating a workdir there still costs {us:.0f} us ({since:.0f} s after the "
+            f"removal); waiting for <= {REMOVAL_QUIET_US:.0f} us, at most "
+            f"{REMOVAL_MOST - since:.0f} s more")
+        time.sleep(REMOVAL_POLL)
+        waited += REMOVAL_POLL
 
 
 atexit.register(_remove_deferred)

@@ -1,6 +1,7 @@
 """bench/common.py: a benchmark that removed its homes marks their directory, and one that
 times workdirs on that disk waits out the rest of ``REMOVAL_SETTLE`` first (ext4 without a
-journal skips recently freed inodes one by one; see ``wait_for_removals``). Real directories
+journal skips recently freed inodes one by one; see ``wait_for_removals``), then on until the
+create probe reads quiet, within ``REMOVAL_MOST``. Real directories
 under pytest's temporary directory, a settle time of a fraction of a second; the file system
 type is set by the test, so the result does not depend on where pytest's directory is."""
 from __future__ import annotations
@@ -25,6 +26,7 @@ def disk(monkeypatch):
 def test_removing_homes_marks_the_directory_and_the_next_run_waits(tmp_path, disk,
                                                                    monkeypatch):
     monkeypatch.setattr(C, "REMOVAL_SETTLE", 0.4)
+    monkeypatch.setattr(C, "create_probe", lambda tmp: 50.0)  # quiet, whatever the disk is
     home = tmp_path / "pilotfish-bench-w2-x"
     (home / "work" / "1").mkdir(parents=True)
     monkeypatch.setattr(C, "_DEFERRED_RM", [home])
@@ -34,6 +36,22 @@ def test_removing_homes_marks_the_directory_and_the_next_run_waits(tmp_path, dis
     waited = C.wait_for_removals(str(tmp_path))
     assert 0 < waited <= 0.4 and time.monotonic() - t0 >= waited - 0.01
     assert C.wait_for_removals(str(tmp_path)) == 0.0  # settled: no second wait
+
+
+def test_the_wait_follows_the_probe_not_the_clock(tmp_path, disk, monkeypatch):
+    """Past REMOVAL_SETTLE a slow probe keeps the next run waiting, poll by poll, until it
+    reads quiet; and never past REMOVAL_MOST after the removal."""
+    monkeypatch.setattr(C, "REMOVAL_SETTLE", 0.0)
+    monkeypatch.setattr(C, "REMOVAL_POLL", 0.05)
+    readings = iter([520.0, 450.0, 80.0, 900.0])
+    monkeypatch.setattr(C, "create_probe", lambda tmp: next(readings))
+    (tmp_path / "pilotfish-bench-removed").touch()
+    t0 = time.monotonic()
+    assert C.wait_for_removals(str(tmp_path)) == 0.1  # two slow probes, then a quiet one
+    assert time.monotonic() - t0 >= 0.1
+    monkeypatch.setattr(C, "REMOVAL_MOST", 0.2)  # too long ago to matter: not even probed
+    time.sleep(0.25)
+    assert C.wait_for_removals(str(tmp_path)) == 0.0 and next(readings) == 900.0
 
 
 def test_the_probe_alone_marks_nothing(tmp_path, disk, monkeypatch):
