@@ -43,6 +43,29 @@ log = logging.getLogger("pilotfish.server")
 MAX_MESSAGES_PER_TURN = 2000
 
 
+#: Where the kernel takes the source ports of outgoing connections, and its default.
+EPHEMERAL_PORTS = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def listen_ports(ephemeral: str | None = None) -> tuple[int, int]:
+    """The range (low inclusive, high exclusive) a server picks its random port from: below
+    the kernel's ephemeral ports (``ephemeral``: the text of ip_local_port_range), or above
+    them when there is no room below. A port from that range, freed by a kill -9, can be
+    taken by any outgoing connection on the host before the server comes back, and the agents
+    would then not find it again; pyzmq's default range (49152-65535) lies inside Linux's
+    (32768-60999)."""
+    try:
+        lo, hi = (int(x) for x in (ephemeral if ephemeral is not None
+                                   else EPHEMERAL_PORTS.read_text()).split())
+    except (OSError, ValueError):
+        return 20000, 30000
+    if lo - 1024 >= 2000:
+        return max(1024, lo - 10000), lo
+    if 65535 - hi >= 2000:
+        return hi + 1, 65536
+    return 49152, 65536  # no room outside: pyzmq's own default
+
+
 #: Seconds between two log lines about refused connections of one kind (a refused agent
 #: reconnects every few seconds; the first refusal is always logged).
 REFUSAL_LOG_EVERY = 60.0
@@ -298,7 +321,9 @@ class Service:
                 return
             except (OSError, ValueError, zmq.ZMQError):
                 pass
-            port = self.sock.bind_to_random_port(base)
+            low, high = listen_ports()
+            port = self.sock.bind_to_random_port(base, min_port=low, max_port=high,
+                                                 max_tries=1000)
             settings.last_port_path(self.home).write_text(f"{port}\n")
         except zmq.ZMQError as exc:
             raise PilotfishError(f"cannot bind {bind}: {exc}") from None

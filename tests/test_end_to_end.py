@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import ServerHandle, wait_for
 
 PROBE = r"""
@@ -360,6 +362,28 @@ def test_restarted_server_readopts_running_tasks(server: ServerHandle, tmp_path)
         d = c.job(j)
         assert d["attempts"] == 1 and d["retries"] == 0
         assert [e["to_state"] for e in d["events"]] == ["READY", "RUNNING", "JOB_FINISHED"]
+
+
+def test_the_random_port_is_outside_the_ephemeral_range(server: ServerHandle):
+    """A server's random port comes from below the kernel's ephemeral ports, so no outgoing
+    connection on the host can take it while a killed server comes back (a test of another
+    process once got "Address already in use" there)."""
+    from pilotfish.server.service import EPHEMERAL_PORTS, listen_ports
+    port = int(server.address.rsplit(":", 1)[1])
+    low, high = listen_ports()
+    assert low <= port < high
+    lo, hi = (int(x) for x in EPHEMERAL_PORTS.read_text().split())
+    assert not lo <= port <= hi
+
+
+@pytest.mark.parametrize("text, want", [
+    ("32768\t60999\n", (22768, 32768)),    # Linux's default
+    ("2048 60000", (60001, 65536)),          # no room below: above
+    ("1024 65535", (49152, 65536)),          # no room at all: pyzmq's default
+    ("garbage", (20000, 30000)), ("", (20000, 30000))])
+def test_listen_ports(text, want):
+    from pilotfish.server.service import listen_ports
+    assert listen_ports(text) == want
 
 
 def test_counts_kept_in_memory_match_the_database(server: ServerHandle, tmp_path):
