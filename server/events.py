@@ -144,7 +144,12 @@ _JOB_COLS = (job_events.c.id, job_events.c.time, job_events.c.job_id, jobs.c.nam
              jobs.c.group_identifier, job_events.c.from_state, job_events.c.to_state,
              job_events.c.via, job_events.c.message, jobs.c.workflow_id, jobs.c.argo_job_id,
              jobs.c.job_status_routing_key)
-_SERVER_COLS = tuple(server_events.c)
+#: The columns a server event is read with, in the order _server_event takes them.
+_SERVER_COLS = (server_events.c.id, server_events.c.time, server_events.c.kind,
+                server_events.c.job_id, server_events.c.name, server_events.c.grp,
+                server_events.c.from_state, server_events.c.to_state, server_events.c.message,
+                server_events.c.agent, server_events.c.host, server_events.c.pilot,
+                server_events.c.site, server_events.c.workflow_id)
 
 
 def _job_event(r) -> dict:
@@ -157,10 +162,10 @@ def _job_event(r) -> dict:
 
 
 def _server_event(r) -> dict:
-    """One server event as the op gives it, from a row in server_events' column order."""
-    return {"id": r[0], "time": r[2], "kind": r[1], "job": r[3], "name": r[4], "group": r[5],
-            "from": r[10], "to": r[11], "via": [], "message": r[12], "agent": r[6],
-            "host": r[7], "pilot": r[8], "site": r[9], "workflow": r[13],
+    """One server event as the op gives it, from a row in _SERVER_COLS order."""
+    return {"id": r[0], "time": r[1], "kind": r[2], "job": r[3], "name": r[4], "group": r[5],
+            "from": r[6], "to": r[7], "via": [], "message": r[8], "agent": r[9],
+            "host": r[10], "pilot": r[11], "site": r[12], "workflow": r[13],
             "argo_job_id": None, "routing_key": None}
 
 
@@ -216,15 +221,14 @@ _PLAIN: dict[str, tuple[str, str]] = {}
 
 
 def _plain_sql(conn) -> tuple[str, str]:
-    """The unfiltered reads (a status publisher's, a dashboard's) as the driver's SQL, run on
-    its cursor. Through SQLAlchemy each read rebuilt its statement's cache key and each row
+    """The unfiltered reads (a status publisher's) as the driver's SQL, run on its cursor. Through SQLAlchemy each read rebuilt its statement's cache key and each row
     went through a Row: with a publisher following W2, reading was a third of the server's
     CPU."""
     mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
     got = _PLAIN.get(mark)
     if got is None:
         cols = ", ".join(f"{c.table.name}.{c.name}" for c in _JOB_COLS)
-        scols = ", ".join(c.name for c in _SERVER_COLS)
+        scols = ", ".join(c.name for c in _SERVER_COLS)  # (one table: no prefix)
         got = _PLAIN[mark] = (
             f"SELECT {cols} FROM job_events LEFT OUTER JOIN jobs ON jobs.id = job_events.job_id"
             f" WHERE job_events.id > {mark} AND job_events.id <= {mark}"
@@ -234,21 +238,19 @@ def _plain_sql(conn) -> tuple[str, str]:
     return got
 
 
-def _plain_rows(conn, since: int, end: int, limit: int) -> list[dict]:
+def _plain_rows(conn, since: int, end: int, limit: int) -> tuple[list[dict], list[dict]]:
+    """Job events and server events with since < id <= end, at most ``limit`` of each."""
     sql_jobs, sql_server = _plain_sql(conn)
     if not conn.in_transaction():
-        conn.begin()
+        conn.begin()  # in the turn's transaction, as SQLAlchemy's reads are
     cur = conn.connection.dbapi_connection.cursor()
     try:
         cur.execute(sql_jobs, (since, end, limit))
         rows = [_job_event(r) for r in cur.fetchall()]
         cur.execute(sql_server, (since, end, limit))
-        more = [_server_event(r) for r in cur.fetchall()]
+        return rows, [_server_event(r) for r in cur.fetchall()]
     finally:
         cur.close()
-    if more:
-        rows = sorted(rows + more, key=lambda r: r["id"])[:limit]
-    return rows
 
 
 def read(srv: JobServer, since: int, limit: int, f: Filter) -> dict:
@@ -267,13 +269,13 @@ def read(srv: JobServer, since: int, limit: int, f: Filter) -> dict:
     srv.sync()
     rows: list[dict] = []
     if f.empty:
-        rows = _plain_rows(srv.conn, since, end, limit)
+        rows, more = _plain_rows(srv.conn, since, end, limit)
     else:
         if f.kinds is None or "job" in f.kinds:
             rows = _job_rows(srv.conn, since, end, limit, f)
         more = _server_rows(srv.conn, since, end, limit, f)
-        if more:
-            rows = sorted(rows + more, key=lambda r: r["id"])[:limit]
+    if more:
+        rows = sorted(rows + more, key=lambda r: r["id"])[:limit]
     cursor = rows[-1]["id"] if len(rows) == limit else end
     return {"events": rows, "cursor": cursor, "oldest": pruned + 1}
 
