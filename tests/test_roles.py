@@ -28,6 +28,9 @@ from pilotfish.server import workflow_ops  # noqa: F401  (registers the workflow
 from pilotfish.server import federation_ops  # noqa: F401  (registers the federation ops)
 from pilotfish.server.ops import OPS
 from pilotfish.server import pilot_ops  # noqa: F401  (registers the pilot ops)
+# every op the server registers, whatever other tests in this process imported before (the
+# usage ops were missing from the matrix until a test imported the service module first)
+from pilotfish.server import service  # noqa: F401
 
 ECHO = {"name": "echo", "executable": "/bin/echo", "args": ["{x}"],
         "parameters": {"x": {"type": "str"}}}
@@ -38,7 +41,8 @@ ROLES = ("admin", "submitter", "agent", "reader", "site")
 
 READ = {"ping", "status", "agent_ls", "app_ls", "app_show", "job_ls", "job_counts", "job_groups",
         "job_summary", "job_show", "job_log", "pilot_ls", "site_status", "events",
-        "workflow_ls", "workflow_show", "transfer_ls", "remote_sites"}
+        "workflow_ls", "workflow_show", "transfer_ls", "remote_sites", "utilization", "usage",
+        "usage_days"}
 SUBMIT = READ | {"workflow_add", "workflow_check", "workflow_kill", "workflow_retry",
                  "job_add", "job_add_array", "job_check", "job_kill", "job_retry", "job_alter",
                  "job_rm", "forward_control",
@@ -196,6 +200,7 @@ def _args(op: str, role: str) -> dict:
         "forward_report": {"site": "far", "updates": []},
         "forward_control": {"action": "cancel", "intake_key": "fwd:central:9:1"},
         "site_beat": {"site": "far", "backlog": 0, "capacity": 1}, "remote_sites": {},
+        "utilization": {}, "usage": {}, "usage_days": {},
     }[op]
 
 
