@@ -474,7 +474,10 @@ class Client:
                            ("workflow", workflow)):
             if value is not None:
                 args[key] = value
-        return self._call("events", args, self.timeout + wait, lost_fails=True)
+        # the server refuses a wait that is not 0..60 seconds: give such a request the plain
+        # timeout, so that refusal (one line) comes back, not an error of our own poll
+        valid = type(wait) in (int, float) and 0 <= wait <= 60
+        return self._call("events", args, self.timeout + (wait if valid else 0), lost_fails=True)
 
     def follow(self, since: int = 0, **filters: Any) -> Iterator[dict]:
         """Every event after ``since`` matching ``filters`` (as :meth:`events` takes them), in

@@ -347,6 +347,9 @@ def test_bad_arguments_are_refused_alone(server):
             assert words in msg and "\n" not in msg and len(msg) < 2000, (args, msg)
         with pytest.raises(ValidationError, match="past 64 bits"):  # refused before it is sent
             c.events(since=2**70)
+        for wait in (float("nan"), float("inf"), 1e308, -1, "5"):  # the server's refusal, as is
+            with pytest.raises(ValidationError, match="argument 'wait'"):
+                c.events(wait=wait)
         assert c.ping()["version"]
         assert len(c.events()["events"]) == 2
         [j] = add(c, 1)
