@@ -123,7 +123,7 @@ def _attr(flags: int):
     return a
 
 
-_ATTRS = {True: _attr(SETSID), False: _attr(0)}
+_ATTR = _attr(SETSID)  # every task leads a session of its own
 
 
 def _cstrings(items: list[bytes], what: str):
@@ -141,8 +141,9 @@ def _cstrings(items: list[bytes], what: str):
     return (ctypes.c_void_p * (len(items) + 1))(*addrs), blob
 
 
-def spawn(path: str | None, argv: list, env: dict, actions: list, setsid: bool = True) -> int:
-    """``posix_spawn`` ``path`` (None: ``argv[0]``) with ``argv`` and ``env``; the pid.
+def spawn(argv: list, env: dict, actions: list) -> int:
+    """``posix_spawn`` ``argv[0]`` with ``argv`` and ``env``, in a session of its own; the
+    pid.
     ``actions`` in order:
     ``("open", fd, path, flags, mode)``, ``("dup2", fd, newfd)``, ``("fchdir", fd)``,
     ``("chdir", path)``. Raises OSError when it cannot start (the errno of the exec or of an
@@ -152,8 +153,7 @@ def spawn(path: str | None, argv: list, env: dict, actions: list, setsid: bool =
         raise TypeError(f"argv must be a list, not {type(argv).__name__}")
     if not argv:
         raise ValueError("argv must not be empty")
-    if path is None:
-        path = argv[0]
+    path = argv[0]  # the program (posix_spawn: no PATH search)
     c_argv, keep_argv = _cstrings([os.fsencode(a) for a in argv], "argv")
     try:
         envs = [(k + "=" + v).encode("utf-8", "surrogateescape") for k, v in env.items()]
@@ -192,7 +192,7 @@ def spawn(path: str | None, argv: list, env: dict, actions: list, setsid: bool =
                 raise OSError(rc, os.strerror(rc))
         pid = ctypes.c_int()
         # ctypes releases the GIL for the call: other threads run while we wait for the exec
-        rc = _spawn_lib.posix_spawn(ctypes.byref(pid), c_path, fa, _ATTRS[bool(setsid)],
+        rc = _spawn_lib.posix_spawn(ctypes.byref(pid), c_path, fa, _ATTR,
                                     c_argv, c_env)
         if rc:
             raise OSError(rc, os.strerror(rc), path)
@@ -310,7 +310,7 @@ class Spawner:
                 if req.until is not None and time.monotonic() >= req.until:
                     raise TooLate()
                 # (argv[0] is the program, checked here: a malformed task fails, not the loop)
-                req.pid = spawn(None, req.argv, req.env, req.actions)
+                req.pid = spawn(req.argv, req.env, req.actions)
                 if self.guard is not None:
                     try:
                         _write(self.guard, b"+%d\n" % req.pid)

@@ -31,14 +31,14 @@ def wait(pid: int) -> int:
 def test_spawn_runs_in_its_directory_with_its_files_argv_and_environment(tmp_path):
     d = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        pid = spawn("/usr/bin/env", ["/usr/bin/env"], ENV,
+        pid = spawn(["/usr/bin/env"], ENV,
                     [("fchdir", d), ("open", 0, "/dev/null", os.O_RDONLY, 0),
                      ("open", 1, "out", os.O_WRONLY | os.O_CREAT, 0o644)])
     finally:
         os.close(d)
     assert wait(pid) == 0
     assert sorted((tmp_path / "out").read_text().split()) == ["ONE=1", "PATH=/usr/bin:/bin"]
-    pid = spawn("/bin/pwd", ["/bin/pwd"], ENV, [("chdir", str(tmp_path)),
+    pid = spawn(["/bin/pwd"], ENV, [("chdir", str(tmp_path)),
                                                 ("open", 1, "pwd", os.O_WRONLY | os.O_CREAT,
                                                  0o644)])
     assert wait(pid) == 0
@@ -49,7 +49,7 @@ def test_spawn_runs_in_its_directory_with_its_files_argv_and_environment(tmp_pat
 def test_spawn_gives_a_new_session_default_sigpipe_and_no_blocked_signals():
     """Python ignores SIGPIPE (and SIGXFSZ); a task must not inherit that -- `yes | head` in a
     task's script would spin on EPIPE. os.posix_spawn without setsigdef passes it on."""
-    pid = spawn("/bin/sleep", ["/bin/sleep", "5"], ENV, [])
+    pid = spawn(["/bin/sleep", "5"], ENV, [])
     try:
         st = status(pid)
         ignored, blocked = int(st["SigIgn"], 16), int(st["SigBlk"], 16)
@@ -77,7 +77,7 @@ def test_spawn_gives_a_new_session_default_sigpipe_and_no_blocked_signals():
 ])
 def test_spawn_refuses_what_cannot_start(argv, env, actions, exc, words):
     with pytest.raises(exc, match=words):
-        spawn(None, argv, env, actions)
+        spawn(argv, env, actions)
 
 
 def test_spawner_children_are_born_on_the_requested_cores(tmp_path):
@@ -208,10 +208,10 @@ def test_without_glibc_2_29_the_spawning_thread_enters_the_directory_alone(tmp_p
     def run():
         d = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            out["pid"] = S.spawn(None, ["/bin/pwd"], ENV, [
+            out["pid"] = S.spawn(["/bin/pwd"], ENV, [
                 ("fchdir", d), ("open", 1, "pwd", os.O_WRONLY | os.O_CREAT, 0o644)])
             with pytest.raises(ValueError, match="first spawn action"):
-                S.spawn(None, ["/bin/pwd"], ENV, [("open", 0, "/dev/null", os.O_RDONLY, 0),
+                S.spawn(["/bin/pwd"], ENV, [("open", 0, "/dev/null", os.O_RDONLY, 0),
                                                   ("chdir", "/")])
         except BaseException as exc:  # noqa: BLE001 -- reported by the test's thread
             out["error"] = exc
