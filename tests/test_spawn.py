@@ -32,15 +32,14 @@ def test_spawn_runs_in_its_directory_with_its_files_argv_and_environment(tmp_pat
     d = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         pid = spawn(["/usr/bin/env"], ENV,
-                    [("fchdir", d), ("open", 0, "/dev/null", os.O_RDONLY, 0),
-                     ("open", 1, "out", os.O_WRONLY | os.O_CREAT, 0o644)])
+                [("fchdir", d), ("open", 0, "/dev/null", os.O_RDONLY, 0),
+                 ("open", 1, "out", os.O_WRONLY | os.O_CREAT, 0o644)])
     finally:
         os.close(d)
     assert wait(pid) == 0
     assert sorted((tmp_path / "out").read_text().split()) == ["ONE=1", "PATH=/usr/bin:/bin"]
     pid = spawn(["/bin/pwd"], ENV, [("chdir", str(tmp_path)),
-                                                ("open", 1, "pwd", os.O_WRONLY | os.O_CREAT,
-                                                 0o644)])
+                                    ("open", 1, "pwd", os.O_WRONLY | os.O_CREAT, 0o644)])
     assert wait(pid) == 0
     assert (tmp_path / "pwd").read_text().strip() == str(tmp_path)
     assert os.getcwd() != str(tmp_path)  # never the agent's own directory
@@ -212,7 +211,7 @@ def test_without_glibc_2_29_the_spawning_thread_enters_the_directory_alone(tmp_p
                 ("fchdir", d), ("open", 1, "pwd", os.O_WRONLY | os.O_CREAT, 0o644)])
             with pytest.raises(ValueError, match="first spawn action"):
                 S.spawn(["/bin/pwd"], ENV, [("open", 0, "/dev/null", os.O_RDONLY, 0),
-                                                  ("chdir", "/")])
+                                            ("chdir", "/")])
         except BaseException as exc:  # noqa: BLE001 -- reported by the test's thread
             out["error"] = exc
         finally:
