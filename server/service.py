@@ -50,10 +50,11 @@ EPHEMERAL_PORTS = Path("/proc/sys/net/ipv4/ip_local_port_range")
 def listen_ports(ephemeral: str | None = None) -> tuple[int, int]:
     """The range (low inclusive, high exclusive) a server picks its random port from: below
     the kernel's ephemeral ports (``ephemeral``: the text of ip_local_port_range), or above
-    them when there is no room below. A port from that range, freed by a kill -9, can be
-    taken by any outgoing connection on the host before the server comes back, and the agents
-    would then not find it again; pyzmq's default range (49152-65535) lies inside Linux's
-    (32768-60999)."""
+    them when there is no room below (20000-29999 when the kernel does not say; pyzmq's own
+    49152-65535 when there is no room either side). A port from the ephemeral range, freed by
+    a kill -9, can be taken by any outgoing connection on the host before the server comes
+    back, and the agents would then not find it again; pyzmq's default range lies inside
+    Linux's (32768-60999)."""
     try:
         lo, hi = (int(x) for x in (ephemeral if ephemeral is not None
                                    else EPHEMERAL_PORTS.read_text()).split())
