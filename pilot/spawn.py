@@ -28,6 +28,7 @@ import signal
 import threading
 import time
 from collections import deque
+from typing import Callable
 
 #: glibc through ctypes. Only ``posix_spawn`` releases the GIL (a CDLL function): every
 #: release while the loop waits for the GIL hands it over, and getting it back waits for the
@@ -207,7 +208,7 @@ class Request:
     ``pid``/``pidfd`` or ``error`` (an exception), and ``at`` (``time.time()``). ``task`` and
     ``ctx`` are the caller's."""
     __slots__ = ("task", "ctx", "argv", "env", "actions", "cores", "until", "pid", "pidfd",
-                 "error", "at", "pin_error")
+                 "error", "at", "pin_error", "token")
 
     def __init__(self, task, ctx, argv: list, env: dict, actions: list,
                  cores: frozenset | None, until: float | None) -> None:
@@ -216,6 +217,9 @@ class Request:
         self.cores, self.until = cores, until
         self.pid = self.pidfd = self.error = self.pin_error = None
         self.at = 0.0
+        #: Taken (popped) by whoever comes first: the thread that starts it, or the loop that
+        #: withdraws it (:meth:`Spawner.withdraw`). A list's pop is atomic under the GIL.
+        self.token = [True]
 
 
 #: The error of a request whose start time had passed when its thread came to it.
@@ -228,11 +232,21 @@ class Spawner:
     The loop calls :meth:`submit` and, when :attr:`fd` (an eventfd) is readable,
     :meth:`done`. ``guard``: the write end of the guard's pipe (see pilot/executor.py) or None;
     the caller keeps it open while this spawner lives (a line of a few bytes is one atomic
-    write, so the loop may write its own lines meanwhile)."""
+    write, so the loop may write its own lines meanwhile). ``deadline``: the start deadline
+    now (``time.monotonic()``, None: none), asked just before each start; without it, each
+    request's own ``until``.
 
-    def __init__(self, own_mask: set[int], guard: int | None) -> None:
+    A core's thread waits for the process it started to end before it takes its next
+    request: the processes of one core's tasks never overlap, so the loop may queue the next
+    task of a core while the current one still runs (the executor's chained starts), and the
+    thread starts it the moment the core is free -- without a round through the loop. (The
+    thread only watches its own copy of the pidfd: reaping stays the loop's.)"""
+
+    def __init__(self, own_mask: set[int], guard: int | None,
+                 deadline: Callable[[], float | None] | None = None) -> None:
         self.own_mask = frozenset(own_mask)
         self.guard = guard
+        self.deadline = deadline
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._done: deque[Request] = deque()
         self._queues: dict[object, queue.SimpleQueue] = {}
@@ -250,6 +264,16 @@ class Spawner:
             self._threads.append(th)
         self.pending += 1
         q.put(req)
+
+    def withdraw(self, req: Request) -> bool:
+        """Take back a submitted request its thread has not come to: True if it will never
+        start (nor come back from :meth:`done`); False if its thread has it already."""
+        try:
+            req.token.pop()
+        except IndexError:
+            return False
+        self.pending -= 1
+        return True
 
     def done(self) -> list[Request]:
         """The requests the threads finished since the last call (the eventfd is reset)."""
@@ -290,10 +314,15 @@ class Spawner:
 
     def _run(self, q: queue.SimpleQueue) -> None:
         mask = self.own_mask
+        deadline = self.deadline
         while True:
             req = q.get()
             if req is None:
                 return
+            try:
+                req.token.pop()
+            except IndexError:
+                continue  # withdrawn by the loop: it starts elsewhere or not at all
             want = req.cores or self.own_mask
             if want != mask:
                 try:
@@ -306,8 +335,10 @@ class Spawner:
                         mask = self.own_mask
                     except OSError:
                         pass
+            own = None
             try:
-                if req.until is not None and time.monotonic() >= req.until:
+                until = deadline() if deadline is not None else req.until
+                if until is not None and time.monotonic() >= until:
                     raise TooLate()
                 # (argv[0] is the program, checked here: a malformed task fails, not the loop)
                 req.pid = spawn(req.argv, req.env, req.actions)
@@ -332,8 +363,19 @@ class Spawner:
                             pass
                     req.pid = None
                     raise
+                if req.cores is not None:
+                    own = os.dup(req.pidfd)  # ours: the loop closes its own when it reaps
             except Exception as exc:  # noqa: BLE001 -- handed to the loop, which fails the task
                 req.error = exc
             req.at = time.time()
             self._done.append(req)
             _libc.eventfd_write(self.fd, 1)
+            if own is not None:
+                # the core is the process's until it ends (GIL released while we wait; poll,
+                # not select: a node with a raised descriptor limit may hand out fds > 1023)
+                try:
+                    waiter = select.poll()
+                    waiter.register(own, select.POLLIN)
+                    waiter.poll()
+                finally:
+                    os.close(own)

@@ -145,6 +145,11 @@ def test_spawned_tasks_run_in_their_workdir_and_leave_no_descriptor_open(tmp_pat
         for i in range(5):
             assert (work / f"w/{i}/job.out").read_text().strip() == str(work / f"w/{i}")
         ex.preparer.stop()  # closes what it was handed
+        # (a spawner thread closes its copy of a pidfd as it sees the process end)
+        until = time.monotonic() + 2
+        while fds() - before - {str(ex._guard_fd), str(ex.spawner.fd)} and \
+                time.monotonic() < until:
+            time.sleep(0.01)
         assert fds() - before <= {str(ex._guard_fd), str(ex.spawner.fd)}
     finally:
         ex.stop_all()

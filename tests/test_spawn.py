@@ -224,3 +224,138 @@ def test_without_glibc_2_29_the_spawning_thread_enters_the_directory_alone(tmp_p
     assert wait(out["pid"]) == 0
     assert (tmp_path / "pwd").read_text().strip() == str(tmp_path)
     assert os.getcwd() == before
+
+
+# -- chained starts: a core's next task starts on its thread when the process before ends --
+def _loop(ex, watched, until, seconds=10.0):
+    """The agent's loop, minus the server: poll the watched descriptors, hand them to the
+    executor, start what is ready, until ``until()`` is true."""
+    deadline = time.monotonic() + seconds
+    while not until():
+        assert time.monotonic() < deadline, "timed out"
+        ex.start_ready(time.time())
+        for fd in select.select(list(watched), [], [], 0.05)[0]:
+            if fd in watched:
+                ex.on_fd(fd, watched[fd], time.time())
+
+
+def _ends(ex):
+    return {u["job"]: u for u in ex.take_updates(time.time(), True) if u["end"] is not None}
+
+
+def test_the_next_task_of_a_core_starts_on_its_thread_when_the_process_before_ends(tmp_path):
+    """A one-core task in its last process (the run step, nothing after it): the next queued
+    one-core task is handed to that core's spawner thread at once and started there the
+    moment the process before it ends -- no look at the loop in between -- and never while
+    it still runs."""
+    ex, watched = _executor(tmp_path)
+    try:
+        ex.add(_task(1, ["/bin/sleep", "0.3"]))
+        ex.add(_task(2, ["/bin/true"]))
+        ex.start_ready(time.time())
+        assert ex.started()
+        t1 = ex.active[1]
+        ex.start_ready(time.time())  # the core is busy: task 2 waits on its thread
+        [c] = t1.cores
+        t2 = ex.chained[c]
+        assert t2.job == 2 and t2.spawning and t2.cores == [c] and not ex.queue
+        assert select.select([t1.pidfd], [], [], 5)[0], "task 1 did not end"
+        # only the spawner's eventfd: nothing reaped, nothing asked
+        assert select.select([ex.spawner.fd], [], [], 5)[0], "task 2 was not started"
+        assert ex.started()
+        assert t2.pid is not None and t1.pid is not None  # (t1 a zombie, reaped by the loop)
+        _loop(ex, watched, lambda: not ex.active)
+        ends = _ends(ex)
+        assert ends[1]["exit"] == 0 and ends[2]["exit"] == 0
+        assert ends[2]["start"] >= ends[1]["end"] - 0.05  # never on the core at once
+        assert ex.free_cores == [c] and not ex.chained and not ex.run_last
+        assert ex.spawner.pending == 0
+    finally:
+        ex.stop_all()
+
+
+def test_a_task_waiting_behind_a_long_one_moves_to_a_core_that_frees(tmp_path):
+    """Chained tasks follow queue order onto busy cores; when the process before one runs
+    long and another core frees, it is withdrawn from that thread and starts on the free
+    core: three short tasks end while the long one still runs."""
+    ex, watched = _executor(tmp_path, ncores=2)
+    try:
+        ex.add(_task(1, ["/bin/sleep", "30"]))
+        ex.add(_task(2, ["/bin/sleep", "0.3"]))
+        ex.start_ready(time.time())
+        assert ex.started()
+        for j in (3, 4, 5):
+            ex.add(_task(j, ["/bin/true"]))
+        ex.start_ready(time.time())
+        assert len(ex.chained) == 2  # one behind each
+        _loop(ex, watched, lambda: set(ex.active) == {1})
+        ends = _ends(ex)
+        assert sorted(ends) == [2, 3, 4, 5] and all(u["exit"] == 0 for u in ends.values())
+        t1 = ex.active[1]
+        assert t1.pid is not None and not ex.chained
+        assert ex.free_cores and t1.cores[0] not in ex.free_cores
+        assert ex.spawner.pending == 0
+    finally:
+        ex.stop_all()
+
+
+def test_a_chained_task_cancelled_or_stopped_never_starts(tmp_path):
+    """A task waiting behind a core's process is taken back from its thread: a cancel
+    releases it (the core stays the running task's), stop_all hands it back with the rest at
+    once (its thread would otherwise wait for the running process)."""
+    ex, watched = _executor(tmp_path)
+    try:
+        for j, argv in ((1, ["/bin/sleep", "30"]), (2, ["/bin/touch", "started"]),
+                        (3, ["/bin/touch", "started"])):
+            ex.add(_task(j, argv))
+        ex.start_ready(time.time())
+        assert ex.started()
+        ex.start_ready(time.time())
+        [c] = ex.active[1].cores
+        assert ex.chained[c].job == 2
+        assert ex.cancel(2, 1)
+        assert 2 not in ex.active and not ex.chained and not ex.free_cores
+        ex.start_ready(time.time())
+        assert ex.chained[c].job == 3
+        t0 = time.monotonic()
+        held = ex.stop_all(grace=1.0)
+        assert time.monotonic() - t0 < 3
+        assert sorted(h["job"] for h in held) == [1, 3]
+        assert not ex.active and not ex.chained and ex.free_cores == [c]
+        assert ex.spawner.pending == 0
+        time.sleep(0.3)
+        assert not list((tmp_path / "work").rglob("started"))  # neither ever ran
+    finally:
+        ex.stop_all()
+
+
+def test_a_chained_start_asks_the_fencing_deadline_of_its_moment(tmp_path):
+    """A chained task may wait as long as the process before it runs: its thread asks the
+    agent's fencing deadline when the core frees, not the one of the moment it was queued.
+    Renewed meanwhile: it starts; passed: it never starts and fails as not started."""
+    ex, watched = _executor(tmp_path)
+    deadline = {"at": time.monotonic() + 0.2}
+    ex.spawn_deadline = lambda: deadline["at"]
+    try:
+        for renewed, (j, k) in ((True, (1, 2)), (False, (3, 4))):
+            ex.add(_task(j, ["/bin/sleep", "0.5"]))
+            ex.add(_task(k, ["/bin/touch", "started"]))
+            ex.start_ready(time.time())
+            assert ex.started()
+            ex.start_ready(time.time())
+            assert [t.job for t in ex.chained.values()] == [k]
+            deadline["at"] = time.monotonic() + (60 if renewed else -1)
+            _loop(ex, watched, lambda: not ex.active)
+            ends = _ends(ex)
+            assert ends[j]["exit"] == 0
+            if renewed:
+                assert ends[k]["exit"] == 0 and "RUNNING" in ends[k]["states"]
+                assert (tmp_path / f"work/w/t.{k}/started").exists()
+                deadline["at"] = time.monotonic() + 0.2
+            else:
+                assert ends[k]["states"][-1] == "RUN_FAILED"
+                assert "RUNNING" not in ends[k]["states"]
+                assert ends[k]["msg"].startswith("not started: no lease renewal")
+                assert not (tmp_path / f"work/w/t.{k}/started").exists()
+    finally:
+        ex.stop_all()
