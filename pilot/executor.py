@@ -287,9 +287,10 @@ class Executor:
             self.spawner = Spawner(os.sched_getaffinity(0), self._guard_fd,
                                    lambda: self.spawn_deadline())
             self.watch(self.spawner.fd, None)
-            # (three descriptors each held: at most 510, half the usual soft limit of 1024)
+            # (three descriptors each held: at most 510, half the usual soft limit of 1024;
+            # at least 32, so the thread works in bursts of 16 on a small node)
             self.preparer = Preparer(self._root_prefix, self._made_dirs,
-                                     min(170, 2 * len(self.all_cores) + 2))
+                                     min(170, max(32, 2 * len(self.all_cores) + 2)))
 
     # -- bookkeeping ------------------------------------------------------------------------
     def add(self, spec: dict) -> None:

@@ -70,29 +70,36 @@ def test_plain_tasks_only():
 
 
 def test_the_thread_prepares_in_order_at_most_ahead_and_drops_cleanly(tmp_path):
+    """At most ``ahead`` held; once full, the thread sleeps until the loop has taken them
+    down to half and refills in one go (not a wake-up per task taken)."""
     root = str(tmp_path.resolve())
     pr = Preparer(root, set(), ahead=3)
     try:
-        ts = [task(f"d/{i}") for i in range(6)]
+        ts = [task(f"d/{i}") for i in range(7)]
         for t in ts:
             pr.submit(t)
         for t in ts[:3]:
             wait_prepared(t)
         time.sleep(0.1)
-        assert [t.prep for t in ts[3:]] == ["todo"] * 3  # held at 3 until one is taken
+        assert [t.prep for t in ts[3:]] == ["todo"] * 4  # held at 3 until taken down to 1
         assert not (tmp_path / "d/3").exists()
         p = pr.take(ts[0])
         assert p.workdir == f"{root}/d/0" and ts[0].prep == TAKEN
         p.close()
+        time.sleep(0.1)
+        assert ts[3].prep == "todo"  # 2 held: no refill yet
+        pr.drop(ts[1])                                   # cancelled while queued: 1 held
         wait_prepared(ts[3])
-        wait_prepared(ts[1])
-        pr.drop(ts[1])                                   # cancelled while queued
-        pr.drop(ts[5])                                   # ... before the thread got to it
-        assert pr.take(ts[5]) is None
+        wait_prepared(ts[4])                             # refilled to 3 at once
+        time.sleep(0.1)
+        assert [t.prep for t in ts[5:]] == ["todo"] * 2
+        pr.drop(ts[6])                                   # ... before the thread got to it
+        assert pr.take(ts[6]) is None
         for t in (ts[2], ts[3], ts[4]):
-            wait_prepared(t)
             pr.take(t).close()
-        assert not (tmp_path / "d/5").exists()
+        wait_prepared(ts[5])
+        pr.take(ts[5]).close()
+        assert not (tmp_path / "d/6").exists()
         # every descriptor made was closed (the dropped one's by drop)
         assert all(t.prepared is None or t.prepared.out_fd is None for t in ts)
     finally:
