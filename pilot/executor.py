@@ -11,9 +11,10 @@ the agent did before, cost the loop a migration to the task's core and a wait be
 child there.) The workdir is a file action of the spawn (``fchdir`` on a descriptor), never a
 process-wide ``chdir``. A core's next one-core task may wait on that core's thread while the
 task before it runs its last process, and start there as it ends (:meth:`Executor._chain`).
-A task is "starting" (``spawning``, no pid) until its thread returns;
-process exits arrive as readable pidfds in the agent's poll loop, so a finished task is
-noticed at once. Nothing runs through a shell.
+A task is "starting" (``spawning``, no pid) until its thread returns; the end of its
+process comes from the same thread, which waits for it (through the spawner's eventfd, after
+the core's next start), or, for a process with no cores, as its readable pidfd in the agent's
+poll loop: a finished task is noticed at once. Nothing runs through a shell.
 
 Tasks start in their own session (``setsid``), so they outlive an agent that dies without
 stopping them (kill -9, the OOM killer, a crash) -- and the server requeues such an agent's
@@ -182,6 +183,7 @@ class Task:
     prepared: object = None               # ... the Prepared: workdir, open job.out/job.err
     spawning: bool = False                # a process of it is being started (no pid yet)
     req: object = None                    # its Request while it waits behind a core's process
+    watched: bool = False                 # its pidfd is in the loop's poll (no core's thread)
 
 
 class _Ctx:
@@ -650,8 +652,7 @@ class Executor:
         if self.spawner is None:
             return True
         ok = self.spawner.wait(timeout)
-        for req in self.spawner.done():
-            self._spawned(req, time.time())
+        self._from_spawner(time.time())
         return ok
 
     def on_fd(self, fd: int, task: Task | None, now: float) -> None:
@@ -660,8 +661,21 @@ class Executor:
         if task is not None:
             self.on_exit(task, now)
         elif self.spawner is not None and fd == self.spawner.fd:
-            for req in self.spawner.done():
-                self._spawned(req, now)
+            self._from_spawner(now)
+
+    def _from_spawner(self, now: float) -> None:
+        """Processes started (or not), then processes a core's thread saw end (a task's
+        process on one of its cores: the loop does not watch its pidfd, see
+        pilot/spawn.py). An end whose process the loop reaped itself meanwhile (stop_all)
+        is old news."""
+        started, ended = self.spawner.done()
+        for req in started:
+            self._spawned(req, now)
+        for req in ended:
+            t = req.task
+            if t.pid is not None and t.pid == req.pid:
+                # (the time the thread saw the end: ``now`` may predate the start just taken)
+                self.on_exit(t, max(req.ended, t.start or 0.0))
 
     def _spawned(self, req: Request, now: float) -> None:
         """A spawner thread is back with the task's process, or with why it did not start."""
@@ -681,7 +695,9 @@ class Executor:
         if ctx.errw is not None:
             os.close(ctx.errw)
         t.pid, t.pidfd = req.pid, req.pidfd
-        self.watch(t.pidfd, t)
+        if req.cores is None:  # (else its core's thread tells us of its end)
+            self.watch(t.pidfd, t)
+            t.watched = True
         if t.cancelled:  # taken back while it was starting: on_exit releases it
             _killpg(t.pid, signal.SIGKILL)
             return
@@ -780,7 +796,9 @@ class Executor:
     # -- ending -----------------------------------------------------------------------------
     def on_exit(self, t: Task, now: float) -> None:
         """A task's process ended (its pidfd became readable)."""
-        self.unwatch(t.pidfd)
+        if t.watched:
+            self.unwatch(t.pidfd)
+            t.watched = False
         os.close(t.pidfd)
         t.pidfd = None
         self._guard(b"-%d\n" % t.pid)
@@ -980,7 +998,9 @@ class Executor:
                 _killpg(t.pid, signal.SIGKILL)
             self._guard(b"-%d\n" % t.pid)
             os.waitpid(t.pid, 0)
-            self.unwatch(t.pidfd)
+            if t.watched:
+                self.unwatch(t.pidfd)
+                t.watched = False
             os.close(t.pidfd)
             self._close_err(t)
             t.pid = t.pidfd = None

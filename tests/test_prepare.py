@@ -137,16 +137,14 @@ def test_spawned_tasks_run_in_their_workdir_and_leave_no_descriptor_open(tmp_pat
         for i in range(5):
             ex.add({"job": i, "attempt": 1, "name": f"t{i}", "argv": ["/bin/pwd"], "env": {},
                     "workdir": f"w/{i}", "cores": 1, "gpus": 0})
-        done = 0
-        while done < 5:
+        ups: list = []
+        while len(ups) < 5:  # (the ends come from the spawner's threads, on its eventfd)
             ex.start_ready(time.time())
             ready = select.select(list(watched), [], [], 5)[0]
             assert ready, "no task ended"
             for fd in ready:
-                if watched[fd] is not None:  # (None: the spawner's eventfd)
-                    done += 1
                 ex.on_fd(fd, watched[fd], time.time())
-        ups = ex.take_updates(time.time(), True)
+            ups += [u for u in ex.take_updates(time.time(), True) if u["end"] is not None]
         assert [u["exit"] for u in ups] == [0] * 5
         work = (tmp_path / "work").resolve()
         for i in range(5):

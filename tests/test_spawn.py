@@ -91,11 +91,17 @@ def test_spawner_children_are_born_on_the_requested_cores(tmp_path):
                               ENV, [("open", 1, str(out), os.O_WRONLY | os.O_CREAT, 0o644)],
                               frozenset([core]), None))
             assert sp.wait(10)
-            [req] = sp.done()
+            [req], ended = sp.done()
             assert req.error is None and req.pid and req.pidfd is not None
             assert wait(req.pid) == 0
             os.close(req.pidfd)
             assert out.read_text().split()[-1] == str(core)
+            # the core's thread saw it end, and says so (the loop watches no such pidfd)
+            until = time.monotonic() + 5
+            while not ended and time.monotonic() < until:
+                select.select([sp.fd], [], [], 0.1)
+                ended += sp.done()[1]
+            assert ended == [req]
         assert os.sched_getaffinity(0) == own  # the caller's thread is never pinned
     finally:
         sp.stop()
@@ -109,7 +115,9 @@ def test_spawner_tells_the_guard_and_refuses_a_start_past_its_deadline(tmp_path)
         sp.submit(Request("ok", None, ["/bin/true"], ENV, [], None, time.monotonic() + 60))
         assert sp.wait(10)
         assert select.select([sp.fd], [], [], 0)[0]  # the loop is woken
-        done = {q.task: q for q in sp.done()}
+        started, ended = sp.done()
+        done = {q.task: q for q in started}
+        assert ended == []  # (no cores: the loop watches their pidfds)
         assert not select.select([sp.fd], [], [], 0)[0] and sp.pending == 0
         assert isinstance(done["late"].error, TooLate) and done["late"].pid is None
         ok = done["ok"]
@@ -148,10 +156,11 @@ def test_a_task_cancelled_while_starting_is_killed_and_frees_its_core(tmp_path):
         assert ex.cancel(1, 1)
         assert ex.active and not ex.free_cores  # not freed: its process may be starting
         assert ex.started()
-        assert t.pid is not None and t.pidfd in watched
+        assert t.pid is not None and t.pidfd not in watched  # (its core's thread waits)
         assert select.select([t.pidfd], [], [], 5)[0], "not killed"
-        ex.on_fd(t.pidfd, t, time.time())
-        assert not ex.active and len(ex.free_cores) == 1
+        # the end comes from its core's thread, through the spawner's eventfd
+        _loop(ex, watched, lambda: not ex.active)
+        assert len(ex.free_cores) == 1
         assert ex.take_updates(time.time(), True) == []  # a cancelled task reports nothing
     finally:
         ex.stop_all()
@@ -263,7 +272,7 @@ def test_the_next_task_of_a_core_starts_on_its_thread_when_the_process_before_en
         # only the spawner's eventfd: nothing reaped, nothing asked
         assert select.select([ex.spawner.fd], [], [], 5)[0], "task 2 was not started"
         assert ex.started()
-        assert t2.pid is not None and t1.pid is not None  # (t1 a zombie, reaped by the loop)
+        assert t2.start is not None and t1.pid is None  # (its end came with the start)
         _loop(ex, watched, lambda: not ex.active)
         ends = _ends(ex)
         assert ends[1]["exit"] == 0 and ends[2]["exit"] == 0
