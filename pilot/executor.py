@@ -695,7 +695,7 @@ class Executor:
         if ctx.errw is not None:
             os.close(ctx.errw)
         t.pid, t.pidfd = req.pid, req.pidfd
-        if req.cores is None:  # (else its core's thread tells us of its end)
+        if not req.waited:  # (else its core's thread tells us of its end)
             self.watch(t.pidfd, t)
             t.watched = True
         if t.cancelled:  # taken back while it was starting: on_exit releases it

@@ -64,6 +64,7 @@ if _NP:
     _libc.posix_spawn_file_actions_addfchdir_np.argtypes = [_P, ctypes.c_int]
     _libc.posix_spawn_file_actions_addchdir_np.argtypes = [_P, ctypes.c_char_p]
 CLONE_FS = 0x200
+_dup = os.dup  # (a name of ours, so that a test can make it fail)
 _own_cwd = threading.local()
 
 
@@ -208,7 +209,7 @@ class Request:
     ``pid``/``pidfd`` or ``error`` (an exception), and ``at`` (``time.time()``). ``task`` and
     ``ctx`` are the caller's."""
     __slots__ = ("task", "ctx", "argv", "env", "actions", "cores", "until", "pid", "pidfd",
-                 "error", "at", "pin_error", "token", "ended")
+                 "error", "at", "pin_error", "token", "ended", "waited")
 
     def __init__(self, task, ctx, argv: list, env: dict, actions: list,
                  cores: frozenset | None, until: float | None) -> None:
@@ -219,6 +220,9 @@ class Request:
         self.at = 0.0
         #: When its core's thread saw the process end (``time.time()``; see :meth:`Spawner.done`).
         self.ended = 0.0
+        #: Set by the thread when it waits for the process and will tell of its end; else
+        #: the loop watches the pidfd itself.
+        self.waited = False
         #: Taken (popped) by whoever comes first: the thread that starts it, or the loop that
         #: withdraws it (:meth:`Spawner.withdraw`). A list's pop is atomic under the GIL.
         self.token = [True]
@@ -242,7 +246,7 @@ class Spawner:
     request: the processes of one core's tasks never overlap, so the loop may queue the next
     task of a core while the current one still runs (the executor's chained starts), and the
     thread starts it the moment the core is free -- without a round through the loop. It then
-    tells the loop of the end (:meth:`exits`; the loop does not watch those pidfds itself):
+    tells the loop of the end (:meth:`done`; the loop does not watch those pidfds itself):
     the loop, woken by the same end, would otherwise take the GIL just as the thread needs it
     for the next start, and on a VM each such hand-over leaves a core idle for ~60 us. (The
     thread only watches its own copy of the pidfd: reaping stays the loop's.)"""
@@ -318,9 +322,11 @@ class Spawner:
             q.put(None)
         for th in self._threads:
             th.join(1.0)
+        alive = any(th.is_alive() for th in self._threads)
         self._queues.clear()
         self._threads.clear()
-        os.close(self.fd)
+        if not alive:  # (a thread still waiting for a process would write to the number)
+            os.close(self.fd)
 
     def _run(self, q: queue.SimpleQueue) -> None:
         mask = self.own_mask
@@ -387,7 +393,11 @@ class Spawner:
                     req.pid = None
                     raise
                 if req.cores is not None:
-                    own = os.dup(req.pidfd)  # ours: the loop closes its own when it reaps
+                    try:
+                        own = _dup(req.pidfd)  # ours: the loop closes its own when it reaps
+                        req.waited = True
+                    except OSError:
+                        pass  # (out of descriptors) the loop watches its pidfd instead
             except Exception as exc:  # noqa: BLE001 -- handed to the loop, which fails the task
                 req.error = exc
             req.at = time.time()
@@ -402,7 +412,8 @@ class Spawner:
                 try:
                     waiter = select.poll()
                     waiter.register(own, select.POLLIN)
-                    waiter.poll()
+                    while not waiter.poll(1000):
+                        pass
                 finally:
                     os.close(own)
                 req.ended = time.time()

@@ -368,3 +368,28 @@ def test_a_chained_start_asks_the_fencing_deadline_of_its_moment(tmp_path):
                 assert not (tmp_path / f"work/w/t.{k}/started").exists()
     finally:
         ex.stop_all()
+
+
+def test_a_thread_that_cannot_wait_for_its_process_leaves_it_to_the_loop(tmp_path, monkeypatch):
+    """Out of descriptors for its own copy of the pidfd, a core's thread does not wait for
+    the process: the loop watches its pidfd, as for a process with no cores, and the task
+    ends as any other (nothing is lost, nothing is left running)."""
+    from pilotfish.pilot import spawn as S
+
+    def no_dup(fd):
+        raise OSError(24, "Too many open files")
+    monkeypatch.setattr(S, "_dup", no_dup)
+    ex, watched = _executor(tmp_path)
+    try:
+        ex.add(_task(1, ["/bin/true"]))
+        ex.add(_task(2, ["/bin/true"]))
+        ex.start_ready(time.time())
+        assert ex.started()
+        t = ex.active.get(1)
+        assert t is None or t.pidfd in watched
+        _loop(ex, watched, lambda: not ex.active and not ex.queue)
+        ends = _ends(ex)
+        assert ends[1]["exit"] == 0 and ends[2]["exit"] == 0
+        assert set(watched) == {ex.spawner.fd}
+    finally:
+        ex.stop_all()
