@@ -44,7 +44,7 @@ _DEFERRED_RM: list[Path] = []
 #: Seconds after a benchmark removed its temporary homes during which the next one waits
 #: before it measures (see :func:`wait_for_removals`) at least; then it waits on until the
 #: create probe reads at most REMOVAL_QUIET_US, or REMOVAL_MOST seconds have passed.
-REMOVAL_SETTLE = 150.0
+REMOVAL_SETTLE = 310.0
 REMOVAL_QUIET_US = 150.0
 REMOVAL_MOST = 420.0
 REMOVAL_POLL = 10.0
@@ -77,7 +77,14 @@ def wait_for_removals(tmp: str) -> float:
     about two minutes, and the next run measured the disk, not pilotfish (W2 swung 2x between
     back-to-back runs). How long that lasts depends on how many were removed: after 50,000-80,000
     the probe still read 445-558 us at 90 s and 79 us later, and two W2 runs that started at
-    150 s measured 0.6 x xargs where others measured 0.86. So: at least REMOVAL_SETTLE seconds,
+    150 s measured 0.6 x xargs where others measured 0.86; on 2026-12-07 one run started at
+    150 s with a quiet probe and still ran at 0.60 (the agent a whole core busy in the kernel's
+    inode allocation) where the runs before and after gave 0.97 and 0.91. The kernel's rule
+    (fs/ext4/ialloc.c ``recently_deleted``, no-journal mode): an inode deleted in the last
+    RECENTCY_MIN = 60 s is skipped, or in the last RECENTCY_DIRTY = 300 s while its
+    inode-table block is dirty -- and a run creating inodes in that block keeps it dirty, so a
+    probe on a freshly synced disk can read quiet while the run itself will not be. So: at
+    least REMOVAL_SETTLE seconds (300 and a margin),
     then until :func:`create_probe` reads at most REMOVAL_QUIET_US (every REMOVAL_POLL s), at most
     REMOVAL_MOST seconds after the removal. Within one benchmark process, homes are removed
     only at its end. ``PILOTFISH_BENCH_REMOVAL_WAIT=0`` skips the wait (``before_after.py``
