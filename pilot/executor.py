@@ -351,7 +351,7 @@ class Executor:
             self._begin(t, now)
         skipped.extend(self.queue)
         self.queue = skipped
-        if self.queue and self.run_last:
+        if self.queue and len(self.chained) < len(self.run_last):  # (a core left to chain on)
             self._chain(now, until)
 
     def _chain(self, now: float, until: float | None) -> None:
@@ -675,7 +675,7 @@ class Executor:
             t = req.task
             if t.pid is not None and t.pid == req.pid:
                 # (the time the thread saw the end: ``now`` may predate the start just taken)
-                self.on_exit(t, max(req.ended, t.start or 0.0))
+                self.on_exit(t, req.ended)
 
     def _spawned(self, req: Request, now: float) -> None:
         """A spawner thread is back with the task's process, or with why it did not start."""
@@ -706,9 +706,11 @@ class Executor:
         if t.step == "run":
             t.start = req.at
             self._report(t, now, RUNNING)
-            if t.ncores == 1 and not t.ngpus and not t.spec.get("post") \
+            if req.waited and t.ncores == 1 and not t.ngpus and not t.spec.get("post") \
                     and not t.spec.get("output_url"):
-                self.run_last[t.cores[0]] = t  # its last process: the core's next may wait
+                # its last process, and its thread waits for it: the core's next may wait
+                # there (a thread that does not wait would start the next one at once)
+                self.run_last[t.cores[0]] = t
 
     def _spawn_failed(self, t: Task, ctx: "_Ctx", now: float, exc: BaseException) -> None:
         """The task's process did not start: its step fails with why (a cancelled task is
@@ -794,11 +796,14 @@ class Executor:
             self._guard_fd = None
 
     # -- ending -----------------------------------------------------------------------------
-    def on_exit(self, t: Task, now: float) -> None:
-        """A task's process ended (its pidfd became readable)."""
+    def _unwatch(self, t: Task) -> None:
         if t.watched:
             self.unwatch(t.pidfd)
             t.watched = False
+
+    def on_exit(self, t: Task, now: float) -> None:
+        """A task's process ended (its pidfd became readable)."""
+        self._unwatch(t)
         os.close(t.pidfd)
         t.pidfd = None
         self._guard(b"-%d\n" % t.pid)
@@ -998,9 +1003,7 @@ class Executor:
                 _killpg(t.pid, signal.SIGKILL)
             self._guard(b"-%d\n" % t.pid)
             os.waitpid(t.pid, 0)
-            if t.watched:
-                self.unwatch(t.pidfd)
-                t.watched = False
+            self._unwatch(t)
             os.close(t.pidfd)
             self._close_err(t)
             t.pid = t.pidfd = None

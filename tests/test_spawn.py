@@ -372,8 +372,8 @@ def test_a_chained_start_asks_the_fencing_deadline_of_its_moment(tmp_path):
 
 def test_a_thread_that_cannot_wait_for_its_process_leaves_it_to_the_loop(tmp_path, monkeypatch):
     """Out of descriptors for its own copy of the pidfd, a core's thread does not wait for
-    the process: the loop watches its pidfd, as for a process with no cores, and the task
-    ends as any other (nothing is lost, nothing is left running)."""
+    the process: the loop watches its pidfd, as for a process with no cores, no task is
+    chained behind it, and the task ends as any other (nothing is lost or left running)."""
     from pilotfish.pilot import spawn as S
 
     def no_dup(fd):
@@ -381,12 +381,15 @@ def test_a_thread_that_cannot_wait_for_its_process_leaves_it_to_the_loop(tmp_pat
     monkeypatch.setattr(S, "_dup", no_dup)
     ex, watched = _executor(tmp_path)
     try:
-        ex.add(_task(1, ["/bin/true"]))
+        ex.add(_task(1, ["/bin/sleep", "0.3"]))
         ex.add(_task(2, ["/bin/true"]))
         ex.start_ready(time.time())
         assert ex.started()
-        t = ex.active.get(1)
-        assert t is None or t.pidfd in watched
+        t = ex.active[1]
+        assert t.pidfd in watched
+        ex.start_ready(time.time())
+        # nothing waits behind it: its thread would start the next one while it runs
+        assert not ex.chained and [q.job for q in ex.queue] == [2]
         _loop(ex, watched, lambda: not ex.active and not ex.queue)
         ends = _ends(ex)
         assert ends[1]["exit"] == 0 and ends[2]["exit"] == 0
