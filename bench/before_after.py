@@ -36,6 +36,9 @@ BENCHES = {
     # the time per run, so four times the pairs against the machine's noise
     "dispatch": ("dispatch.py", ["--n", "50000", "--db", "sqlite", "--agents", "1",
                                  "--prefetch", "default"], "tasks_per_second"),
+    # the server's capacity on PostgreSQL (issue 16's target 4): deep prefetch, two agents
+    "dispatch-pg": ("dispatch.py", ["--n", "100000", "--db", "postgres", "--agents", "2",
+                                    "--prefetch", "256"], "tasks_per_second"),
 }
 
 
@@ -48,12 +51,14 @@ def git(*args: str, cwd: Path = ROOT) -> str:
                           text=True).stdout.strip()
 
 
-def checkout(rev: str, where: Path) -> Path:
-    """A worktree of ``rev`` with its own .venv (pilotfish installed from it)."""
+def checkout(rev: str, where: Path, extras: bool = False) -> Path:
+    """A worktree of ``rev`` with its own .venv (pilotfish installed from it; ``extras``: with
+    the test extras too, e.g. psycopg for the PostgreSQL benchmarks)."""
     tree = where / "base"
     git("worktree", "add", "--detach", "-f", str(tree), rev)
-    log(f"installing {rev} into {tree}/.venv (scripts/setup)")
-    subprocess.run(["./scripts/setup"], cwd=tree, check=True, stdout=subprocess.DEVNULL)
+    cmd = ["./scripts/setup", "--test"] if extras else ["./scripts/setup"]
+    log(f"installing {rev} into {tree}/.venv ({' '.join(cmd)})")
+    subprocess.run(cmd, cwd=tree, check=True, stdout=subprocess.DEVNULL)
     return tree
 
 
@@ -109,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--bench: {b!r} is not one of {', '.join(BENCHES)}")
     scratch = Path(tempfile.mkdtemp(prefix="before-after-"))
     try:
-        base = a.base_dir.resolve() if a.base_dir else checkout(a.base, scratch)
+        pg = any("postgres" in BENCHES[b][1] for b in benches)
+        base = a.base_dir.resolve() if a.base_dir else checkout(a.base, scratch, extras=pg)
         head_rev = git("rev-parse", "--short", "HEAD") + ("+dirty" if git(
             "status", "--porcelain", "--untracked-files=no") else "")
         base_rev = git("rev-parse", "--short", "HEAD", cwd=base)

@@ -2,7 +2,7 @@
 """A thousand nodes: one real server against many simulated agents held by a few processes.
 
 The server is what a user starts (``pilotfish server start`` on SQLite, tcp with CurveZMQ, as by
-default). Each simulated agent is one real DEALER socket with its own agent id, routing id and
+default; ``--db postgres``: on a scratch PostgreSQL database). Each simulated agent is one real DEALER socket with its own agent id, routing id and
 connection, under a CurveZMQ key with the role ``agent``, speaking the real agent protocol
 (:mod:`pilotfish.protocol`): hello -> welcome (an unanswered hello is re-sent after 2, 4,
 then every 8 heartbeats, and a welcome to an older hello is ignored, as pilot/agent.py does),
@@ -489,7 +489,7 @@ def run(a, repeat: int = 1) -> list[dict]:
     emitted = []
     ctx = C.machine(a.tmp)
     common = {"repeat": repeat, "agents": a.agents, "procs": a.procs, "cores_per_agent": a.cores,
-              "task_seconds": a.task_seconds, "heartbeat": a.heartbeat, "db": "sqlite",
+              "task_seconds": a.task_seconds, "heartbeat": a.heartbeat, "db": a.db,
               "curve": True, "mode": "FAKE EXECUTION (simulated agents, no process spawned)",
               **ctx}
     # one socket per simulated agent in the workers, one connection each in the server
@@ -497,7 +497,7 @@ def run(a, repeat: int = 1) -> list[dict]:
     need = 3 * a.agents + 1024
     if soft < need <= hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
-    with C.Env("sqlite", a.heartbeat, a.tmp, a.keep, label="agents") as env:
+    with C.Env(a.db, a.heartbeat, a.tmp, a.keep, label="agents") as env:
         server = psutil.Process(env.server_pid)
         c = env.client
         c.add_app({"name": "noop", "executable": "/bin/true"})
@@ -672,6 +672,8 @@ def main() -> int:
     p.add_argument("--rate", type=float, default=0, help="Open loop: add jobs at this many "
                    "per second during the run instead of queueing --jobs first (0: closed loop, "
                    "the default: the agents' demand saturates the server).")
+    p.add_argument("--db", choices=("sqlite", "postgres"), default="sqlite",
+                   help="The server's database (default: %(default)s, as a user starts it).")
     p.add_argument("--seconds", type=float, default=30.0, help="Longest steady window "
                    "(default: %(default)s).")
     p.add_argument("--warmup", type=float, default=3.0, help="Seconds after the last agent "

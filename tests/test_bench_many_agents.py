@@ -12,11 +12,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from conftest import pg_available, require
+
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "many_agents.py"
 
 
-def test_many_agents_tiny(tmp_path):
-    r = subprocess.run([sys.executable, str(BENCH), "--tmp", str(tmp_path), "--agents", "20",
+@pytest.mark.parametrize("db", ["sqlite", "postgres"])
+def test_many_agents_tiny(tmp_path, db):
+    if db == "postgres":
+        require(pg_available(), "PostgreSQL on localhost:5432")
+    r = subprocess.run([sys.executable, str(BENCH), "--tmp", str(tmp_path), "--db", db,
+                        "--agents", "20",
                         "--procs", "2", "--cores", "2", "--task-seconds", "0.2", "--rate", "100",
                         "--warmup", "0.1", "--seconds", "0.5", "--idle", "0.6", "--poll", "0.1",
                         "--heartbeat", "0.5"],
@@ -34,3 +42,4 @@ def test_many_agents_tiny(tmp_path):
     assert rss["value"] > 10
     assert figs["heartbeat_rtt_p99_ms", "busy"]["samples"] > 0
     assert figs["heartbeat_rtt_p99_ms", "idle"]["value"] is not None
+    assert figs["dispatch_tasks_per_second", None]["db"] == db
