@@ -2,8 +2,8 @@
 """A thousand nodes: one real server against many simulated agents held by a few processes.
 
 The server is what a user starts (``pilotfish server start`` on SQLite, tcp with CurveZMQ, as by
-default; ``--db postgres``: on a scratch PostgreSQL database). Each simulated agent is one real DEALER socket with its own agent id, routing id and
-connection, under a CurveZMQ key with the role ``agent``, speaking the real agent protocol
+default; ``--db postgres``: on a scratch PostgreSQL database). Each simulated agent is one real
+DEALER socket with its own agent id, routing id and connection, under a CurveZMQ key with the role ``agent``, speaking the real agent protocol
 (:mod:`pilotfish.protocol`): hello -> welcome (an unanswered hello is re-sent after 2, 4,
 then every 8 heartbeats, and a welcome to an older hello is ignored, as pilot/agent.py does),
 updates with demand and state paths, answered by task batches, ZMTP link heartbeats as the
