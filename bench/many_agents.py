@@ -3,15 +3,15 @@
 
 The server is what a user starts (``pilotfish server start`` on SQLite, tcp with CurveZMQ, as by
 default; ``--db postgres``: on a scratch PostgreSQL database). Each simulated agent is one real
-DEALER socket with its own agent id, routing id and connection, under a CurveZMQ key with the role ``agent``, speaking the real agent protocol
-(:mod:`pilotfish.protocol`): hello -> welcome (an unanswered hello is re-sent after 2, 4,
-then every 8 heartbeats, and a welcome to an older hello is ignored, as pilot/agent.py does),
-updates with demand and state paths, answered by task batches, ZMTP link heartbeats as the
-real agent sets them, a heartbeat every half period while it holds tasks (each up to 20 %
-early, drawn at random, as the real agent's), at most one update in flight, progress
-reported after the executor's REPORT_DELAY and ends at once. FAKE EXECUTION: no process is
-spawned; a task "runs" ``--task-seconds`` on its cores (the real agent's ``--fake-exec``
-finishes at once). Not simulated: fencing and the guard, the link monitor, task output.
+DEALER socket with its own agent id, routing id and connection, under a CurveZMQ key with the
+role ``agent``, speaking the real agent protocol (:mod:`pilotfish.protocol`): hello -> welcome
+(an unanswered hello is re-sent after 2, 4, then every 8 heartbeats, and a welcome to an older
+hello is ignored, as pilot/agent.py does), updates with demand and state paths, answered by task
+batches, ZMTP link heartbeats as the real agent sets them, a heartbeat every half period while
+it holds tasks (each up to 20 % early, drawn at random, as the real agent's), at most one update
+in flight, progress reported after the executor's REPORT_DELAY and ends at once. FAKE EXECUTION:
+no process is spawned; a task "runs" ``--task-seconds`` on its cores (the real agent's ``--fake-
+exec`` finishes at once). Not simulated: fencing and the guard, the link monitor, task output.
 
 Phases: the jobs are added first (the server holds them queued; ``--rate``: a second's worth,
 then a feeder thread adds them at that rate, an open loop); then the worker processes

@@ -2,9 +2,9 @@
 simulated agents in two processes against a real server (CurveZMQ), every figure printed, every
 task received and finished, no agent lost.
 
-Once per database (SQLite, PostgreSQL). Takes ~5 s each, over the 3 s budget: it is a whole benchmark run (a server start, two worker
-processes that import the agent, half a second of steady window, the idle heartbeats, the
-teardown); each of those is what the test is for."""
+Once per database (SQLite, PostgreSQL). Takes ~5 s each, over the 3 s budget: it is a whole
+benchmark run (a server start, two worker processes that import the agent, half a second of
+steady window, the idle heartbeats, the teardown); each of those is what the test is for."""
 from __future__ import annotations
 
 import json
