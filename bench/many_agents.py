@@ -10,8 +10,9 @@ hello is ignored, as pilot/agent.py does), updates with demand and state paths, 
 batches, ZMTP link heartbeats as the real agent sets them, a heartbeat every half period while
 it holds tasks (each up to 20 % early, drawn at random, as the real agent's), at most one update
 in flight, progress reported after the executor's REPORT_DELAY and ends at once. FAKE EXECUTION:
-no process is spawned; a task "runs" ``--task-seconds`` on its cores (the real agent's ``--fake-
-exec`` finishes at once). Not simulated: fencing and the guard, the link monitor, task output.
+no process is spawned; a task "runs" ``--task-seconds`` on its cores (the real agent's
+``--fake-exec`` finishes at once). Not simulated: fencing and the guard, the link monitor, task
+output.
 
 Phases: the jobs are added first (the server holds them queued; ``--rate``: a second's worth,
 then a feeder thread adds them at that rate, an open loop); then the worker processes
