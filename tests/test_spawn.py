@@ -252,6 +252,15 @@ def _ends(ex):
     return {u["job"]: u for u in ex.take_updates(time.time(), True) if u["end"] is not None}
 
 
+def _sleeper_then_true(ex):
+    """Task 1 (sleep 0.3 s) started on a core, task 2 (/bin/true) queued behind it: task 1."""
+    ex.add(_task(1, ["/bin/sleep", "0.3"]))
+    ex.add(_task(2, ["/bin/true"]))
+    ex.start_ready(time.time())
+    assert ex.started()
+    return ex.active[1]
+
+
 def test_the_next_task_of_a_core_starts_on_its_thread_when_the_process_before_ends(tmp_path):
     """A one-core task in its last process (the run step, nothing after it): the next queued
     one-core task is handed to that core's spawner thread at once and started there the
@@ -259,11 +268,7 @@ def test_the_next_task_of_a_core_starts_on_its_thread_when_the_process_before_en
     it still runs."""
     ex, watched = _executor(tmp_path)
     try:
-        ex.add(_task(1, ["/bin/sleep", "0.3"]))
-        ex.add(_task(2, ["/bin/true"]))
-        ex.start_ready(time.time())
-        assert ex.started()
-        t1 = ex.active[1]
+        t1 = _sleeper_then_true(ex)
         ex.start_ready(time.time())  # the core is busy: task 2 waits on its thread
         [c] = t1.cores
         t2 = ex.chained[c]
@@ -381,11 +386,7 @@ def test_a_thread_that_cannot_wait_for_its_process_leaves_it_to_the_loop(tmp_pat
     monkeypatch.setattr(S, "_dup", no_dup)
     ex, watched = _executor(tmp_path)
     try:
-        ex.add(_task(1, ["/bin/sleep", "0.3"]))
-        ex.add(_task(2, ["/bin/true"]))
-        ex.start_ready(time.time())
-        assert ex.started()
-        t = ex.active[1]
+        t = _sleeper_then_true(ex)
         assert t.pidfd in watched
         ex.start_ready(time.time())
         # nothing waits behind it: its thread would start the next one while it runs
