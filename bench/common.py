@@ -157,8 +157,9 @@ def median(xs: Sequence[float]) -> float | None:
 
 
 #: Per-run measurements that every throughput benchmark reports as medians.
-RUN_MEDIANS = ("server_busy", "agents_busy", "postgres_busy", "machine_idle_cores",
-               "machine_iowait_cores", "machine_steal_cores")
+RUN_MEDIANS = ("server_busy", "server_loop_busy", "server_zmq_io_busy", "agents_busy",
+               "postgres_busy", "machine_idle_cores", "machine_iowait_cores",
+               "machine_steal_cores")
 
 
 def run_fields(runs: Sequence[dict]) -> dict:
@@ -590,15 +591,48 @@ def profile(a, label: str, pids: dict[str, int]) -> PySpy:
     return PySpy(a.py_spy, label, pids, fmt=a.py_spy_format)
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of a process's threads by kind: ``loop`` (the main
+    thread: the server's turns), ``zmq_io`` (libzmq's I/O threads, ``ZMQbg/IO/*``: sockets,
+    CurveZMQ) and ``other`` (the ZAP handler and any other thread). Threads that ended
+    before the call are not counted; {} when the process is gone."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {"loop": 0.0, "zmq_io": 0.0, "other": 0.0}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return {}
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # "tid (comm) state ..." -- comm may hold spaces and parentheses: split at the last ")"
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        cpu = (int(fields[11]) + int(fields[12])) / tick  # utime, stime (fields 14, 15)
+        kind = ("loop" if int(tid) == pid else
+                "zmq_io" if comm.startswith("ZMQbg/IO") else "other")
+        out[kind] += cpu
+    return out
+
+
 class CpuMeter:
     """CPU seconds (user + system) that the server and the agents use during a ``with`` block:
     tells which process is the bottleneck (a single-threaded server near 1.0 s per second of
-    wall time is saturated)."""
+    wall time is saturated). The server's is also split by thread (:func:`thread_cpu`): its
+    loop can be saturated while the process as a whole shows more than one core. ``others``:
+    more processes by role; those whose role starts with ``harness`` are summed as
+    ``harness_busy`` (a bench's simulated agents and drivers, on the same cores)."""
 
-    def __init__(self, env: Env) -> None:
+    def __init__(self, env: Env, others: dict[str, int] | None = None) -> None:
         import psutil
         self.procs = {}
-        for role, pid in env_pids(env).items():
+        self.server_pid = env.server_pid
+        self.threads_start: dict[str, float] = {}
+        self.threads_used: dict[str, float] = {}
+        for role, pid in {**env_pids(env), **(others or {})}.items():
             try:
                 self.procs[role] = psutil.Process(pid)
             except psutil.Error:
@@ -636,6 +670,7 @@ class CpuMeter:
     def __enter__(self) -> "CpuMeter":
         import psutil
         self.start = {r: self._cpu(p) for r, p in self.procs.items()}
+        self.threads_start = thread_cpu(self.server_pid)
         if self.pg:
             self.pg_start = self._postgres()
         self.sys_start = psutil.cpu_times()
@@ -651,6 +686,9 @@ class CpuMeter:
             if self.wall else None
         self.sys_steal = (getattr(b, "steal", 0) - getattr(a, "steal", 0)) / self.wall \
             if self.wall else None
+        end_threads = thread_cpu(self.server_pid)
+        if self.threads_start and end_threads:
+            self.threads_used = {k: end_threads[k] - self.threads_start[k] for k in end_threads}
         for r, p in self.procs.items():
             end = self._cpu(p)
             if end is not None and self.start.get(r) is not None:
@@ -660,15 +698,23 @@ class CpuMeter:
                                for pid, v in self._postgres().items())
 
     def summary(self) -> dict:
-        """CPU seconds and busy fractions (CPU seconds per wall second) of the server, of all
-        agents and, with PostgreSQL, of all postgres processes (``postgres_busy``); and the
-        machine's idle and I/O-wait time in cores (``machine_idle_cores``: 0 = saturated)."""
+        """CPU seconds and busy fractions (CPU seconds per wall second) of the server (and of
+        its loop, libzmq I/O and other threads: ``server_loop_busy`` ...), of all agents, of
+        the ``harness`` processes and, with PostgreSQL, of all postgres processes
+        (``postgres_busy``); and the machine's idle and I/O-wait time in cores
+        (``machine_idle_cores``: 0 = saturated)."""
         mine = [v for k, v in self.used.items() if k.startswith("agent")]
         agents = sum(mine) if mine else None  # None: no agent was running at the start
         server = self.used.get("server")
         out = {"server_cpu_s": server, "agents_cpu_s": agents,
                "server_busy": server / self.wall if server is not None and self.wall else None,
                "agents_busy": agents / self.wall if agents is not None and self.wall else None}
+        if self.threads_used and self.wall:
+            for kind, used in self.threads_used.items():
+                out[f"server_{kind}_busy"] = used / self.wall
+        harness = [v for k, v in self.used.items() if k.startswith("harness")]
+        if harness and self.wall:
+            out["harness_busy"] = sum(harness) / self.wall
         if self.pg_used is not None and self.wall:
             out["postgres_busy"] = self.pg_used / self.wall
         # the whole machine: cores' worth of idle and of I/O wait during the interval

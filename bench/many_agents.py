@@ -22,7 +22,9 @@ connect their agents, which take work as they are welcomed; the steady window st
 baseline), and leave with a goodbye.
 
 Figures (one JSON line each): dispatch_tasks_per_second (the server's ``dispatched`` counter
-over the steady window) and finished_tasks_per_second (JOB_FINISHED persisted), heartbeat_rtt
+over the steady window) and finished_tasks_per_second (JOB_FINISHED persisted), with the cores
+each part used over that window (the server's loop thread, its libzmq I/O threads, the harness's
+processes, PostgreSQL's, the machine's idle: where a saturated run's time went), heartbeat_rtt
 p99 (send of an update -- every update is a heartbeat -- to the task batch that acknowledges
 it, seen by the simulated agent; connect, busy and idle phases; the harness's own loop delay is
 reported beside it, as it is inside the figure), agents_lost (agents the server declared LOST
@@ -517,7 +519,6 @@ def run(a, repeat: int = 1) -> list[dict]:
         workers = Workers(env, a.agents, a.procs, a.cores, a.task_seconds, sec)
         feeder = Feeder(env, a.rate) if a.rate else None
         try:
-            cpu0 = server.cpu_times()
             t_start = time.time()
             samples = []  # (time, dispatched, finished, queued, alive, rss)
             joined_at = rss_joined = None
@@ -547,7 +548,11 @@ def run(a, repeat: int = 1) -> list[dict]:
                 if phase == "connect" and steady_from is not None and now >= steady_from:
                     phase = "busy"
                     workers.tell("phase busy")
-                    cpu_busy0 = server.cpu_times()
+                    # the driver (status polls, the feeder's submissions) is harness too
+                    meter = C.CpuMeter(env, {"harness_driver": os.getpid(),
+                                             **{f"harness_worker{i}": w.pid
+                                                for i, w in enumerate(workers.procs)}})
+                    meter.__enter__()
                     spy = C.profile(a, "many_agents", {"server": env.server_pid})
                     steady_from = now
                 elif phase == "busy" and ((st["queued"] == 0 and not feeder)
@@ -556,7 +561,7 @@ def run(a, repeat: int = 1) -> list[dict]:
                     pressure = cpu_pressure()
                     if feeder:
                         feeder.stop()
-                    cpu_busy1 = server.cpu_times()
+                    meter.__exit__(None, None, None)
                     spy.__exit__()
                     phase = "drain"
                     workers.tell("phase drain")
@@ -590,8 +595,12 @@ def run(a, repeat: int = 1) -> list[dict]:
     dispatch_tps = (win[-1][1] - win[0][1]) / span if span else None
     finished_tps = (win[-1][2] - win[0][2]) / span if span else None
     per_sec = [(b[1] - x[1]) / (b[0] - x[0]) for x, b in zip(win, win[1:])]
-    busy_cpu = (cpu_busy1.user + cpu_busy1.system - cpu_busy0.user - cpu_busy0.system) / span \
-        if span else None
+    # CPU by part over the steady window, in cores: where a saturated run's time went
+    cpu = meter.summary() if steady_to else {}
+    cpu_split = {k: cpu.get(k) for k in (
+        "server_busy", "server_loop_busy", "server_zmq_io_busy", "server_other_busy",
+        "harness_busy", "postgres_busy", "machine_idle_cores", "machine_steal_cores")
+        if k in cpu}
     say_hello = sum(r["say_hello"] for r in results)
     rows = dict(common, cpu_pressure_60s=pressure)
     if feeder:
@@ -605,7 +614,7 @@ def run(a, repeat: int = 1) -> list[dict]:
                           finished_tasks_per_second=finished_tps,
                           per_poll=[round(x) for x in per_sec],
                           window_seconds=span, jobs=None if a.rate else a.jobs,
-                          server_busy=busy_cpu,
+                          **cpu_split,
                           capacity_tasks_per_second=a.agents * a.cores / a.task_seconds,
                           interval="all agents joined + warmup -> queue empty or --seconds; "
                                    "the server's dispatched counter (status op, --poll s polls)",
