@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import bindparam, case, func, select
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from pilotfish import dataroots, settings
 from pilotfish import protocol as P
@@ -47,6 +47,9 @@ S = State
 BY_NAME = {s.value: s for s in State}  # faster than State(name) on the update path
 #: At most this many tasks in one message to an agent.
 MAX_TASKS_PER_MESSAGE = 1000
+#: On PostgreSQL, a turn's writes are sent every this many task updates or leases
+#: (Batch.stream): the database writes them while the loop works on the next ones.
+STREAM_EVERY = 64
 #: Queued jobs are read at start a range of ids at a time: the first range before the server
 #: serves, the rest between turns (see JobServer.load_more), so a restart with a million queued
 #: jobs answers requests within a second. Dispatch waits until the last range is read.
@@ -176,7 +179,7 @@ class JobServer:
         #: Where jobs' input_url/output_url may point (None: only the home's data directory
         #: of the current home, for servers built without a Service, as in tests).
         self.data_roots = data_roots or dataroots.make(settings.home())
-        self.conn = engine.connect()
+        self._conn = engine.connect()
         self.heartbeat = heartbeat
         self.lease_timeout = lease_timeout
         self.batch = Batch()
@@ -367,10 +370,29 @@ class JobServer:
         where = self.agent_where(aid)
         return where["node"] or where["host"]
 
+    @property
+    def conn(self) -> Connection:
+        """The database connection, once the writes this turn streamed are in
+        (Batch.stream): whatever uses it sees them, and an error among them fails here."""
+        if self.batch.streaming:
+            self.batch.settle()
+        return self._conn
+
+    def close(self) -> None:
+        """Close the connection (what was not committed is dropped with it)."""
+        try:
+            self.batch.settle()
+        except Exception:  # a streamed write that failed: rolled back with the connection
+            pass
+        try:
+            self._conn.close()
+        except Exception:
+            log.exception("closing the database connection failed")
+
     def sync(self) -> None:
         """Write what is batched so far, inside the open transaction (reads then see it)."""
         if self.batch:
-            self.batch.execute(self.conn)
+            self.batch.execute(self._conn)
 
     def commit(self) -> None:
         now = time.time()
@@ -379,7 +401,7 @@ class JobServer:
             self.workflows.derive(now)
         self.flush_acks()
         if self.batch:  # the writes and, on PostgreSQL, the COMMIT: one round trip
-            self.batch.execute(self.conn, commit=True)
+            self.batch.execute(self._conn, commit=True)
         self.conn.commit()
 
     def send(self, identity: bytes, frame: bytes) -> None:
@@ -522,7 +544,9 @@ class JobServer:
         output = m.get("output")
         if output:  # before the updates: a task's last output rides with its end (its lease)
             self.output.on_chunks(self, a, output, now)
-        refused = replay.still_refused(self.conn, items, self.apply_updates(a, items, now))
+        refused = self.apply_updates(a, items, now)
+        if refused:
+            refused = replay.still_refused(self.conn, items, refused)
         a.uack = m["useq"]
         a.demand = demand
         a.demand_time = now
@@ -538,6 +562,7 @@ class JobServer:
         # task batch when there is one this turn, else by a bare acknowledgement.
         a.refused.extend(refused)
         self.ack_due.add(a.id)
+        self.batch.stream(self._conn)  # written while the next message is handled
 
     def on_bye(self, a: AgentRec, m: dict, now: float) -> None:
         items = P.check_items(P.TASK_UPDATE, m["updates"], "updates")
@@ -568,7 +593,9 @@ class JobServer:
         refused = []
         leases = self.leases
         self.stats["updates"] += len(items)
-        for it in items:
+        for n, it in enumerate(items, 1):
+            if not n % STREAM_EVERY:
+                self.batch.stream(self._conn)  # written while the next ones are applied
             job = it["job"]
             lease = leases.get(job)
             if lease is None or lease.agent != a.id or lease.attempt != it["attempt"]:
@@ -736,10 +763,17 @@ class JobServer:
         if not picks:
             return sent
         rows = self._dispatch_rows([job for _, got in picks for job, _ in got])
+        stream, conn = self.batch.stream, self._conn
         for a, got in picks:
-            tasks = [t for job, shape in got if job in rows
-                     if (t := self._lease_or_fail(rows[job], shape, a, now)) is not None]
+            tasks = []
+            for job, shape in got:
+                r = rows.get(job)
+                if r is not None and (t := self._lease_or_fail(r, shape, a, now)) is not None:
+                    tasks.append(t)
+                    if not len(tasks) % STREAM_EVERY:
+                        stream(conn)  # written while the next ones are leased
             self._send_tasks(a, tasks)
+            stream(conn)
             sent += len(tasks)
         self.stats["dispatched"] += sent
         return sent
@@ -769,7 +803,7 @@ class JobServer:
 
     def _dispatch_rows(self, ids: list[int]) -> dict[int, Any]:
         # the turn's writes so far, then the rows (on PostgreSQL: one round trip for both)
-        return self.batch.execute_and_read(self.conn, _DISPATCH_SELECT, _DISPATCH_COLS, ids)
+        return self.batch.execute_and_read(self._conn, _DISPATCH_SELECT, _DISPATCH_COLS, ids)
 
     def _lease_or_fail(self, r: Any, shape: Shape, a: AgentRec, now: float) -> dict | None:
         """Lease a job, or fail it alone when its task cannot be built (a row an older version

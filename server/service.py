@@ -404,7 +404,7 @@ class Service:
             if self.zap is not None:
                 self.zap.stop()
             self.ctx.term()
-            self.srv.conn.close()
+            self.srv.close()
             self.engine.dispose()
             log.info("stopped")
 
@@ -591,10 +591,14 @@ class Service:
         log.error("rolling back this turn and reloading state from the database")
         self.waiters.drop_pending()
         try:
+            self.srv.batch.settle()  # writes streamed this turn: an error among them is
+        except Exception:            # what failed it, logged already or raised again here
+            pass
+        try:
             self.srv.conn.rollback()
-            self.srv.conn.close()
         except Exception:
             log.exception("rollback failed")
+        self.srv.close()
         epoch = self.srv.epoch
         self.srv = JobServer(self.engine, self.heartbeat, self.lease_timeout, self.data_roots)
         self.srv.load(epoch)

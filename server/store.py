@@ -76,6 +76,9 @@ class Batch:
         self.wf_jobs: dict[int, int] = {}
         self.wf_moves: list[tuple[int, int, list[State], str | None]] = []
         self._stmts: dict[tuple, Any] = {}
+        #: On psycopg: the pipeline (its context manager and a cursor) that :meth:`stream`
+        #: sent writes into, open until :meth:`settle` waits for them.
+        self._pipe: tuple[Any, Any] | None = None
 
     def __bool__(self) -> bool:
         return bool(self.job_inserts or self.parent_inserts or self.events or self._updates
@@ -237,6 +240,8 @@ class Batch:
         unnest``, the archived attempts one ``INSERT ... SELECT``, all sent in one psycopg
         pipeline, with the COMMIT when the caller commits next: one round trip. Rarer
         writes (new jobs, parents, agents, JSON columns) keep the Core path, in their place."""
+        if self.job_inserts or self.parent_inserts or self.agent_inserts:
+            self.settle()  # (COPY and SQLAlchemy's statements, outside the pipeline)
         if self.job_inserts:
             self._insert_jobs(conn, self.job_inserts)
             self.job_inserts = []
@@ -246,6 +251,72 @@ class Batch:
         if self.agent_inserts:
             conn.execute(agents.insert(), self.agent_inserts)
             self.agent_inserts = []
+        ops = self._pg_ops(conn)
+        if commit and ops:
+            ops.append(("raw", "COMMIT", None))
+        if read is not None:
+            ops.append(("read",) + read)
+        if ops:
+            self._send_pg(conn, ops)
+        self.settle()
+
+    # -- streaming (PostgreSQL) -------------------------------------------------------------
+    def stream(self, conn: Connection) -> None:
+        """On PostgreSQL, send the job updates and events batched so far now, in the turn's
+        transaction, without waiting for them: the database applies them while the loop
+        handles the next message or leases the next agent's tasks, where it sat idle while
+        the loop worked (and the loop idle while it wrote). The next use of the connection
+        waits for them (:meth:`settle`; the server's ``conn`` does so), and an error among
+        them fails the turn there as it would have at the commit. New jobs, parents and
+        agents (COPY and SQLAlchemy's statements) wait for the turn's next write."""
+        if (not (self._updates or self.events) or self.job_inserts or self.parent_inserts
+                or self.agent_inserts or not _psycopg(conn)):
+            return
+        self._send_pg(conn, self._pg_ops(conn))
+
+    @property
+    def streaming(self) -> bool:
+        """Writes were sent by :meth:`stream` and not yet waited for."""
+        return self._pipe is not None
+
+    def settle(self) -> None:
+        """Wait for what :meth:`stream` sent; raise the first error among it."""
+        if self._pipe is None:
+            return
+        cm, cur = self._pipe
+        self._pipe = None
+        try:
+            cm.__exit__(None, None, None)  # a sync: every result, and pipeline mode ends
+        finally:
+            cur.close()
+
+    def _send_pg(self, conn: Connection, ops: list[tuple]) -> None:
+        """Send ``ops`` in order into this turn's pipeline (opened if need be): raw statements
+        without waiting; a read fetches its rows (psycopg waits for them and for everything
+        before); a Core statement settles the pipeline first and runs through SQLAlchemy."""
+        for op in ops:
+            if op[0] == "core":
+                self.settle()
+                conn.execute(op[1], op[2])
+                continue
+            if self._pipe is None:
+                if not conn.in_transaction():
+                    conn.begin()  # so that conn.commit() commits what the driver writes
+                dbapi = conn.connection.dbapi_connection
+                cm = dbapi.pipeline()
+                cm.__enter__()
+                self._pipe = (cm, dbapi.cursor())
+            if op[0] == "read":
+                _, sql, args, out = op
+                with conn.connection.dbapi_connection.cursor(row_factory=namedtuple_row) as rc:
+                    rc.execute(sql, args)
+                    out.extend(rc.fetchall())
+            else:
+                self._pipe[1].execute(op[1], op[2])
+
+    def _pg_ops(self, conn: Connection) -> list[tuple]:
+        """The batched updates and inserts after the new jobs, as statements in order (taken
+        out of the batch)."""
         ops: list[tuple] = []   # ("raw", sql, args) or ("core", statement, params), in order
         for cols, params in self._agent_updates:
             ops.append(self._pg_update(conn, agents, cols, params))
@@ -267,12 +338,7 @@ class Batch:
             ops.append(self._pg_insert(conn, server_events, SERVER_EVENT_COLS,
                                        self.server_events))
             self.server_events = []
-        if commit and ops:
-            ops.append(("raw", "COMMIT", None))
-        if read is not None:
-            ops.append(("read",) + read)
-        if ops:
-            _run_pg(conn, ops)
+        return ops
 
     def _pg_sql(self, conn: Connection, table, cols: tuple[str, ...], kind: str):
         """(SQL, column converters) of an unnest statement, compiled once per table and
@@ -468,31 +534,6 @@ def _psycopg(conn: Connection) -> bool:
     """PostgreSQL through psycopg 3 (pipelines, binary arrays, COPY): the bulk path; any
     other driver keeps the row-by-row one."""
     return conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg"
-
-
-def _run_pg(conn: Connection, ops: list[tuple]) -> None:
-    """Run ``ops`` in order: consecutive raw statements in one psycopg pipeline (one round
-    trip; an error raises at the pipeline's end, and the caller's transaction is rolled
-    back), Core statements through SQLAlchemy between them."""
-    if not conn.in_transaction():
-        conn.begin()  # so that conn.commit() commits what the driver cursor writes
-    dbapi = conn.connection.dbapi_connection
-    i = 0
-    while i < len(ops):
-        if ops[i][0] == "core":
-            conn.execute(ops[i][1], ops[i][2])
-            i += 1
-            continue
-        with dbapi.pipeline(), dbapi.cursor() as cur:
-            while i < len(ops) and ops[i][0] != "core":
-                if ops[i][0] == "read":  # (the last op) its rows, fetched after the writes
-                    _, sql, args, out = ops[i]
-                    with dbapi.cursor(row_factory=namedtuple_row) as rcur:
-                        rcur.execute(sql, args)
-                        out.extend(rcur.fetchall())
-                else:
-                    cur.execute(ops[i][1], ops[i][2])
-                i += 1
 
 
 def _same(vals: list) -> list:

@@ -1,7 +1,7 @@
 """server/store.py Batch: a turn with thousands of changes writes exactly the same rows on
 SQLite (row-by-row executemany) and PostgreSQL (new jobs by COPY, one ``UPDATE ... FROM
 unnest`` per run of updates, one ``INSERT ... SELECT FROM unnest`` for the events, all in one
-pipeline)."""
+pipeline; or sent while the turn is recorded, Batch.stream)."""
 from __future__ import annotations
 
 import pytest
@@ -31,11 +31,23 @@ def agent_row(aid: str, now: float) -> dict:
             "started": now, "last_seen": now, "state": "ALIVE", "tasks_done": 0}
 
 
-def turns(engine) -> dict[str, list[tuple]]:
+def turns(engine, stream_every: int = 0) -> dict[str, list[tuple]]:
     """Three turns through one Batch: add N jobs and two agents; lease all, run half to the
     end (a job updated twice in one run of updates, ints where floats go, a job's second
-    attempt archived); then every table's rows, sorted."""
+    attempt archived); then every table's rows, sorted. ``stream_every``: the writes are
+    also streamed (Batch.stream) after every that many changes, as the server does on
+    PostgreSQL while it handles a turn (a no-op on SQLite)."""
     b = Batch()
+    if stream_every:
+        record = b.update_job
+
+        def update_job(job_id, **cols):  # every change of a job's row comes through here
+            record(job_id, **cols)
+            update_job.n += 1
+            if not update_job.n % stream_every:
+                b.stream(conn)
+        update_job.n = 0
+        b.update_job = update_job
     now = 1_700_000_000.25
     with engine.connect() as conn:
         # new jobs: on PostgreSQL one COPY per turn (an int where a float goes)
@@ -85,12 +97,15 @@ def turns(engine) -> dict[str, list[tuple]]:
     return out
 
 
-def test_a_big_turn_writes_the_same_rows_on_sqlite_and_postgresql(home, pg_url):
-    """~2 s: the same three turns (2,000 jobs, ~10,000 row changes) on both databases."""
+@pytest.mark.parametrize("stream_every", [0, 7])
+def test_a_big_turn_writes_the_same_rows_on_sqlite_and_postgresql(home, pg_url, stream_every):
+    """~2 s: the same three turns (2,000 jobs, ~10,000 row changes) on both databases; with
+    ``stream_every``, PostgreSQL's are also sent in pieces of 7 changes while the turn is
+    recorded (runs split anywhere, a row's two updates in two statements: the last wins)."""
     lite = turns(db.make_engine(f"sqlite:///{home / 'x.db'}"))
     pg_engine = db.make_engine(pg_url)
     try:
-        pg = turns(pg_engine)
+        pg = turns(pg_engine, stream_every)
     finally:
         pg_engine.dispose()
     for name, rows in lite.items():
@@ -127,6 +142,44 @@ def test_a_bad_row_fails_the_whole_turn_on_postgresql(pg_url):
             conn.rollback()
             assert conn.execute(select(db.jobs.c.state)).scalar_one() == "READY"
             assert len(conn.execute(select(db.job_events)).all()) == 1
+    finally:
+        engine.dispose()
+
+
+def test_a_bad_streamed_row_fails_the_turn_at_the_next_use_of_the_connection(pg_url):
+    """Streamed writes (Batch.stream) are not waited for: PostgreSQL's refusal of one raises
+    when the connection is next used (the turn's read or commit, or whatever the server's
+    ``conn`` is asked for), nothing of the turn stays, and the connection works after the
+    rollback (pipeline mode left)."""
+    engine = db.make_engine(pg_url)
+    try:
+        b = Batch()
+        with engine.connect() as conn:
+            b.insert_job(job_row(1, 1.0), [S.CREATED, S.READY], None)
+            b.insert_job(job_row(2, 1.0), [S.CREATED, S.READY], None)
+            b.execute(conn)
+            conn.commit()
+            b.lease_job(1, 1, "a1", None, 2.0)
+            b.stream(conn)  # good: sent, not waited for
+            assert b.streaming
+            b.update_job(1, exit_code=1 << 70)  # past 64 bits: PostgreSQL refuses it
+            with pytest.raises(Exception):
+                b.stream(conn)
+                b.settle()
+            assert not b.streaming
+            conn.rollback()
+            assert [r.attempts for r in conn.execute(select(db.jobs.c.attempts))] == [0, 0]
+            # the next turn on the same connection: streamed, read back, committed
+            b.lease_job(2, 1, "a1", None, 3.0)
+            b.transition(2, S.READY, DONE, 3.0)
+            b.stream(conn)
+            read = b.execute_and_read(conn, core._DISPATCH_SELECT, core._DISPATCH_COLS, [2])
+            assert read[2].state == "JOB_FINISHED" and not b.streaming
+            b.execute(conn, commit=True)
+            conn.commit()
+        with engine.connect() as conn:
+            assert dict(conn.execute(select(db.jobs.c.id, db.jobs.c.state)).all()) == {
+                1: "READY", 2: "JOB_FINISHED"}
     finally:
         engine.dispose()
 
