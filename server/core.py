@@ -36,7 +36,7 @@ from .queue import ReadyQueue, Shape
 from .remote_sites import PREFIX, Remotes
 from .staging import StagingBook, remote
 from .states import State
-from .store import Batch, chunks
+from .store import Batch, _psycopg, chunks
 from .workflows import Tracker
 
 #: The text fields of an agent's hello and the most characters each may have (as in db.agents).
@@ -180,6 +180,9 @@ class JobServer:
         #: of the current home, for servers built without a Service, as in tests).
         self.data_roots = data_roots or dataroots.make(settings.home())
         self._conn = engine.connect()
+        #: PostgreSQL: a second connection (autocommit) for the dispatch read of jobs this
+        #: turn has not touched (see _dispatch_rows); made when first used
+        self._reader: Any = None
         self.heartbeat = heartbeat
         self.lease_timeout = lease_timeout
         self.batch = Batch()
@@ -384,10 +387,13 @@ class JobServer:
             self.batch.settle()
         except Exception:  # a streamed write that failed: rolled back with the connection
             pass
-        try:
-            self._conn.close()
-        except Exception:
-            log.exception("closing the database connection failed")
+        for c in (self._reader, self._conn):
+            try:
+                if c is not None:
+                    c.close()
+            except Exception:
+                log.exception("closing a database connection failed")
+        self._reader = None
 
     def sync(self) -> None:
         """Write what is batched so far, inside the open transaction (reads then see it)."""
@@ -403,6 +409,7 @@ class JobServer:
         if self.batch:  # the writes and, on PostgreSQL, the COMMIT: one round trip
             self.batch.execute(self._conn, commit=True)
         self.conn.commit()
+        self.batch.touched.clear()
 
     def send(self, identity: bytes, frame: bytes) -> None:
         self.outbox.append((identity, frame))
@@ -802,8 +809,24 @@ class JobServer:
         return sent
 
     def _dispatch_rows(self, ids: list[int]) -> dict[int, Any]:
-        # the turn's writes so far, then the rows (on PostgreSQL: one round trip for both)
-        return self.batch.execute_and_read(self._conn, _DISPATCH_SELECT, _DISPATCH_COLS, ids)
+        """The rows of jobs to lease. The turn's writes so far, then the rows (on PostgreSQL
+        one round trip for both); on PostgreSQL, the rows of jobs this turn did not touch
+        are read on a second connection as committed, without waiting for those writes,
+        which its first backend is still making (the turn streams them, Batch.stream)."""
+        b = self.batch
+        if _psycopg(self._conn) and (clean := [i for i in ids if i not in b.touched]):
+            if self._reader is None:
+                raw = self.engine.raw_connection()
+                reader = raw.driver_connection
+                raw.detach()  # its own for good: autocommit must not go back to the pool
+                reader.autocommit = True
+                self._reader = reader
+            rows = b.read_committed(self._reader, self._conn.dialect, _DISPATCH_COLS, clean)
+            if len(clean) < len(ids):
+                rows.update(b.execute_and_read(self._conn, _DISPATCH_SELECT, _DISPATCH_COLS,
+                                               [i for i in ids if i in b.touched]))
+            return rows
+        return b.execute_and_read(self._conn, _DISPATCH_SELECT, _DISPATCH_COLS, ids)
 
     def _lease_or_fail(self, r: Any, shape: Shape, a: AgentRec, now: float) -> dict | None:
         """Lease a job, or fail it alone when its task cannot be built (a row an older version

@@ -79,6 +79,9 @@ class Batch:
         #: On psycopg: the pipeline (its context manager and a cursor) that :meth:`stream`
         #: sent writes into, open until :meth:`settle` waits for them.
         self._pipe: tuple[Any, Any] | None = None
+        #: Jobs inserted or changed since the last commit (the server clears it after each):
+        #: their committed rows are not theirs yet (see :meth:`read_committed`).
+        self.touched: set[int] = set()
 
     def __bool__(self) -> bool:
         return bool(self.job_inserts or self.parent_inserts or self.events or self._updates
@@ -118,6 +121,7 @@ class Batch:
         to = path[-1].value
         row["state"] = to
         self.job_inserts.append(row)
+        self.touched.add(row["id"])
         self.counts[to] = self.counts.get(to, 0) + 1
         ev = {"id": self.next_event_id, "job_id": row["id"], "from_state": None,
               "to_state": to, "via": via(path),
@@ -138,6 +142,7 @@ class Batch:
         self.turn_events.append(ev)
 
     def update_job(self, job_id: int, **cols: Any) -> None:
+        self.touched.add(job_id)
         _append_run(self._updates, job_id, cols)
 
     def update_agent(self, agent_id: str, **cols: Any) -> None:
@@ -221,16 +226,31 @@ class Batch:
                 for r in conn.execute(stmt, {"ids": part}):
                     rows[r.id] = r
             return rows
+        out: list = []
+        self._execute_pg(conn, read=(self._read_sql(conn.dialect, columns),
+                                     ([int(i) for i in ids],), out))
+        return {r.id: r for r in out}
+
+    def read_committed(self, reader, dialect, columns: tuple, ids: list[int]
+                       ) -> dict[int, Any]:
+        """Read the jobs ``ids`` as committed, on ``reader`` (a psycopg connection of its own,
+        in autocommit), as :meth:`execute_and_read` does: for jobs not in :attr:`touched`
+        that row is the current one, and it comes back while PostgreSQL's other backend is
+        still writing what the turn streamed, where a read behind those writes waited for
+        them."""
+        with reader.cursor(row_factory=namedtuple_row) as cur:
+            cur.execute(self._read_sql(dialect, columns), ([int(i) for i in ids],))
+            return {r.id: r for r in cur.fetchall()}
+
+    def _read_sql(self, dialect, columns: tuple) -> str:
         key = ("read", tuple(c.name for c in columns))
         sql = self._stmts.get(key)
         if sql is None:
-            q = conn.dialect.identifier_preparer.quote
+            q = dialect.identifier_preparer.quote
             sql = (f"SELECT {', '.join(q(c.name) for c in columns)} FROM jobs WHERE "
-                   f"id = ANY(%b::{jobs.c.id.type.compile(dialect=conn.dialect)}[])")
+                   f"id = ANY(%b::{jobs.c.id.type.compile(dialect=dialect)}[])")
             self._stmts[key] = sql
-        out: list = []
-        self._execute_pg(conn, read=(sql, ([int(i) for i in ids],), out))
-        return {r.id: r for r in out}
+        return sql
 
     def _execute_pg(self, conn: Connection, commit: bool = False,
                     read: tuple | None = None) -> None:

@@ -1,0 +1,58 @@
+"""The dispatch read on PostgreSQL (JobServer._dispatch_rows): jobs the turn has not touched are
+read as committed on a second connection, while the first is still writing what the turn
+streamed (Batch.stream); a job the turn changed (a failed attempt queued again, a modified job)
+is read on the turn's own connection, with its changes.
+
+The jobs are made by a real server process on a scratch PostgreSQL database; the reads are then
+watched in a JobServer of this process on the same database.
+"""
+from __future__ import annotations
+
+import pytest
+
+from sqlalchemy import select
+
+from pilotfish import dataroots
+from pilotfish.server.core import JobServer
+from pilotfish.server.db import jobs, make_engine
+
+from conftest import ServerHandle
+
+
+@pytest.fixture
+def srv(pg_url, home):
+    s = ServerHandle(home, pg_url).start()
+    with s.client() as c:
+        c.add_app({"name": "a", "executable": "/bin/echo", "args": ["{x}"],
+                   "parameters": {"x": {"type": "int"}}})
+        c.add_jobs([{"name": f"j{i}", "application": "a", "parameters": {"x": i}}
+                    for i in range(3)])
+    s.stop()
+    srv = JobServer(make_engine(pg_url), 1.0, 3.0, dataroots.make(home))
+    srv.load()
+    srv.commit()
+    yield srv
+    srv.close()
+    srv.engine.dispose()
+
+
+def test_untouched_jobs_are_read_as_committed_touched_ones_with_the_turns_changes(srv):
+    first, second, third = sorted(r.id for r in srv.conn.execute(select(jobs.c.id)))
+    # this turn: the second job is changed as a new attempt would change it, the third as a
+    # modify does, and both are streamed (sent, not waited for)
+    srv.batch.update_job(third, parameters={"x": 99})  # (JSON: written through SQLAlchemy)
+    srv.batch.update_job(second, attempts=4, retries=2)  # streamed: in flight after it
+    srv.batch.stream(srv._conn)
+    assert srv.batch.streaming
+    rows = srv._dispatch_rows([first, second, third])
+    assert srv._reader is not None and srv._reader.autocommit  # the first job's read
+    assert rows[first].parameters == {"x": 0} and rows[first].attempts == 0
+    assert rows[second].attempts == 4 and rows[second].retries == 2
+    assert rows[third].parameters == {"x": 99}
+    srv.commit()
+    # the next turn touched nothing: all three from the second connection, as committed
+    assert not srv.batch.touched
+    rows = srv._dispatch_rows([first, second, third])
+    assert srv._reader is not None and srv._reader.autocommit
+    assert rows[second].attempts == 4 and rows[third].parameters == {"x": 99}
+    assert rows[first].parameters == {"x": 0}
