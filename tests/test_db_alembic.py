@@ -77,8 +77,9 @@ def empty_url(request, tmp_path):
 
 def snapshot(url: str) -> dict:
     """Tables -> columns (type, nullable, default), primary key, unique constraints and indexes
-    (with a partial index's condition), as reflected: what two schemas must agree on. (The
-    get_multi_* calls: one catalog query per kind for all tables on PostgreSQL.)"""
+    (with a partial index's condition), and on PostgreSQL the tables' storage settings, as
+    reflected: what two schemas must agree on. (The get_multi_* calls: one catalog query per
+    kind for all tables on PostgreSQL.)"""
     engine = create_engine(url)
     try:
         with engine.connect() as conn:
@@ -95,6 +96,10 @@ def snapshot(url: str) -> dict:
                                        str(i.get("dialect_options", {}).get("postgresql_where")))
                                       for i in indexes[key]),
                     "uniques": sorted(tuple(u["column_names"]) for u in uniques[key])}
+            if engine.dialect.name == "postgresql":  # storage settings (fillfactor)
+                out["reloptions"] = sorted((r[0], tuple(r[1])) for r in conn.execute(text(
+                    "SELECT relname, reloptions FROM pg_class WHERE reloptions IS NOT NULL "
+                    "AND relnamespace = current_schema()::regnamespace")))
             if engine.dialect.name == "sqlite":  # SQLite's index conditions, as written
                 out["sqlite indexes"] = sorted(tuple(r) for r in conn.execute(text(
                     "SELECT name, sql FROM sqlite_master WHERE type = 'index'")))

@@ -184,6 +184,31 @@ def test_a_bad_streamed_row_fails_the_turn_at_the_next_use_of_the_connection(pg_
         engine.dispose()
 
 
+def test_a_lease_is_a_hot_update_on_postgresql(pg_url):
+    """Schema 17's fillfactor: a lease changes no indexed column, and its row's page has room
+    for the new version, so PostgreSQL updates it HOT (no new entry in any index of jobs),
+    also when a turn leases every job of a page. Counted by PostgreSQL for this transaction."""
+    from sqlalchemy import text
+    engine = db.make_engine(pg_url)
+    try:
+        b = Batch()
+        with engine.connect() as conn:
+            for i in range(1, 501):
+                b.insert_job(job_row(i, 1.0), [S.CREATED, S.READY], None)
+            b.execute(conn, commit=True)
+            conn.commit()
+            for i in range(1, 501):
+                b.lease_job(i, 1, f"agent-{i % 7}", None, 2.0)
+            b.execute(conn)
+            updated, hot = conn.execute(text(
+                "SELECT pg_stat_get_xact_tuples_updated('jobs'::regclass), "
+                "pg_stat_get_xact_tuples_hot_updated('jobs'::regclass)")).one()
+            conn.rollback()
+        assert updated == 500 and hot >= 450, (updated, hot)
+    finally:
+        engine.dispose()
+
+
 def test_postgresql_keeps_synchronous_commit_unless_the_url_says_otherwise(pg_url):
     """Acknowledged means durable on PostgreSQL too (synchronous_commit on, its default); a URL
     may choose speed instead."""
