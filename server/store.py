@@ -17,6 +17,9 @@ from .db import agents, job_attempts, job_events, job_parents, jobs, server_even
 from .states import State
 
 
+#: Batch.stream sends nothing until this many rows wait: a statement costs the loop and the
+#: database ~50 µs however few rows it carries (1,000 agents' messages carry a few each).
+STREAM_MIN = 32
 _EVENT_COLS = ("id", "job_id", "from_state", "to_state", "via", "time", "message")
 SERVER_EVENT_COLS = ("id", "kind", "time", "job_id", "name", "grp", "agent", "host", "pilot",
                      "site", "from_state", "to_state", "message", "workflow_id")
@@ -289,8 +292,9 @@ class Batch:
         waits for them (:meth:`settle`; the server's ``conn`` does so), and an error among
         them fails the turn there as it would have at the commit. New jobs, parents and
         agents (COPY and SQLAlchemy's statements) wait for the turn's next write."""
-        if (not (self._updates or self.events) or self.job_inserts or self.parent_inserts
-                or self.agent_inserts or not _psycopg(conn)):
+        if (len(self.events) + sum(len(p) for _, p in self._updates) < STREAM_MIN
+                or self.job_inserts or self.parent_inserts or self.agent_inserts
+                or not _psycopg(conn)):
             return
         self._send_pg(conn, self._pg_ops(conn))
 
@@ -314,25 +318,35 @@ class Batch:
         """Send ``ops`` in order into this turn's pipeline (opened if need be): raw statements
         without waiting; a read fetches its rows (psycopg waits for them and for everything
         before); a Core statement settles the pipeline first and runs through SQLAlchemy."""
-        for op in ops:
-            if op[0] == "core":
+        try:
+            for op in ops:
+                if op[0] == "core":
+                    self.settle()
+                    conn.execute(op[1], op[2])
+                    continue
+                if self._pipe is None:
+                    if not conn.in_transaction():
+                        conn.begin()  # so that conn.commit() commits what the driver writes
+                    dbapi = conn.connection.dbapi_connection
+                    cm = dbapi.pipeline()
+                    cm.__enter__()
+                    self._pipe = (cm, dbapi.cursor())
+                if op[0] == "read":
+                    _, sql, args, out = op
+                    with conn.connection.dbapi_connection.cursor(
+                            row_factory=namedtuple_row) as rc:
+                        rc.execute(sql, args)
+                        out.extend(rc.fetchall())
+                else:
+                    self._pipe[1].execute(op[1], op[2])
+        except BaseException:
+            # an error that came back early: leave pipeline mode (its other results are
+            # collected) so the caller's rollback works, as after a failed settle
+            try:
                 self.settle()
-                conn.execute(op[1], op[2])
-                continue
-            if self._pipe is None:
-                if not conn.in_transaction():
-                    conn.begin()  # so that conn.commit() commits what the driver writes
-                dbapi = conn.connection.dbapi_connection
-                cm = dbapi.pipeline()
-                cm.__enter__()
-                self._pipe = (cm, dbapi.cursor())
-            if op[0] == "read":
-                _, sql, args, out = op
-                with conn.connection.dbapi_connection.cursor(row_factory=namedtuple_row) as rc:
-                    rc.execute(sql, args)
-                    out.extend(rc.fetchall())
-            else:
-                self._pipe[1].execute(op[1], op[2])
+            except Exception:
+                pass
+            raise
 
     def _pg_ops(self, conn: Connection) -> list[tuple]:
         """The batched updates and inserts after the new jobs, as statements in order (taken

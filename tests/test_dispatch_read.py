@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import select
 
 from pilotfish import dataroots
+from pilotfish.server import store
 from pilotfish.server.core import JobServer
 from pilotfish.server.db import jobs, make_engine
 
@@ -36,7 +37,9 @@ def srv(pg_url, home):
     srv.engine.dispose()
 
 
-def test_untouched_jobs_are_read_as_committed_touched_ones_with_the_turns_changes(srv):
+def test_untouched_jobs_are_read_as_committed_touched_ones_with_the_turns_changes(srv,
+                                                                                 monkeypatch):
+    monkeypatch.setattr(store, "STREAM_MIN", 1)  # two rows are streamed too
     first, second, third = sorted(r.id for r in srv.conn.execute(select(jobs.c.id)))
     # this turn: the second job is changed as a new attempt would change it, the third as a
     # modify does, and both are streamed (sent, not waited for)

@@ -4,10 +4,12 @@ unnest`` per run of updates, one ``INSERT ... SELECT FROM unnest`` for the event
 pipeline; or sent while the turn is recorded, Batch.stream)."""
 from __future__ import annotations
 
+import time
+
 import pytest
 from sqlalchemy import select
 
-from pilotfish.server import core, db
+from pilotfish.server import core, db, store
 from pilotfish.server.states import State as S
 from pilotfish.server.store import Batch
 
@@ -146,11 +148,12 @@ def test_a_bad_row_fails_the_whole_turn_on_postgresql(pg_url):
         engine.dispose()
 
 
-def test_a_bad_streamed_row_fails_the_turn_at_the_next_use_of_the_connection(pg_url):
+def test_a_bad_streamed_row_fails_the_turn_at_the_next_use_of_the_connection(pg_url,
+                                                                             monkeypatch):
     """Streamed writes (Batch.stream) are not waited for: PostgreSQL's refusal of one raises
     when the connection is next used (the turn's read or commit, or whatever the server's
     ``conn`` is asked for), nothing of the turn stays, and the connection works after the
-    rollback (pipeline mode left)."""
+    rollback (pipeline mode left). (Fewer rows than STREAM_MIN wait for the next write.)"""
     engine = db.make_engine(pg_url)
     try:
         b = Batch()
@@ -160,13 +163,19 @@ def test_a_bad_streamed_row_fails_the_turn_at_the_next_use_of_the_connection(pg_
             b.execute(conn)
             conn.commit()
             b.lease_job(1, 1, "a1", None, 2.0)
+            b.stream(conn)  # one row: held back
+            assert not b.streaming and b
+            monkeypatch.setattr(store, "STREAM_MIN", 1)
             b.stream(conn)  # good: sent, not waited for
             assert b.streaming
             b.update_job(1, exit_code=1 << 70)  # past 64 bits: PostgreSQL refuses it
             with pytest.raises(Exception):
                 b.stream(conn)
+                time.sleep(0.3)  # its error is back before the next statement goes out,
+                b.update_job(2, attempts=1)
+                b.stream(conn)   # which raises it (else the settle does)
                 b.settle()
-            assert not b.streaming
+            assert not b.streaming  # pipeline mode left either way
             conn.rollback()
             assert [r.attempts for r in conn.execute(select(db.jobs.c.attempts))] == [0, 0]
             # the next turn on the same connection: streamed, read back, committed
