@@ -186,6 +186,8 @@ class JobServer:
         self.heartbeat = heartbeat
         self.lease_timeout = lease_timeout
         self.batch = Batch()
+        if _psycopg(self._conn):  # untouched jobs are read as committed (_dispatch_rows)
+            self.batch.touched = set()
         self.queue = ReadyQueue()
         #: site stagers' books: jobs held for them, their leases (see .staging)
         self.staging = StagingBook(self)
@@ -409,7 +411,8 @@ class JobServer:
         if self.batch:  # the writes and, on PostgreSQL, the COMMIT: one round trip
             self.batch.execute(self._conn, commit=True)
         self.conn.commit()
-        self.batch.touched.clear()
+        if self.batch.touched:
+            self.batch.touched.clear()
 
     def send(self, identity: bytes, frame: bytes) -> None:
         self.outbox.append((identity, frame))
@@ -814,7 +817,8 @@ class JobServer:
         are read on a second connection as committed, without waiting for those writes,
         which its first backend is still making (the turn streams them, Batch.stream)."""
         b = self.batch
-        if _psycopg(self._conn) and (clean := [i for i in ids if i not in b.touched]):
+        touched = b.touched  # (kept on PostgreSQL only)
+        if touched is not None and (clean := [i for i in ids if i not in touched]):
             if self._reader is None:
                 raw = self.engine.raw_connection()
                 reader = raw.driver_connection
@@ -824,7 +828,7 @@ class JobServer:
             rows = b.read_committed(self._reader, self._conn.dialect, _DISPATCH_COLS, clean)
             if len(clean) < len(ids):
                 rows.update(b.execute_and_read(self._conn, _DISPATCH_SELECT, _DISPATCH_COLS,
-                                               [i for i in ids if i in b.touched]))
+                                               [i for i in ids if i in touched]))
             return rows
         return b.execute_and_read(self._conn, _DISPATCH_SELECT, _DISPATCH_COLS, ids)
 

@@ -83,8 +83,9 @@ class Batch:
         #: sent writes into, open until :meth:`settle` waits for them.
         self._pipe: tuple[Any, Any] | None = None
         #: Jobs inserted or changed since the last commit (the server clears it after each):
-        #: their committed rows are not theirs yet (see :meth:`read_committed`).
-        self.touched: set[int] = set()
+        #: their committed rows are not theirs yet (see :meth:`read_committed`). None: not
+        #: kept (the server keeps it on PostgreSQL only, where it reads committed rows).
+        self.touched: set[int] | None = None
 
     def __bool__(self) -> bool:
         return bool(self.job_inserts or self.parent_inserts or self.events or self._updates
@@ -124,7 +125,8 @@ class Batch:
         to = path[-1].value
         row["state"] = to
         self.job_inserts.append(row)
-        self.touched.add(row["id"])
+        if self.touched is not None:
+            self.touched.add(row["id"])
         self.counts[to] = self.counts.get(to, 0) + 1
         ev = {"id": self.next_event_id, "job_id": row["id"], "from_state": None,
               "to_state": to, "via": via(path),
@@ -145,7 +147,8 @@ class Batch:
         self.turn_events.append(ev)
 
     def update_job(self, job_id: int, **cols: Any) -> None:
-        self.touched.add(job_id)
+        if self.touched is not None:
+            self.touched.add(job_id)
         _append_run(self._updates, job_id, cols)
 
     def update_agent(self, agent_id: str, **cols: Any) -> None:
@@ -292,9 +295,8 @@ class Batch:
         waits for them (:meth:`settle`; the server's ``conn`` does so), and an error among
         them fails the turn there as it would have at the commit. New jobs, parents and
         agents (COPY and SQLAlchemy's statements) wait for the turn's next write."""
-        if (len(self.events) + sum(len(p) for _, p in self._updates) < STREAM_MIN
-                or self.job_inserts or self.parent_inserts or self.agent_inserts
-                or not _psycopg(conn)):
+        if (not _psycopg(conn) or self.job_inserts or self.parent_inserts or self.agent_inserts
+                or len(self.events) + sum(len(p) for _, p in self._updates) < STREAM_MIN):
             return
         self._send_pg(conn, self._pg_ops(conn))
 

@@ -48,7 +48,8 @@ def turns(engine, stream_every: int = 0) -> dict[str, list[tuple]]:
             update_job.n += 1
             if not update_job.n % stream_every:
                 b.stream(conn)
-        update_job.n = 0
+                update_job.sent += b.streaming
+        update_job.n = update_job.sent = 0
         b.update_job = update_job
     now = 1_700_000_000.25
     with engine.connect() as conn:
@@ -96,14 +97,18 @@ def turns(engine, stream_every: int = 0) -> dict[str, list[tuple]]:
         for t in (db.jobs, db.job_events, db.job_attempts, db.agents, db.server_events):
             out[t.name] = sorted(tuple(r) for r in conn.execute(select(t)))
     assert b.counts == {"READY": 0, "JOB_FINISHED": N // 2, "RESTART_READY": N // 2}
+    if stream_every and engine.dialect.name == "postgresql":
+        assert b.update_job.sent == b.update_job.n // stream_every  # each piece went out
     return out
 
 
 @pytest.mark.parametrize("stream_every", [0, 7])
-def test_a_big_turn_writes_the_same_rows_on_sqlite_and_postgresql(home, pg_url, stream_every):
+def test_a_big_turn_writes_the_same_rows_on_sqlite_and_postgresql(home, pg_url, stream_every,
+                                                                    monkeypatch):
     """~2 s: the same three turns (2,000 jobs, ~10,000 row changes) on both databases; with
     ``stream_every``, PostgreSQL's are also sent in pieces of 7 changes while the turn is
     recorded (runs split anywhere, a row's two updates in two statements: the last wins)."""
+    monkeypatch.setattr(store, "STREAM_MIN", 1)  # every piece goes out, however small
     lite = turns(db.make_engine(f"sqlite:///{home / 'x.db'}"))
     pg_engine = db.make_engine(pg_url)
     try:
