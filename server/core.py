@@ -413,6 +413,7 @@ class JobServer:
         self.conn.commit()
         if self.batch.touched:
             self.batch.touched.clear()
+            self.batch.fresh.clear()
 
     def send(self, identity: bytes, frame: bytes) -> None:
         self.outbox.append((identity, frame))
@@ -812,25 +813,36 @@ class JobServer:
         return sent
 
     def _dispatch_rows(self, ids: list[int]) -> dict[int, Any]:
-        """The rows of jobs to lease. The turn's writes so far, then the rows (on PostgreSQL
-        one round trip for both); on PostgreSQL, the rows of jobs this turn did not touch
-        are read on a second connection as committed, without waiting for those writes,
-        which its first backend is still making (the turn streams them, Batch.stream)."""
+        """The rows of jobs to lease. On PostgreSQL, jobs this turn did not touch are read on
+        a second connection as committed, without waiting for the turn's writes, which its
+        first backend is still making (the turn streams them, Batch.stream), and jobs it
+        added come as it inserted them; the rest (all, elsewhere) after the turn's writes so
+        far (on PostgreSQL one round trip for both)."""
         b = self.batch
         touched = b.touched  # (kept on PostgreSQL only)
-        if touched is not None and (clean := [i for i in ids if i not in touched]):
+        if touched is None:
+            return b.execute_and_read(self._conn, _DISPATCH_SELECT, _DISPATCH_COLS, ids)
+        rows: dict[int, Any] = {}
+        clean, rest = [], []
+        for i in ids:
+            if i not in touched:
+                clean.append(i)
+            elif (r := b.fresh_row(_DISPATCH_COLS, i)) is not None:
+                rows[i] = r  # a job this turn added, as it inserted it: no wait, no read
+            else:
+                rest.append(i)
+        if clean:
             if self._reader is None:
                 raw = self.engine.raw_connection()
                 reader = raw.driver_connection
                 raw.detach()  # its own for good: autocommit must not go back to the pool
                 reader.autocommit = True
                 self._reader = reader
-            rows = b.read_committed(self._reader, self._conn.dialect, _DISPATCH_COLS, clean)
-            if len(clean) < len(ids):
-                rows.update(b.execute_and_read(self._conn, _DISPATCH_SELECT, _DISPATCH_COLS,
-                                               [i for i in ids if i in touched]))
-            return rows
-        return b.execute_and_read(self._conn, _DISPATCH_SELECT, _DISPATCH_COLS, ids)
+            rows.update(b.read_committed(self._reader, self._conn.dialect, _DISPATCH_COLS,
+                                         clean))
+        if rest:
+            rows.update(b.execute_and_read(self._conn, _DISPATCH_SELECT, _DISPATCH_COLS, rest))
+        return rows
 
     def _lease_or_fail(self, r: Any, shape: Shape, a: AgentRec, now: float) -> dict | None:
         """Lease a job, or fail it alone when its task cannot be built (a row an older version

@@ -333,7 +333,8 @@ def insert_jobs(srv: JobServer, rows: list[dict], now: float, owner: str | None,
             srv.staging.note_job(job_id, row["input_url"])
         if path[-1] is ready:
             srv.enqueue(job_id, row)
-    job_tags.add(srv.conn, tag_rows)  # (the tag filter's index: see job_tags)
+    if tag_rows:  # (the tag filter's index: see job_tags)
+        job_tags.add(srv.conn, tag_rows)
     return ids
 
 

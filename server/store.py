@@ -86,6 +86,9 @@ class Batch:
         #: their committed rows are not theirs yet (see :meth:`read_committed`). None: not
         #: kept (the server keeps it on PostgreSQL only, where it reads committed rows).
         self.touched: set[int] | None = None
+        #: Of those, the jobs inserted since the last commit and not changed since: their
+        #: rows as inserted (a turn leases the jobs it adds from these, see :meth:`fresh_row`)
+        self.fresh: dict[int, dict] = {}
 
     def __bool__(self) -> bool:
         return bool(self.job_inserts or self.parent_inserts or self.events or self._updates
@@ -127,6 +130,7 @@ class Batch:
         self.job_inserts.append(row)
         if self.touched is not None:
             self.touched.add(row["id"])
+            self.fresh[row["id"]] = row
         self.counts[to] = self.counts.get(to, 0) + 1
         ev = {"id": self.next_event_id, "job_id": row["id"], "from_state": None,
               "to_state": to, "via": via(path),
@@ -149,6 +153,8 @@ class Batch:
     def update_job(self, job_id: int, **cols: Any) -> None:
         if self.touched is not None:
             self.touched.add(job_id)
+            if self.fresh:
+                self.fresh.pop(job_id, None)
         _append_run(self._updates, job_id, cols)
 
     def update_agent(self, agent_id: str, **cols: Any) -> None:
@@ -247,6 +253,37 @@ class Batch:
         with reader.cursor(row_factory=namedtuple_row) as cur:
             cur.execute(self._read_sql(dialect, columns), ([int(i) for i in ids],))
             return {r.id: r for r in cur.fetchall()}
+
+    def fresh_row(self, columns: tuple, job_id: int) -> Any:
+        """Job ``job_id``'s row as this turn inserted it (:attr:`fresh`), as a read of
+        ``columns`` (jobs columns, the id first) would give it, without reading; None if it
+        is not fresh or lacks a column (the caller reads it then)."""
+        row = self.fresh.get(job_id)
+        if row is None:
+            return None
+        make, fill = self._row_type(columns)
+        try:
+            return make(*[f(row) for f in fill])
+        except KeyError:
+            return None
+
+    def _row_type(self, columns: tuple) -> tuple:
+        """(namedtuple class, one getter per column from an insert dict) for ``columns``: a
+        column the dict lacks gives its default; a Float column's int a float, as the
+        database gives it back."""
+        key = ("row", tuple(c.name for c in columns))
+        got = self._stmts.get(key)
+        if got is None:
+            from collections import namedtuple
+            fill = []
+            for c in columns:
+                default = c.default.arg if c.default is not None and c.default.is_scalar \
+                    else _MISSING
+                float_ = not isinstance(c.type, JSON) and c.type.python_type is float
+                fill.append(_getter(c.name, default, float_))
+            got = (namedtuple("JobRow", [c.name for c in columns]), tuple(fill))
+            self._stmts[key] = got
+        return got
 
     def _read_sql(self, dialect, columns: tuple) -> str:
         key = ("read", tuple(c.name for c in columns))
@@ -559,6 +596,21 @@ class Batch:
                     .values({c: bindparam(c) for c in cols}))
             self._stmts[key] = stmt
         return stmt
+
+
+_MISSING = object()
+
+
+def _getter(name: str, default: Any, float_: bool):
+    """A column's value from an insert dict (see Batch._row_type)."""
+    def get(row: dict) -> Any:
+        v = row.get(name, default)
+        if v is _MISSING:
+            raise KeyError(name)
+        if float_ and v is not None and type(v) is not float:
+            v = float(v)
+        return v
+    return get
 
 
 def namedtuple_row(cursor):

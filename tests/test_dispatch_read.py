@@ -1,7 +1,8 @@
 """The dispatch read on PostgreSQL (JobServer._dispatch_rows): jobs the turn has not touched are
 read as committed on a second connection, while the first is still writing what the turn
-streamed (Batch.stream); a job the turn changed (a failed attempt queued again, a modified job)
-is read on the turn's own connection, with its changes.
+streamed (Batch.stream); a job the turn added is leased from its inserted row; a job the turn
+changed (a failed attempt queued again, a modified job) is read on the turn's own connection,
+with its changes.
 
 The jobs are made by a real server process on a scratch PostgreSQL database; the reads are then
 watched in a JobServer of this process on the same database.
@@ -59,3 +60,41 @@ def test_untouched_jobs_are_read_as_committed_touched_ones_with_the_turns_change
     assert srv._reader is not None and srv._reader.autocommit
     assert rows[second].attempts == 4 and rows[third].parameters == {"x": 99}
     assert rows[first].parameters == {"x": 0}
+
+
+def test_jobs_added_this_turn_are_leased_as_inserted_equal_to_their_read(srv, monkeypatch):
+    """A turn that adds jobs and leases them at once (the usual way under a steady stream of
+    submits) takes their rows from its own inserts: no read, and no wait for the writes it
+    streamed; each such row equals what the database gives back once they are in."""
+    from pilotfish.server.core import _DISPATCH_COLS, _DISPATCH_SELECT
+    from pilotfish.server.ops import job_add
+    job_add(srv, {"jobs": [
+        {"name": "plain", "application": "a", "parameters": {"x": 7}},
+        {"name": "full", "application": "a", "parameters": {"x": -1}, "priority": 5,
+         "wall_time_minutes": 3, "max_retries": 1, "tags": ["t1"]}]}, 0.0)
+    fresh = sorted(srv.batch.fresh)
+    assert len(fresh) == 2
+    srv.batch.update_job(fresh[1], priority=6)  # changed after it was added: read instead
+
+    def no_read(*a, **k):
+        raise AssertionError("a job added this turn was read")
+    monkeypatch.setattr(srv.batch, "execute_and_read", no_read)
+    rows = srv._dispatch_rows([fresh[0]])
+    assert srv.batch.job_inserts  # not even written yet: the row came from the insert
+    monkeypatch.undo()
+    changed = srv._dispatch_rows([fresh[1]])[fresh[1]]
+    assert changed.priority == 6
+    srv.commit()
+    read = {r.id: r for r in srv.conn.execute(_DISPATCH_SELECT, {"ids": fresh})}
+    assert rows[fresh[0]] == tuple(read[fresh[0]])
+    assert [type(v) for v in rows[fresh[0]]] == [type(v) for v in read[fresh[0]]]
+    # and for a job with every optional column set, from a fresh turn's insert alone
+    job_add(srv, {"jobs": [{"name": "again", "application": "a", "parameters": {"x": 3},
+                            "priority": 2, "wall_time_minutes": 1, "tags": ["t"]}]}, 0.0)
+    (new,) = srv.batch.fresh
+    mine = srv.batch.fresh_row(_DISPATCH_COLS, new)
+    srv.commit()
+    (theirs,) = srv.conn.execute(_DISPATCH_SELECT, {"ids": [new]})
+    assert mine == tuple(theirs)
+    assert [type(v) for v in mine] == [type(v) for v in theirs]
+    assert not srv.batch.fresh
