@@ -136,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
                     vals[who].append(r["value"])
                     # CPU the server and the agents used per task: what the code costs, much
                     # less sensitive than the rate to other work on the machine
-                    used = (r["server_busy"] + r["agents_busy"]) * r["seconds"][0] / r["n"]
+                    # (and the server's SQLite writer process, where it has one)
+                    used = (r["server_busy"] + r["agents_busy"]
+                            + (r.get("server_writer_busy") or 0.0)) * r["seconds"][0] / r["n"]
                     got[who + "_cpu"] = used * 1e6
                     cpu[who].append(round(used * 1e6, 1))
                 ratios.append(got["head"] / got["base"])
@@ -156,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                 "target": a.target, "meets_target": geo >= a.target,
                 "cpu_us_per_task_base": cpu["base"], "cpu_us_per_task_head": cpu["head"],
                 "cpu_ratio": round(geo_cpu, 3), "cpu_ratios": [round(r, 3) for r in cpu_ratios],
-                "cpu_note": "server + agent CPU per task, base / head (above 1: head cheaper)",
+                "cpu_note": "server (with its SQLite writer process) + agent CPU per task, base / "
+                            "head (above 1: head cheaper)",
                 "cores_available": len(os.sched_getaffinity(0)),
                 "loadavg_1m": os.getloadavg()[0], "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
             }), flush=True)

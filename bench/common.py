@@ -671,6 +671,7 @@ class CpuMeter:
         import psutil
         self.start = {r: self._cpu(p) for r, p in self.procs.items()}
         self.threads_start = thread_cpu(self.server_pid)
+        self.writer_start = {w.pid: self._cpu(w) or 0.0 for w in server_writers(self.server_pid)}
         if self.pg:
             self.pg_start = self._postgres()
         self.sys_start = psutil.cpu_times()
@@ -687,6 +688,10 @@ class CpuMeter:
         self.sys_steal = (getattr(b, "steal", 0) - getattr(a, "steal", 0)) / self.wall \
             if self.wall else None
         end_threads = thread_cpu(self.server_pid)
+        # the SQLite writer process (server/sqlite_remote.py): one, or a new one per reload
+        self.writer_used = sum((self._cpu(w) or 0.0) - self.writer_start.get(w.pid, 0.0)
+                               for w in server_writers(self.server_pid)) \
+            if self.writer_start or server_writers(self.server_pid) else None
         if self.threads_start and end_threads:
             self.threads_used = {k: end_threads[k] - self.threads_start[k] for k in end_threads}
         for r, p in self.procs.items():
@@ -712,6 +717,9 @@ class CpuMeter:
         if self.threads_used and self.wall:
             for kind, used in self.threads_used.items():
                 out[f"server_{kind}_busy"] = used / self.wall
+        if getattr(self, "writer_used", None) is not None and self.wall:
+            # the server's SQLite writer process, beside server_busy (the server's own)
+            out["server_writer_busy"] = self.writer_used / self.wall
         harness = [v for k, v in self.used.items() if k.startswith("harness")]
         if harness and self.wall:
             out["harness_busy"] = sum(harness) / self.wall
@@ -722,6 +730,39 @@ class CpuMeter:
         out["machine_iowait_cores"] = self.sys_iowait
         out["machine_steal_cores"] = self.sys_steal  # taken by the hypervisor (noisy VM)
         return out
+
+
+def server_writers(pid: int | None) -> list:
+    """The server's SQLite writer processes (server/sqlite_remote.py): part of the server as a
+    user runs it, so its CPU and memory are reported with the server's."""
+    import psutil
+    if not pid:
+        return []
+    try:
+        kids = psutil.Process(pid).children()
+    except psutil.Error:
+        return []
+    out = []
+    for k in kids:
+        try:
+            if any("sqlite_writer_main" in a for a in k.cmdline()):
+                out.append(k)
+        except psutil.Error:
+            pass
+    return out
+
+
+def server_rss(proc) -> tuple[int, int]:
+    """(RSS of the server process plus its SQLite writer's, the writer's), in bytes."""
+    import psutil
+    total = proc.memory_info().rss
+    writer = 0
+    for w in server_writers(proc.pid):
+        try:
+            writer += w.memory_info().rss
+        except psutil.Error:
+            pass
+    return total + writer, writer
 
 
 def env_pids(env: Env) -> dict[str, int]:

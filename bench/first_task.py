@@ -34,11 +34,14 @@ TARGET_SERVER_RSS, TARGET_AGENT_RSS = 80.0, 40.0
 
 
 def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    """A process's resident memory; a server's with its SQLite writer process's."""
+    total = float("nan")
+    for p in [pid] + [w.pid for w in C.server_writers(pid)]:
+        with open(f"/proc/{p}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    total = (0.0 if total != total else total) + int(line.split()[1]) / 1024
+    return total
 
 
 def one(tmp: str | None) -> dict:

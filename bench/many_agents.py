@@ -504,7 +504,7 @@ def run(a, repeat: int = 1) -> list[dict]:
         server = psutil.Process(env.server_pid)
         c = env.client
         c.add_app({"name": "noop", "executable": "/bin/true"})
-        rss_idle = server.memory_info().rss
+        rss_idle = C.server_rss(server)[0]
         initial = a.jobs if not a.rate else int(a.rate)  # --rate: a second's worth first
         C.log(f"adding {initial:,} jobs")
         t = time.perf_counter()
@@ -514,7 +514,7 @@ def run(a, repeat: int = 1) -> list[dict]:
             c.add_jobs(chunk[:left])
             left -= 50_000
         C.log(f"added in {time.perf_counter() - t:.1f} s")
-        rss_jobs = server.memory_info().rss
+        rss_jobs = C.server_rss(server)[0]
         _, sec, _ = keys.new_client(env.home, KEY_NAME, role="agent")
         workers = Workers(env, a.agents, a.procs, a.cores, a.task_seconds, sec)
         feeder = Feeder(env, a.rate) if a.rate else None
@@ -522,6 +522,7 @@ def run(a, repeat: int = 1) -> list[dict]:
             t_start = time.time()
             samples = []  # (time, dispatched, finished, queued, alive, rss)
             joined_at = rss_joined = None
+            peak_writer = 0
             joined_alive = a.agents
             pressure = None
             steady_from = steady_to = None
@@ -531,7 +532,8 @@ def run(a, repeat: int = 1) -> list[dict]:
                 workers.check()
                 st = c.status()
                 now = time.time()
-                rss = server.memory_info().rss
+                rss, writer_rss = C.server_rss(server)
+                peak_writer = max(peak_writer, writer_rss)
                 counts = st["counts"]
                 samples.append((now, st["stats"]["dispatched"], counts.get("JOB_FINISHED", 0),
                                 st["queued"], st["agents_alive"], rss))
@@ -599,7 +601,7 @@ def run(a, repeat: int = 1) -> list[dict]:
     cpu = meter.summary() if steady_to else {}
     cpu_split = {k: cpu.get(k) for k in (
         "server_busy", "server_loop_busy", "server_zmq_io_busy", "server_other_busy",
-        "harness_busy", "postgres_busy", "machine_idle_cores", "machine_steal_cores")
+        "server_writer_busy", "harness_busy", "postgres_busy", "machine_idle_cores", "machine_steal_cores")
         if k in cpu}
     say_hello = sum(r["say_hello"] for r in results)
     rows = dict(common, cpu_pressure_60s=pressure)
@@ -656,7 +658,9 @@ def run(a, repeat: int = 1) -> list[dict]:
                           joined=joined_alive, all_joined=joined_at is not None,
                           welcome_rtt_p99_ms=ms(pct(hello, 0.99)), **rows))
     emitted.append(C.emit("server_rss_mb", max(s[5] for s in samples) / 2**20, unit="MB",
-                          measure="peak during the run (--poll s samples)",
+                          measure="peak during the run (--poll s samples), the server "
+                                  "process and its SQLite writer process together",
+                          writer_peak_mb=peak_writer / 2**20,
                           idle_mb=rss_idle / 2**20, with_jobs_queued_mb=rss_jobs / 2**20,
                           at_end_mb=samples[-1][5] / 2**20,
                           all_joined_mb=rss_joined / 2**20 if rss_joined else None,

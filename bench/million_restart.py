@@ -96,26 +96,33 @@ def build(home: Path, seed: int, total: int, api_only: bool) -> None:
 
 
 def rss_mb(pid: int, field: str = "VmRSS") -> float | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
+    """The server's, with its SQLite writer process's (VmHWM: the sum of both peaks)."""
+    total = None
+    for p in [pid] + [w.pid for w in C.server_writers(pid)]:
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith(field + ":"):
+                        total = (total or 0.0) + int(line.split()[1]) / 1024
+        except OSError:
+            pass
+    return total
 
 
 def cpu_seconds(pid: int) -> float | None:
     """User + system CPU seconds of a process so far (less noisy than wall time on a shared
-    machine)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        fields = stat[stat.rfind(b")") + 2:].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
+    machine); a server's with its SQLite writer process's."""
+    total = None
+    for p in [pid] + [w.pid for w in C.server_writers(pid)]:
+        try:
+            with open(f"/proc/{p}/stat", "rb") as f:
+                stat = f.read()
+            fields = stat[stat.rfind(b")") + 2:].split()
+            total = (total or 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf(
+                "SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
 
 
 def free_port() -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -69,6 +70,18 @@ _SHAPE_COLS = (jobs.c.id, jobs.c.priority, jobs.c.site, jobs.c.num_nodes,
 _LOAD_SELECT = select(*_SHAPE_COLS).where(
     jobs.c.state.in_([s.value for s in states.QUEUED]), jobs.c.agent.is_(None),
     jobs.c.id > bindparam("lo"), jobs.c.id <= bindparam("top"))
+
+
+def _writer_engine(engine: Engine) -> Engine | None:
+    """The engine of the writer process's connections for a SQLite file (see .sqlite_remote),
+    unless PILOTFISH_SQLITE_WRITER=off keeps the connection in this process."""
+    if engine.dialect.name != "sqlite" or os.environ.get("PILOTFISH_SQLITE_WRITER") == "off":
+        return None
+    db = engine.url.database
+    if not db or db == ":memory:" or db.startswith("file:"):
+        return None
+    from . import sqlite_remote
+    return sqlite_remote.engine(engine.url.render_as_string(hide_password=False))
 
 
 def _text(msg: str | None) -> str | None:
@@ -179,15 +192,20 @@ class JobServer:
         #: Where jobs' input_url/output_url may point (None: only the home's data directory
         #: of the current home, for servers built without a Service, as in tests).
         self.data_roots = data_roots or dataroots.make(settings.home())
-        self._conn = engine.connect()
+        #: SQLite: the read-write connection lives in a writer process of its own (see
+        #: .sqlite_remote), this process reads committed rows on ``_local``
+        self._wengine = _writer_engine(engine)
+        self._conn = (self._wengine or engine).connect()
+        self._local: Connection | None = None
         #: PostgreSQL: a second connection (autocommit) for the dispatch read of jobs this
         #: turn has not touched (see _dispatch_rows); made when first used
         self._reader: Any = None
         self.heartbeat = heartbeat
         self.lease_timeout = lease_timeout
         self.batch = Batch()
-        if _psycopg(self._conn):  # untouched jobs are read as committed (_dispatch_rows)
-            self.batch.touched = set()
+        if self._wengine is not None or _psycopg(self._conn):
+            self.batch.touched = set()  # untouched jobs are read as committed (_dispatch_rows)
+        self.batch.remote = self._wengine is not None
         self.queue = ReadyQueue()
         #: site stagers' books: jobs held for them, their leases (see .staging)
         self.staging = StagingBook(self)
@@ -314,8 +332,11 @@ class JobServer:
         queue, leases, held = self.queue, self.leases, self.staging.held
         push = queue.push
         self.sync()  # (nothing should be pending between turns; if it were, read it too)
-        # rows unpacked as tuples: a row's ._mapping (shape_of) cost more than reading it
-        rows = self.conn.execute(_LOAD_SELECT, {"lo": lo, "top": top})
+        # rows unpacked as tuples: a row's ._mapping (shape_of) cost more than reading it;
+        # with a writer process, read here as committed when the turn holds nothing
+        conn = self.local() if self._wengine is not None and not self.batch.touched \
+            else self.conn
+        rows = conn.execute(_LOAD_SELECT, {"lo": lo, "top": top}).fetchall()
         for jid, priority, site, nodes, ppn, cpus, gpus, wall in rows:
             if jid in queue or jid in leases or jid in held:
                 continue
@@ -389,13 +410,24 @@ class JobServer:
             self.batch.settle()
         except Exception:  # a streamed write that failed: rolled back with the connection
             pass
-        for c in (self._reader, self._conn):
+        for c in (self._reader, self._conn, self._local):
             try:
                 if c is not None:
                     c.close()
             except Exception:
                 log.exception("closing a database connection failed")
-        self._reader = None
+        self._reader = self._local = None
+        if self._wengine is not None:
+            self._wengine.dispose()
+
+    def local(self) -> Connection:
+        """A connection of this process that reads what is committed (the writer process
+        holds the read-write one); with a small page cache: it reads the queue once at start
+        and a turn's few rows after."""
+        if self._local is None:
+            self._local = self.engine.connect()
+            self._local.exec_driver_sql(f"PRAGMA cache_size=-{SQLITE_LOAD_CACHE_KIB}")
+        return self._local
 
     def sync(self) -> None:
         """Write what is batched so far, inside the open transaction (reads then see it)."""
@@ -831,7 +863,12 @@ class JobServer:
                 rows[i] = r  # a job this turn added, as it inserted it: no wait, no read
             else:
                 rest.append(i)
-        if clean:
+        if clean and self._wengine is not None:
+            local = self.local()
+            for part in chunks(clean, 900):
+                for r in local.execute(_DISPATCH_SELECT, {"ids": part}):
+                    rows[r.id] = r
+        elif clean:
             if self._reader is None:
                 raw = self.engine.raw_connection()
                 reader = raw.driver_connection

@@ -89,6 +89,9 @@ class Batch:
         #: Of those, the jobs inserted since the last commit and not changed since: their
         #: rows as inserted (a turn leases the jobs it adds from these, see :meth:`fresh_row`)
         self.fresh: dict[int, dict] = {}
+        #: SQLite through a writer process (.sqlite_remote): :meth:`stream` sends the writes
+        #: batched so far without waiting, as on PostgreSQL
+        self.remote = False
 
     def __bool__(self) -> bool:
         return bool(self.job_inserts or self.parent_inserts or self.events or self._updates
@@ -205,10 +208,16 @@ class Batch:
             conn.execute(agents.insert(), self.agent_inserts)
             self.agent_inserts = []
         for cols, params in self._agent_updates:
-            conn.execute(self._stmt(agents, cols), params)
+            if self.remote:  # (one row through SQLAlchemy is an execute: a round trip)
+                self._run(conn, agents, cols, params)
+            else:
+                conn.execute(self._stmt(agents, cols), params)
         self._agent_updates = []
         if self.archived:  # before the updates that start the next attempt in the row
-            conn.execute(self._archive_stmt(), self.archived)
+            if self.remote:
+                self._many(conn, "archive", self._archive_stmt(), self.archived)
+            else:
+                conn.execute(self._archive_stmt(), self.archived)
             self.archived = []
         for cols, params in self._updates:
             self._run(conn, jobs, cols, params)
@@ -332,7 +341,12 @@ class Batch:
         waits for them (:meth:`settle`; the server's ``conn`` does so), and an error among
         them fails the turn there as it would have at the commit. New jobs, parents and
         agents (COPY and SQLAlchemy's statements) wait for the turn's next write."""
-        if (not _psycopg(conn) or self.job_inserts or self.parent_inserts or self.agent_inserts
+        if not _psycopg(conn):
+            if self.remote and (len(self.events) + len(self.job_inserts)
+                                + sum(len(p) for _, p in self._updates) >= STREAM_MIN):
+                self.execute(conn)  # (executemany: sent to the writer process, not waited for)
+            return
+        if (self.job_inserts or self.parent_inserts or self.agent_inserts
                 or len(self.events) + sum(len(p) for _, p in self._updates) < STREAM_MIN):
             return
         self._send_pg(conn, self._pg_ops(conn))
@@ -571,6 +585,23 @@ class Batch:
         cur = conn.connection.dbapi_connection.cursor()
         try:
             cur.executemany(sql, params)
+        finally:
+            cur.close()
+
+    def _many(self, conn: Connection, key: str, stmt, params: list[dict]) -> None:
+        """``stmt`` (named bind parameters) for every dict in ``params`` as one executemany
+        on the driver, however few (see :attr:`remote`)."""
+        raw = self._stmts.get(("many", key))
+        if raw is None:
+            compiled = stmt.compile(dialect=conn.dialect)
+            raw = (compiled.string, tuple(compiled.positiontup))
+            self._stmts[("many", key)] = raw
+        sql, order = raw
+        if not conn.in_transaction():
+            conn.begin()
+        cur = conn.connection.dbapi_connection.cursor()
+        try:
+            cur.executemany(sql, [tuple(p[k] for k in order) for p in params])
         finally:
             cur.close()
 
