@@ -601,7 +601,8 @@ def run(a, repeat: int = 1) -> list[dict]:
     cpu = meter.summary() if steady_to else {}
     cpu_split = {k: cpu.get(k) for k in (
         "server_busy", "server_loop_busy", "server_zmq_io_busy", "server_other_busy",
-        "server_writer_busy", "harness_busy", "postgres_busy", "machine_idle_cores", "machine_steal_cores")
+        "server_writer_busy", "harness_busy", "postgres_busy", "machine_idle_cores",
+        "machine_steal_cores")
         if k in cpu}
     say_hello = sum(r["say_hello"] for r in results)
     rows = dict(common, cpu_pressure_60s=pressure)

@@ -845,13 +845,14 @@ class JobServer:
         return sent
 
     def _dispatch_rows(self, ids: list[int]) -> dict[int, Any]:
-        """The rows of jobs to lease. On PostgreSQL, jobs this turn did not touch are read on
-        a second connection as committed, without waiting for the turn's writes, which its
-        first backend is still making (the turn streams them, Batch.stream), and jobs it
-        added come as it inserted them; the rest (all, elsewhere) after the turn's writes so
-        far (on PostgreSQL one round trip for both)."""
+        """The rows of jobs to lease. On PostgreSQL and with a SQLite writer process, jobs this
+        turn did not touch are read on a second connection as committed, without waiting for
+        the turn's writes, which PostgreSQL's first backend or the writer is still making (the
+        turn streams them, Batch.stream), and jobs it added come as it inserted them; the rest
+        (all, otherwise) after the turn's writes so far (on PostgreSQL one round trip for
+        both)."""
         b = self.batch
-        touched = b.touched  # (kept on PostgreSQL only)
+        touched = b.touched  # (kept on PostgreSQL and with a SQLite writer process)
         if touched is None:
             return b.execute_and_read(self._conn, _DISPATCH_SELECT, _DISPATCH_COLS, ids)
         rows: dict[int, Any] = {}

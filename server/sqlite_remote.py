@@ -91,8 +91,8 @@ class RemoteConnection:
 
     def _gone(self, exc: BaseException) -> sqlite3.OperationalError:
         code = self._proc.poll()
-        return sqlite3.OperationalError(
-            f"the SQLite writer process is gone ({'exit code %s' % code if code is not None else exc})")
+        why = f"exit code {code}" if code is not None else str(exc)
+        return sqlite3.OperationalError(f"the SQLite writer process is gone ({why})")
 
     # -- DB-API ------------------------------------------------------------------------------
     def cursor(self) -> "RemoteCursor":

@@ -84,7 +84,8 @@ class Batch:
         self._pipe: tuple[Any, Any] | None = None
         #: Jobs inserted or changed since the last commit (the server clears it after each):
         #: their committed rows are not theirs yet (see :meth:`read_committed`). None: not
-        #: kept (the server keeps it on PostgreSQL only, where it reads committed rows).
+        #: kept (the server keeps it on PostgreSQL and with a SQLite writer process, where it
+        #: reads committed rows).
         self.touched: set[int] | None = None
         #: Of those, the jobs inserted since the last commit and not changed since: their
         #: rows as inserted (a turn leases the jobs it adds from these, see :meth:`fresh_row`)
