@@ -336,7 +336,7 @@ class JobServer:
         # with a writer process, read here as committed when the turn holds nothing
         conn = self.local() if self._wengine is not None and not self.batch.touched \
             else self.conn
-        rows = conn.execute(_LOAD_SELECT, {"lo": lo, "top": top}).fetchall()
+        rows = conn.execute(_LOAD_SELECT, {"lo": lo, "top": top})
         for jid, priority, site, nodes, ppn, cpus, gpus, wall in rows:
             if jid in queue or jid in leases or jid in held:
                 continue

@@ -105,10 +105,6 @@ class RemoteConnection:
         if not self.closed:
             self._call(("r",))
 
-    def settle(self) -> None:
-        """Wait for every write sent; raise the first error among them."""
-        self._call(("p",))
-
     def create_function(self, name: str, *args, **kwargs) -> None:
         self._call(("f", name))  # (the process defines its own: only regexp is known)
 

@@ -6,8 +6,7 @@ Requests come over the socket FD as length-prefixed pickles, in order:
 ``("x", sql, params)`` run a statement and answer its result; ``("m", sql, rows)`` run it for
 every row and answer nothing (an error is kept: every later request but a rollback answers it,
 as an aborted transaction would); ``("c",)`` commit, ``("r",)`` roll back (clears the error),
-``("p",)`` answer the kept error or None; ``("f", name)`` define a function the server's SQL
-may use (regexp). It exits when the socket closes, rolling back what was not committed.
+``("f", name)`` define a function the server's SQL may use (regexp). It exits when the socket closes, rolling back what was not committed.
 """
 from __future__ import annotations
 
@@ -89,8 +88,6 @@ def serve(sock: socket.socket, path: str) -> None:
                     _send(sock, ("ok", (desc, rows, cur.rowcount, cur.lastrowid)))
                 elif kind == "c":
                     conn.commit()
-                    _send(sock, ("ok", None))
-                elif kind == "p":
                     _send(sock, ("ok", None))
                 elif kind == "f":
                     if req[1] == "regexp":
