@@ -6,7 +6,8 @@ Requests come over the socket FD as length-prefixed pickles, in order:
 ``("x", sql, params)`` run a statement and answer its result; ``("m", sql, rows)`` run it for
 every row and answer nothing (an error is kept: every later request but a rollback answers it,
 as an aborted transaction would); ``("c",)`` commit, ``("r",)`` roll back (clears the error),
-``("f", name)`` define a function the server's SQL may use (regexp). It exits when the socket closes, rolling back what was not committed.
+``("f", name)`` define a function the server's SQL may use (regexp). It exits when the
+socket closes, rolling back what was not committed.
 """
 from __future__ import annotations
 
