@@ -5,7 +5,8 @@ milliseconds: ``python -I sqlite_writer_main.py FD DATABASE``.
 Requests come over the socket FD as length-prefixed pickles, in order:
 ``("x", sql, params)`` run a statement and answer its result; ``("m", sql, rows)`` run it for
 every row and answer nothing (an error is kept: every later request but a rollback answers it,
-as an aborted transaction would); ``("c",)`` commit, ``("r",)`` roll back (clears the error),
+as an aborted transaction would); ``("c",)`` commit (a failed commit is kept the same way: the
+server may have sent more before it read the answer), ``("r",)`` roll back (clears the error),
 ``("f", name)`` define a function the server's SQL may use (regexp). It exits when the
 socket closes, rolling back what was not committed.
 """
@@ -77,9 +78,8 @@ def serve(sock: socket.socket, path: str) -> None:
                 except Exception as exc:
                     _send(sock, ("err", _error(exc)))
                 continue
-            if kept is not None:
-                err, kept = kept, None
-                _send(sock, ("err", err))
+            if kept is not None:  # until the rollback: nothing after it may be committed
+                _send(sock, ("err", kept))
                 continue
             try:
                 if kind == "x":
@@ -88,7 +88,13 @@ def serve(sock: socket.socket, path: str) -> None:
                     rows = cur.fetchall() if desc is not None else None
                     _send(sock, ("ok", (desc, rows, cur.rowcount, cur.lastrowid)))
                 elif kind == "c":
-                    conn.commit()
+                    try:
+                        conn.commit()
+                    except Exception as exc:
+                        # the server may have sent the next turn's statements already (a
+                        # commit answered later): they fail too, until its rollback
+                        kept = _error(exc)
+                        raise
                     _send(sock, ("ok", None))
                 elif kind == "f":
                     if req[1] == "regexp":

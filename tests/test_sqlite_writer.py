@@ -83,6 +83,11 @@ def test_an_error_among_unanswered_writes_fails_the_next_wait_and_nothing_of_the
         cur.executemany("INSERT INTO t VALUES (?)", [(3,)])  # skipped after the error
         with pytest.raises(sqlite3.IntegrityError):
             c.commit()
+        # until the rollback, nothing more may be committed (the turn's first writes with it)
+        with pytest.raises(sqlite3.IntegrityError):
+            c.commit()
+        with pytest.raises(sqlite3.IntegrityError):
+            cur.execute("SELECT id FROM t")
         c.rollback()  # as the server does after a failed turn
         assert cur.execute("SELECT id FROM t").fetchall() == []
         cur.executemany("INSERT INTO t VALUES (?)", [(4,)])
