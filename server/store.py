@@ -581,13 +581,7 @@ class Batch:
         if order is not None:  # (itemgetter: a third of a generator's time, on every row)
             params = (list(map(itemgetter(*order), params)) if len(order) > 1
                       else [(p[order[0]],) for p in params])
-        if not conn.in_transaction():
-            conn.begin()  # so that conn.commit() commits what the driver cursor writes
-        cur = conn.connection.dbapi_connection.cursor()
-        try:
-            cur.executemany(sql, params)
-        finally:
-            cur.close()
+        _executemany(conn, sql, params)
 
     def _many(self, conn: Connection, key: str, stmt, params: list[dict]) -> None:
         """``stmt`` (named bind parameters) for every dict in ``params`` as one executemany
@@ -598,13 +592,7 @@ class Batch:
             raw = (compiled.string, tuple(compiled.positiontup))
             self._stmts[("many", key)] = raw
         sql, order = raw
-        if not conn.in_transaction():
-            conn.begin()
-        cur = conn.connection.dbapi_connection.cursor()
-        try:
-            cur.executemany(sql, [tuple(p[k] for k in order) for p in params])
-        finally:
-            cur.close()
+        _executemany(conn, sql, [tuple(p[k] for k in order) for p in params])
 
     def _archive_stmt(self):
         """INSERT INTO job_attempts SELECT the latest attempt FROM jobs WHERE id = :_id (rows
@@ -628,6 +616,17 @@ class Batch:
                     .values({c: bindparam(c) for c in cols}))
             self._stmts[key] = stmt
         return stmt
+
+
+def _executemany(conn: Connection, sql: str, rows: list) -> None:
+    """``sql`` for every row, on the driver's own cursor, in the connection's transaction."""
+    if not conn.in_transaction():
+        conn.begin()  # so that conn.commit() commits what the driver cursor writes
+    cur = conn.connection.dbapi_connection.cursor()
+    try:
+        cur.executemany(sql, rows)
+    finally:
+        cur.close()
 
 
 _MISSING = object()
