@@ -139,7 +139,7 @@ class Agent:
         self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(LINK_TIMEOUT * 1000))
         keys.apply_client(self.sock, curve)  # CurveZMQ to a tcp:// server (None: plain ipc)
         self.curve = curve is not None
-        self.link = self.sock.get_monitor_socket(_LINK_EVENTS)
+        self.link = keys.monitor_socket(self.sock, _LINK_EVENTS)
         self.link_up = False
         self.link_errors = 0
         self.link_error_logged = 0.0

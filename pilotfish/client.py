@@ -115,9 +115,9 @@ class Client:
             self._poller.register(s, zmq.POLLIN)
             # a refused key fails the call at once, not at timeout; a lost connection fails an
             # idempotent call at once (its reply cannot come; see _call)
-            self._mon = s.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH
-                                             | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                                             | zmq.EVENT_DISCONNECTED)
+            self._mon = keys.monitor_socket(s, zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                                            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                                            | zmq.EVENT_DISCONNECTED)
             self._poller.register(self._mon, zmq.POLLIN)
             s.connect(self.address)
             self._sock = s

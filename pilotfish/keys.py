@@ -31,6 +31,7 @@ in this order:
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import logging
 import os
 import re
@@ -640,13 +641,25 @@ def handshake_hint(event: int, value: int) -> str:
     return HANDSHAKE_HINTS.get(value, f"handshake failed (protocol error {value:#x})")
 
 
+_MONITORS = itertools.count(1)
+
+
+def monitor_socket(sock: zmq.Socket, events: int) -> zmq.Socket:
+    """``sock.get_monitor_socket(events)`` at an inproc address no other socket of this process
+    had. pyzmq's default names it after the socket's file descriptor, and a closed socket's
+    monitor endpoint can outlive that number: a new socket given the same number failed with
+    'Address already in use' (seen in the test suite, where Clients come one after another)."""
+    return sock.get_monitor_socket(
+        events, f"inproc://pilotfish-monitor-{os.getpid()}-{next(_MONITORS)}")
+
+
 def watch_handshakes(sock: zmq.Socket, logger: logging.Logger, what: str,
                      every: float = 60.0) -> threading.Thread:
     """Log (at most once per ``every`` seconds) when ``sock``'s CURVE handshakes fail, from a
     daemon thread, so an agent with a wrong or revoked key says why it gets no work. The
     thread ends when the socket is closed or its context terminated."""
     events = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-    mon = sock.get_monitor_socket(events)
+    mon = monitor_socket(sock, events)
 
     def run() -> None:
         from zmq.utils.monitor import parse_monitor_message

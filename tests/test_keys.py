@@ -569,3 +569,22 @@ def test_a_server_whose_home_client_is_revoked_still_starts_and_stops(tmp_path):
         assert daemon.exited(pid)  # exited (a zombie until init reaps it)
     finally:
         daemon.stop(home, wait=10)
+
+
+def test_a_client_monitor_never_takes_a_closed_sockets_endpoint(server: ServerHandle):
+    """pyzmq names a socket's monitor endpoint after the socket's file descriptor, and the
+    endpoint of a closed socket's monitor can outlive that number (libzmq tears both down on
+    its reaper thread). A Client made then, given the same number, failed with 'Address
+    already in use' (seen in a two-process test run). Here such stale endpoints are made on
+    purpose, for every number the Client's socket could get: its monitor has an address of its
+    own and the call goes through."""
+    ctx = zmq.Context.instance()
+    stale = ctx.socket(zmq.PAIR)
+    for n in range(4096):
+        stale.bind(f"inproc://monitor.s-{n}")  # pyzmq's default address for number n
+    try:
+        with server.client() as c:
+            assert c.ping()
+            assert c._sock.FD < 4096
+    finally:
+        stale.close(linger=0)
