@@ -5,8 +5,8 @@ milliseconds: ``python -I sqlite_writer_main.py FD DATABASE``.
 Requests come over the socket FD as length-prefixed pickles, in order:
 ``("x", sql, params)`` run a statement and answer its result; ``("m", sql, rows)`` run it for
 every row and answer nothing (an error is kept: every later request but a rollback answers it,
-as an aborted transaction would); ``("c",)`` commit (a failed commit is kept the same way: the
-server may have sent more before it read the answer), ``("r",)`` roll back (clears the error),
+as an aborted transaction would); ``("c",)`` commit (a failed commit is kept the same way: its
+transaction may still be open), ``("r",)`` roll back (clears the error),
 ``("f", name)`` define a function the server's SQL may use (regexp). It exits when the
 socket closes, rolling back what was not committed.
 """
@@ -91,8 +91,8 @@ def serve(sock: socket.socket, path: str) -> None:
                     try:
                         conn.commit()
                     except Exception as exc:
-                        # the server may have sent the next turn's statements already (a
-                        # commit answered later): they fail too, until its rollback
+                        # its transaction may still be open: nothing more may be committed
+                        # with it, so every request fails until the rollback
                         kept = _error(exc)
                         raise
                     _send(sock, ("ok", None))
