@@ -44,57 +44,54 @@ def dbfile(tmp_path):
     return tmp_path / "w.db", url
 
 
-def test_writes_sent_without_waiting_are_in_order_in_one_transaction(dbfile):
-    path, _ = dbfile
-    c = sqlite_remote.RemoteConnection(str(path))
-    try:
-        cur = c.cursor()
-        cur.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
-        c.commit()
-        cur.executemany("INSERT INTO t VALUES (?, ?)", [(i, f"v{i}") for i in range(1000)])
-        cur.executemany("UPDATE t SET v = ? WHERE id = ?", [("new", 7)])
-        # not committed: another connection sees nothing yet
-        other = sqlite3.connect(path)
-        assert other.execute("SELECT count(*) FROM t").fetchone() == (0,)
-        # a read on the same connection sees both, in order
-        assert cur.execute("SELECT count(*), max(v) FROM t").fetchall() == [(1000, "v999")]
-        assert cur.execute("SELECT v FROM t WHERE id = 7").fetchone() == ("new",)
-        c.rollback()
-        assert cur.execute("SELECT count(*) FROM t").fetchone() == (0,)
-        cur.executemany("INSERT INTO t VALUES (?, ?)", [(1, b"\x00\xff"), (2, None)])
-        c.commit()
-        assert other.execute("SELECT v FROM t ORDER BY id").fetchall() == [(b"\x00\xff",),
-                                                                           (None,)]
-        other.close()
-    finally:
-        c.close()
+@pytest.fixture
+def remote(dbfile):
+    """A writer process's connection to a fresh database, with a table ``t`` committed (``v``
+    a column of any type); closed after the test."""
+    c = sqlite_remote.RemoteConnection(str(dbfile[0]))
+    c.cursor().execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v)")
+    c.commit()
+    yield c
+    c.close()
+
+
+def test_writes_sent_without_waiting_are_in_order_in_one_transaction(dbfile, remote):
+    c, cur = remote, remote.cursor()
+    cur.executemany("INSERT INTO t VALUES (?, ?)", [(i, f"v{i}") for i in range(1000)])
+    cur.executemany("UPDATE t SET v = ? WHERE id = ?", [("new", 7)])
+    # not committed: another connection sees nothing yet
+    other = sqlite3.connect(dbfile[0])
+    assert other.execute("SELECT count(*) FROM t").fetchone() == (0,)
+    # a read on the same connection sees both, in order
+    assert cur.execute("SELECT count(*), max(v) FROM t").fetchall() == [(1000, "v999")]
+    assert cur.execute("SELECT v FROM t WHERE id = 7").fetchone() == ("new",)
+    c.rollback()
+    assert cur.execute("SELECT count(*) FROM t").fetchone() == (0,)
+    cur.executemany("INSERT INTO t VALUES (?, ?)", [(1, b"\x00\xff"), (2, None)])
+    c.commit()
+    assert other.execute("SELECT v FROM t ORDER BY id").fetchall() == [(b"\x00\xff",), (None,)]
+    other.close()
 
 
 def test_an_error_among_unanswered_writes_fails_the_next_wait_and_nothing_of_the_turn_stays(
-        dbfile):
-    path, _ = dbfile
-    c = sqlite_remote.RemoteConnection(str(path))
-    try:
-        cur = c.cursor()
-        cur.execute("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+        remote):
+    c, cur = remote, remote.cursor()
+    cur.executemany("INSERT INTO t (id) VALUES (?)", [(1,), (2,)])
+    cur.executemany("INSERT INTO t (id) VALUES (?)", [(2,)])  # a duplicate key: not raised here
+    cur.executemany("INSERT INTO t (id) VALUES (?)", [(3,)])  # skipped after the error
+    with pytest.raises(sqlite3.IntegrityError):
         c.commit()
-        cur.executemany("INSERT INTO t VALUES (?)", [(1,), (2,)])
-        cur.executemany("INSERT INTO t VALUES (?)", [(2,)])  # a duplicate key: not raised here
-        cur.executemany("INSERT INTO t VALUES (?)", [(3,)])  # skipped after the error
-        with pytest.raises(sqlite3.IntegrityError):
-            c.commit()
-        # until the rollback, nothing more may be committed (the turn's first writes with it)
-        with pytest.raises(sqlite3.IntegrityError):
-            c.commit()
-        with pytest.raises(sqlite3.IntegrityError):
-            cur.execute("SELECT id FROM t")
-        c.rollback()  # as the server does after a failed turn
-        assert cur.execute("SELECT id FROM t").fetchall() == []
-        cur.executemany("INSERT INTO t VALUES (?)", [(4,)])
+    # until the rollback, nothing more may be committed (the turn's first writes with it)
+    with pytest.raises(sqlite3.IntegrityError):
         c.commit()
-        assert cur.execute("SELECT id FROM t").fetchall() == [(4,)]
-    finally:
-        c.close()
+    with pytest.raises(sqlite3.IntegrityError):
+        cur.execute("SELECT id FROM t")
+    c.rollback()  # as the server does after a failed turn
+    assert cur.execute("SELECT id FROM t").fetchall() == []
+    cur.executemany("INSERT INTO t (id) VALUES (?)", [(4,)])
+    c.commit()
+    assert cur.execute("SELECT id FROM t").fetchall() == [(4,)]
+    c.close()
     with pytest.raises(sqlite3.ProgrammingError):
         c.cursor().execute("SELECT 1")
 
